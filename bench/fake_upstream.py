@@ -1,0 +1,736 @@
+"""A fast fake OpenAI-compatible HTTP/1.1 upstream for gateway benchmarks and tests.
+
+Why it exists: to measure what a proxy gateway costs, the upstream behind it must cost as close to
+nothing as possible, otherwise the benchmark measures the upstream.  So this server skips every web
+framework and speaks a deliberately minimal HTTP/1.1 directly on ``asyncio.Protocol``: request line,
+headers, ``Content-Length`` request bodies, keep-alive (``Connection: close`` honoured), chunked
+transfer encoding for streamed responses.  Because the generated content is fixed, whole responses
+are rendered once and cached as bytes per (route, stream, model, ...) so a request usually costs one
+header parse, one small ``orjson.loads`` and one ``transport.write``.
+
+It also injects faults (429, 500, hang, slow first byte, connection dropped mid-stream), server-wide
+or per request through the ``x-fake-fault`` header, and records what it saw (request counts, in-flight
+responses, client disconnects, last request) so tests can assert on the gateway's behaviour, either
+through plain attributes from another thread or through ``GET /stats`` from another process.
+
+Run it in the foreground with ``python bench/fake_upstream.py --port 0``; it prints one line
+``READY http://HOST:PORT`` once listening and serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import signal
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, Final, TypedDict, Unpack, cast
+
+import orjson
+
+FAULT_MODES: Final[tuple[str, ...]] = ("none", "429", "500", "hang", "slow-first-byte", "drop-mid-stream")
+"""Accepted values of the ``fault`` option and of the ``x-fake-fault`` request header."""
+
+SLOW_FIRST_BYTE_DEFAULT_S: Final = 5.0
+"""First-byte delay of ``slow-first-byte`` when no ``first_byte_delay`` was configured."""
+
+PROMPT_TOKENS: Final = 8
+"""Reported prompt token count; fixed so that responses stay cacheable regardless of the prompt."""
+
+_CHAT: Final = b"/v1/chat/completions"
+_COMPLETIONS: Final = b"/v1/completions"
+_EMBEDDINGS: Final = b"/v1/embeddings"
+_MODELS: Final = b"/v1/models"
+_ROUTE_METHODS: Final[dict[bytes, bytes]] = {
+    _CHAT: b"POST",
+    _COMPLETIONS: b"POST",
+    _EMBEDDINGS: b"POST",
+    _MODELS: b"GET",
+}
+_CONTROL_ROUTES: Final = frozenset((b"/health", b"/stats"))
+_EMBEDDING: Final = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+_MAX_HEAD_BYTES: Final = 64 * 1024  # refuse absurd header blocks rather than buffer them forever
+_MAX_CACHE_ENTRIES: Final = 4096  # models are echoed from requests, so bound the response cache
+_MAX_DISCONNECTS: Final = 100_000
+_REASONS: Final[dict[int, bytes]] = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+}
+_RETRY_AFTER: Final = b"retry-after: 1\r\n"
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def _json_response(status: int, body: bytes, close: bool, extra_headers: bytes = b"") -> bytes:
+    """Render a complete ``application/json`` response; ``extra_headers`` are raw CRLF-ended lines."""
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            % (status, _REASONS[status], len(body)),
+            extra_headers,
+            b"connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
+
+
+def _error_response(status: int, message: str, err_type: str, close: bool, extra: bytes = b"") -> bytes:
+    """Render an error in the OpenAI shape, which client libraries parse into typed exceptions."""
+    body = orjson.dumps({"error": {"message": message, "type": err_type, "param": None, "code": None}})
+    return _json_response(status, body, close, extra)
+
+
+def _header(lowered_head: bytes, marker: bytes) -> bytes | None:
+    """Value of one header, found by ``marker`` (``b"\\r\\nname:"``) in the lower-cased header block.
+
+    Why not parse every header into a dict: a request only needs a handful of them, and a few
+    ``bytes.find`` calls cost far less per request than splitting all of an SDK's 15-20 headers.
+    """
+    start = lowered_head.find(marker)
+    if start < 0:
+        return None
+    start += len(marker)
+    stop = lowered_head.find(b"\r\n", start)
+    return lowered_head[start : stop if stop >= 0 else len(lowered_head)].strip()
+
+
+def _sse_chunk(payload: Any) -> bytes:
+    """Frame one SSE ``data:`` event carrying ``payload`` as a single HTTP chunk."""
+    event = b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+class UpstreamOptions(TypedDict, total=False):
+    """Keyword arguments of ``FakeUpstream``, so that the thread helpers stay type-checked."""
+
+    host: str
+    port: int
+    models: Sequence[str]
+    chunks: int
+    pace: float
+    first_byte_delay: float
+    fault: str
+
+
+class _Stream:
+    """A pre-rendered streamed response: cached once, then replayed with one write per event."""
+
+    __slots__ = ("events", "head", "tail", "truncated")
+
+    def __init__(self, head: bytes, events: tuple[bytes, ...], tail: bytes) -> None:
+        self.head = head
+        self.events = events  # the content events, then the final finish_reason/usage event
+        self.tail = tail  # ``data: [DONE]`` and the terminating zero-length chunk
+        self.truncated = events[: (len(events) - 1) // 2]  # what drop-mid-stream sends: half the content
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: HTTP/1.1 framing only; routing and content belong to ``FakeUpstream``.
+
+    Requests are handled one at a time per connection.  While a response is in flight (``_busy``),
+    further bytes are only buffered, and they are parsed once the response completes, so keep-alive
+    and even pipelined clients are served in order.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_busy",
+        "_continue_sent",
+        "_dropping",
+        "_task",
+        "_transport",
+        "_upstream",
+        "close_after",
+    )
+    _transport: asyncio.Transport  # set by connection_made, which asyncio calls before anything else
+
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self._upstream = upstream
+        self._buf = bytearray()
+        self._busy = False
+        self._continue_sent = False  # "100 Continue" already sent for the request being received
+        self._dropping = False  # set when we abort on purpose, so it is not mistaken for the client leaving
+        self._task: asyncio.Task[None] | None = None
+        self.close_after = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the transport and register with the server so ``stop()`` can close us."""
+        self._transport = cast(asyncio.Transport, transport)
+        self._upstream._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer the bytes; parse them now unless a response is still being produced."""
+        self._buf += data
+        if not self._busy:
+            self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop any response in progress at once, and record the disconnect if the client left."""
+        upstream = self._upstream
+        upstream._connections.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._busy:
+            self._busy = False
+            upstream.active -= 1
+            if not self._dropping:
+                upstream.disconnects.append(time.monotonic())
+
+    def _process(self) -> None:
+        """Parse and dispatch every complete request in the buffer, stopping at an in-flight response."""
+        transport = self._transport
+        buf = self._buf
+        while buf and not self._busy and not transport.is_closing():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD_BYTES:
+                    self._reject(431, "request header block too large")
+                return
+            head = bytes(buf[:end])
+            request_line = head[: head.find(b"\r\n")].split(b" ")
+            if len(request_line) != 3:
+                self._reject(400, "malformed request line")
+                return
+            method, target, version = request_line
+            lowered = head.lower()
+            if _header(lowered, b"\r\ntransfer-encoding:") is not None:
+                self._reject(501, "chunked request bodies are not supported; send Content-Length")
+                return
+            try:
+                length = int(_header(lowered, b"\r\ncontent-length:") or 0)
+            except ValueError:
+                self._reject(400, "invalid Content-Length")
+                return
+            body_end = end + 4 + length
+            if len(buf) < body_end:
+                # curl and some SDKs wait for this before sending a large body
+                if not self._continue_sent and _header(lowered, b"\r\nexpect:") == b"100-continue":
+                    self._continue_sent = True
+                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                return
+            self._continue_sent = False
+            body = bytes(buf[end + 4 : body_end])
+            del buf[:body_end]
+            connection = _header(lowered, b"\r\nconnection:") or b""
+            if version == b"HTTP/1.1":
+                self.close_after = b"close" in connection
+            else:
+                self.close_after = b"keep-alive" not in connection
+            fault = _header(lowered, b"\r\nx-fake-fault:")
+            self._upstream._dispatch(self, method, target.partition(b"?")[0], fault, head, body)
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request we cannot frame, then close: the rest of the byte stream is unparseable."""
+        self.close_after = True
+        self.write(_error_response(status, message, "invalid_request_error", True))
+        self.end()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client."""
+        self._transport.write(data)
+
+    def begin(self) -> None:
+        """Mark an API response as in flight: counted in ``active``, and later requests wait for it."""
+        self._busy = True
+        self._upstream.active += 1
+
+    def end(self) -> None:
+        """Mark the current response complete, closing the connection if the client asked for that."""
+        if self._busy:
+            self._busy = False
+            self._upstream.active -= 1
+        if self.close_after:
+            self._transport.close()
+
+    def drop(self) -> None:
+        """Reset the TCP connection on purpose (fault injection); not recorded as a client disconnect."""
+        self._dropping = True
+        self._transport.abort()
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Finish the response in a task (delays, pacing); ``connection_lost`` cancels it."""
+        self._task = asyncio.get_running_loop().create_task(self._run(coro))
+
+    async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Await the response, then serve requests that arrived on this connection meanwhile."""
+        await coro
+        self._task = None
+        self._process()
+
+    def shutdown(self) -> asyncio.Task[None] | None:
+        """Abort for server shutdown; returns the cancelled task, if any, so ``stop()`` can await it."""
+        task = self._task
+        if task is not None:
+            task.cancel()
+        self.drop()
+        return task
+
+
+class FakeUpstream:
+    """Fake OpenAI-compatible upstream server; see the module docstring for why it is built this way.
+
+    Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON, or SSE when the body has
+    ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, plus the control-plane routes
+    ``GET /health`` and ``GET /stats``.  Anything else gets a 404 in the OpenAI error shape.
+
+    Faults apply to the ``/v1/*`` routes only, so health checks and ``/stats`` keep answering.  A request
+    header ``x-fake-fault: <mode>`` overrides the server-wide ``fault`` for that request (``none``
+    included).  ``first_byte_delay`` is slept before the response headers of every routed ``/v1/*``
+    response, fault responses included; only routing errors (404, 405, bad ``x-fake-fault``) are immediate.
+
+    Observability, readable as plain attributes from any thread (or via ``GET /stats``); the
+    control-plane routes are deliberately not counted so that probing does not disturb them:
+
+    * ``requests``: requests received on the ``/v1/*`` routes and unknown paths;
+    * ``active``: those whose response is still in flight (delayed, streaming, hung);
+    * ``disconnects``: ``time.monotonic()`` of every connection lost while its response was still in
+      flight, which is to say the client (or gateway) went away; aborts injected by
+      ``drop-mid-stream`` and by ``stop()`` are not recorded;
+    * ``last_request_headers`` / ``last_request_body``: the last counted request, decoded lazily.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        models: Sequence[str] = ("fake-model",),
+        chunks: int = 16,
+        pace: float = 0.0,
+        first_byte_delay: float = 0.0,
+        fault: str = "none",
+    ) -> None:
+        """Configure the server; nothing is bound until ``start()``.
+
+        ``port`` 0 picks a free port.  ``chunks`` is the number of content tokens per completion,
+        streamed one per SSE event ``pace`` seconds apart (0: all written at once).  ``fault`` is one
+        of ``FAULT_MODES``.
+        """
+        model_ids = (models,) if isinstance(models, str) else tuple(models)
+        if not model_ids:
+            raise ValueError("at least one model is required")
+        if chunks < 0 or pace < 0 or first_byte_delay < 0:
+            raise ValueError("chunks, pace and first_byte_delay must not be negative")
+        if fault not in FAULT_MODES:
+            raise ValueError(f"fault must be one of {', '.join(FAULT_MODES)}, not {fault!r}")
+        self.host = host
+        self.models = model_ids
+        self.chunks = chunks
+        self.pace = pace
+        self.first_byte_delay = first_byte_delay
+        self.fault = fault
+        self.requests = 0
+        self.active = 0
+        self.disconnects: deque[float] = deque(maxlen=_MAX_DISCONNECTS)
+        self._port = port
+        self._created = int(time.time())
+        self._tokens = tuple(f"tok{i} " for i in range(chunks))
+        self._usage = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": chunks,
+            "total_tokens": PROMPT_TOKENS + chunks,
+        }
+        self._last_head = b""
+        self._last_body = b""
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._json_cache: dict[tuple[Any, ...], bytes] = {}
+        self._stream_cache: dict[tuple[bytes, str, bool], _Stream] = {}
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the configured one before)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL clients should use, e.g. ``http://127.0.0.1:PORT`` (append ``/v1`` for OpenAI SDKs)."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._port}"
+
+    @property
+    def last_request_headers(self) -> dict[str, str]:
+        """Headers of the last counted request, names lower-cased; decoded only when asked for."""
+        headers: dict[str, str] = {}
+        for line in self._last_head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        return headers
+
+    @property
+    def last_request_body(self) -> Any:
+        """The last counted request's body parsed as JSON, or None when absent or not JSON."""
+        try:
+            return orjson.loads(self._last_body) if self._last_body else None
+        except orjson.JSONDecodeError:
+            return None
+
+    async def start(self) -> int:
+        """Bind and start serving on the running loop; returns the bound port."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), self.host, self._port, backlog=1024)
+        self._server = server
+        self._port = server.sockets[0].getsockname()[1]
+        return self._port
+
+    async def stop(self) -> None:
+        """Stop listening and abort open connections (Python 3.11 ``Server.close`` leaves them open)."""
+        if self._server is None:
+            return
+        self._server.close()
+        tasks = [task for conn in list(self._connections) if (task := conn.shutdown()) is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # let the aborted transports' connection_lost callbacks run and close sockets
+        await self._server.wait_closed()
+        self._server = None
+
+    def _dispatch(
+        self,
+        conn: _Connection,
+        method: bytes,
+        path: bytes,
+        fault_header: bytes | None,
+        head: bytes,
+        body: bytes,
+    ) -> None:
+        """Route one parsed request: control plane first, then faults, then the fake API."""
+        close = conn.close_after
+        if path in _CONTROL_ROUTES:
+            if method != b"GET":
+                conn.write(_error_response(405, f"use GET {path.decode()}", "invalid_request_error", close))
+            elif path == b"/health":
+                conn.write(_json_response(200, b'{"status":"ok"}', close))
+            else:
+                conn.write(_json_response(200, self._stats_body(), close))
+            conn.end()
+            return
+        self.requests += 1
+        self._last_head = head
+        self._last_body = body
+        conn.begin()
+        expected_method = _ROUTE_METHODS.get(path)
+        if expected_method is None:
+            message = f"Invalid URL ({method.decode('latin-1')} {path.decode('latin-1')})"
+            conn.write(_error_response(404, message, "invalid_request_error", close))
+            conn.end()
+            return
+        if method != expected_method:
+            message = f"use {expected_method.decode()} {path.decode()}"
+            conn.write(_error_response(405, message, "invalid_request_error", close))
+            conn.end()
+            return
+        fault = self.fault
+        if fault_header is not None:
+            fault = fault_header.decode("latin-1")
+            if fault not in FAULT_MODES:
+                message = f"x-fake-fault must be one of {', '.join(FAULT_MODES)}"
+                conn.write(_error_response(400, message, "invalid_request_error", close))
+                conn.end()
+                return
+        if fault == "hang":
+            return  # stays in flight until the client goes away
+        delay = self.first_byte_delay
+        if fault == "slow-first-byte" and not delay:
+            delay = SLOW_FIRST_BYTE_DEFAULT_S
+        reply = self._reply(path, body, close, fault)
+        drop = fault == "drop-mid-stream"
+        if isinstance(reply, _Stream):
+            if delay or (self.pace and len(reply.events) > 1):
+                conn.run(self._send_stream_paced(conn, reply, delay, drop))
+            else:
+                self._send_stream_now(conn, reply, drop)
+        elif delay:
+            conn.run(self._send_later(conn, reply, delay, drop))
+        elif drop:
+            conn.write(reply[: len(reply) // 2])
+            conn.drop()
+        else:
+            conn.write(reply)
+            conn.end()
+
+    def _reply(self, path: bytes, body: bytes, close: bool, fault: str) -> bytes | _Stream:
+        """The response for a routed ``/v1/*`` request, from cache whenever possible."""
+        if fault == "429":
+            return _error_response(429, "Rate limit reached (fake fault)", "requests", close, _RETRY_AFTER)
+        if fault == "500":
+            return _error_response(500, "Internal server error (fake fault)", "server_error", close)
+        if path == _MODELS:
+            return self._cached(("models", close), lambda: _json_response(200, self._models_body(), close))
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error_response(400, "request body is not valid JSON", "invalid_request_error", close)
+        model = request.get("model") if isinstance(request, dict) else None
+        if not isinstance(model, str):
+            return _error_response(400, "you must provide a model parameter", "invalid_request_error", close)
+        if path == _EMBEDDINGS:
+            return self._embeddings(request, model, close)
+        chat = path == _CHAT
+        if request.get("stream") is True:
+            key = (path, model, close)
+            stream = self._stream_cache.get(key)
+            if stream is None:
+                if len(self._stream_cache) >= _MAX_CACHE_ENTRIES:
+                    self._stream_cache.clear()
+                stream = self._stream_cache[key] = self._render_stream(chat, model, close)
+            return stream
+        return self._cached((path, model, close), lambda: self._render_completion(chat, model, close))
+
+    def _cached(self, key: tuple[Any, ...], render: Callable[[], bytes]) -> bytes:
+        """Memoise a rendered JSON response; content is fixed, so only the key varies."""
+        response = self._json_cache.get(key)
+        if response is None:
+            if len(self._json_cache) >= _MAX_CACHE_ENTRIES:
+                self._json_cache.clear()
+            response = self._json_cache[key] = render()
+        return response
+
+    def _render_completion(self, chat: bool, model: str, close: bool) -> bytes:
+        """A non-streamed ``chat.completion`` or ``text_completion`` holding all tokens."""
+        text = "".join(self._tokens)
+        if chat:
+            payload: dict[str, Any] = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": self._created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": self._usage,
+            }
+        else:
+            payload = {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": self._created,
+                "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                "usage": self._usage,
+            }
+        return _json_response(200, orjson.dumps(payload), close)
+
+    def _render_stream(self, chat: bool, model: str, close: bool) -> _Stream:
+        """All SSE events of a streamed completion, framed as HTTP chunks, plus the head and tail."""
+        head = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            b"transfer-encoding: chunked\r\n" + (b"connection: close\r\n" if close else b"") + b"\r\n"
+        )
+        base: dict[str, Any]
+        choices: list[dict[str, Any]]
+        last: dict[str, Any]
+        if chat:
+            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": self._created}
+            choices = [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": tok} if i == 0 else {"content": tok},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i, tok in enumerate(self._tokens)
+            ]
+            last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+        else:
+            base = {"id": "cmpl-fake", "object": "text_completion", "created": self._created}
+            choices = [{"text": t, "index": 0, "logprobs": None, "finish_reason": None} for t in self._tokens]
+            last = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
+        base["model"] = model
+        events = [_sse_chunk({**base, "choices": [choice]}) for choice in choices]
+        events.append(_sse_chunk({**base, "choices": [last], "usage": self._usage}))
+        tail = b"%x\r\n%s\r\n" % (len(_DONE_EVENT), _DONE_EVENT) + _LAST_CHUNK
+        return _Stream(head, tuple(events), tail)
+
+    def _embeddings(self, request: dict[str, Any], model: str, close: bool) -> bytes:
+        """One small fixed vector per input, as floats or as base64 float32 (the OpenAI SDK default)."""
+        inputs = request.get("input")
+        # a batch of strings or of token arrays counts per item; one string or one token array is one
+        count = len(inputs) if isinstance(inputs, list) and not (inputs and isinstance(inputs[0], int)) else 1
+        as_base64 = request.get("encoding_format") == "base64"
+
+        def render() -> bytes:
+            vector: Any = list(_EMBEDDING)
+            if as_base64:
+                vector = base64.b64encode(struct.pack(f"<{len(_EMBEDDING)}f", *_EMBEDDING)).decode()
+            payload = {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)],
+                "model": model,
+                "usage": {"prompt_tokens": count, "total_tokens": count},
+            }
+            return _json_response(200, orjson.dumps(payload), close)
+
+        return self._cached((_EMBEDDINGS, model, count, as_base64, close), render)
+
+    def _models_body(self) -> bytes:
+        """The ``/v1/models`` list of the configured models."""
+        data = [
+            {"id": model, "object": "model", "created": self._created, "owned_by": "fake-upstream"}
+            for model in self.models
+        ]
+        return orjson.dumps({"object": "list", "data": data})
+
+    def _stats_body(self) -> bytes:
+        """The ``/stats`` document, for tests running in another process."""
+        return orjson.dumps(
+            {
+                "requests": self.requests,
+                "active": self.active,
+                "disconnects": list(self.disconnects),
+                "last_request_headers": self.last_request_headers,
+                "last_request_body": self.last_request_body,
+            }
+        )
+
+    @staticmethod
+    def _send_stream_now(conn: _Connection, stream: _Stream, drop: bool) -> None:
+        """Write a whole stream at once (pace 0), one ``transport.write`` per event."""
+        conn.write(stream.head)
+        for event in stream.truncated if drop else stream.events:
+            conn.write(event)
+        if drop:
+            conn.drop()
+            return
+        conn.write(stream.tail)
+        conn.end()
+
+    async def _send_stream_paced(self, conn: _Connection, stream: _Stream, delay: float, drop: bool) -> None:
+        """Write a stream after ``delay``, events ``pace`` apart; cancelled if the client goes away."""
+        if delay:
+            await asyncio.sleep(delay)
+        conn.write(stream.head)
+        for i, event in enumerate(stream.truncated if drop else stream.events):
+            if i and self.pace:
+                await asyncio.sleep(self.pace)
+            conn.write(event)
+        if drop:
+            conn.drop()
+            return
+        conn.write(stream.tail)
+        conn.end()
+
+    @staticmethod
+    async def _send_later(conn: _Connection, reply: bytes, delay: float, drop: bool) -> None:
+        """Write a JSON response after ``delay`` (first-byte latency); drop faults cut it in half."""
+        await asyncio.sleep(delay)
+        if drop:
+            conn.write(reply[: len(reply) // 2])
+            conn.drop()
+            return
+        conn.write(reply)
+        conn.end()
+
+
+def run_in_thread(**kwargs: Unpack[UpstreamOptions]) -> tuple[FakeUpstream, Callable[[], None]]:
+    """Serve a ``FakeUpstream(**kwargs)`` on its own event loop in a daemon thread, for sync tests.
+
+    Returns the started server (port bound) and an idempotent ``stop()`` that shuts it down and joins
+    the thread.  Startup errors (e.g. port in use) are raised here, in the caller's thread.
+    """
+    upstream = FakeUpstream(**kwargs)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
+    thread.start()
+    lock = threading.Lock()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        with lock:
+            if stopped:
+                return
+            stopped = True
+        try:
+            asyncio.run_coroutine_threadsafe(upstream.stop(), loop).result(timeout=10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    try:
+        asyncio.run_coroutine_threadsafe(upstream.start(), loop).result(timeout=10)
+    except BaseException:
+        stop()
+        raise
+    return upstream, stop
+
+
+@contextlib.contextmanager
+def serving_in_thread(**kwargs: Unpack[UpstreamOptions]) -> Iterator[FakeUpstream]:
+    """Context-manager form of ``run_in_thread``: yields the started server, stops it on exit."""
+    upstream, stop = run_in_thread(**kwargs)
+    try:
+        yield upstream
+    finally:
+        stop()
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Command-line flags mirror the ``FakeUpstream`` constructor."""
+    parser = argparse.ArgumentParser(description="Fast fake OpenAI-compatible upstream for benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--models", default="fake-model", help="comma-separated model ids")
+    parser.add_argument("--chunks", type=int, default=16, help="content tokens per completion")
+    parser.add_argument("--pace", type=float, default=0.0, help="seconds between streamed events")
+    parser.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before headers")
+    parser.add_argument("--fault", choices=FAULT_MODES, default="none")
+    return parser, parser.parse_args(argv)
+
+
+async def _serve(upstream: FakeUpstream) -> None:
+    """Serve until SIGTERM or SIGINT, announcing readiness on stdout for the parent process."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await upstream.start()
+    try:
+        print(f"READY {upstream.url}", flush=True)
+        await stop.wait()
+    finally:
+        await upstream.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: ``python bench/fake_upstream.py --port 0 --fault none --models a,b``."""
+    parser, args = _parse_args(argv)
+    try:
+        upstream = FakeUpstream(
+            host=args.host,
+            port=args.port,
+            models=[model.strip() for model in args.models.split(",") if model.strip()],
+            chunks=args.chunks,
+            pace=args.pace,
+            first_byte_delay=args.first_byte_delay,
+            fault=args.fault,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    asyncio.run(_serve(upstream))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The ``first`` command: tools that need no running server (config check, tiny model, engine launch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from first_jupyter.config import ConfigError, load_config
+from first_jupyter.paths import default_data_dir
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file, default_data_dir())
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for name, cluster in config.clusters.items():
+        for ep in cluster.endpoints:
+            print(f"{name}/{ep.name} ({cluster.backend}): {', '.join(m.id for m in ep.models)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="first", description="FIRST inference from Jupyter.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("config", help="validate a config file (or the embedded default) and list models")
+    check.add_argument("file", nargs="?", help="YAML file; default: $FIRST_CONFIG or the embedded default")
+    check.set_defaults(func=_check)
+    tiny = sub.add_parser("tiny-model", help="build the tiny offline model (random weights) into a directory")
+    tiny.add_argument("out_dir", type=Path, nargs="?", default=default_data_dir() / "models" / "tiny-chat")
+    tiny.set_defaults(func=lambda a: _tiny(a.out_dir))
+    sub.add_parser("launch", help="start an engine and wait for health (see `first launch --help`)",
+                   add_help=False).set_defaults(func=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "launch":
+        from first_jupyter.remote.launcher import main as launch
+
+        return launch(rest)
+    return int(args.func(args))
+
+
+def _tiny(out_dir: Path) -> int:
+    from first_jupyter.remote.tiny_model import main as build
+
+    return build([str(out_dir)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

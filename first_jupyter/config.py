@@ -1,0 +1,184 @@
+"""One typed configuration model for the gateway, and its loader.
+
+Configuration comes from a YAML file (``c.FirstExtension.config_file`` or ``$FIRST_CONFIG``) or, with neither,
+from the embedded default: one cluster named ``local`` whose endpoint starts an engine on this machine. A bad
+file must fail loudly at start with the file, the key path and what was expected, because a gateway that
+starts with half a config fails later on a user's request, far from the mistake.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from first_jupyter.protocol import Capability
+
+DEFAULT_MODEL_ID = "tiny-chat"
+LOCAL_MODEL_ENV = "FIRST_LOCAL_MODEL"
+CONFIG_ENV = "FIRST_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as: where (file and key path), what was expected, what was found."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """A model served by an endpoint, under the public ``id`` users put in requests."""
+
+    id: str = Field(min_length=1)
+    upstream_name: str | None = Field(
+        default=None, description="name the engine knows the model by, when it differs from id"
+    )
+    path: str | None = Field(
+        default=None, description="local engines: a directory or hub id to load; defaults to id"
+    )
+    capabilities: list[Capability] = [Capability.chat, Capability.completions]
+    build_tiny: bool = Field(
+        default=False, description="local engines: if path holds no model, build the tiny offline model there"
+    )
+
+
+class Timeouts(_Strict):
+    """Idle timeouts, in seconds: a long generation that keeps streaming is never cut off."""
+
+    connect: float = Field(default=10.0, gt=0)
+    first_byte: float = Field(default=300.0, gt=0, description="no response headers within this: fail")
+    idle: float = Field(default=120.0, gt=0, description="no chunk within this after the first: fail")
+
+
+class Limits(_Strict):
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_connections: int = Field(default=512, gt=0, description="pooled upstream connections in all")
+    max_connections_per_host: int = Field(default=128, gt=0)
+
+
+class Defaults(_Strict):
+    model: str | None = None
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+
+
+class HttpEndpoint(_Strict):
+    """Any OpenAI-compatible upstream: vLLM serving directly, another FIRST gateway, a hosted API."""
+
+    name: str = Field(min_length=1)
+    base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
+    api_key_env: str | None = Field(default=None, description="environment variable that holds the API key")
+    models: list[ModelConfig] = Field(min_length=1)
+
+
+class LocalEndpoint(_Strict):
+    """An engine this gateway starts as a child process and stops when idle."""
+
+    name: str = Field(min_length=1)
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    device: str = "auto"
+    idle_timeout: float = Field(default=900.0, gt=0, description="seconds without requests before stopping")
+    start_timeout: float = Field(default=600.0, gt=0)
+    extra_args: list[str] = []
+    models: list[ModelConfig] = Field(min_length=1, max_length=1)
+
+
+class HttpCluster(_Strict):
+    backend: Literal["http"]
+    endpoints: list[HttpEndpoint] = Field(min_length=1)
+
+
+class LocalCluster(_Strict):
+    backend: Literal["local"]
+    endpoints: list[LocalEndpoint] = Field(min_length=1)
+
+
+Cluster = Annotated[HttpCluster | LocalCluster, Field(discriminator="backend")]
+
+
+class FirstConfig(_Strict):
+    clusters: dict[str, Cluster] = Field(min_length=1)
+    defaults: Defaults = Defaults()
+
+    @model_validator(mode="after")
+    def _check_catalog(self) -> FirstConfig:
+        ids = {m.id for cluster in self.clusters.values() for ep in cluster.endpoints for m in ep.models}
+        if self.defaults.model is not None and self.defaults.model not in ids:
+            raise ValueError(f"defaults.model '{self.defaults.model}' is served by no endpoint; "
+                             f"use one of {sorted(ids)}")
+        for name, cluster in self.clusters.items():
+            names = [ep.name for ep in cluster.endpoints]
+            if len(set(names)) != len(names):
+                raise ValueError(f"clusters.{name}: endpoint names must be unique, got {names}")
+        return self
+
+
+def embedded_default(data_dir: Path) -> FirstConfig:
+    """The zero-configuration gateway: one local engine serving a small model.
+
+    ``$FIRST_LOCAL_MODEL`` names a real model (a directory or a hub id already cached); without it the tiny
+    offline model is built under the data dir on first use, whose answers are random.
+    """
+    source = os.environ.get(LOCAL_MODEL_ENV)
+    model = ModelConfig(
+        id=Path(source).name if source else DEFAULT_MODEL_ID,
+        path=source or str(data_dir / "models" / DEFAULT_MODEL_ID),
+        build_tiny=not source,
+    )
+    endpoint = LocalEndpoint(name="engine", models=[model])
+    return FirstConfig(clusters={"local": LocalCluster(backend="local", endpoints=[endpoint])},
+                       defaults=Defaults(model=model.id))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part in {"http", "local"} and parts and not parts[-1].startswith("["):
+            continue  # discriminator tag pydantic inserts; not a key in the user's file
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or "(top level)"
+
+
+def parse_config(data: Any, source: str) -> FirstConfig:
+    """Validate a decoded config, turning the first problem into a ConfigError naming file and key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'clusters' key at the top level, "
+                          f"found {_describe(data)}")
+    try:
+        return FirstConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            found = "nothing" if err["type"] == "missing" else _describe(err.get("input"))
+            problems.append(f"{source}: at {_key_path(tuple(err['loc']))}: {err['msg']} (found {found})")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load_config(path: str | Path | None, data_dir: Path) -> FirstConfig:
+    """Load the YAML file named by ``path`` or ``$FIRST_CONFIG``; with neither, the embedded default."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        return embedded_default(data_dir)
+    file = Path(chosen).expanduser()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the FIRST config file ({exc.strerror}); fix the path in "
+                          f"c.FirstExtension.config_file or ${CONFIG_ENV}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(data, str(file))

@@ -1,0 +1,1 @@
+"""Backends: every kind of upstream speaks the same small async contract (``base.Backend``)."""

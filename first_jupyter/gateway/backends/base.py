@@ -1,0 +1,39 @@
+"""The contract every backend speaks, so that the router never knows which kind it is talking to."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from first_jupyter.gateway.upstream import Reply, UpstreamStream
+from first_jupyter.protocol import Capability
+
+
+class Backend(Protocol):
+    """One endpoint of one cluster: an engine, or a gateway in front of engines."""
+
+    cluster: str
+    name: str
+    kind: str
+
+    def upstream_name(self, model_id: str) -> str:
+        """The model name the engine expects in request bodies."""
+        ...
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        """Whether this endpoint can serve ``capability`` for the model (its engine may lack a route)."""
+        ...
+
+    async def complete(self, capability: Capability, body: bytes) -> Reply:
+        """Send one request and return the whole answer (error statuses included)."""
+        ...
+
+    async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
+        """Open a stream; raise ``OpenAIError`` before the first byte if the upstream refuses."""
+        ...
+
+    async def status(self) -> dict[str, Any]:
+        """Live state for the status API; never raises."""
+        ...
+
+    async def close(self) -> None:
+        ...

@@ -1,0 +1,77 @@
+"""Backend for any OpenAI-compatible base URL: vLLM serving directly, another gateway, a hosted API."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import orjson
+from yarl import URL
+
+from first_jupyter.config import ModelConfig
+from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
+from first_jupyter.protocol import Capability, OpenAIError
+
+STATUS_TIMEOUT = 5.0
+
+
+class HttpBackend:
+    kind = "http"
+
+    def __init__(self, cluster: str, name: str, base_url: str, models: list[ModelConfig], client: UpstreamClient,
+                 *, api_key_env: str | None = None) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.where = f"cluster '{cluster}' endpoint '{name}'"
+        self._client = client
+        self._models = {m.id: m for m in models}
+        self._urls = {cap: URL(f"{self.base_url}/{cap.route}") for cap in Capability}
+        self._headers = {"Content-Type": "application/json"}
+        self._api_key_env = api_key_env
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+
+    def upstream_name(self, model_id: str) -> str:
+        model = self._models[model_id]
+        return model.upstream_name or model.id
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        return capability in self._models[model_id].capabilities
+
+    def _check_key(self) -> None:
+        if self._api_key_env and "Authorization" not in self._headers:
+            raise OpenAIError(503, f"{self.where} needs an API key in the environment variable "
+                                   f"{self._api_key_env}, which is not set in the Jupyter server's environment. "
+                                   f"Set it and restart the server.", type="api_error", code="missing_api_key")
+
+    async def complete(self, capability: Capability, body: bytes) -> Reply:
+        self._check_key()
+        return await self._client.request("POST", self._urls[capability], body, self._headers, self.where)
+
+    async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
+        self._check_key()
+        return await self._client.stream(self._urls[capability], body, self._headers, self.where)
+
+    async def status(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        info: dict[str, Any] = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind,
+                                "base_url": self.base_url, "models": sorted(self._models)}
+        try:
+            reply = await self._client.request("GET", URL(f"{self.base_url}/models"), None, self._headers,
+                                               self.where, first_byte=STATUS_TIMEOUT)
+        except OpenAIError as exc:
+            return {**info, "state": "offline", "error": exc.message}
+        info["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        if reply.status != 200:
+            return {**info, "state": "offline", "error": f"GET /models answered HTTP {reply.status}"}
+        try:
+            listed = [m.get("id") for m in orjson.loads(reply.body).get("data", [])]
+        except (orjson.JSONDecodeError, AttributeError):
+            listed = []
+        return {**info, "state": "online", "upstream_models": listed}
+
+    async def close(self) -> None:
+        """The pooled client belongs to the gateway, which closes it."""

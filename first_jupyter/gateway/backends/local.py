@@ -1,0 +1,186 @@
+"""Backend for an engine this gateway starts itself: lazily on first use, stopped after an idle window.
+
+Starting an engine takes seconds (tiny model) to minutes (a real one), so it is done on the first request
+(a cold start) and kept hot while requests keep coming; after ``idle_timeout`` seconds with nothing in
+flight the process is stopped to give the memory back. Process work (spawning, health polling, killing)
+runs in threads so the event loop keeps serving other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from first_jupyter.config import LocalEndpoint, ModelConfig
+from first_jupyter.gateway.backends.http import HttpBackend
+from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
+from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.remote.launcher import (
+    EngineProcess,
+    EngineSpec,
+    EngineStartError,
+    choose_engine,
+    log_tail,
+    served_name,
+    start_engine,
+)
+from first_jupyter.remote.tiny_model import TINY_MODEL_MARKER
+
+EngineState = Literal["stopped", "starting", "running", "failed"]
+
+
+class LocalBackend:
+    kind = "local"
+
+    def __init__(self, cluster: str, endpoint: LocalEndpoint, client: UpstreamClient, log_dir: Path) -> None:
+        self.cluster = cluster
+        self.name = endpoint.name
+        self.endpoint = endpoint
+        self.model: ModelConfig = endpoint.models[0]
+        self.engine = choose_engine(endpoint.engine)
+        self.spec = EngineSpec(model=self.model.path or self.model.id, served_name=self.model.id,
+                               engine=self.engine, device=endpoint.device, extra_args=tuple(endpoint.extra_args),
+                               log_path=log_dir / f"engine-{cluster}-{endpoint.name}.log")
+        self._client = client
+        self._proc: EngineProcess | None = None
+        self._http: HttpBackend | None = None
+        self._lock: asyncio.Lock | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.state: EngineState = "stopped"
+        self.last_error: str | None = None
+        self.in_flight = 0
+        self.last_used = 0.0
+        self.starts = 0
+
+    def upstream_name(self, model_id: str) -> str:
+        return served_name(self.spec, self.engine)
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        if capability is Capability.embeddings and self.engine == "transformers":
+            return False  # transformers serve has no embeddings route
+        return capability in self.model.capabilities
+
+    async def _ensure_running(self) -> HttpBackend:
+        if self._http is not None and self._proc is not None and self._proc.alive():
+            return self._http
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._proc is not None and not self._proc.alive():
+                self.last_error = (f"the engine exited with code {self._proc.popen.returncode}; last lines of "
+                                   f"{self.spec.log_path}:\n{log_tail(self.spec.log_path)}")
+                self._proc, self._http, self.state = None, None, "stopped"
+            if self._http is None:
+                await self._start()
+            assert self._http is not None
+            return self._http
+
+    async def _start(self) -> None:
+        self.state = "starting"
+        try:
+            await asyncio.to_thread(self._build_model_if_asked)
+            proc = await asyncio.to_thread(start_engine, self.spec)
+            try:
+                await asyncio.to_thread(proc.wait_healthy, self.endpoint.start_timeout)
+            except BaseException:
+                await asyncio.to_thread(proc.stop)
+                raise
+        except (EngineStartError, OSError, subprocess.SubprocessError) as exc:
+            self.state, self.last_error = "failed", str(exc)
+            raise OpenAIError(503, f"The local engine for model '{self.model.id}' failed to start. Fix the cause "
+                                   f"below, then send the request again.\n{exc}", type="api_error",
+                              code="engine_start_failed") from None
+        self._proc = proc
+        self._http = HttpBackend(self.cluster, self.name, proc.base_url,
+                                 [ModelConfig(id=self.model.id, upstream_name=proc.model_name,
+                                              capabilities=self.model.capabilities)], self._client)
+        self.state, self.last_error, self.starts = "running", None, self.starts + 1
+        self.last_used = time.monotonic()
+        self._arm_idle_timer(self.endpoint.idle_timeout)
+
+    def _build_model_if_asked(self) -> None:
+        """Build the tiny offline model when the config asks for it and the directory holds none yet."""
+        target = Path(self.spec.model)
+        if not self.model.build_tiny or (target / TINY_MODEL_MARKER).is_file():
+            return
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spec.log_path.open("ab") as log:
+            log.write(f"building the tiny offline model in {target} (random weights)\n".encode())
+            log.flush()
+            done = subprocess.run([sys.executable, "-m", "first_jupyter.remote.tiny_model", str(target)],
+                                  stdout=log, stderr=subprocess.STDOUT, check=False, timeout=600)
+        if done.returncode != 0:
+            raise EngineStartError(f"Building the tiny model failed. Last lines of {self.spec.log_path}:\n"
+                                   f"{log_tail(self.spec.log_path)}")
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        if self.state != "running":
+            return
+        left = self.last_used + self.endpoint.idle_timeout - time.monotonic()
+        if self.in_flight or left > 0:
+            self._arm_idle_timer(max(left, 1.0))
+            return
+        asyncio.get_running_loop().create_task(self.stop())
+
+    def _begin(self) -> None:
+        self.in_flight += 1
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+
+    async def complete(self, capability: Capability, body: bytes) -> Reply:
+        http = await self._ensure_running()
+        self._begin()
+        try:
+            return await http.complete(capability, body)
+        finally:
+            self._end()
+
+    async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
+        http = await self._ensure_running()
+        self._begin()
+        try:
+            stream = await http.stream(capability, body)
+        except BaseException:
+            self._end()
+            raise
+        stream.on_close = self._end
+        return stream
+
+    async def stop(self) -> None:
+        """Stop the engine now; the next request starts it again."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        proc, self._proc, self._http = self._proc, None, None
+        if proc is not None:
+            await asyncio.to_thread(proc.stop)
+        if self.state != "failed":
+            self.state = "stopped"
+
+    async def status(self) -> dict[str, Any]:
+        proc = self._proc
+        if self.state == "running" and proc is not None and not proc.alive():
+            self.state, self.last_error = "failed", f"the engine exited with code {proc.popen.returncode}"
+        return {
+            "cluster": self.cluster, "endpoint": self.name, "kind": self.kind, "engine": self.engine,
+            "state": self.state, "models": [self.model.id], "model_path": self.spec.model,
+            "base_url": proc.base_url if proc else None, "pid": proc.pid if proc else None,
+            "in_flight": self.in_flight, "starts": self.starts, "idle_timeout": self.endpoint.idle_timeout,
+            "idle_for": round(time.monotonic() - self.last_used, 1) if self.last_used and proc else None,
+            "log": str(self.spec.log_path), "error": self.last_error,
+        }
+
+    async def close(self) -> None:
+        await self.stop()

@@ -1,0 +1,185 @@
+"""The Gateway: validate, route, call the backend, account usage.
+
+Handlers, magics, widgets and the CLI all go through this one object, so behaviour (errors, accounting,
+timeouts) is the same whichever door a request came in by.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from first_jupyter.config import FirstConfig, HttpCluster, LocalCluster
+from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.backends.http import HttpBackend
+from first_jupyter.gateway.backends.local import LocalBackend
+from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body, usage_of
+from first_jupyter.gateway.router import Router, Target
+from first_jupyter.gateway.upstream import UpstreamClient, UpstreamStream, upstream_error
+from first_jupyter.gateway.usage import UsageRecord, UsageStore
+from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
+
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
+
+
+def _build_backends(config: FirstConfig, client: UpstreamClient, data_dir: Path) -> list[Backend]:
+    backends: list[Backend] = []
+    for cluster_name, cluster in config.clusters.items():
+        if isinstance(cluster, HttpCluster):
+            backends.extend(HttpBackend(cluster_name, ep.name, ep.base_url, ep.models, client,
+                                        api_key_env=ep.api_key_env) for ep in cluster.endpoints)
+        elif isinstance(cluster, LocalCluster):
+            backends.extend(LocalBackend(cluster_name, ep, client, data_dir / "logs") for ep in cluster.endpoints)
+    return backends
+
+
+class Completed:
+    """A finished non-streamed answer, with where it ran."""
+
+    __slots__ = ("body", "target")
+
+    def __init__(self, body: bytes, target: Target) -> None:
+        self.body = body
+        self.target = target
+
+
+class GatewayStream:
+    """A relayed stream: upstream bytes out as they come, usage recorded when it is closed."""
+
+    __slots__ = ("_gateway", "_req", "target", "_upstream", "_watch", "_t0", "_ttft", "error", "request_id")
+
+    def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, upstream: UpstreamStream,
+                 watch: StreamWatch, t0: float, request_id: str) -> None:
+        self._gateway = gateway
+        self._req = req
+        self.target = target
+        self._upstream = upstream
+        self._watch = watch
+        self._t0 = t0
+        self._ttft: float | None = None
+        self.error: OpenAIError | None = None
+        self.request_id = request_id
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        feed = self._watch.feed
+        try:
+            async for chunk in self._upstream:
+                if self._ttft is None:
+                    self._ttft = time.perf_counter()
+                yield feed(chunk)
+        except OpenAIError as exc:  # after the first byte the status is sent: end with an error event
+            self.error = exc
+            yield exc.sse_event()
+
+    def close(self, *, client_gone: bool = False) -> None:
+        """Release the upstream (closing it if unfinished, so the engine stops) and record usage."""
+        self._upstream.close()
+        status = CLIENT_CLOSED if client_gone else (self.error.status if self.error else 200)
+        watch = self._watch
+        self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
+                             watch.completion_tokens, self.request_id,
+                             self.error.message if self.error else None)
+
+
+class Gateway:
+    def __init__(self, config: FirstConfig, data_dir: Path) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
+        self.backends = _build_backends(config, self.client, data_dir)
+        served: dict[str, list[str]] = {}
+        for cluster_name, cluster in config.clusters.items():
+            for ep in cluster.endpoints:
+                for model in ep.models:
+                    served.setdefault(model.id, []).append(f"{cluster_name}/{ep.name}")
+        self.router = Router(self.backends, served)
+        self.default_model = config.defaults.model
+        self.usage = UsageStore(data_dir / "usage.sqlite3")
+        self._created = int(time.time())
+
+    # -- catalog and state -------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        """The OpenAI model list, each model once, with where it is served."""
+        data = []
+        for model_id, targets in self.router.catalog.items():
+            caps = sorted({c.value for t in targets for c in Capability if t.backend.supports(model_id, c)})
+            data.append({"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
+                         "capabilities": caps,
+                         "served_by": [{"cluster": t.cluster, "endpoint": t.endpoint} for t in targets]})
+        return {"object": "list", "data": data}
+
+    async def status(self) -> dict[str, Any]:
+        endpoints = [await b.status() for b in self.backends]
+        return {"default_model": self.default_model, "models": self.models()["data"], "endpoints": endpoints,
+                "clusters": sorted(self.config.clusters)}
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def _body_for(self, req: ParsedRequest, target: Target, ask_usage: bool) -> bytes:
+        """The request as the engine must see it: the client's own bytes unless something must change."""
+        upstream_name = target.backend.upstream_name(req.model)
+        if upstream_name == req.model and not ask_usage:
+            return req.raw
+        data = dict(req.data)
+        data["model"] = upstream_name
+        if ask_usage:
+            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        return orjson.dumps(data)
+
+    def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
+               prompt_tokens: int | None, completion_tokens: int | None, request_id: str,
+               error: str | None) -> None:
+        self.usage.record(UsageRecord(
+            ts=time.time(), request_id=request_id, model=req.model, capability=req.capability.value,
+            cluster=target.cluster if target else "", endpoint=target.endpoint if target else "",
+            stream=req.stream, status=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            latency_ms=(time.perf_counter() - t0) * 1000, ttft_ms=(ttft - t0) * 1000 if ttft else None,
+            error=error))
+
+    async def complete(self, req: ParsedRequest) -> Completed:
+        """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""
+        t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        target: Target | None = None
+        try:
+            target = self.router.pick(req.model, req.capability)
+            reply = await target.backend.complete(req.capability, self._body_for(req, target, False))
+            if reply.status >= 400:
+                raise upstream_error(reply.status, reply.body, f"cluster '{target.cluster}' endpoint "
+                                     f"'{target.endpoint}'", reply.retry_after)
+        except OpenAIError as exc:
+            self.record(req, target, exc.status, t0, None, None, None, request_id, exc.message)
+            raise
+        body, data = rename_model_in_body(reply.body, req.model)
+        prompt_tokens, completion_tokens = usage_of(data) if data else (None, None)
+        self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)
+        return Completed(body, target)
+
+    async def stream(self, req: ParsedRequest) -> GatewayStream:
+        """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
+        t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        target: Target | None = None
+        options = req.data.get("stream_options")
+        ask_usage = req.capability is not Capability.embeddings and not (
+            isinstance(options, dict) and options.get("include_usage"))
+        try:
+            target = self.router.pick(req.model, req.capability)
+            upstream = await target.backend.stream(req.capability, self._body_for(req, target, ask_usage))
+        except OpenAIError as exc:
+            self.record(req, target, exc.status, t0, None, None, None, request_id, exc.message)
+            raise
+        watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
+        return GatewayStream(self, req, target, upstream, watch, t0, request_id)
+
+    async def close(self) -> None:
+        for backend in self.backends:
+            await backend.close()
+        await self.client.close()
+        self.usage.close()

@@ -1,0 +1,96 @@
+"""Byte-level watching of a relayed SSE stream: usage accounting and model renaming.
+
+Streams are relayed as the upstream's own bytes, chunk by chunk; nothing here decodes every event. Each chunk
+costs a few C-level byte searches, and only the rare chunk that carries ``"usage"`` is parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+_USAGE = re.compile(rb'"usage":\s*(\{[^{}]*\})')
+_MODEL = re.compile(rb'"model":\s*"((?:[^"\\]|\\.)*)"')
+_TAIL = 512
+
+
+def usage_of(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    usage = body.get("usage") or {}
+    return usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+class StreamWatch:
+    """Watches chunks of one stream; optionally drops the usage-only event the client did not ask for.
+
+    ``strip_usage_event``: the gateway asked the engine for usage (``stream_options.include_usage``) on the
+    client's behalf; the event that carries only usage (``"choices":[]``) is removed so the client sees the
+    stream it asked for.
+    """
+
+    __slots__ = ("_tail", "_rename", "_public", "_strip", "prompt_tokens", "completion_tokens", "chunks")
+
+    def __init__(self, public_model: str, *, rename: bool, strip_usage_event: bool) -> None:
+        self._tail = b""
+        self._public = public_model.encode()
+        self._rename: tuple[bytes, bytes] | None | bool = rename
+        self._strip = strip_usage_event
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.chunks = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the bytes to send on for this upstream chunk."""
+        self.chunks += 1
+        if self._rename is not False:
+            chunk = self._renamed(chunk)
+        window = self._tail + chunk
+        self._tail = window[-_TAIL:]
+        if b'"usage"' in window:
+            found = None
+            for found in _USAGE.finditer(window):
+                pass
+            if found is not None:
+                usage = orjson.loads(found.group(1))
+                self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+                self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+                if self._strip:
+                    chunk = _drop_usage_event(chunk)
+        return chunk
+
+    def _renamed(self, chunk: bytes) -> bytes:
+        if self._rename is True:  # learn the name the engine echoes from the first event that has one
+            found = _MODEL.search(chunk)
+            if found is None:
+                return chunk
+            echoed = found.group(1)
+            self._rename = (b'"model":"' + echoed + b'"', b'"model":"' + self._public + b'"') if (
+                echoed != self._public) else False
+            if self._rename is False:
+                return chunk
+        assert isinstance(self._rename, tuple)
+        return chunk.replace(*self._rename)
+
+
+def _drop_usage_event(chunk: bytes) -> bytes:
+    idx = chunk.find(b'"choices":[]')
+    if idx < 0:
+        return chunk
+    start = chunk.rfind(b"data:", 0, idx)
+    end = chunk.find(b"\n\n", idx)
+    if start < 0 or end < 0:
+        return chunk  # the event spans two reads: let it through rather than corrupt the stream
+    return chunk[:start] + chunk[end + 2:]
+
+
+def rename_model_in_body(body: bytes, public_model: str) -> tuple[bytes, dict[str, Any] | None]:
+    """Decode a JSON response, put the public model id in it, and return (bytes, decoded or None)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body, None
+    if isinstance(data, dict) and data.get("model", public_model) != public_model:
+        data["model"] = public_model
+        return orjson.dumps(data), data
+    return body, data if isinstance(data, dict) else None

@@ -1,0 +1,128 @@
+"""Durable usage accounting in SQLite, written off the request path.
+
+Every request is recorded (tokens, latency, time to first token, status), but a synchronous SQLite commit
+per request would cost more than the whole proxying. Records go onto an in-memory queue and one writer
+thread commits them in batches; ``flush()`` makes them visible to readers (tests, the usage API).
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    capability TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    latency_ms REAL NOT NULL,
+    ttft_ms REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_model_ts ON usage (model, ts);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    ts: float
+    request_id: str
+    model: str
+    cluster: str
+    endpoint: str
+    capability: str
+    stream: bool
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float
+    ttft_ms: float | None
+    error: str | None
+
+
+_COLUMNS = ", ".join(f.name for f in fields(UsageRecord))
+_INSERT = f"INSERT INTO usage ({_COLUMNS}) VALUES ({', '.join('?' for _ in fields(UsageRecord))})"
+_STOP = object()
+
+
+class UsageStore:
+    """Append-only usage log; ``record`` never blocks the event loop."""
+
+    def __init__(self, path: Path, *, batch_interval: float = 0.2) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._interval = batch_interval
+        self._flushed = threading.Condition()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._write_loop, name="first-usage-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, rec: UsageRecord) -> None:
+        with self._flushed:
+            self._pending += 1
+        self._queue.put(rec)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every record handed to ``record`` so far is committed."""
+        with self._flushed:
+            self._flushed.wait_for(lambda: self._pending == 0, timeout=timeout)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout=10)
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def totals_by_model(self) -> list[dict[str, object]]:
+        rows = self.query(
+            "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), AVG(latency_ms), AVG(ttft_ms),"
+            " SUM(status >= 400) FROM usage GROUP BY model ORDER BY model")
+        keys = ("model", "requests", "prompt_tokens", "completion_tokens", "avg_latency_ms", "avg_ttft_ms",
+                "errors")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def _write_loop(self) -> None:
+        conn = sqlite3.connect(self.path)
+        try:
+            stop = False
+            while not stop:
+                batch = [self._queue.get()]
+                deadline = time.monotonic() + self._interval
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        batch.append(self._queue.get(timeout=left))
+                    except queue.Empty:
+                        break
+                if _STOP in batch:
+                    stop = True
+                    batch = [r for r in batch if r is not _STOP]
+                    while not self._queue.empty():  # records that raced the stop
+                        item = self._queue.get_nowait()
+                        if item is not _STOP:
+                            batch.append(item)
+                with conn:
+                    conn.executemany(_INSERT, [astuple(r) for r in batch if isinstance(r, UsageRecord)])
+                with self._flushed:
+                    self._pending -= len(batch)
+                    self._flushed.notify_all()
+        finally:
+            conn.close()

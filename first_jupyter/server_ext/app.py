@@ -1,0 +1,73 @@
+"""The Jupyter server extension: builds the Gateway from config and serves it under ``/first/``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.utils import url_path_join
+from traitlets import Bool, Integer, Unicode
+
+from first_jupyter.config import ConfigError, load_config
+from first_jupyter.gateway import Gateway
+from first_jupyter.paths import default_data_dir
+from first_jupyter.server_ext.handlers import routes
+
+GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
+API_KEY_ENV = "FIRST_API_KEY"
+
+
+class FirstExtension(ExtensionApp):
+    """FIRST inference gateway inside the Jupyter server."""
+
+    name = "first_jupyter"
+
+    config_file = Unicode(
+        "", config=True,
+        help="YAML file describing clusters, endpoints and models. Empty: $FIRST_CONFIG, else the embedded "
+             "default (one local engine serving a small model).")
+    data_dir = Unicode(
+        "", config=True, help="Where usage, engine logs and built models live. Empty: $FIRST_DATA_DIR, else "
+                              "first_jupyter under the Jupyter data dir.")
+    max_request_bytes = Integer(
+        0, config=True, help="Largest request body accepted (413 above it). 0: the config file's "
+                             "defaults.limits.max_request_bytes (8 MiB unless set).")
+    export_kernel_env = Bool(
+        True, config=True, help="Put FIRST_GATEWAY_URL and a scoped FIRST_API_KEY into the environment of "
+                                "kernels and terminals this server starts, so notebook code reaches the gateway.")
+
+    def initialize_settings(self) -> None:
+        data_dir = Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+        gateway: Gateway | None = None
+        error: str | None = None
+        try:
+            gateway = Gateway(load_config(self.config_file or None, data_dir), data_dir)
+        except ConfigError as exc:
+            error = str(exc)
+            self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)
+        self.gateway = gateway
+        self.api_key = "first-" + secrets.token_urlsafe(32)
+        self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
+                             first_max_request_bytes=self.max_request_bytes)
+        self._export_kernel_env()
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(routes())
+
+    def gateway_url(self) -> str:
+        return url_path_join(self.serverapp.connection_url, "first/v1")
+
+    def _export_kernel_env(self) -> None:
+        """Kernels inherit the server's environment; the URL is re-exported once the port is final."""
+        if self.export_kernel_env:
+            os.environ[GATEWAY_URL_ENV] = self.gateway_url()
+            os.environ[API_KEY_ENV] = self.api_key
+
+    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        self._export_kernel_env()
+
+    async def stop_extension(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.close()

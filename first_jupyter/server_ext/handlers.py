@@ -1,0 +1,196 @@
+"""Tornado handlers under ``{base_url}/first/``: thin shells that parse, call the Gateway, and write.
+
+Two ways in: Jupyter's own auth (cookie + XSRF from the browser, or a Jupyter token), and the scoped key the
+extension gives the kernels it starts (``Authorization: Bearer $FIRST_API_KEY``), which opens these routes
+and nothing else of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+import orjson
+from jupyter_server.auth.identity import User
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.core import GatewayStream
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+
+SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
+_AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
+              "starts) or with a Jupyter token ('Authorization: token ...').")
+
+
+class FirstHandler(APIHandler):
+    """Base for every FIRST route: scoped-key auth, OpenAI-shaped errors, access to the Gateway."""
+
+    _scoped = False
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and given:
+            key: str = self.settings["first_api_key"]
+            if hmac.compare_digest(given.strip().encode(), key.encode()):
+                if not self.check_host():
+                    raise web.HTTPError(403)
+                self._scoped = True
+                self.current_user = self._jupyter_current_user = SCOPED_USER
+                return  # a bearer key is not a cookie: no XSRF check applies
+        await super().prepare()
+
+    def check_xsrf_cookie(self) -> None:
+        if not self._scoped:
+            super().check_xsrf_cookie()
+
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway | None = self.settings.get("first_gateway")
+        if gateway is None:
+            raise OpenAIError(503, "The FIRST gateway is not running because its configuration is invalid:\n"
+                                   f"{self.settings.get('first_config_error')}\nFix the file and restart "
+                                   "the Jupyter server.", type="api_error", code="config_error")
+        return gateway
+
+    def send_error_body(self, err: OpenAIError) -> None:
+        self.clear()
+        self.set_status(err.status)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(err.to_bytes())
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors raised by Jupyter's machinery (auth, XSRF, unknown methods) in the OpenAI shape too."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, OpenAIError):
+            self.send_error_body(exc)
+            return
+        reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+        if status_code == 403 and self.current_user is None:
+            err = OpenAIError(401, f"Not authenticated. {_AUTH_HELP}", type="authentication_error",
+                              code="invalid_api_key")
+        elif status_code == 403:
+            err = OpenAIError(403, f"Forbidden: {reason or 'cross-site request refused'}. Browser requests need "
+                                   "the '_xsrf' cookie echoed in an 'X-XSRFToken' header; scripts should send "
+                                   "a bearer key instead.", type="permission_error", code="forbidden")
+        elif status_code == 405:
+            err = OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
+                              code="method_not_allowed")
+        else:
+            err = OpenAIError(status_code, reason or "The gateway failed on this request; its log has the "
+                                                     "details. Retry, and report it if it persists.",
+                              type="api_error" if status_code >= 500 else "invalid_request_error")
+        self.send_error_body(err)
+
+
+class ModelsHandler(FirstHandler):
+    @web.authenticated
+    def get(self) -> None:
+        try:
+            models = self.gateway.models()
+        except OpenAIError as err:
+            self.send_error_body(err)
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(models))
+
+
+class StatusHandler(FirstHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        try:
+            status = await self.gateway.status()
+        except OpenAIError as err:
+            self.send_error_body(err)
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(status))
+
+
+class InferenceHandler(FirstHandler):
+    """POST chat/completions, completions and embeddings: one handler, the capability set per route."""
+
+    capability: Capability
+    _task: asyncio.Task[Any] | None = None
+
+    def initialize(self, capability: Capability) -> None:  # type: ignore[override]
+        self.capability = capability
+
+    def on_connection_close(self) -> None:
+        """The client went away: cancel at once so the upstream request is closed and the engine stops."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    @web.authenticated
+    async def post(self) -> None:
+        self._task = asyncio.current_task()
+        try:
+            gateway = self.gateway
+            body = self.request.body
+            limit: int = self.settings["first_max_request_bytes"] or gateway.config.defaults.limits.max_request_bytes
+            if len(body) > limit:
+                raise OpenAIError(413, f"The request body is {len(body):,} bytes, over this gateway's limit of "
+                                       f"{limit:,}. Send less (fewer or shorter messages), or raise "
+                                       f"c.FirstExtension.max_request_bytes.", code="request_too_large")
+            req = parse_request(self.capability, body)
+            if not req.stream:
+                done = await gateway.complete(req)
+                self.set_header("Content-Type", "application/json")
+                self.set_header("X-First-Cluster", done.target.cluster)
+                self.set_header("X-First-Endpoint", done.target.endpoint)
+                self.finish(done.body)
+                return
+            stream = await gateway.stream(req)
+        except OpenAIError as err:
+            self.send_error_body(err)
+            return
+        except asyncio.CancelledError:
+            return  # the client left before anything was sent; nothing to clean up beyond the task
+        await self._relay(stream)
+
+    async def _relay(self, stream: GatewayStream) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.set_header("X-First-Cluster", stream.target.cluster)
+        self.set_header("X-First-Endpoint", stream.target.endpoint)
+        gone = False
+        try:
+            async for chunk in stream:
+                self.write(chunk)
+                await self.flush()
+        except (asyncio.CancelledError, StreamClosedError):
+            gone = True
+        finally:
+            stream.close(client_gone=gone)
+        if not gone:
+            self.finish()
+
+
+class NotFoundHandler(FirstHandler):
+    """Unknown routes under /first/v1 answer in the OpenAI shape instead of Jupyter's HTML 404."""
+
+    @web.authenticated
+    def get(self, path: str) -> None:
+        self.send_error_body(OpenAIError(404, f"No route /first/v1/{path}. This gateway serves models, "
+                                              "chat/completions, completions and embeddings.",
+                                         code="unknown_route"))
+
+    post = get
+
+
+def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
+    """URL patterns relative to the server's base_url (the ExtensionApp prefixes it)."""
+    inference = [(f"/first/v1/{cap.route}", InferenceHandler, {"capability": cap}) for cap in Capability]
+    return [
+        ("/first/v1/models", ModelsHandler, {}),
+        *inference,
+        ("/first/api/status", StatusHandler, {}),
+        ("/first/v1/(.*)", NotFoundHandler, {}),
+    ]
