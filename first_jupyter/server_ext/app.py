@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
+
+from jupyter_core.paths import jupyter_runtime_dir
 
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
@@ -65,9 +68,26 @@ class FirstExtension(ExtensionApp):
             os.environ[GATEWAY_URL_ENV] = self.gateway_url()
             os.environ[API_KEY_ENV] = self.api_key
 
+    @property
+    def runtime_file(self) -> Path:
+        return Path(jupyter_runtime_dir()) / f"first-gateway-{os.getpid()}.json"
+
+    def _write_runtime_file(self) -> None:
+        """Let processes of the same user outside the server's children (a shell, a script) find the gateway.
+
+        Written like Jupyter's own jpserver-PID.json: in the runtime dir, readable by the owner only.
+        """
+        path = self.runtime_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"url": self.gateway_url(), "api_key": self.api_key, "pid": os.getpid()}, fh)
+
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         self._export_kernel_env()
+        self._write_runtime_file()
 
     async def stop_extension(self) -> None:
+        self.runtime_file.unlink(missing_ok=True)
         if self.gateway is not None:
             await self.gateway.close()

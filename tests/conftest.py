@@ -1,0 +1,102 @@
+"""Shared fixtures: a real Jupyter server with the extension, a fake upstream, a tiny local model.
+
+Every part is real except what cannot run here: engines are `transformers serve` on a tiny random-weight
+model built on the fly, and the fast fake upstream stands in for remote OpenAI-compatible servers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bench.fake_upstream import FakeUpstream, serving_in_thread
+from first_jupyter.remote.tiny_model import build_tiny_model
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests talk to 127.0.0.1 only: a connection anywhere else fails the test at once."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> Any:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise AssertionError(f"test tried to reach {address}; only loopback is allowed")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat")
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[FakeUpstream]:
+    with serving_in_thread(models=["fake-model", "fake-embed"], chunks=8) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(data: dict[str, Any]) -> Path:
+        path = tmp_path / "first.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def fake_cluster_config(upstream: FakeUpstream, **defaults: Any) -> dict[str, Any]:
+    return {
+        "clusters": {
+            "remote": {
+                "backend": "http",
+                "endpoints": [{
+                    "name": "fake",
+                    "base_url": f"{upstream.url}/v1",
+                    "models": [
+                        {"id": "fake-model"},
+                        {"id": "fake-embed", "capabilities": ["embeddings"]},
+                    ],
+                }],
+            }
+        },
+        "defaults": {"model": "fake-model", **defaults},
+    }
+
+
+def local_cluster_config(model_dir: Path, **endpoint: Any) -> dict[str, Any]:
+    return {
+        "clusters": {
+            "local": {
+                "backend": "local",
+                "endpoints": [{"name": "engine", "engine": "transformers", "device": "cpu",
+                               "models": [{"id": "tiny-chat", "path": str(model_dir)}], **endpoint}],
+            }
+        },
+        "defaults": {"model": "tiny-chat"},
+    }
+
+
+def server_config(config_file: Path, data_dir: Path, **first: Any) -> dict[str, Any]:
+    return {
+        "ServerApp": {
+            "jpserver_extensions": {"first_jupyter": True},
+            "allow_unauthenticated_access": False,
+        },
+        "FirstExtension": {"config_file": str(config_file), "data_dir": str(data_dir), **first},
+    }
+
+
+def scoped_headers(serverapp: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {serverapp.web_app.settings['first_api_key']}"}

@@ -1,0 +1,138 @@
+"""Bad input and bad credentials get the right status and an OpenAI-shaped error that names the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fake_cluster_config, scoped_headers, server_config
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def jp_server_config(fake_upstream, write_config, tmp_path: Path):
+    return server_config(write_config(fake_cluster_config(fake_upstream)), tmp_path / "data",
+                         max_request_bytes=4096)
+
+
+async def _post(jp_fetch, path: str, body: bytes | str, headers: dict[str, str] | None = None):
+    kwargs = {"headers": headers} if headers is not None else {}
+    response = await jp_fetch("first", "v1", *path.split("/"), method="POST", body=body, raise_error=False,
+                              **kwargs)
+    return response.code, json.loads(response.body)
+
+
+def _assert_openai_error(body: dict, *, param: str | None = None) -> str:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param
+    return body["error"]["message"]
+
+
+async def test_malformed_json_is_400(jp_fetch):
+    code, body = await _post(jp_fetch, "chat/completions", b'{"model": "fake-model", "messages": [')
+    assert code == 400
+    assert "not valid JSON" in _assert_openai_error(body)
+
+
+async def test_non_object_json_is_400(jp_fetch):
+    code, body = await _post(jp_fetch, "chat/completions", b'["a", "list"]')
+    assert code == 400
+    assert "JSON object" in _assert_openai_error(body)
+
+
+@pytest.mark.parametrize("model", [None, "no-such-model"])
+async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, model):
+    request = dict(CHAT)
+    if model is None:
+        del request["model"]
+    else:
+        request["model"] = model
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(request))
+    assert code == 404
+    message = _assert_openai_error(body, param="model")
+    assert "fake-model" in message and "fake-embed" in message
+    assert body["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 7}, "temperature"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stream": "yes please"}, "stream"),
+    ],
+)
+async def test_wrong_types_are_400_naming_the_field(jp_fetch, patch, field):
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps({**CHAT, **patch}))
+    assert code == 400
+    message = _assert_openai_error(body, param=field)
+    assert f"'{field}'" in message
+
+
+async def test_completions_prompt_type_is_checked(jp_fetch):
+    code, body = await _post(jp_fetch, "completions", json.dumps({"model": "fake-model", "prompt": {"a": 1}}))
+    assert code == 400
+    _assert_openai_error(body, param="prompt")
+
+
+async def test_body_over_limit_is_413(jp_fetch):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(big))
+    assert code == 413
+    message = _assert_openai_error(body)
+    assert "4,096" in message and "max_request_bytes" in message
+
+
+async def test_no_auth_is_401(jp_fetch):
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(CHAT), headers={"Authorization": ""})
+    assert code == 401
+    assert "FIRST_API_KEY" in _assert_openai_error(body)
+
+
+async def test_wrong_bearer_key_is_401(jp_fetch):
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(CHAT),
+                             headers={"Authorization": "Bearer first-not-the-key"})
+    assert code == 401
+    assert body["error"]["type"] == "authentication_error"
+
+
+async def test_cookie_without_xsrf_is_403(jp_fetch, jp_serverapp):
+    login = await jp_fetch("api", "me", method="GET")
+    cookies = [c.split(";")[0] for c in login.headers.get_list("Set-Cookie")]
+    assert cookies, "the token login should set Jupyter's cookies"
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(CHAT),
+                             headers={"Authorization": "", "Cookie": "; ".join(cookies)})
+    assert code == 403
+    assert "X-XSRFToken" in _assert_openai_error(body)
+
+
+async def test_unknown_route_is_openai_404(jp_fetch):
+    response = await jp_fetch("first", "v1", "assistants", method="GET", raise_error=False)
+    assert response.code == 404
+    assert "chat/completions" in json.loads(response.body)["error"]["message"]
+
+
+async def test_scoped_key_opens_first_routes_only(jp_fetch, jp_serverapp):
+    headers = scoped_headers(jp_serverapp)
+    models = await jp_fetch("first", "v1", "models", method="GET", headers=headers)
+    assert [m["id"] for m in json.loads(models.body)["data"]] == ["fake-model", "fake-embed"]
+    for path in (("api", "contents"), ("api", "kernels"), ("api", "me")):
+        response = await jp_fetch(*path, method="GET", headers=headers, raise_error=False)
+        assert response.code == 403, path
+
+
+async def test_embeddings_404_where_the_engine_cannot_embed(jp_fetch):
+    code, body = await _post(jp_fetch, "embeddings", json.dumps({"model": "fake-model", "input": "hi"}))
+    assert code == 404
+    message = _assert_openai_error(body, param="model")
+    assert "cannot serve embeddings" in message and "fake-embed" in message
+
