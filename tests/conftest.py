@@ -93,6 +93,7 @@ def server_config(config_file: Path, data_dir: Path, **first: Any) -> dict[str, 
         "ServerApp": {
             "jpserver_extensions": {"first_jupyter": True},
             "allow_unauthenticated_access": False,
+            "terminals_enabled": False,
         },
         "FirstExtension": {"config_file": str(config_file), "data_dir": str(data_dir), **first},
     }
@@ -100,3 +101,41 @@ def server_config(config_file: Path, data_dir: Path, **first: Any) -> dict[str, 
 
 def scoped_headers(serverapp: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {serverapp.web_app.settings['first_api_key']}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real `transformers serve` engine on the tiny model, shared by the tests that only need to talk to it."""
+    from first_jupyter.remote.launcher import EngineSpec, start_engine
+
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    proc = start_engine(EngineSpec(model=str(tiny_model), engine="transformers", device="cpu", log_path=log))
+    try:
+        proc.wait_healthy(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def engine_cluster_config(engine: Any) -> dict[str, Any]:
+    """An http cluster whose endpoint is the shared real engine."""
+    return {
+        "clusters": {
+            "hpc": {
+                "backend": "http",
+                "endpoints": [{"name": "node01", "base_url": engine.base_url,
+                               "models": [{"id": "tiny-chat", "upstream_name": engine.model_name}]}],
+            }
+        },
+        "defaults": {"model": "tiny-chat"},
+    }
+
+
+def extension(serverapp: Any) -> Any:
+    return serverapp.web_app.settings["first_jupyter"]
+
+
+@pytest.fixture
+def first_ext(jp_serverapp: Any, http_server: Any) -> Any:
+    """The running extension, with the server listening on its real port (for clients other than jp_fetch)."""
+    return extension(jp_serverapp)

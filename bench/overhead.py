@@ -1,0 +1,501 @@
+"""What the gateway costs: the same load straight at a fake upstream and through a real Jupyter server.
+
+Why this exists: the gateway is a proxy, and a proxy is judged by what it adds (latency per request, time to
+first token) and what it burns (server CPU per request and per relayed chunk), not by absolute numbers that
+mostly measure the machine. So one run starts the fast fake upstream and a real ``jupyter server`` with the
+extension in front of it, drives both paths with one aiohttp load generator in this process (a process apart
+from both servers, so its CPU is never billed to them), alternates direct and gateway rounds so that drift
+(thermal, noisy neighbours, caches) falls on both alike, and reads each server's CPU time with psutil.
+
+Run ``python bench/overhead.py`` (about a minute) or ``--quick`` (about 25 s); ``--json PATH`` also writes
+the figures. The exit status is 0 when every target passes, 1 when one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+FAKE_UPSTREAM = Path(__file__).resolve().with_name("fake_upstream.py")
+MODEL = "fake-model"
+LEVELS = (1, 32)
+STARTUP_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 10.0
+SETTLE_S = 0.3
+"""Wait after each round before reading CPU: the usage writer commits batches 0.2 s after a request."""
+IDLE_S = 1.0
+DONE = b"data: [DONE]\n\n"
+PROMPT = [{"role": "user", "content": "Say hello."}]
+
+
+class BenchError(RuntimeError):
+    """The bench could not measure (a server did not start, a request failed): a result would be a lie."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """One run's knobs, after ``--quick`` filled in what the user left out."""
+
+    requests: int
+    streams: int
+    rounds: int
+    chunks: int
+    pace: float
+
+    @property
+    def events_per_stream(self) -> int:
+        """``data:`` events a client must see: one per token, the finish/usage event, then ``[DONE]``."""
+        return self.chunks + 2
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One way to the same model: straight to the upstream, or through the gateway."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    session: aiohttp.ClientSession
+
+
+@dataclass(slots=True)
+class Sample:
+    """One request as the client saw it: seconds to the whole answer (or to the first token, for streams)."""
+
+    seconds: float
+    events: int = 0
+    complete: bool = True
+
+
+@dataclass(slots=True)
+class Tally:
+    """Everything one side did over all rounds of one scenario."""
+
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port the kernel just gave out, for the Jupyter server (which, unlike the fake, needs one up front)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` for the duration of the block, then stop it by PID whatever happened.
+
+    Own session: a Ctrl-C in the terminal reaches this driver only (Jupyter would otherwise ask on stdin
+    whether to shut down), and the driver stops the child itself. Output goes to a file so a chatty child
+    can never block on a full pipe.
+    """
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for(what: str, proc: subprocess.Popen[bytes], log: Path, ready: Callable[[], str | None]) -> str:
+    """Poll ``ready`` until it returns a value; fail with the child's log if it dies or takes too long."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while (value := ready()) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.returncode is not None else "did not become ready"
+            raise BenchError(f"{what} {state} within {STARTUP_TIMEOUT_S:.0f} s; {log_tail(log)}")
+        time.sleep(0.05)
+    return value
+
+
+def log_tail(log: Path) -> str:
+    """The end of a child's log, for an error that must say why the child is not usable."""
+    return f"its log ({log}) ends:\n{log.read_text(errors='replace')[-3000:]}"
+
+
+def ready_line(log: Path) -> str | None:
+    """The fake upstream's base URL once it printed ``READY http://...``."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("READY "):
+            return line.split()[1]
+    return None
+
+
+def file_text(path: Path) -> str | None:
+    """The file's content once it exists and is complete JSON (the server writes it in one go, but may not
+    have finished when first seen)."""
+    try:
+        text = path.read_text()
+        json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return text
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User+system CPU of a process and of its children, live or reaped."""
+    times = proc.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+    return total
+
+
+def cpu_all(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds of every measured process, read back to back so a window is the same for all."""
+    return {name: cpu_seconds(proc) for name, proc in procs.items()}
+
+
+# -- load ----------------------------------------------------------------------------------------------------
+
+
+def client_session() -> aiohttp.ClientSession:
+    """An unbounded keep-alive pool with DNS cached for good: no connect or lookup inside measured rounds."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None))
+
+
+async def one_plain(side: Side, body: bytes) -> Sample:
+    """One non-streamed completion; the latency is to the last byte of the answer."""
+    t0 = time.perf_counter()
+    async with side.session.post(side.url, data=body, headers=side.headers) as resp:
+        answer = await resp.read()
+    seconds = time.perf_counter() - t0
+    if resp.status != 200:
+        raise BenchError(f"{side.name}: HTTP {resp.status}: {answer[:300]!r}")
+    return Sample(seconds)
+
+
+async def one_stream(side: Side, body: bytes, expected: int) -> Sample:
+    """One streamed completion: time to the first ``data:`` event, and whether all events came and ended it.
+
+    Events are counted with ``bytes.count`` over each read plus the previous read's last 4 bytes, so an event
+    marker split between two reads is counted once, and the client spends next to no CPU per chunk.
+    """
+    t0 = time.perf_counter()
+    ttft = 0.0
+    events = 0
+    carry = end = b""
+    async with side.session.post(side.url, data=body, headers=side.headers) as resp:
+        if resp.status != 200:
+            raise BenchError(f"{side.name}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
+        async for chunk in resp.content.iter_any():
+            window = carry + chunk
+            found = window.count(b"data:")
+            if found and not events:
+                ttft = time.perf_counter() - t0
+            events += found
+            carry = window[-4:]
+            end = (end + chunk)[-len(DONE):]
+    return Sample(ttft, events, events == expected and end == DONE)
+
+
+async def run_load(one: Callable[[], Awaitable[Sample]], total: int, concurrency: int) -> list[Sample]:
+    """``total`` requests, ``concurrency`` in flight at all times (closed loop), as fast as answered."""
+    samples: list[Sample] = []
+    left = total
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            samples.append(await one())
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(concurrency, total)):
+                group.create_task(worker())
+    except ExceptionGroup as failed:  # one failed request voids the round; report the first cause plainly
+        first = failed.exceptions[0]
+        raise first if isinstance(first, BenchError) else BenchError(f"{type(first).__name__}: {first}") from first
+    return samples
+
+
+async def scenario(sides: list[Side], make: Callable[[Side], Callable[[], Awaitable[Sample]]], total: int,
+                   concurrency: int, rounds: int, procs: dict[str, psutil.Process]) -> dict[str, Tally]:
+    """Split ``total`` per side into rounds, alternating which side goes first, and add up each side.
+
+    A round never has fewer requests than ``concurrency``, or the level would not be reached (so small
+    counts at high concurrency run more than ``total``; the figures give the real counts).
+    A round's CPU window runs ``SETTLE_S`` past its last answer so work a server finishes after answering
+    (usage commits) is billed to the round that caused it rather than to the next one, possibly the other
+    side's.
+    """
+    tallies = {side.name: Tally() for side in sides}
+    per_round = max(concurrency, total // rounds)
+    for index in range(rounds):
+        for side in sides if index % 2 == 0 else sides[::-1]:
+            tally = tallies[side.name]
+            cpu0 = cpu_all(procs)
+            t0 = time.perf_counter()
+            tally.samples += await run_load(make(side), per_round, concurrency)
+            tally.wall_s += time.perf_counter() - t0
+            await asyncio.sleep(SETTLE_S)
+            for name, seconds in cpu_all(procs).items():
+                tally.cpu_s[name] = tally.cpu_s.get(name, 0.0) + seconds - cpu0[name]
+    return tallies
+
+
+# -- figures -------------------------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds (linear interpolation between closest ranks); NaN with no values."""
+    if not values:
+        return math.nan, math.nan
+    if len(values) < 2:
+        return values[0] * 1000, values[0] * 1000
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[49] * 1000, cuts[98] * 1000
+
+
+def plain_figures(tally: Tally) -> dict[str, float]:
+    """Latency, throughput and CPU per request of one side; CPU per request is what sizes a server."""
+    p50, p99 = percentiles([s.seconds for s in tally.samples])
+    count = len(tally.samples)
+    return {"requests": count, "p50_ms": p50, "p99_ms": p99, "req_per_s": count / tally.wall_s,
+            "server_cpu_ms_per_req": tally.cpu_s["server"] * 1000 / count,
+            "upstream_cpu_ms_per_req": tally.cpu_s["upstream"] * 1000 / count}
+
+
+def stream_figures(tally: Tally) -> dict[str, float]:
+    """TTFT, completeness and CPU per relayed event of one side; per event because long streams dominate."""
+    p50, p99 = percentiles([s.seconds for s in tally.samples if s.events])
+    events = sum(s.events for s in tally.samples)
+    return {"streams": len(tally.samples), "complete": sum(s.complete for s in tally.samples), "events": events,
+            "ttft_p50_ms": p50, "ttft_p99_ms": p99,
+            "server_cpu_us_per_event": tally.cpu_s["server"] * 1e6 / max(events, 1),
+            "upstream_cpu_us_per_event": tally.cpu_s["upstream"] * 1e6 / max(events, 1)}
+
+
+def targets(figures: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """The goals the gateway is held to; CPU goals are judged on the worse concurrency level."""
+    plain, stream = figures["plain"], figures["stream"]
+    levels = [str(c) for c in LEVELS]
+    streams = sum(stream[c][side]["streams"] for c in levels for side in ("direct", "gateway"))
+    complete = sum(stream[c][side]["complete"] for c in levels for side in ("direct", "gateway"))
+    rows = [
+        ("added latency p50, c=1", plain["1"]["added"]["p50_ms"], 1.0, "ms"),
+        ("added latency p99, c=32", plain["32"]["added"]["p99_ms"], 5.0, "ms"),
+        ("server CPU per proxied request", max(plain[c]["gateway"]["server_cpu_ms_per_req"] for c in levels),
+         0.5, "ms"),
+        ("server CPU per relayed chunk", max(stream[c]["gateway"]["server_cpu_us_per_event"] for c in levels),
+         50.0, "us"),
+        (f"streams with all {settings.events_per_stream} events", streams - complete, 0, "missing"),
+    ]
+    return [{"name": name, "value": value, "limit": limit, "unit": unit, "pass": value <= limit}
+            for name, value, limit, unit in rows]
+
+
+def render(figures: dict[str, Any], settings: Settings) -> str:
+    """The plain-text report."""
+    idle = figures["idle_cpu_ms_per_s"]
+    lines = [
+        f"Gateway overhead: fake upstream direct vs through Jupyter ({os.cpu_count()} CPUs, {settings.rounds} "
+        f"alternating rounds per scenario)",
+        f"idle CPU before load: server {idle['server']:.2f} ms/s, upstream {idle['upstream']:.2f} ms/s",
+        "",
+        "Non-stream chat completions",
+        f"  {'conc':>4} {'side':<8} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'server CPU/req':>15} "
+        f"{'upstream CPU/req':>17}",
+    ]
+    for level in map(str, LEVELS):
+        row = figures["plain"][level]
+        for side in ("direct", "gateway"):
+            f = row[side]
+            lines.append(f"  {level:>4} {side:<8} {f['requests']:>8} {f['p50_ms']:>8.3f} {f['p99_ms']:>8.3f} "
+                         f"{f['req_per_s']:>8.0f} {f['server_cpu_ms_per_req']:>12.3f} ms "
+                         f"{f['upstream_cpu_ms_per_req']:>14.3f} ms")
+        added = row["added"]
+        lines.append(f"  {level:>4} {'added':<8} {'':>8} {added['p50_ms']:>+8.3f} {added['p99_ms']:>+8.3f}")
+    lines += [
+        "",
+        f"Streams of {settings.chunks} tokens {settings.pace * 1000:g} ms apart ({settings.events_per_stream} data "
+        f"events each)",
+        f"  {'conc':>4} {'side':<8} {'TTFT p50':>10} {'TTFT p99':>10} {'complete':>9} {'server CPU/chunk':>17} "
+        f"{'upstream CPU/chunk':>19}",
+    ]
+    for level in map(str, LEVELS):
+        row = figures["stream"][level]
+        for side in ("direct", "gateway"):
+            f = row[side]
+            lines.append(f"  {level:>4} {side:<8} {f['ttft_p50_ms']:>7.3f} ms {f['ttft_p99_ms']:>7.3f} ms "
+                         f"{f['complete']:>4}/{f['streams']:<4} {f['server_cpu_us_per_event']:>14.1f} us "
+                         f"{f['upstream_cpu_us_per_event']:>16.1f} us")
+        added = row["added"]
+        lines.append(f"  {level:>4} {'added':<8} {added['ttft_p50_ms']:>+7.3f} ms {added['ttft_p99_ms']:>+7.3f} ms")
+    lines += ["", "Added = gateway percentile minus direct percentile. CPU = process user+system time over the "
+                  "rounds (plus 0.3 s settle each) divided by requests or by data events received.", "",
+              "Targets"]
+    for t in figures["targets"]:
+        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else str(t["value"])
+        lines.append(f"  {t['name']:<34} {value:>9} {t['unit']:<7} <= {t['limit']:<5} "
+                     f"{'PASS' if t['pass'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+async def measure(fake_url: str, gateway: dict[str, str], procs: dict[str, psutil.Process],
+                  settings: Settings) -> dict[str, Any]:
+    """Warm both paths up, then run every scenario on both and compute the figures."""
+    plain_body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": settings.chunks}).encode()
+    stream_body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": settings.chunks,
+                              "stream": True}).encode()
+    json_type = {"Content-Type": "application/json"}
+    async with client_session() as direct_session, client_session() as gateway_session:
+        sides = [
+            Side("direct", f"{fake_url}/v1/chat/completions", json_type, direct_session),
+            Side("gateway", f"{gateway['url']}/chat/completions",
+                 {**json_type, "Authorization": f"Bearer {gateway['api_key']}"}, gateway_session),
+        ]
+
+        def plain(side: Side) -> Callable[[], Awaitable[Sample]]:
+            return lambda: one_plain(side, plain_body)
+
+        def stream(side: Side) -> Callable[[], Awaitable[Sample]]:
+            return lambda: one_stream(side, stream_body, settings.events_per_stream)
+
+        top = max(LEVELS)
+        for side in sides:  # open every pooled connection both ways, fill caches, take first-call costs
+            await run_load(plain(side), 10 * top, top)
+            await run_load(stream(side), top, top)
+        await asyncio.sleep(SETTLE_S)
+        before = cpu_all(procs)
+        await asyncio.sleep(IDLE_S)
+        idle = {name: (seconds - before[name]) * 1000 / IDLE_S for name, seconds in cpu_all(procs).items()}
+
+        figures: dict[str, Any] = {"settings": {"requests": settings.requests, "streams": settings.streams,
+                                                "rounds": settings.rounds, "chunks": settings.chunks,
+                                                "pace_s": settings.pace, "cpus": os.cpu_count()},
+                                   "idle_cpu_ms_per_s": idle, "plain": {}, "stream": {}}
+        for level in LEVELS:
+            tallies = await scenario(sides, plain, settings.requests, level, settings.rounds, procs)
+            row = {name: plain_figures(t) for name, t in tallies.items()}
+            row["added"] = {k: row["gateway"][k] - row["direct"][k] for k in ("p50_ms", "p99_ms")}
+            figures["plain"][str(level)] = row
+        for level in LEVELS:
+            tallies = await scenario(sides, stream, settings.streams, level, settings.rounds, procs)
+            row = {name: stream_figures(t) for name, t in tallies.items()}
+            row["added"] = {k: row["gateway"][k] - row["direct"][k] for k in ("ttft_p50_ms", "ttft_p99_ms")}
+            figures["stream"][str(level)] = row
+    figures["targets"] = targets(figures, settings)
+    return figures
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Start the fake upstream and the Jupyter server in a private temp dir, measure, and stop them."""
+    with tempfile.TemporaryDirectory(prefix="first-overhead-") as tmp_name, contextlib.ExitStack() as stack:
+        tmp = Path(tmp_name)
+        fake_log = tmp / "fake-upstream.log"
+        fake = stack.enter_context(started(
+            [sys.executable, str(FAKE_UPSTREAM), "--port", "0", "--models", MODEL, "--chunks",
+             str(settings.chunks), "--pace", str(settings.pace)], fake_log))
+        fake_url = wait_for("the fake upstream", fake, fake_log, lambda: ready_line(fake_log))
+
+        config = tmp / "first.yaml"
+        config.write_text(yaml.safe_dump({"clusters": {"bench": {"backend": "http", "endpoints": [
+            {"name": "fake", "base_url": f"{fake_url}/v1", "models": [{"id": MODEL}]}]}}}))
+        # Private Jupyter dirs: the user's own config and running servers neither leak in nor see this one.
+        env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+               "JUPYTER_DATA_DIR": str(tmp / "jupyter-data")}
+        server_log = tmp / "jupyter-server.log"
+        # ``python -m jupyter_server`` is ``jupyter server`` without the launcher, so the PID is the server's.
+        server = stack.enter_context(started(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", f"--port={free_port()}",
+             f"--IdentityProvider.token={secrets.token_urlsafe(24)}", f"--FirstExtension.config_file={config}",
+             f"--FirstExtension.data_dir={tmp / 'data'}"], server_log, env))
+        runtime_file = tmp / "runtime" / f"first-gateway-{server.pid}.json"
+        gateway = json.loads(wait_for("the Jupyter server", server, server_log, lambda: file_text(runtime_file)))
+        procs = {"server": psutil.Process(server.pid), "upstream": psutil.Process(fake.pid)}
+        return asyncio.run(wait_and_measure(fake_url, gateway, procs, settings, server, server_log))
+
+
+async def wait_and_measure(fake_url: str, gateway: dict[str, str], procs: dict[str, psutil.Process],
+                           settings: Settings, server: subprocess.Popen[bytes], server_log: Path) -> dict[str, Any]:
+    """Wait until the gateway answers ``GET /models`` with the scoped key, then measure."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    headers = {"Authorization": f"Bearer {gateway['api_key']}"}
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{gateway['url']}/models", headers=headers) as resp:
+                    if resp.status == 200:
+                        break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"GET {gateway['url']}/models never answered 200; {log_tail(server_log)}")
+            await asyncio.sleep(0.1)
+    return await measure(fake_url, gateway, procs, settings)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
+    """Flags with ``--quick`` defaults applied only to counts the user did not give."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, help="non-stream requests per side per concurrency level "
+                                                     "(default 3000, quick 600)")
+    parser.add_argument("--streams", type=int, help="streams per side per concurrency level (default 96, quick 24)")
+    parser.add_argument("--rounds", type=int, help="alternating direct/gateway rounds per scenario "
+                                                   "(default 4, quick 2)")
+    parser.add_argument("--chunks", type=int, default=64, help="tokens per completion, one event each (64)")
+    parser.add_argument("--pace", type=float, default=0.002, help="seconds between streamed events (0.002)")
+    parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run of about 25 s")
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args(argv)
+    settings = Settings(requests=args.requests or (600 if args.quick else 3000),
+                        streams=args.streams or (24 if args.quick else 96),
+                        rounds=args.rounds or (2 if args.quick else 4), chunks=args.chunks, pace=args.pace)
+    if min(settings.requests, settings.streams, settings.rounds) < 1 or settings.chunks < 1 or settings.pace < 0:
+        parser.error("counts must be positive and --pace must not be negative")
+    return settings, args.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, print, optionally write JSON; the exit status says whether every target passed (2: no result)."""
+    settings, json_path = parse_args(argv)
+    try:
+        figures = run(settings)
+    except BenchError as exc:
+        print(f"overhead bench failed: {exc}", file=sys.stderr)
+        return 2
+    print(render(figures, settings))
+    if json_path is not None:
+        json_path.write_text(json.dumps(figures, indent=2))
+    return 0 if all(t["pass"] for t in figures["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Relaying streams through the gateway: chunk by chunk, cancelled when the client leaves, faults reported."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from yarl import URL
+
+from bench.fake_upstream import serving_in_thread
+from tests.conftest import fake_cluster_config, server_config
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+@pytest.fixture
+def slow_upstream():
+    with serving_in_thread(models=["fake-model", "fake-embed"], chunks=200, pace=0.02) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def jp_server_config(slow_upstream, write_config, tmp_path: Path):
+    config = fake_cluster_config(slow_upstream, timeouts={"first_byte": 1.0, "idle": 1.0})
+    return server_config(write_config(config), tmp_path / "data")
+
+
+def _url(ext) -> URL:
+    """The gateway's chat route, kept percent-encoded (the test server's base_url has an escaped '@')."""
+    return URL(f"{ext.gateway_url()}/chat/completions", encoded=True)
+
+
+def _headers(ext) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ext.api_key}"}
+
+
+async def test_chunks_arrive_before_the_stream_ends(first_ext):
+    arrivals: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        async with session.post(_url(first_ext), json=CHAT,
+                                headers=_headers(first_ext)) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            assert resp.headers["X-First-Cluster"] == "remote"
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 201  # 200 tokens and the final usage event
+    # paced at 20 ms upstream, so relayed one by one: the first came long before the last
+    assert arrivals[0] < 0.5 * arrivals[-1]
+    assert arrivals[-1] > 200 * 0.02 * 0.9
+
+
+async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, slow_upstream):
+    slow_upstream.pace = 0.4  # far apart, so the cancel cannot ride on a failed write of the next chunk
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(_url(first_ext), json=CHAT,
+                                  headers=_headers(first_ext))
+        seen = 0
+        async for line in resp.content:
+            seen += line.startswith(b"data: ")
+            if seen == 3:
+                break
+        assert slow_upstream.active == 1
+        closed_at = time.monotonic()
+        resp.close()  # drops the connection mid-stream
+    deadline = closed_at + 2
+    while not slow_upstream.disconnects and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert slow_upstream.disconnects, "the upstream request was never cancelled"
+    lag = slow_upstream.disconnects[-1] - closed_at
+    assert lag < 0.1, f"upstream cancelled {lag * 1000:.0f} ms after the client left"
+    gateway = first_ext.gateway
+    await asyncio.to_thread(gateway.usage.flush)
+    assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 1)]
+
+
+async def test_upstream_dropping_mid_stream_ends_with_an_error_event(first_ext):
+    client = openai.AsyncOpenAI(base_url=first_ext.gateway_url(), api_key=first_ext.api_key, max_retries=0)
+    first_ext.gateway.client.session().headers["x-fake-fault"] = "drop-mid-stream"
+    stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True)
+    received = 0
+    with pytest.raises(openai.APIError) as info:
+        async for _ in stream:
+            received += 1
+    assert 0 < received < 200
+    assert "broke off the stream" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "words"),
+    [("429", 429, "retry after"), ("500", 500, "HTTP 500"), ("hang", 504, "did not answer within 1 s")],
+)
+async def test_upstream_faults_become_openai_errors(first_ext, fault, status, words):
+    first_ext.gateway.client.session().headers["x-fake-fault"] = fault
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            async with session.post(_url(first_ext),
+                                    json={**CHAT, "stream": stream}, headers=_headers(first_ext)) as resp:
+                body = json.loads(await resp.read())
+                assert resp.status == status
+                assert words in body["error"]["message"]
+                if status == 429:
+                    assert resp.headers["Retry-After"] == "1"
+
+
+async def test_idle_timeout_mid_stream(first_ext, slow_upstream):
+    """A stream that stalls longer than the idle timeout ends with an error event, not a hang."""
+    first_ext.gateway.client.session().headers["x-fake-fault"] = "none"
+    slow_upstream.pace = 1.5  # each chunk now comes after more than the 1 s idle timeout
+    async with aiohttp.ClientSession() as session:
+        async with session.post(_url(first_ext), json=CHAT,
+                                headers=_headers(first_ext)) as resp:
+            body = (await resp.read()).decode()
+    assert resp.status == 200
+    assert '"code":"upstream_idle_timeout"' in body
