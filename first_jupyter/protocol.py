@@ -7,14 +7,14 @@ exactly as sent, because engines such as vLLM accept many extra sampling fields 
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-class Capability(str, Enum):
+class Capability(StrEnum):
     """What a request asks an engine to do; each maps to one OpenAI route."""
 
     chat = "chat"
@@ -140,7 +140,7 @@ _REQUEST_MODELS: dict[Capability, type[ChatCompletionRequest | CompletionRequest
 class ParsedRequest:
     """A validated request: the decoded body (every field as sent) plus what the gateway reads from it."""
 
-    __slots__ = ("capability", "data", "raw", "model", "stream")
+    __slots__ = ("capability", "data", "model", "raw", "stream")
 
     def __init__(self, capability: Capability, data: dict[str, Any], raw: bytes) -> None:
         self.capability = capability

@@ -41,7 +41,8 @@ async def test_sync_client_chat_stream_and_not(first_ext):
     done, pieces, usage = await asyncio.to_thread(run)
     assert done.model == "tiny-chat"
     assert done.choices[0].message.role == "assistant"
-    assert done.usage is not None and done.usage.completion_tokens == 6
+    assert done.usage is not None
+    assert done.usage.completion_tokens == 6
     assert len("".join(pieces)) > 0
     assert usage == [6]
     models = await asyncio.to_thread(sync.models.list)
@@ -59,7 +60,8 @@ async def test_async_client_chat_completions_and_stream(first_ext):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.model == "tiny-chat" for c in chunks)
     text = await client.completions.create(model="tiny-chat", prompt="Hello", max_tokens=3)
-    assert text.object == "text_completion" and text.usage.completion_tokens == 3
+    assert text.object == "text_completion"
+    assert text.usage.completion_tokens == 3
     pieces = [c async for c in await client.completions.create(model="tiny-chat", prompt="Hello",
                                                                  max_tokens=3, stream=True)]
     assert len(pieces) >= 3
@@ -80,8 +82,11 @@ async def test_usage_is_recorded(first_ext):
                                "completion_tokens, ttft_ms FROM usage ORDER BY id")
     assert rows[0][:7] == ("tiny-chat", "hpc", "node01", 0, 200, rows[0][5], 3)
     assert rows[0][5] > 0
-    assert rows[1][3:5] == (1, 200) and rows[1][6] == 4 and rows[1][7] > 0
-    assert rows[2][0] == "missing" and rows[2][4] == 404
+    assert rows[1][3:5] == (1, 200)
+    assert rows[1][6] == 4
+    assert rows[1][7] > 0
+    assert rows[2][0] == "missing"
+    assert rows[2][4] == 404
 
 
 async def test_extra_sampling_fields_reach_the_engine(first_ext):
@@ -91,4 +96,5 @@ async def test_extra_sampling_fields_reach_the_engine(first_ext):
         await client.chat.completions.create(model="tiny-chat", messages=MESSAGES,
                                              extra_body={"top_k": 5, "min_p": 0.1})
     # transformers serve refuses vLLM-only fields: the refusal proves they arrived, named as sent
-    assert "top_k" in str(info.value) and "min_p" in str(info.value)
+    assert "top_k" in str(info.value)
+    assert "min_p" in str(info.value)

@@ -54,7 +54,8 @@ async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, model):
     code, body = await _post(jp_fetch, "chat/completions", json.dumps(request))
     assert code == 404
     message = _assert_openai_error(body, param="model")
-    assert "fake-model" in message and "fake-embed" in message
+    assert "fake-model" in message
+    assert "fake-embed" in message
     assert body["error"]["code"] == "model_not_found"
 
 
@@ -89,7 +90,8 @@ async def test_body_over_limit_is_413(jp_fetch):
     code, body = await _post(jp_fetch, "chat/completions", json.dumps(big))
     assert code == 413
     message = _assert_openai_error(body)
-    assert "4,096" in message and "max_request_bytes" in message
+    assert "4,096" in message
+    assert "max_request_bytes" in message
 
 
 async def test_no_auth_is_401(jp_fetch):
@@ -134,5 +136,6 @@ async def test_embeddings_404_where_the_engine_cannot_embed(jp_fetch):
     code, body = await _post(jp_fetch, "embeddings", json.dumps({"model": "fake-model", "input": "hi"}))
     assert code == 404
     message = _assert_openai_error(body, param="model")
-    assert "cannot serve embeddings" in message and "fake-embed" in message
+    assert "cannot serve embeddings" in message
+    assert "fake-embed" in message
 

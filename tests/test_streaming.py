@@ -114,9 +114,8 @@ async def test_idle_timeout_mid_stream(first_ext, slow_upstream):
     """A stream that stalls longer than the idle timeout ends with an error event, not a hang."""
     first_ext.gateway.client.session().headers["x-fake-fault"] = "none"
     slow_upstream.pace = 1.5  # each chunk now comes after more than the 1 s idle timeout
-    async with aiohttp.ClientSession() as session:
-        async with session.post(_url(first_ext), json=CHAT,
-                                headers=_headers(first_ext)) as resp:
-            body = (await resp.read()).decode()
+    async with aiohttp.ClientSession() as session, session.post(_url(first_ext), json=CHAT,
+                            headers=_headers(first_ext)) as resp:
+        body = (await resp.read()).decode()
     assert resp.status == 200
     assert '"code":"upstream_idle_timeout"' in body

@@ -51,7 +51,7 @@ class Completed:
 class GatewayStream:
     """A relayed stream: upstream bytes out as they come, usage recorded when it is closed."""
 
-    __slots__ = ("_gateway", "_req", "target", "_upstream", "_watch", "_t0", "_ttft", "error", "request_id")
+    __slots__ = ("_gateway", "_req", "_t0", "_ttft", "_upstream", "_watch", "error", "request_id", "target")
 
     def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, upstream: UpstreamStream,
                  watch: StreamWatch, t0: float, request_id: str) -> None:

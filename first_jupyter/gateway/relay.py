@@ -29,12 +29,12 @@ class StreamWatch:
     stream it asked for.
     """
 
-    __slots__ = ("_tail", "_rename", "_public", "_strip", "prompt_tokens", "completion_tokens", "chunks")
+    __slots__ = ("_public", "_rename", "_strip", "_tail", "chunks", "completion_tokens", "prompt_tokens")
 
     def __init__(self, public_model: str, *, rename: bool, strip_usage_event: bool) -> None:
         self._tail = b""
         self._public = public_model.encode()
-        self._rename: tuple[bytes, bytes] | None | bool = rename
+        self._rename: tuple[bytes, bytes] | bool | None = rename
         self._strip = strip_usage_event
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -48,11 +48,9 @@ class StreamWatch:
         window = self._tail + chunk
         self._tail = window[-_TAIL:]
         if b'"usage"' in window:
-            found = None
-            for found in _USAGE.finditer(window):
-                pass
-            if found is not None:
-                usage = orjson.loads(found.group(1))
+            found = _USAGE.findall(window)
+            if found:
+                usage = orjson.loads(found[-1])
                 self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
                 self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
                 if self._strip:

@@ -62,7 +62,7 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
 class UpstreamStream:
     """The byte chunks of one streamed upstream response, as they arrive."""
 
-    __slots__ = ("_resp", "_idle", "_where", "on_close")
+    __slots__ = ("_idle", "_resp", "_where", "on_close")
 
     def __init__(self, resp: aiohttp.ClientResponse, idle: float, where: str) -> None:
         self._resp = resp

@@ -53,7 +53,8 @@ class UsageRecord:
 
 
 _COLUMNS = ", ".join(f.name for f in fields(UsageRecord))
-_INSERT = f"INSERT INTO usage ({_COLUMNS}) VALUES ({', '.join('?' for _ in fields(UsageRecord))})"
+_PLACEHOLDERS = ", ".join("?" for _ in fields(UsageRecord))
+_INSERT = f"INSERT INTO usage ({_COLUMNS}) VALUES ({_PLACEHOLDERS})"  # noqa: S608 (names from the dataclass)
 _STOP = object()
 
 

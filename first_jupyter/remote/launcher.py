@@ -128,7 +128,7 @@ class EngineProcess:
     def healthy(self, timeout: float = 2.0) -> bool:
         url = f"http://{self.spec.host}:{self.port}/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback http)
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False

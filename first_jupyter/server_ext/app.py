@@ -8,7 +8,6 @@ import secrets
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_runtime_dir
-
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Integer, Unicode

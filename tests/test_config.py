@@ -1,0 +1,99 @@
+"""Config loading: the embedded default, YAML files, and errors that name file, key path and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from first_jupyter.config import ConfigError, HttpCluster, LocalCluster, load_config
+from first_jupyter.protocol import Capability
+
+GOOD = """
+clusters:
+  polaris:
+    backend: http
+    endpoints:
+      - name: vllm-1
+        base_url: http://127.0.0.1:8000/v1
+        api_key_env: POLARIS_KEY
+        models:
+          - id: meta-llama/Llama-3.1-8B-Instruct
+          - id: nomic-embed
+            capabilities: [embeddings]
+  laptop:
+    backend: local
+    endpoints:
+      - name: engine
+        engine: transformers
+        idle_timeout: 60
+        models: [{id: tiny, path: /models/tiny}]
+defaults:
+  model: tiny
+  timeouts: {first_byte: 30, idle: 10}
+"""
+
+
+def test_embedded_default_serves_the_tiny_model_from_the_data_dir(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("FIRST_CONFIG", raising=False)
+    monkeypatch.delenv("FIRST_LOCAL_MODEL", raising=False)
+    config = load_config(None, tmp_path)
+    cluster = config.clusters["local"]
+    assert isinstance(cluster, LocalCluster)
+    model = cluster.endpoints[0].models[0]
+    assert (model.id, model.path, model.build_tiny) == ("tiny-chat", str(tmp_path / "models/tiny-chat"), True)
+    assert config.defaults.model == "tiny-chat"
+
+
+def test_embedded_default_uses_a_named_local_model(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("FIRST_CONFIG", raising=False)
+    monkeypatch.setenv("FIRST_LOCAL_MODEL", "/models/Qwen2.5-0.5B-Instruct")
+    model = load_config(None, tmp_path).clusters["local"].endpoints[0].models[0]
+    assert (model.id, model.path, model.build_tiny) == ("Qwen2.5-0.5B-Instruct", "/models/Qwen2.5-0.5B-Instruct",
+                                                        False)
+
+
+def test_yaml_file_from_the_environment(tmp_path: Path, monkeypatch):
+    path = tmp_path / "first.yaml"
+    path.write_text(GOOD)
+    monkeypatch.setenv("FIRST_CONFIG", str(path))
+    config = load_config(None, tmp_path)
+    polaris = config.clusters["polaris"]
+    assert isinstance(polaris, HttpCluster)
+    assert polaris.endpoints[0].models[1].capabilities == [Capability.embeddings]
+    assert config.defaults.timeouts.first_byte == 30
+    assert config.defaults.limits.max_request_bytes == 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("edit", "where", "expected"),
+    [
+        (("idle_timeout: 60", "idle_timeout: soon"), "clusters.laptop.endpoints[0].idle_timeout", "valid number"),
+        (("backend: local", "backend: slurm"), "clusters.laptop", "'http', 'local'"),
+        (("http://127.0.0.1:8000/v1", "127.0.0.1:8000"), "clusters.polaris.endpoints[0].base_url", "https?://"),
+        (("capabilities: [embeddings]", "capabilities: [vision]"),
+         "clusters.polaris.endpoints[0].models[1].capabilities[0]", "'embeddings'"),
+        (("  model: tiny\n", "  model: gpt-5\n"), "(top level)", "gpt-5' is served by no endpoint"),
+        (("      - name: vllm-1\n", "      - nom: vllm-1\n"), "clusters.polaris.endpoints[0]", "Extra inputs"),
+    ],
+)
+def test_bad_file_names_file_key_path_and_expectation(tmp_path: Path, edit, where, expected):
+    path = tmp_path / "first.yaml"
+    path.write_text(GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: at {where}")
+    assert expected in message
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read the FIRST config file"):
+        load_config(tmp_path / "missing.yaml", tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clusters: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, tmp_path)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping with a 'clusters' key"):
+        load_config(bad, tmp_path)

@@ -1,0 +1,122 @@
+"""The local engine: started on first use, stopped when idle, its failures reported with its own log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import openai
+import pytest
+
+from first_jupyter.remote import launcher
+from first_jupyter.remote.tiny_model import TINY_MODEL_MARKER
+from tests.conftest import local_cluster_config, server_config
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _client(ext) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=ext.gateway_url(), api_key=ext.api_key, max_retries=0)
+
+
+async def _status(ext) -> dict:
+    return (await ext.gateway.status())["endpoints"][0]
+
+
+class TestLifecycle:
+    @pytest.fixture
+    def jp_server_config(self, tiny_model, write_config, tmp_path: Path):
+        return server_config(write_config(local_cluster_config(tiny_model, idle_timeout=1.5)), tmp_path / "data")
+
+    async def test_cold_start_idle_stop_and_restart(self, first_ext):
+        assert (await _status(first_ext))["state"] == "stopped"
+        client = _client(first_ext)
+        done = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
+        assert done.model == "tiny-chat"
+        running = await _status(first_ext)
+        assert running["state"] == "running"
+        assert running["starts"] == 1
+        pid = running["pid"]
+        for _ in range(100):
+            if (await _status(first_ext))["state"] == "stopped":
+                break
+            await asyncio.sleep(0.1)
+        assert (await _status(first_ext))["state"] == "stopped"
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        again = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
+        assert again.choices[0].finish_reason == "length"
+        assert (await _status(first_ext))["starts"] == 2
+
+
+class TestStartFailure:
+    @pytest.fixture
+    def broken_model(self, tmp_path: Path) -> Path:
+        model = tmp_path / "broken-model"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+        return model
+
+    @pytest.fixture
+    def jp_server_config(self, broken_model, write_config, tmp_path: Path):
+        return server_config(write_config(local_cluster_config(broken_model)), tmp_path / "data")
+
+    async def test_failed_start_quotes_the_engine_log(self, first_ext):
+        with pytest.raises(openai.InternalServerError) as info:
+            await _client(first_ext).chat.completions.create(model="tiny-chat", messages=MESSAGES)
+        assert info.value.status_code == 503
+        message = info.value.body["message"]
+        assert "failed to start" in message
+        assert "exited with code" in message
+        log = Path((await _status(first_ext))["log"])
+        last_line = log.read_text().strip().splitlines()[-1]
+        assert "Error" in last_line
+        assert "broken-model" in last_line
+        assert last_line in message
+        status = await _status(first_ext)
+        assert status["state"] == "failed"
+        assert last_line in status["error"]
+
+
+class TestEmbeddedDefault:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        monkeypatch.delenv("FIRST_CONFIG", raising=False)
+        monkeypatch.delenv("FIRST_LOCAL_MODEL", raising=False)
+        return {"ServerApp": {"jpserver_extensions": {"first_jupyter": True},
+                              "allow_unauthenticated_access": False, "terminals_enabled": False},
+                "FirstExtension": {"data_dir": str(tmp_path / "data")}}
+
+    async def test_builds_the_tiny_model_and_serves_it(self, first_ext, tmp_path: Path):
+        models = first_ext.gateway.models()["data"]
+        assert [m["id"] for m in models] == ["tiny-chat"]
+        assert [m["served_by"] for m in models] == [[{"cluster": "local", "endpoint": "engine"}]]
+        stream = await _client(first_ext).chat.completions.create(model="tiny-chat", messages=MESSAGES,
+                                                                  max_tokens=3, stream=True)
+        chunks = [c async for c in stream]
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 3
+        assert (tmp_path / "data" / "models" / "tiny-chat" / TINY_MODEL_MARKER).is_file()
+
+
+def test_launcher_command_reports_a_failed_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    missing = tmp_path / "not-a-model"
+    missing.mkdir()
+    code = launcher.main(["--model", str(missing), "--engine", "transformers", "--log", str(tmp_path / "e.log"),
+                          "--timeout", "120"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "exited with code" in err
+    assert str(tmp_path / "e.log") in err
+
+
+def test_launcher_picks_transformers_without_a_gpu(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launcher.choose_engine("auto") == "transformers"
+    spec = launcher.EngineSpec(model="/m", served_name="m", log_path=Path("x.log"))
+    assert launcher.build_command(spec, "vllm", 8000)[1:5] == ["-m", "vllm.entrypoints.openai.api_server",
+                                                                "--model", "/m"]
+    assert launcher.served_name(spec, "vllm") == "m"
+    assert launcher.served_name(spec, "transformers") == "/m"

@@ -1,0 +1,56 @@
+"""Stream watching at the byte level: usage found, model renamed, the usage-only event dropped when asked."""
+
+from __future__ import annotations
+
+import orjson
+
+from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def test_usage_found_even_when_split_across_reads():
+    watch = StreamWatch("m", rename=False, strip_usage_event=False)
+    final = _event({"choices": [{"delta": {}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18}})
+    out = [watch.feed(_event({"choices": [{"delta": {"content": "a"}}]})), watch.feed(final[:30]),
+           watch.feed(final[30:])]
+    assert b"".join(out).endswith(final)
+    assert (watch.prompt_tokens, watch.completion_tokens) == (7, 11)
+
+
+def test_engine_model_name_is_replaced_by_the_public_id():
+    watch = StreamWatch("tiny-chat", rename=True, strip_usage_event=False)
+    chunks = [_event({"model": "/models/tiny@main", "choices": [{"delta": {"content": str(i)}}]}) for i in range(3)]
+    out = b"".join(watch.feed(c) for c in chunks)
+    assert out.count(b'"model":"tiny-chat"') == 3
+    assert b"/models/tiny" not in out
+    body, data = rename_model_in_body(orjson.dumps({"model": "/models/tiny@main", "usage": {}}), "tiny-chat")
+    assert data is not None
+    assert orjson.loads(body)["model"] == "tiny-chat"
+
+
+def test_usage_only_event_is_dropped_when_the_gateway_asked_for_it():
+    watch = StreamWatch("m", rename=False, strip_usage_event=True)
+    content = _event({"choices": [{"delta": {"content": "x"}}]})
+    usage_only = _event({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
+    out = watch.feed(content + usage_only + b"data: [DONE]\n\n")
+    assert out == content + b"data: [DONE]\n\n"
+    assert watch.completion_tokens == 1
+
+
+def test_unknown_fields_pass_through_byte_for_byte():
+    raw = b'{"model":"m","messages":[{"role":"user","content":"x","name":"ann"}],"top_k":5,"min_p":0.1}'
+    req = parse_request(Capability.chat, raw)
+    assert req.raw is raw
+    assert req.data["top_k"] == 5
+    assert req.stream is False
+
+
+def test_error_event_shape():
+    event = OpenAIError(502, "gone", type="api_error", code="upstream_disconnected").sse_event()
+    assert orjson.loads(event.removeprefix(b"data: ")) == {
+        "error": {"message": "gone", "type": "api_error", "param": None, "code": "upstream_disconnected"}}
