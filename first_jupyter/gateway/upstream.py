@@ -59,6 +59,16 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
                        headers={"Retry-After": retry_after} if retry_after else None)
 
 
+def broken_off(where: str, exc: BaseException, idle: float) -> OpenAIError:
+    """The error for an answer that stopped after it began: stalled past the idle timeout, or cut."""
+    if isinstance(exc, TimeoutError):
+        return OpenAIError(504, f"{where} sent nothing for {idle:.0f} s in the middle of its answer; the engine "
+                                f"may be overloaded or stuck. Retry, or check GET /first/api/status.",
+                           type="api_error", code="upstream_idle_timeout")
+    return OpenAIError(502, f"{where} broke off its answer ({type(exc).__name__}). The engine may have stopped; "
+                            f"retry, or check GET /first/api/status.", type="api_error", code="upstream_disconnected")
+
+
 class UpstreamStream:
     """The byte chunks of one streamed upstream response, as they arrive."""
 
@@ -80,14 +90,8 @@ class UpstreamStream:
                 if not chunk:
                     return
                 yield chunk
-        except TimeoutError:
-            raise OpenAIError(504, f"{self._where} sent nothing for {idle:.0f} s in the middle of a stream; the "
-                                   f"engine may be overloaded or stuck. Retry, or check GET /first/api/status.",
-                              type="api_error", code="upstream_idle_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise OpenAIError(502, f"{self._where} broke off the stream ({type(exc).__name__}). The engine may "
-                                   f"have stopped; retry, or check GET /first/api/status.",
-                              type="api_error", code="upstream_disconnected") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise broken_off(self._where, exc, idle) from None
 
     def close(self) -> None:
         """Release the connection; one not read to the end is closed so the engine stops generating."""
@@ -144,14 +148,9 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self.timeouts.idle):
                 data = await resp.read()
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             resp.close()
-            raise OpenAIError(504, f"{where} stopped sending its answer for {self.timeouts.idle:.0f} s.",
-                              type="api_error", code="upstream_idle_timeout") from None
-        except aiohttp.ClientError as exc:
-            resp.close()
-            raise OpenAIError(502, f"{where} broke off its answer ({type(exc).__name__}); retry.",
-                              type="api_error", code="upstream_disconnected") from None
+            raise broken_off(where, exc, self.timeouts.idle) from None
         resp.release()
         return Reply(resp.status, data, resp.headers.get("Retry-After"))
 

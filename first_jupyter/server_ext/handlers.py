@@ -57,6 +57,17 @@ class FirstHandler(APIHandler):
                                    "the Jupyter server.", type="api_error", code="config_error")
         return gateway
 
+    def write_json(self, payload: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(payload))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """An OpenAIError is an answer, not a crash: no traceback in the server log."""
+        if isinstance(value, OpenAIError):
+            self.log.info("%s %s -> %s %s", self.request.method, self.request.path, value.status, value.code)
+            return
+        super().log_exception(typ, value, tb)
+
     def send_error_body(self, err: OpenAIError) -> None:
         self.clear()
         self.set_status(err.status)
@@ -92,25 +103,13 @@ class FirstHandler(APIHandler):
 class ModelsHandler(FirstHandler):
     @web.authenticated
     def get(self) -> None:
-        try:
-            models = self.gateway.models()
-        except OpenAIError as err:
-            self.send_error_body(err)
-            return
-        self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps(models))
+        self.write_json(self.gateway.models())
 
 
 class StatusHandler(FirstHandler):
     @web.authenticated
     async def get(self) -> None:
-        try:
-            status = await self.gateway.status()
-        except OpenAIError as err:
-            self.send_error_body(err)
-            return
-        self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps(status))
+        self.write_json(await self.gateway.status())
 
 
 class InferenceHandler(FirstHandler):
@@ -147,9 +146,6 @@ class InferenceHandler(FirstHandler):
                 self.finish(done.body)
                 return
             stream = await gateway.stream(req)
-        except OpenAIError as err:
-            self.send_error_body(err)
-            return
         except asyncio.CancelledError:
             return  # the client left before anything was sent; nothing to clean up beyond the task
         await self._relay(stream)
@@ -178,9 +174,8 @@ class NotFoundHandler(FirstHandler):
 
     @web.authenticated
     def get(self, path: str) -> None:
-        self.send_error_body(OpenAIError(404, f"No route /first/v1/{path}. This gateway serves models, "
-                                              "chat/completions, completions and embeddings.",
-                                         code="unknown_route"))
+        raise OpenAIError(404, f"No route /first/v1/{path}. This gateway serves models, chat/completions, "
+                               "completions and embeddings.", code="unknown_route")
 
     post = get
 
