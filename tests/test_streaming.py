@@ -81,9 +81,9 @@ async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, slow_u
     assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 1)]
 
 
-async def test_upstream_dropping_mid_stream_ends_with_an_error_event(first_ext):
+async def test_upstream_dropping_mid_stream_ends_with_an_error_event(first_ext, slow_upstream):
     client = openai.AsyncOpenAI(base_url=first_ext.gateway_url(), api_key=first_ext.api_key, max_retries=0)
-    first_ext.gateway.client.session().headers["x-fake-fault"] = "drop-mid-stream"
+    slow_upstream.fault = "drop-mid-stream"
     stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True)
     received = 0
     with pytest.raises(openai.APIError) as info:
@@ -97,8 +97,8 @@ async def test_upstream_dropping_mid_stream_ends_with_an_error_event(first_ext):
     ("fault", "status", "words"),
     [("429", 429, "retry after"), ("500", 500, "HTTP 500"), ("hang", 504, "did not answer within 1 s")],
 )
-async def test_upstream_faults_become_openai_errors(first_ext, fault, status, words):
-    first_ext.gateway.client.session().headers["x-fake-fault"] = fault
+async def test_upstream_faults_become_openai_errors(first_ext, slow_upstream, fault, status, words):
+    slow_upstream.fault = fault
     async with aiohttp.ClientSession() as session:
         for stream in (False, True):
             async with session.post(_url(first_ext),
@@ -112,7 +112,6 @@ async def test_upstream_faults_become_openai_errors(first_ext, fault, status, wo
 
 async def test_idle_timeout_mid_stream(first_ext, slow_upstream):
     """A stream that stalls longer than the idle timeout ends with an error event, not a hang."""
-    first_ext.gateway.client.session().headers["x-fake-fault"] = "none"
     slow_upstream.pace = 1.5  # each chunk now comes after more than the 1 s idle timeout
     async with aiohttp.ClientSession() as session, session.post(_url(first_ext), json=CHAT,
                             headers=_headers(first_ext)) as resp:

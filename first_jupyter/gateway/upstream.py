@@ -1,6 +1,6 @@
 """The gateway's one pooled HTTP client to upstream engines, with idle timeouts.
 
-One ``aiohttp.ClientSession`` per gateway keeps connections to each engine alive across requests (a new TCP
+One connection pool per gateway keeps connections to each engine alive across requests (a new TCP
 connection per request would double the added latency). Timeouts are idle timeouts: the response headers
 must come within ``first_byte`` seconds and each later chunk within ``idle`` seconds, so a generation that
 keeps streaming for an hour is never cut, while a stuck engine is noticed.
@@ -8,15 +8,13 @@ keeps streaming for an hour is never cut, while a stuck engine is noticed.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from first_jupyter.config import Limits, Timeouts
+from first_jupyter.gateway.http1 import ConnectFailed, FirstByteTimeout, HTTPClientError, Pool, Response, Url
 from first_jupyter.protocol import OpenAIError
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -72,33 +70,27 @@ def broken_off(where: str, exc: BaseException, idle: float) -> OpenAIError:
 class UpstreamStream:
     """The byte chunks of one streamed upstream response, as they arrive."""
 
-    __slots__ = ("_idle", "_resp", "_where", "on_close")
+    __slots__ = ("_resp", "_where", "on_close")
 
-    def __init__(self, resp: aiohttp.ClientResponse, idle: float, where: str) -> None:
+    def __init__(self, resp: Response, where: str) -> None:
         self._resp = resp
-        self._idle = idle
         self._where = where
         self.on_close: Callable[[], None] | None = None  # lets a backend count streams still open
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self._resp.content
-        idle = self._idle
+        next_chunk = self._resp.next_chunk
         try:
-            while True:
-                async with asyncio.timeout(idle):
-                    chunk = await content.readany()
-                if not chunk:
-                    return
+            while chunk := await next_chunk():
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise broken_off(self._where, exc, idle) from None
+        except (TimeoutError, HTTPClientError) as exc:
+            raise broken_off(self._where, exc, self._resp_idle()) from None
+
+    def _resp_idle(self) -> float:
+        return self._resp._idle
 
     def close(self) -> None:
         """Release the connection; one not read to the end is closed so the engine stops generating."""
-        if self._resp.content.at_eof():
-            self._resp.release()
-        else:
-            self._resp.close()
+        self._resp.release()
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
@@ -110,60 +102,56 @@ class UpstreamClient:
     def __init__(self, timeouts: Timeouts, limits: Limits) -> None:
         self.timeouts = timeouts
         self.limits = limits
-        self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_connect=timeouts.connect)
+        self._pool: Pool | None = None
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.limits.max_connections,
-                                             limit_per_host=self.limits.max_connections_per_host,
-                                             keepalive_timeout=60, enable_cleanup_closed=False)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
-                                                  auto_decompress=False, skip_auto_headers=("User-Agent",))
-        return self._session
+    def pool(self) -> Pool:
+        if self._pool is None:
+            self._pool = Pool(limit=self.limits.max_connections, limit_per_host=self.limits.max_connections_per_host,
+                              connect_timeout=self.timeouts.connect)
+        return self._pool
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
-    async def _open(self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str],
-                    where: str, first_byte: float) -> aiohttp.ClientResponse:
+    async def _open(self, method: str, url: Url, head_lines: bytes, body: bytes | None, where: str,
+                    first_byte: float) -> Response:
         try:
-            async with asyncio.timeout(first_byte):
-                return await self.session().request(method, url, data=body, headers=headers)
-        except TimeoutError:
+            return await self.pool().request(method, url, head_lines, body, first_byte=first_byte,
+                                              idle=self.timeouts.idle)
+        except FirstByteTimeout:
             raise OpenAIError(504, f"{where} did not answer within {first_byte:.0f} s. It may be loading the "
                                    f"model or overloaded; retry, or raise defaults.timeouts.first_byte.",
                               type="api_error", code="upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise OpenAIError(502, f"Cannot reach {where} at {url.origin()} ({exc.__class__.__name__}: {exc}). "
-                                   f"Check that the engine is running: GET /first/api/status.",
-                              type="api_error", code="upstream_unreachable") from None
+        except ConnectFailed as exc:
+            raise OpenAIError(502, f"Cannot reach {where} at {url.text} ({exc}). Check that the engine is "
+                                   f"running: GET /first/api/status.", type="api_error",
+                              code="upstream_unreachable") from None
+        except HTTPClientError as exc:
+            raise OpenAIError(502, f"{where} closed the connection without answering ({exc}). Retry, or check "
+                                   f"GET /first/api/status.", type="api_error", code="upstream_disconnected") from None
 
-    async def request(self, method: str, url: URL, body: bytes | None, headers: Mapping[str, str], where: str,
+    async def request(self, method: str, url: Url, head_lines: bytes, body: bytes | None, where: str,
                       *, first_byte: float | None = None) -> Reply:
         """One complete exchange; error statuses are returned, not raised, so callers can pass them on."""
-        resp = await self._open(method, url, body, headers, where, first_byte or self.timeouts.first_byte)
+        resp = await self._open(method, url, head_lines, body, where, first_byte or self.timeouts.first_byte)
         try:
-            async with asyncio.timeout(self.timeouts.idle):
-                data = await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            resp.close()
+            data = await resp.read()
+        except (TimeoutError, HTTPClientError) as exc:
+            resp.release()
             raise broken_off(where, exc, self.timeouts.idle) from None
-        resp.release()
-        return Reply(resp.status, data, resp.headers.get("Retry-After"))
+        return Reply(resp.status, data, resp.headers.get("retry-after"))
 
-    async def stream(self, url: URL, body: bytes, headers: Mapping[str, str], where: str) -> UpstreamStream:
+    async def stream(self, url: Url, head_lines: bytes, body: bytes, where: str) -> UpstreamStream:
         """Open a streamed POST; an error status is raised here, before any byte reaches the client."""
-        resp = await self._open("POST", url, body, headers, where, self.timeouts.first_byte)
+        resp = await self._open("POST", url, head_lines, body, where, self.timeouts.first_byte)
         if resp.status >= 400:
             try:
-                async with asyncio.timeout(self.timeouts.idle):
-                    data = await resp.read()
-            except (TimeoutError, aiohttp.ClientError):
+                data = await resp.read()
+            except (TimeoutError, HTTPClientError):
                 data = b""
             finally:
-                resp.close()
-            raise upstream_error(resp.status, data, where, resp.headers.get("Retry-After"))
-        return UpstreamStream(resp, self.timeouts.idle, where)
+                resp.release()
+            raise upstream_error(resp.status, data, where, resp.headers.get("retry-after"))
+        return UpstreamStream(resp, where)

@@ -7,11 +7,12 @@ thread commits them in batches; ``flush()`` makes them visible to readers (tests
 
 from __future__ import annotations
 
+import operator
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 _SCHEMA = """
@@ -52,41 +53,39 @@ class UsageRecord:
     error: str | None
 
 
-_COLUMNS = ", ".join(f.name for f in fields(UsageRecord))
-_PLACEHOLDERS = ", ".join("?" for _ in fields(UsageRecord))
-_INSERT = f"INSERT INTO usage ({_COLUMNS}) VALUES ({_PLACEHOLDERS})"  # noqa: S608 (names from the dataclass)
-_STOP = object()
+_COLUMNS = tuple(f.name for f in fields(UsageRecord))
+_PLACEHOLDERS = ", ".join("?" for _ in _COLUMNS)
+_INSERT = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({_PLACEHOLDERS})"  # noqa: S608 (dataclass names)
+_ROW = operator.attrgetter(*_COLUMNS)  # a flat tuple without astuple's deep copy
 
 
 class UsageStore:
-    """Append-only usage log; ``record`` never blocks the event loop."""
+    """Append-only usage log; ``record`` is one lock-free queue put on the event loop."""
 
-    def __init__(self, path: Path, *, batch_interval: float = 0.2) -> None:
+    def __init__(self, path: Path, *, batch_interval: float = 0.25) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(path) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[UsageRecord | threading.Event | None] = queue.SimpleQueue()
         self._interval = batch_interval
-        self._flushed = threading.Condition()
-        self._pending = 0
         self._thread = threading.Thread(target=self._write_loop, name="first-usage-writer", daemon=True)
         self._thread.start()
 
     def record(self, rec: UsageRecord) -> None:
-        with self._flushed:
-            self._pending += 1
         self._queue.put(rec)
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every record handed to ``record`` so far is committed."""
-        with self._flushed:
-            self._flushed.wait_for(lambda: self._pending == 0, timeout=timeout)
+        """Wait until every record handed to ``record`` before this call is committed."""
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait(timeout)
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._queue.put(None)
             self._thread.join(timeout=10)
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -102,28 +101,29 @@ class UsageStore:
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def _write_loop(self) -> None:
+        """Block for the first item, let a batch gather for one interval, then commit it in one transaction.
+
+        Waking once per batch rather than once per record keeps this thread off the GIL while requests run.
+        """
         conn = sqlite3.connect(self.path)
         try:
-            stop = False
-            while not stop:
-                batch = [self._queue.get()]
-                deadline = time.monotonic() + self._interval
-                while (left := deadline - time.monotonic()) > 0:
+            running = True
+            while running:
+                items = [self._queue.get()]
+                if items[0] is not None:
+                    time.sleep(self._interval)
+                while True:
                     try:
-                        batch.append(self._queue.get(timeout=left))
+                        items.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                if _STOP in batch:
-                    stop = True
-                    batch = [r for r in batch if r is not _STOP]
-                    while not self._queue.empty():  # records that raced the stop
-                        item = self._queue.get_nowait()
-                        if item is not _STOP:
-                            batch.append(item)
-                with conn:
-                    conn.executemany(_INSERT, [astuple(r) for r in batch if isinstance(r, UsageRecord)])
-                with self._flushed:
-                    self._pending -= len(batch)
-                    self._flushed.notify_all()
+                rows = [_ROW(item) for item in items if isinstance(item, UsageRecord)]
+                if rows:
+                    with conn:
+                        conn.executemany(_INSERT, rows)
+                for item in items:
+                    if isinstance(item, threading.Event):
+                        item.set()
+                running = None not in items
         finally:
             conn.close()

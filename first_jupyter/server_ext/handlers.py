@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
+from jupyter_server.prometheus.log_functions import prometheus_log_method
 from tornado import web
 from tornado.iostream import StreamClosedError
 
@@ -30,6 +31,25 @@ class FirstHandler(APIHandler):
     """Base for every FIRST route: scoped-key auth, OpenAI-shaped errors, access to the Gateway."""
 
     _scoped = False
+    _host_verdicts: ClassVar[dict[tuple[int, str], bool]] = {}
+
+    def check_host(self) -> bool:
+        """Jupyter's DNS-rebinding guard, remembered per Host header: it parses addresses on every call."""
+        host = (id(self.application), self.request.host)
+        verdict = self._host_verdicts.get(host)
+        if verdict is None:
+            verdict = super().check_host()
+            if len(self._host_verdicts) > 256:  # spoofed Host headers must not grow this without bound
+                self._host_verdicts.clear()
+            self._host_verdicts[host] = verdict
+        return verdict
+
+    def _log(self) -> None:
+        """Successful answers are accounted in the usage store; keep the metric, skip the access-log line."""
+        if self.get_status() < 400:
+            prometheus_log_method(self)
+        else:
+            super()._log()
 
     async def prepare(self) -> None:  # type: ignore[override]
         header = self.request.headers.get("Authorization", "")

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import orjson
-from yarl import URL
 
 from first_jupyter.config import ModelConfig
+from first_jupyter.gateway.http1 import Url
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
 from first_jupyter.protocol import Capability, OpenAIError
 
@@ -27,12 +27,13 @@ class HttpBackend:
         self.where = f"cluster '{cluster}' endpoint '{name}'"
         self._client = client
         self._models = {m.id: m for m in models}
-        self._urls = {cap: URL(f"{self.base_url}/{cap.route}") for cap in Capability}
-        self._headers = {"Content-Type": "application/json"}
+        self._urls = {cap: Url.parse(f"{self.base_url}/{cap.route}") for cap in Capability}
+        self._models_url = Url.parse(f"{self.base_url}/models")
         self._api_key_env = api_key_env
         key = os.environ.get(api_key_env) if api_key_env else None
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._has_key = bool(key)
+        self._head_lines = b"Content-Type: application/json\r\nAccept: */*\r\n" + (
+            f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b"")
 
     def upstream_name(self, model_id: str) -> str:
         model = self._models[model_id]
@@ -42,26 +43,26 @@ class HttpBackend:
         return capability in self._models[model_id].capabilities
 
     def _check_key(self) -> None:
-        if self._api_key_env and "Authorization" not in self._headers:
+        if self._api_key_env and not self._has_key:
             raise OpenAIError(503, f"{self.where} needs an API key in the environment variable "
                                    f"{self._api_key_env}, which is not set in the Jupyter server's environment. "
                                    f"Set it and restart the server.", type="api_error", code="missing_api_key")
 
     async def complete(self, capability: Capability, body: bytes) -> Reply:
         self._check_key()
-        return await self._client.request("POST", self._urls[capability], body, self._headers, self.where)
+        return await self._client.request("POST", self._urls[capability], self._head_lines, body, self.where)
 
     async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
         self._check_key()
-        return await self._client.stream(self._urls[capability], body, self._headers, self.where)
+        return await self._client.stream(self._urls[capability], self._head_lines, body, self.where)
 
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()
         info: dict[str, Any] = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind,
                                 "base_url": self.base_url, "models": sorted(self._models)}
         try:
-            reply = await self._client.request("GET", URL(f"{self.base_url}/models"), None, self._headers,
-                                               self.where, first_byte=STATUS_TIMEOUT)
+            reply = await self._client.request("GET", self._models_url, self._head_lines, None, self.where,
+                                               first_byte=STATUS_TIMEOUT)
         except OpenAIError as exc:
             return {**info, "state": "offline", "error": exc.message}
         info["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
