@@ -14,6 +14,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -95,7 +96,8 @@ class Response:
         "_idle",
         "_last_data",
         "_loop",
-        "_sent_at",
+        "_piped",
+        "_sink",
         "_timer",
         "_waiter",
         "headers",
@@ -118,8 +120,10 @@ class Response:
         self._idle = idle
         self._head_seen = False
         self._got_bytes = False
-        self._sent_at = self._last_data = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._sent_at + first_byte, self._on_timer)
+        self._sink: Callable[[bytes], bool] | None = None
+        self._piped: asyncio.Future[None] | None = None
+        self._last_data = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._last_data + first_byte, self._on_timer)
 
     # -- called by the connection -------------------------------------------------------------------------
 
@@ -139,10 +143,22 @@ class Response:
 
     def _head(self, status: int, headers: dict[str, str]) -> None:
         self.status, self.headers, self._head_seen = status, headers, True
+        self._last_data = self._loop.time()
+        self._cancel_timer()  # from here on the idle timeout applies
+        self._timer = self._loop.call_at(self._last_data + self._idle, self._on_timer)
         self._wake()
 
     def _data(self, data: bytes) -> None:
         self._last_data = self._loop.time()
+        if self._sink is not None:
+            try:
+                keep_going = self._sink(data)
+            except Exception as exc:  # the consumer broke: end this exchange, report through pipe()
+                self._fail(exc)
+                return
+            if not keep_going and self._conn is not None:
+                self._conn.pause()
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > PAUSE_BYTES and self._conn is not None:
@@ -168,6 +184,12 @@ class Response:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        piped = self._piped
+        if piped is not None and not piped.done():
+            if self._error is not None:
+                piped.set_exception(self._error)
+            elif self._complete:
+                piped.set_result(None)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -206,6 +228,26 @@ class Response:
                 self.release()
                 return b""
             await self._wait()
+
+    async def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand every body chunk to ``sink`` as it arrives, inside the socket callback: no task switch or
+        future per chunk. ``sink`` returns False when its consumer is full; reading then pauses until
+        ``resume_reading``. Returns at the end of the body; raises what ended it early."""
+        while self._chunks:
+            if not sink(self._chunks.popleft()) and self._conn is not None:
+                self._conn.pause()
+        self._buffered = 0
+        self._sink = sink
+        if self._error is None and not self._complete:
+            self._piped = self._loop.create_future()
+            await self._piped
+        if self._error is not None:
+            raise self._error
+        self.release()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
 
     async def read(self) -> bytes:
         parts = []

@@ -8,7 +8,7 @@ keeps streaming for an hour is never cut, while a stuck engine is noticed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -77,16 +77,19 @@ class UpstreamStream:
         self._where = where
         self.on_close: Callable[[], None] | None = None  # lets a backend count streams still open
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        next_chunk = self._resp.next_chunk
+    async def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """Push each chunk into ``sink`` as it arrives (see ``Response.pipe``); return at the end."""
         try:
-            while chunk := await next_chunk():
-                yield chunk
+            await self._resp.pipe(sink)
         except (TimeoutError, HTTPClientError) as exc:
-            raise broken_off(self._where, exc, self._resp_idle()) from None
+            raise broken_off(self._where, exc, self._idle) from None
 
-    def _resp_idle(self) -> float:
+    @property
+    def _idle(self) -> float:
         return self._resp._idle
+
+    def resume_reading(self) -> None:
+        self._resp.resume_reading()
 
     def close(self) -> None:
         """Release the connection; one not read to the end is closed so the engine stops generating."""

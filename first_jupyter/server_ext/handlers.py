@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from asyncio import Future
 from typing import Any, ClassVar
 
 import orjson
@@ -16,7 +17,8 @@ from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.prometheus.log_functions import prometheus_log_method
 from tornado import web
-from tornado.iostream import StreamClosedError
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import IOStream, StreamClosedError
 
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.core import GatewayStream
@@ -176,11 +178,36 @@ class InferenceHandler(FirstHandler):
         self.set_header("X-Accel-Buffering", "no")
         self.set_header("X-First-Cluster", stream.target.cluster)
         self.set_header("X-First-Endpoint", stream.target.endpoint)
+        socket_stream: IOStream | None = None
+
+        def on_drained(drained: Future[None]) -> None:
+            if not drained.cancelled():
+                drained.exception()  # a closed client is handled by on_connection_close
+            stream.resume()
+
+        def write(chunk: bytes) -> bool:
+            """After the first chunk (sent with the headers), frame each chunk and hand it to the socket
+            stream: tornado's flush() adds two futures and a loop callback per chunk, most of the relay's cost."""
+            nonlocal socket_stream
+            if socket_stream is not None:
+                drained = socket_stream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                self.write(chunk)
+                drained = self.flush()
+                connection = self.request.connection
+                if isinstance(connection, HTTP1Connection) and connection._chunking_output:
+                    socket_stream = connection.stream
+            if drained.done():
+                drained.exception()  # retrieved, so a closed client logs nothing; on_connection_close acts
+                return True
+            drained.add_done_callback(on_drained)  # the client is slow: pause the upstream until drained
+            return False
+
         gone = False
         try:
-            async for chunk in stream:
-                self.write(chunk)
-                await self.flush()
+            if isinstance(self.request.connection, HTTP1Connection):  # each event goes out at once, never
+                self.request.connection.stream.set_nodelay(True)     # held back waiting for an ACK (Nagle)
+            await stream.relay(write)
         except (asyncio.CancelledError, StreamClosedError):
             gone = True
         finally:
