@@ -609,6 +609,11 @@ class FakeUpstream:
         conn.write(stream.head)
         for event in stream.truncated if drop else stream.events:
             conn.write(event)
+        FakeUpstream._end_stream(conn, stream, drop)
+
+    @staticmethod
+    def _end_stream(conn: _Connection, stream: _Stream, drop: bool) -> None:
+        """A drop fault aborts the connection where a healthy stream writes its tail."""
         if drop:
             conn.drop()
             return
@@ -624,11 +629,7 @@ class FakeUpstream:
             if i and self.pace:
                 await asyncio.sleep(self.pace)
             conn.write(event)
-        if drop:
-            conn.drop()
-            return
-        conn.write(stream.tail)
-        conn.end()
+        self._end_stream(conn, stream, drop)
 
     @staticmethod
     async def _send_later(conn: _Connection, reply: bytes, delay: float, drop: bool) -> None:
