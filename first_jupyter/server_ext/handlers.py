@@ -179,6 +179,7 @@ class InferenceHandler(FirstHandler):
         self.set_header("X-First-Cluster", stream.target.cluster)
         self.set_header("X-First-Endpoint", stream.target.endpoint)
         socket_stream: IOStream | None = None
+        plain_socket = False
 
         def on_drained(drained: Future[None]) -> None:
             if not drained.cancelled():
@@ -188,15 +189,27 @@ class InferenceHandler(FirstHandler):
         def write(chunk: bytes) -> bool:
             """After the first chunk (sent with the headers), frame each chunk and hand it to the socket
             stream: tornado's flush() adds two futures and a loop callback per chunk, most of the relay's cost."""
-            nonlocal socket_stream
+            nonlocal socket_stream, plain_socket
             if socket_stream is not None:
-                drained = socket_stream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                frame = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                if plain_socket and not socket_stream.writing():  # nothing queued: send now, queue the rest
+                    try:
+                        sent = socket_stream.socket.send(frame)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        raise StreamClosedError() from None
+                    if sent == len(frame):
+                        return True
+                    frame = frame[sent:]
+                drained = socket_stream.write(frame)
             else:
                 self.write(chunk)
                 drained = self.flush()
                 connection = self.request.connection
                 if isinstance(connection, HTTP1Connection) and connection._chunking_output:
                     socket_stream = connection.stream
+                    plain_socket = type(socket_stream) is IOStream  # not TLS: its send has other failure modes
             if drained.done():
                 drained.exception()  # retrieved, so a closed client logs nothing; on_connection_close acts
                 return True
