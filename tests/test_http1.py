@@ -297,3 +297,20 @@ def test_url_parsing():
     assert Url.parse("http://[::1]:8000/v1").host_header == "[::1]:8000"
     with pytest.raises(ValueError, match="not an http"):
         Url.parse("ftp://x/")
+
+
+async def test_a_slow_first_byte_within_its_limit_is_not_an_idle_timeout():
+    """The first-byte limit (model loading, long prompts) may exceed the idle limit between chunks."""
+
+    async def thinks(reader, writer, state):
+        await _read_request(reader)
+        await asyncio.sleep(0.6)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async with scripted(thinks) as (url, _):
+        pool = _pool()
+        resp = await pool.request("POST", url, b"", b"{}", first_byte=1.0, idle=0.3)
+        assert await resp.read() == b"ok"
+        pool.close()

@@ -97,6 +97,7 @@ class Response:
         "_last_data",
         "_loop",
         "_piped",
+        "_sent",
         "_sink",
         "_timer",
         "_waiter",
@@ -122,20 +123,25 @@ class Response:
         self._got_bytes = False
         self._sink: Callable[[bytes], bool] | None = None
         self._piped: asyncio.Future[None] | None = None
-        self._last_data = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._last_data + first_byte, self._on_timer)
+        self._sent = self._last_data = self._loop.time()
+        # one timer per response, set for the nearer deadline and re-armed only if it fires early
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(self._sent + min(first_byte, idle),
+                                                                     self._on_timer)
 
     # -- called by the connection -------------------------------------------------------------------------
 
     def _on_timer(self) -> None:
-        """Fire on the deadline; if data came since it was set, re-arm instead (one timer, not one per chunk)."""
+        """Fire on a deadline; if it has not really passed (data came since), re-arm instead."""
         self._timer = None
         if self._complete or self._error is not None:
             return
         now = self._loop.time()
         conn = self._conn
         if not self._head_seen:
-            self._fail(FirstByteTimeout(f"no response within {self._first_byte:g} s"))
+            if now < self._sent + self._first_byte:
+                self._timer = self._loop.call_at(self._sent + self._first_byte, self._on_timer)
+            else:
+                self._fail(FirstByteTimeout(f"no response within {self._first_byte:g} s"))
         elif (conn is not None and conn.paused) or now - self._last_data < self._idle:
             self._timer = self._loop.call_at(max(self._last_data, now) + self._idle, self._on_timer)
         else:
@@ -143,10 +149,8 @@ class Response:
 
     def _head(self, status: int, headers: dict[str, str]) -> None:
         self.status, self.headers, self._head_seen = status, headers, True
-        self._last_data = self._loop.time()
-        self._cancel_timer()  # from here on the idle timeout applies
-        self._timer = self._loop.call_at(self._last_data + self._idle, self._on_timer)
-        self._wake()
+        self._last_data = self._loop.time()  # from here on the idle timeout applies: the first-byte timer,
+        self._wake()                         # when it fires, re-arms itself for the idle deadline
 
     def _data(self, data: bytes) -> None:
         self._last_data = self._loop.time()
