@@ -259,10 +259,6 @@ class Response:
             parts.append(chunk)
         return b"".join(parts)
 
-    @property
-    def complete(self) -> bool:
-        return self._complete
-
     def release(self) -> None:
         """Give the connection back: to the pool after a complete body, else close it (the upstream stops)."""
         self._cancel_timer()
@@ -335,9 +331,6 @@ class _Connection(asyncio.Protocol):
         if resp is not None and not resp._complete:
             resp._fail(Disconnected(f"the upstream closed the connection{f' ({exc})' if exc else ''}"))
         self._resp = None
-
-    def pause_writing(self) -> None:
-        """Flow control for requests larger than the socket buffer: asyncio buffers them; nothing to do."""
 
     # -- exchange -----------------------------------------------------------------------------------------
 

@@ -92,14 +92,6 @@ class UsageStore:
         with sqlite3.connect(self.path) as conn:
             return conn.execute(sql, params).fetchall()
 
-    def totals_by_model(self) -> list[dict[str, object]]:
-        rows = self.query(
-            "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), AVG(latency_ms), AVG(ttft_ms),"
-            " SUM(status >= 400) FROM usage GROUP BY model ORDER BY model")
-        keys = ("model", "requests", "prompt_tokens", "completion_tokens", "avg_latency_ms", "avg_ttft_ms",
-                "errors")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
-
     def _write_loop(self) -> None:
         """Block for the first item, let a batch gather for one interval, then commit it in one transaction.
 
