@@ -139,3 +139,10 @@ async def test_embeddings_404_where_the_engine_cannot_embed(jp_fetch):
     assert "cannot serve embeddings" in message
     assert "fake-embed" in message
 
+
+
+async def test_scoped_key_from_a_foreign_host_is_403(jp_fetch, jp_serverapp):
+    headers = {**scoped_headers(jp_serverapp), "Host": "attacker.example"}
+    response = await jp_fetch("first", "v1", "models", method="GET", headers=headers, raise_error=False)
+    assert response.code == 403
+    assert json.loads(response.body)["error"]["code"] == "host_not_allowed"

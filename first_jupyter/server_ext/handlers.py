@@ -60,7 +60,10 @@ class FirstHandler(APIHandler):
             key: str = self.settings["first_api_key"]
             if hmac.compare_digest(given.strip().encode(), key.encode()):
                 if not self.check_host():
-                    raise web.HTTPError(403)
+                    raise OpenAIError(403, f"Requests for host '{self.request.host}' are refused (DNS-rebinding "
+                                           "guard). Use 127.0.0.1 or localhost, or set "
+                                           "ServerApp.allow_remote_access.", type="permission_error",
+                                      code="host_not_allowed")
                 self._scoped = True
                 self.current_user = self._jupyter_current_user = SCOPED_USER
                 return  # a bearer key is not a cookie: no XSRF check applies
