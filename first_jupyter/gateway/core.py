@@ -6,6 +6,7 @@ timeouts) is the same whichever door a request came in by.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -135,7 +136,7 @@ class Gateway:
         return {"object": "list", "data": data}
 
     async def status(self) -> dict[str, Any]:
-        endpoints = [await b.status() for b in self.backends]
+        endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
         return {"default_model": self.default_model, "models": self.models()["data"], "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters)}
 
