@@ -29,7 +29,7 @@ class StreamWatch:
     stream it asked for.
     """
 
-    __slots__ = ("_public", "_rename", "_strip", "_tail", "chunks", "completion_tokens", "prompt_tokens")
+    __slots__ = ("_public", "_rename", "_strip", "_tail", "completion_tokens", "prompt_tokens")
 
     def __init__(self, public_model: str, *, rename: bool, strip_usage_event: bool) -> None:
         self._tail = b""
@@ -38,15 +38,14 @@ class StreamWatch:
         self._strip = strip_usage_event
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        self.chunks = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to send on for this upstream chunk."""
-        self.chunks += 1
         if self._rename is not False:
             chunk = self._renamed(chunk)
-        window = self._tail + chunk
-        self._tail = window[-_TAIL:]
+        window = self._tail + chunk if self._tail else chunk
+        # carry bytes over only when an event is cut between reads; engines mostly send whole events
+        self._tail = b"" if window.endswith(b"\n\n") else window[-_TAIL:]
         if b'"usage"' in window:
             found = _USAGE.findall(window)
             if found:

@@ -70,10 +70,11 @@ def broken_off(where: str, exc: BaseException, idle: float) -> OpenAIError:
 class UpstreamStream:
     """The byte chunks of one streamed upstream response, as they arrive."""
 
-    __slots__ = ("_resp", "_where", "on_close")
+    __slots__ = ("_idle", "_resp", "_where", "on_close")
 
-    def __init__(self, resp: Response, where: str) -> None:
+    def __init__(self, resp: Response, idle: float, where: str) -> None:
         self._resp = resp
+        self._idle = idle
         self._where = where
         self.on_close: Callable[[], None] | None = None  # lets a backend count streams still open
 
@@ -83,10 +84,6 @@ class UpstreamStream:
             await self._resp.pipe(sink)
         except (TimeoutError, HTTPClientError) as exc:
             raise broken_off(self._where, exc, self._idle) from None
-
-    @property
-    def _idle(self) -> float:
-        return self._resp._idle
 
     def resume_reading(self) -> None:
         self._resp.resume_reading()
@@ -157,4 +154,4 @@ class UpstreamClient:
             finally:
                 resp.release()
             raise upstream_error(resp.status, data, where, resp.headers.get("retry-after"))
-        return UpstreamStream(resp, where)
+        return UpstreamStream(resp, self.timeouts.idle, where)
