@@ -139,3 +139,14 @@ def extension(serverapp: Any) -> Any:
 def first_ext(jp_serverapp: Any, http_server: Any) -> Any:
     """The running extension, with the server listening on its real port (for clients other than jp_fetch)."""
     return extension(jp_serverapp)
+
+
+@pytest.fixture(params=["jupyter", "front"])
+def door(request: pytest.FixtureRequest, jp_serverapp: Any, jp_auth_header: dict[str, str]) -> dict[str, str]:
+    """Credentials that take a request through one of the server's two doors to the gateway.
+
+    A Jupyter token goes through Jupyter's handlers; the scoped kernel key on the hot routes goes through the
+    keyed front. Tests of behaviour both must share take this fixture, so each runs once per door.
+    """
+    return dict(jp_auth_header) if request.param == "jupyter" else scoped_headers(jp_serverapp)
+

@@ -70,8 +70,8 @@ class TestBadConfig:
             {"name": "vllm", "base_url": "polaris:8000", "models": [{"id": "llama"}]}]}}}
         return server_config(write_config(bad), tmp_path / "data")
 
-    async def test_bad_config_is_reported_with_file_and_key_path(self, jp_fetch, tmp_path: Path):
-        response = await jp_fetch("first", "v1", "models", method="GET", raise_error=False)
+    async def test_bad_config_is_reported_with_file_and_key_path(self, jp_fetch, door, tmp_path: Path):
+        response = await jp_fetch("first", "v1", "models", method="GET", headers=door, raise_error=False)
         assert response.code == 503
         message = json.loads(response.body)["error"]["message"]
         assert str(tmp_path / "first.yaml") in message

@@ -18,10 +18,9 @@ def jp_server_config(fake_upstream, write_config, tmp_path: Path):
                          max_request_bytes=4096)
 
 
-async def _post(jp_fetch, path: str, body: bytes | str, headers: dict[str, str] | None = None):
-    kwargs = {"headers": headers} if headers is not None else {}
+async def _post(jp_fetch, path: str, body: bytes | str, headers: dict[str, str]):
     response = await jp_fetch("first", "v1", *path.split("/"), method="POST", body=body, raise_error=False,
-                              **kwargs)
+                              headers=headers)
     return response.code, json.loads(response.body)
 
 
@@ -32,26 +31,26 @@ def _assert_openai_error(body: dict, *, param: str | None = None) -> str:
     return body["error"]["message"]
 
 
-async def test_malformed_json_is_400(jp_fetch):
-    code, body = await _post(jp_fetch, "chat/completions", b'{"model": "fake-model", "messages": [')
+async def test_malformed_json_is_400(jp_fetch, door):
+    code, body = await _post(jp_fetch, "chat/completions", b'{"model": "fake-model", "messages": [', door)
     assert code == 400
     assert "not valid JSON" in _assert_openai_error(body)
 
 
-async def test_non_object_json_is_400(jp_fetch):
-    code, body = await _post(jp_fetch, "chat/completions", b'["a", "list"]')
+async def test_non_object_json_is_400(jp_fetch, door):
+    code, body = await _post(jp_fetch, "chat/completions", b'["a", "list"]', door)
     assert code == 400
     assert "JSON object" in _assert_openai_error(body)
 
 
 @pytest.mark.parametrize("model", [None, "no-such-model"])
-async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, model):
+async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, door, model):
     request = dict(CHAT)
     if model is None:
         del request["model"]
     else:
         request["model"] = model
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(request))
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(request), door)
     assert code == 404
     message = _assert_openai_error(body, param="model")
     assert "fake-model" in message
@@ -72,22 +71,23 @@ async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, model):
         ({"stream": "yes please"}, "stream"),
     ],
 )
-async def test_wrong_types_are_400_naming_the_field(jp_fetch, patch, field):
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps({**CHAT, **patch}))
+async def test_wrong_types_are_400_naming_the_field(jp_fetch, door, patch, field):
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps({**CHAT, **patch}), door)
     assert code == 400
     message = _assert_openai_error(body, param=field)
     assert f"'{field}'" in message
 
 
-async def test_completions_prompt_type_is_checked(jp_fetch):
-    code, body = await _post(jp_fetch, "completions", json.dumps({"model": "fake-model", "prompt": {"a": 1}}))
+async def test_completions_prompt_type_is_checked(jp_fetch, door):
+    request = {"model": "fake-model", "prompt": {"a": 1}}
+    code, body = await _post(jp_fetch, "completions", json.dumps(request), door)
     assert code == 400
     _assert_openai_error(body, param="prompt")
 
 
-async def test_body_over_limit_is_413(jp_fetch):
+async def test_body_over_limit_is_413(jp_fetch, door):
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(big))
+    code, body = await _post(jp_fetch, "chat/completions", json.dumps(big), door)
     assert code == 413
     message = _assert_openai_error(body)
     assert "4,096" in message
@@ -132,8 +132,8 @@ async def test_scoped_key_opens_first_routes_only(jp_fetch, jp_serverapp):
         assert response.code == 403, path
 
 
-async def test_embeddings_404_where_the_engine_cannot_embed(jp_fetch):
-    code, body = await _post(jp_fetch, "embeddings", json.dumps({"model": "fake-model", "input": "hi"}))
+async def test_embeddings_404_where_the_engine_cannot_embed(jp_fetch, door):
+    code, body = await _post(jp_fetch, "embeddings", json.dumps({"model": "fake-model", "input": "hi"}), door)
     assert code == 404
     message = _assert_openai_error(body, param="model")
     assert "cannot serve embeddings" in message

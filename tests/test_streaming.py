@@ -35,16 +35,12 @@ def _url(ext) -> URL:
     return URL(f"{ext.gateway_url()}/chat/completions", encoded=True)
 
 
-def _headers(ext) -> dict[str, str]:
-    return {"Authorization": f"Bearer {ext.api_key}"}
-
-
-async def test_chunks_arrive_before_the_stream_ends(first_ext):
+async def test_chunks_arrive_before_the_stream_ends(first_ext, door):
     arrivals: list[float] = []
     async with aiohttp.ClientSession() as session:
         started = time.monotonic()
         async with session.post(_url(first_ext), json=CHAT,
-                                headers=_headers(first_ext)) as resp:
+                                headers=door) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"] == "text/event-stream"
             assert resp.headers["X-First-Cluster"] == "remote"
@@ -57,11 +53,11 @@ async def test_chunks_arrive_before_the_stream_ends(first_ext):
     assert arrivals[-1] > 200 * 0.02 * 0.9
 
 
-async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, slow_upstream):
+async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, door, slow_upstream):
     slow_upstream.pace = 0.4  # far apart, so the cancel cannot ride on a failed write of the next chunk
     async with aiohttp.ClientSession() as session:
         resp = await session.post(_url(first_ext), json=CHAT,
-                                  headers=_headers(first_ext))
+                                  headers=door)
         seen = 0
         async for line in resp.content:
             seen += line.startswith(b"data: ")
@@ -97,12 +93,12 @@ async def test_upstream_dropping_mid_stream_ends_with_an_error_event(first_ext, 
     ("fault", "status", "words"),
     [("429", 429, "retry after"), ("500", 500, "HTTP 500"), ("hang", 504, "did not answer within 1 s")],
 )
-async def test_upstream_faults_become_openai_errors(first_ext, slow_upstream, fault, status, words):
+async def test_upstream_faults_become_openai_errors(first_ext, door, slow_upstream, fault, status, words):
     slow_upstream.fault = fault
     async with aiohttp.ClientSession() as session:
         for stream in (False, True):
             async with session.post(_url(first_ext),
-                                    json={**CHAT, "stream": stream}, headers=_headers(first_ext)) as resp:
+                                    json={**CHAT, "stream": stream}, headers=door) as resp:
                 body = json.loads(await resp.read())
                 assert resp.status == status
                 assert words in body["error"]["message"]
@@ -110,11 +106,30 @@ async def test_upstream_faults_become_openai_errors(first_ext, slow_upstream, fa
                     assert resp.headers["Retry-After"] == "1"
 
 
-async def test_idle_timeout_mid_stream(first_ext, slow_upstream):
+async def test_idle_timeout_mid_stream(first_ext, door, slow_upstream):
     """A stream that stalls longer than the idle timeout ends with an error event, not a hang."""
     slow_upstream.pace = 1.5  # each chunk now comes after more than the 1 s idle timeout
     async with aiohttp.ClientSession() as session, session.post(_url(first_ext), json=CHAT,
-                            headers=_headers(first_ext)) as resp:
+                            headers=door) as resp:
         body = (await resp.read()).decode()
     assert resp.status == 200
     assert '"code":"upstream_idle_timeout"' in body
+
+
+async def test_client_leaving_a_plain_request_cancels_it_upstream(first_ext, slow_upstream, door):
+    """Not only streams: a non-stream request whose client gives up is cancelled upstream and counted as 499."""
+    slow_upstream.fault = "slow-first-byte"  # the answer takes a while, as a long completion does
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(_url(first_ext), json={**CHAT, "stream": False}, headers=door,
+                               timeout=aiohttp.ClientTimeout(total=0.3))
+        left_at = time.monotonic()
+    deadline = left_at + 2
+    while not slow_upstream.disconnects and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert slow_upstream.disconnects, "the upstream request was never cancelled"
+    assert slow_upstream.disconnects[-1] - left_at < 0.1
+    gateway = first_ext.gateway
+    await asyncio.to_thread(gateway.usage.flush)
+    assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 0)]
+

@@ -177,6 +177,9 @@ class Gateway:
         except OpenAIError as exc:
             self.record(req, target, exc.status, t0, None, None, None, request_id, exc.message)
             raise
+        except asyncio.CancelledError:  # the client left; the upstream request is already closed
+            self.record(req, target, CLIENT_CLOSED, t0, None, None, None, request_id, None)
+            raise
         body, data = rename_model_in_body(reply.body, req.model)
         prompt_tokens, completion_tokens = usage_of(data) if data else (None, None)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)

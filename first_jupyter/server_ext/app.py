@@ -11,11 +11,13 @@ from pathlib import Path
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
+from tornado.routing import Rule
 from traitlets import Bool, Integer, Unicode
 
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.paths import default_data_dir
+from first_jupyter.server_ext.front import HostVerdicts, KeyedFront
 from first_jupyter.server_ext.handlers import routes
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
@@ -57,12 +59,18 @@ class FirstExtension(ExtensionApp):
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)
         self.gateway = gateway
         self.api_key = "first-" + secrets.token_urlsafe(32)
+        self.hosts = HostVerdicts(self.serverapp.web_app.settings, self.log)
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
-                             first_max_request_bytes=self.max_request_bytes)
+                             first_max_request_bytes=self.max_request_bytes, first_hosts=self.hosts)
         self._export_kernel_env()
 
     def initialize_handlers(self) -> None:
+        """Jupyter's door for every route, and the keyed front ahead of all of the server's handlers."""
         self.handlers.extend(routes())
+        web_app = self.serverapp.web_app
+        front = KeyedFront(self.serverapp.base_url, self.api_key, self.gateway, self.settings["first_config_error"],
+                           self.max_request_bytes, self.hosts, web_app.settings, self.log)
+        web_app.default_router.rules.insert(0, Rule(front.matcher(), front))
 
     def gateway_url(self) -> str:
         return url_path_join(self.serverapp.connection_url, "first/v1")

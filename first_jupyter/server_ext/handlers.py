@@ -1,16 +1,16 @@
-"""Tornado handlers under ``{base_url}/first/``: thin shells that parse, call the Gateway, and write.
+"""Jupyter's door to the gateway: tornado handlers under ``{base_url}/first/``, thin shells over ``exchange``.
 
 Two ways in: Jupyter's own auth (cookie + XSRF from the browser, or a Jupyter token), and the scoped key the
 extension gives the kernels it starts (``Authorization: Bearer $FIRST_API_KEY``), which opens these routes
-and nothing else of the server.
+and nothing else of the server. Most scoped-key requests never get here: the keyed front (``front``) takes
+those on the hot routes first; this door serves the rest with the same results.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from asyncio import Future
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 from jupyter_server.auth.identity import User
@@ -18,11 +18,12 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.prometheus.log_functions import prometheus_log_method
 from tornado import web
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, StreamClosedError
 
 from first_jupyter.gateway import Gateway
-from first_jupyter.gateway.core import GatewayStream
-from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.gateway.core import Completed
+from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.server_ext import exchange
+from first_jupyter.server_ext.front import HostVerdicts, bearer_key_matches
 
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
 _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
@@ -30,21 +31,14 @@ _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in 
 
 
 class FirstHandler(APIHandler):
-    """Base for every FIRST route: scoped-key auth, OpenAI-shaped errors, access to the Gateway."""
+    """Base for every FIRST route on Jupyter's door: scoped-key auth, OpenAI-shaped errors, the Gateway."""
 
     _scoped = False
-    _host_verdicts: ClassVar[dict[tuple[int, str], bool]] = {}
 
     def check_host(self) -> bool:
-        """Jupyter's DNS-rebinding guard, remembered per Host header: it parses addresses on every call."""
-        host = (id(self.application), self.request.host)
-        verdict = self._host_verdicts.get(host)
-        if verdict is None:
-            verdict = super().check_host()
-            if len(self._host_verdicts) > 256:  # spoofed Host headers must not grow this without bound
-                self._host_verdicts.clear()
-            self._host_verdicts[host] = verdict
-        return verdict
+        """Jupyter's DNS-rebinding guard, remembered per Host header (shared with the keyed front)."""
+        hosts: HostVerdicts = self.settings["first_hosts"]
+        return hosts.allowed(self.request.host)
 
     def _log(self) -> None:
         """Successful answers are accounted in the usage store; keep the metric, skip the access-log line."""
@@ -54,19 +48,15 @@ class FirstHandler(APIHandler):
             super()._log()
 
     async def prepare(self) -> None:  # type: ignore[override]
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() == "bearer" and given:
-            key: str = self.settings["first_api_key"]
-            if hmac.compare_digest(given.strip().encode(), key.encode()):
-                if not self.check_host():
-                    raise OpenAIError(403, f"Requests for host '{self.request.host}' are refused (DNS-rebinding "
-                                           "guard). Use 127.0.0.1 or localhost, or set "
-                                           "ServerApp.allow_remote_access.", type="permission_error",
-                                      code="host_not_allowed")
-                self._scoped = True
-                self.current_user = self._jupyter_current_user = SCOPED_USER
-                return  # a bearer key is not a cookie: no XSRF check applies
+        if bearer_key_matches(self.request.headers.get("Authorization"), self.settings["first_api_key"].encode()):
+            if not self.check_host():
+                raise OpenAIError(403, f"Requests for host '{self.request.host}' are refused (DNS-rebinding "
+                                       "guard). Use 127.0.0.1 or localhost, or set "
+                                       "ServerApp.allow_remote_access.", type="permission_error",
+                                  code="host_not_allowed")
+            self._scoped = True
+            self.current_user = self._jupyter_current_user = SCOPED_USER
+            return  # a bearer key is not a cookie: no XSRF check applies
         await super().prepare()
 
     def check_xsrf_cookie(self) -> None:
@@ -77,13 +67,11 @@ class FirstHandler(APIHandler):
     def gateway(self) -> Gateway:
         gateway: Gateway | None = self.settings.get("first_gateway")
         if gateway is None:
-            raise OpenAIError(503, "The FIRST gateway is not running because its configuration is invalid:\n"
-                                   f"{self.settings.get('first_config_error')}\nFix the file and restart "
-                                   "the Jupyter server.", type="api_error", code="config_error")
+            raise exchange.config_error(self.settings.get("first_config_error"))
         return gateway
 
     def write_json(self, payload: Any) -> None:
-        self.set_header("Content-Type", "application/json")
+        self.set_header("Content-Type", exchange.JSON)
         self.finish(orjson.dumps(payload))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -98,7 +86,7 @@ class FirstHandler(APIHandler):
         self.set_status(err.status)
         for name, value in err.headers.items():
             self.set_header(name, value)
-        self.set_header("Content-Type", "application/json")
+        self.set_header("Content-Type", exchange.JSON)
         self.finish(err.to_bytes())
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -118,10 +106,10 @@ class FirstHandler(APIHandler):
         elif status_code == 405:
             err = OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
                               code="method_not_allowed")
+        elif status_code >= 500:
+            err = exchange.internal_error(reason)
         else:
-            err = OpenAIError(status_code, reason or "The gateway failed on this request; its log has the "
-                                                     "details. Retry, and report it if it persists.",
-                              type="api_error" if status_code >= 500 else "invalid_request_error")
+            err = OpenAIError(status_code, reason or f"The request failed ({status_code}).")
         self.send_error_body(err)
 
 
@@ -154,81 +142,28 @@ class InferenceHandler(FirstHandler):
     @web.authenticated
     async def post(self) -> None:
         self._task = asyncio.current_task()
+        gateway = self.gateway
+        limit = exchange.body_limit(self.settings["first_max_request_bytes"], gateway)
         try:
-            gateway = self.gateway
-            body = self.request.body
-            limit: int = self.settings["first_max_request_bytes"] or gateway.config.defaults.limits.max_request_bytes
-            if len(body) > limit:
-                raise OpenAIError(413, f"The request body is {len(body):,} bytes, over this gateway's limit of "
-                                       f"{limit:,}. Send less (fewer or shorter messages), or raise "
-                                       f"c.FirstExtension.max_request_bytes.", code="request_too_large")
-            req = parse_request(self.capability, body)
-            if not req.stream:
-                done = await gateway.complete(req)
-                self.set_header("Content-Type", "application/json")
-                self.set_header("X-First-Cluster", done.target.cluster)
-                self.set_header("X-First-Endpoint", done.target.endpoint)
-                self.finish(done.body)
-                return
-            stream = await gateway.stream(req)
+            outcome = await exchange.start(gateway, self.capability, self.request.body, limit)
         except asyncio.CancelledError:
             return  # the client left before anything was sent; nothing to clean up beyond the task
-        await self._relay(stream)
+        if isinstance(outcome, Completed):
+            for name, value in exchange.target_headers(outcome.target).items():
+                self.set_header(name, value)
+            self.set_header("Content-Type", exchange.JSON)
+            self.finish(outcome.body)
+            return
+        for name, value in {**exchange.STREAM_HEADERS, **exchange.target_headers(outcome.target)}.items():
+            self.set_header(name, value)
+        connection = self.request.connection
+        assert isinstance(connection, HTTP1Connection)  # tornado's HTTP server; no other kind serves Jupyter
 
-    async def _relay(self, stream: GatewayStream) -> None:
-        self.set_header("Content-Type", "text/event-stream")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
-        self.set_header("X-First-Cluster", stream.target.cluster)
-        self.set_header("X-First-Endpoint", stream.target.endpoint)
-        socket_stream: IOStream | None = None
-        plain_socket = False
+        def send_first(chunk: bytes) -> Future[None]:
+            self.write(chunk)
+            return self.flush()
 
-        def on_drained(drained: Future[None]) -> None:
-            if not drained.cancelled():
-                drained.exception()  # a closed client is handled by on_connection_close
-            stream.resume()
-
-        def write(chunk: bytes) -> bool:
-            """After the first chunk (sent with the headers), frame each chunk and hand it to the socket
-            stream: tornado's flush() adds two futures and a loop callback per chunk, most of the relay's cost."""
-            nonlocal socket_stream, plain_socket
-            if socket_stream is not None:
-                frame = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-                if plain_socket and not socket_stream.writing():  # nothing queued: send now, queue the rest
-                    try:
-                        sent = socket_stream.socket.send(frame)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        raise StreamClosedError() from None
-                    if sent == len(frame):
-                        return True
-                    frame = frame[sent:]
-                drained = socket_stream.write(frame)
-            else:
-                self.write(chunk)
-                drained = self.flush()
-                connection = self.request.connection
-                if isinstance(connection, HTTP1Connection) and connection._chunking_output:
-                    socket_stream = connection.stream
-                    plain_socket = type(socket_stream) is IOStream  # not TLS: its send has other failure modes
-            if drained.done():
-                drained.exception()  # retrieved, so a closed client logs nothing; on_connection_close acts
-                return True
-            drained.add_done_callback(on_drained)  # the client is slow: pause the upstream until drained
-            return False
-
-        gone = False
-        try:
-            if isinstance(self.request.connection, HTTP1Connection):  # each event goes out at once, never
-                self.request.connection.stream.set_nodelay(True)     # held back waiting for an ACK (Nagle)
-            await stream.relay(write)
-        except (asyncio.CancelledError, StreamClosedError):
-            gone = True
-        finally:
-            stream.close(client_gone=gone)
-        if not gone:
+        if not await exchange.relay(outcome, connection, send_first):
             self.finish()
 
 
