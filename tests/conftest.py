@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from yarl import URL
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.remote.tiny_model import build_tiny_model
@@ -141,12 +143,40 @@ def first_ext(jp_serverapp: Any, http_server: Any) -> Any:
     return extension(jp_serverapp)
 
 
-@pytest.fixture(params=["jupyter", "front"])
-def door(request: pytest.FixtureRequest, jp_serverapp: Any, jp_auth_header: dict[str, str]) -> dict[str, str]:
-    """Credentials that take a request through one of the server's two doors to the gateway.
+@dataclass(frozen=True)
+class Door:
+    """One way into the gateway: a base URL ending in ``/first/v1`` and the credentials that open it."""
 
-    A Jupyter token goes through Jupyter's handlers; the scoped kernel key on the hot routes goes through the
-    keyed front. Tests of behaviour both must share take this fixture, so each runs once per door.
-    """
-    return dict(jp_auth_header) if request.param == "jupyter" else scoped_headers(jp_serverapp)
+    name: str
+    url: str
+    headers: dict[str, str]
+    api_key: str
+    """What an ``openai`` client passes as ``api_key`` through this door (sent as a bearer token)."""
 
+    def route(self, path: str) -> URL:
+        """A route's URL, kept percent-encoded (the test server's base_url has an escaped '@')."""
+        return URL(f"{self.url}/{path}", encoded=True)
+
+
+def open_door(name: str, ext: Any, jp_auth_header: dict[str, str]) -> Door:
+    """``jupyter-token``: Jupyter's handlers with a Jupyter token; ``jupyter-key``: Jupyter's handlers with the
+    scoped key; ``api``: the gateway's own server, which kernels are pointed at, with the scoped key."""
+    token = jp_auth_header["Authorization"].split(" ", 1)[1]
+    bearer = {"Authorization": f"Bearer {ext.api_key}"}
+    doors = {"jupyter-token": (ext.jupyter_gateway_url(), dict(jp_auth_header), token),
+             "jupyter-key": (ext.jupyter_gateway_url(), bearer, ext.api_key),
+             "api": (ext.gateway_url(), bearer, ext.api_key)}
+    url, headers, api_key = doors[name]
+    return Door(name, url, headers, api_key)
+
+
+@pytest.fixture(params=["jupyter-token", "jupyter-key", "api"])
+def door(request: pytest.FixtureRequest, first_ext: Any, jp_auth_header: dict[str, str]) -> Door:
+    """Every door in turn: behaviour all doors share is tested through each."""
+    return open_door(request.param, first_ext, jp_auth_header)
+
+
+@pytest.fixture(params=["jupyter-key", "api"])
+def key_door(request: pytest.FixtureRequest, first_ext: Any, jp_auth_header: dict[str, str]) -> Door:
+    """The doors a program holding the scoped key uses: the Jupyter server's URL and the gateway's own."""
+    return open_door(request.param, first_ext, jp_auth_header)

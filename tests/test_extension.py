@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import fake_cluster_config, server_config
@@ -57,7 +58,7 @@ class TestWithFakeUpstream:
         await first_ext._start_jupyter_server_extension(jp_serverapp)
         path = first_ext.runtime_file
         assert json.loads(path.read_text()) == {"url": first_ext.gateway_url(), "api_key": first_ext.api_key,
-                                                "pid": os.getpid()}
+                                                "jupyter_url": first_ext.jupyter_gateway_url(), "pid": os.getpid()}
         assert path.stat().st_mode & 0o777 == 0o600
         await first_ext.stop_extension()
         assert not path.exists()
@@ -70,10 +71,11 @@ class TestBadConfig:
             {"name": "vllm", "base_url": "polaris:8000", "models": [{"id": "llama"}]}]}}}
         return server_config(write_config(bad), tmp_path / "data")
 
-    async def test_bad_config_is_reported_with_file_and_key_path(self, jp_fetch, door, tmp_path: Path):
-        response = await jp_fetch("first", "v1", "models", method="GET", headers=door, raise_error=False)
-        assert response.code == 503
-        message = json.loads(response.body)["error"]["message"]
+    async def test_bad_config_is_reported_with_file_and_key_path(self, door, tmp_path: Path):
+        async with aiohttp.ClientSession() as session, session.get(door.route("models"),
+                                                                   headers=door.headers) as resp:
+            assert resp.status == 503
+            message = json.loads(await resp.read())["error"]["message"]
         assert str(tmp_path / "first.yaml") in message
         assert "clusters.polaris.endpoints[0].base_url" in message
         assert "https?://" in message

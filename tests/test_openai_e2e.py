@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import engine_cluster_config, server_config
+from tests.conftest import Door, engine_cluster_config, server_config
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
 
@@ -18,15 +18,14 @@ def jp_server_config(tiny_engine, write_config, tmp_path: Path):
     return server_config(write_config(engine_cluster_config(tiny_engine)), tmp_path / "data")
 
 
-def _clients(ext) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
-    url = ext.gateway_url()
-    assert url.endswith("/first/v1")
-    return (openai.OpenAI(base_url=url, api_key=ext.api_key, max_retries=0),
-            openai.AsyncOpenAI(base_url=url, api_key=ext.api_key, max_retries=0))
+def _clients(door: Door) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+    """Clients of both kinds through ``door``: {server}/first/v1 (Jupyter's) or the gateway's own server."""
+    return (openai.OpenAI(base_url=door.url, api_key=door.api_key, max_retries=0),
+            openai.AsyncOpenAI(base_url=door.url, api_key=door.api_key, max_retries=0))
 
 
-async def test_sync_client_chat_stream_and_not(first_ext):
-    sync, _ = _clients(first_ext)
+async def test_sync_client_chat_stream_and_not(first_ext, key_door):
+    sync, _ = _clients(key_door)
 
     def run() -> tuple[openai.types.chat.ChatCompletion, list[str], list[int]]:
         done = sync.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6)
@@ -49,8 +48,8 @@ async def test_sync_client_chat_stream_and_not(first_ext):
     assert [m.id for m in models.data] == ["tiny-chat"]
 
 
-async def test_async_client_chat_completions_and_stream(first_ext):
-    _, client = _clients(first_ext)
+async def test_async_client_chat_completions_and_stream(first_ext, key_door):
+    _, client = _clients(key_door)
     done = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4,
                                                 temperature=0.5, top_p=0.9, seed=3)
     assert done.choices[0].finish_reason == "length"
@@ -67,8 +66,8 @@ async def test_async_client_chat_completions_and_stream(first_ext):
     assert len(pieces) >= 3
 
 
-async def test_usage_is_recorded(first_ext):
-    _, client = _clients(first_ext)
+async def test_usage_is_recorded(first_ext, key_door):
+    _, client = _clients(key_door)
     await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=3)
     stream = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4,
                                                   stream=True)
@@ -89,9 +88,9 @@ async def test_usage_is_recorded(first_ext):
     assert rows[2][4] == 404
 
 
-async def test_extra_sampling_fields_reach_the_engine(first_ext):
+async def test_extra_sampling_fields_reach_the_engine(first_ext, key_door):
     """Fields outside the OpenAI schema (vLLM's) pass through untouched; the engine decides on them."""
-    _, client = _clients(first_ext)
+    _, client = _clients(key_door)
     with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model="tiny-chat", messages=MESSAGES,
                                              extra_body={"top_k": 5, "min_p": 0.1})

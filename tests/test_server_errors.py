@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.conftest import fake_cluster_config, scoped_headers, server_config
+from tests.conftest import Door, fake_cluster_config, scoped_headers, server_config
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -18,10 +19,12 @@ def jp_server_config(fake_upstream, write_config, tmp_path: Path):
                          max_request_bytes=4096)
 
 
-async def _post(jp_fetch, path: str, body: bytes | str, headers: dict[str, str]):
-    response = await jp_fetch("first", "v1", *path.split("/"), method="POST", body=body, raise_error=False,
-                              headers=headers)
-    return response.code, json.loads(response.body)
+async def _post(door: Door, path: str, body: bytes | str, headers: dict[str, str] | None = None,
+                ) -> tuple[int, dict]:
+    """POST through ``door`` with its credentials, or with ``headers`` instead of them."""
+    async with aiohttp.ClientSession() as session, session.post(
+            door.route(path), data=body, headers=door.headers if headers is None else headers) as resp:
+        return resp.status, json.loads(await resp.read())
 
 
 def _assert_openai_error(body: dict, *, param: str | None = None) -> str:
@@ -31,26 +34,26 @@ def _assert_openai_error(body: dict, *, param: str | None = None) -> str:
     return body["error"]["message"]
 
 
-async def test_malformed_json_is_400(jp_fetch, door):
-    code, body = await _post(jp_fetch, "chat/completions", b'{"model": "fake-model", "messages": [', door)
+async def test_malformed_json_is_400(door):
+    code, body = await _post(door, "chat/completions", b'{"model": "fake-model", "messages": [')
     assert code == 400
     assert "not valid JSON" in _assert_openai_error(body)
 
 
-async def test_non_object_json_is_400(jp_fetch, door):
-    code, body = await _post(jp_fetch, "chat/completions", b'["a", "list"]', door)
+async def test_non_object_json_is_400(door):
+    code, body = await _post(door, "chat/completions", b'["a", "list"]')
     assert code == 400
     assert "JSON object" in _assert_openai_error(body)
 
 
 @pytest.mark.parametrize("model", [None, "no-such-model"])
-async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, door, model):
+async def test_missing_or_unknown_model_is_404_listing_ids(door, model):
     request = dict(CHAT)
     if model is None:
         del request["model"]
     else:
         request["model"] = model
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(request), door)
+    code, body = await _post(door, "chat/completions", json.dumps(request))
     assert code == 404
     message = _assert_openai_error(body, param="model")
     assert "fake-model" in message
@@ -71,56 +74,66 @@ async def test_missing_or_unknown_model_is_404_listing_ids(jp_fetch, door, model
         ({"stream": "yes please"}, "stream"),
     ],
 )
-async def test_wrong_types_are_400_naming_the_field(jp_fetch, door, patch, field):
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps({**CHAT, **patch}), door)
+async def test_wrong_types_are_400_naming_the_field(door, patch, field):
+    code, body = await _post(door, "chat/completions", json.dumps({**CHAT, **patch}))
     assert code == 400
     message = _assert_openai_error(body, param=field)
     assert f"'{field}'" in message
 
 
-async def test_completions_prompt_type_is_checked(jp_fetch, door):
+async def test_completions_prompt_type_is_checked(door):
     request = {"model": "fake-model", "prompt": {"a": 1}}
-    code, body = await _post(jp_fetch, "completions", json.dumps(request), door)
+    code, body = await _post(door, "completions", json.dumps(request))
     assert code == 400
     _assert_openai_error(body, param="prompt")
 
 
-async def test_body_over_limit_is_413(jp_fetch, door):
+async def test_body_over_limit_is_413(door):
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(big), door)
+    code, body = await _post(door, "chat/completions", json.dumps(big))
     assert code == 413
     message = _assert_openai_error(body)
     assert "4,096" in message
     assert "max_request_bytes" in message
 
 
-async def test_no_auth_is_401(jp_fetch):
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(CHAT), headers={"Authorization": ""})
+async def test_no_auth_is_401(door):
+    code, body = await _post(door, "chat/completions", json.dumps(CHAT), headers={})
     assert code == 401
     assert "FIRST_API_KEY" in _assert_openai_error(body)
+    assert body["error"]["type"] == "authentication_error"
 
 
-async def test_wrong_bearer_key_is_401(jp_fetch):
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(CHAT),
+async def test_wrong_bearer_key_is_401(door):
+    code, body = await _post(door, "chat/completions", json.dumps(CHAT),
                              headers={"Authorization": "Bearer first-not-the-key"})
     assert code == 401
     assert body["error"]["type"] == "authentication_error"
 
 
-async def test_cookie_without_xsrf_is_403(jp_fetch, jp_serverapp):
+async def test_cookie_without_xsrf_is_403(jp_fetch):
     login = await jp_fetch("api", "me", method="GET")
     cookies = [c.split(";")[0] for c in login.headers.get_list("Set-Cookie")]
     assert cookies, "the token login should set Jupyter's cookies"
-    code, body = await _post(jp_fetch, "chat/completions", json.dumps(CHAT),
-                             headers={"Authorization": "", "Cookie": "; ".join(cookies)})
-    assert code == 403
-    assert "X-XSRFToken" in _assert_openai_error(body)
+    # jp_fetch, because Jupyter's cookie names carry the host the client used
+    response = await jp_fetch("first", "v1", "chat", "completions", method="POST", body=json.dumps(CHAT),
+                              headers={"Authorization": "", "Cookie": "; ".join(cookies)}, raise_error=False)
+    assert response.code == 403
+    assert "X-XSRFToken" in _assert_openai_error(json.loads(response.body))
 
 
-async def test_unknown_route_is_openai_404(jp_fetch):
-    response = await jp_fetch("first", "v1", "assistants", method="GET", raise_error=False)
-    assert response.code == 404
-    assert "chat/completions" in json.loads(response.body)["error"]["message"]
+async def test_unknown_route_is_openai_404(door):
+    async with aiohttp.ClientSession() as session, session.get(door.route("assistants"),
+                                                               headers=door.headers) as resp:
+        assert resp.status == 404
+        assert "chat/completions" in json.loads(await resp.read())["error"]["message"]
+
+
+async def test_wrong_method_is_405(door):
+    async with aiohttp.ClientSession() as session, session.get(door.route("chat/completions"),
+                                                               headers=door.headers) as resp:
+        assert resp.status == 405
+        assert json.loads(await resp.read())["error"]["code"] == "method_not_allowed"
 
 
 async def test_scoped_key_opens_first_routes_only(jp_fetch, jp_serverapp):
@@ -132,17 +145,16 @@ async def test_scoped_key_opens_first_routes_only(jp_fetch, jp_serverapp):
         assert response.code == 403, path
 
 
-async def test_embeddings_404_where_the_engine_cannot_embed(jp_fetch, door):
-    code, body = await _post(jp_fetch, "embeddings", json.dumps({"model": "fake-model", "input": "hi"}), door)
+async def test_embeddings_404_where_the_engine_cannot_embed(door):
+    code, body = await _post(door, "embeddings", json.dumps({"model": "fake-model", "input": "hi"}))
     assert code == 404
     message = _assert_openai_error(body, param="model")
     assert "cannot serve embeddings" in message
     assert "fake-embed" in message
 
 
-
-async def test_scoped_key_from_a_foreign_host_is_403(jp_fetch, jp_serverapp):
-    headers = {**scoped_headers(jp_serverapp), "Host": "attacker.example"}
-    response = await jp_fetch("first", "v1", "models", method="GET", headers=headers, raise_error=False)
-    assert response.code == 403
-    assert json.loads(response.body)["error"]["code"] == "host_not_allowed"
+async def test_scoped_key_from_a_foreign_host_is_403(key_door):
+    async with aiohttp.ClientSession() as session, session.get(
+            key_door.route("models"), headers={**key_door.headers, "Host": "attacker.example"}) as resp:
+        assert resp.status == 403
+        assert json.loads(await resp.read())["error"]["code"] == "host_not_allowed"

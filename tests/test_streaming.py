@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-from yarl import URL
 
 from bench.fake_upstream import serving_in_thread
 from tests.conftest import fake_cluster_config, server_config
@@ -30,17 +29,12 @@ def jp_server_config(slow_upstream, write_config, tmp_path: Path):
     return server_config(write_config(config), tmp_path / "data")
 
 
-def _url(ext) -> URL:
-    """The gateway's chat route, kept percent-encoded (the test server's base_url has an escaped '@')."""
-    return URL(f"{ext.gateway_url()}/chat/completions", encoded=True)
-
-
 async def test_chunks_arrive_before_the_stream_ends(first_ext, door):
     arrivals: list[float] = []
     async with aiohttp.ClientSession() as session:
         started = time.monotonic()
-        async with session.post(_url(first_ext), json=CHAT,
-                                headers=door) as resp:
+        async with session.post(door.route("chat/completions"), json=CHAT,
+                                headers=door.headers) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"] == "text/event-stream"
             assert resp.headers["X-First-Cluster"] == "remote"
@@ -56,8 +50,8 @@ async def test_chunks_arrive_before_the_stream_ends(first_ext, door):
 async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, door, slow_upstream):
     slow_upstream.pace = 0.4  # far apart, so the cancel cannot ride on a failed write of the next chunk
     async with aiohttp.ClientSession() as session:
-        resp = await session.post(_url(first_ext), json=CHAT,
-                                  headers=door)
+        resp = await session.post(door.route("chat/completions"), json=CHAT,
+                                  headers=door.headers)
         seen = 0
         async for line in resp.content:
             seen += line.startswith(b"data: ")
@@ -77,8 +71,8 @@ async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, door, 
     assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 1)]
 
 
-async def test_upstream_dropping_mid_stream_ends_with_an_error_event(first_ext, slow_upstream):
-    client = openai.AsyncOpenAI(base_url=first_ext.gateway_url(), api_key=first_ext.api_key, max_retries=0)
+async def test_upstream_dropping_mid_stream_ends_with_an_error_event(key_door, slow_upstream):
+    client = openai.AsyncOpenAI(base_url=key_door.url, api_key=key_door.api_key, max_retries=0)
     slow_upstream.fault = "drop-mid-stream"
     stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True)
     received = 0
@@ -97,8 +91,8 @@ async def test_upstream_faults_become_openai_errors(first_ext, door, slow_upstre
     slow_upstream.fault = fault
     async with aiohttp.ClientSession() as session:
         for stream in (False, True):
-            async with session.post(_url(first_ext),
-                                    json={**CHAT, "stream": stream}, headers=door) as resp:
+            async with session.post(door.route("chat/completions"),
+                                    json={**CHAT, "stream": stream}, headers=door.headers) as resp:
                 body = json.loads(await resp.read())
                 assert resp.status == status
                 assert words in body["error"]["message"]
@@ -109,8 +103,8 @@ async def test_upstream_faults_become_openai_errors(first_ext, door, slow_upstre
 async def test_idle_timeout_mid_stream(first_ext, door, slow_upstream):
     """A stream that stalls longer than the idle timeout ends with an error event, not a hang."""
     slow_upstream.pace = 1.5  # each chunk now comes after more than the 1 s idle timeout
-    async with aiohttp.ClientSession() as session, session.post(_url(first_ext), json=CHAT,
-                            headers=door) as resp:
+    async with aiohttp.ClientSession() as session, session.post(door.route("chat/completions"), json=CHAT,
+                            headers=door.headers) as resp:
         body = (await resp.read()).decode()
     assert resp.status == 200
     assert '"code":"upstream_idle_timeout"' in body
@@ -121,7 +115,7 @@ async def test_client_leaving_a_plain_request_cancels_it_upstream(first_ext, slo
     slow_upstream.fault = "slow-first-byte"  # the answer takes a while, as a long completion does
     async with aiohttp.ClientSession() as session:
         with pytest.raises(asyncio.TimeoutError):
-            await session.post(_url(first_ext), json={**CHAT, "stream": False}, headers=door,
+            await session.post(door.route("chat/completions"), json={**CHAT, "stream": False}, headers=door.headers,
                                timeout=aiohttp.ClientTimeout(total=0.3))
         left_at = time.monotonic()
     deadline = left_at + 2

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-MAX_HEAD_BYTES = 64 * 1024
+from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_headers
+
 PAUSE_BYTES = 1024 * 1024  # stop reading the upstream while this much is waiting for a slow client
 
 
@@ -293,9 +294,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._mode = ""  # "length" | "chunked" | "eof" | "none"
         self._left = 0
-        self._cbuf = b""
-        self._crlf = False
-        self._trailers = False
+        self._chunks = ChunkedDecoder()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -336,8 +335,8 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes | None, first_byte: float, idle: float) -> Response:
         assert self.transport is not None
-        self._in_head, self._head, self._mode, self._cbuf = True, bytearray(), "", b""
-        self._left, self._crlf, self._trailers = 0, False, False
+        self._in_head, self._head, self._mode, self._left = True, bytearray(), "", 0
+        self._chunks = ChunkedDecoder()
         resp = self._resp = Response(self, first_byte, idle)
         length = len(body) if body else 0
         self.transport.write(head + b"Content-Length: %d\r\n\r\n" % length + (body or b""))
@@ -357,11 +356,10 @@ class _Connection(asyncio.Protocol):
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise ProtocolViolation(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
         status = int(parts[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        try:
+            headers = parse_headers(lines[1:])
+        except WireError as exc:
+            raise ProtocolViolation(str(exc)) from None
         if 100 <= status < 200:  # informational: the real head follows
             self._head = bytearray()
             return self._parse_head(rest, resp) if rest else b""
@@ -403,52 +401,14 @@ class _Connection(asyncio.Protocol):
             self._end(resp)
 
     def _parse_chunked(self, data: bytes, resp: Response) -> None:
-        buf = self._cbuf + data if self._cbuf else data
-        self._cbuf = b""
-        pos, size_of = 0, len(buf)
-        out: list[bytes] = []
-        while pos < size_of:
-            if self._left:
-                take = min(self._left, size_of - pos)
-                out.append(buf[pos:pos + take])
-                pos += take
-                self._left -= take
-                self._crlf = self._left == 0
-                continue
-            if self._crlf:
-                if size_of - pos < 2:
-                    self._cbuf = buf[pos:]
-                    break
-                if buf[pos:pos + 2] != b"\r\n":
-                    raise ProtocolViolation("chunk not followed by CRLF")
-                pos += 2
-                self._crlf = False
-                continue
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                if size_of - pos > 4096:
-                    raise ProtocolViolation("chunk size line too long")
-                self._cbuf = buf[pos:]
-                break
-            line = buf[pos:end]
-            pos = end + 2
-            if self._trailers:
-                if not line:  # the empty line after the last chunk (and any trailers)
-                    if out:
-                        resp._data(out[0] if len(out) == 1 else b"".join(out))
-                    self._end(resp)
-                    return
-                continue
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
-                raise ProtocolViolation(f"bad chunk size {line[:40]!r}") from None
-            if size == 0:
-                self._trailers = True
-            else:
-                self._left = size
-        if out:
-            resp._data(out[0] if len(out) == 1 else b"".join(out))
+        try:
+            payload, _ = self._chunks.feed(data)  # bytes after the end: nothing was asked, so nothing to keep
+        except WireError as exc:
+            raise ProtocolViolation(str(exc)) from None
+        if payload:
+            resp._data(payload)
+        if self._chunks.done:
+            self._end(resp)
 
     def _end(self, resp: Response) -> None:
         self._resp = None

@@ -6,18 +6,20 @@ import gc
 import json
 import os
 import secrets
+import socket
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_runtime_dir
+from jupyter_server._tz import utcnow
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
-from tornado.routing import Rule
 from traitlets import Bool, Integer, Unicode
 
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.api import GatewayApp
+from first_jupyter.gateway.httpd import HttpServer, listening_socket, serve
 from first_jupyter.paths import default_data_dir
-from first_jupyter.server_ext.front import HostVerdicts, KeyedFront
 from first_jupyter.server_ext.handlers import routes
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
@@ -44,6 +46,11 @@ class FirstExtension(ExtensionApp):
         help="Once the server has started, move the objects it has built so far (JupyterLab's and every "
              "extension's, a few hundred thousand) out of the cyclic garbage collector's reach with gc.freeze(). "
              "Without this each full collection walks them all and stalls every request for ~100 ms.")
+    api_port = Integer(
+        0, config=True,
+        help="Loopback port of the gateway's own HTTP server, which kernels reach through FIRST_GATEWAY_URL "
+             "(the same routes as {base_url}first/, for the scoped key, at a third of the CPU per request). "
+             "0: a free port chosen at start. -1: no own server; kernels use the Jupyter server's URL.")
     export_kernel_env = Bool(
         True, config=True, help="Put FIRST_GATEWAY_URL and a scoped FIRST_API_KEY into the environment of "
                                 "kernels and terminals this server starts, so notebook code reaches the gateway.")
@@ -59,21 +66,45 @@ class FirstExtension(ExtensionApp):
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)
         self.gateway = gateway
         self.api_key = "first-" + secrets.token_urlsafe(32)
-        self.hosts = HostVerdicts(self.serverapp.web_app.settings, self.log)
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
-                             first_max_request_bytes=self.max_request_bytes, first_hosts=self.hosts)
+                             first_max_request_bytes=self.max_request_bytes, first_host_verdicts={})
+        self._api_socket = self._bind_api_socket()
+        self.api_server: HttpServer | None = None
+        if self._api_socket is not None:
+            app = GatewayApp(gateway, key=self.api_key, max_request_bytes=self.max_request_bytes,
+                             config_error_text=error, on_activity=self._mark_activity, log=self.log)
+            self.serverapp.io_loop.add_callback(self._serve_api, app, self._api_socket)
         self._export_kernel_env()
 
     def initialize_handlers(self) -> None:
-        """Jupyter's door for every route, and the keyed front ahead of all of the server's handlers."""
         self.handlers.extend(routes())
-        web_app = self.serverapp.web_app
-        front = KeyedFront(self.serverapp.base_url, self.api_key, self.gateway, self.settings["first_config_error"],
-                           self.max_request_bytes, self.hosts, web_app.settings, self.log)
-        web_app.default_router.rules.insert(0, Rule(front.matcher(), front))
+
+    def _bind_api_socket(self) -> socket.socket | None:
+        if self.api_port < 0:
+            return None
+        try:
+            return listening_socket("127.0.0.1", self.api_port)
+        except OSError as exc:
+            self.log.error("FIRST: cannot listen on 127.0.0.1:%s (%s); kernels will use the Jupyter server's URL. "
+                           "Set c.FirstExtension.api_port to a free port, or 0 for any.", self.api_port, exc)
+            return None
+
+    async def _serve_api(self, app: GatewayApp, sock: socket.socket) -> None:
+        self.api_server = await serve(app, sock)
+
+    def _mark_activity(self) -> None:
+        """Kernel traffic is activity: an idle-culling hub must not stop a server whose notebooks use it."""
+        self.serverapp.web_app.settings["api_last_activity"] = utcnow()
+
+    def jupyter_gateway_url(self) -> str:
+        """The routes on the Jupyter server itself (for browsers, Jupyter tokens, and the scoped key too)."""
+        return url_path_join(self.serverapp.connection_url, "first/v1")
 
     def gateway_url(self) -> str:
-        return url_path_join(self.serverapp.connection_url, "first/v1")
+        """What programs should use: the gateway's own server when it listens, else the Jupyter server."""
+        if self._api_socket is None:
+            return self.jupyter_gateway_url()
+        return f"http://127.0.0.1:{self._api_socket.getsockname()[1]}/first/v1"
 
     def _export_kernel_env(self) -> None:
         """Kernels inherit the server's environment; the URL is re-exported once the port is final."""
@@ -94,7 +125,8 @@ class FirstExtension(ExtensionApp):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            json.dump({"url": self.gateway_url(), "api_key": self.api_key, "pid": os.getpid()}, fh)
+            json.dump({"url": self.gateway_url(), "jupyter_url": self.jupyter_gateway_url(), "api_key": self.api_key,
+                       "pid": os.getpid()}, fh)
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         self._export_kernel_env()
@@ -105,5 +137,9 @@ class FirstExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         self.runtime_file.unlink(missing_ok=True)
+        if self.api_server is not None:
+            self.api_server.close()
+        elif self._api_socket is not None:
+            self._api_socket.close()
         if self.gateway is not None:
             await self.gateway.close()

@@ -1,15 +1,16 @@
-"""Jupyter's door to the gateway: tornado handlers under ``{base_url}/first/``, thin shells over ``exchange``.
+"""Jupyter's door to the gateway: tornado handlers under ``{base_url}/first/``, thin shells over ``gateway.api``.
 
 Two ways in: Jupyter's own auth (cookie + XSRF from the browser, or a Jupyter token), and the scoped key the
 extension gives the kernels it starts (``Authorization: Bearer $FIRST_API_KEY``), which opens these routes
-and nothing else of the server. Most scoped-key requests never get here: the keyed front (``front``) takes
-those on the hot routes first; this door serves the rest with the same results.
+and nothing else of the server. Kernels are pointed at the gateway's own lean server (``gateway.api``) rather
+than here; this door answers the same routes alike for browsers, Jupyter tokens and anyone using this URL.
 """
 
 from __future__ import annotations
 
 import asyncio
 from asyncio import Future
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,12 +19,11 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.prometheus.log_functions import prometheus_log_method
 from tornado import web
 from tornado.http1connection import HTTP1Connection
+from tornado.iostream import IOStream, StreamClosedError
 
-from first_jupyter.gateway import Gateway
-from first_jupyter.gateway.core import Completed
+from first_jupyter.gateway import api
+from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
 from first_jupyter.protocol import Capability, OpenAIError
-from first_jupyter.server_ext import exchange
-from first_jupyter.server_ext.front import HostVerdicts, bearer_key_matches
 
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
 _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
@@ -36,9 +36,16 @@ class FirstHandler(APIHandler):
     _scoped = False
 
     def check_host(self) -> bool:
-        """Jupyter's DNS-rebinding guard, remembered per Host header (shared with the keyed front)."""
-        hosts: HostVerdicts = self.settings["first_hosts"]
-        return hosts.allowed(self.request.host)
+        """Jupyter's DNS-rebinding guard, remembered per Host header: Jupyter parses it on every request."""
+        verdicts: dict[str, bool] = self.settings["first_host_verdicts"]
+        host = self.request.host
+        verdict = verdicts.get(host)
+        if verdict is None:
+            verdict = super().check_host()
+            if len(verdicts) >= 256:  # made-up Host headers must not grow this without bound
+                verdicts.clear()
+            verdicts[host] = verdict
+        return verdict
 
     def _log(self) -> None:
         """Successful answers are accounted in the usage store; keep the metric, skip the access-log line."""
@@ -48,7 +55,7 @@ class FirstHandler(APIHandler):
             super()._log()
 
     async def prepare(self) -> None:  # type: ignore[override]
-        if bearer_key_matches(self.request.headers.get("Authorization"), self.settings["first_api_key"].encode()):
+        if api.bearer_key_matches(self.request.headers.get("Authorization"), self.settings["first_api_key"].encode()):
             if not self.check_host():
                 raise OpenAIError(403, f"Requests for host '{self.request.host}' are refused (DNS-rebinding "
                                        "guard). Use 127.0.0.1 or localhost, or set "
@@ -67,11 +74,11 @@ class FirstHandler(APIHandler):
     def gateway(self) -> Gateway:
         gateway: Gateway | None = self.settings.get("first_gateway")
         if gateway is None:
-            raise exchange.config_error(self.settings.get("first_config_error"))
+            raise api.config_error(self.settings.get("first_config_error"))
         return gateway
 
     def write_json(self, payload: Any) -> None:
-        self.set_header("Content-Type", exchange.JSON)
+        self.set_header("Content-Type", api.JSON)
         self.finish(orjson.dumps(payload))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -86,7 +93,7 @@ class FirstHandler(APIHandler):
         self.set_status(err.status)
         for name, value in err.headers.items():
             self.set_header(name, value)
-        self.set_header("Content-Type", exchange.JSON)
+        self.set_header("Content-Type", api.JSON)
         self.finish(err.to_bytes())
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -107,7 +114,7 @@ class FirstHandler(APIHandler):
             err = OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
                               code="method_not_allowed")
         elif status_code >= 500:
-            err = exchange.internal_error(reason)
+            err = api.internal_error(reason)
         else:
             err = OpenAIError(status_code, reason or f"The request failed ({status_code}).")
         self.send_error_body(err)
@@ -143,18 +150,18 @@ class InferenceHandler(FirstHandler):
     async def post(self) -> None:
         self._task = asyncio.current_task()
         gateway = self.gateway
-        limit = exchange.body_limit(self.settings["first_max_request_bytes"], gateway)
+        limit = api.body_limit(self.settings["first_max_request_bytes"], gateway)
         try:
-            outcome = await exchange.start(gateway, self.capability, self.request.body, limit)
+            outcome = await api.start(gateway, self.capability, self.request.body, limit)
         except asyncio.CancelledError:
             return  # the client left before anything was sent; nothing to clean up beyond the task
         if isinstance(outcome, Completed):
-            for name, value in exchange.target_headers(outcome.target).items():
+            for name, value in api.target_headers(outcome.target).items():
                 self.set_header(name, value)
-            self.set_header("Content-Type", exchange.JSON)
+            self.set_header("Content-Type", api.JSON)
             self.finish(outcome.body)
             return
-        for name, value in {**exchange.STREAM_HEADERS, **exchange.target_headers(outcome.target)}.items():
+        for name, value in {**api.STREAM_HEADERS, **api.target_headers(outcome.target)}.items():
             self.set_header(name, value)
         connection = self.request.connection
         assert isinstance(connection, HTTP1Connection)  # tornado's HTTP server; no other kind serves Jupyter
@@ -163,8 +170,66 @@ class InferenceHandler(FirstHandler):
             self.write(chunk)
             return self.flush()
 
-        if not await exchange.relay(outcome, connection, send_first):
+        if not await relay(outcome, connection, send_first):
             self.finish()
+
+
+async def relay(stream: GatewayStream, connection: HTTP1Connection,
+                send_first: Callable[[bytes], Future[None]]) -> bool:
+    """Relay ``stream`` to the client of ``connection``; True when the client left before the end.
+
+    ``send_first`` sends the status line and headers with the first chunk, as the door's own machinery does it.
+    Every later chunk is framed here and handed straight to the socket, or, when the socket refuses it, to
+    tornado's stream, which also pauses the upstream until the client has drained (backpressure): tornado's
+    own write path adds two futures and a loop callback per chunk, most of what relaying would cost.
+    """
+    started = False
+    socket_stream: IOStream | None = None  # set when chunks are framed here (HTTP/1.1 chunked encoding)
+    plain_socket = False
+
+    def on_drained(drained: Future[None]) -> None:
+        if not drained.cancelled():
+            drained.exception()  # a closed client ends the relay through the connection's close callback
+        stream.resume()
+
+    def write(chunk: bytes) -> bool:
+        nonlocal started, socket_stream, plain_socket
+        if not started:
+            started = True
+            drained = send_first(chunk)
+            if connection._chunking_output:  # else HTTP/1.0: the body is the raw bytes until the connection ends
+                socket_stream = connection.stream
+                plain_socket = type(socket_stream) is IOStream  # not TLS: its send has other failure modes
+        elif socket_stream is None:
+            drained = connection.write(chunk)
+        else:
+            frame = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            if plain_socket and not socket_stream.writing():  # nothing queued: send now, queue the rest
+                try:
+                    sent = socket_stream.socket.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    raise StreamClosedError() from None
+                if sent == len(frame):
+                    return True
+                frame = frame[sent:]
+            drained = socket_stream.write(frame)
+        if drained.done():
+            drained.exception()  # retrieved, so a closed client logs nothing
+            return True
+        drained.add_done_callback(on_drained)  # the client is slow: pause the upstream until drained
+        return False
+
+    gone = False
+    try:
+        connection.stream.set_nodelay(True)  # each event goes out at once, not held back waiting for an ACK
+        await stream.relay(write)
+    except (asyncio.CancelledError, StreamClosedError):
+        gone = True
+    finally:
+        stream.close(client_gone=gone)
+    return gone
 
 
 class NotFoundHandler(FirstHandler):

@@ -1,0 +1,206 @@
+"""The gateway's OpenAI routes, for every door: Jupyter's handlers and the gateway's own HTTP server.
+
+The helpers (body limit, starting an inference, response headers, errors) are what any door needs so that all
+answer alike. ``GatewayApp`` is the door for programs: the routes on ``httpd``, with a bearer key, served
+on loopback, where kernels reach it through ``FIRST_GATEWAY_URL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.httpd import BodyTooLarge, Exchange, HTTPRefusal, Request
+from first_jupyter.gateway.router import Target
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+
+JSON = "application/json"
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""Server-sent events: never cached, never held back by a buffering reverse proxy (nginx honours the last)."""
+
+LIMIT_SETTING = "c.FirstExtension.max_request_bytes"
+_MAX_HOSTS = 256
+
+
+def config_error(reason: str | None) -> OpenAIError:
+    """Why there is no gateway: the configuration named at start was invalid."""
+    return OpenAIError(503, f"The FIRST gateway is not running because its configuration is invalid:\n{reason}\n"
+                            "Fix the file and restart the Jupyter server.", type="api_error", code="config_error")
+
+
+def internal_error(reason: str | None = None) -> OpenAIError:
+    """A failure of the gateway itself; the traceback goes to the server log, never to the client."""
+    return OpenAIError(500, reason or "The gateway failed on this request; its log has the details. Retry, and "
+                                      "report it if it persists.", type="api_error")
+
+
+def body_limit(max_request_bytes: int, gateway: Gateway) -> int:
+    """The largest request body accepted: the extension's traitlet when set, else the config file's limit."""
+    return max_request_bytes or gateway.config.defaults.limits.max_request_bytes
+
+
+def too_large(size: int, limit: int) -> OpenAIError:
+    return OpenAIError(413, f"The request body is {size:,} bytes, over this gateway's limit of {limit:,}. Send "
+                            f"less (fewer or shorter messages), or raise {LIMIT_SETTING}.", code="request_too_large")
+
+
+def target_headers(target: Target) -> dict[str, str]:
+    """Where the answer was computed, for clients that want to know (and for debugging failover)."""
+    return {"X-First-Cluster": target.cluster, "X-First-Endpoint": target.endpoint}
+
+
+async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int) -> Completed | GatewayStream:
+    """Validate a request body and run it: the whole answer, or an open stream whose status is 200."""
+    if len(body) > limit:
+        raise too_large(len(body), limit)
+    req = parse_request(capability, body)
+    return await gateway.stream(req) if req.stream else await gateway.complete(req)
+
+
+def bearer_key_matches(header: str | None, key: bytes) -> bool:
+    """Whether an ``Authorization`` header presents ``key`` as a bearer token (compared in constant time)."""
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name or address."""
+    if host.startswith("["):  # [v6] or [v6]:port
+        name = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # name:port or v4:port
+        name = host.partition(":")[0]
+    else:  # a bare name or address
+        name = host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewayApp:
+    """The OpenAI routes on the gateway's own server, for holders of the key, asked for by a loopback name."""
+
+    def __init__(self, gateway: Gateway | None, *, key: str, max_request_bytes: int = 0,
+                 config_error_text: str | None = None, on_activity: Callable[[], None] | None = None,
+                 log: logging.Logger | None = None) -> None:
+        self.gateway = gateway
+        self.key = key.encode()
+        self.limit = body_limit(max_request_bytes, gateway) if gateway is not None else 0
+        self.config_error_text = config_error_text
+        self.on_activity = on_activity
+        self.log = log or logging.getLogger(__name__)
+        self.routes: dict[str, tuple[str, Capability | str]] = {"/first/v1/models": ("GET", "models"),
+                                                                 "/first/api/status": ("GET", "status")}
+        self.routes.update((f"/first/v1/{cap.route}", ("POST", cap)) for cap in Capability)
+        self._hosts: dict[str, bool] = {}
+
+    # -- HttpApp ----------------------------------------------------------------------------------------------
+
+    def max_body(self) -> int:
+        return self.limit
+
+    def refusal(self, refusal: HTTPRefusal) -> bytes:
+        if isinstance(refusal, BodyTooLarge):
+            return too_large(refusal.size, refusal.limit).to_bytes()
+        err = internal_error(refusal.message) if refusal.status >= 500 else OpenAIError(refusal.status,
+                                                                                         refusal.message)
+        return err.to_bytes()
+
+    async def __call__(self, request: Request, exchange: Exchange) -> None:
+        try:
+            await self._answer(request, exchange)
+        except OpenAIError as err:
+            log = self.log.error if err.status >= 500 else self.log.warning
+            log("%s %s -> %s %s", request.method, request.path, err.status, err.code or err.type)
+            exchange.respond(err.status, {"Content-Type": JSON, **err.headers}, err.to_bytes())
+
+    # -- routes -----------------------------------------------------------------------------------------------
+
+    async def _answer(self, request: Request, exchange: Exchange) -> None:
+        self._check_host(request)
+        if not bearer_key_matches(request.headers.get("authorization"), self.key):
+            raise OpenAIError(401, "Not authenticated. Send 'Authorization: Bearer $FIRST_API_KEY' (set in "
+                                   "kernels the Jupyter server starts; also in the gateway's runtime file).",
+                              type="authentication_error", code="invalid_api_key")
+        if self.on_activity is not None:
+            self.on_activity()
+        route = self.routes.get(request.path)
+        if route is None:
+            raise OpenAIError(404, f"No route {request.path}. This gateway serves /first/v1/models, "
+                                   "chat/completions, completions and embeddings, and /first/api/status.",
+                              code="unknown_route")
+        method, what = route
+        if request.method != method:
+            raise OpenAIError(405, f"{request.method} is not allowed on {request.path}; use {method}.",
+                              code="method_not_allowed", headers={"Allow": method})
+        gateway = self.gateway
+        if gateway is None:
+            raise config_error(self.config_error_text)
+        if what == "models":
+            self._json(exchange, gateway.models())
+        elif what == "status":
+            self._json(exchange, await gateway.status())
+        else:
+            assert isinstance(what, Capability)
+            outcome = await start(gateway, what, request.body, self.limit)
+            if isinstance(outcome, Completed):
+                exchange.respond(200, {"Content-Type": JSON, **target_headers(outcome.target)}, outcome.body)
+            else:
+                await self._relay(outcome, exchange)
+
+    def _check_host(self, request: Request) -> None:
+        """DNS-rebinding guard: a page that rebinds its own name to 127.0.0.1 still sends that name as Host."""
+        host = request.headers.get("host", "")
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            allowed = is_loopback_host(host)
+            if len(self._hosts) >= _MAX_HOSTS:
+                self._hosts.clear()
+            self._hosts[host] = allowed
+        if not allowed:
+            raise OpenAIError(403, f"Requests for host '{host}' are refused: this server only answers on "
+                                   "loopback. Use 127.0.0.1 or localhost.", type="permission_error",
+                              code="host_not_allowed")
+
+    @staticmethod
+    def _json(exchange: Exchange, payload: Any) -> None:
+        exchange.respond(200, {"Content-Type": JSON}, orjson.dumps(payload))
+
+    @staticmethod
+    async def _relay(stream: GatewayStream, exchange: Exchange) -> None:
+        """Push the stream into the connection; the transport's flow control pauses the upstream when needed."""
+        headers = {**STREAM_HEADERS, **target_headers(stream.target)}
+        started = False
+
+        def write(chunk: bytes) -> bool:
+            nonlocal started
+            if started:
+                return exchange.send(chunk)
+            started = True
+            return exchange.start_stream(200, headers, chunk)
+
+        exchange.on_drain(stream.resume)
+        gone = False
+        try:
+            await stream.relay(write)
+        except asyncio.CancelledError:
+            gone = True
+            raise
+        finally:
+            stream.close(client_gone=gone or exchange.client_gone)
+            exchange.on_drain(None)
+        if started:
+            exchange.end_stream()
+        else:  # the engine sent nothing at all: still a complete, empty answer
+            exchange.respond(200, headers, b"")
