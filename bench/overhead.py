@@ -3,9 +3,11 @@
 Why this exists: the gateway is a proxy, and a proxy is judged by what it adds (latency per request, time to
 first token) and what it burns (server CPU per request and per relayed chunk), not by absolute numbers that
 mostly measure the machine. So one run starts the fast fake upstream and a real ``jupyter server`` with the
-extension in front of it, drives both paths with one aiohttp load generator in this process (a process apart
-from both servers, so its CPU is never billed to them), alternates direct and gateway rounds so that drift
-(thermal, noisy neighbours, caches) falls on both alike, and reads each server's CPU time with psutil.
+extension in front of it (reached at the URL kernels get, the gateway's own server; the zero-latency
+non-stream scenarios also go through the same routes on Jupyter's own URL, for comparison), drives every path
+with one aiohttp load generator in this process (a process apart from both servers, so its CPU is never billed
+to them), alternates direct and gateway rounds so that drift (thermal, noisy neighbours, caches) falls on all
+alike, and reads each server's CPU time with psutil.
 
 Concurrency 32 runs twice for non-stream chat. Against the zero-latency fake, a closed loop of 32 keeps the
 single-threaded gateway saturated, so its added p99 is queueing behind CPU (about 32 x CPU per request): it
@@ -335,9 +337,12 @@ def stream_figures(tally: Tally) -> dict[str, float]:
 
 
 def plain_row(tallies: dict[str, Tally]) -> dict[str, Any]:
-    """Both sides' figures of one non-stream scenario, and what the gateway added to the latency percentiles."""
+    """Every side's figures of one non-stream scenario, and what each way through the server added to the
+    latency percentiles (``added`` for the gateway's own URL, ``added_jupyter`` for Jupyter's, when run)."""
     row: dict[str, Any] = {name: plain_figures(t) for name, t in tallies.items()}
-    row["added"] = {k: row["gateway"][k] - row["direct"][k] for k in ("p50_ms", "p99_ms")}
+    for side, key in (("gateway", "added"), ("jupyter", "added_jupyter")):
+        if side in row:
+            row[key] = {k: row[side][k] - row["direct"][k] for k in ("p50_ms", "p99_ms")}
     return row
 
 
@@ -390,8 +395,8 @@ def render(figures: dict[str, Any], settings: Settings) -> str:
     plain_rows.append((f"{top} ({service_ms} upstream)", figures["plain_service"][top]))
     width = max(len(label) for label, _ in plain_rows)
     lines = [
-        f"Gateway overhead: fake upstream direct vs through Jupyter ({os.cpu_count()} CPUs, {settings.rounds} "
-        f"alternating rounds per scenario)",
+        f"Gateway overhead: fake upstream direct vs through the gateway in a Jupyter server ({os.cpu_count()} "
+        f"CPUs, {settings.rounds} alternating rounds per scenario)",
         f"idle CPU before load: server {idle['server']:.2f} ms/s, upstream {idle['upstream']:.2f} ms/s",
         "",
         "Non-stream chat completions (zero-latency upstream unless marked)",
@@ -399,13 +404,22 @@ def render(figures: dict[str, Any], settings: Settings) -> str:
         f"{'server CPU/req':>15} {'upstream CPU/req':>17}",
     ]
     for label, row in plain_rows:
-        for side in ("direct", "gateway"):
+        for side in ("direct", "gateway", "jupyter"):
+            if side not in row:
+                continue
             f = row[side]
             lines.append(f"  {label:>{width}} {side:<8} {f['requests']:>8} {f['p50_ms']:>8.3f} {f['p99_ms']:>8.3f} "
                          f"{f['req_per_s']:>8.0f} {f['server_cpu_ms_per_req']:>12.3f} ms "
                          f"{f['upstream_cpu_ms_per_req']:>14.3f} ms")
-        added = row["added"]
-        lines.append(f"  {label:>{width}} {'added':<8} {'':>8} {added['p50_ms']:>+8.3f} {added['p99_ms']:>+8.3f}")
+        for key, name in (("added", "added"), ("added_jupyter", "+jupyter")):
+            if key in row:
+                added = row[key]
+                lines.append(f"  {label:>{width}} {name:<8} {'':>8} {added['p50_ms']:>+8.3f} "
+                             f"{added['p99_ms']:>+8.3f}")
+    lines += ["  gateway: the gateway's own URL, which kernels get as FIRST_GATEWAY_URL (all targets are judged on "
+              "it);",
+              "  jupyter: the same routes on the Jupyter server's URL, same scoped key (browsers and Jupyter tokens "
+              "come this way)."]
     request_cpu_ms = figures["plain"][top]["gateway"]["server_cpu_ms_per_req"]
     offered = int(top) / settings.service  # the most a closed loop of ``top`` asks when each answer takes that long
     service_cpu_ms = figures["plain_service"][top]["gateway"]["server_cpu_ms_per_req"]
@@ -468,6 +482,8 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
         through_gateway = Side("gateway", f"{gateway['url']}/chat/completions",
                                {**json_type, "Authorization": f"Bearer {gateway['api_key']}"}, gateway_session)
         sides = [Side("direct", f"{fast.url}/v1/chat/completions", json_type, direct_session), through_gateway]
+        through_jupyter = Side("jupyter", f"{gateway['jupyter_url']}/chat/completions", through_gateway.headers,
+                               gateway_session)
         engine_sides = [Side("direct", f"{engine.url}/v1/chat/completions", json_type, direct_session),
                         through_gateway]
 
@@ -484,6 +500,7 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
         for side in sides:  # open every pooled connection both ways, fill caches, take first-call costs
             await run_load(plain(side), 10 * top, top)
             await run_load(stream(side), top, top)
+        await run_load(plain(through_jupyter), 10 * top, top)
         for side in engine_sides:  # the gateway's pool to the second upstream too
             await run_load(engine_plain(side), 10 * top, top)
         await asyncio.sleep(SETTLE_S)
@@ -497,7 +514,8 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
                                                 "cpus": os.cpu_count()},
                                    "idle_cpu_ms_per_s": idle, "plain": {}, "plain_service": {}, "stream": {}}
         for level in LEVELS:
-            tallies = await scenario(sides, plain, settings.requests, level, settings.rounds, fast.procs)
+            tallies = await scenario([*sides, through_jupyter], plain, settings.requests, level, settings.rounds,
+                                     fast.procs)
             figures["plain"][str(level)] = plain_row(tallies)
         tallies = await scenario(engine_sides, engine_plain, settings.requests, top, settings.rounds, engine.procs)
         figures["plain_service"][str(top)] = plain_row(tallies)

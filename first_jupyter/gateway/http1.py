@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_headers
@@ -47,9 +48,8 @@ class IdleTimeout(TimeoutError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where to connect: the pool key."""
+class Origin(NamedTuple):
+    """Where to connect: the pool key (a tuple, so hashing it on every request is one C call)."""
 
     scheme: str
     host: str

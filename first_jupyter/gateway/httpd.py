@@ -17,9 +17,8 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_headers
 
@@ -29,8 +28,7 @@ KEEPALIVE_S = 75.0
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     method: str
     path: str
     query: str
@@ -162,6 +160,7 @@ class HttpConnection(asyncio.Protocol):
         self._exchange: Exchange | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0
         # the request being read, once its head is in
         self._head: tuple[str, str, str, str, dict[str, str]] | None = None
         self._left = 0
@@ -223,9 +222,6 @@ class HttpConnection(asyncio.Protocol):
         method, path, query, version, headers = self._head
         body = b"".join(self._body)
         self._head, self._body, self._size, self._chunks = None, [], 0, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
         self._exchange = Exchange(self, version == "HTTP/1.1", keep_alive, head_only=method == "HEAD")
         self._task = self.loop.create_task(self._run(Request(method, path, query, version, headers, body),
@@ -336,9 +332,20 @@ class HttpConnection(asyncio.Protocol):
         self._exchange.respond(refusal.status, {"Content-Type": "application/json"}, self.app.refusal(refusal))
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(KEEPALIVE_S, self.close)
+        """Start the keep-alive clock; one timer per connection, moved only when it fires early."""
+        self._waiting_since = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._waiting_since + KEEPALIVE_S, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._exchange is not None:
+            return  # answering: the clock starts again when the answer is out
+        deadline = self._waiting_since + KEEPALIVE_S
+        if self.loop.time() >= deadline:
+            self.close()
+        else:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def close(self) -> None:
         self.closed = True

@@ -7,13 +7,12 @@ thread commits them in batches; ``flush()`` makes them visible to readers (tests
 
 from __future__ import annotations
 
-import operator
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -36,8 +35,9 @@ CREATE INDEX IF NOT EXISTS usage_model_ts ON usage (model, ts);
 """
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
+    """One request's accounting; a tuple, so it is the row ``executemany`` takes, with no conversion."""
+
     ts: float
     request_id: str
     model: str
@@ -53,10 +53,9 @@ class UsageRecord:
     error: str | None
 
 
-_COLUMNS = tuple(f.name for f in fields(UsageRecord))
+_COLUMNS = UsageRecord._fields
 _PLACEHOLDERS = ", ".join("?" for _ in _COLUMNS)
 _INSERT = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({_PLACEHOLDERS})"  # noqa: S608 (dataclass names)
-_ROW = operator.attrgetter(*_COLUMNS)  # a flat tuple without astuple's deep copy
 
 
 class UsageStore:
@@ -112,7 +111,7 @@ class UsageStore:
                         items.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                rows = [_ROW(item) for item in items if isinstance(item, UsageRecord)]
+                rows = [item for item in items if isinstance(item, UsageRecord)]
                 if rows:
                     with conn:
                         conn.executemany(_INSERT, rows)

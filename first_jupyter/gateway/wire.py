@@ -19,13 +19,13 @@ class WireError(ValueError):
 def parse_headers(lines: list[bytes]) -> dict[str, str]:
     """Header lines to a dict with lower-case names; a repeated header's values are joined with ", "."""
     headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+    for line in b"\n".join(lines).decode("latin-1").split("\n") if lines else ():
+        name, sep, value = line.partition(":")
+        if not sep or not name or name[0] in " \t" or name[-1] in " \t":
             raise WireError(f"malformed header line {line[:80]!r}")
-        key = name.lower().decode("latin-1")
-        text = value.strip().decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        key = name.lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 from jupyter_core.paths import jupyter_runtime_dir
@@ -68,6 +69,7 @@ class FirstExtension(ExtensionApp):
         self.api_key = "first-" + secrets.token_urlsafe(32)
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
                              first_max_request_bytes=self.max_request_bytes, first_host_verdicts={})
+        self._activity_marked = -1.0
         self._api_socket = self._bind_api_socket()
         self.api_server: HttpServer | None = None
         if self._api_socket is not None:
@@ -93,8 +95,14 @@ class FirstExtension(ExtensionApp):
         self.api_server = await serve(app, sock)
 
     def _mark_activity(self) -> None:
-        """Kernel traffic is activity: an idle-culling hub must not stop a server whose notebooks use it."""
-        self.serverapp.web_app.settings["api_last_activity"] = utcnow()
+        """Kernel traffic is activity: an idle-culling hub must not stop a server whose notebooks use it.
+
+        Culling works in minutes, so the timestamp is refreshed at most once a second, not per request.
+        """
+        now = time.monotonic()
+        if now - self._activity_marked >= 1.0:
+            self._activity_marked = now
+            self.serverapp.web_app.settings["api_last_activity"] = utcnow()
 
     def jupyter_gateway_url(self) -> str:
         """The routes on the Jupyter server itself (for browsers, Jupyter tokens, and the scoped key too)."""
