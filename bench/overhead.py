@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -279,6 +280,22 @@ async def run_load(one: Callable[[], Awaitable[Sample]], total: int, concurrency
     return samples
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection in this process while a round runs; one full collection after it.
+
+    The load generator is a Python process too: aiohttp's objects make it run full collections of 15-20 ms
+    under load, and each would stall every request in flight in whichever round it fell on, a tail that
+    belongs to neither path. A round's garbage is a few megabytes at most.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+
+
 async def scenario(sides: list[Side], make: Callable[[Side], Callable[[], Awaitable[Sample]]], total: int,
                    concurrency: int, rounds: int, procs: dict[str, psutil.Process]) -> dict[str, Tally]:
     """Split ``total`` per side into rounds, alternating which side goes first, and add up each side.
@@ -295,9 +312,10 @@ async def scenario(sides: list[Side], make: Callable[[Side], Callable[[], Awaita
         for side in sides if index % 2 == 0 else sides[::-1]:
             tally = tallies[side.name]
             cpu0 = cpu_all(procs)
-            t0 = time.perf_counter()
-            tally.samples += await run_load(make(side), per_round, concurrency)
-            tally.wall_s += time.perf_counter() - t0
+            with collector_paused():
+                t0 = time.perf_counter()
+                tally.samples += await run_load(make(side), per_round, concurrency)
+                tally.wall_s += time.perf_counter() - t0
             await asyncio.sleep(SETTLE_S)
             for name, seconds in cpu_all(procs).items():
                 tally.cpu_s[name] = tally.cpu_s.get(name, 0.0) + seconds - cpu0[name]

@@ -1,0 +1,45 @@
+"""The usage store: every record lands in SQLite as it was given, whichever way a batch is written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from first_jupyter.gateway.usage import UsageRecord, UsageStore
+
+
+def _record(i: int, **changes: object) -> UsageRecord:
+    rec = UsageRecord(ts=time.time() + i, request_id=f"req-{i}", model="tiny-chat", cluster="local",
+                      endpoint="engine", capability="chat", stream=bool(i % 2), status=200, prompt_tokens=8,
+                      completion_tokens=i, latency_ms=1.5 + i, ttft_ms=None if i % 2 == 0 else 0.25, error=None)
+    return rec._replace(**changes)
+
+
+@pytest.mark.parametrize("json_batches", [True, False], ids=["one-json-statement", "executemany"])
+def test_records_are_stored_as_given(tmp_path: Path, json_batches: bool) -> None:
+    store = UsageStore(tmp_path / "usage.sqlite3", batch_interval=0.01, json_batches=json_batches)
+    records = [_record(i) for i in range(300)]
+    records.append(_record(300, status=502, prompt_tokens=None, completion_tokens=None,
+                           error='upstream said "no" \\ ünïcode, 🚀, \n newline'))
+    try:
+        for rec in records:
+            store.record(rec)
+        store.flush()
+        rows = store.query("SELECT * FROM usage ORDER BY id")
+    finally:
+        store.close()
+    assert [row[0] for row in rows] == list(range(1, len(records) + 1))
+    assert [UsageRecord(*row[1:]) for row in rows] == [rec._replace(stream=int(rec.stream)) for rec in records]
+
+
+def test_close_commits_what_was_recorded(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path / "usage.sqlite3", batch_interval=60)  # a batch would otherwise wait a minute
+    store.record(_record(1))
+    store.close()
+    reopened = UsageStore(tmp_path / "usage.sqlite3")
+    try:
+        assert reopened.query("SELECT request_id FROM usage") == [("req-1",)]
+    finally:
+        reopened.close()
