@@ -22,6 +22,17 @@ def test_usage_found_even_when_split_across_reads():
     assert (watch.prompt_tokens, watch.completion_tokens) == (7, 11)
 
 
+def test_usage_with_nested_token_details_is_found():
+    """OpenAI and newer vLLM put objects inside usage; tokens must still be counted."""
+    watch = StreamWatch("m", rename=False, strip_usage_event=True)
+    usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13,
+             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+    content = _event({"choices": [{"delta": {"content": "x"}}]})
+    out = watch.feed(content + _event({"choices": [], "usage": usage}) + b"data: [DONE]\n\n")
+    assert (watch.prompt_tokens, watch.completion_tokens) == (9, 4)
+    assert out == content + b"data: [DONE]\n\n"
+
+
 def test_engine_model_name_is_replaced_by_the_public_id():
     watch = StreamWatch("tiny-chat", rename=True, strip_usage_event=False)
     chunks = [_event({"model": "/models/tiny@main", "choices": [{"delta": {"content": str(i)}}]}) for i in range(3)]

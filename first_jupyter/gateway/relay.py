@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 
-_USAGE = re.compile(rb'"usage":\s*(\{[^{}]*\})')
+_USAGE = re.compile(rb'"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+"""The usage object, whose token details (``prompt_tokens_details``, ...) may be objects one level deep."""
 _MODEL = re.compile(rb'"model":\s*"((?:[^"\\]|\\.)*)"')
 _TAIL = 512
 
