@@ -39,9 +39,25 @@ def test_engine_model_name_is_replaced_by_the_public_id():
     out = b"".join(watch.feed(c) for c in chunks)
     assert out.count(b'"model":"tiny-chat"') == 3
     assert b"/models/tiny" not in out
-    body, data = rename_model_in_body(orjson.dumps({"model": "/models/tiny@main", "usage": {}}), "tiny-chat")
-    assert data is not None
-    assert orjson.loads(body)["model"] == "tiny-chat"
+
+
+
+def test_whole_answer_renamed_and_counted_without_touching_the_rest():
+    answer = {"id": "x", "object": "chat.completion", "model": "/models/tiny@main",
+              "choices": [{"message": {"role": "assistant", "content": 'say "model":"other" \u00e9'}}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}}
+    raw = orjson.dumps(answer)
+    body, prompt, completion = rename_model_in_body(raw, "tiny-chat")
+    assert orjson.loads(body) == {**answer, "model": "tiny-chat"}
+    assert (prompt, completion) == (3, 5)
+    assert rename_model_in_body(orjson.dumps({**answer, "model": "tiny-chat"}), "tiny-chat")[0] == orjson.dumps(
+        {**answer, "model": "tiny-chat"})  # same name: the very bytes go on
+    embeddings = orjson.dumps({"object": "list", "data": [{"embedding": [0.5] * 8, "index": 0}], "model": "e@main",
+                               "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+    body, prompt, completion = rename_model_in_body(embeddings, "embed")
+    assert orjson.loads(body)["model"] == "embed"
+    assert (prompt, completion) == (2, None)
+    assert rename_model_in_body(b"not json", "m") == (b"not json", None, None)
 
 
 def test_usage_only_event_is_dropped_when_the_gateway_asked_for_it():

@@ -20,7 +20,7 @@ from first_jupyter.config import FirstConfig, HttpCluster, LocalCluster
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.backends.local import LocalBackend
-from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body, usage_of
+from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.gateway.upstream import UpstreamClient, UpstreamStream, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
@@ -156,12 +156,10 @@ class Gateway:
     def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
                prompt_tokens: int | None, completion_tokens: int | None, request_id: str,
                error: str | None) -> None:
-        self.usage.record(UsageRecord(
-            ts=time.time(), request_id=request_id, model=req.model, capability=req.capability.value,
-            cluster=target.cluster if target else "", endpoint=target.endpoint if target else "",
-            stream=req.stream, status=status, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            latency_ms=(time.perf_counter() - t0) * 1000, ttft_ms=(ttft - t0) * 1000 if ttft else None,
-            error=error))
+        self.usage.record(UsageRecord(  # positional: the fields in order, cheaper than keywords per request
+            time.time(), request_id, req.model, target.cluster if target else "",
+            target.endpoint if target else "", req.capability.value, req.stream, status, prompt_tokens,
+            completion_tokens, (time.perf_counter() - t0) * 1000, (ttft - t0) * 1000 if ttft else None, error))
 
     async def complete(self, req: ParsedRequest) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""
@@ -180,8 +178,7 @@ class Gateway:
         except asyncio.CancelledError:  # the client left; the upstream request is already closed
             self.record(req, target, CLIENT_CLOSED, t0, None, None, None, request_id, None)
             raise
-        body, data = rename_model_in_body(reply.body, req.model)
-        prompt_tokens, completion_tokens = usage_of(data) if data else (None, None)
+        body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)
         return Completed(body, target)
 

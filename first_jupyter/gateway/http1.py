@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_headers
+from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
 
 PAUSE_BYTES = 1024 * 1024  # stop reading the upstream while this much is waiting for a slow client
 
@@ -351,21 +351,20 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolViolation("response headers too large")
             return b""
         raw, rest = bytes(self._head[:end]), bytes(self._head[end + 4:])
-        lines = raw.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolViolation(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-        status = int(parts[1])
         try:
-            headers = parse_headers(lines[1:])
+            first, headers = parse_head(raw)
         except WireError as exc:
             raise ProtocolViolation(str(exc)) from None
+        parts = first.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolViolation(f"not an HTTP/1.x status line: {first[:80]!r}")
+        status = int(parts[1])
         if 100 <= status < 200:  # informational: the real head follows
             self._head = bytearray()
             return self._parse_head(rest, resp) if rest else b""
         self._in_head = False
         self._head = bytearray()
-        if headers.get("connection", "").lower() == "close" or parts[0] == b"HTTP/1.0":
+        if headers.get("connection", "").lower() == "close" or parts[0] == "HTTP/1.0":
             self.reusable = False
         if status in (204, 304):
             self._mode = "none"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import NamedTuple, Protocol
 
-from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_headers
+from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
 
 KEEPALIVE_S = 75.0
 """A connection waiting longer than this for (the rest of) a request is closed: idle clients and slow-loris."""
@@ -233,15 +233,13 @@ class HttpConnection(asyncio.Protocol):
             if len(self._buf) >= MAX_HEAD_BYTES + 4:
                 raise HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
             return False
-        lines = self._buf[:end].split(b"\r\n")
+        first, headers = parse_head(self._buf[:end])
         self._buf = self._buf[end + 4:]
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[1].startswith(b"/"):
-            raise WireError(f"bad request line {lines[0][:80]!r}")
-        target = parts[1].decode("latin-1")
-        path, _, query = target.partition("?")
-        headers = parse_headers(lines[1:])
-        self._head = (parts[0].decode("latin-1"), path, query, parts[2].decode(), headers)
+        parts = first.split(" ")
+        if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0") or not parts[1].startswith("/"):
+            raise WireError(f"bad request line {first[:80]!r}")
+        path, _, query = parts[1].partition("?")
+        self._head = (parts[0], path, query, parts[2], headers)
         limit = self.app.max_body()
         if "transfer-encoding" in headers:
             if headers["transfer-encoding"].lower() != "chunked":

@@ -7,7 +7,6 @@ costs a few C-level byte searches, and only the rare chunk that carries ``"usage
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import orjson
 
@@ -17,9 +16,13 @@ _MODEL = re.compile(rb'"model":\s*"((?:[^"\\]|\\.)*)"')
 _TAIL = 512
 
 
-def usage_of(body: dict[str, Any]) -> tuple[int | None, int | None]:
-    usage = body.get("usage") or {}
-    return usage.get("prompt_tokens"), usage.get("completion_tokens")
+def _tokens(found: bytes, prompt: int | None, completion: int | None) -> tuple[int | None, int | None]:
+    """Token counts from a matched usage object, keeping what was known where it says nothing."""
+    try:
+        usage = orjson.loads(found)
+    except orjson.JSONDecodeError:
+        return prompt, completion
+    return usage.get("prompt_tokens", prompt), usage.get("completion_tokens", completion)
 
 
 class StreamWatch:
@@ -50,9 +53,8 @@ class StreamWatch:
         if b'"usage"' in window:
             found = _USAGE.findall(window)
             if found:
-                usage = orjson.loads(found[-1])
-                self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-                self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+                self.prompt_tokens, self.completion_tokens = _tokens(found[-1], self.prompt_tokens,
+                                                                     self.completion_tokens)
                 if self._strip:
                     chunk = _drop_usage_event(chunk)
         return chunk
@@ -82,13 +84,15 @@ def _drop_usage_event(chunk: bytes) -> bytes:
     return chunk[:start] + chunk[end + 2:]
 
 
-def rename_model_in_body(body: bytes, public_model: str) -> tuple[bytes, dict[str, Any] | None]:
-    """Decode a JSON response, put the public model id in it, and return (bytes, decoded or None)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body, None
-    if isinstance(data, dict) and data.get("model", public_model) != public_model:
-        data["model"] = public_model
-        return orjson.dumps(data), data
-    return body, data if isinstance(data, dict) else None
+def rename_model_in_body(body: bytes, public_model: str) -> tuple[bytes, int | None, int | None]:
+    """A whole JSON answer with the public model id in it, and its prompt and completion token counts.
+
+    Byte-level like the stream watch, not a decode and re-encode: the answer's own bytes go on unless the name
+    differs, and a large answer (embeddings) costs a scan instead of a parse. In a JSON answer the only
+    unescaped ``"model":`` is a key (inside strings every quote is escaped), and the OpenAI shapes have one.
+    """
+    found = _MODEL.search(body)
+    if found is not None and found.group(1) != public_model.encode():
+        body = b'%b"model":"%b"%b' % (body[:found.start()], public_model.encode(), body[found.end():])
+    usage = _USAGE.findall(body)
+    return (body, *_tokens(usage[-1], None, None)) if usage else (body, None, None)

@@ -16,17 +16,23 @@ class WireError(ValueError):
     """Bytes that are not HTTP/1.1: the connection's state is unknown and it must be closed."""
 
 
-def parse_headers(lines: list[bytes]) -> dict[str, str]:
-    """Header lines to a dict with lower-case names; a repeated header's values are joined with ", "."""
+def parse_head(raw: bytes) -> tuple[str, dict[str, str]]:
+    """A head (without its blank line) to its first line and a dict of headers with lower-case names.
+
+    Decoded once as Latin-1 (HTTP's own charset for heads) and split as text. A repeated header's values are
+    joined with ", "; a line without a colon, or with space around the name, is malformed.
+    """
+    first, _, rest = raw.decode("latin-1").partition("\r\n")
     headers: dict[str, str] = {}
-    for line in b"\n".join(lines).decode("latin-1").split("\n") if lines else ():
-        name, sep, value = line.partition(":")
-        if not sep or not name or name[0] in " \t" or name[-1] in " \t":
-            raise WireError(f"malformed header line {line[:80]!r}")
-        key = name.lower()
-        value = value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return headers
+    if rest:
+        for line in rest.split("\r\n"):
+            name, sep, value = line.partition(":")
+            if not sep or not name or name[0] in " \t" or name[-1] in " \t":
+                raise WireError(f"malformed header line {line[:80]!r}")
+            key = name.lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return first, headers
 
 
 class ChunkedDecoder:
