@@ -22,6 +22,11 @@ LOCAL_MODEL_ENV = "FIRST_LOCAL_MODEL"
 CONFIG_ENV = "FIRST_CONFIG"
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""Cluster and endpoint names: they go into response headers, URLs and log lines, so plain ASCII words only."""
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
 class ConfigError(Exception):
     """A configuration problem, worded as: where (file and key path), what was expected, what was found."""
 
@@ -69,7 +74,7 @@ class Defaults(_Strict):
 class HttpEndpoint(_Strict):
     """Any OpenAI-compatible upstream: vLLM serving directly, another FIRST gateway, a hosted API."""
 
-    name: str = Field(min_length=1)
+    name: Name
     base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
     api_key_env: str | None = Field(default=None, description="environment variable that holds the API key")
     models: list[ModelConfig] = Field(min_length=1)
@@ -78,7 +83,7 @@ class HttpEndpoint(_Strict):
 class LocalEndpoint(_Strict):
     """An engine this gateway starts as a child process and stops when idle."""
 
-    name: str = Field(min_length=1)
+    name: Name
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     device: str = "auto"
     idle_timeout: float = Field(default=900.0, gt=0, description="seconds without requests before stopping")
@@ -101,7 +106,7 @@ Cluster = Annotated[HttpCluster | LocalCluster, Field(discriminator="backend")]
 
 
 class FirstConfig(_Strict):
-    clusters: dict[str, Cluster] = Field(min_length=1)
+    clusters: dict[Name, Cluster] = Field(min_length=1)
     defaults: Defaults = Defaults()
 
     @model_validator(mode="after")
@@ -146,6 +151,8 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
             parts.append(f"[{part}]")
         elif part in {"http", "local"} and parts and not parts[-1].startswith("["):
             continue  # discriminator tag pydantic inserts; not a key in the user's file
+        elif part == "[key]":
+            parts.append(" (the name itself)")  # a mapping's key failed, not its value
         else:
             parts.append(("." if parts else "") + str(part))
     return "".join(parts) or "(top level)"

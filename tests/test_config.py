@@ -75,6 +75,9 @@ def test_yaml_file_from_the_environment(tmp_path: Path, monkeypatch):
          "clusters.polaris.endpoints[0].models[1].capabilities[0]", "'embeddings'"),
         (("  model: tiny\n", "  model: gpt-5\n"), "(top level)", "gpt-5' is served by no endpoint"),
         (("      - name: vllm-1\n", "      - nom: vllm-1\n"), "clusters.polaris.endpoints[0]", "Extra inputs"),
+        (("      - name: vllm-1\n", "      - name: 'vllm 1'\n"), "clusters.polaris.endpoints[0].name",
+         "[A-Za-z0-9._-]"),
+        (("  polaris:\n", "  pölaris:\n"), "clusters.pölaris (the name itself)", "[A-Za-z0-9._-]"),
     ],
 )
 def test_bad_file_names_file_key_path_and_expectation(tmp_path: Path, edit, where, expected):
