@@ -4,7 +4,7 @@ Why not tornado: its HTTP/1.1 connection (header parsing into ``HTTPHeaders``, a
 request, futures per read and write) costs about 0.2 ms of CPU per request on this project's 2-core machines
 before any application code runs, more than the rest of a proxied request together. Programs (notebook code,
 batch runners, scripts) are where the request volume comes from, and they need none of what Jupyter's stack
-adds, so they get this: one protocol object per connection, the head parsed with a few ``bytes`` calls, the
+adds, so they get this: one protocol object per connection, the head decoded once and split, the
 body collected within a limit, one request at a time (pipelined requests wait their turn), keep-alive by
 HTTP/1.1's rules, and backpressure from the transport's own flow control.
 
