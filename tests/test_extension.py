@@ -71,9 +71,11 @@ class TestBadConfig:
             {"name": "vllm", "base_url": "polaris:8000", "models": [{"id": "llama"}]}]}}}
         return server_config(write_config(bad), tmp_path / "data")
 
-    async def test_bad_config_is_reported_with_file_and_key_path(self, door, tmp_path: Path):
-        async with aiohttp.ClientSession() as session, session.get(door.route("models"),
-                                                                   headers=door.headers) as resp:
+    @pytest.mark.parametrize(("method", "route"), [("GET", "models"), ("POST", "chat/completions")])
+    async def test_bad_config_is_reported_with_file_and_key_path(self, door, method, route, tmp_path: Path):
+        body = json.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+        async with aiohttp.ClientSession() as session, session.request(
+                method, door.route(route), headers=door.headers, data=body if method == "POST" else None) as resp:
             assert resp.status == 503
             message = json.loads(await resp.read())["error"]["message"]
         assert str(tmp_path / "first.yaml") in message

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from first_jupyter.config import Limits
 from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
 from first_jupyter.gateway.httpd import BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
@@ -41,9 +42,11 @@ def internal_error(reason: str | None = None) -> OpenAIError:
                                       "report it if it persists.", type="api_error")
 
 
-def body_limit(max_request_bytes: int, gateway: Gateway) -> int:
-    """The largest request body accepted: the extension's traitlet when set, else the config file's limit."""
-    return max_request_bytes or gateway.config.defaults.limits.max_request_bytes
+def body_limit(max_request_bytes: int, gateway: Gateway | None) -> int:
+    """The largest request body accepted: the extension's traitlet when set, else the config file's limit
+    (the default limit without a gateway, so that a request still reaches the answer saying why)."""
+    limits = gateway.config.defaults.limits if gateway is not None else Limits()
+    return max_request_bytes or limits.max_request_bytes
 
 
 def too_large(size: int, limit: int) -> OpenAIError:
@@ -96,7 +99,7 @@ class GatewayApp:
                  log: logging.Logger | None = None) -> None:
         self.gateway = gateway
         self.key = key.encode()
-        self.limit = body_limit(max_request_bytes, gateway) if gateway is not None else 0
+        self.limit = body_limit(max_request_bytes, gateway)
         self.config_error_text = config_error_text
         self.on_activity = on_activity
         self.log = log or logging.getLogger(__name__)
