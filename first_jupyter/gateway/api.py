@@ -27,7 +27,6 @@ STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cach
 """Server-sent events: never cached, never held back by a buffering reverse proxy (nginx honours the last)."""
 
 LIMIT_SETTING = "c.FirstExtension.max_request_bytes"
-_MAX_HOSTS = 256
 
 
 def config_error(reason: str | None) -> OpenAIError:
@@ -59,12 +58,37 @@ def target_headers(target: Target) -> dict[str, str]:
     return {"X-First-Cluster": target.cluster, "X-First-Endpoint": target.endpoint}
 
 
+def stream_headers(target: Target) -> dict[str, str]:
+    return {**STREAM_HEADERS, **target_headers(target)}
+
+
 async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int) -> Completed | GatewayStream:
     """Validate a request body and run it: the whole answer, or an open stream whose status is 200."""
     if len(body) > limit:
         raise too_large(len(body), limit)
     req = parse_request(capability, body)
     return await gateway.stream(req) if req.stream else await gateway.complete(req)
+
+
+class HostVerdicts:
+    """A DNS-rebinding verdict per ``Host`` header, computed once: it depends only on the header and settings.
+
+    Bounded, because a client can send any number of made-up hosts. Each door brings its own rule: Jupyter's
+    ``check_host`` for its handlers, ``is_loopback_host`` for the gateway's own server.
+    """
+
+    def __init__(self, most: int = 256) -> None:
+        self._most = most
+        self._verdicts: dict[str, bool] = {}
+
+    def allowed(self, host: str, rule: Callable[[str], bool]) -> bool:
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            verdict = rule(host)
+            if len(self._verdicts) >= self._most:
+                self._verdicts.clear()
+            self._verdicts[host] = verdict
+        return verdict
 
 
 def bearer_key_matches(header: str | None, key: bytes) -> bool:
@@ -106,7 +130,7 @@ class GatewayApp:
         self.routes: dict[str, tuple[str, Capability | str]] = {"/first/v1/models": ("GET", "models"),
                                                                  "/first/api/status": ("GET", "status")}
         self.routes.update((f"/first/v1/{cap.route}", ("POST", cap)) for cap in Capability)
-        self._hosts: dict[str, bool] = {}
+        self._hosts = HostVerdicts()
 
     # -- HttpApp ----------------------------------------------------------------------------------------------
 
@@ -165,13 +189,7 @@ class GatewayApp:
     def _check_host(self, request: Request) -> None:
         """DNS-rebinding guard: a page that rebinds its own name to 127.0.0.1 still sends that name as Host."""
         host = request.headers.get("host", "")
-        allowed = self._hosts.get(host)
-        if allowed is None:
-            allowed = is_loopback_host(host)
-            if len(self._hosts) >= _MAX_HOSTS:
-                self._hosts.clear()
-            self._hosts[host] = allowed
-        if not allowed:
+        if not self._hosts.allowed(host, is_loopback_host):
             raise OpenAIError(403, f"Requests for host '{host}' are refused: this server only answers on "
                                    "loopback. Use 127.0.0.1 or localhost.", type="permission_error",
                               code="host_not_allowed")
@@ -183,7 +201,7 @@ class GatewayApp:
     @staticmethod
     async def _relay(stream: GatewayStream, exchange: Exchange) -> None:
         """Push the stream into the connection; the transport's flow control pauses the upstream when needed."""
-        headers = {**STREAM_HEADERS, **target_headers(stream.target)}
+        headers = stream_headers(stream.target)
         started = False
 
         def write(chunk: bytes) -> bool:

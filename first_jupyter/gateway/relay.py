@@ -92,7 +92,8 @@ def rename_model_in_body(body: bytes, public_model: str) -> tuple[bytes, int | N
     unescaped ``"model":`` is a key (inside strings every quote is escaped), and the OpenAI shapes have one.
     """
     found = _MODEL.search(body)
-    if found is not None and found.group(1) != public_model.encode():
-        body = b'%b"model":"%b"%b' % (body[:found.start()], public_model.encode(), body[found.end():])
+    public = public_model.encode()
+    if found is not None and found.group(1) != public:
+        body = b'%b"model":"%b"%b' % (body[:found.start()], public, body[found.end():])
     usage = _USAGE.findall(body)
     return (body, *_tokens(usage[-1], None, None)) if usage else (body, None, None)

@@ -18,7 +18,7 @@ from traitlets import Bool, Integer, Unicode
 
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
-from first_jupyter.gateway.api import GatewayApp
+from first_jupyter.gateway.api import GatewayApp, HostVerdicts
 from first_jupyter.gateway.httpd import HttpServer, listening_socket, serve
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes
@@ -68,7 +68,7 @@ class FirstExtension(ExtensionApp):
         self.gateway = gateway
         self.api_key = "first-" + secrets.token_urlsafe(32)
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
-                             first_max_request_bytes=self.max_request_bytes, first_host_verdicts={})
+                             first_max_request_bytes=self.max_request_bytes, first_host_verdicts=HostVerdicts())
         self._activity_marked = -1.0
         self._api_socket = self._bind_api_socket()
         self.api_server: HttpServer | None = None

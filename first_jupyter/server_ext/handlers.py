@@ -37,15 +37,11 @@ class FirstHandler(APIHandler):
 
     def check_host(self) -> bool:
         """Jupyter's DNS-rebinding guard, remembered per Host header: Jupyter parses it on every request."""
-        verdicts: dict[str, bool] = self.settings["first_host_verdicts"]
-        host = self.request.host
-        verdict = verdicts.get(host)
-        if verdict is None:
-            verdict = super().check_host()
-            if len(verdicts) >= 256:  # made-up Host headers must not grow this without bound
-                verdicts.clear()
-            verdicts[host] = verdict
-        return verdict
+        hosts: api.HostVerdicts = self.settings["first_host_verdicts"]
+        return hosts.allowed(self.request.host, self._jupyter_host_verdict)
+
+    def _jupyter_host_verdict(self, _host: str) -> bool:
+        return super().check_host()  # reads the same Host header from the request
 
     def _log(self) -> None:
         """Successful answers are accounted in the usage store; keep the metric, skip the access-log line."""
@@ -161,7 +157,7 @@ class InferenceHandler(FirstHandler):
             self.set_header("Content-Type", api.JSON)
             self.finish(outcome.body)
             return
-        for name, value in {**api.STREAM_HEADERS, **api.target_headers(outcome.target)}.items():
+        for name, value in api.stream_headers(outcome.target).items():
             self.set_header(name, value)
         connection = self.request.connection
         assert isinstance(connection, HTTP1Connection)  # tornado's HTTP server; no other kind serves Jupyter
