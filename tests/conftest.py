@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 import yaml
 from yarl import URL
 
@@ -22,19 +23,37 @@ from first_jupyter.remote.tiny_model import build_tiny_model
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _refuse_remote(address: Any) -> None:
+    if address and address[0] not in LOOPBACK:
+        raise AssertionError(f"test tried to reach {address}; only loopback is allowed")
+
+
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests talk to 127.0.0.1 only: a connection anywhere else fails the test at once."""
+    """Tests talk to 127.0.0.1 only: a connection anywhere else fails the test at once.
+
+    Two ways out are guarded: Python's sockets (asyncio, requests, the SDKs) and uvloop's connections, which
+    libuv opens without Python's socket module (the gateway's own loop runs on uvloop).
+    """
     real_connect = socket.socket.connect
 
     def guarded(self: socket.socket, address: Any) -> Any:
         if self.family in (socket.AF_INET, socket.AF_INET6):
-            host = address[0]
-            if host not in ("127.0.0.1", "::1", "localhost"):
-                raise AssertionError(f"test tried to reach {address}; only loopback is allowed")
+            _refuse_remote(address)
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+    real_create_connection = uvloop.Loop.create_connection
+
+    async def guarded_create_connection(self: uvloop.Loop, protocol_factory: Any, host: Any = None,
+                                        port: Any = None, **kwargs: Any) -> Any:
+        _refuse_remote((host, port) if host is not None else None)
+        return await real_create_connection(self, protocol_factory, host, port, **kwargs)
+
+    monkeypatch.setattr(uvloop.Loop, "create_connection", guarded_create_connection)
 
 
 @pytest.fixture(scope="session")

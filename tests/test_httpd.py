@@ -109,6 +109,27 @@ async def test_chunked_request_bodies_count_against_the_limit(first_ext, size, s
         "fake-model" if status == 200 else "request_too_large")
 
 
+async def test_a_refused_client_still_sending_reads_the_answer_and_is_then_closed(first_ext, monkeypatch):
+    """The 413 goes out mid-body; the client's later bytes must not reset it away, nor hold the socket open."""
+    monkeypatch.setattr(httpd, "LINGER_S", 0.5)
+    chunk = b"400\r\n" + b"x" * 1024 + b"\r\n"
+    reader, writer = await _connect(first_ext)
+    try:
+        writer.write(_request(first_ext, b"").replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+                     + chunk * 8)  # twice the limit
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the server's FIN, sent right after the answer
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert _error(answer)["code"] == "request_too_large"
+        deadline = asyncio.get_running_loop().time() + 3
+        with pytest.raises(ConnectionError):  # the client goes on sending; after the linger the server resets
+            while asyncio.get_running_loop().time() < deadline:
+                writer.write(chunk)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+
+
 async def test_expect_100_continue_is_answered_before_the_body(first_ext):
     body = json.dumps(CHAT).encode()
     reader, writer = await _connect(first_ext)

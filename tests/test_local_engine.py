@@ -22,7 +22,7 @@ def _client(ext) -> openai.AsyncOpenAI:
 
 
 async def _status(ext) -> dict:
-    return (await ext.gateway.status())["endpoints"][0]
+    return (await ext.loop_thread.call(ext.gateway.status()))["endpoints"][0]
 
 
 class TestLifecycle:

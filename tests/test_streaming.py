@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from bench.fake_upstream import serving_in_thread
-from tests.conftest import fake_cluster_config, server_config
+from tests.conftest import fake_cluster_config, open_door, server_config
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -127,3 +127,24 @@ async def test_client_leaving_a_plain_request_cancels_it_upstream(first_ext, slo
     await asyncio.to_thread(gateway.usage.flush)
     assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 0)]
 
+
+
+def _stream_in_thread(url: str, headers: dict[str, str]) -> list[float]:
+    """Read a whole stream with the blocking ``openai`` client; the ``time.monotonic()`` of each event."""
+    client = openai.OpenAI(base_url=url, api_key=headers["Authorization"].split(" ", 1)[1], max_retries=0)
+    with client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True) as stream:
+        return [time.monotonic() for _ in stream]
+
+
+async def test_kernels_streams_keep_flowing_while_jupyters_loop_is_blocked(first_ext, jp_auth_header):
+    """The gateway runs on its own loop: a slow Jupyter handler (a big notebook save) stalls none of the streams
+    on the URL kernels use (Jupyter's own URL is served by Jupyter's loop, so there a stream waits for it)."""
+    api = open_door("api", first_ext, jp_auth_header)
+    reader = asyncio.ensure_future(asyncio.to_thread(_stream_in_thread, api.url, api.headers))
+    await asyncio.sleep(0.5)  # the stream is under way (events 20 ms apart, 4 s in all)
+    blocked_from = time.monotonic()
+    time.sleep(1.0)  # noqa: ASYNC251 (the point: Jupyter's loop, which this test runs on, is blocked)
+    blocked_to = time.monotonic()
+    arrivals = await reader
+    during = [t for t in arrivals if blocked_from + 0.1 < t < blocked_to]
+    assert len(during) >= 20, f"only {len(during)} events arrived in the 0.9 s Jupyter's loop was blocked"

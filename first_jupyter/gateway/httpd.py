@@ -18,10 +18,12 @@ import logging
 import socket
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
 
+LINGER_S = 2.0
+"""How long a refused client may go on sending before its connection is closed regardless."""
 KEEPALIVE_S = 75.0
 """A connection waiting longer than this for (the rest of) a request is closed: idle clients and slow-loris."""
 
@@ -167,12 +169,13 @@ class HttpConnection(asyncio.Protocol):
         self._chunks: ChunkedDecoder | None = None
         self._body: list[bytes] = []
         self._size = 0
+        self._linger = False  # a refused request's body may still be arriving: close gently
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport, though uvloop's do not subclass asyncio.Transport (they register nothing either)
+        self.transport = cast(asyncio.Transport, transport)
         self.live.add(self)
         self._arm_timer()
 
@@ -313,7 +316,7 @@ class HttpConnection(asyncio.Protocol):
         self._exchange = None
         self._task = None
         if not keep_alive:
-            self.close()
+            self._close_lingering() if self._linger else self.close()
             return
         transport = self.transport
         if transport is not None and not self.closed:
@@ -326,6 +329,7 @@ class HttpConnection(asyncio.Protocol):
         """Answer a request the app never saw, then close: what follows on the connection cannot be trusted."""
         self._head = None
         self._buf = b""
+        self._linger = True
         self._exchange = Exchange(self, True, False)
         self._exchange.respond(refusal.status, {"Content-Type": "application/json"}, self.app.refusal(refusal))
 
@@ -344,6 +348,25 @@ class HttpConnection(asyncio.Protocol):
             self.close()
         else:
             self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _close_lingering(self) -> None:
+        """Close after a refusal without losing it: FIN after the answer, then discard what still comes.
+
+        The client may still be sending the body it was refused; a socket closed with bytes unread answers them
+        with a reset, which wipes the answer from the client's receive buffer before it is read. So the write
+        side is shut first and reading goes on (``data_received`` drops it all) until the client closes too or
+        ``LINGER_S`` passes.
+        """
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self.closed = True
+        transport.write_eof()
+        transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(LINGER_S, self.close)
 
     def close(self) -> None:
         self.closed = True

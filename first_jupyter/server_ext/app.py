@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
 import json
 import os
@@ -20,6 +22,7 @@ from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.api import GatewayApp, HostVerdicts
 from first_jupyter.gateway.httpd import HttpServer, listening_socket, serve
+from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes
 
@@ -67,15 +70,17 @@ class FirstExtension(ExtensionApp):
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)
         self.gateway = gateway
         self.api_key = "first-" + secrets.token_urlsafe(32)
+        self.loop_thread = LoopThread()
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
-                             first_max_request_bytes=self.max_request_bytes, first_host_verdicts=HostVerdicts())
+                             first_max_request_bytes=self.max_request_bytes, first_host_verdicts=HostVerdicts(),
+                             first_loop=self.loop_thread)
         self._activity_marked = -1.0
         self._api_socket = self._bind_api_socket()
-        self.api_server: HttpServer | None = None
+        self._api_server: concurrent.futures.Future[HttpServer] | None = None
         if self._api_socket is not None:
             app = GatewayApp(gateway, key=self.api_key, max_request_bytes=self.max_request_bytes,
                              config_error_text=error, on_activity=self._mark_activity, log=self.log)
-            self.serverapp.io_loop.add_callback(self._serve_api, app, self._api_socket)
+            self._api_server = self.loop_thread.submit(serve(app, self._api_socket))
         self._export_kernel_env()
 
     def initialize_handlers(self) -> None:
@@ -91,13 +96,11 @@ class FirstExtension(ExtensionApp):
                            "Set c.FirstExtension.api_port to a free port, or 0 for any.", self.api_port, exc)
             return None
 
-    async def _serve_api(self, app: GatewayApp, sock: socket.socket) -> None:
-        self.api_server = await serve(app, sock)
-
     def _mark_activity(self) -> None:
         """Kernel traffic is activity: an idle-culling hub must not stop a server whose notebooks use it.
 
-        Culling works in minutes, so the timestamp is refreshed at most once a second, not per request.
+        Culling works in minutes, so the timestamp is refreshed at most once a second, not per request. Called
+        on the gateway's thread: one dict item set, which needs no lock.
         """
         now = time.monotonic()
         if now - self._activity_marked >= 1.0:
@@ -145,8 +148,14 @@ class FirstExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         self.runtime_file.unlink(missing_ok=True)
-        if self.api_server is not None:
-            self.api_server.close()
+        if self.loop_thread.alive:
+            await self.loop_thread.call(self._stop_gateway())
+            self.loop_thread.stop()
+
+    async def _stop_gateway(self) -> None:
+        """On the gateway's loop: stop listening, end open connections, close the gateway."""
+        if self._api_server is not None:
+            (await asyncio.wrap_future(self._api_server)).close()
         elif self._api_socket is not None:
             self._api_socket.close()
         if self.gateway is not None:

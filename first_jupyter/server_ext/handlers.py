@@ -4,11 +4,13 @@ Two ways in: Jupyter's own auth (cookie + XSRF from the browser, or a Jupyter to
 extension gives the kernels it starts (``Authorization: Bearer $FIRST_API_KEY``), which opens these routes
 and nothing else of the server. Kernels are pointed at the gateway's own lean server (``gateway.api``) rather
 than here; this door answers the same routes alike for browsers, Jupyter tokens and anyone using this URL.
+The gateway itself runs on its own loop (``gateway.loop_thread``); these handlers hand it the work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from asyncio import Future
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +24,8 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
 from first_jupyter.gateway import api
-from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.core import Completed, Gateway
+from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.protocol import Capability, OpenAIError
 
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
@@ -72,6 +75,12 @@ class FirstHandler(APIHandler):
         if gateway is None:
             raise api.config_error(self.settings.get("first_config_error"))
         return gateway
+
+    @property
+    def loop_thread(self) -> LoopThread:
+        """Where the gateway runs: its coroutines are started there, never on Jupyter's loop."""
+        thread: LoopThread = self.settings["first_loop"]
+        return thread
 
     def write_json(self, payload: Any) -> None:
         self.set_header("Content-Type", api.JSON)
@@ -125,11 +134,15 @@ class ModelsHandler(FirstHandler):
 class StatusHandler(FirstHandler):
     @web.authenticated
     async def get(self) -> None:
-        self.write_json(await self.gateway.status())
+        self.write_json(await self.loop_thread.call(self.gateway.status()))
 
 
 class InferenceHandler(FirstHandler):
-    """POST chat/completions, completions and embeddings: one handler, the capability set per route."""
+    """POST chat/completions, completions and embeddings: one handler, the capability set per route.
+
+    The request runs on the gateway's loop (``answer_across``); a stream's chunks come back through a
+    ``ClientRelay``. Cancelling this handler's task (the client left) cancels the request there.
+    """
 
     capability: Capability
     _task: asyncio.Task[Any] | None = None
@@ -147,85 +160,167 @@ class InferenceHandler(FirstHandler):
         self._task = asyncio.current_task()
         gateway = self.gateway
         limit = api.body_limit(self.settings["first_max_request_bytes"], gateway)
+        client = ClientRelay(self)
         try:
-            outcome = await api.start(gateway, self.capability, self.request.body, limit)
+            outcome = await self.loop_thread.call(answer_across(gateway, self.capability, self.request.body, limit,
+                                                                client))
         except asyncio.CancelledError:
-            return  # the client left before anything was sent; nothing to clean up beyond the task
-        if isinstance(outcome, Completed):
+            return  # the client left; the gateway's side has closed the upstream and recorded it
+        if outcome is not None:
             for name, value in api.target_headers(outcome.target).items():
                 self.set_header(name, value)
             self.set_header("Content-Type", api.JSON)
             self.finish(outcome.body)
-            return
-        for name, value in api.stream_headers(outcome.target).items():
-            self.set_header(name, value)
-        connection = self.request.connection
-        assert isinstance(connection, HTTP1Connection)  # tornado's HTTP server; no other kind serves Jupyter
-
-        def send_first(chunk: bytes) -> Future[None]:
-            self.write(chunk)
-            return self.flush()
-
-        if not await relay(outcome, connection, send_first):
+        elif not client.gone:
+            client.start_if_silent()
             self.finish()
 
 
-async def relay(stream: GatewayStream, connection: HTTP1Connection,
-                send_first: Callable[[bytes], Future[None]]) -> bool:
-    """Relay ``stream`` to the client of ``connection``; True when the client left before the end.
+async def answer_across(gateway: Gateway, capability: Capability, body: bytes, limit: int,
+                        client: ClientRelay) -> Completed | None:
+    """On the gateway's loop: run the request; a whole answer is returned, a stream is relayed into ``client``.
 
-    ``send_first`` sends the status line and headers with the first chunk, as the door's own machinery does it.
-    Every later chunk is framed here and handed straight to the socket, or, when the socket refuses it, to
-    tornado's stream, which also pauses the upstream until the client has drained (backpressure): tornado's
-    own write path adds two futures and a loop callback per chunk, most of what relaying would cost.
+    The stream never leaves this coroutine, so however it ends (done, upstream error, the handler cancelling
+    it) it is closed and recorded here, on the loop it belongs to.
     """
-    started = False
-    socket_stream: IOStream | None = None  # set when chunks are framed here (HTTP/1.1 chunked encoding)
-    plain_socket = False
+    outcome = await api.start(gateway, capability, body, limit)
+    if isinstance(outcome, Completed):
+        return outcome
+    client.open(api.stream_headers(outcome.target), outcome.resume)
+    gone = False
+    try:
+        await outcome.relay(client.write)
+    except asyncio.CancelledError:
+        gone = True
+        raise
+    finally:
+        outcome.close(client_gone=gone or client.gone)
+    return None
 
-    def on_drained(drained: Future[None]) -> None:
-        if not drained.cancelled():
-            drained.exception()  # a closed client ends the relay through the connection's close callback
-        stream.resume()
 
-    def write(chunk: bytes) -> bool:
-        nonlocal started, socket_stream, plain_socket
-        if not started:
-            started = True
-            drained = send_first(chunk)
-            if connection._chunking_output:  # else HTTP/1.0: the body is the raw bytes until the connection ends
-                socket_stream = connection.stream
-                plain_socket = type(socket_stream) is IOStream  # not TLS: its send has other failure modes
-        elif socket_stream is None:
-            drained = connection.write(chunk)
+class ClientRelay:
+    """One stream crossing from the gateway's loop to a handler's client on Jupyter's loop, with backpressure.
+
+    ``open`` and ``write`` are called on the gateway's loop; each chunk is handed to Jupyter's loop and there
+    goes straight to the socket when it takes it all, else to tornado's stream. Bytes not yet on the socket are
+    in transit: above ``HIGH`` the gateway's ``write`` answers False, which pauses the upstream, and the
+    upstream is resumed once the client has drained below ``LOW``. Tornado's own write path (two futures and a
+    loop callback per chunk) is used only for the first chunk, which carries the headers.
+    """
+
+    HIGH = 256 * 1024
+    LOW = 64 * 1024
+
+    def __init__(self, handler: InferenceHandler) -> None:
+        self._handler = handler
+        self._loop = asyncio.get_running_loop()
+        connection = handler.request.connection
+        assert isinstance(connection, HTTP1Connection)  # tornado's HTTP server; no other kind serves Jupyter
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._in_transit = 0
+        self._paused = False
+        self._resume: Callable[[], None] | None = None
+        self._gateway_loop: asyncio.AbstractEventLoop | None = None
+        self._headers: dict[str, str] = {}
+        self._started = False
+        self._socket_stream: IOStream | None = None  # set when chunks are framed here (HTTP/1.1 chunked)
+        self._plain_socket = False
+        self.gone = False
+
+    # -- on the gateway's loop ----------------------------------------------------------------------------
+
+    def open(self, headers: dict[str, str], resume: Callable[[], None]) -> None:
+        self._headers = headers
+        self._resume = resume
+        self._gateway_loop = asyncio.get_running_loop()
+
+    def write(self, chunk: bytes) -> bool:
+        with self._lock:
+            self._in_transit += len(chunk)
+            keep_going = self._in_transit < self.HIGH
+            if not keep_going:
+                self._paused = True
+        self._loop.call_soon_threadsafe(self._arrive, chunk)
+        return keep_going
+
+    # -- on Jupyter's loop ----------------------------------------------------------------------------------
+
+    def _arrive(self, chunk: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            drained = self._send(chunk)
+        except StreamClosedError:
+            self._leave()
+            return
+        if drained is None:
+            self._drained(len(chunk))
+        else:
+            drained.add_done_callback(lambda done: self._on_drained(done, len(chunk)))
+
+    def _send(self, chunk: bytes) -> Future[None] | None:
+        """Put ``chunk`` on the wire; the future of its draining when the socket could not take it all now."""
+        if not self._started:
+            drained = self._start(chunk)
+        elif self._socket_stream is None:  # HTTP/1.0: the body is the raw bytes until the connection ends
+            drained = self._connection.write(chunk)
         else:
             frame = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-            if plain_socket and not socket_stream.writing():  # nothing queued: send now, queue the rest
+            if self._plain_socket and not self._socket_stream.writing():  # nothing queued: send now
                 try:
-                    sent = socket_stream.socket.send(frame)
+                    sent = self._socket_stream.socket.send(frame)
                 except BlockingIOError:
                     sent = 0
                 except OSError:
                     raise StreamClosedError() from None
                 if sent == len(frame):
-                    return True
+                    return None
                 frame = frame[sent:]
-            drained = socket_stream.write(frame)
+            drained = self._socket_stream.write(frame)
         if drained.done():
             drained.exception()  # retrieved, so a closed client logs nothing
-            return True
-        drained.add_done_callback(on_drained)  # the client is slow: pause the upstream until drained
-        return False
+            return None
+        return drained
 
-    gone = False
-    try:
-        connection.stream.set_nodelay(True)  # each event goes out at once, not held back waiting for an ACK
-        await stream.relay(write)
-    except (asyncio.CancelledError, StreamClosedError):
-        gone = True
-    finally:
-        stream.close(client_gone=gone)
-    return gone
+    def _start(self, chunk: bytes) -> Future[None]:
+        """The status line and headers, with the first chunk, through tornado as the handler would send them."""
+        self._started = True
+        handler = self._handler
+        for name, value in self._headers.items():
+            handler.set_header(name, value)
+        self._connection.stream.set_nodelay(True)  # each event goes out at once, not held back for an ACK
+        handler.write(chunk)
+        drained = handler.flush()
+        if self._connection._chunking_output:
+            self._socket_stream = self._connection.stream
+            self._plain_socket = type(self._socket_stream) is IOStream  # not TLS: its send fails otherwise
+        return drained
+
+    def start_if_silent(self) -> None:
+        """The engine sent nothing at all: the headers still go out, for a complete, empty answer."""
+        if not self._started:
+            self._started = True
+            for name, value in self._headers.items():
+                self._handler.set_header(name, value)
+
+    def _on_drained(self, drained: Future[None], size: int) -> None:
+        if not drained.cancelled():
+            drained.exception()  # a closed client ends the request through the connection's close callback
+        self._drained(size)
+
+    def _drained(self, size: int) -> None:
+        with self._lock:
+            self._in_transit -= size
+            wake = self._paused and self._in_transit <= self.LOW
+            if wake:
+                self._paused = False
+        if wake and self._resume is not None and self._gateway_loop is not None:
+            self._gateway_loop.call_soon_threadsafe(self._resume)
+
+    def _leave(self) -> None:
+        self.gone = True
+        self._handler.on_connection_close()
 
 
 class NotFoundHandler(FirstHandler):
