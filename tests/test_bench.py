@@ -1,0 +1,64 @@
+"""The overhead bench: its targets judge what they say, and a tiny run goes end to end (figures not judged)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import overhead
+from bench.overhead import Settings, Tally, plain_row, stream_figures, targets
+
+SETTINGS = Settings(requests=100, streams=4, rounds=1, chunks=4, pace=0.0, service=0.02)
+
+
+def _tally(seconds: float, cpu_ms: float, count: int = 100, events: int = 0) -> Tally:
+    samples = [overhead.Sample(seconds, events, True) for _ in range(count)]
+    return Tally(samples, wall_s=count * seconds / 32, cpu_s={"server": cpu_ms * count / 1000, "upstream": 0.0})
+
+
+def _figures(*, service_added_ms: float, saturated_req_per_s: float) -> dict[str, Any]:
+    """Figures of a run where everything passes but the two c=32 rows, which the caller sets."""
+    low = plain_row({"direct": _tally(0.001, 0.0), "gateway": _tally(0.0012, 0.2)})
+    top = plain_row({"direct": _tally(0.005, 0.0), "gateway": _tally(0.008, 0.2)})
+    top["gateway"]["req_per_s"] = saturated_req_per_s
+    service = plain_row({"direct": _tally(0.025, 0.0), "gateway": _tally(0.025 + service_added_ms / 1000, 0.2)})
+    stream = {side: stream_figures(_tally(0.001, 0.1, count=4, events=SETTINGS.events_per_stream))
+              for side in ("direct", "gateway")}
+    return {"plain": {"1": low, "32": top}, "plain_service": {"32": service},
+            "stream": {"1": stream, "32": stream}}
+
+
+def _verdicts(figures: dict[str, Any]) -> dict[str, bool]:
+    return {t["name"]: t["pass"] for t in targets(figures, SETTINGS)}
+
+
+def test_every_target_passes_on_figures_within_the_limits():
+    assert all(_verdicts(_figures(service_added_ms=2.0, saturated_req_per_s=3000)).values())
+
+
+def test_added_p99_against_the_engine_like_upstream_is_held_to_5_ms():
+    verdicts = _verdicts(_figures(service_added_ms=6.0, saturated_req_per_s=3000))
+    assert [name for name, ok in verdicts.items() if not ok] == ["added latency p99, c=32, 20 ms upstream"]
+
+
+def test_a_saturated_gateway_must_sustain_what_the_engine_like_loop_asks():
+    """32 requests in flight against a 20 ms engine ask 1,600 req/s: a gateway slower than that fails."""
+    verdicts = _verdicts(_figures(service_added_ms=2.0, saturated_req_per_s=1500))
+    assert [name for name, ok in verdicts.items() if not ok] == ["gateway req/s, c=32, zero-latency (saturated)"]
+
+
+@pytest.mark.timeout(180)
+def test_a_tiny_run_measures_every_scenario_and_stops_its_processes(tmp_path: Path):
+    out = tmp_path / "figures.json"
+    status = overhead.main(["--requests", "64", "--streams", "4", "--rounds", "2", "--chunks", "4", "--json",
+                            str(out)])
+    figures = json.loads(out.read_text())
+    assert status == (0 if all(t["pass"] for t in figures["targets"]) else 1)
+    assert {t["name"] for t in figures["targets"]} == {t["name"] for t in targets(figures, SETTINGS)}
+    for level in ("1", "32"):
+        assert set(figures["plain"][level]) >= {"direct", "gateway", "jupyter", "added"}
+        assert figures["stream"][level]["gateway"]["complete"] == figures["stream"][level]["gateway"]["streams"]
+    assert figures["plain_service"]["32"]["gateway"]["requests"] >= 64
