@@ -70,6 +70,19 @@ async def start(gateway: Gateway, capability: Capability, body: bytes, limit: in
     return await gateway.stream(req) if req.stream else await gateway.complete(req)
 
 
+def requested_model(body: bytes) -> str:
+    """The ``model`` of a ``{"model": "..."}`` body (setting the default model), or a 400 saying what to send."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, str) or not model:
+        raise OpenAIError(400, 'Send a JSON body {"model": "<id>"}; GET /first/v1/models lists the ids.',
+                          param="model", code="invalid_value")
+    return model
+
+
 class HostVerdicts:
     """A DNS-rebinding verdict per ``Host`` header, computed once: it depends only on the header and settings.
 
@@ -127,8 +140,9 @@ class GatewayApp:
         self.config_error_text = config_error_text
         self.on_activity = on_activity
         self.log = log or logging.getLogger(__name__)
-        self.routes: dict[str, tuple[str, Capability | str]] = {"/first/v1/models": ("GET", "models"),
-                                                                 "/first/api/status": ("GET", "status")}
+        self.routes: dict[str, tuple[str, Capability | str]] = {
+            "/first/v1/models": ("GET", "models"), "/first/api/status": ("GET", "status"),
+            "/first/api/usage": ("GET", "usage"), "/first/api/default_model": ("PUT", "default_model")}
         self.routes.update((f"/first/v1/{cap.route}", ("POST", cap)) for cap in Capability)
         self._hosts = HostVerdicts()
 
@@ -165,7 +179,8 @@ class GatewayApp:
         route = self.routes.get(request.path)
         if route is None:
             raise OpenAIError(404, f"No route {request.path}. This gateway serves /first/v1/models, "
-                                   "chat/completions, completions and embeddings, and /first/api/status.",
+                                   "chat/completions, completions and embeddings, and /first/api/status, usage "
+                                   "and default_model.",
                               code="unknown_route")
         method, what = route
         if request.method != method:
@@ -178,6 +193,10 @@ class GatewayApp:
             self._json(exchange, gateway.models())
         elif what == "status":
             self._json(exchange, await gateway.status())
+        elif what == "usage":
+            self._json(exchange, await gateway.usage_summary())
+        elif what == "default_model":
+            self._json(exchange, {"default_model": gateway.set_default_model(requested_model(request.body))})
         else:
             assert isinstance(what, Capability)
             outcome = await start(gateway, what, request.body, self.limit)

@@ -20,12 +20,14 @@ from first_jupyter.config import FirstConfig, HttpCluster, LocalCluster
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.backends.local import LocalBackend
+from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.gateway.upstream import UpstreamClient, UpstreamStream, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
 
+DEFAULT_MODEL_KEY = "default_model"
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 _REQUEST_IDS = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
@@ -119,7 +121,9 @@ class Gateway:
                 for model in ep.models:
                     served.setdefault(model.id, []).append(f"{cluster_name}/{ep.name}")
         self.router = Router(self.backends, served)
-        self.default_model = config.defaults.model
+        self.preferences = Preferences(data_dir / "preferences.sqlite3")
+        chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
+        self.default_model = chosen if chosen in served else config.defaults.model or next(iter(served), None)
         self.usage = UsageStore(data_dir / "usage.sqlite3")
         self._created = int(time.time())
 
@@ -134,6 +138,32 @@ class Gateway:
                          "capabilities": caps,
                          "served_by": [{"cluster": t.cluster, "endpoint": t.endpoint} for t in targets]})
         return {"object": "list", "data": data}
+
+    def set_default_model(self, model: str) -> str:
+        """The model clients use when told none (``%%first chat``, the widgets, the sidebar); kept across restarts.
+
+        A request to the OpenAI routes must still name its model (404 otherwise): the default is the clients'
+        choice to make, not something to slip into an API call that forgot a field.
+        """
+        if model not in self.router.catalog:
+            self.router.pick(model, Capability.chat)  # raises the 404 that lists what is served
+        self.preferences.set(DEFAULT_MODEL_KEY, model)
+        self.default_model = model
+        return model
+
+    async def usage_summary(self) -> dict[str, Any]:
+        """Requests, tokens and latency per model, from the usage store (recent requests included)."""
+        rows = await asyncio.to_thread(self._usage_rows)
+        keys = ("model", "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms",
+                "mean_ttft_ms", "last_used")
+        return {"object": "list", "data": [dict(zip(keys, row, strict=True)) for row in rows]}
+
+    def _usage_rows(self) -> list[tuple[object, ...]]:
+        self.usage.flush()
+        return self.usage.query(
+            "SELECT model, COUNT(*), SUM(status >= 400), COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0), AVG(latency_ms), AVG(ttft_ms), MAX(ts) "
+            "FROM usage WHERE model != '' GROUP BY model ORDER BY model")
 
     async def status(self) -> dict[str, Any]:
         endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side

@@ -137,6 +137,23 @@ class StatusHandler(FirstHandler):
         self.write_json(await self.loop_thread.call(self.gateway.status()))
 
 
+class UsageHandler(FirstHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        self.write_json(await self.loop_thread.call(self.gateway.usage_summary()))
+
+
+class DefaultModelHandler(FirstHandler):
+    @web.authenticated
+    async def put(self) -> None:
+        gateway, model = self.gateway, api.requested_model(self.request.body)
+        self.write_json({"default_model": await self.loop_thread.call(_set_default(gateway, model))})
+
+
+async def _set_default(gateway: Gateway, model: str) -> str:
+    return gateway.set_default_model(model)  # on the gateway's loop, like every change to its state
+
+
 class InferenceHandler(FirstHandler):
     """POST chat/completions, completions and embeddings: one handler, the capability set per route.
 
@@ -341,5 +358,7 @@ def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
         ("/first/v1/models", ModelsHandler, {}),
         *inference,
         ("/first/api/status", StatusHandler, {}),
+        ("/first/api/usage", UsageHandler, {}),
+        ("/first/api/default_model", DefaultModelHandler, {}),
         ("/first/v1/(.*)", NotFoundHandler, {}),
     ]

@@ -1,0 +1,82 @@
+"""The gateway's own API beside the OpenAI routes: the default model and the usage summary, through every door."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from first_jupyter.config import load_config
+from first_jupyter.gateway import Gateway
+from first_jupyter.protocol import OpenAIError
+from tests.conftest import Door, fake_cluster_config, server_config
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def jp_server_config(fake_upstream, write_config, tmp_path: Path):
+    return server_config(write_config(fake_cluster_config(fake_upstream)), tmp_path / "data")
+
+
+def _api(door: Door, path: str) -> URL:
+    """``/first/api/...`` beside the door's ``/first/v1`` (kept percent-encoded, as ``Door.route`` does)."""
+    return URL(f"{door.url.removesuffix('/v1')}/api/{path}", encoded=True)
+
+
+async def _call(door: Door, method: str, url: URL, body: object = None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session, session.request(
+            method, url, data=None if body is None else json.dumps(body), headers=door.headers) as resp:
+        return resp.status, json.loads(await resp.read())
+
+
+async def test_setting_the_default_model_shows_in_status(door):
+    code, body = await _call(door, "PUT", _api(door, "default_model"), {"model": "fake-embed"})
+    assert (code, body) == (200, {"default_model": "fake-embed"})
+    code, status = await _call(door, "GET", _api(door, "status"))
+    assert status["default_model"] == "fake-embed"
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"model": "gpt-9"}, 404, "Available models: fake-embed, fake-model"),
+    ({"modle": "fake-model"}, 400, '{"model": "<id>"}'),
+    ("fake-model", 400, '{"model": "<id>"}'),
+])
+async def test_a_bad_default_model_is_refused_and_says_what_to_send(door, body, status, words):
+    code, answer = await _call(door, "PUT", _api(door, "default_model"), body)
+    assert code == status
+    assert words in answer["error"]["message"]
+    _, current = await _call(door, "GET", _api(door, "status"))
+    assert current["default_model"] == "fake-model"  # unchanged
+
+
+async def test_usage_summary_counts_requests_tokens_and_errors_per_model(door):
+    async with aiohttp.ClientSession() as session:
+        for body in (CHAT, CHAT, {**CHAT, "temperature": 9}):  # the last is refused (400) before any upstream
+            async with session.post(door.route("chat/completions"), json=body, headers=door.headers) as resp:
+                await resp.read()
+    code, usage = await _call(door, "GET", _api(door, "usage"))
+    assert code == 200
+    (row,) = usage["data"]
+    assert (row["model"], row["requests"], row["errors"]) == ("fake-model", 2, 0)
+    assert row["completion_tokens"] == 2 * 8  # the fake answers 8 tokens
+    assert row["mean_latency_ms"] > 0
+
+
+def test_the_default_model_survives_a_restart_while_it_is_still_served(fake_upstream, write_config, tmp_path):
+    config_file = write_config(fake_cluster_config(fake_upstream))
+    data = tmp_path / "data"
+    first = Gateway(load_config(config_file, data), data)
+    assert first.default_model == "fake-model"
+    first.set_default_model("fake-embed")
+    with pytest.raises(OpenAIError, match="does not exist here"):
+        first.set_default_model("gone-model")
+    first.usage.close()
+    assert Gateway(load_config(config_file, data), data).default_model == "fake-embed"
+
+    only_chat = fake_cluster_config(fake_upstream)
+    only_chat["clusters"]["remote"]["endpoints"][0]["models"] = [{"id": "fake-model"}]
+    assert Gateway(load_config(write_config(only_chat), data), data).default_model == "fake-model"
