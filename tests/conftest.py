@@ -68,6 +68,25 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
+def in_process(fake_upstream: FakeUpstream, write_config: Callable[[dict[str, Any]], Path], tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeUpstream]:
+    """``first_jupyter.client`` as in a kernel no Jupyter server started: its in-process gateway, serving the fake.
+
+    The variables a server exports to its kernels are removed (a server test in this process may have set them),
+    and the client's connection is dropped before and after, so each test starts its own gateway.
+    """
+    from first_jupyter import client
+
+    monkeypatch.delenv(client.GATEWAY_URL_ENV, raising=False)
+    monkeypatch.delenv(client.API_KEY_ENV, raising=False)
+    monkeypatch.setenv("FIRST_CONFIG", str(write_config(fake_cluster_config(fake_upstream))))
+    monkeypatch.setenv("FIRST_DATA_DIR", str(tmp_path / "data"))
+    client.disconnect()
+    yield fake_upstream
+    client.disconnect()
+
+
+@pytest.fixture
 def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
     def write(data: dict[str, Any]) -> Path:
         path = tmp_path / "first.yaml"

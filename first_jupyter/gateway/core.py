@@ -28,6 +28,11 @@ from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
 
 DEFAULT_MODEL_KEY = "default_model"
+MODEL_STATES = ("hot", "starting", "queued", "cold", "offline")
+"""A model's state for users, best first: answers now, soon, after a batch job starts, after a cold start, not."""
+_MODEL_STATE = {"running": "hot", "online": "hot", "starting": "starting", "queued": "queued", "stopped": "cold",
+                "failed": "offline", "offline": "offline"}
+"""Endpoint states (local engines, http upstreams) as model states."""
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 _REQUEST_IDS = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
@@ -166,8 +171,14 @@ class Gateway:
             "FROM usage WHERE model != '' GROUP BY model ORDER BY model")
 
     async def status(self) -> dict[str, Any]:
+        """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
         endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
-        return {"default_model": self.default_model, "models": self.models()["data"], "endpoints": endpoints,
+        states = {(e["cluster"], e["endpoint"]): _MODEL_STATE.get(e["state"], "offline") for e in endpoints}
+        models = self.models()["data"]
+        for model in models:
+            found = [states[(s["cluster"], s["endpoint"])] for s in model["served_by"]]
+            model["state"] = min(found, key=MODEL_STATES.index, default="offline")
+        return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters)}
 
     # -- requests ----------------------------------------------------------------------------------------

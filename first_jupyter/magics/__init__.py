@@ -1,0 +1,1 @@
+"""The ``%first`` / ``%%first`` magics (``%load_ext first_jupyter``); commands live in ``core``."""

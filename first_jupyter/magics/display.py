@@ -1,0 +1,117 @@
+"""What a ``%%first`` cell shows: a live display while tokens arrive, then the whole answer as a plain output.
+
+The live display is updated in place (at most every ``interval`` seconds, so a fast engine does not flood the
+browser with messages) and emptied at the end; the answer then goes out as a fresh ``display_data`` with its
+metadata. Tools that only keep each output's first version (nbval, some exporters) therefore see the empty live
+display and the whole answer, exactly what a saved notebook holds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+from IPython.display import display, update_display
+
+if TYPE_CHECKING:
+    from first_jupyter.client import Result
+
+FORMATS = ("markdown", "text", "code", "json")
+_EMPTY = {"text/plain": ""}
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The fenced code blocks of an answer joined, or the whole answer when it has none."""
+    blocks = _FENCE.findall(text)
+    return "\n\n".join(block.rstrip("\n") for block in blocks) if blocks else text.strip()
+
+
+def bundle(text: str, fmt: str) -> tuple[dict[str, Any], str | None]:
+    """The MIME bundle for an answer in ``fmt``, and a one-line note when the answer does not fit the format."""
+    if fmt == "text":
+        return {"text/plain": text}, None
+    if fmt == "code":
+        code = extract_code(text)
+        return {"text/markdown": f"```\n{code}\n```", "text/plain": code}, None
+    if fmt == "json":
+        candidate = extract_code(text)
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            return {"text/plain": text}, "The answer is not valid JSON; shown as text."
+        return {"application/json": value if isinstance(value, dict | list) else {"value": value},
+                "text/plain": json.dumps(value, indent=2)}, None
+    return {"text/markdown": text, "text/plain": text}, None
+
+
+class LiveAnswer:
+    """One answer being streamed into a cell."""
+
+    def __init__(self, fmt: str, interval: float) -> None:
+        self.fmt = fmt
+        self.interval = interval
+        self.parts: list[str] = []
+        self._shown_at = 0.0
+        self._display_id: str | None = None  # created with the first piece: a failed request leaves no output
+
+    def add(self, text: str) -> None:
+        if self._display_id is None:
+            handle = display(_EMPTY, raw=True, display_id=True)
+            self._display_id = str(handle.display_id) if handle is not None else ""
+        self.parts.append(text)
+        now = time.monotonic()
+        if now - self._shown_at >= self.interval:  # pieces in between show with the next update
+            self._show(now)
+
+    def _show(self, now: float) -> None:
+        self._shown_at = now
+        text = "".join(self.parts)
+        live = {"text/plain": text} if self.fmt in ("text", "json") else {"text/markdown": text, "text/plain": text}
+        update_display(live, raw=True, display_id=self._display_id)
+
+    def finish(self, result: Result) -> str | None:
+        """Empty the live display and show the whole answer with its metadata; returns a note, if any."""
+        if self._display_id is not None:
+            update_display(_EMPTY, raw=True, display_id=self._display_id)
+        return show_answer(result, self.fmt)
+
+
+def show_answer(result: Result, fmt: str) -> str | None:
+    data, note = bundle(result.text, fmt)
+    display(data, raw=True, metadata={"first": result.metadata()})
+    return note
+
+
+def show_table(columns: list[str], rows: list[list[Any]], caption: str | None = None) -> None:
+    """A table as HTML for the browser and aligned text for everything else (terminals, nbval, exports)."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = [("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))).rstrip()]
+    lines += [("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))).rstrip() for r in cells]
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in r) + "</tr>" for r in cells)
+    title = f"<caption>{escape(caption)}</caption>" if caption else ""
+    text = "\n".join(([caption] if caption else []) + lines)
+    display({"text/html": f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+             "text/plain": text}, raw=True)
+
+
+def bars_svg(title: str, values: dict[str, float], unit: str, width: int = 420) -> str:
+    """A horizontal bar chart as SVG text: no plotting library to import (matplotlib alone takes ~1 s)."""
+    bar_h, gap, label_w = 18, 6, 140
+    top = max(values.values(), default=0) or 1
+    height = 24 + len(values) * (bar_h + gap)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="12">',
+             f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>']
+    for i, (name, value) in enumerate(values.items()):
+        y = 24 + i * (bar_h + gap)
+        length = (width - label_w - 70) * value / top
+        parts += [f'<text x="0" y="{y + 13}">{escape(name[:20])}</text>',
+                  f'<rect x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" fill="#4a7ebb"/>',
+                  f'<text x="{label_w + length + 4:.1f}" y="{y + 13}">{value:,.0f} {escape(unit)}</text>']
+    return "".join(parts) + "</svg>"

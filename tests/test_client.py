@@ -1,0 +1,148 @@
+"""``first_jupyter.client``: finding the gateway (the server's, or one started in-process) and the calls on it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+import first_jupyter
+from first_jupyter import client
+from first_jupyter.client import Conversation, GatewayError
+from tests.conftest import fake_cluster_config, server_config
+
+
+@pytest.fixture
+def jp_server_config(fake_upstream, write_config, tmp_path):
+    return server_config(write_config(fake_cluster_config(fake_upstream)), tmp_path / "server-data")
+
+
+def test_without_a_server_an_in_process_gateway_serves_the_official_client(in_process):
+    conn = client.connection()
+    assert conn.source == "in-process"
+    assert conn.url.startswith("http://127.0.0.1:")
+    openai_client = first_jupyter.openai_client()
+    assert sorted(m.id for m in openai_client.models.list()) == ["fake-embed", "fake-model"]
+    answer = openai_client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
+
+
+def test_disconnect_stops_the_in_process_gateway(in_process):
+    port = int(client.connection().url.split(":")[2].split("/")[0])
+    client.disconnect()
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("127.0.0.1", port))
+
+
+def test_chat_streams_pieces_and_says_where_it_ran(in_process):
+    pieces: list[str] = []
+    result = first_jupyter.chat("hi", stream=True, on_text=pieces.append)
+    assert len(pieces) == 8
+    assert result.text == "".join(pieces)
+    assert (result.model, result.cluster, result.endpoint) == ("fake-model", "remote", "fake")
+    assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (8, 8, "stop")
+    assert 0 < result.ttft_s <= result.latency_s
+    assert not result.stopped
+
+
+def test_a_conversation_sends_its_last_turns(in_process):
+    conversation = Conversation(max_turns=1)
+    first_jupyter.chat("first question", conversation=conversation)
+    first_jupyter.chat("second question", conversation=conversation, system="be brief")
+    assert [m["content"] for m in in_process.last_request_body["messages"]] == [
+        "be brief", "first question", "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 ", "second question"]
+    first_jupyter.chat("third question", conversation=conversation)
+    sent = [m["content"] for m in in_process.last_request_body["messages"]]
+    assert sent[0] == "second question"  # only the last turn is kept
+    assert len(conversation.turns) == 3
+
+
+def test_extra_fields_reach_the_engine(in_process):
+    first_jupyter.chat("hi", temperature=0.5, max_tokens=3, top_k=7)
+    body = in_process.last_request_body
+    assert (body["temperature"], body["max_tokens"], body["top_k"]) == (0.5, 3, 7)
+
+
+def test_setting_stop_ends_the_stream_and_the_upstream_request(in_process):
+    in_process.pace = 0.05  # 8 pieces would take 0.4 s
+    stop = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            stop.set()
+
+    result = first_jupyter.chat("hi", stream=True, on_text=on_text, stop=stop)
+    stopped_at = time.monotonic()
+    assert result.stopped
+    assert result.text == "tok0 tok1 "
+    deadline = stopped_at + 2
+    while not in_process.disconnects and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert in_process.disconnects
+    assert in_process.disconnects[-1] - stopped_at < 0.2
+
+
+def test_the_default_model_is_used_when_none_is_named(in_process):
+    assert first_jupyter.default_model() == "fake-model"
+    assert first_jupyter.set_default_model("fake-embed") == "fake-embed"
+    assert first_jupyter.embed(["a", "bb"]) == first_jupyter.embed(["a", "bb"], model="fake-embed")
+    assert len(first_jupyter.embed("one")) == 1
+
+
+def test_completions_and_usage(in_process):
+    result = first_jupyter.complete("Once upon a time", max_tokens=4)
+    assert result.text
+    assert result.cluster == "remote"
+    first_jupyter.chat("hi")
+    by_model = {row["model"]: row for row in first_jupyter.usage()}
+    assert by_model["fake-model"]["requests"] == 2
+
+
+def test_models_carry_their_state(in_process):
+    assert {(m["id"], m["state"]) for m in first_jupyter.models()} == {("fake-model", "hot"), ("fake-embed", "hot")}
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: first_jupyter.chat("hi", model="gpt-9"), "Available models: fake-embed, fake-model"),
+    (lambda: first_jupyter.set_default_model("gpt-9"), "Available models: fake-embed, fake-model"),
+    (lambda: first_jupyter.embed("x", model="fake-model"), "cannot serve embeddings"),
+])
+def test_gateway_errors_carry_its_message(in_process, call, words):
+    with pytest.raises(GatewayError, match=words) as info:
+        call()
+    assert info.value.status == 404
+
+
+def test_an_unreachable_gateway_is_one_clear_error(monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    monkeypatch.setenv(client.GATEWAY_URL_ENV, f"http://127.0.0.1:{port}/first/v1")
+    monkeypatch.setenv(client.API_KEY_ENV, "first-key")
+    client.disconnect()
+    try:
+        with pytest.raises(GatewayError, match="not reachable"):
+            first_jupyter.models()
+        with pytest.raises(GatewayError, match="not reachable"):
+            first_jupyter.chat("hi", model="fake-model")
+    finally:
+        client.disconnect()
+
+
+async def test_a_kernel_of_the_server_uses_the_servers_gateway(first_ext, monkeypatch):
+    """The variables the extension exports to its kernels point the client at the server's gateway."""
+    monkeypatch.setenv(client.GATEWAY_URL_ENV, first_ext.gateway_url())
+    monkeypatch.setenv(client.API_KEY_ENV, first_ext.api_key)
+    client.disconnect()
+    try:
+        conn = await asyncio.to_thread(client.connection)
+        assert (conn.source, conn.url) == ("server", first_ext.gateway_url())
+        result = await asyncio.to_thread(first_jupyter.chat, "hi", model="fake-model")
+        assert result.cluster == "remote"
+    finally:
+        client.disconnect()
