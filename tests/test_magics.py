@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import CapturedIO, capture_output
+
+from bench import load_ext
 
 ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
 
@@ -163,3 +167,13 @@ def test_errors_are_one_or_two_lines_that_say_what_to_do(shell, line, body, word
 def test_output_metadata_is_json(shell):
     (final,) = cell(shell, "chat --no-stream", "hi").outputs
     json.dumps(final.metadata)  # saved with the notebook: must serialise
+
+
+def test_loading_the_extension_imports_nothing_heavy():
+    """The client, ``openai`` (about 1 s to import) and the gateway load on first use, not on ``%load_ext``."""
+    probe = ("import sys; from IPython.core.interactiveshell import InteractiveShell; "
+             "shell = InteractiveShell.instance(); before = set(sys.modules); "
+             "shell.run_line_magic('load_ext', 'first_jupyter'); "
+             f"print(sorted(m for m in set(sys.modules) - before if m.startswith({load_ext.HEAVY!r})))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
