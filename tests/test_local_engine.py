@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import openai
@@ -120,3 +124,34 @@ def test_launcher_picks_transformers_without_a_gpu(monkeypatch: pytest.MonkeyPat
                                                                 "--model", "/m"]
     assert launcher.served_name(spec, "vllm") == "m"
     assert launcher.served_name(spec, "transformers") == "/m"
+
+
+def test_an_owned_engine_dies_with_the_process_that_started_it(tmp_path: Path):
+    """A kernel or server killed outright (SIGKILL) cannot stop its engine; the engine must go with it anyway."""
+    parent_code = (
+        "import sys, time; from pathlib import Path\n"
+        "from first_jupyter.remote.launcher import EngineSpec, start_engine\n"
+        f"p = start_engine(EngineSpec(model={str(tmp_path / 'no-model')!r}, engine='transformers', device='cpu', "
+        f"log_path=Path({str(tmp_path / 'engine.log')!r})), owned=True)\n"
+        "print(p.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    try:
+        engine_pid = int(parent.stdout.readline())
+        assert _running(engine_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 5
+    while _running(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _running(engine_pid):
+        os.kill(engine_pid, signal.SIGKILL)
+        pytest.fail("the engine outlived the process that owned it")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child of init waits a moment to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -10,6 +10,7 @@ the real reason (a CUDA error, a missing weight file) is written.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -22,9 +23,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 EngineKind = Literal["vllm", "transformers"]
 LOG_TAIL_LINES = 25
@@ -168,8 +172,32 @@ class EngineProcess:
             self.popen.wait(timeout=grace)
 
 
-def start_engine(spec: EngineSpec) -> EngineProcess:
-    """Spawn the engine in its own session with output to ``spec.log_path``; does not wait for health."""
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, a function that makes the calling (child) process get SIGTERM when its parent dies.
+
+    An engine the gateway owns must not outlive it, even when the gateway's process is killed outright (a kernel
+    killed by its notebook server, a Jupyter server hit by SIGKILL) and has no chance to stop it. The C function
+    is looked up here, in the parent: the child, between fork and exec, only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_signal
+
+
+def start_engine(spec: EngineSpec, *, owned: bool = False) -> EngineProcess:
+    """Spawn the engine in its own session with output to ``spec.log_path``; does not wait for health.
+
+    ``owned``: the engine belongs to the calling process and stops when it dies (Linux); the launcher command,
+    whose engine must keep running after it exits, leaves it False.
+    """
     engine = choose_engine(spec.engine)
     port = spec.port or free_port(spec.host)
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +209,8 @@ def start_engine(spec: EngineSpec) -> EngineProcess:
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
         popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, start_new_session=True)
+                                 env=env, start_new_session=True,
+                                 preexec_fn=_parent_death_signal() if owned else None)
     return EngineProcess(spec=spec, engine=engine, port=port, popen=popen)
 
 

@@ -83,7 +83,7 @@ class LocalBackend:
         self.state = "starting"
         try:
             await asyncio.to_thread(self._build_model_if_asked)
-            proc = await asyncio.to_thread(start_engine, self.spec)
+            proc = await asyncio.to_thread(start_engine, self.spec, owned=True)
             try:
                 await asyncio.to_thread(proc.wait_healthy, self.endpoint.start_timeout)
             except BaseException:
