@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up, then run every check: ruff, then the whole pytest suite (unit, server, engine tests).
+# Set everything up, then run every check: ruff, the whole pytest suite (unit, server, kernel, engine tests),
+# then the example notebooks under nbval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
