@@ -4,21 +4,23 @@ In a kernel the Jupyter server started, ``FIRST_GATEWAY_URL`` and ``FIRST_API_KE
 gateway. Anywhere else (plain IPython, a script, nbval's kernels) the first call starts an in-process gateway
 on the same configuration (``$FIRST_CONFIG`` or the embedded default): the gateway's own HTTP server on a
 loopback port of this process, so every caller, the official ``openai`` client included, talks to it the same
-way. ``openai`` takes about a second to import; it is imported on first use, never by ``%load_ext``.
+way. The calls here use the stdlib's ``http.client``; ``openai`` (about a second to import) is imported only by
+``openai_client()``.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
 import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +34,9 @@ if TYPE_CHECKING:
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
 API_KEY_ENV = "FIRST_API_KEY"
-ADMIN_TIMEOUT_S = 30.0
-"""Status probes every endpoint (an offline one times out in a few seconds)."""
+CALL_TIMEOUT_S = 900.0
+"""Socket timeout of a call: a backstop only, since the gateway's own first-byte and idle timeouts answer first
+(a cold start of a large model can take minutes)."""
 
 
 class GatewayError(Exception):
@@ -108,7 +111,6 @@ def _file_log(path: Path) -> logging.Logger:
 _lock = threading.Lock()
 _connection: Connection | None = None
 _in_process: InProcessGateway | None = None
-_clients: dict[str, Any] = {}
 
 
 def connection() -> Connection:
@@ -131,10 +133,6 @@ def disconnect() -> None:
     global _connection, _in_process
     with _lock:
         in_process, _in_process, _connection = _in_process, None, None
-        clients = list(_clients.values())
-        _clients.clear()
-    for client in clients:
-        client.close()
     if in_process is not None:
         in_process.close()
 
@@ -155,35 +153,74 @@ def async_openai_client(**kwargs: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=conn.url, api_key=conn.api_key, **kwargs)
 
 
-def _shared_client() -> openai.OpenAI:
-    """One client per process for the calls below, so their connections are pooled; no retries: a failure is
-    reported at once, with the gateway's message."""
-    with _lock:
-        client = _clients.get("sync")
-    if client is None:
-        client = openai_client(max_retries=0)
-        with _lock:
-            client = _clients.setdefault("sync", client)
-    return client
-
-
 # -- the gateway's own routes ----------------------------------------------------------------------------------
 
 
-def _api(method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-    """Call ``/first/api/{path}`` (stdlib HTTP: cheap to import, and these calls are small)."""
-    conn = connection()
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{conn.api_url}/{path}", data=data, method=method, headers={  # noqa: S310
-        "Authorization": f"Bearer {conn.api_key}", "Content-Type": "application/json"})
+class _Exchange:
+    """One request to the gateway on a connection of its own, which ``abort`` ends from any thread.
+
+    The stdlib's ``http.client`` rather than ``openai``: it imports in milliseconds (``openai`` takes a second,
+    on the first prompt of every kernel), and its socket is ours to shut down, which is how a stop button ends a
+    call blocked waiting for a cold engine's first byte. Closing the connection is what makes the gateway cancel
+    the request upstream.
+    """
+
+    def __init__(self, method: str, url: str, body: Mapping[str, Any] | None) -> None:
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        self._http = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=CALL_TIMEOUT_S)
+        self._target = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._method = method
+        self._body = json.dumps(body).encode() if body is not None else None
+        self._aborted = threading.Event()
+
+    def send(self) -> http.client.HTTPResponse:
+        """Send the request and return the response once its head is in; ``GatewayError`` for a refusal."""
+        try:
+            self._http.connect()
+            if self._aborted.is_set():
+                raise ConnectionAbortedError("stopped")
+            self._http.request(self._method, self._target, body=self._body, headers={
+                "Authorization": f"Bearer {connection().api_key}", "Content-Type": "application/json"})
+            response = self._http.getresponse()
+        except OSError as exc:
+            self.close()
+            if self._aborted.is_set():
+                raise
+            raise GatewayError(f"The FIRST gateway at {connection().url} is not reachable ({exc}). Restart the "
+                               "kernel; if it persists, restart the Jupyter server.") from None
+        if response.status >= 400:
+            error = _gateway_error(response.status, response.read())
+            self.close()
+            raise error
+        return response
+
+    def abort(self) -> None:
+        """Shut the socket down: a read blocked in another thread returns at once (a plain close would not wake
+        it)."""
+        self._aborted.set()
+        sock = self._http.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _call(method: str, url: str, body: Mapping[str, Any] | None = None) -> tuple[Any, http.client.HTTPResponse]:
+    """A whole JSON exchange: the decoded answer and the response (for its headers)."""
+    exchange = _Exchange(method, url, body)
     try:
-        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S) as resp:  # noqa: S310 (our own URL)
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise _gateway_error(exc.code, exc.read()) from None
-    except urllib.error.URLError as exc:
-        raise GatewayError(f"The FIRST gateway at {conn.url} is not reachable ({exc.reason}). Restart the kernel; "
-                           "if it persists, restart the Jupyter server.") from None
+        response = exchange.send()
+        return json.loads(response.read()), response
+    finally:
+        exchange.close()
+
+
+def _api(method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+    """Call ``/first/api/{path}``, the gateway's own routes."""
+    return _call(method, f"{connection().api_url}/{path}", body)[0]
 
 
 def _gateway_error(status: int, body: bytes) -> GatewayError:
@@ -208,7 +245,7 @@ def models() -> list[dict[str, Any]]:
 
 def default_model() -> str | None:
     """The model used when none is named: the one chosen with ``%first use`` or in the sidebar."""
-    chosen: str | None = status()["default_model"]
+    chosen: str | None = _api("GET", "default_model")["default_model"]
     return chosen
 
 
@@ -270,43 +307,6 @@ class Result:
                 "finish_reason": self.finish_reason, "stopped": self.stopped}
 
 
-def _translate(exc: Exception) -> GatewayError:
-    """The ``openai`` package's exceptions as ``GatewayError`` with the gateway's own message."""
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        error = body.get("error", body) if isinstance(body, dict) else {}
-        message = error.get("message") if isinstance(error, dict) else None
-        code = error.get("code") if isinstance(error, dict) else None
-        return GatewayError(message or str(exc), exc.status_code, code)
-    if isinstance(exc, openai.APIConnectionError):
-        return GatewayError(f"The FIRST gateway at {connection().url} is not reachable. Restart the kernel; if it "
-                            "persists, restart the Jupyter server.")
-    return GatewayError(str(exc))
-
-
-def _body_fields(temperature: float | None, max_tokens: int | None, extra: dict[str, Any]) -> dict[str, Any]:
-    """Options for the ``openai`` call: the common ones by name, every other field (vLLM's ``top_k``...) as
-    ``extra_body``, which the client sends as is and would otherwise refuse."""
-    options: dict[str, Any] = {k: v for k, v in (("temperature", temperature), ("max_tokens", max_tokens))
-                               if v is not None}
-    if extra:
-        options["extra_body"] = extra
-    return options
-
-
-@contextlib.contextmanager
-def _gateway_errors() -> Iterator[None]:
-    """Failures of the ``openai`` package re-raised as ``GatewayError``, whose message is the gateway's own."""
-    try:
-        yield
-    except Exception as exc:
-        if type(exc).__module__.startswith("openai"):
-            raise _translate(exc) from None
-        raise
-
-
 def resolve_model(model: str | None) -> str:
     """``model``, else the gateway's default; a clear error when there is neither."""
     chosen = model or default_model()
@@ -314,6 +314,20 @@ def resolve_model(model: str | None) -> str:
         raise GatewayError("No model given and no default set. `%first models` lists what you can use; "
                            "`%first use MODEL` sets the default.")
     return chosen
+
+
+def _body(model: str, temperature: float | None, max_tokens: int | None, extra: Mapping[str, Any],
+          **fields: Any) -> dict[str, Any]:
+    """A request body: the fields given, the options that are set, and every extra field (vLLM's ``top_k``...)
+    as is."""
+    options = {k: v for k, v in (("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    return {"model": model, **fields, **options, **extra}
+
+
+def _where(result: Result, response: http.client.HTTPResponse) -> Result:
+    result.cluster = response.getheader("X-First-Cluster")
+    result.endpoint = response.getheader("X-First-Endpoint")
+    return result
 
 
 def chat(prompt: str | Sequence[Mapping[str, Any]], *, model: str | None = None, system: str | None = None,
@@ -324,70 +338,106 @@ def chat(prompt: str | Sequence[Mapping[str, Any]], *, model: str | None = None,
 
     ``prompt`` is the user's text, or a whole list of messages. With ``conversation`` its earlier turns go first
     and this turn is added to it. With ``stream``, ``on_text`` gets each piece of text as it arrives, and setting
-    ``stop`` (or Ctrl-C) ends the stream: the connection is closed, so the gateway cancels the request upstream.
-    ``extra`` fields (``top_p``, vLLM's ``top_k``...) reach the engine untouched.
+    ``stop`` (or Ctrl-C) ends the stream, even before its first token: the connection is closed, so the gateway
+    cancels the request upstream. ``extra`` fields (``top_p``, vLLM's ``top_k``...) reach the engine untouched.
     """
     chosen = resolve_model(model)
     messages: list[Any] = [{"role": "system", "content": system}] if system else []
     if conversation is not None:
         messages += conversation.messages()
     messages += [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    options = _body_fields(temperature, max_tokens, extra)
-    client = _shared_client()  # first use imports openai (about a second): not part of the answer's latency
+    url = f"{connection().url}/chat/completions"
     started = time.perf_counter()
-    with _gateway_errors():
-        if stream:
-            result = _chat_stream(client, chosen, messages, options, on_text, stop, started)
-        else:
-            result = _chat_once(client, chosen, messages, options, started)
+    if stream:
+        body = _body(chosen, temperature, max_tokens, extra, messages=messages, stream=True,
+                     stream_options={"include_usage": True})
+        result = _chat_stream(url, body, on_text, stop, started)
+    else:
+        answer, response = _call("POST", url, _body(chosen, temperature, max_tokens, extra, messages=messages))
+        choice, usage = answer["choices"][0], answer.get("usage") or {}
+        result = _where(Result(choice["message"].get("content") or "", chosen, None, None, usage.get("prompt_tokens"),
+                               usage.get("completion_tokens"), time.perf_counter() - started, None,
+                               choice.get("finish_reason")), response)
     if conversation is not None and isinstance(prompt, str):
         conversation.add(prompt, result.text)
     return result
 
 
-def _chat_once(client: openai.OpenAI, model: str, messages: list[Any], options: dict[str, Any],
-               started: float) -> Result:
-    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, **options)
-    completion = raw.parse()
-    choice = completion.choices[0]
-    usage = completion.usage
-    return Result(choice.message.content or "", model, raw.headers.get("x-first-cluster"),
-                  raw.headers.get("x-first-endpoint"), usage.prompt_tokens if usage else None,
-                  usage.completion_tokens if usage else None, time.perf_counter() - started, None,
-                  choice.finish_reason)
+@contextlib.contextmanager
+def _aborted_on(stop: threading.Event | None, exchange: _Exchange) -> Iterator[None]:
+    """Abort ``exchange`` once ``stop`` is set, from a watcher thread: the call may be blocked waiting for the
+    response head (a cold start, a queued job) or for the next chunk, where no loop can look at the event."""
+    if stop is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.05):
+                exchange.abort()
+                return
+
+    watcher = threading.Thread(target=watch, name="first-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
-def _chat_stream(client: openai.OpenAI, model: str, messages: list[Any], options: dict[str, Any],
-                 on_text: Callable[[str], None] | None, stop: threading.Event | None, started: float) -> Result:
-    result = Result("", model)
+def _events(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream, to ``[DONE]``; an error event raises ``GatewayError``."""
+    for line in response:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            error = event["error"]
+            raise GatewayError(error.get("message") or "The stream failed.", None, error.get("code"))
+        yield event
+
+
+def _chat_stream(url: str, body: dict[str, Any], on_text: Callable[[str], None] | None,
+                 stop: threading.Event | None, started: float) -> Result:
+    result = Result("", body["model"])
     parts: list[str] = []
-    with client.chat.completions.with_streaming_response.create(
-            model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **options) as raw:
-        result.cluster, result.endpoint = raw.headers.get("x-first-cluster"), raw.headers.get("x-first-endpoint")
-        chunks: Iterator[Any] = iter(raw.parse())
-        try:
-            for chunk in chunks:
-                if chunk.usage is not None:
-                    result.prompt_tokens = chunk.usage.prompt_tokens
-                    result.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.delta.content:
+    exchange = _Exchange("POST", url, body)
+    try:
+        with _aborted_on(stop, exchange):
+            response = exchange.send()
+            _where(result, response)
+            for event in _events(response):
+                usage = event.get("usage")
+                if usage:
+                    result.prompt_tokens = usage.get("prompt_tokens")
+                    result.completion_tokens = usage.get("completion_tokens")
+                for choice in event.get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
                         if result.ttft_s is None:
                             result.ttft_s = time.perf_counter() - started
-                        parts.append(choice.delta.content)
+                        parts.append(piece)
                         if on_text is not None:
-                            on_text(choice.delta.content)
-                    if choice.finish_reason:
-                        result.finish_reason = choice.finish_reason
+                            on_text(piece)
+                    result.finish_reason = choice.get("finish_reason") or result.finish_reason
                 if stop is not None and stop.is_set():
-                    result.stopped = True
                     break
-        except KeyboardInterrupt:
-            result.stopped = True  # leaving the ``with`` closes the connection: the gateway cancels upstream
-            raise
-        finally:
-            result.text = "".join(parts)
-            result.latency_s = time.perf_counter() - started
+    except KeyboardInterrupt:
+        result.stopped = True  # the connection is closed below: the gateway cancels upstream
+        raise
+    except (OSError, http.client.HTTPException, ValueError):
+        if stop is None or not stop.is_set():
+            raise GatewayError("The stream from the gateway broke off. Run the cell again.") from None
+    finally:
+        exchange.close()
+        result.stopped = result.stopped or (stop is not None and stop.is_set())
+        result.text = "".join(parts)
+        result.latency_s = time.perf_counter() - started
     return result
 
 
@@ -395,22 +445,18 @@ def complete(prompt: str, *, model: str | None = None, temperature: float | None
              max_tokens: int | None = None, **extra: Any) -> Result:
     """A plain text completion (``/v1/completions``)."""
     chosen = resolve_model(model)
-    options = _body_fields(temperature, max_tokens, extra)
-    client = _shared_client()
     started = time.perf_counter()
-    with _gateway_errors():
-        raw = client.completions.with_raw_response.create(model=chosen, prompt=prompt, **options)
-        completion = raw.parse()
-    usage = completion.usage
-    return Result(completion.choices[0].text, chosen, raw.headers.get("x-first-cluster"),
-                  raw.headers.get("x-first-endpoint"), usage.prompt_tokens if usage else None,
-                  usage.completion_tokens if usage else None, time.perf_counter() - started, None,
-                  completion.choices[0].finish_reason)
+    answer, response = _call("POST", f"{connection().url}/completions",
+                             _body(chosen, temperature, max_tokens, extra, prompt=prompt))
+    choice, usage = answer["choices"][0], answer.get("usage") or {}
+    return _where(Result(choice.get("text") or "", chosen, None, None, usage.get("prompt_tokens"),
+                         usage.get("completion_tokens"), time.perf_counter() - started, None,
+                         choice.get("finish_reason")), response)
 
 
 def embed(inputs: str | Sequence[str], *, model: str | None = None) -> list[list[float]]:
     """One embedding vector per input text."""
     chosen = resolve_model(model)
-    with _gateway_errors():
-        answer = _shared_client().embeddings.create(model=chosen, input=inputs)
-    return [item.embedding for item in sorted(answer.data, key=lambda item: item.index)]
+    answer, _ = _call("POST", f"{connection().url}/embeddings",
+                      {"model": chosen, "input": inputs if isinstance(inputs, str) else list(inputs)})
+    return [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]

@@ -38,6 +38,7 @@ async def test_setting_the_default_model_shows_in_status(door):
     assert (code, body) == (200, {"default_model": "fake-embed"})
     code, status = await _call(door, "GET", _api(door, "status"))
     assert status["default_model"] == "fake-embed"
+    assert await _call(door, "GET", _api(door, "default_model")) == (200, {"default_model": "fake-embed"})
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [

@@ -146,3 +146,19 @@ async def test_a_kernel_of_the_server_uses_the_servers_gateway(first_ext, monkey
         assert result.cluster == "remote"
     finally:
         client.disconnect()
+
+
+def test_stop_works_before_the_first_token(in_process):
+    """A cold start or a queued job can keep the answer's head back for minutes: stop must not wait for it."""
+    in_process.first_byte_delay = 3.0
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    result = first_jupyter.chat("hi", stream=True, stop=stop)
+    assert time.monotonic() - started < 1.5
+    assert result.stopped
+    assert result.text == ""
+    deadline = time.monotonic() + 2
+    while not in_process.disconnects and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert in_process.disconnects, "the upstream request was never cancelled"

@@ -140,10 +140,11 @@ class GatewayApp:
         self.config_error_text = config_error_text
         self.on_activity = on_activity
         self.log = log or logging.getLogger(__name__)
-        self.routes: dict[str, tuple[str, Capability | str]] = {
-            "/first/v1/models": ("GET", "models"), "/first/api/status": ("GET", "status"),
-            "/first/api/usage": ("GET", "usage"), "/first/api/default_model": ("PUT", "default_model")}
-        self.routes.update((f"/first/v1/{cap.route}", ("POST", cap)) for cap in Capability)
+        self.routes: dict[str, dict[str, Capability | str]] = {
+            "/first/v1/models": {"GET": "models"}, "/first/api/status": {"GET": "status"},
+            "/first/api/usage": {"GET": "usage"},
+            "/first/api/default_model": {"GET": "get_default_model", "PUT": "set_default_model"}}
+        self.routes.update((f"/first/v1/{cap.route}", {"POST": cap}) for cap in Capability)
         self._hosts = HostVerdicts()
 
     # -- HttpApp ----------------------------------------------------------------------------------------------
@@ -182,10 +183,11 @@ class GatewayApp:
                                    "chat/completions, completions and embeddings, and /first/api/status, usage "
                                    "and default_model.",
                               code="unknown_route")
-        method, what = route
-        if request.method != method:
-            raise OpenAIError(405, f"{request.method} is not allowed on {request.path}; use {method}.",
-                              code="method_not_allowed", headers={"Allow": method})
+        what = route.get(request.method)
+        if what is None:
+            allowed = ", ".join(route)
+            raise OpenAIError(405, f"{request.method} is not allowed on {request.path}; use {allowed}.",
+                              code="method_not_allowed", headers={"Allow": allowed})
         gateway = self.gateway
         if gateway is None:
             raise config_error(self.config_error_text)
@@ -195,7 +197,9 @@ class GatewayApp:
             self._json(exchange, await gateway.status())
         elif what == "usage":
             self._json(exchange, await gateway.usage_summary())
-        elif what == "default_model":
+        elif what == "get_default_model":
+            self._json(exchange, {"default_model": gateway.default_model})
+        elif what == "set_default_model":
             self._json(exchange, {"default_model": gateway.set_default_model(requested_model(request.body))})
         else:
             assert isinstance(what, Capability)

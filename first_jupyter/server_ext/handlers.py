@@ -145,6 +145,11 @@ class UsageHandler(FirstHandler):
 
 class DefaultModelHandler(FirstHandler):
     @web.authenticated
+    def get(self) -> None:
+        """Without probing every endpoint, as status does: clients ask before each prompt that names no model."""
+        self.write_json({"default_model": self.gateway.default_model})
+
+    @web.authenticated
     async def put(self) -> None:
         gateway, model = self.gateway, api.requested_model(self.request.body)
         self.write_json({"default_model": await self.loop_thread.call(_set_default(gateway, model))})

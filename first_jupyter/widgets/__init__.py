@@ -1,0 +1,10 @@
+"""Notebook widgets: choose a gateway model, and chat with it while its answer streams in.
+
+Both display as the last expression of a cell (``ChatWidget()``) and call the gateway through
+``first_jupyter.client``, so they work in a kernel the Jupyter server started and in plain IPython alike.
+"""
+
+from first_jupyter.widgets.chat import ChatWidget
+from first_jupyter.widgets.picker import ModelPicker
+
+__all__ = ["ChatWidget", "ModelPicker"]
