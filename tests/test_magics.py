@@ -177,3 +177,20 @@ def test_loading_the_extension_imports_nothing_heavy():
              f"print(sorted(m for m in set(sys.modules) - before if m.startswith({load_ext.HEAVY!r})))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_settings_come_from_ipython_config_files_too(in_process):
+    """``c.FirstMagics.format = "text"`` in an ipython_config.py reaches the magics through the shell's config."""
+    from traitlets.config import Config
+
+    config = Config()
+    config.FirstMagics.format = "text"
+    config.FirstMagics.stream = False
+    InteractiveShell.clear_instance()
+    shell = InteractiveShell.instance(config=config)
+    try:
+        shell.run_line_magic("load_ext", "first_jupyter")
+        (final,) = cell(shell, "chat", "hi").outputs
+        assert final.data == {"text/plain": ANSWER}
+    finally:
+        InteractiveShell.clear_instance()
