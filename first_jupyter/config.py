@@ -105,9 +105,31 @@ class LocalCluster(_Strict):
 Cluster = Annotated[HttpCluster | LocalCluster, Field(discriminator="backend")]
 
 
+COMPUTE_RESOURCE_SERVER = "funcx_service"
+COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
+TokenSourceName = Literal["env", "hub_api", "hub_env", "native", "compute"]
+
+
+class AuthConfig(_Strict):
+    """Where the user's Globus tokens come from, tried in ``sources`` order; resolved in the server only."""
+
+    sources: list[TokenSourceName] = Field(
+        default=["env", "hub_api", "hub_env", "native", "compute"], min_length=1,
+        description="env: $FIRST_GLOBUS_TOKEN; hub_api: the JupyterHub API's auth_state; hub_env: $GLOBUS_DATA; "
+                    "native: `first login`; compute: an existing globus-compute login")
+    client_id: str | None = Field(
+        default=None, description="Globus native app client id for `first login` (register one at "
+                                  "app.globus.org/settings/developers)")
+    scopes: dict[str, list[str]] = Field(
+        default={COMPUTE_RESOURCE_SERVER: [COMPUTE_SCOPE], "auth.globus.org": ["openid", "profile", "email"]},
+        description="scopes to request at login, by resource server (add a FIRST gateway's action_all scope)")
+    token_env: str = Field(default="FIRST_GLOBUS_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class FirstConfig(_Strict):
     clusters: dict[Name, Cluster] = Field(min_length=1)
     defaults: Defaults = Defaults()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _check_catalog(self) -> FirstConfig:
