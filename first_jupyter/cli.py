@@ -1,10 +1,12 @@
-"""The ``first`` command: tools that need no running server (config check, tiny model, engine launch)."""
+"""The ``first`` command: tools that need no running server (config check, Globus sign-in, tiny model, engine
+launch)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.paths import default_data_dir
@@ -22,6 +24,37 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_manager(config_file: str | None) -> Any:
+    from first_jupyter.auth.manager import TokenManager
+
+    data_dir = default_data_dir()
+    return TokenManager(load_config(config_file, data_dir).auth, data_dir)
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    from first_jupyter.auth.tokens import AuthError, describe_sign_in
+
+    try:
+        who = _token_manager(args.config).whoami()
+    except (ConfigError, AuthError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(describe_sign_in(who))
+    return 0 if who["signed_in"] else 1
+
+
+def _login(args: argparse.Namespace) -> int:
+    from first_jupyter.auth.tokens import AuthError, describe_sign_in
+
+    try:
+        who = _token_manager(args.config).login_in_terminal()
+    except (ConfigError, AuthError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(describe_sign_in(who))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="first", description="FIRST inference from Jupyter.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("tiny-model", help="build the tiny offline model (random weights) into a directory")
     tiny.add_argument("out_dir", type=Path, nargs="?", default=default_data_dir() / "models" / "tiny-chat")
     tiny.set_defaults(func=lambda a: _tiny(a.out_dir))
+    for name, func, what in (("login", _login, "sign in to Globus (prints a URL, reads the code it shows)"),
+                             ("whoami", _whoami, "which Globus identity and token source the gateway uses")):
+        command = sub.add_parser(name, help=what)
+        command.add_argument("--config", help="YAML file; default: $FIRST_CONFIG or the embedded default")
+        command.set_defaults(func=func)
     sub.add_parser("launch", help="start an engine and wait for health (see `first launch --help`)",
                    add_help=False).set_defaults(func=None)
     args, rest = parser.parse_known_args(argv)

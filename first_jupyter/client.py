@@ -255,6 +255,24 @@ def set_default_model(model: str) -> str:
     return chosen
 
 
+def whoami() -> dict[str, Any]:
+    """Which Globus identity and token source the gateway uses (never a token: those stay in the server)."""
+    answer: dict[str, Any] = _api("GET", "whoami")
+    return answer
+
+
+def login_start() -> str:
+    """Start a Globus sign-in in the gateway; the URL to open. Finish it with ``login_finish(code)``."""
+    url: str = _api("POST", "login", {})["url"]
+    return url
+
+
+def login_finish(code: str) -> dict[str, Any]:
+    """Hand the gateway the code Globus showed; who is now signed in."""
+    answer: dict[str, Any] = _api("POST", "login/code", {"code": code})
+    return answer
+
+
 def usage() -> list[dict[str, Any]]:
     """Requests, errors, tokens and mean latency per model."""
     rows: list[dict[str, Any]] = _api("GET", "usage")["data"]

@@ -120,6 +120,16 @@ class TokenManager:
         self._remember_identity()
         return self.whoami()
 
+    def login_in_terminal(self) -> dict[str, Any]:
+        """``first login``: the SDK's own command-line flow (prints the URL, reads the code), same storage."""
+        app = self.native.app()
+        try:
+            app.login(force=True)
+        finally:
+            app.close()
+        self._remember_identity()
+        return self.whoami()
+
     def _remember_identity(self) -> None:
         """Ask Globus Auth who signed in (``userinfo``), so ``whoami`` can say it without a call each time."""
         from globus_sdk import AccessTokenAuthorizer, AuthClient, GlobusAPIError

@@ -64,3 +64,18 @@ def user_from_auth_state(state: Any) -> dict[str, str] | None:
     if not isinstance(user, Mapping):
         return None
     return {k: str(user[k]) for k in ("sub", "preferred_username", "name", "email") if user.get(k)}
+
+
+def describe_sign_in(who: dict[str, Any]) -> str:
+    """``whoami`` in words: identity, source and each token's expiry; never a token."""
+    if not who["signed_in"]:
+        return f"Not signed in to Globus. {who['help']}"
+    identity = who["identity"] or {}
+    name = identity.get("preferred_username") or identity.get("sub") or "an identity this source does not name"
+    lines = [f"Signed in as {name} (source: {who['source']})."]
+    for server, info in who["tokens"].items():
+        when = ("no stated expiry" if info["expires_at"] is None else
+                time.strftime("expires %Y-%m-%d %H:%M", time.localtime(info["expires_at"])))
+        state = "expired" + (", refreshable" if info["refreshable"] else "") if info["expired"] else when
+        lines.append(f"  {'any resource server' if server == '*' else server}: {state}")
+    return "\n".join(lines)

@@ -83,6 +83,28 @@ def requested_model(body: bytes) -> str:
     return model
 
 
+_AUTH_ROUTES = ("whoami", "login", "login_code", "logout")
+
+
+async def auth_route(gateway: Gateway, what: str, body: bytes) -> dict[str, Any]:
+    """Signing in from a client (the sidebar, ``%first login``): the answers carry URLs and identities, never
+    tokens; the tokens stay in this server."""
+    if what == "whoami":
+        return await gateway.signed_in()
+    if what == "login":
+        return await gateway.login_start()
+    if what == "logout":
+        return await gateway.logout()
+    try:
+        code = orjson.loads(body).get("code")
+    except (orjson.JSONDecodeError, AttributeError):
+        code = None
+    if not isinstance(code, str) or not code.strip():
+        raise OpenAIError(400, 'Send {"code": "..."}: the authorization code Globus showed after sign-in.',
+                          param="code", code="invalid_value")
+    return await gateway.login_finish(code)
+
+
 class HostVerdicts:
     """A DNS-rebinding verdict per ``Host`` header, computed once: it depends only on the header and settings.
 
@@ -143,7 +165,9 @@ class GatewayApp:
         self.routes: dict[str, dict[str, Capability | str]] = {
             "/first/v1/models": {"GET": "models"}, "/first/api/status": {"GET": "status"},
             "/first/api/usage": {"GET": "usage"},
-            "/first/api/default_model": {"GET": "get_default_model", "PUT": "set_default_model"}}
+            "/first/api/default_model": {"GET": "get_default_model", "PUT": "set_default_model"},
+            "/first/api/whoami": {"GET": "whoami"}, "/first/api/login": {"POST": "login"},
+            "/first/api/login/code": {"POST": "login_code"}, "/first/api/logout": {"POST": "logout"}}
         self.routes.update((f"/first/v1/{cap.route}", {"POST": cap}) for cap in Capability)
         self._hosts = HostVerdicts()
 
@@ -197,6 +221,8 @@ class GatewayApp:
             self._json(exchange, await gateway.status())
         elif what == "usage":
             self._json(exchange, await gateway.usage_summary())
+        elif isinstance(what, str) and what in _AUTH_ROUTES:
+            self._json(exchange, await auth_route(gateway, what, request.body))
         elif what == "get_default_model":
             self._json(exchange, {"default_model": gateway.default_model})
         elif what == "set_default_model":

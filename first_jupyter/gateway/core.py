@@ -10,12 +10,14 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from first_jupyter.auth.manager import TokenManager
+from first_jupyter.auth.tokens import AuthError
 from first_jupyter.config import FirstConfig, HttpCluster, LocalCluster
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.http import HttpBackend
@@ -115,7 +117,9 @@ class GatewayStream:
 
 
 class Gateway:
-    def __init__(self, config: FirstConfig, data_dir: Path) -> None:
+    def __init__(self, config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+        """``environ``: where token sources read variables (default ``os.environ``; the server passes a copy
+        taken before it removed the token variables from its own environment, which kernels inherit)."""
         self.config = config
         self.data_dir = data_dir
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
@@ -130,6 +134,7 @@ class Gateway:
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
         self.default_model = chosen if chosen in served else config.defaults.model or next(iter(served), None)
         self.usage = UsageStore(data_dir / "usage.sqlite3")
+        self.auth = TokenManager(config.auth, data_dir, os.environ if environ is None else environ)
         self._created = int(time.time())
 
     # -- catalog and state -------------------------------------------------------------------------------
@@ -179,7 +184,31 @@ class Gateway:
             found = [states[(s["cluster"], s["endpoint"])] for s in model["served_by"]]
             model["state"] = min(found, key=MODEL_STATES.index, default="offline")
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
-                "clusters": sorted(self.config.clusters)}
+                "clusters": sorted(self.config.clusters), "auth": await self.signed_in()}
+
+    # -- the user's Globus identity (blocking work: sources read files, the hub, Globus Auth) ----------------
+
+    async def signed_in(self) -> dict[str, Any]:
+        """Who is signed in, with which source and until when; never a token."""
+        return await asyncio.to_thread(self.auth.whoami)
+
+    async def login_start(self) -> dict[str, str]:
+        return {"url": await asyncio.to_thread(self._auth_call, self.auth.login_start)}
+
+    async def login_finish(self, code: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self._auth_call, self.auth.login_finish, code)
+
+    async def logout(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.auth.logout)
+        return await self.signed_in()
+
+    @staticmethod
+    def _auth_call(call: Callable[..., Any], *args: Any) -> Any:
+        """An ``AuthError`` as the 401 that says how to sign in (its message never holds a token)."""
+        try:
+            return call(*args)
+        except AuthError as exc:
+            raise OpenAIError(401, str(exc), type="authentication_error", code="globus_sign_in") from None
 
     # -- requests ----------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ _HINTS = {
     "model_not_found": "`%first models` lists what you can use.",
     "unsupported_route": "`%first models` lists what each model can do.",
     "invalid_api_key": "This kernel's FIRST_API_KEY is not the server's: restart the kernel from the Jupyter server.",
+    "globus_sign_in": "Run `%first login` to sign in to Globus.",
 }
 """The next step in notebook terms, for errors whose message speaks in HTTP terms."""
 
@@ -242,6 +243,26 @@ def _usage(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
 
 def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
+
+
+@register("whoami", "Which Globus identity and token source the gateway uses.")
+def _whoami(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
+    from first_jupyter import client
+    from first_jupyter.auth.tokens import describe_sign_in
+
+    print(describe_sign_in(client.whoami()))
+
+
+@register("login", "Sign in to Globus: open the URL shown, then paste the code it gives you.")
+def _login(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
+    from first_jupyter import client
+    from first_jupyter.auth.tokens import describe_sign_in
+
+    print(f"Open this URL, sign in, and paste the code it shows below:\n{client.login_start()}")
+    code = input("Authorization code: ").strip()  # the notebook shows an input box
+    if not code:
+        raise MagicUsageError("No code entered; run `%first login` again when you have it.")
+    print(describe_sign_in(client.login_finish(code)))
 
 
 def _help_options(parser: argparse.ArgumentParser) -> None:

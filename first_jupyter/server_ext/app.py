@@ -30,6 +30,18 @@ GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
 API_KEY_ENV = "FIRST_API_KEY"
 
 
+HUB_TOKENS_ENV = "GLOBUS_DATA"
+
+
+def _take_token_variables(token_env: str) -> dict[str, str]:
+    """The environment as the token sources need it, with the variables that hold Globus tokens removed from
+    this process's own environment: kernels and terminals inherit it, and tokens must never reach them."""
+    environ = dict(os.environ)
+    for name in (token_env, HUB_TOKENS_ENV):
+        os.environ.pop(name, None)
+    return environ
+
+
 class FirstExtension(ExtensionApp):
     """FIRST inference gateway inside the Jupyter server."""
 
@@ -64,7 +76,8 @@ class FirstExtension(ExtensionApp):
         gateway: Gateway | None = None
         error: str | None = None
         try:
-            gateway = Gateway(load_config(self.config_file or None, data_dir), data_dir)
+            config = load_config(self.config_file or None, data_dir)
+            gateway = Gateway(config, data_dir, environ=_take_token_variables(config.auth.token_env))
         except ConfigError as exc:
             error = str(exc)
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)

@@ -159,6 +159,28 @@ async def _set_default(gateway: Gateway, model: str) -> str:
     return gateway.set_default_model(model)  # on the gateway's loop, like every change to its state
 
 
+class AuthHandler(FirstHandler):
+    """whoami (GET), login, login/code and logout (POST): the same answers as the gateway's own server."""
+
+    what: str
+
+    def initialize(self, what: str) -> None:  # type: ignore[override]
+        self.what = what
+
+    @web.authenticated
+    async def get(self) -> None:
+        if self.what != "whoami":
+            raise web.HTTPError(405)
+        self.write_json(await self.loop_thread.call(api.auth_route(self.gateway, self.what, b"")))
+
+    @web.authenticated
+    async def post(self) -> None:
+        if self.what == "whoami":
+            raise web.HTTPError(405)
+        gateway, body = self.gateway, self.request.body
+        self.write_json(await self.loop_thread.call(api.auth_route(gateway, self.what, body)))
+
+
 class InferenceHandler(FirstHandler):
     """POST chat/completions, completions and embeddings: one handler, the capability set per route.
 
@@ -365,5 +387,9 @@ def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
         ("/first/api/status", StatusHandler, {}),
         ("/first/api/usage", UsageHandler, {}),
         ("/first/api/default_model", DefaultModelHandler, {}),
+        ("/first/api/whoami", AuthHandler, {"what": "whoami"}),
+        ("/first/api/login", AuthHandler, {"what": "login"}),
+        ("/first/api/login/code", AuthHandler, {"what": "login_code"}),
+        ("/first/api/logout", AuthHandler, {"what": "logout"}),
         ("/first/v1/(.*)", NotFoundHandler, {}),
     ]
