@@ -77,7 +77,19 @@ class HttpEndpoint(_Strict):
     name: Name
     base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
     api_key_env: str | None = Field(default=None, description="environment variable that holds the API key")
+    globus_resource_server: str | None = Field(
+        default=None, description="send the user's Globus access token for this resource server (a FIRST "
+                                  "gateway's client id, for instance) instead of an API key")
+    globus_scope: str | None = Field(default=None, description="the scope `first login` asks for, for that server")
     models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> HttpEndpoint:
+        if self.api_key_env and self.globus_resource_server:
+            raise ValueError("give api_key_env or globus_resource_server, not both")
+        if self.globus_scope and not self.globus_resource_server:
+            raise ValueError("globus_scope needs globus_resource_server")
+        return self
 
 
 class LocalEndpoint(_Strict):

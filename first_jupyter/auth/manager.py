@@ -41,8 +41,13 @@ class _HandoffProvider:
 
 
 class TokenManager:
-    def __init__(self, config: AuthConfig, data_dir: Path, environ: Mapping[str, str] = os.environ) -> None:
-        self.native = NativeLoginSource(config.client_id, config.scopes, data_dir)
+    def __init__(self, config: AuthConfig, data_dir: Path, environ: Mapping[str, str] = os.environ,
+                 extra_scopes: Mapping[str, list[str]] | None = None) -> None:
+        """``extra_scopes``: asked for at sign-in beside ``config.scopes`` (the endpoints' own)."""
+        scopes = {server: list(wanted) for server, wanted in config.scopes.items()}
+        for server, wanted in (extra_scopes or {}).items():
+            scopes.setdefault(server, []).extend(s for s in wanted if s not in scopes[server])
+        self.native = NativeLoginSource(config.client_id, scopes, data_dir)
         every: dict[str, TokenSource] = {"env": EnvSource(config.token_env, environ), "hub_api": HubApiSource(environ),
                                          "hub_env": HubEnvSource(environ), "native": self.native,
                                          "compute": ComputeLoginSource(environ)}

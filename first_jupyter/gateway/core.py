@@ -18,10 +18,11 @@ import orjson
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
-from first_jupyter.config import FirstConfig, HttpCluster, LocalCluster
+from first_jupyter.config import FirstConfig, HttpCluster, HttpEndpoint, LocalCluster
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.backends.local import LocalBackend
+from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import Router, Target
@@ -45,15 +46,28 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}-{next(_REQUEST_IDS)}"
 
 
-def _build_backends(config: FirstConfig, client: UpstreamClient, data_dir: Path) -> list[Backend]:
+def _build_backends(config: FirstConfig, client: UpstreamClient, data_dir: Path,
+                    tokens: BearerTokens) -> list[Backend]:
     backends: list[Backend] = []
     for cluster_name, cluster in config.clusters.items():
         if isinstance(cluster, HttpCluster):
-            backends.extend(HttpBackend(cluster_name, ep.name, ep.base_url, ep.models, client,
-                                        api_key_env=ep.api_key_env) for ep in cluster.endpoints)
+            backends.extend(HttpBackend(
+                cluster_name, ep.name, ep.base_url, ep.models, client, api_key_env=ep.api_key_env,
+                globus=(tokens, ep.globus_resource_server) if ep.globus_resource_server else None)
+                for ep in cluster.endpoints)
         elif isinstance(cluster, LocalCluster):
             backends.extend(LocalBackend(cluster_name, ep, client, data_dir / "logs") for ep in cluster.endpoints)
     return backends
+
+
+def _endpoint_scopes(config: FirstConfig) -> dict[str, list[str]]:
+    """The scopes of the endpoints that take Globus tokens, for ``first login`` to ask for along with the rest."""
+    scopes: dict[str, list[str]] = {}
+    for cluster in config.clusters.values():
+        for ep in cluster.endpoints:
+            if isinstance(ep, HttpEndpoint) and ep.globus_resource_server and ep.globus_scope:
+                scopes.setdefault(ep.globus_resource_server, []).append(ep.globus_scope)
+    return scopes
 
 
 class Completed:
@@ -123,7 +137,9 @@ class Gateway:
         self.config = config
         self.data_dir = data_dir
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
-        self.backends = _build_backends(config, self.client, data_dir)
+        self.auth = TokenManager(config.auth, data_dir, os.environ if environ is None else environ,
+                                 extra_scopes=_endpoint_scopes(config))
+        self.backends = _build_backends(config, self.client, data_dir, BearerTokens(self.auth))
         served: dict[str, list[str]] = {}
         for cluster_name, cluster in config.clusters.items():
             for ep in cluster.endpoints:
@@ -134,7 +150,6 @@ class Gateway:
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
         self.default_model = chosen if chosen in served else config.defaults.model or next(iter(served), None)
         self.usage = UsageStore(data_dir / "usage.sqlite3")
-        self.auth = TokenManager(config.auth, data_dir, os.environ if environ is None else environ)
         self._created = int(time.time())
 
     # -- catalog and state -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from first_jupyter.config import ModelConfig
+from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.http1 import Url
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
 from first_jupyter.protocol import Capability, OpenAIError
@@ -20,7 +21,9 @@ class HttpBackend:
     kind = "http"
 
     def __init__(self, cluster: str, name: str, base_url: str, models: list[ModelConfig], client: UpstreamClient,
-                 *, api_key_env: str | None = None) -> None:
+                 *, api_key_env: str | None = None, globus: tuple[BearerTokens, str] | None = None) -> None:
+        """``globus``: send the user's token for this resource server (from these bearer tokens) with each
+        request, as a FIRST gateway wants it."""
         self.cluster = cluster
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -34,6 +37,7 @@ class HttpBackend:
         self._has_key = bool(key)
         self._head_lines = b"Content-Type: application/json\r\nAccept: */*\r\n" + (
             f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b"")
+        self._globus = globus
 
     def upstream_name(self, model_id: str) -> str:
         model = self._models[model_id]
@@ -48,20 +52,36 @@ class HttpBackend:
                                    f"{self._api_key_env}, which is not set in the Jupyter server's environment. "
                                    f"Set it and restart the server.", type="api_error", code="missing_api_key")
 
-    async def complete(self, capability: Capability, body: bytes) -> Reply:
+    async def _head(self) -> bytes:
+        """The request's header lines, with the user's Globus token when this endpoint takes one."""
         self._check_key()
-        return await self._client.request("POST", self._urls[capability], self._head_lines, body, self.where)
+        if self._globus is None:
+            return self._head_lines
+        tokens, resource_server = self._globus
+        return self._head_lines + await tokens.header(resource_server)
+
+    def _refused(self, status: int) -> None:
+        if status == 401 and self._globus is not None:
+            self._globus[0].forget(self._globus[1])
+
+    async def complete(self, capability: Capability, body: bytes) -> Reply:
+        reply = await self._client.request("POST", self._urls[capability], await self._head(), body, self.where)
+        self._refused(reply.status)
+        return reply
 
     async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
-        self._check_key()
-        return await self._client.stream(self._urls[capability], self._head_lines, body, self.where)
+        try:
+            return await self._client.stream(self._urls[capability], await self._head(), body, self.where)
+        except OpenAIError as exc:
+            self._refused(exc.status)
+            raise
 
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()
         info: dict[str, Any] = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind,
                                 "base_url": self.base_url, "models": sorted(self._models)}
         try:
-            reply = await self._client.request("GET", self._models_url, self._head_lines, None, self.where,
+            reply = await self._client.request("GET", self._models_url, await self._head(), None, self.where,
                                                first_byte=STATUS_TIMEOUT)
         except OpenAIError as exc:
             return {**info, "state": "offline", "error": exc.message}
