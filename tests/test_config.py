@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from first_jupyter.config import ConfigError, HttpCluster, LocalCluster, load_config
+from first_jupyter.config import ConfigError, HttpCluster, LocalCluster, load_config, parse_config
 from first_jupyter.protocol import Capability
 
 GOOD = """
@@ -100,3 +102,13 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping with a 'clusters' key"):
         load_config(bad, tmp_path)
+
+
+def test_the_readmes_example_config_is_valid():
+    """The README's YAML is what users copy: it must load as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(clusters:.*?)```", readme, re.DOTALL)
+    assert block is not None
+    config = parse_config(yaml.safe_load(block.group(1)), "README.md")
+    assert sorted(config.clusters) == ["alcf", "laptop", "polaris"]
+    assert config.clusters["alcf"].endpoints[0].globus_resource_server
