@@ -1,0 +1,153 @@
+"""Functions that run on an endpoint's node, next to its engine: a request, a health probe, a relayed stream.
+
+They travel to the node through Globus Compute (serialized by the SDK) and must import nothing but the standard
+library, which every endpoint's Python has. Each returns plain data (dicts of str, int, float) so that the
+result serializes anywhere. Streams come back to the gateway as signed batches POSTed to its callback route: one
+per ``batch_bytes`` of events or ``batch_s`` of time, whichever comes first, so a fast engine does not make one
+HTTP request per token and a slow one still shows its first token at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import re
+import time
+import urllib.parse
+from typing import Any
+
+ENGINE_HOST = "127.0.0.1"
+REQUEST_TIMEOUT_S = 600.0
+HEALTH_TIMEOUT_S = 5.0
+CALLBACK_TIMEOUT_S = 30.0
+_FINISHED = re.compile(rb'"finish_reason":\s*"')
+"""An event that ends a choice: a stream without one (or ``[DONE]``) was cut short."""
+
+
+def sign(key: str, task_id: str, seq: int, body: bytes) -> str:
+    """The signature of one callback POST: HMAC-SHA256 under the task's own key (no secret shared across tasks),
+    over the task, the batch's place in the stream and its bytes, so a batch cannot be replayed or reordered."""
+    message = f"{task_id}\n{seq}\n".encode() + body
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    """POST an OpenAI request to the engine on this node; its status, answer (text) and how long it took."""
+    started = time.time()
+    conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
+    try:
+        conn.request("POST", f"/v1/{route}", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read().decode("utf-8", "replace")
+        return {"status": response.status, "body": text, "started": started, "elapsed_s": time.time() - started}
+    finally:
+        conn.close()
+
+
+def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
+    """Whether the engine answers, and the models it lists: what a status probe of the node reports."""
+    started = time.time()
+    conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", "/v1/models")
+        response = conn.getresponse()
+        data = json.loads(response.read() or b"{}")
+        models = [m.get("id") for m in data.get("data", [])] if isinstance(data, dict) else []
+        return {"healthy": response.status == 200, "status": response.status, "models": models,
+                "elapsed_s": time.time() - started}
+    except (OSError, ValueError) as exc:
+        return {"healthy": False, "status": None, "models": [], "error": f"{type(exc).__name__}: {exc}",
+                "elapsed_s": time.time() - started}
+    finally:
+        conn.close()
+
+
+class _Callback:
+    """Signed batches POSTed to the gateway's callback URL, in order, on one keep-alive connection."""
+
+    def __init__(self, url: str, task_id: str, key: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._conn = connection(parts.hostname or ENGINE_HOST, parts.port, timeout=CALLBACK_TIMEOUT_S)
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self._task_id = task_id
+        self._key = key
+        self.seq = 0
+
+    def post(self, message: dict[str, Any]) -> None:
+        body = json.dumps(message).encode()
+        self._conn.request("POST", self._path, body=body, headers={
+            "Content-Type": "application/json", "X-First-Task": self._task_id, "X-First-Seq": str(self.seq),
+            "X-First-Signature": sign(self._key, self._task_id, self.seq, body)})
+        response = self._conn.getresponse()
+        response.read()
+        if response.status >= 400:
+            raise RuntimeError(f"the gateway refused the stream's batch {self.seq}: HTTP {response.status}")
+        self.seq += 1
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str | None, task_id: str, key: str,
+                  batch_bytes: int = 16384, batch_s: float = 0.05,
+                  timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    """Stream from the engine and send the events back in signed batches; a summary of what was sent.
+
+    Without a callback URL (a cluster the gateway cannot be reached from) the whole stream comes back in the
+    result instead, as one final chunk. A failure after the first byte is sent as an ``error`` message, so the
+    gateway ends its client's stream with an error event rather than waiting for an idle timeout.
+    """
+    started = time.time()
+    engine = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
+    callback = _Callback(callback_url, task_id, key) if callback_url else None
+    pending: list[bytes] = []
+    kept: list[bytes] = []
+    size = sent = 0
+    flushed = time.monotonic()
+
+    def flush() -> None:
+        nonlocal size, sent, flushed
+        if pending:
+            data = b"".join(pending)
+            if callback is not None:
+                callback.post({"data": data.decode("utf-8", "replace")})
+            else:
+                kept.append(data)
+            sent += len(data)
+            pending.clear()
+            size = 0
+        flushed = time.monotonic()
+
+    try:
+        engine.request("POST", f"/v1/{route}", body=json.dumps({**body, "stream": True}),
+                       headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        response = engine.getresponse()
+        if response.status >= 400:
+            return {"status": response.status, "body": response.read().decode("utf-8", "replace"),
+                    "elapsed_s": time.time() - started}
+        finished = False
+        while line := response.readline():
+            pending.append(line)
+            size += len(line)
+            finished = finished or line.startswith(b"data: [DONE]") or _FINISHED.search(line) is not None
+            if line == b"\n" and (size >= batch_bytes or time.monotonic() - flushed >= batch_s):
+                flush()  # only at an event's end: a batch never cuts an event in two
+        flush()
+        if not finished:  # the connection ended (http.client reads that as a clean end) before the answer did
+            raise ConnectionError("the engine closed the stream before its last event")
+        if callback is not None:
+            callback.post({"done": True})
+        return {"status": response.status, "bytes": sent, "batches": callback.seq if callback else 0,
+                "body": b"".join(kept).decode("utf-8", "replace") if callback is None else None,
+                "elapsed_s": time.time() - started}
+    except (OSError, http.client.HTTPException) as exc:
+        if callback is not None:
+            callback.post({"error": f"the engine's stream broke off on the node: {type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        engine.close()
+        if callback is not None:
+            callback.close()

@@ -1,0 +1,121 @@
+"""The functions that run on an endpoint's node, against an OpenAI-compatible engine there (the fake upstream),
+with the gateway's callback route played by a loopback server that checks every signature."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import pytest
+
+from bench.fake_upstream import FakeUpstream, serving_in_thread
+from first_jupyter.remote.inference import call_engine, engine_health, sign, stream_engine
+
+KEY = "per-task-key"
+TASK = "task-1"
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def engine() -> Iterator[FakeUpstream]:
+    with serving_in_thread(models=["fake-model"], chunks=20, pace=0.02) as upstream:
+        yield upstream
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    """The callback route: each POST's signature checked, then kept with the time it came."""
+
+    received: ClassVar[list[tuple[float, int, dict[str, Any]]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        seq = int(self.headers["X-First-Seq"])
+        good = (self.headers["X-First-Task"] == TASK
+                and self.headers["X-First-Signature"] == sign(KEY, TASK, seq, body))
+        if good:
+            type(self).received.append((time.monotonic(), seq, json.loads(body)))
+        self.send_response(204 if good else 403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def callback() -> Iterator[str]:
+    _Gateway.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/first/api/callback"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_request_returns_the_engines_answer_and_timing(engine):
+    result = call_engine(engine.port, "chat/completions", CHAT)
+    assert result["status"] == 200
+    assert json.loads(result["body"])["choices"][0]["message"]["content"].startswith("tok0 tok1")
+    assert result["elapsed_s"] > 0
+    engine.fault = "500"
+    assert call_engine(engine.port, "chat/completions", CHAT)["status"] == 500
+
+
+def test_health_says_whether_the_engine_answers(engine):
+    assert engine_health(engine.port)["models"] == ["fake-model"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    down = engine_health(closed)
+    assert (down["healthy"], down["status"]) == (False, None)
+    assert "ConnectionRefusedError" in down["error"]
+
+
+def test_a_stream_comes_back_in_signed_batches_while_it_is_generated(engine, callback):
+    started = time.monotonic()
+    summary = stream_engine(engine.port, "chat/completions", CHAT, callback, TASK, KEY, batch_s=0.05)
+    ended = time.monotonic()
+    received = _Gateway.received
+    assert [seq for _, seq, _ in received] == list(range(len(received)))
+    assert received[-1][2] == {"done": True}
+    batches = [message["data"] for _, _, message in received[:-1]]
+    assert len(batches) >= 3  # 20 events 20 ms apart, batched every 50 ms
+    assert all(batch.endswith("\n\n") for batch in batches)  # never an event cut in two
+    whole = "".join(batches)
+    assert whole.count("data: {") == 21  # 20 tokens and the finish event
+    assert whole.rstrip().endswith("data: [DONE]")
+    assert received[0][0] - started < (ended - started) / 2  # the first batch came long before the end
+    assert summary["batches"] == len(received)
+    assert summary["bytes"] == len(whole.encode())
+
+
+def test_without_a_callback_the_stream_comes_back_whole(engine):
+    summary = stream_engine(engine.port, "chat/completions", CHAT, None, TASK, KEY)
+    assert summary["body"].count("data: {") == 21
+    assert summary["batches"] == 0
+
+
+def test_an_engine_error_comes_back_as_its_status(engine, callback):
+    engine.fault = "500"
+    summary = stream_engine(engine.port, "chat/completions", CHAT, callback, TASK, KEY)
+    assert summary["status"] == 500
+    assert _Gateway.received == []
+
+
+def test_a_stream_that_breaks_off_on_the_node_is_reported_to_the_gateway(engine, callback):
+    engine.fault = "drop-mid-stream"
+    with pytest.raises((OSError, ValueError)):
+        stream_engine(engine.port, "chat/completions", CHAT, callback, TASK, KEY)
+    last = _Gateway.received[-1][2]
+    assert "the engine's stream broke off on the node" in last["error"]
+
+
+def test_a_refused_batch_stops_the_stream_on_the_node(engine, callback):
+    with pytest.raises(RuntimeError, match="refused the stream's batch 0: HTTP 403"):
+        stream_engine(engine.port, "chat/completions", CHAT, callback, TASK, "someone-elses-key")
