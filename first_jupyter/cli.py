@@ -31,28 +31,18 @@ def _token_manager(config_file: str | None) -> Any:
     return TokenManager(load_config(config_file, data_dir).auth, data_dir)
 
 
-def _whoami(args: argparse.Namespace) -> int:
+def _sign_in_command(args: argparse.Namespace, login: bool) -> int:
+    """``first whoami`` (exit 1 when nobody is signed in) and ``first login``; both end saying who is signed in."""
     from first_jupyter.auth.tokens import AuthError, describe_sign_in
 
     try:
-        who = _token_manager(args.config).whoami()
+        manager = _token_manager(args.config)
+        who = manager.login_in_terminal() if login else manager.whoami()
     except (ConfigError, AuthError) as exc:
         print(exc, file=sys.stderr)
         return 2
     print(describe_sign_in(who))
     return 0 if who["signed_in"] else 1
-
-
-def _login(args: argparse.Namespace) -> int:
-    from first_jupyter.auth.tokens import AuthError, describe_sign_in
-
-    try:
-        who = _token_manager(args.config).login_in_terminal()
-    except (ConfigError, AuthError) as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    print(describe_sign_in(who))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("tiny-model", help="build the tiny offline model (random weights) into a directory")
     tiny.add_argument("out_dir", type=Path, nargs="?", default=default_data_dir() / "models" / "tiny-chat")
     tiny.set_defaults(func=lambda a: _tiny(a.out_dir))
-    for name, func, what in (("login", _login, "sign in to Globus (prints a URL, reads the code it shows)"),
-                             ("whoami", _whoami, "which Globus identity and token source the gateway uses")):
+    for name, login, what in (("login", True, "sign in to Globus (prints a URL, reads the code it shows)"),
+                              ("whoami", False, "which Globus identity and token source the gateway uses")):
         command = sub.add_parser(name, help=what)
         command.add_argument("--config", help="YAML file; default: $FIRST_CONFIG or the embedded default")
-        command.set_defaults(func=func)
+        command.set_defaults(func=lambda a, login=login: _sign_in_command(a, login))
     sub.add_parser("launch", help="start an engine and wait for health (see `first launch --help`)",
                    add_help=False).set_defaults(func=None)
     args, rest = parser.parse_known_args(argv)

@@ -6,9 +6,12 @@ model built on the fly, and the fast fake upstream stands in for remote OpenAI-c
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fake_upstream() -> Iterator[FakeUpstream]:
     with serving_in_thread(models=["fake-model", "fake-embed"], chunks=8) as upstream:
         yield upstream
+
+
+@contextlib.contextmanager
+def serving_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A stdlib HTTP server on loopback answering with ``handler``, for the duration of the block; its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ import base64
 import json
 import os
 import pickle
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError, Token
 from first_jupyter.config import COMPUTE_SCOPE, AuthConfig
+from tests.conftest import serving_http
 
 CLIENT_ID = "6ffc8f4c-2b8a-4a44-9ab7-c0a7bb2b6a5d"
 IDENTITY = "c8aad43e-d274-11e5-bf98-8b02896cf782"
@@ -100,12 +100,8 @@ class _Hub(BaseHTTPRequestHandler):
 @pytest.fixture
 def hub() -> Iterator[str]:
     _Hub.state, _Hub.calls = _authenticator_state("AT-hub-api"), []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hub/api"
-    server.shutdown()
-    server.server_close()
+    with serving_http(_Hub) as url:
+        yield f"{url}/hub/api"
 
 
 def test_the_hub_api_is_fresher_than_globus_data_and_is_asked_once_a_minute(tmp_path, hub):

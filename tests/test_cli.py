@@ -29,3 +29,31 @@ def test_launch_passes_its_arguments_to_the_launcher(capsys):
         main(["launch", "--help"])
     assert info.value.code == 0
     assert "--served-name" in capsys.readouterr().out
+
+
+@pytest.fixture
+def no_sign_in(tmp_path: Path, monkeypatch):
+    """No token anywhere: a fresh data dir, no hub, no globus-compute login, no token variable."""
+    for name in ("FIRST_CONFIG", "FIRST_GLOBUS_TOKEN", "GLOBUS_DATA", "JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FIRST_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path / "compute"))
+
+
+def test_whoami_says_how_to_sign_in_and_fails_when_nobody_is(no_sign_in, capsys):
+    assert main(["whoami"]) == 1
+    assert "Not signed in to Globus. Sign in with `first login`" in capsys.readouterr().out
+
+
+def test_whoami_names_the_source_and_never_the_token(no_sign_in, monkeypatch, capsys):
+    monkeypatch.setenv("FIRST_GLOBUS_TOKEN", "AT-script")
+    assert main(["whoami"]) == 0
+    out = capsys.readouterr().out
+    assert "(source: env)" in out
+    assert "any resource server: no stated expiry" in out
+    assert "AT-script" not in out
+
+
+def test_login_without_a_native_app_says_what_to_configure(no_sign_in, capsys):
+    assert main(["login"]) == 2
+    assert "set auth.client_id in the FIRST config file" in capsys.readouterr().err

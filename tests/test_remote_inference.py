@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
 
 import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.remote.inference import call_engine, engine_health, sign, stream_engine
+from tests.conftest import serving_http
 
 KEY = "per-task-key"
 TASK = "task-1"
@@ -50,12 +50,8 @@ class _Gateway(BaseHTTPRequestHandler):
 @pytest.fixture
 def callback() -> Iterator[str]:
     _Gateway.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/first/api/callback"
-    server.shutdown()
-    server.server_close()
+    with serving_http(_Gateway) as url:
+        yield f"{url}/first/api/callback"
 
 
 def test_a_request_returns_the_engines_answer_and_timing(engine):
