@@ -84,6 +84,13 @@ def requested_model(body: bytes) -> str:
 
 
 _AUTH_ROUTES = ("whoami", "login", "login_code", "logout")
+CALLBACK_PATH = "/first/api/callback"
+
+
+def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:
+    """A node's batch for a remote stream (``gateway.callbacks``): the status to answer, 204 when taken."""
+    return gateway.callbacks.deliver(header("x-first-task") or "", header("x-first-seq") or "",
+                                     header("x-first-signature") or "", body)
 
 
 async def auth_route(gateway: Gateway, what: str, body: bytes) -> dict[str, Any]:
@@ -195,6 +202,10 @@ class GatewayApp:
 
     async def _answer(self, request: Request, exchange: Exchange) -> None:
         self._check_host(request)
+        if request.path == CALLBACK_PATH and request.method == "POST" and self.gateway is not None:
+            status = deliver_batch(self.gateway, request.headers.get, request.body)
+            exchange.respond(status, {"Content-Type": JSON}, b"")  # signed per task: no key, no Jupyter auth
+            return
         if not bearer_key_matches(request.headers.get("authorization"), self.key):
             raise OpenAIError(401, "Not authenticated. Send 'Authorization: Bearer $FIRST_API_KEY' (set in "
                                    "kernels the Jupyter server starts; also in the gateway's runtime file).",

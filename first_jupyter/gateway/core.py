@@ -23,6 +23,7 @@ from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.backends.local import LocalBackend
 from first_jupyter.gateway.bearer import BearerTokens
+from first_jupyter.gateway.callbacks import CallbackHub
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import Router, Target
@@ -137,6 +138,7 @@ class Gateway:
         self.config = config
         self.data_dir = data_dir
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
+        self.callbacks = CallbackHub()
         self.auth = TokenManager(config.auth, data_dir, os.environ if environ is None else environ,
                                  extra_scopes=_endpoint_scopes(config))
         self.backends = _build_backends(config, self.client, data_dir, BearerTokens(self.auth))

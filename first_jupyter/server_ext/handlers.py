@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.prometheus.log_functions import prometheus_log_method
@@ -179,6 +180,19 @@ class AuthHandler(FirstHandler):
             raise web.HTTPError(405)
         gateway, body = self.gateway, self.request.body
         self.write_json(await self.loop_thread.call(api.auth_route(gateway, self.what, body)))
+
+
+class CallbackHandler(FirstHandler):
+    """Batches of remote streams from endpoint nodes: no Jupyter auth (a node has none), each batch signed with
+    its task's own key instead (``gateway.callbacks``)."""
+
+    def check_xsrf_cookie(self) -> None:
+        """Not a browser form: the signature is the check."""
+
+    @allow_unauthenticated
+    def post(self) -> None:
+        self.set_status(api.deliver_batch(self.gateway, self.request.headers.get, self.request.body))
+        self.finish()
 
 
 class InferenceHandler(FirstHandler):
@@ -391,5 +405,6 @@ def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
         ("/first/api/login", AuthHandler, {"what": "login"}),
         ("/first/api/login/code", AuthHandler, {"what": "login_code"}),
         ("/first/api/logout", AuthHandler, {"what": "logout"}),
+        ("/first/api/callback", CallbackHandler, {}),
         ("/first/v1/(.*)", NotFoundHandler, {}),
     ]
