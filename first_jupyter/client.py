@@ -29,9 +29,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import openai
 
-    from first_jupyter.gateway.core import Gateway
-    from first_jupyter.gateway.loop_thread import LoopThread
-
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
 API_KEY_ENV = "FIRST_API_KEY"
 CALL_TIMEOUT_S = 900.0
@@ -68,30 +65,22 @@ class InProcessGateway:
         from first_jupyter.config import load_config
         from first_jupyter.gateway.api import GatewayApp
         from first_jupyter.gateway.core import Gateway
-        from first_jupyter.gateway.httpd import listening_socket, serve
-        from first_jupyter.gateway.loop_thread import LoopThread
+        from first_jupyter.gateway.httpd import listening_socket
+        from first_jupyter.gateway.service import GatewayService
         from first_jupyter.paths import default_data_dir
 
         data_dir = default_data_dir()
-        self.gateway: Gateway = Gateway(load_config(None, data_dir), data_dir)
-        self.thread: LoopThread = LoopThread("first-gateway-in-process")
+        gateway = Gateway(load_config(None, data_dir), data_dir)
         self.api_key = "first-" + secrets.token_urlsafe(32)
         sock = listening_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/first/v1"
-        app = GatewayApp(self.gateway, key=self.api_key, log=_file_log(data_dir / "logs" / "gateway.log"))
-        self._server = self.thread.submit(serve(app, sock)).result(10)
+        app = GatewayApp(gateway, key=self.api_key, log=_file_log(data_dir / "logs" / "gateway.log"))
+        self.service: GatewayService = GatewayService(gateway, app, sock, "first-gateway-in-process")
         atexit.register(self.close)
 
     def close(self) -> None:
         """Stop the server and the gateway (a local engine it started stops with it)."""
-        if not self.thread.alive:
-            return
-        self.thread.submit(self._stop()).result(30)
-        self.thread.stop()
-
-    async def _stop(self) -> None:
-        self._server.close()
-        await self.gateway.close()
+        self.service.stop_now()
 
 
 def _file_log(path: Path) -> logging.Logger:

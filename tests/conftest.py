@@ -21,6 +21,7 @@ import yaml
 from yarl import URL
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
+from bench.overhead import free_port
 from first_jupyter.remote.tiny_model import build_tiny_model
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
@@ -88,18 +89,31 @@ def in_process(fake_upstream: FakeUpstream, write_config: Callable[[dict[str, An
                monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeUpstream]:
     """``first_jupyter.client`` as in a kernel no Jupyter server started: its in-process gateway, serving the fake.
 
-    The variables a server exports to its kernels are removed (a server test in this process may have set them),
-    and the client's connection is dropped before and after, so each test starts its own gateway.
+    Each test starts its own gateway (``without_a_server``) and drops it at the end.
     """
+    from first_jupyter import client
+
+    without_a_server(monkeypatch, tmp_path / "data")
+    monkeypatch.setenv("FIRST_CONFIG", str(write_config(fake_cluster_config(fake_upstream))))
+    yield fake_upstream
+    client.disconnect()
+
+
+def without_a_server(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    """The client as in a kernel no Jupyter server started, with its data in ``data_dir``: the variables a server
+    exports to its kernels removed (a server test in this process may have set them), the connection dropped so
+    the next call starts its own in-process gateway (with ``$FIRST_CONFIG``, set by the caller)."""
     from first_jupyter import client
 
     monkeypatch.delenv(client.GATEWAY_URL_ENV, raising=False)
     monkeypatch.delenv(client.API_KEY_ENV, raising=False)
-    monkeypatch.setenv("FIRST_CONFIG", str(write_config(fake_cluster_config(fake_upstream))))
-    monkeypatch.setenv("FIRST_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FIRST_DATA_DIR", str(data_dir))
     client.disconnect()
-    yield fake_upstream
-    client.disconnect()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections to it are refused at once."""
+    return free_port()
 
 
 @pytest.fixture

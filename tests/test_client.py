@@ -12,7 +12,7 @@ import pytest
 import first_jupyter
 from first_jupyter import client
 from first_jupyter.client import Conversation, GatewayError
-from tests.conftest import fake_cluster_config, server_config
+from tests.conftest import closed_port, fake_cluster_config, server_config
 
 
 @pytest.fixture
@@ -119,10 +119,7 @@ def test_gateway_errors_carry_its_message(in_process, call, words):
 
 
 def test_an_unreachable_gateway_is_one_clear_error(monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
-    monkeypatch.setenv(client.GATEWAY_URL_ENV, f"http://127.0.0.1:{port}/first/v1")
+    monkeypatch.setenv(client.GATEWAY_URL_ENV, f"http://127.0.0.1:{closed_port()}/first/v1")
     monkeypatch.setenv(client.API_KEY_ENV, "first-key")
     client.disconnect()
     try:

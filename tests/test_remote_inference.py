@@ -4,7 +4,6 @@ with the gateway's callback route played by a loopback server that checks every 
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -14,7 +13,7 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.remote.inference import call_engine, engine_health, sign, stream_engine
-from tests.conftest import serving_http
+from tests.conftest import closed_port, serving_http
 
 KEY = "per-task-key"
 TASK = "task-1"
@@ -65,10 +64,7 @@ def test_a_request_returns_the_engines_answer_and_timing(engine):
 
 def test_health_says_whether_the_engine_answers(engine):
     assert engine_health(engine.port)["models"] == ["fake-model"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
-    down = engine_health(closed)
+    down = engine_health(closed_port())
     assert (down["healthy"], down["status"]) == (False, None)
     assert "ConnectionRefusedError" in down["error"]
 

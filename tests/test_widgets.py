@@ -10,7 +10,6 @@ import contextlib
 import html
 import itertools
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter import client
 from first_jupyter.widgets import ChatWidget, ModelPicker
 from first_jupyter.widgets.chat import PUSH_INTERVAL_S
-from tests.conftest import fake_cluster_config
+from tests.conftest import closed_port, fake_cluster_config, without_a_server
 
 # an answer thread that dies of an exception fails the test, instead of only printing a traceback
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -91,13 +90,6 @@ def click(button: ipywidgets.Button) -> None:
     from_frontend(button, {"method": "custom", "content": {"event": "click"}})
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on: connections to it are refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def gateway_config(upstream: FakeUpstream, *, second_chat_model: bool = True) -> dict[str, Any]:
     """Chat models ``fake-model`` and ``fake-chat-2`` (the default) and ``fake-embed`` on the fake upstream, and
     ``far-model`` on an endpoint that is down."""
@@ -114,10 +106,7 @@ def serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
           write_config: Callable[[dict[str, Any]], Path]) -> Iterator[Callable[..., FakeUpstream]]:
     """Start a fake upstream (``chunks`` tokens, ``pace`` seconds apart) with the client pointed at an in-process
     gateway in front of it, which the widgets' first call starts."""
-    monkeypatch.setenv("FIRST_DATA_DIR", str(tmp_path / "data"))
-    for name in (client.GATEWAY_URL_ENV, client.API_KEY_ENV):
-        monkeypatch.delenv(name, raising=False)
-    client.disconnect()
+    without_a_server(monkeypatch, tmp_path / "data")
     with contextlib.ExitStack() as upstreams:
 
         def start(chunks: int = 8, pace: float = 0.0) -> FakeUpstream:

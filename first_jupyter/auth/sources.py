@@ -60,29 +60,11 @@ class EnvSource:
         return None
 
 
-class HubEnvSource:
-    """``$GLOBUS_DATA``: the auth state GlobusOAuthenticator pickles into the environment at spawn.
-
-    It is as old as the server: tokens in it may have expired, and cannot be refreshed here (the hub's client
-    secret is needed); the hub API source is the fresher one.
-    """
-
-    name = "hub_env"
-
-    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        self._environ = environ
+class _AuthStateSource:
+    """A source whose tokens and identity both come from one GlobusOAuthenticator auth state (``_state``)."""
 
     def _state(self) -> Any:
-        raw = self._environ.get("GLOBUS_DATA")
-        if not raw:
-            return None
-        try:
-            # the hub wrote it for this server: the same trust as the environment itself
-            return pickle.loads(base64.b64decode(raw))  # noqa: S301
-        except (binascii.Error, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                ImportError) as exc:
-            log.warning("FIRST: $GLOBUS_DATA is not an auth state this gateway can read (%s)", type(exc).__name__)
-            return None
+        raise NotImplementedError
 
     def tokens(self) -> dict[str, Token]:
         return tokens_from_auth_state(self._state())
@@ -94,7 +76,39 @@ class HubEnvSource:
         return None
 
 
-class HubApiSource:
+class HubEnvSource(_AuthStateSource):
+    """``$GLOBUS_DATA``: the auth state GlobusOAuthenticator pickles into the environment at spawn.
+
+    It is as old as the server: tokens in it may have expired, and cannot be refreshed here (the hub's client
+    secret is needed); the hub API source is the fresher one. Decoded once per value of the variable.
+    """
+
+    name = "hub_env"
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self._environ = environ
+        self._decoded: tuple[str, Any] = ("", None)
+
+    def _state(self) -> Any:
+        raw = self._environ.get("GLOBUS_DATA", "")
+        if raw != self._decoded[0]:
+            self._decoded = (raw, self._decode(raw))
+        return self._decoded[1]
+
+    @staticmethod
+    def _decode(raw: str) -> Any:
+        if not raw:
+            return None
+        try:
+            # the hub wrote it for this server: the same trust as the environment itself
+            return pickle.loads(base64.b64decode(raw))  # noqa: S301
+        except (binascii.Error, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                ImportError) as exc:
+            log.warning("FIRST: $GLOBUS_DATA is not an auth state this gateway can read (%s)", type(exc).__name__)
+            return None
+
+
+class HubApiSource(_AuthStateSource):
     """JupyterHub's API (``/user`` with the server's own API token), which has the auth state the hub keeps
     refreshed, when the hub grants ``auth_state`` to servers."""
 
@@ -122,12 +136,6 @@ class HubApiSource:
                 state = None
             self._cached = (time.monotonic(), state)
             return state
-
-    def tokens(self) -> dict[str, Token]:
-        return tokens_from_auth_state(self._state())
-
-    def identity(self) -> dict[str, str] | None:
-        return user_from_auth_state(self._state())
 
     def refresh(self, token: Token) -> Token | None:
         """The hub refreshes its users' tokens; asking again (past the cache) may bring a newer one."""

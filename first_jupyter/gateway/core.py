@@ -172,8 +172,7 @@ class Gateway:
         A request to the OpenAI routes must still name its model (404 otherwise): the default is the clients'
         choice to make, not something to slip into an API call that forgot a field.
         """
-        if model not in self.router.catalog:
-            self.router.pick(model, Capability.chat)  # raises the 404 that lists what is served
+        self.router.targets(model)  # a model served nowhere: the 404 that lists what is
         self.preferences.set(DEFAULT_MODEL_KEY, model)
         self.default_model = model
         return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -64,10 +64,6 @@ class LoopThread:
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this loop and await its result from another loop; cancelling the caller cancels it."""
         return await asyncio.wrap_future(self.submit(coro))
-
-    def call_soon(self, callback: Callable[..., object], *args: object) -> None:
-        """Run a plain callback on this loop from any thread."""
-        self.loop.call_soon_threadsafe(callback, *args)
 
     @property
     def alive(self) -> bool:

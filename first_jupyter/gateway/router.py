@@ -35,12 +35,17 @@ class Router:
         }
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
 
-    def pick(self, model_id: str, capability: Capability) -> Target:
+    def targets(self, model_id: str) -> list[Target]:
+        """Where ``model_id`` is served; the 404 that lists the served models when nowhere."""
         targets = self.catalog.get(model_id)
         if not targets:
             asked = f"The model '{model_id}' does not exist here" if model_id else "The request names no model"
             raise OpenAIError(404, f"{asked}. Available models: {self._known}. Set 'model' to one of them "
                                    f"(GET /first/v1/models lists them).", param="model", code="model_not_found")
+        return targets
+
+    def pick(self, model_id: str, capability: Capability) -> Target:
+        targets = self.targets(model_id)
         for target in targets:
             if target.backend.supports(model_id, capability):
                 return target

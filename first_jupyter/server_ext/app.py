@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import gc
 import json
 import os
@@ -21,8 +19,8 @@ from traitlets import Bool, Integer, Unicode
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.api import GatewayApp, HostVerdicts
-from first_jupyter.gateway.httpd import HttpServer, listening_socket, serve
-from first_jupyter.gateway.loop_thread import LoopThread
+from first_jupyter.gateway.httpd import listening_socket
+from first_jupyter.gateway.service import GatewayService
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes
 
@@ -83,17 +81,15 @@ class FirstExtension(ExtensionApp):
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)
         self.gateway = gateway
         self.api_key = "first-" + secrets.token_urlsafe(32)
-        self.loop_thread = LoopThread()
+        self._activity_marked = -1.0
+        self._api_socket = self._bind_api_socket()
+        app = GatewayApp(gateway, key=self.api_key, max_request_bytes=self.max_request_bytes,
+                         config_error_text=error, on_activity=self._mark_activity, log=self.log)
+        self.service = GatewayService(gateway, app, self._api_socket)
+        self.loop_thread = self.service.thread
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
                              first_max_request_bytes=self.max_request_bytes, first_host_verdicts=HostVerdicts(),
                              first_loop=self.loop_thread)
-        self._activity_marked = -1.0
-        self._api_socket = self._bind_api_socket()
-        self._api_server: concurrent.futures.Future[HttpServer] | None = None
-        if self._api_socket is not None:
-            app = GatewayApp(gateway, key=self.api_key, max_request_bytes=self.max_request_bytes,
-                             config_error_text=error, on_activity=self._mark_activity, log=self.log)
-            self._api_server = self.loop_thread.submit(serve(app, self._api_socket))
         self._export_kernel_env()
 
     def initialize_handlers(self) -> None:
@@ -161,15 +157,4 @@ class FirstExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         self.runtime_file.unlink(missing_ok=True)
-        if self.loop_thread.alive:
-            await self.loop_thread.call(self._stop_gateway())
-            self.loop_thread.stop()
-
-    async def _stop_gateway(self) -> None:
-        """On the gateway's loop: stop listening, end open connections, close the gateway."""
-        if self._api_server is not None:
-            (await asyncio.wrap_future(self._api_server)).close()
-        elif self._api_socket is not None:
-            self._api_socket.close()
-        if self.gateway is not None:
-            await self.gateway.close()
+        await self.service.stop()
