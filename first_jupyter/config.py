@@ -71,25 +71,43 @@ class Defaults(_Strict):
     limits: Limits = Limits()
 
 
-class HttpEndpoint(_Strict):
-    """Any OpenAI-compatible upstream: vLLM serving directly, another FIRST gateway, a hosted API."""
+class _Credentials(_Strict):
+    """How an HTTP upstream is authorized: an API key from the environment, or the user's Globus token."""
 
-    name: Name
-    base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
     api_key_env: str | None = Field(default=None, description="environment variable that holds the API key")
     globus_resource_server: str | None = Field(
         default=None, description="send the user's Globus access token for this resource server (a FIRST "
                                   "gateway's client id, for instance) instead of an API key")
     globus_scope: str | None = Field(default=None, description="the scope `first login` asks for, for that server")
-    models: list[ModelConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _one_credential(self) -> HttpEndpoint:
+    def _one_credential(self) -> _Credentials:
         if self.api_key_env and self.globus_resource_server:
             raise ValueError("give api_key_env or globus_resource_server, not both")
         if self.globus_scope and not self.globus_resource_server:
             raise ValueError("globus_scope needs globus_resource_server")
         return self
+
+
+class HttpEndpoint(_Credentials):
+    """Any OpenAI-compatible upstream: vLLM serving directly, a hosted API, a LiteLLM proxy."""
+
+    name: Name
+    base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
+    models: list[ModelConfig] = Field(min_length=1)
+
+
+class FirstGatewayEndpoint(_Credentials):
+    """An existing FIRST inference gateway (ALCF's, for instance), used as a whole: its models are discovered
+    from its ``list-endpoints`` route and their states read from its ``{cluster}/jobs`` route, so the config
+    never lists what the facility serves today."""
+
+    name: Name
+    base_url: str = Field(pattern=r"^https?://", description="the gateway's resource server root, e.g. "
+                                                              "https://inference-api.alcf.anl.gov/resource_server")
+    clusters: list[str] | None = Field(default=None, min_length=1,
+                                       description="the gateway's clusters to use (default: all it lists)")
+    refresh: float = Field(default=60.0, gt=0, description="seconds a discovered model list is reused")
 
 
 class LocalEndpoint(_Strict):
@@ -114,7 +132,12 @@ class LocalCluster(_Strict):
     endpoints: list[LocalEndpoint] = Field(min_length=1)
 
 
-Cluster = Annotated[HttpCluster | LocalCluster, Field(discriminator="backend")]
+class FirstGatewayCluster(_Strict):
+    backend: Literal["first"]
+    endpoints: list[FirstGatewayEndpoint] = Field(min_length=1)
+
+
+Cluster = Annotated[HttpCluster | LocalCluster | FirstGatewayCluster, Field(discriminator="backend")]
 
 
 COMPUTE_RESOURCE_SERVER = "funcx_service"
@@ -145,8 +168,10 @@ class FirstConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_catalog(self) -> FirstConfig:
-        ids = {m.id for cluster in self.clusters.values() for ep in cluster.endpoints for m in ep.models}
-        if self.defaults.model is not None and self.defaults.model not in ids:
+        listed = [c for c in self.clusters.values() if not isinstance(c, FirstGatewayCluster)]
+        ids = {m.id for cluster in listed for ep in cluster.endpoints for m in ep.models}
+        discovered = len(listed) < len(self.clusters)  # a FIRST gateway's models are known only once asked
+        if self.defaults.model is not None and self.defaults.model not in ids and not discovered:
             raise ValueError(f"defaults.model '{self.defaults.model}' is served by no endpoint; "
                              f"use one of {sorted(ids)}")
         for name, cluster in self.clusters.items():
@@ -173,6 +198,9 @@ def embedded_default(data_dir: Path) -> FirstConfig:
                        defaults=Defaults(model=model.id))
 
 
+_BACKEND_TAGS = {"http", "local", "first"}
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -183,7 +211,7 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif part in {"http", "local"} and parts and not parts[-1].startswith("["):
+        elif part in _BACKEND_TAGS and parts and not parts[-1].startswith("["):
             continue  # discriminator tag pydantic inserts; not a key in the user's file
         elif part == "[key]":
             parts.append(" (the name itself)")  # a mapping's key failed, not its value

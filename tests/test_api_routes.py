@@ -67,14 +67,15 @@ async def test_usage_summary_counts_requests_tokens_and_errors_per_model(door):
     assert row["mean_latency_ms"] > 0
 
 
-def test_the_default_model_survives_a_restart_while_it_is_still_served(fake_upstream, write_config, tmp_path):
+async def test_the_default_model_survives_a_restart_while_it_is_still_served(fake_upstream, write_config,
+                                                                              tmp_path):
     config_file = write_config(fake_cluster_config(fake_upstream))
     data = tmp_path / "data"
     first = Gateway(load_config(config_file, data), data)
     assert first.default_model == "fake-model"
-    first.set_default_model("fake-embed")
+    await first.set_default_model("fake-embed")
     with pytest.raises(OpenAIError, match="does not exist here"):
-        first.set_default_model("gone-model")
+        await first.set_default_model("gone-model")
     first.usage.close()
     assert Gateway(load_config(config_file, data), data).default_model == "fake-embed"
 

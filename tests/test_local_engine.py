@@ -94,7 +94,7 @@ class TestEmbeddedDefault:
                 "FirstExtension": {"data_dir": str(tmp_path / "data")}}
 
     async def test_builds_the_tiny_model_and_serves_it(self, first_ext, tmp_path: Path):
-        models = first_ext.gateway.models()["data"]
+        models = (await first_ext.gateway.models())["data"]
         assert [m["id"] for m in models] == ["tiny-chat"]
         assert [m["served_by"] for m in models] == [[{"cluster": "local", "endpoint": "engine"}]]
         stream = await _client(first_ext).chat.completions.create(model="tiny-chat", messages=MESSAGES,

@@ -227,7 +227,7 @@ class GatewayApp:
         if gateway is None:
             raise config_error(self.config_error_text)
         if what == "models":
-            self._json(exchange, gateway.models())
+            self._json(exchange, await gateway.models())
         elif what == "status":
             self._json(exchange, await gateway.status())
         elif what == "usage":
@@ -237,7 +237,8 @@ class GatewayApp:
         elif what == "get_default_model":
             self._json(exchange, {"default_model": gateway.default_model})
         elif what == "set_default_model":
-            self._json(exchange, {"default_model": gateway.set_default_model(requested_model(request.body))})
+            model = await gateway.set_default_model(requested_model(request.body))
+            self._json(exchange, {"default_model": model})
         else:
             assert isinstance(what, Capability)
             outcome = await start(gateway, what, request.body, self.limit)

@@ -18,8 +18,16 @@ import orjson
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
-from first_jupyter.config import FirstConfig, HttpCluster, HttpEndpoint, LocalCluster
+from first_jupyter.config import (
+    FirstConfig,
+    FirstGatewayCluster,
+    FirstGatewayEndpoint,
+    HttpCluster,
+    HttpEndpoint,
+    LocalCluster,
+)
 from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.backends.local import LocalBackend
 from first_jupyter.gateway.bearer import BearerTokens
@@ -36,10 +44,17 @@ MODEL_STATES = ("hot", "starting", "queued", "cold", "offline")
 """A model's state for users, best first: answers now, soon, after a batch job starts, after a cold start, not."""
 _MODEL_STATE = {"running": "hot", "online": "hot", "starting": "starting", "queued": "queued", "stopped": "cold",
                 "failed": "offline", "offline": "offline"}
-"""Endpoint states (local engines, http upstreams) as model states."""
+"""Endpoint states (local engines, http upstreams) and job states (a FIRST gateway's) as model states."""
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 _REQUEST_IDS = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
+
+
+def _model_state(endpoint: dict[str, Any], model: str) -> str:
+    """A model's state at one endpoint: its own when the endpoint tells states per model (a FIRST gateway's
+    jobs), else the endpoint's."""
+    own = endpoint.get("model_states", {}).get(model) if endpoint["state"] == "online" else None
+    return _MODEL_STATE.get(own or endpoint["state"], "offline")
 
 
 def _request_id() -> str:
@@ -58,6 +73,8 @@ def _build_backends(config: FirstConfig, client: UpstreamClient, data_dir: Path,
                 for ep in cluster.endpoints)
         elif isinstance(cluster, LocalCluster):
             backends.extend(LocalBackend(cluster_name, ep, client, data_dir / "logs") for ep in cluster.endpoints)
+        elif isinstance(cluster, FirstGatewayCluster):
+            backends.extend(FirstGatewayBackend(cluster_name, ep, client, tokens) for ep in cluster.endpoints)
     return backends
 
 
@@ -66,7 +83,7 @@ def _endpoint_scopes(config: FirstConfig) -> dict[str, list[str]]:
     scopes: dict[str, list[str]] = {}
     for cluster in config.clusters.values():
         for ep in cluster.endpoints:
-            if isinstance(ep, HttpEndpoint) and ep.globus_resource_server and ep.globus_scope:
+            if isinstance(ep, HttpEndpoint | FirstGatewayEndpoint) and ep.globus_resource_server and ep.globus_scope:
                 scopes.setdefault(ep.globus_resource_server, []).append(ep.globus_scope)
     return scopes
 
@@ -144,20 +161,68 @@ class Gateway:
         self.backends = _build_backends(config, self.client, data_dir, BearerTokens(self.auth))
         served: dict[str, list[str]] = {}
         for cluster_name, cluster in config.clusters.items():
+            if isinstance(cluster, FirstGatewayCluster):
+                continue  # known once discovered
             for ep in cluster.endpoints:
                 for model in ep.models:
                     served.setdefault(model.id, []).append(f"{cluster_name}/{ep.name}")
         self.router = Router(self.backends, served)
+        self._discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
+        self._discovery: asyncio.Lock | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.preferences = Preferences(data_dir / "preferences.sqlite3")
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
-        self.default_model = chosen if chosen in served else config.defaults.model or next(iter(served), None)
+        self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
+            config.defaults.model or next(iter(served), None))
         self.usage = UsageStore(data_dir / "usage.sqlite3")
         self._created = int(time.time())
 
     # -- catalog and state -------------------------------------------------------------------------------
 
-    def models(self) -> dict[str, Any]:
+    async def refresh_catalog(self, *, eager: bool = False) -> None:
+        """Read the catalogs of FIRST gateways whose last reading is due (one reading at a time)."""
+        if not any(b.due(eager=eager) for b in self._discovering):
+            return
+        if self._discovery is None:
+            self._discovery = asyncio.Lock()
+        async with self._discovery:
+            due = [b for b in self._discovering if b.due(eager=eager)]
+            found = await asyncio.gather(*(b.discover() for b in due), return_exceptions=True)
+            for backend, models in zip(due, found, strict=True):
+                if isinstance(models, list):
+                    self.router.serve(backend, models)
+                elif not isinstance(models, OpenAIError):  # a bug, not an unreachable gateway: say so
+                    raise models
+
+    def _refresh_in_background(self) -> None:
+        if any(b.due() for b in self._discovering):
+            task = asyncio.get_running_loop().create_task(self.refresh_catalog())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _pick(self, model: str, capability: Capability) -> Target:
+        """The router's pick, reading discovered catalogs first when the model is not (yet) in them."""
+        if self._discovering:
+            if model in self.router.catalog:
+                self._refresh_in_background()  # a known model is served now; the reading can follow
+            else:
+                await self.refresh_catalog(eager=True)
+                failures = [b.failure for b in self._discovering if b.failure]
+                if failures and model not in self.router.catalog:
+                    signin = [f for f in failures if f.status == 401]
+                    if signin:
+                        raise signin[0]  # it says how to sign in
+                    raise OpenAIError(404, f"The model '{model}' is not in the catalog here, and reading a FIRST "
+                                           f"gateway's catalog failed: {'; '.join(f.message for f in failures)}",
+                                      param="model", code="model_not_found")
+        return self.router.pick(model, capability)
+
+    async def models(self) -> dict[str, Any]:
         """The OpenAI model list, each model once, with where it is served."""
+        await self.refresh_catalog()
+        return self._listing()
+
+    def _listing(self) -> dict[str, Any]:
         data = []
         for model_id, targets in self.router.catalog.items():
             caps = sorted({c.value for t in targets for c in Capability if t.backend.supports(model_id, c)})
@@ -166,12 +231,14 @@ class Gateway:
                          "served_by": [{"cluster": t.cluster, "endpoint": t.endpoint} for t in targets]})
         return {"object": "list", "data": data}
 
-    def set_default_model(self, model: str) -> str:
+    async def set_default_model(self, model: str) -> str:
         """The model clients use when told none (``%%first chat``, the widgets, the sidebar); kept across restarts.
 
         A request to the OpenAI routes must still name its model (404 otherwise): the default is the clients'
         choice to make, not something to slip into an API call that forgot a field.
         """
+        if model not in self.router.catalog:
+            await self.refresh_catalog(eager=True)
         self.router.targets(model)  # a model served nowhere: the 404 that lists what is
         self.preferences.set(DEFAULT_MODEL_KEY, model)
         self.default_model = model
@@ -193,11 +260,12 @@ class Gateway:
 
     async def status(self) -> dict[str, Any]:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
+        await self.refresh_catalog()
         endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
-        states = {(e["cluster"], e["endpoint"]): _MODEL_STATE.get(e["state"], "offline") for e in endpoints}
-        models = self.models()["data"]
+        by_name = {(e["cluster"], e["endpoint"]): e for e in endpoints}
+        models = self._listing()["data"]
         for model in models:
-            found = [states[(s["cluster"], s["endpoint"])] for s in model["served_by"]]
+            found = [_model_state(by_name[(s["cluster"], s["endpoint"])], model["id"]) for s in model["served_by"]]
             model["state"] = min(found, key=MODEL_STATES.index, default="offline")
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters), "auth": await self.signed_in()}
@@ -253,8 +321,8 @@ class Gateway:
         request_id = _request_id()
         target: Target | None = None
         try:
-            target = self.router.pick(req.model, req.capability)
-            reply = await target.backend.complete(req.capability, self._body_for(req, target, False))
+            target = await self._pick(req.model, req.capability)
+            reply = await target.backend.complete(req.model, req.capability, self._body_for(req, target, False))
             if reply.status >= 400:
                 raise upstream_error(reply.status, reply.body, f"cluster '{target.cluster}' endpoint "
                                      f"'{target.endpoint}'", reply.retry_after)
@@ -277,8 +345,8 @@ class Gateway:
         ask_usage = req.capability is not Capability.embeddings and not (
             isinstance(options, dict) and options.get("include_usage"))
         try:
-            target = self.router.pick(req.model, req.capability)
-            upstream = await target.backend.stream(req.capability, self._body_for(req, target, ask_usage))
+            target = await self._pick(req.model, req.capability)
+            upstream = await target.backend.stream(req.model, req.capability, self._body_for(req, target, ask_usage))
         except OpenAIError as exc:
             self.record(req, target, exc.status, t0, None, None, None, request_id, exc.message)
             raise
@@ -286,6 +354,8 @@ class Gateway:
         return GatewayStream(self, req, target, upstream, watch, t0, request_id)
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         for backend in self.backends:
             await backend.close()
         await self.client.close()

@@ -1,7 +1,8 @@
 """Resolve a requested model to the endpoint that will serve it.
 
-Today each model is served from the endpoints listed in config, tried in order; the router is where the
-choice lives so that live state, load and failover can be added without touching callers.
+Each model is served from the endpoints listed in config, or discovered from a FIRST gateway, tried in order;
+the router is where the choice lives so that live state, load and failover can be added without touching
+callers.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ class Router:
         self.catalog: dict[str, list[Target]] = {
             model: [Target(model, by_name[name]) for name in names] for model, names in served.items()
         }
+        self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
+
+    def serve(self, backend: Backend, model_ids: list[str]) -> None:
+        """Make ``backend`` the server of exactly ``model_ids`` (a catalog it discovered), keeping the rest."""
+        for model in list(self.catalog):
+            kept = [t for t in self.catalog[model] if t.backend is not backend]
+            if kept:
+                self.catalog[model] = kept
+            else:
+                del self.catalog[model]
+        for model in model_ids:
+            self.catalog.setdefault(model, []).append(Target(model, backend))
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
 
     def targets(self, model_id: str) -> list[Target]:

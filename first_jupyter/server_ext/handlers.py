@@ -128,8 +128,8 @@ class FirstHandler(APIHandler):
 
 class ModelsHandler(FirstHandler):
     @web.authenticated
-    def get(self) -> None:
-        self.write_json(self.gateway.models())
+    async def get(self) -> None:
+        self.write_json(await self.loop_thread.call(self.gateway.models()))
 
 
 class StatusHandler(FirstHandler):
@@ -153,11 +153,8 @@ class DefaultModelHandler(FirstHandler):
     @web.authenticated
     async def put(self) -> None:
         gateway, model = self.gateway, api.requested_model(self.request.body)
-        self.write_json({"default_model": await self.loop_thread.call(_set_default(gateway, model))})
+        self.write_json({"default_model": await self.loop_thread.call(gateway.set_default_model(model))})
 
-
-async def _set_default(gateway: Gateway, model: str) -> str:
-    return gateway.set_default_model(model)  # on the gateway's loop, like every change to its state
 
 
 class AuthHandler(FirstHandler):

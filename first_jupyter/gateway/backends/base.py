@@ -23,11 +23,11 @@ class Backend(Protocol):
         """Whether this endpoint can serve ``capability`` for the model (its engine may lack a route)."""
         ...
 
-    async def complete(self, capability: Capability, body: bytes) -> Reply:
+    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
         """Send one request and return the whole answer (error statuses included)."""
         ...
 
-    async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
         """Open a stream; raise ``OpenAIError`` before the first byte if the upstream refuses."""
         ...
 

@@ -64,14 +64,20 @@ class HttpBackend:
         if status == 401 and self._globus is not None:
             self._globus[0].forget(self._globus[1])
 
-    async def complete(self, capability: Capability, body: bytes) -> Reply:
-        reply = await self._client.request("POST", self._urls[capability], await self._head(), body, self.where)
+    def _url(self, model_id: str, capability: Capability) -> Url:
+        """Where a request goes: one API root for every model here."""
+        return self._urls[capability]
+
+    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
+        reply = await self._client.request("POST", self._url(model_id, capability), await self._head(), body,
+                                           self.where)
         self._refused(reply.status)
         return reply
 
-    async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
         try:
-            return await self._client.stream(self._urls[capability], await self._head(), body, self.where)
+            return await self._client.stream(self._url(model_id, capability), await self._head(), body,
+                                             self.where)
         except OpenAIError as exc:
             self._refused(exc.status)
             raise

@@ -139,19 +139,19 @@ class LocalBackend:
         self.in_flight -= 1
         self.last_used = time.monotonic()
 
-    async def complete(self, capability: Capability, body: bytes) -> Reply:
+    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
         http = await self._ensure_running()
         self._begin()
         try:
-            return await http.complete(capability, body)
+            return await http.complete(model_id, capability, body)
         finally:
             self._end()
 
-    async def stream(self, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
         http = await self._ensure_running()
         self._begin()
         try:
-            stream = await http.stream(capability, body)
+            stream = await http.stream(model_id, capability, body)
         except BaseException:
             self._end()
             raise

@@ -1,0 +1,201 @@
+"""An existing FIRST gateway as one cluster (``backend: first``): its models discovered from ``list-endpoints``,
+their states from ``{cluster}/jobs``, requests sent to the model's own route with the user's Globus token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from first_jupyter.config import ConfigError, parse_config
+from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.backends import first_gateway
+from first_jupyter.gateway.backends.first_gateway import parse_jobs
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from tests.conftest import server_config
+from tests.fake_first_gateway import TOKEN, FakeFirstGateway, job, serving_first_gateway
+
+LLAMA, QWEN, EMBED = "meta-llama/Llama-3.3-70B-Instruct", "Qwen/QwQ-32B", "nvidia/NV-Embed-v2"
+RESOURCE_SERVER = "681c10cc-f684-4540-bcd7-0b4df3bc26ef"
+
+
+@pytest.fixture
+def remote() -> Iterator[FakeFirstGateway]:
+    state = FakeFirstGateway(served={"sophia": {"vllm": [LLAMA, QWEN]},
+                                     "polaris": {"vllm": [LLAMA], "infinity": [EMBED]}})
+    with serving_first_gateway(state) as running:
+        yield running
+
+
+def _config(remote: FakeFirstGateway, **endpoint: Any) -> dict[str, Any]:
+    return {"clusters": {"alcf": {"backend": "first", "endpoints": [{
+        "name": "gateway", "base_url": remote.url, "globus_resource_server": RESOURCE_SERVER,
+        "globus_scope": f"https://auth.globus.org/scopes/{RESOURCE_SERVER}/action_all", **endpoint}]}},
+        "auth": {"sources": ["env"]}}
+
+
+def _gateway(remote: FakeFirstGateway, tmp_path: Path, token: str | None = TOKEN, **endpoint: Any) -> Gateway:
+    environ = {"FIRST_GLOBUS_TOKEN": token} if token else {}
+    return Gateway(parse_config(_config(remote, **endpoint), "test"), tmp_path, environ=environ)
+
+
+def _chat(model: str, **extra: Any) -> Any:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return parse_request(Capability.chat, json.dumps(body).encode())
+
+
+async def _streamed(gateway: Gateway, model: str) -> bytes:
+    stream = await gateway.stream(_chat(model, stream=True))
+    out: list[bytes] = []
+    try:
+        await stream.relay(lambda chunk: out.append(chunk) or True)
+    finally:
+        stream.close()
+    return b"".join(out)
+
+
+async def test_the_models_are_discovered_from_list_endpoints(remote, tmp_path):
+    gateway = _gateway(remote, tmp_path)
+    try:
+        listed = {m["id"]: m for m in (await gateway.models())["data"]}
+        assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])
+        assert listed[QWEN]["served_by"] == [{"cluster": "alcf", "endpoint": "gateway"}]
+        assert listed[EMBED]["capabilities"] == ["chat", "completions", "embeddings"]
+        assert remote.calls[0] == ("GET", "/resource_server/list-endpoints", f"Bearer {TOKEN}")
+    finally:
+        await gateway.close()
+
+
+async def test_a_request_goes_to_the_models_own_route_with_the_users_token(remote, tmp_path):
+    gateway = _gateway(remote, tmp_path)
+    try:
+        done = await gateway.complete(_chat(QWEN))
+        answer = json.loads(done.body)
+        assert answer["choices"][0]["message"]["content"] == "from sophia/vllm"
+        assert (done.target.cluster, done.target.endpoint) == ("alcf", "gateway")
+        assert remote.paths("POST") == ["/resource_server/sophia/vllm/v1/chat/completions/"]
+        assert {auth for _, _, auth in remote.calls} == {f"Bearer {TOKEN}"}
+
+        streamed = await _streamed(gateway, QWEN)
+        assert b'"content": "from"' in streamed
+        assert b'" sophia/vllm"' in streamed
+        assert streamed.rstrip().endswith(b"data: [DONE]")
+    finally:
+        await gateway.close()
+
+
+async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_runs(remote, tmp_path):
+    remote.jobs = {"polaris": {"running": [job("polaris", "vllm", f"{LLAMA},other/model")], "queued": []}}
+    gateway = _gateway(remote, tmp_path)
+    try:
+        status = await gateway.status()
+        states = {m["id"]: m["state"] for m in status["models"]}
+        assert states[LLAMA] == "hot"  # running on polaris
+        assert states[EMBED] == "cold"  # served by polaris, no job
+        assert states[QWEN] == "hot"  # sophia's jobs route failed: the gateway's own word (online) stands
+        endpoint = status["endpoints"][0]
+        assert endpoint["remote_clusters"]["polaris"] == {"jobs": "read"}
+        assert "qstat failed on the login node" in endpoint["remote_clusters"]["sophia"]["jobs"]
+
+        await gateway.complete(_chat(LLAMA))  # listed on sophia first, but running on polaris
+        assert remote.paths("POST")[-1] == "/resource_server/polaris/vllm/v1/chat/completions/"
+
+        remote.jobs["sophia"] = {"running": [job("sophia", "vllm", LLAMA, "starting")],
+                                 "queued": [job("sophia", "vllm", QWEN, "queued")]}
+        states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
+        assert (states[LLAMA], states[QWEN]) == ("hot", "queued")
+        remote.jobs["polaris"] = {"running": [], "queued": []}
+        states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
+        assert (states[LLAMA], states[EMBED]) == ("starting", "cold")
+    finally:
+        await gateway.close()
+
+
+async def test_the_catalog_follows_what_the_gateway_serves(remote, tmp_path, monkeypatch):
+    monkeypatch.setattr(first_gateway, "RETRY_S", 0.0)
+    gateway = _gateway(remote, tmp_path, refresh=3600)
+    try:
+        await gateway.models()
+        remote.served["sophia"]["vllm"].append("new/model")
+        done = await gateway.complete(_chat("new/model"))  # unknown here yet: the catalog is read again at once
+        assert json.loads(done.body)["model"] == "new/model"
+
+        remote.served["sophia"]["vllm"].remove(QWEN)
+        assert QWEN in {m["id"] for m in (await gateway.models())["data"]}  # within the refresh window
+        gateway._discovering[0].discovered_at -= 3600
+        assert QWEN not in {m["id"] for m in (await gateway.models())["data"]}
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_chat(QWEN))
+        assert info.value.status == 404
+        assert "new/model" in info.value.message  # the 404 names what is served
+    finally:
+        await gateway.close()
+
+
+async def test_without_a_sign_in_the_error_says_how_and_nothing_is_sent(remote, tmp_path):
+    gateway = _gateway(remote, tmp_path, token=None)
+    try:
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_chat(LLAMA))
+        assert (info.value.status, info.value.code) == (401, "globus_sign_in")
+        assert "`%first login`" in info.value.message
+        assert remote.calls == []
+        status = await gateway.status()
+        assert status["endpoints"][0]["state"] == "offline"
+        assert status["models"] == []
+    finally:
+        await gateway.close()
+
+
+async def test_a_refused_token_is_reported_and_the_request_is_not_guessed(remote, tmp_path, monkeypatch):
+    monkeypatch.setattr(first_gateway, "RETRY_S", 0.0)
+    gateway = _gateway(remote, tmp_path, token="AT-expired")
+    try:
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_chat(LLAMA))
+        assert info.value.status == 401
+        assert "invalid or expired Globus token" in info.value.message
+        assert "`%first login`" in info.value.message
+        assert remote.paths("POST") == []
+        assert "HTTP 401" in (await gateway.status())["endpoints"][0]["error"]
+    finally:
+        await gateway.close()
+
+
+def test_jobs_say_running_starting_or_queued_per_framework_and_model():
+    data = {"running": [job("sophia", "vllm", "a, b"), job("sophia", "vllm", "c", "starting"),
+                        job("polaris", "vllm", "d")],
+            "queued": [job("sophia", "vllm", "a"), job("sophia", "sglang", "e", "queued")]}
+    assert parse_jobs(data, "sophia") == {("vllm", "a"): "running", ("vllm", "b"): "running",
+                                          ("vllm", "c"): "starting", ("sglang", "e"): "queued"}
+    assert parse_jobs(["not", "a", "mapping"], "sophia") == {}
+
+
+def test_a_first_cluster_needs_a_gateway_url():
+    with pytest.raises(ConfigError, match=r"clusters\.alcf\.endpoints\[0\]\.base_url"):
+        parse_config({"clusters": {"alcf": {"backend": "first", "endpoints": [{"name": "gw"}]}}}, "f.yaml")
+    config = parse_config({"clusters": {"alcf": {"backend": "first", "endpoints": [
+        {"name": "gw", "base_url": "https://example.org/resource_server"}]}}, "defaults": {"model": "any/model"}},
+        "f.yaml")  # a default model need not be listed: the catalog is read at run time
+    assert config.defaults.model == "any/model"
+
+
+@pytest.fixture
+def jp_server_config(remote, write_config, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("FIRST_GLOBUS_TOKEN", TOKEN)
+    return server_config(write_config(_config(remote)), tmp_path / "data")
+
+
+async def test_the_openai_client_sees_the_remote_gateways_models_through_jupyter(key_door):
+    client = openai.AsyncOpenAI(base_url=str(key_door.route("")).rstrip("/"),
+                                api_key=key_door.headers["Authorization"].split()[-1], max_retries=0)
+    async with client:
+        assert {m.id for m in (await client.models.list()).data} == {LLAMA, QWEN, EMBED}
+        stream = await client.chat.completions.create(model=QWEN, messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "from sophia/vllm"
