@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from first_jupyter.config import ConfigError, load_config
+from first_jupyter.config import ComputeEndpoint, ConfigError, FirstGatewayEndpoint, load_config
 from first_jupyter.paths import default_data_dir
 
 
@@ -20,7 +20,12 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     for name, cluster in config.clusters.items():
         for ep in cluster.endpoints:
-            print(f"{name}/{ep.name} ({cluster.backend}): {', '.join(m.id for m in ep.models)}")
+            if isinstance(ep, FirstGatewayEndpoint):
+                print(f"{name}/{ep.name} (first): the models {ep.base_url}/list-endpoints lists")
+                continue
+            kind = "globus_compute, in process" if isinstance(ep, ComputeEndpoint) and ep.in_process else (
+                cluster.backend)
+            print(f"{name}/{ep.name} ({kind}): {', '.join(m.id for m in ep.models)}")
     return 0
 
 

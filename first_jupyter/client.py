@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -77,10 +78,29 @@ class InProcessGateway:
         app = GatewayApp(gateway, key=self.api_key, log=_file_log(data_dir / "logs" / "gateway.log"))
         self.service: GatewayService = GatewayService(gateway, app, sock, "first-gateway-in-process")
         atexit.register(self.close)
+        _close_on_sigterm(self.close)
 
     def close(self) -> None:
         """Stop the server and the gateway (a local engine it started stops with it)."""
         self.service.stop_now()
+
+
+def _close_on_sigterm(close: Callable[[], None]) -> None:
+    """A process ended by SIGTERM runs no ``atexit`` handler, yet the engine blocks its gateway started must stop
+    with it. So SIGTERM closes the gateway, then ends the process as it would have; only where nothing else
+    handles SIGTERM (an application that does keeps its own way), and from the main thread, where handlers are
+    set."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        close()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _file_log(path: Path) -> logging.Logger:

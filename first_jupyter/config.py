@@ -122,6 +122,72 @@ class LocalEndpoint(_Strict):
     models: list[ModelConfig] = Field(min_length=1, max_length=1)
 
 
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+RemoteFunction = Literal["call_engine", "stream_engine", "engine_health"]
+
+
+class InProcessEngine(_Strict):
+    """The real Globus Compute engine run inside this process, configured as an HPC endpoint is: blocks of
+    workers from parsl's ``LocalProvider`` whose ``worker_init`` starts the model's engine with the launcher."""
+
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    device: str = "auto"
+    min_blocks: int = Field(default=0, ge=0, description="blocks kept even when idle (hot nodes)")
+    max_blocks: int = Field(default=1, ge=1)
+    max_idletime: float = Field(default=900.0, gt=0, description="seconds idle before a block (and its engine) "
+                                                                 "is stopped: the hot window")
+    start_timeout: float = Field(default=600.0, gt=0, description="seconds the engine may take to serve")
+    extra_args: list[str] = Field(default=[], description="passed to the engine's command line")
+
+    @model_validator(mode="after")
+    def _blocks(self) -> InProcessEngine:
+        if self.min_blocks > self.max_blocks:
+            raise ValueError(f"min_blocks ({self.min_blocks}) is above max_blocks ({self.max_blocks})")
+        return self
+
+
+class ComputeEndpoint(_Strict):
+    """A Globus Compute endpoint on an HPC cluster, whose nodes serve the models with an engine (vLLM) on
+    ``127.0.0.1:{engine_port}``; requests run there as the functions of ``first_jupyter.remote.inference``.
+    With ``in_process`` instead of ``endpoint_id``, the endpoint is the Globus Compute engine run here."""
+
+    name: Name
+    endpoint_id: str | None = Field(default=None, pattern=UUID_PATTERN)
+    in_process: InProcessEngine | None = None
+    engine_port: int = Field(default=8000, ge=1, le=65535, description="the engine's port on the node (an "
+                                                                        "in-process endpoint picks a free one)")
+    functions: dict[RemoteFunction, Annotated[str, Field(pattern=UUID_PATTERN)]] = Field(
+        default={}, description="registered function ids (an endpoint that allows only listed functions needs "
+                                "them); those not given are registered on first use and remembered")
+    identity: Literal["user", "service"] = Field(
+        default="user", description="user: the user's Globus Compute token; service: a client id and secret "
+                                    "from the environment variables below, for shared deployments")
+    service_client_id_env: str = "FIRST_COMPUTE_CLIENT_ID"
+    service_client_secret_env: str = "FIRST_COMPUTE_CLIENT_SECRET"  # noqa: S105 (a variable name)
+    callback_url: str | None = Field(
+        default=None, pattern=r"^https?://",
+        description="this gateway's callback route as the nodes reach it (…/first/api/callback); without one a "
+                    "stream comes back whole when it ends")
+    timeout: float = Field(default=900.0, gt=0, description="seconds a request may wait for its task (queue "
+                                                            "and cold start included) before it fails")
+    status_ttl: float = Field(default=30.0, ge=1, description="seconds an endpoint status is reused")
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> ComputeEndpoint:
+        if (self.endpoint_id is None) == (self.in_process is None):
+            raise ValueError("give endpoint_id (a Globus Compute endpoint) or in_process (the engine run here), "
+                             "one of them")
+        if self.in_process is not None and len(self.models) != 1:
+            raise ValueError("an in_process endpoint serves one model (its engine is started for it)")
+        return self
+
+
+class ComputeCluster(_Strict):
+    backend: Literal["globus_compute"]
+    endpoints: list[ComputeEndpoint] = Field(min_length=1)
+
+
 class HttpCluster(_Strict):
     backend: Literal["http"]
     endpoints: list[HttpEndpoint] = Field(min_length=1)
@@ -137,7 +203,8 @@ class FirstGatewayCluster(_Strict):
     endpoints: list[FirstGatewayEndpoint] = Field(min_length=1)
 
 
-Cluster = Annotated[HttpCluster | LocalCluster | FirstGatewayCluster, Field(discriminator="backend")]
+Cluster = Annotated[HttpCluster | LocalCluster | FirstGatewayCluster | ComputeCluster,
+                    Field(discriminator="backend")]
 
 
 COMPUTE_RESOURCE_SERVER = "funcx_service"
@@ -182,7 +249,8 @@ class FirstConfig(_Strict):
 
 
 def embedded_default(data_dir: Path) -> FirstConfig:
-    """The zero-configuration gateway: one local engine serving a small model.
+    """The zero-configuration gateway: one cluster, ``local``, whose endpoint is the Globus Compute engine run in
+    this process, serving a small model: the same path (tasks, remote functions, callback) as an HPC cluster.
 
     ``$FIRST_LOCAL_MODEL`` names a real model (a directory or a hub id already cached); without it the tiny
     offline model is built under the data dir on first use, whose answers are random.
@@ -193,12 +261,12 @@ def embedded_default(data_dir: Path) -> FirstConfig:
         path=source or str(data_dir / "models" / DEFAULT_MODEL_ID),
         build_tiny=not source,
     )
-    endpoint = LocalEndpoint(name="engine", models=[model])
-    return FirstConfig(clusters={"local": LocalCluster(backend="local", endpoints=[endpoint])},
+    endpoint = ComputeEndpoint(name="engine", in_process=InProcessEngine(), models=[model])
+    return FirstConfig(clusters={"local": ComputeCluster(backend="globus_compute", endpoints=[endpoint])},
                        defaults=Defaults(model=model.id))
 
 
-_BACKEND_TAGS = {"http", "local", "first"}
+_BACKEND_TAGS = {"http", "local", "first", "globus_compute"}
 
 
 def _describe(value: Any) -> str:

@@ -14,7 +14,16 @@ def test_config_lists_what_each_endpoint_serves(tmp_path: Path, monkeypatch, cap
     monkeypatch.delenv("FIRST_LOCAL_MODEL", raising=False)
     monkeypatch.setenv("FIRST_DATA_DIR", str(tmp_path))
     assert main(["config"]) == 0
-    assert capsys.readouterr().out == "local/engine (local): tiny-chat\n"
+    assert capsys.readouterr().out == "local/engine (globus_compute, in process): tiny-chat\n"
+
+
+def test_config_says_a_first_gateways_models_are_discovered(tmp_path: Path, capsys):
+    file = tmp_path / "first.yaml"
+    file.write_text("clusters:\n  alcf:\n    backend: first\n    endpoints:\n"
+                    "      - {name: gw, base_url: 'https://example.org/resource_server'}\n")
+    assert main(["config", str(file)]) == 0
+    assert capsys.readouterr().out == ("alcf/gw (first): the models https://example.org/resource_server/"
+                                       "list-endpoints lists\n")
 
 
 def test_config_reports_a_bad_file_and_fails(tmp_path: Path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from first_jupyter.config import ConfigError, HttpCluster, LocalCluster, load_config, parse_config
+from first_jupyter.config import ComputeCluster, ConfigError, HttpCluster, load_config, parse_config
 from first_jupyter.protocol import Capability
 
 GOOD = """
@@ -41,7 +41,9 @@ def test_embedded_default_serves_the_tiny_model_from_the_data_dir(tmp_path: Path
     monkeypatch.delenv("FIRST_LOCAL_MODEL", raising=False)
     config = load_config(None, tmp_path)
     cluster = config.clusters["local"]
-    assert isinstance(cluster, LocalCluster)
+    assert isinstance(cluster, ComputeCluster)  # the Globus Compute path, with its engine run in this process
+    assert cluster.endpoints[0].in_process is not None
+    assert cluster.endpoints[0].endpoint_id is None
     model = cluster.endpoints[0].models[0]
     assert (model.id, model.path, model.build_tiny) == ("tiny-chat", str(tmp_path / "models/tiny-chat"), True)
     assert config.defaults.model == "tiny-chat"

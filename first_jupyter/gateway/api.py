@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from first_jupyter.config import Limits
+from first_jupyter.gateway.callbacks import CALLBACK_PATH
 from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
 from first_jupyter.gateway.httpd import BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
@@ -84,7 +85,6 @@ def requested_model(body: bytes) -> str:
 
 
 _AUTH_ROUTES = ("whoami", "login", "login_code", "logout")
-CALLBACK_PATH = "/first/api/callback"
 
 
 def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:

@@ -4,7 +4,8 @@ A node cannot hold a connection open to the client: Globus Compute returns one r
 on the node (``remote.inference.stream_engine``) POSTs the events in batches to ``/first/api/callback``, each
 signed with a key made for that task alone and sent to the node inside the task itself. Batches go into the
 waiting stream's queue as they arrive (no polling); the stream ends on the node's ``done`` or ``error`` message,
-or when nothing comes for the idle timeout.
+or when nothing comes for the idle timeout; the task's own end (its future) is watched as well, so a node that
+dies ends the stream at once instead of at the idle timeout.
 """
 
 from __future__ import annotations
@@ -13,41 +14,71 @@ import asyncio
 import hmac
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from typing import Any
 
 import orjson
 
+from first_jupyter.gateway.upstream import upstream_error
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.inference import sign
 
 ACCEPTED, REFUSED, OUT_OF_ORDER = 204, 403, 409
+CALLBACK_PATH = "/first/api/callback"
 
 
 class RemoteStream:
-    """One task's stream: where the node's batches wait until the client's relay takes them."""
+    """One task's stream: where the node's batches, and the task's own end, wait until the client's relay takes
+    them."""
 
-    def __init__(self, task_id: str, key: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, task_id: str, key: str, loop: asyncio.AbstractEventLoop, where: str) -> None:
         self.task_id = task_id
         self.key = key
         self.loop = loop
+        self.where = where
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.next_seq = 0
 
-    async def chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
+    def watch(self, task: Future[Any], describe: Callable[[BaseException], str]) -> None:
+        """Put the task's end in the queue too: a task that failed (its node died, its function raised) ends
+        the stream at once, and one that returned without a callback brings the whole stream as its result."""
+        def ended(done: Future[Any]) -> None:
+            if done.cancelled():
+                message: dict[str, Any] = {"error": "the task was cancelled"}
+            elif (exc := done.exception()) is not None:
+                message = {"error": describe(exc)}
+            else:
+                message = {"result": done.result()}
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+
+        task.add_done_callback(ended)
+
+    async def chunks(self, idle_timeout: float, first_timeout: float | None = None) -> AsyncIterator[bytes]:
         """The event bytes as the node sends them; ``OpenAIError`` when the node reports a failure or goes
-        silent (a node that died sends nothing more)."""
+        silent (a node that died sends nothing more). ``first_timeout``: the wait for the first message (a
+        cold start), when longer than the idle timeout."""
+        timeout = first_timeout or idle_timeout
         while True:
             try:
-                message = await asyncio.wait_for(self.queue.get(), idle_timeout)
+                message = await asyncio.wait_for(self.queue.get(), timeout)
             except TimeoutError:
-                raise OpenAIError(504, f"The endpoint's node sent nothing for {idle_timeout:g} s; the stream is "
-                                       "ended. Retry; if it persists, check the cluster's status.",
+                raise OpenAIError(504, f"{self.where} sent nothing for {timeout:g} s; the stream is ended. Retry; "
+                                       "if it persists, check the cluster's status.",
                                   type="api_error", code="upstream_idle_timeout") from None
+            timeout = idle_timeout
             if "error" in message:
-                raise OpenAIError(502, f"The stream failed on the endpoint's node: {message['error']}",
+                raise OpenAIError(502, f"The stream failed on {self.where}: {message['error']}",
                                   type="api_error", code="remote_error")
             if message.get("done"):
+                return
+            if "result" in message:  # the task ended without a done message: no callback URL, or a refusal
+                result = message["result"] if isinstance(message["result"], dict) else {}
+                body = str(result.get("body") or "").encode()
+                if int(result.get("status") or 502) >= 400:
+                    raise upstream_error(int(result.get("status") or 502), body, self.where)
+                if body:
+                    yield body
                 return
             yield str(message.get("data", "")).encode()
 
@@ -58,10 +89,19 @@ class CallbackHub:
     def __init__(self) -> None:
         self._streams: dict[str, RemoteStream] = {}
         self._lock = threading.Lock()
+        self.accepted = self.refused = 0
+        """Batches taken and refused since start, for the status API (a refusal count that grows says that
+        something is posting batches it has no key for)."""
 
-    def open(self) -> RemoteStream:
+    def tasks(self) -> list[str]:
+        """The tasks whose streams are open."""
+        with self._lock:
+            return list(self._streams)
+
+    def open(self, where: str = "the endpoint's node") -> RemoteStream:
         """A stream for a new task, with its own key (on the gateway's loop, which its queue belongs to)."""
-        stream = RemoteStream(secrets.token_urlsafe(16), secrets.token_urlsafe(32), asyncio.get_running_loop())
+        stream = RemoteStream(secrets.token_urlsafe(16), secrets.token_urlsafe(32), asyncio.get_running_loop(),
+                              where)
         with self._lock:
             self._streams[stream.task_id] = stream
         return stream
@@ -75,19 +115,26 @@ class CallbackHub:
         """Take one batch: the HTTP status to answer. A bad signature (or an unknown task, which is answered
         alike so as not to say which tasks exist) is refused and changes nothing for the real stream."""
         with self._lock:
-            stream = self._streams.get(task_id)
-            if stream is None or not seq.isdigit():
-                return REFUSED
-            if not hmac.compare_digest(sign(stream.key, task_id, int(seq), body), signature):
-                return REFUSED
-            if int(seq) != stream.next_seq:
-                return OUT_OF_ORDER
-            try:
-                message = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return REFUSED
-            if not isinstance(message, dict):
-                return REFUSED
-            stream.next_seq += 1
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, message)
-        return ACCEPTED
+            answer, message, stream = self._check(task_id, seq, signature, body)
+            if answer == ACCEPTED:
+                self.accepted += 1
+                stream.next_seq += 1
+            else:
+                self.refused += 1
+        if answer == ACCEPTED:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, message)
+        return answer
+
+    def _check(self, task_id: str, seq: str, signature: str, body: bytes) -> tuple[int, Any, Any]:
+        stream = self._streams.get(task_id)
+        if stream is None or not seq.isdigit():
+            return REFUSED, None, None
+        if not hmac.compare_digest(sign(stream.key, task_id, int(seq), body), signature):
+            return REFUSED, None, None
+        if int(seq) != stream.next_seq:
+            return OUT_OF_ORDER, None, None
+        try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return REFUSED, None, None
+        return (ACCEPTED, message, stream) if isinstance(message, dict) else (REFUSED, None, None)

@@ -19,6 +19,7 @@ import orjson
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
 from first_jupyter.config import (
+    ComputeEndpoint,
     FirstConfig,
     FirstGatewayCluster,
     FirstGatewayEndpoint,
@@ -27,11 +28,12 @@ from first_jupyter.config import (
     LocalCluster,
 )
 from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.backends.local import LocalBackend
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.callbacks import CallbackHub
+from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import Router, Target
@@ -62,8 +64,8 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}-{next(_REQUEST_IDS)}"
 
 
-def _build_backends(config: FirstConfig, client: UpstreamClient, data_dir: Path,
-                    tokens: BearerTokens) -> list[Backend]:
+def _build_backends(gateway: Gateway, environ: Mapping[str, str]) -> list[Backend]:
+    config, client, tokens = gateway.config, gateway.client, BearerTokens(gateway.auth)
     backends: list[Backend] = []
     for cluster_name, cluster in config.clusters.items():
         if isinstance(cluster, HttpCluster):
@@ -72,10 +74,42 @@ def _build_backends(config: FirstConfig, client: UpstreamClient, data_dir: Path,
                 globus=(tokens, ep.globus_resource_server) if ep.globus_resource_server else None)
                 for ep in cluster.endpoints)
         elif isinstance(cluster, LocalCluster):
-            backends.extend(LocalBackend(cluster_name, ep, client, data_dir / "logs") for ep in cluster.endpoints)
+            backends.extend(LocalBackend(cluster_name, ep, client, gateway.data_dir / "logs")
+                            for ep in cluster.endpoints)
         elif isinstance(cluster, FirstGatewayCluster):
             backends.extend(FirstGatewayBackend(cluster_name, ep, client, tokens) for ep in cluster.endpoints)
+        else:
+            backends.extend(_compute_backend(gateway, cluster_name, ep, environ) for ep in cluster.endpoints)
     return backends
+
+
+def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint,
+                     environ: Mapping[str, str]) -> Backend:
+    """A Globus Compute endpoint's backend. The SDK and the engine are imported only by gateways that have one
+    (they are slow to import, and a Jupyter server's start should not wait for them)."""
+    where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
+    idle = gateway.config.defaults.timeouts.idle
+    if endpoint.in_process is not None:
+        from first_jupyter.gateway.compute_local import InProcessSubmitter
+
+        local = InProcessSubmitter(endpoint, gateway.data_dir / "compute" / f"{cluster}-{endpoint.name}",
+                                   gateway.data_dir / "logs" / f"engine-{cluster}-{endpoint.name}.log", where)
+        return ComputeBackend(cluster, endpoint, local, gateway.callbacks, idle, gateway.own_callback_url,
+                              engine_port=local.port, upstream_name=local.served_name)
+
+    from first_jupyter.gateway.compute_cloud import (
+        CloudSubmitter,
+        UserTokenAuthorizer,
+        service_authorizer,
+    )
+
+    def authorizer() -> Any:
+        if endpoint.identity == "service":
+            return service_authorizer(endpoint, dict(environ))
+        return UserTokenAuthorizer(gateway.auth)
+
+    submitter = CloudSubmitter(endpoint, authorizer, gateway.preferences, gateway.compute_window, where)
+    return ComputeBackend(cluster, endpoint, submitter, gateway.callbacks, idle, lambda: endpoint.callback_url)
 
 
 def _endpoint_scopes(config: FirstConfig) -> dict[str, list[str]]:
@@ -156,9 +190,13 @@ class Gateway:
         self.data_dir = data_dir
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
         self.callbacks = CallbackHub()
-        self.auth = TokenManager(config.auth, data_dir, os.environ if environ is None else environ,
-                                 extra_scopes=_endpoint_scopes(config))
-        self.backends = _build_backends(config, self.client, data_dir, BearerTokens(self.auth))
+        environ = os.environ if environ is None else environ
+        self.auth = TokenManager(config.auth, data_dir, environ, extra_scopes=_endpoint_scopes(config))
+        self.preferences = Preferences(data_dir / "preferences.sqlite3")
+        self.compute_window = CallWindow()
+        self.own_url: str | None = None
+        """The gateway's own server (loopback), once it listens: where endpoints on this machine call back."""
+        self.backends = _build_backends(self, environ)
         served: dict[str, list[str]] = {}
         for cluster_name, cluster in config.clusters.items():
             if isinstance(cluster, FirstGatewayCluster):
@@ -170,12 +208,14 @@ class Gateway:
         self._discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
         self._discovery: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.preferences = Preferences(data_dir / "preferences.sqlite3")
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
         self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
             config.defaults.model or next(iter(served), None))
         self.usage = UsageStore(data_dir / "usage.sqlite3")
         self._created = int(time.time())
+
+    def own_callback_url(self) -> str | None:
+        return self.own_url + CALLBACK_PATH if self.own_url else None
 
     # -- catalog and state -------------------------------------------------------------------------------
 
@@ -268,7 +308,9 @@ class Gateway:
             found = [_model_state(by_name[(s["cluster"], s["endpoint"])], model["id"]) for s in model["served_by"]]
             model["state"] = min(found, key=MODEL_STATES.index, default="offline")
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
-                "clusters": sorted(self.config.clusters), "auth": await self.signed_in()}
+                "clusters": sorted(self.config.clusters), "auth": await self.signed_in(),
+                "callbacks": {"open_streams": len(self.callbacks.tasks()), "accepted": self.callbacks.accepted,
+                              "refused": self.callbacks.refused, "url": self.own_callback_url()}}
 
     # -- the user's Globus identity (blocking work: sources read files, the hub, Globus Auth) ----------------
 

@@ -22,6 +22,8 @@ class GatewayService:
                  name: str = "first-gateway") -> None:
         """``gateway`` None: the configuration was invalid, and the server only says so (``app`` answers 503)."""
         self.gateway = gateway
+        if gateway is not None and sock is not None:
+            gateway.own_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = LoopThread(name)
         self._server = self.thread.submit(serve(app, sock)) if sock is not None else None
 

@@ -22,6 +22,8 @@ ENGINE_HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_TIMEOUT_S = 5.0
 CALLBACK_TIMEOUT_S = 30.0
+RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
+"""Globus Compute refuses a task result over 10 MiB; this leaves room for the result's own envelope."""
 _FINISHED = re.compile(rb'"finish_reason":\s*"')
 """An event that ends a choice: a stream without one (or ``[DONE]``) was cut short."""
 
@@ -33,6 +35,14 @@ def sign(key: str, task_id: str, seq: int, body: bytes) -> str:
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
+def _too_large(size: int) -> dict[str, Any]:
+    """The answer to send instead of a result Globus Compute would refuse (an OpenAI error, status 413)."""
+    message = (f"The answer is {size / 2**20:.1f} MiB, more than a Globus Compute task may return "
+               f"({RESULT_LIMIT_BYTES / 2**20:.1f} MiB). Ask for fewer tokens or inputs, or stream it.")
+    return {"status": 413, "body": json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                                         "param": None, "code": "result_too_large"}})}
+
+
 def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """POST an OpenAI request to the engine on this node; its status, answer (text) and how long it took."""
     started = time.time()
@@ -40,8 +50,11 @@ def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = RE
     try:
         conn.request("POST", f"/v1/{route}", body=json.dumps(body), headers={"Content-Type": "application/json"})
         response = conn.getresponse()
-        text = response.read().decode("utf-8", "replace")
-        return {"status": response.status, "body": text, "started": started, "elapsed_s": time.time() - started}
+        raw = response.read()
+        if len(raw) > RESULT_LIMIT_BYTES:
+            return {**_too_large(len(raw)), "started": started, "elapsed_s": time.time() - started}
+        return {"status": response.status, "body": raw.decode("utf-8", "replace"), "started": started,
+                "elapsed_s": time.time() - started}
     finally:
         conn.close()
 
@@ -62,6 +75,11 @@ def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any
                 "elapsed_s": time.time() - started}
     finally:
         conn.close()
+
+
+class _ResultTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
 
 
 class _Callback:
@@ -114,6 +132,8 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
             data = b"".join(pending)
             if callback is not None:
                 callback.post({"data": data.decode("utf-8", "replace")})
+            elif sent + len(data) > RESULT_LIMIT_BYTES:  # the whole stream would come back as one result
+                raise _ResultTooLarge(sent + len(data))
             else:
                 kept.append(data)
             sent += len(data)
@@ -143,6 +163,8 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
         return {"status": response.status, "bytes": sent, "batches": callback.seq if callback else 0,
                 "body": b"".join(kept).decode("utf-8", "replace") if callback is None else None,
                 "elapsed_s": time.time() - started}
+    except _ResultTooLarge as exc:
+        return {**_too_large(exc.size), "elapsed_s": time.time() - started}
     except (OSError, http.client.HTTPException) as exc:
         if callback is not None:
             callback.post({"error": f"the engine's stream broke off on the node: {type(exc).__name__}: {exc}"})

@@ -214,6 +214,23 @@ def start_engine(spec: EngineSpec, *, owned: bool = False) -> EngineProcess:
     return EngineProcess(spec=spec, engine=engine, port=port, popen=popen)
 
 
+def ensure_tiny_model(model_dir: Path, log_path: Path) -> None:
+    """Build the tiny offline model (random weights) in ``model_dir`` unless it holds one already; in a child
+    process, since building imports torch and transformers (seconds, and memory the caller keeps otherwise)."""
+    from first_jupyter.remote.tiny_model import TINY_MODEL_MARKER
+
+    if (model_dir / TINY_MODEL_MARKER).is_file():
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"building the tiny offline model in {model_dir} (random weights)\n".encode())
+        log.flush()
+        done = subprocess.run([sys.executable, "-m", "first_jupyter.remote.tiny_model", str(model_dir)],
+                              stdout=log, stderr=subprocess.STDOUT, check=False, timeout=600)
+    if done.returncode != 0:
+        raise EngineStartError(f"Building the tiny model failed. Last lines of {log_path}:\n{log_tail(log_path)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Start vLLM (GPU) or transformers serve (CPU) for one model and wait until it is healthy. "
@@ -227,14 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=Path("engine.log"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for health")
     parser.add_argument("--foreground", action="store_true",
-                        help="stay attached, stop the engine on SIGTERM/SIGINT and exit with it")
+                        help="stay attached, stop the engine on SIGTERM/SIGINT and exit with it (the engine "
+                             "also stops if this process is killed outright)")
+    parser.add_argument("--build-tiny", action="store_true",
+                        help="if --model holds no model, build the tiny offline one there first (tests, demos)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --, arguments for the engine itself")
     args = parser.parse_args(argv)
     extra = tuple(a for a in args.extra if a != "--")
     spec = EngineSpec(model=args.model, served_name=args.served_name, engine=args.engine, host=args.host,
                       port=args.port, device=args.device, log_path=args.log, extra_args=extra)
-    proc = start_engine(spec)
     try:
+        if args.build_tiny:
+            ensure_tiny_model(Path(args.model), args.log)
+        proc = start_engine(spec, owned=args.foreground)
         proc.wait_healthy(args.timeout)
     except EngineStartError as exc:
         print(str(exc), file=sys.stderr)

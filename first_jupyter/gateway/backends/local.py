@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +23,11 @@ from first_jupyter.remote.launcher import (
     EngineSpec,
     EngineStartError,
     choose_engine,
+    ensure_tiny_model,
     log_tail,
     served_name,
     start_engine,
 )
-from first_jupyter.remote.tiny_model import TINY_MODEL_MARKER
 
 EngineState = Literal["stopped", "starting", "running", "failed"]
 
@@ -103,19 +102,8 @@ class LocalBackend:
         self._arm_idle_timer(self.endpoint.idle_timeout)
 
     def _build_model_if_asked(self) -> None:
-        """Build the tiny offline model when the config asks for it and the directory holds none yet."""
-        target = Path(self.spec.model)
-        if not self.model.build_tiny or (target / TINY_MODEL_MARKER).is_file():
-            return
-        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.spec.log_path.open("ab") as log:
-            log.write(f"building the tiny offline model in {target} (random weights)\n".encode())
-            log.flush()
-            done = subprocess.run([sys.executable, "-m", "first_jupyter.remote.tiny_model", str(target)],
-                                  stdout=log, stderr=subprocess.STDOUT, check=False, timeout=600)
-        if done.returncode != 0:
-            raise EngineStartError(f"Building the tiny model failed. Last lines of {self.spec.log_path}:\n"
-                                   f"{log_tail(self.spec.log_path)}")
+        if self.model.build_tiny:
+            ensure_tiny_model(Path(self.spec.model), self.spec.log_path)
 
     def _arm_idle_timer(self, delay: float) -> None:
         if self._idle_timer is not None:

@@ -1,0 +1,197 @@
+"""Backend for a Globus Compute endpoint: each request runs as a task on a node, next to the node's engine.
+
+The tasks are the functions of ``first_jupyter.remote.inference``; how a task reaches a node (the Globus Compute
+service, or the engine run in this process for the embedded default) is a ``Submitter``'s business, so this
+module holds what both share: the payload limit, the wait, the stream through the callback route and the errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import orjson
+
+from first_jupyter.config import ComputeEndpoint, ModelConfig
+from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
+from first_jupyter.gateway.upstream import Reply
+from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.remote.inference import call_engine, stream_engine
+
+SUBMIT_LIMIT_BYTES = 10 * 1000 * 1000
+"""Globus Compute refuses a task submission over 10 MB (its arguments serialized)."""
+
+
+STATUS_CALLS, STATUS_WINDOW_S = 20, 10.0
+"""The service allows 20 status requests per 10 s (per identity); the gateway stays under it."""
+
+
+class CallWindow:
+    """At most ``calls`` in any ``window_s`` seconds; shared by every endpoint asked with one identity."""
+
+    def __init__(self, calls: int = STATUS_CALLS - 2, window_s: float = STATUS_WINDOW_S) -> None:
+        self._calls = calls
+        self._window = window_s
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Whether one more call fits now (and count it if so)."""
+        now = time.monotonic()
+        with self._lock:
+            while self._times and now - self._times[0] >= self._window:
+                self._times.popleft()
+            if len(self._times) >= self._calls:
+                return False
+            self._times.append(now)
+            return True
+
+
+class Submitter(Protocol):
+    """How tasks reach an endpoint's nodes."""
+
+    async def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Send ``function(*args)`` to run on a node; the future holds its return value or its failure.
+        Raises ``OpenAIError`` when the task cannot be sent (too large, not allowed)."""
+        ...
+
+    async def status(self) -> dict[str, Any]:
+        """The endpoint's live state (``state``: online, offline; its workers and tasks); never raises."""
+        ...
+
+    def describe(self, exc: BaseException) -> OpenAIError:
+        """A task's failure as the OpenAI error to answer, carrying the remote error's summary."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+def too_large(size: int) -> OpenAIError:
+    return OpenAIError(413, f"The request is {size / 1e6:.1f} MB once serialized, more than a Globus Compute task "
+                            f"may carry ({SUBMIT_LIMIT_BYTES / 1e6:.0f} MB). Send fewer or shorter inputs, or split "
+                            f"them across requests (a batch does this for you).", code="request_too_large")
+
+
+def remote_summary(text: str) -> str:
+    """The line of a remote traceback that says what went wrong (its last with words: the engine frames a
+    lost worker's traceback with rules of dashes), without the frames before it."""
+    lines = [line.strip() for line in text.strip().splitlines() if any(c.isalnum() for c in line)]
+    return lines[-1][:500] if lines else "no details"
+
+
+class RemoteAnswer:
+    """A stream whose events come from a node, through the callback route or as the task's whole result."""
+
+    __slots__ = ("_chunks", "_first", "_hub", "_remote", "_task", "on_close")
+
+    def __init__(self, hub: CallbackHub, remote: RemoteStream, task: Future[Any], chunks: AsyncIterator[bytes],
+                 first: bytes | None) -> None:
+        self._hub = hub
+        self._remote = remote
+        self._task = task
+        self._chunks = chunks
+        self._first = first
+        self.on_close: Callable[[], None] | None = None
+
+    async def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """Every event into ``sink``; a node's batches are small and already paced by it, so a client that reads
+        slowly holds them in memory rather than stalling the node's callback."""
+        if self._first:
+            sink(self._first)
+        async for chunk in self._chunks:
+            sink(chunk)
+
+    def resume_reading(self) -> None:
+        """Nothing is paused (see ``pipe``)."""
+
+    def close(self) -> None:
+        """Refuse the node's later batches; a task not yet started is cancelled."""
+        self._hub.close(self._remote)
+        self._task.cancel()
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+
+
+class ComputeBackend:
+    kind = "globus_compute"
+
+    def __init__(self, cluster: str, endpoint: ComputeEndpoint, submitter: Submitter, hub: CallbackHub,
+                 idle_timeout: float, callback_url: Callable[[], str | None], engine_port: int | None = None,
+                 upstream_name: str | None = None) -> None:
+        """``callback_url``: where nodes POST stream batches, asked per request (a gateway learns its own URL
+        once its server listens); None: streams come back whole. ``engine_port``: the engine's port on the
+        node, when the submitter chose it (else the endpoint's); ``upstream_name``: the one model's name at its
+        engine, when the submitter knows it."""
+        self.cluster = cluster
+        self.name = endpoint.name
+        self.endpoint = endpoint
+        self.where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
+        self.submitter = submitter
+        self._models: dict[str, ModelConfig] = {m.id: m for m in endpoint.models}
+        self._hub = hub
+        self._idle = idle_timeout
+        self._callback_url = callback_url
+        self.engine_port = engine_port or endpoint.engine_port
+        self._upstream_name = upstream_name
+
+    def upstream_name(self, model_id: str) -> str:
+        model = self._models[model_id]
+        return self._upstream_name or model.upstream_name or model.id
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        return capability in self._models[model_id].capabilities
+
+    async def _task(self, body: bytes, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        if len(body) > SUBMIT_LIMIT_BYTES:  # too large already: no need to serialize it to know
+            raise too_large(len(body))
+        return await self.submitter.submit(function, *args)
+
+    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
+        task = await self._task(body, call_engine, self.engine_port, capability.route,
+                                orjson.loads(body), self.endpoint.timeout)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(task), self.endpoint.timeout)
+        except TimeoutError:
+            raise OpenAIError(504, f"{self.where} did not answer within {self.endpoint.timeout:g} s (its queue or "
+                                   "a cold start may be long); retry later or raise the endpoint's timeout.",
+                              type="api_error", code="upstream_timeout") from None
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        except Exception as exc:
+            raise self.submitter.describe(exc) from None
+        return Reply(int(result["status"]), str(result["body"]).encode())
+
+    async def stream(self, model_id: str, capability: Capability, body: bytes) -> RemoteAnswer:
+        url = self._callback_url()
+        remote = self._hub.open(self.where)
+        try:
+            task = await self._task(body, stream_engine, self.engine_port, capability.route,
+                                    orjson.loads(body), url, remote.task_id, remote.key)
+        except BaseException:
+            self._hub.close(remote)
+            raise
+        remote.watch(task, lambda exc: self.submitter.describe(exc).message)
+        chunks = remote.chunks(self._idle, first_timeout=self.endpoint.timeout)
+        try:  # the first event, or the refusal that must become a real status before any byte is sent
+            first = await anext(chunks, None)
+        except BaseException:
+            self._hub.close(remote)
+            task.cancel()
+            raise
+        return RemoteAnswer(self._hub, remote, task, chunks, first)
+
+    async def status(self) -> dict[str, Any]:
+        state = await self.submitter.status()
+        return {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind, "models": sorted(self._models),
+                "callback": self._callback_url() is not None, **state}
+
+    async def close(self) -> None:
+        await self.submitter.close()

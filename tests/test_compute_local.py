@@ -1,0 +1,213 @@
+"""The embedded default's path, end to end: a real Jupyter server whose ``local`` cluster is the real Globus Compute
+engine run in-process (parsl's LocalProvider, a worker_init that starts ``transformers serve`` on the tiny model),
+requests running there as the remote functions, streams coming back through the callback route."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import psutil
+import pytest
+
+from first_jupyter.config import parse_config
+from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.compute_local import end_leftovers
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from tests.conftest import open_door, server_config
+
+MESSAGES = [{"role": "user", "content": "Tell me about the cluster."}]
+
+
+def in_process_config(model_dir: Path, **settings: Any) -> dict[str, Any]:
+    return {"clusters": {"local": {"backend": "globus_compute", "endpoints": [{
+        "name": "engine", "in_process": {"engine": "transformers", "device": "cpu", **settings},
+        "models": [{"id": "tiny-chat", "path": str(model_dir)}]}]}},
+        "defaults": {"model": "tiny-chat"}}
+
+
+def _processes_of(root: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and (any(str(root) in part for part in proc.cmdline())
+                                            or proc.cwd().startswith(str(root))):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _talks_to(proc: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.raddr and c.raddr.port == port for c in proc.net_connections())
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture
+def jp_server_config(tiny_model, write_config, tmp_path: Path):
+    return server_config(write_config(in_process_config(tiny_model)), tmp_path / "data")
+
+
+def _client(first_ext: Any, jp_auth_header: dict[str, str], door: str = "jupyter-key") -> openai.AsyncOpenAI:
+    opened = open_door(door, first_ext, jp_auth_header)
+    return openai.AsyncOpenAI(base_url=opened.url, api_key=opened.api_key, max_retries=0, timeout=120)
+
+
+def _forge(callback_url: str, task_id: str) -> int:
+    request = urllib.request.Request(  # noqa: S310 (the test's loopback server)
+        callback_url, data=b'{"data": "data: {}\\n\\n"}', method="POST",
+        headers={"X-First-Task": task_id, "X-First-Seq": "0", "X-First-Signature": "f" * 64})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 (the test's loopback server)
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_the_openai_client_is_served_by_the_in_process_globus_compute_engine(first_ext, jp_auth_header,
+                                                                                   tmp_path: Path):
+    gateway, thread = first_ext.gateway, first_ext.loop_thread
+    status = await thread.call(gateway.status())
+    assert status["models"][0]["state"] == "cold"  # nothing started before the first request
+    client = _client(first_ext, jp_auth_header)
+    async with client:
+        started = time.monotonic()
+        answer = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8)
+        cold_s = time.monotonic() - started
+        assert answer.model == "tiny-chat"
+        assert answer.choices[0].message.content
+        assert answer.usage.completion_tokens > 0
+        endpoint = (await thread.call(gateway.status()))["endpoints"][0]
+        assert (endpoint["state"], endpoint["managers"]) == ("running", 1)
+
+        # streamed: the events come back through the callback route, batch by batch, while the engine generates
+        stream = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=400,
+                                                      temperature=0, stream=True)
+        arrivals: list[float] = []
+        text: list[str] = []
+        forged: int | None = None
+        async for chunk in stream:
+            arrivals.append(time.monotonic())
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+            if forged is None:  # mid-stream: a batch without the task's key is refused, the stream goes on
+                tasks = gateway.callbacks.tasks()
+                forged = await asyncio.to_thread(_forge, gateway.own_callback_url(), tasks[0])
+        assert forged == 403
+        assert len(arrivals) > 50
+        assert arrivals[-1] - arrivals[0] > 0.2  # generation took time, and the first events came during it
+        accepted = gateway.callbacks.accepted
+        assert accepted >= 3  # several signed batches (not the whole stream at the end)
+        assert gateway.callbacks.refused >= 1
+        assert "".join(text)
+    run_dir = gateway.backends[0].submitter.run_dir
+    assert _processes_of(run_dir)
+    print(f"\ncold first request {cold_s:.1f} s; stream of {len(arrivals)} events over "
+          f"{arrivals[-1] - arrivals[0]:.2f} s in {accepted} batches")
+    await first_ext.service.stop()  # as the server does at exit: the blocks and their engine go too
+    assert _processes_of(run_dir) == []
+    assert not run_dir.exists()
+
+
+async def test_a_node_that_dies_mid_stream_ends_the_stream_with_an_error_event(first_ext, jp_auth_header):
+    gateway = first_ext.gateway
+    client = _client(first_ext, jp_auth_header, door="api")
+    async with client:
+        await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+        run_dir = gateway.backends[0].submitter.run_dir
+        stream = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2000,
+                                                      temperature=0, stream=True)
+        started, killed_at = time.monotonic(), None
+        with pytest.raises(openai.APIError, match="failed on") as info:
+            async for _ in stream:
+                if killed_at is None and time.monotonic() - started > 0.2:
+                    port = gateway.backends[0].engine_port
+                    for worker in [p for p in _processes_of(run_dir) if _talks_to(p, port)]:
+                        worker.kill()  # the worker running the task dies, as on a node that fails
+                    killed_at = time.monotonic()
+        assert killed_at is not None
+        assert time.monotonic() - killed_at < 30  # the task's failure ends the stream, not the idle timeout
+    assert "WorkerLost: Task failure due to loss of worker" in str(info.value)
+
+
+def test_leftovers_of_a_crashed_run_are_ended_and_a_live_runs_are_not(tmp_path: Path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    crashed = tmp_path / f"run-{dead.pid}"
+    other_live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / f"run-{other_live.pid}"
+    for run in (crashed, live):
+        run.mkdir()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=crashed,
+                              start_new_session=True)  # like a block: its own group, working in the run
+    kept = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=live)
+    try:
+        ended = end_leftovers(tmp_path)
+        assert orphan.pid in ended
+        orphan.wait(timeout=10)  # ended (its status was already taken by end_leftovers, which waited for it)
+        assert not crashed.exists()
+        assert kept.poll() is None
+        assert live.exists()
+    finally:
+        for proc in (orphan, kept, other_live):
+            proc.kill()
+            proc.wait()
+
+
+async def test_an_engine_that_cannot_start_fails_the_request_with_its_reason(tmp_path: Path):
+    config = parse_config(in_process_config(tmp_path / "no-such-model"), "test")
+    gateway = Gateway(config, tmp_path / "data", environ={})
+    body = json.dumps({"model": "tiny-chat", "messages": MESSAGES}).encode()
+    try:
+        with pytest.raises(OpenAIError) as info:
+            await asyncio.wait_for(gateway.complete(parse_request(Capability.chat, body)), 120)
+        assert (info.value.status, info.value.code) == (503, "engine_start_failed")
+        assert "failed to start" in info.value.message
+        status = await gateway.status()
+        assert status["endpoints"][0]["state"] == "failed"
+        assert status["models"][0]["state"] == "offline"
+    finally:
+        await gateway.close()
+    assert _processes_of(tmp_path / "data") == []
+
+
+def test_a_kernels_gateway_stops_its_engine_blocks_on_sigterm(tiny_model, write_config, tmp_path: Path):
+    """A kernel's in-process gateway (no Jupyter server) started the engine; SIGTERM, which runs no ``atexit``,
+    must still stop the interchange, the blocks and the engine before the process ends."""
+    data = tmp_path / "data"
+    script = (
+        "import os, time\n"
+        "from first_jupyter import client\n"
+        "answer = client.openai_client().chat.completions.create(model='tiny-chat', max_tokens=4,\n"
+        "    messages=[{'role': 'user', 'content': 'hi'}])\n"
+        "print('ANSWERED', answer.model, flush=True)\n"
+        "time.sleep(300)\n")
+    env = {**os.environ, "FIRST_CONFIG": str(write_config(in_process_config(tiny_model))),
+           "FIRST_DATA_DIR": str(data)}
+    for name in ("FIRST_GATEWAY_URL", "FIRST_API_KEY"):
+        env.pop(name, None)
+    kernel = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert kernel.stdout.readline().strip() == "ANSWERED tiny-chat"
+        started = _processes_of(data / "compute")
+        assert any("process_worker_pool" in " ".join(p.cmdline()) for p in started)
+        kernel.send_signal(signal.SIGTERM)
+        assert kernel.wait(timeout=60) == -signal.SIGTERM
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert alive == []
+        assert _processes_of(data / "compute") == []
+    finally:
+        kernel.kill()
+        kernel.wait()
