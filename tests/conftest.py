@@ -23,6 +23,7 @@ from yarl import URL
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from bench.overhead import free_port
 from first_jupyter.remote.tiny_model import build_tiny_model
+from tests.fake_amqp import FakeAmqpBroker
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
@@ -63,6 +64,14 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat")
+
+
+@pytest.fixture
+def broker() -> Iterator[FakeAmqpBroker]:
+    """An AMQP broker stub on loopback, where the Globus Compute SDK takes task results from."""
+    with FakeAmqpBroker() as running:
+        yield running
+    assert not running.running
 
 
 @pytest.fixture

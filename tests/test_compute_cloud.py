@@ -25,16 +25,10 @@ from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import call_engine
 from tests.conftest import closed_port
 from tests.fake_amqp import FakeAmqpBroker
-from tests.fake_compute_service import FakeComputeService
+from tests.fake_compute_service import COMPUTE, FakeComputeService
 
-COMPUTE = "https://compute.api.globus.org"
 TOKEN = "AT-compute-user"
 
-
-@pytest.fixture
-def broker() -> Iterator[FakeAmqpBroker]:
-    with FakeAmqpBroker() as running:
-        yield running
 
 
 @pytest.fixture

@@ -26,16 +26,10 @@ from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS, _ResultWatcher
 from globus_compute_sdk.serialize import ComputeSerializer
 
 from tests.fake_amqp import FakeAmqpBroker
+from tests.fake_compute_service import COMPUTE
 
-COMPUTE = "https://compute.api.globus.org"
 QUEUE_PREFIX = "test_results_"
 
-
-@pytest.fixture
-def broker() -> Iterator[FakeAmqpBroker]:
-    with FakeAmqpBroker() as running:
-        yield running
-    assert not running.running
 
 
 def _wait(predicate: Callable[[], Any], timeout: float = 5.0) -> None:

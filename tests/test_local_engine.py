@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -147,6 +148,35 @@ def test_an_owned_engine_dies_with_the_process_that_started_it(tmp_path: Path):
     if _running(engine_pid):
         os.kill(engine_pid, signal.SIGKILL)
         pytest.fail("the engine outlived the process that owned it")
+
+
+def test_a_blocks_launcher_stops_its_engine_when_the_block_is_killed(tiny_model: Path, tmp_path: Path):
+    """On a node, the launcher runs in the block's shell; the shell killed outright (the block cancelled, the
+    job ended) must take the launcher and its engine along, through the launcher's own SIGTERM handling."""
+    command = (f"{sys.executable} -m first_jupyter.remote.launcher --model {tiny_model} --engine transformers "
+               f"--device cpu --log {tmp_path / 'engine.log'} --foreground & wait")
+    block = subprocess.Popen(["/bin/bash", "-c", command], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        served = json.loads(block.stdout.readline())
+        launcher_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_child(int(p), block.pid))
+        assert _running(served["pid"])
+        os.kill(block.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (_running(served["pid"]) or _running(launcher_pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(served["pid"]), "the engine outlived its block"
+        assert not _running(launcher_pid), "the launcher outlived its block"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(block.pid, signal.SIGKILL)
+        block.wait()
+
+
+def _is_child(pid: int, parent: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
+    except (FileNotFoundError, IndexError, ValueError):
+        return False
 
 
 def _running(pid: int) -> bool:

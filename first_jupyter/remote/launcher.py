@@ -10,6 +10,7 @@ the real reason (a CUDA error, a missing weight file) is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -253,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = tuple(a for a in args.extra if a != "--")
     spec = EngineSpec(model=args.model, served_name=args.served_name, engine=args.engine, host=args.host,
                       port=args.port, device=args.device, log_path=args.log, extra_args=extra)
+    parent = os.getppid()
+    if args.foreground and (bind := _parent_death_signal()) is not None:
+        bind()  # a block's launcher ends with its block, even one whose shell was killed outright
+        if os.getppid() != parent:
+            return 1  # the parent died before the binding: nobody is left to serve
     try:
         if args.build_tiny:
             ensure_tiny_model(Path(args.model), args.log)
@@ -266,13 +272,33 @@ def main(argv: list[str] | None = None) -> int:
     if not args.foreground:
         return 0
 
+    return _serve_until_stopped(proc)
+
+
+def _serve_until_stopped(proc: EngineProcess, grace: float = 10.0) -> int:
+    """Wait on the engine; SIGTERM or SIGINT stops it (SIGKILL after ``grace`` seconds) and ends with 128+signal.
+
+    The handler only signals the engine: a handler that waited on it itself would wait inside the interrupted
+    ``wait``, on the lock that one holds, for ever.
+    """
+    asked: list[tuple[int, float]] = []
+
     def _stop(signum: int, _frame: object) -> None:
-        proc.stop()
-        sys.exit(128 + signum)
+        asked.append((signum, time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    return proc.popen.wait()
+    while True:
+        try:
+            code = proc.popen.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if asked and time.monotonic() - asked[0][1] > grace:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+            continue
+        return 128 + asked[0][0] if asked else code
 
 
 if __name__ == "__main__":
