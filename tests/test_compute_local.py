@@ -183,9 +183,12 @@ async def test_an_engine_that_cannot_start_fails_the_request_with_its_reason(tmp
     assert _processes_of(tmp_path / "data") == []
 
 
-def test_a_kernels_gateway_stops_its_engine_blocks_on_sigterm(tiny_model, write_config, tmp_path: Path):
-    """A kernel's in-process gateway (no Jupyter server) started the engine; SIGTERM, which runs no ``atexit``,
-    must still stop the interchange, the blocks and the engine before the process ends."""
+@pytest.mark.parametrize(("sig", "within"), [(signal.SIGTERM, 10), (signal.SIGKILL, 40)])
+def test_a_kernels_gateway_takes_its_engine_blocks_along_when_it_is_ended(tiny_model, write_config, tmp_path: Path,
+                                                                         sig, within):
+    """A kernel's in-process gateway (no Jupyter server) started the engine. SIGTERM, which runs no ``atexit``,
+    must still stop the interchange, the blocks and the engine; SIGKILL gives it no chance, so the interchange
+    notices its parent is gone and ends, and the blocks and their engine follow (their heartbeats unanswered)."""
     data = tmp_path / "data"
     script = (
         "import os, time\n"
@@ -203,9 +206,9 @@ def test_a_kernels_gateway_stops_its_engine_blocks_on_sigterm(tiny_model, write_
         assert kernel.stdout.readline().strip() == "ANSWERED tiny-chat"
         started = _processes_of(data / "compute")
         assert any("process_worker_pool" in " ".join(p.cmdline()) for p in started)
-        kernel.send_signal(signal.SIGTERM)
-        assert kernel.wait(timeout=60) == -signal.SIGTERM
-        _, alive = psutil.wait_procs(started, timeout=10)
+        kernel.send_signal(sig)
+        assert kernel.wait(timeout=60) == -sig
+        _, alive = psutil.wait_procs(started, timeout=within)
         assert alive == []
         assert _processes_of(data / "compute") == []
     finally:

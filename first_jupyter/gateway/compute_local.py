@@ -177,9 +177,10 @@ class InProcessSubmitter:
                 label="first-local", provider=provider, address="127.0.0.1", max_workers_per_node=8,
                 heartbeat_period=HEARTBEAT_S, heartbeat_threshold=4 * HEARTBEAT_S,
                 job_status_kwargs={"max_idletime": settings.max_idletime, "strategy_period": STRATEGY_PERIOD_S})
-            # the interchange and the workers with this interpreter (the endpoint's CLI may not be on PATH)
+            # the interchange and the workers with this interpreter (the endpoint's CLI may not be on PATH); the
+            # interchange ends when this process does, however it ends
             python = shlex.quote(sys.executable)
-            engine.executor.interchange_launch_cmd = [sys.executable, "-m",
+            engine.executor.interchange_launch_cmd = [sys.executable, "-m", "first_jupyter.remote.parent_bound",
                                                       "parsl.executors.high_throughput.interchange"]
             engine.executor.launch_cmd = engine.executor.launch_cmd.replace(
                 "globus-compute-endpoint python-exec", f"{python} -m")
