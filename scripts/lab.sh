@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up, then start JupyterLab with the FIRST extension on the embedded default:
-# one local engine (vLLM with a GPU, else `transformers serve` on the CPU) serving a small model.
+# the Globus Compute engine run in the server, whose block starts a local engine (vLLM with a GPU, else
+# `transformers serve` on the CPU) serving a small model.
 # Extra arguments go to `jupyter lab` (e.g. --port 8889).
 set -euo pipefail
 cd "$(dirname "$0")/.."

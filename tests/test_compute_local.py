@@ -5,9 +5,11 @@ requests running there as the remote functions, streams coming back through the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from first_jupyter.config import parse_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.compute_local import end_leftovers
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.remote.launcher import free_port
 from tests.conftest import open_door, server_config
 
 MESSAGES = [{"role": "user", "content": "Tell me about the cluster."}]
@@ -46,6 +49,16 @@ def _processes_of(root: Path) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return found
+
+
+def _wait_listening(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stderr.read() if server.stderr else "the server exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
 def _talks_to(proc: psutil.Process, port: int) -> bool:
@@ -214,3 +227,33 @@ def test_a_kernels_gateway_takes_its_engine_blocks_along_when_it_is_ended(tiny_m
     finally:
         kernel.kill()
         kernel.wait()
+
+
+def test_a_server_whose_whole_process_group_is_stopped_still_stops_its_blocks(tiny_model, write_config,
+                                                                             tmp_path: Path):
+    """A terminal's Ctrl-C, or ``timeout``, signals the server's whole process group; the interchange must not
+    die first (the server's orderly stop asks it to end the blocks), and nothing may be left afterwards."""
+    port = free_port()
+    env = {**os.environ, "FIRST_CONFIG": str(write_config(in_process_config(tiny_model))),
+           "FIRST_DATA_DIR": str(tmp_path / "data"), "JUPYTER_TOKEN": "group-test"}
+    server = subprocess.Popen([sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
+                               "--ServerApp.port_retries=0", f"--ServerApp.root_dir={tmp_path}",
+                               "--ServerApp.jpserver_extensions=first_jupyter=True", "--allow-root"],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _wait_listening(port, server)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/first/v1", api_key="group-test", max_retries=0,
+                               timeout=120)
+        answer = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)
+        assert answer.model == "tiny-chat"
+        started = _processes_of(tmp_path / "data" / "compute")
+        assert started
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert alive == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -48,6 +48,8 @@ HEARTBEAT_S = 3
 """A block that stops answering is given up after four missed heartbeats (the endpoint default waits 120 s; a
 node here is this machine, and a request waiting on a dead one should learn so in seconds)."""
 WATCH_PERIOD_S = 0.5
+SHUTDOWN_TIMEOUT_S = 15.0
+"""An orderly shutdown takes well under a second; past this, what is left is ended by its run directory."""
 READY, FAILED = "engine.ready", "engine.failed"
 
 
@@ -286,16 +288,18 @@ class InProcessSubmitter:
     async def close(self) -> None:
         """Stop the engine: its blocks (their engines with them), then the interchange; remove the run.
 
-        Blocking, on purpose: this also runs from ``atexit``, when no thread may be started any more, and a stop
+        Blocking, on purpose: this also runs from ``atexit``, when no thread pool takes work any more, and a stop
         that could not happen would leave the blocks running.
         """
         if self._watch is not None:
             self._watch.cancel()
         engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.shutdown()
+        if engine is not None:  # in a thread only to bound it: a shutdown asks the interchange, which may be gone
+            stopping = threading.Thread(target=engine.shutdown, name="first-engine-shutdown", daemon=True)
+            stopping.start()
+            stopping.join(SHUTDOWN_TIMEOUT_S)
         for answer in list(self._pending):
             if not answer.done():
                 answer.set_exception(OpenAIError(503, f"{self.where} was shut down.", type="api_error",
                                                  code="endpoint_stopped"))
-        end_leftovers(self.root)  # what the shutdown left (normally nothing), and the run directory
+        end_leftovers(self.root)  # what the shutdown left (everything, if it timed out), and the run directory
