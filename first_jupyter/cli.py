@@ -64,14 +64,100 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=what)
         command.add_argument("--config", help="YAML file; default: $FIRST_CONFIG or the embedded default")
         command.set_defaults(func=lambda a, login=login: _sign_in_command(a, login))
+    endpoint = sub.add_parser("endpoint", help="Globus Compute endpoints that serve models for FIRST")
+    endpoint_sub = endpoint.add_subparsers(dest="endpoint_command", required=True)
+    endpoint_config = endpoint_sub.add_parser(
+        "config", help="write a Globus Compute endpoint (hot nodes running vLLM) for PBS, Slurm or this machine")
+    _endpoint_config_arguments(endpoint_config)
     sub.add_parser("launch", help="start an engine and wait for health (see `first launch --help`)",
                    add_help=False).set_defaults(func=None)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "endpoint" and rest:
+        endpoint_config.error(f"unrecognized arguments: {' '.join(rest)}")  # a mistyped option must not be dropped
     if args.command == "launch":
         from first_jupyter.remote.launcher import main as launch
 
         return launch(rest)
     return int(args.func(args))
+
+
+def _endpoint_config_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--scheduler", required=True, choices=["pbs", "slurm", "local"])
+    add("--name", required=True, help="endpoint name (its directory under ~/.globus_compute)")
+    add("--model", required=True, help="model directory or hub id, as the nodes see it")
+    add("--served-name", help="model name requests use (default: --model)")
+    add("--engine", choices=["vllm", "transformers", "auto"], default="vllm")
+    add("--port", type=int, default=8000, help="the engine's port on each node (default 8000)")
+    add("--tensor-parallel", type=int, default=1, metavar="N", help="vLLM --tensor-parallel-size")
+    add("--pipeline-parallel", type=int, default=1, metavar="N", help="vLLM --pipeline-parallel-size")
+    add("--engine-args", default="", metavar="ARGS",
+        help="more vLLM options, one string (e.g. --engine-args='--max-model-len 8192')")
+    add("--setup", action="append", default=[], metavar="LINE",
+        help="shell line run first in each block, e.g. 'module load conda; conda activate vllm' (repeatable)")
+    add("--python", default="python3", help="python on the nodes, after the setup lines (default python3)")
+    add("--start-timeout", type=int, default=1200, metavar="S", help="seconds to wait for the engine's health")
+    add("--queue", "--partition", dest="queue", help="PBS queue (required for pbs) or Slurm partition")
+    add("--account", help="allocation/project the jobs are charged to")
+    add("--select", dest="select_options", metavar="OPTS", help="PBS select options, e.g. ngpus=4")
+    add("--scheduler-option", dest="scheduler_options", action="append", default=[], metavar="LINE",
+        help="raw job script header line, e.g. '#PBS -l filesystems=home:eagle' (repeatable)")
+    add("--walltime", metavar="HH:MM:SS", help="per block (default 01:00:00)")
+    add("--nodes-per-block", type=int, default=1, metavar="N")
+    add("--init-blocks", type=int, metavar="N", help="blocks at start (default: --min-blocks)")
+    add("--min-blocks", type=int, default=0, metavar="N", help="hot nodes kept up (default 0)")
+    add("--max-blocks", type=int, default=1, metavar="N", help="most blocks when requests queue (default 1)")
+    add("--max-idletime", type=float, default=1800.0, metavar="S", help="the hot window: seconds an idle block lives")
+    add("--cpus-per-node", type=int, metavar="N")
+    add("--gpus-per-node", type=int, metavar="N", help="Slurm --gpus-per-node; also checks the parallel sizes")
+    add("--workers-per-node", type=int, default=16, metavar="N", help="concurrent requests per block (default 16)")
+    add("--address-interface", metavar="IFNAME", help="login node interface the compute nodes reach, e.g. bond0")
+    add("--block-root", metavar="DIR",
+        help="where blocks keep their engine logs (default ~/.globus_compute/NAME/blocks)")
+    add("--spread-command", metavar="CMD", help="multi-node blocks: prefix running a command on each other node")
+    add("--output", metavar="DIR",
+        help="endpoint directory to write (default ~/.globus_compute/NAME); '-' prints the engine config instead")
+    add("--force", action="store_true", help="replace the endpoint's existing files")
+    parser.set_defaults(func=_endpoint_config)
+
+
+def _endpoint_config(args: argparse.Namespace) -> int:
+    """``first endpoint config``: exit 2 on a choice that cannot work, 1 when it would replace files."""
+    import shlex
+
+    from first_jupyter.endpoint_config import EndpointConfigError, EndpointSpec, compute_dir, render, write_endpoint
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "endpoint_command", "func", "output",
+                                                                 "force", "engine_args", "setup",
+                                                                 "scheduler_options")}
+    try:
+        engine_args = tuple(shlex.split(args.engine_args))
+    except ValueError as exc:
+        print(f"first endpoint config: --engine-args {args.engine_args!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        spec = EndpointSpec(**options, engine_args=engine_args, setup=tuple(args.setup),
+                            scheduler_options=tuple(args.scheduler_options))
+    except EndpointConfigError as exc:
+        problems = str(exc).splitlines()
+        print("first endpoint config: " + (problems[0] if len(problems) == 1 else "\n  - ".join(
+            [f"{len(problems)} problems; nothing was written:", *problems])), file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(render(spec))
+        return 0
+    try:
+        files = write_endpoint(spec, Path(args.output).expanduser() if args.output else None, force=args.force)
+    except FileExistsError as exc:
+        print(f"first endpoint config: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {' and '.join(map(str, files))}")
+    where = files[0].parent
+    if where.resolve() == (compute_dir() / where.name).resolve():
+        print(f"start it with: globus-compute-endpoint start {where.name}")
+    else:
+        print(f"globus-compute-endpoint finds endpoints in {compute_dir()}: copy {where} there to start it")
+    return 0
 
 
 def _tiny(out_dir: Path) -> int:

@@ -36,6 +36,7 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_compute_sdk.serialize import ComputeSerializer
 
 from first_jupyter.config import ComputeEndpoint, InProcessEngine
+from first_jupyter.endpoint_config import FAILED, READY, block_worker_init
 from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, too_large
 from first_jupyter.gateway.compute_errors import describe_failure
 from first_jupyter.protocol import OpenAIError
@@ -50,7 +51,6 @@ node here is this machine, and a request waiting on a dead one should learn so i
 WATCH_PERIOD_S = 0.5
 SHUTDOWN_TIMEOUT_S = 15.0
 """An orderly shutdown takes well under a second; past this, what is left is ended by its run directory."""
-READY, FAILED = "engine.ready", "engine.failed"
 
 
 def _run_pid(run_dir: Path) -> int | None:
@@ -107,8 +107,7 @@ def _group(proc: psutil.Process) -> int | None:
 def worker_init(settings: InProcessEngine, model: str, served_name: str, build_tiny: bool, port: int,
                 run_dir: Path, log: Path) -> str:
     """The block's first lines: start the engine with the launcher and wait until it serves (or write why not
-    and end the block), as a cluster's endpoint config does with ``vllm serve``."""
-    ready, failed = run_dir / READY, run_dir / FAILED
+    and end the block), by the same protocol as a cluster's endpoint config (``endpoint_config``)."""
     command = [sys.executable, "-m", "first_jupyter.remote.launcher", "--model", model, "--served-name",
                served_name, "--engine", settings.engine, "--port", str(port), "--device", settings.device,
                "--log", str(log), "--timeout", str(settings.start_timeout), "--foreground"]
@@ -116,17 +115,7 @@ def worker_init(settings: InProcessEngine, model: str, served_name: str, build_t
         command.append("--build-tiny")
     if settings.extra_args:
         command += ["--", *settings.extra_args]
-    q = shlex.quote
-    return "\n".join([
-        f"cd {q(str(run_dir))}",  # everything the block starts is then found by its working directory
-        f"rm -f {q(str(ready))} {q(str(failed))}",
-        f"{shlex.join(command)} > {q(str(ready))}.tmp 2> {q(str(failed))}.tmp &",
-        "first_launcher=$!",
-        f"while kill -0 $first_launcher 2>/dev/null && [ ! -s {q(str(ready))}.tmp ]; do sleep 0.2; done",
-        f"if [ -s {q(str(ready))}.tmp ]; then mv {q(str(ready))}.tmp {q(str(ready))}; rm -f {q(str(failed))}.tmp; "
-        f"else mv {q(str(failed))}.tmp {q(str(failed))}; exit 1; fi",
-        "",
-    ])
+    return block_worker_init(command, shlex.quote(str(run_dir)))  # in the run: its processes are found by it
 
 
 class InProcessSubmitter:
