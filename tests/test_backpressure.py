@@ -25,7 +25,8 @@ CHAT = b'{"model": "push-model", "messages": [{"role": "user", "content": "hi"}]
 
 
 class PushingUpstream:
-    """Streams ``EVENTS`` events to each request as fast as its client takes them."""
+    """Streams ``EVENTS`` events to each chat request as fast as its client takes them (and lists its model to
+    the gateway's background status readings)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -49,6 +50,12 @@ class PushingUpstream:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET "):  # the gateway reading its status: a model list, not the stream
+                listing = b'{"object":"list","data":[{"id":"push-model","object":"model"}]}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%b" % (len(listing), listing))
+                await writer.drain()
+                return
             length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
                               if line.startswith(b"content-length:")))
             await reader.readexactly(length)

@@ -10,9 +10,9 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -27,7 +27,7 @@ from first_jupyter.config import (
     HttpEndpoint,
     LocalCluster,
 )
-from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.backends.base import Backend, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
 from first_jupyter.gateway.backends.http import HttpBackend
@@ -37,7 +37,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import Router, Target
-from first_jupyter.gateway.upstream import UpstreamClient, UpstreamStream, upstream_error
+from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
 
@@ -47,7 +47,12 @@ MODEL_STATES = ("hot", "starting", "queued", "cold", "offline")
 _MODEL_STATE = {"running": "hot", "online": "hot", "starting": "starting", "queued": "queued", "stopped": "cold",
                 "failed": "offline", "offline": "offline"}
 """Endpoint states (local engines, http upstreams) and job states (a FIRST gateway's) as model states."""
+STATUS_PERIOD_S = 30.0
+STATUS_MAX_INTERVAL_S = 300.0
+FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Failures before the first byte that the next endpoint may not have: worth trying it."""
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
+_T = TypeVar("_T")
 _REQUEST_IDS = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -137,7 +142,7 @@ class GatewayStream:
 
     __slots__ = ("_gateway", "_req", "_t0", "_ttft", "_upstream", "_watch", "error", "request_id", "target")
 
-    def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, upstream: UpstreamStream,
+    def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, upstream: Stream,
                  watch: StreamWatch, t0: float, request_id: str) -> None:
         self._gateway = gateway
         self._req = req
@@ -176,6 +181,12 @@ class GatewayStream:
         """Release the upstream (closing it if unfinished, so the engine stops) and record usage."""
         self._upstream.close()
         status = CLIENT_CLOSED if client_gone else (self.error.status if self.error else 200)
+        router = self._gateway.router
+        router.ended(self.target)
+        if self.error is not None:
+            router.failed(self.target, self.error.message)  # broke off mid-stream: keep it out if it goes on
+        elif self._ttft is not None:
+            router.succeeded(self.target, self._ttft - self._t0)
         watch = self._watch
         self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
                              watch.completion_tokens, self.request_id,
@@ -194,6 +205,8 @@ class Gateway:
         self.auth = TokenManager(config.auth, data_dir, environ, extra_scopes=_endpoint_scopes(config))
         self.preferences = Preferences(data_dir / "preferences.sqlite3")
         self.compute_window = CallWindow()
+        self.probe_intervals: dict[int, float] = {}
+        """Backend id → seconds between its background status readings (longer while it is offline)."""
         self.own_url: str | None = None
         """The gateway's own server (loopback), once it listens: where endpoints on this machine call back."""
         self.backends = _build_backends(self, environ)
@@ -213,6 +226,39 @@ class Gateway:
             config.defaults.model or next(iter(served), None))
         self.usage = UsageStore(data_dir / "usage.sqlite3")
         self._created = int(time.time())
+
+    def _observe(self, endpoints: list[dict[str, Any]]) -> None:
+        """Give the router each model's state at each endpoint just read: it orders candidates by them."""
+        by_name = {(e["cluster"], e["endpoint"]): e for e in endpoints}
+        for model, targets in self.router.catalog.items():
+            for target in targets:
+                endpoint = by_name.get((target.cluster, target.endpoint))
+                if endpoint is not None:
+                    self.router.observe_state(target.backend, model, _model_state(endpoint, model))
+
+    async def keep_states_fresh(self, period: float = STATUS_PERIOD_S) -> None:
+        """Read every endpoint's status in the background, so the router's states are never older than
+        ``period``; an endpoint found offline is read less and less often (up to ``STATUS_MAX_INTERVAL_S``), so a
+        cluster that is down for the night costs nothing, and is read at the normal pace again once it answers."""
+        interval = {id(b): period for b in self.backends}
+        due = {id(b): 0.0 for b in self.backends}
+        while True:
+            now = time.monotonic()
+            probe = [b for b in self.backends if due[id(b)] <= now]
+            if probe:
+                await self.refresh_catalog()
+                endpoints = list(await asyncio.gather(*(b.status() for b in probe)))
+                self._observe(endpoints)
+                for backend, endpoint in zip(probe, endpoints, strict=True):
+                    offline = endpoint.get("state") in ("offline", "failed")
+                    interval[id(backend)] = min(interval[id(backend)] * 2, STATUS_MAX_INTERVAL_S) if offline \
+                        else period
+                    due[id(backend)] = time.monotonic() + interval[id(backend)]
+            self.probe_intervals = dict(interval)
+            await asyncio.sleep(max(min(due.values(), default=now + period) - time.monotonic(), 0.05))
+
+    def _backend(self, endpoint: dict[str, Any]) -> Backend:
+        return next(b for b in self.backends if (b.cluster, b.name) == (endpoint["cluster"], endpoint["endpoint"]))
 
     def own_callback_url(self) -> str | None:
         return self.own_url + CALLBACK_PATH if self.own_url else None
@@ -240,8 +286,8 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _pick(self, model: str, capability: Capability) -> Target:
-        """The router's pick, reading discovered catalogs first when the model is not (yet) in them."""
+    async def _candidates(self, model: str, capability: Capability) -> list[Target]:
+        """The router's candidates, reading discovered catalogs first when the model is not (yet) in them."""
         if self._discovering:
             if model in self.router.catalog:
                 self._refresh_in_background()  # a known model is served now; the reading can follow
@@ -255,7 +301,33 @@ class Gateway:
                     raise OpenAIError(404, f"The model '{model}' is not in the catalog here, and reading a FIRST "
                                            f"gateway's catalog failed: {'; '.join(f.message for f in failures)}",
                                       param="model", code="model_not_found")
-        return self.router.pick(model, capability)
+        return self.router.candidates(model, capability)
+
+    async def _first_answer(self, req: ParsedRequest, tried: list[Target],
+                            call: Callable[[Target], Awaitable[_T]]) -> _T:
+        """``call`` on each candidate in turn until one answers. A failure before the first byte that another
+        endpoint may not share (unreachable, 5xx, 429, a timeout) moves on to the next; any other (the request's
+        own fault, a refused sign-in) is the answer. ``tried`` gets each target as it is tried."""
+        targets = await self._candidates(req.model, req.capability)
+        for target in targets:
+            tried.append(target)
+            self.router.began(target)
+            try:
+                return await call(target)
+            except OpenAIError as exc:
+                self.router.ended(target)
+                if exc.status not in FAILOVER_STATUSES:
+                    raise
+                self.router.failed(target, exc.message)
+                if target is targets[-1]:
+                    if len(tried) > 1:
+                        exc.message = f"Every endpoint serving '{req.model}' failed ({len(tried)} tried); " \
+                                      f"the last: {exc.message}"
+                    raise
+            except BaseException:
+                self.router.ended(target)
+                raise
+        raise AssertionError("the router gave no candidate")  # candidates() raises its 404 instead
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list, each model once, with where it is served."""
@@ -302,11 +374,17 @@ class Gateway:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
         await self.refresh_catalog()
         endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
-        by_name = {(e["cluster"], e["endpoint"]): e for e in endpoints}
+        self._observe(endpoints)
         models = self._listing()["data"]
         for model in models:
-            found = [_model_state(by_name[(s["cluster"], s["endpoint"])], model["id"]) for s in model["served_by"]]
+            found = [self.router.health_of(t).states.get(model["id"], "offline")
+                     for t in self.router.catalog[model["id"]]]
             model["state"] = min(found, key=MODEL_STATES.index, default="offline")
+        for endpoint in endpoints:
+            health = self.router.health[id(self._backend(endpoint))]
+            endpoint["router"] = {"in_flight": health.in_flight, "ttft_ms": round(health.ttft_s * 1000, 1),
+                                  "failures": health.failures, "last_error": health.last_error,
+                                  "circuit": "open" if health.open_until > time.monotonic() else "closed"}
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters), "auth": await self.signed_in(),
                 "callbacks": {"open_streams": len(self.callbacks.tasks()), "accepted": self.callbacks.accepted,
@@ -361,19 +439,27 @@ class Gateway:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""
         t0 = time.perf_counter()
         request_id = _request_id()
-        target: Target | None = None
-        try:
-            target = await self._pick(req.model, req.capability)
+        tried: list[Target] = []
+
+        async def ask(target: Target) -> Reply:
             reply = await target.backend.complete(req.model, req.capability, self._body_for(req, target, False))
             if reply.status >= 400:
                 raise upstream_error(reply.status, reply.body, f"cluster '{target.cluster}' endpoint "
                                      f"'{target.endpoint}'", reply.retry_after)
+            return reply
+
+        try:
+            reply = await self._first_answer(req, tried, ask)
         except OpenAIError as exc:
-            self.record(req, target, exc.status, t0, None, None, None, request_id, exc.message)
+            self.record(req, tried[-1] if tried else None, exc.status, t0, None, None, None, request_id,
+                        exc.message)
             raise
         except asyncio.CancelledError:  # the client left; the upstream request is already closed
-            self.record(req, target, CLIENT_CLOSED, t0, None, None, None, request_id, None)
+            self.record(req, tried[-1] if tried else None, CLIENT_CLOSED, t0, None, None, None, request_id, None)
             raise
+        target = tried[-1]
+        self.router.ended(target)
+        self.router.succeeded(target, time.perf_counter() - t0)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)
         return Completed(body, target)
@@ -382,18 +468,22 @@ class Gateway:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
         t0 = time.perf_counter()
         request_id = _request_id()
-        target: Target | None = None
+        tried: list[Target] = []
         options = req.data.get("stream_options")
         ask_usage = req.capability is not Capability.embeddings and not (
             isinstance(options, dict) and options.get("include_usage"))
+
+        async def open_stream(target: Target) -> Stream:
+            return await target.backend.stream(req.model, req.capability, self._body_for(req, target, ask_usage))
+
         try:
-            target = await self._pick(req.model, req.capability)
-            upstream = await target.backend.stream(req.model, req.capability, self._body_for(req, target, ask_usage))
+            upstream = await self._first_answer(req, tried, open_stream)
         except OpenAIError as exc:
-            self.record(req, target, exc.status, t0, None, None, None, request_id, exc.message)
+            self.record(req, tried[-1] if tried else None, exc.status, t0, None, None, None, request_id,
+                        exc.message)
             raise
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
-        return GatewayStream(self, req, target, upstream, watch, t0, request_id)
+        return GatewayStream(self, req, tried[-1], upstream, watch, t0, request_id)
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -26,9 +26,12 @@ class GatewayService:
             gateway.own_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = LoopThread(name)
         self._server = self.thread.submit(serve(app, sock)) if sock is not None else None
+        self._states = self.thread.submit(gateway.keep_states_fresh()) if gateway is not None else None
 
     async def _stop(self) -> None:
-        """On the gateway's loop: stop listening, end open connections, close the gateway."""
+        """On the gateway's loop: stop reading states, stop listening, end open connections, close the gateway."""
+        if self._states is not None:
+            self._states.cancel()
         if self._server is not None:
             (await asyncio.wrap_future(self._server)).close()
         if self.gateway is not None:

@@ -323,8 +323,11 @@ class ClientRelay:
         else:
             frame = b"%x\r\n%b\r\n" % (len(chunk), chunk)
             if self._plain_socket and not self._socket_stream.writing():  # nothing queued: send now
+                sock = self._socket_stream.socket
+                if sock is None:  # the client closed while this chunk crossed between the loops
+                    raise StreamClosedError()
                 try:
-                    sent = self._socket_stream.socket.send(frame)
+                    sent = sock.send(frame)
                 except BlockingIOError:
                     sent = 0
                 except OSError:

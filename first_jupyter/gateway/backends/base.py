@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from first_jupyter.gateway.upstream import Reply, UpstreamStream
+from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability
+
+
+class Stream(Protocol):
+    """An answer's byte chunks as they come: an upstream connection, or a node's batches."""
+
+    on_close: Callable[[], None] | None
+
+    async def pipe(self, sink: Callable[[bytes], bool]) -> None:
+        """Push each chunk into ``sink`` as it arrives; return at the end, raise ``OpenAIError`` if it breaks."""
+        ...
+
+    def resume_reading(self) -> None:
+        """``sink`` returned False (the client is slow) and has drained since."""
+        ...
+
+    def close(self) -> None:
+        ...
 
 
 class Backend(Protocol):
@@ -27,7 +45,7 @@ class Backend(Protocol):
         """Send one request and return the whole answer (error statuses included)."""
         ...
 
-    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: bytes) -> Stream:
         """Open a stream; raise ``OpenAIError`` before the first byte if the upstream refuses."""
         ...
 

@@ -1,0 +1,217 @@
+"""Routing across endpoints: the best candidate first, failover before the first byte (never after), and a
+circuit breaker that keeps a failing endpoint out for a cooldown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.fake_upstream import FakeUpstream, serving_in_thread
+from first_jupyter.config import parse_config
+from first_jupyter.gateway import Gateway, router
+from first_jupyter.gateway.router import Router, Target
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from tests.conftest import closed_port
+
+CHAT = {"model": "shared", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def upstreams(request: pytest.FixtureRequest) -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
+    """Two engines serving the same model; the second answers after ``second_delay`` (a marker), if set."""
+    marker = request.node.get_closest_marker("second_delay")
+    delay = marker.args[0] if marker else 0.0
+    with serving_in_thread(models=["shared"], chunks=4) as first, serving_in_thread(
+            models=["shared"], chunks=4, first_byte_delay=delay) as second:
+        yield first, second
+
+
+def _config(first_url: str, second_url: str, **first: Any) -> dict[str, Any]:
+    def cluster(name: str, url: str, **extra: Any) -> dict[str, Any]:
+        return {"backend": "http", "endpoints": [{"name": name, "base_url": f"{url}/v1", "models": [{"id": "shared"}],
+                                                  **extra}]}
+
+    return {"clusters": {"alpha": cluster("one", first_url, **first), "beta": cluster("two", second_url)},
+            "auth": {"sources": ["env"]}}
+
+
+def _gateway(tmp_path: Path, first_url: str, second_url: str, **first: Any) -> Gateway:
+    return Gateway(parse_config(_config(first_url, second_url, **first), "test"), tmp_path, environ={})
+
+
+def _request(stream: bool = False) -> Any:
+    return parse_request(Capability.chat, json.dumps({**CHAT, "stream": stream}).encode())
+
+
+async def _streamed(gateway: Gateway) -> tuple[Target, bytes, OpenAIError | None]:
+    stream = await gateway.stream(_request(stream=True))
+    out: list[bytes] = []
+    try:
+        await stream.relay(lambda chunk: out.append(chunk) or True)
+    finally:
+        stream.close()
+    return stream.target, b"".join(out), stream.error
+
+
+async def test_an_endpoint_failing_before_its_first_byte_hands_the_request_to_the_next(upstreams, tmp_path):
+    first, second = upstreams
+    first.fault = "500"
+    gateway = _gateway(tmp_path, first.url, second.url)
+    try:
+        done = await gateway.complete(_request())
+        assert (done.target.cluster, done.target.endpoint) == ("beta", "two")
+        assert json.loads(done.body)["choices"][0]["message"]["content"]
+        target, body, error = await _streamed(gateway)
+        assert (target.cluster, error) == ("beta", None)
+        assert body.rstrip().endswith(b"data: [DONE]")
+        assert (first.requests, second.requests) == (1, 2)  # then beta first: it answered, alpha only failed
+        gateway.usage.flush()
+        rows = gateway.usage.query("SELECT cluster, status FROM usage ORDER BY ts")
+        assert rows == [("beta", 200), ("beta", 200)]  # the record says where it ran
+    finally:
+        await gateway.close()
+
+
+async def test_an_unreachable_endpoint_hands_the_request_to_the_next(upstreams, tmp_path):
+    _, second = upstreams
+    gateway = _gateway(tmp_path, f"http://127.0.0.1:{closed_port()}", second.url)
+    try:
+        assert (await gateway.complete(_request())).target.cluster == "beta"
+    finally:
+        await gateway.close()
+
+
+async def test_a_refusal_that_is_the_requests_own_is_not_tried_elsewhere(upstreams, tmp_path):
+    first, second = upstreams
+    gateway = _gateway(tmp_path, first.url, second.url, globus_resource_server="rs")  # no sign-in: 401
+    try:
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_request())
+        assert info.value.status == 401
+        assert second.requests == 0
+    finally:
+        await gateway.close()
+
+
+async def test_when_every_endpoint_fails_the_error_says_so(upstreams, tmp_path):
+    first, second = upstreams
+    first.fault = second.fault = "429"
+    gateway = _gateway(tmp_path, first.url, second.url)
+    try:
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_request())
+        assert info.value.status == 429
+        assert info.value.message.startswith("Every endpoint serving 'shared' failed (2 tried); the last: "
+                                             "cluster 'beta' endpoint 'two'")
+    finally:
+        await gateway.close()
+
+
+async def test_a_stream_that_breaks_after_its_first_byte_is_not_sent_again(upstreams, tmp_path):
+    first, second = upstreams
+    first.fault = "drop-mid-stream"
+    gateway = _gateway(tmp_path, first.url, second.url)
+    try:
+        target, body, error = await _streamed(gateway)
+        assert target.cluster == "alpha"
+        assert error is not None
+        assert b'"error"' in body
+        assert second.requests == 0
+    finally:
+        await gateway.close()
+
+
+@pytest.mark.second_delay(0.8)
+async def test_the_circuit_opens_after_repeated_failures_and_closes_after_its_cooldown(upstreams, tmp_path,
+                                                                                      monkeypatch):
+    """The second engine is slow, so the first stays the better bet until its failures open its circuit."""
+    monkeypatch.setattr(router, "COOLDOWN_S", 3.0)
+    first, second = upstreams
+    first.fault = "500"
+    gateway = _gateway(tmp_path, first.url, second.url)
+    try:
+        for _ in range(router.FAILURES_TO_OPEN):
+            await gateway.complete(_request())
+        assert first.requests == router.FAILURES_TO_OPEN
+        await gateway.complete(_request())
+        assert first.requests == router.FAILURES_TO_OPEN  # kept out: no more time lost on it
+        status = await gateway.status()
+        alpha = next(e for e in status["endpoints"] if e["cluster"] == "alpha")
+        assert alpha["router"]["circuit"] == "open"
+        assert "HTTP 500" in alpha["router"]["last_error"]
+
+        first.fault = "none"
+        await asyncio.sleep(3.1)
+        await gateway.status()  # the status reading saw it offline (HTTP 500); now it sees it online again
+        first_ms = gateway.router.health[id(gateway.backends[0])].ttft_s
+        done = await gateway.complete(_request())  # tried again after the cooldown: it answers, all is forgiven
+        assert done.target.cluster == "alpha"
+        health = gateway.router.health[id(gateway.backends[0])]
+        assert (health.failures, health.open_until, health.last_error) == (0, 0.0, None)
+        assert health.ttft_s != first_ms  # its answer time now counts
+    finally:
+        await gateway.close()
+
+
+class _Backend:
+    kind = "test"
+
+    def __init__(self, name: str) -> None:
+        self.cluster, self.name = name, name
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        return True
+
+
+def test_candidates_are_ordered_by_state_then_by_answer_time_and_load():
+    a, b, c = _Backend("a"), _Backend("b"), _Backend("c")
+    routes = Router([a, b, c], {"m": ["a/a", "b/b", "c/c"]})  # type: ignore[list-item]
+    names = lambda: [t.backend.name for t in routes.candidates("m", Capability.chat)]  # noqa: E731
+    assert names() == ["a", "b", "c"]  # nothing known: config order
+    routes.observe_state(a, "m", "cold")
+    routes.observe_state(b, "m", "queued")
+    assert names() == ["c", "b", "a"]  # hot first, then the shorter expected wait
+    routes.observe_state(a, "m", "hot")
+    for target in routes.catalog["m"][:1]:
+        for _ in range(3):
+            routes.began(target)  # a is busy
+    assert names() == ["c", "a", "b"]
+    routes.succeeded(routes.catalog["m"][2], 20.0)  # c turns out slow
+    assert names()[0] == "a"
+    routes.observe_state(b, "m", "offline")
+    for _ in range(router.FAILURES_TO_OPEN):
+        routes.failed(routes.catalog["m"][0], "boom")
+    assert "a" not in names()
+    assert names()[-1] == "b"  # offline: last resort
+
+
+async def _until(predicate: Any) -> None:
+    async with asyncio.timeout(5):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_often(upstreams, tmp_path):
+    first, second = upstreams
+    first.fault = "500"  # its GET /models fails too: offline
+    gateway = _gateway(tmp_path, first.url, second.url)
+    alpha, beta = (gateway.router.health[id(b)] for b in gateway.backends)
+    reading = asyncio.ensure_future(gateway.keep_states_fresh(period=0.1))
+    try:
+        await _until(lambda: alpha.states.get("shared") == "offline")
+        assert beta.states["shared"] == "hot"
+        await _until(lambda: gateway.probe_intervals.get(id(gateway.backends[0]), 0) >= 0.4)  # backing off
+        assert gateway.probe_intervals[id(gateway.backends[1])] == 0.1
+        assert [t.cluster for t in gateway.router.candidates("shared", Capability.chat)] == ["beta", "alpha"]
+
+        first.fault = "none"
+        await _until(lambda: alpha.states.get("shared") == "hot")
+        assert gateway.probe_intervals[id(gateway.backends[0])] == 0.1  # back to the normal pace
+    finally:
+        reading.cancel()
+        await gateway.close()
