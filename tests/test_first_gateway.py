@@ -63,7 +63,8 @@ async def test_the_models_are_discovered_from_list_endpoints(remote, tmp_path):
     try:
         listed = {m["id"]: m for m in (await gateway.models())["data"]}
         assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])
-        assert listed[QWEN]["served_by"] == [{"cluster": "alcf", "endpoint": "gateway"}]
+        assert listed[QWEN]["served_by"] == [{"cluster": "alcf", "endpoint": "gateway", "state": "unknown"}]
+        assert listed[QWEN]["state"] == "unknown"  # listed, not yet read (no status reading on this path)
         assert listed[EMBED]["capabilities"] == ["chat", "completions", "embeddings"]
         assert remote.calls[0] == ("GET", "/resource_server/list-endpoints", f"Bearer {TOKEN}")
     finally:

@@ -97,7 +97,7 @@ class TestEmbeddedDefault:
     async def test_builds_the_tiny_model_and_serves_it(self, first_ext, tmp_path: Path):
         models = (await first_ext.gateway.models())["data"]
         assert [m["id"] for m in models] == ["tiny-chat"]
-        assert [m["served_by"] for m in models] == [[{"cluster": "local", "endpoint": "engine"}]]
+        assert [[(s["cluster"], s["endpoint"]) for s in m["served_by"]] for m in models] == [[("local", "engine")]]
         stream = await _client(first_ext).chat.completions.create(model="tiny-chat", messages=MESSAGES,
                                                                   max_tokens=3, stream=True)
         chunks = [c async for c in stream]

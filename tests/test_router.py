@@ -209,6 +209,10 @@ async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_of
         assert gateway.probe_intervals[id(gateway.backends[1])] == 0.1
         assert [t.cluster for t in gateway.router.candidates("shared", Capability.chat)] == ["beta", "alpha"]
 
+        listed = (await gateway.models())["data"][0]
+        assert [(s["cluster"], s["state"]) for s in listed["served_by"]] == [("alpha", "offline"), ("beta", "hot")]
+        assert listed["state"] == "hot"  # the best of its endpoints, as last read
+
         first.fault = "none"
         await _until(lambda: alpha.states.get("shared") == "hot")
         assert gateway.probe_intervals[id(gateway.backends[0])] == 0.1  # back to the normal pace

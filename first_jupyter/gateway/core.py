@@ -335,12 +335,17 @@ class Gateway:
         return self._listing()
 
     def _listing(self) -> dict[str, Any]:
+        """Each model once, where it is served and its state there as last read (``unknown`` before the first
+        reading): no endpoint is probed on this path, which clients call before every prompt."""
         data = []
         for model_id, targets in self.router.catalog.items():
             caps = sorted({c.value for t in targets for c in Capability if t.backend.supports(model_id, c)})
+            served = [{"cluster": t.cluster, "endpoint": t.endpoint,
+                       "state": self.router.health_of(t).states.get(model_id, "unknown")} for t in targets]
+            known = [s["state"] for s in served if s["state"] in MODEL_STATES]
             data.append({"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
-                         "capabilities": caps,
-                         "served_by": [{"cluster": t.cluster, "endpoint": t.endpoint} for t in targets]})
+                         "capabilities": caps, "state": min(known, key=MODEL_STATES.index, default="unknown"),
+                         "served_by": served})
         return {"object": "list", "data": data}
 
     async def set_default_model(self, model: str) -> str:
@@ -375,11 +380,7 @@ class Gateway:
         await self.refresh_catalog()
         endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
         self._observe(endpoints)
-        models = self._listing()["data"]
-        for model in models:
-            found = [self.router.health_of(t).states.get(model["id"], "offline")
-                     for t in self.router.catalog[model["id"]]]
-            model["state"] = min(found, key=MODEL_STATES.index, default="offline")
+        models = self._listing()["data"]  # just read: every state is known
         for endpoint in endpoints:
             health = self.router.health[id(self._backend(endpoint))]
             endpoint["router"] = {"in_flight": health.in_flight, "ttft_ms": round(health.ttft_s * 1000, 1),
