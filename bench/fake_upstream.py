@@ -35,7 +35,7 @@ from typing import Any, Final, TypedDict, Unpack, cast
 
 import orjson
 
-FAULT_MODES: Final[tuple[str, ...]] = ("none", "429", "500", "hang", "slow-first-byte", "drop-mid-stream")
+FAULT_MODES: Final[tuple[str, ...]] = ("none", "403", "429", "500", "hang", "slow-first-byte", "drop-mid-stream")
 """Accepted values of the ``fault`` option and of the ``x-fake-fault`` request header."""
 
 SLOW_FIRST_BYTE_DEFAULT_S: Final = 5.0
@@ -62,6 +62,7 @@ _MAX_DISCONNECTS: Final = 100_000
 _REASONS: Final[dict[int, bytes]] = {
     200: b"OK",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     429: b"Too Many Requests",
@@ -467,6 +468,9 @@ class FakeUpstream:
 
     def _reply(self, path: bytes, body: bytes, close: bool, fault: str) -> bytes | _Stream:
         """The response for a routed ``/v1/*`` request, from cache whenever possible."""
+        if fault == "403":
+            return _error_response(403, "You are not in a group allowed to use this cluster (fake fault)",
+                                   "permission_error", close)
         if fault == "429":
             return _error_response(429, "Rate limit reached (fake fault)", "requests", close, _RETRY_AFTER)
         if fault == "500":

@@ -112,6 +112,35 @@ async def test_when_every_endpoint_fails_the_error_says_so(upstreams, tmp_path):
         await gateway.close()
 
 
+async def test_a_cluster_that_refuses_the_user_is_left_out_and_the_model_served_elsewhere(upstreams, tmp_path):
+    first, second = upstreams
+    first.fault = "403"  # e.g. not in the Globus group the cluster allows
+    gateway = _gateway(tmp_path, first.url, second.url)
+    try:
+        for _ in range(3):
+            assert (await gateway.complete(_request())).target.cluster == "beta"
+        assert first.requests == 1  # asked once: the refusal is remembered, not paid for on every request
+        alpha = next(e for e in (await gateway.status())["endpoints"] if e["cluster"] == "alpha")
+        assert alpha["router"]["allowed"] is False
+        assert "not in a group allowed" in alpha["router"]["last_error"]
+
+        second.fault = "500"  # the one cluster left fails: its failure is the answer; the refusal stands
+        asked = first.requests  # (the status reading asked for its model list)
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_request())
+        assert info.value.status == 500
+        assert first.requests == asked
+
+        gateway.router.health[id(gateway.backends[1])].forbidden_until = 0.0
+        gateway.router.forbid(gateway.router.catalog["shared"][1], "refused")  # both refuse the user now
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_request())  # nothing it may use: asked anyway, so the refusal says why
+        assert info.value.status == 403
+        assert "not in a group allowed to use this cluster" in info.value.message
+    finally:
+        await gateway.close()
+
+
 async def test_a_stream_that_breaks_after_its_first_byte_is_not_sent_again(upstreams, tmp_path):
     first, second = upstreams
     first.fault = "drop-mid-stream"

@@ -51,6 +51,7 @@ STATUS_PERIOD_S = 30.0
 STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Failures before the first byte that the next endpoint may not have: worth trying it."""
+FORBIDDEN = 403
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 _T = TypeVar("_T")
 _REQUEST_IDS = itertools.count(1)
@@ -307,7 +308,8 @@ class Gateway:
                             call: Callable[[Target], Awaitable[_T]]) -> _T:
         """``call`` on each candidate in turn until one answers. A failure before the first byte that another
         endpoint may not share (unreachable, 5xx, 429, a timeout) moves on to the next; any other (the request's
-        own fault, a refused sign-in) is the answer. ``tried`` gets each target as it is tried."""
+        own fault, a refused sign-in) is the answer; a refusal of the user (403) moves on too, and the router leaves
+        that endpoint out for a while. ``tried`` gets each target as it is tried."""
         targets = await self._candidates(req.model, req.capability)
         for target in targets:
             tried.append(target)
@@ -316,9 +318,12 @@ class Gateway:
                 return await call(target)
             except OpenAIError as exc:
                 self.router.ended(target)
-                if exc.status not in FAILOVER_STATUSES:
+                if exc.status == FORBIDDEN:  # this user may not use that cluster; another may serve the model
+                    self.router.forbid(target, exc.message)
+                elif exc.status in FAILOVER_STATUSES:
+                    self.router.failed(target, exc.message)
+                else:
                     raise
-                self.router.failed(target, exc.message)
                 if target is targets[-1]:
                     if len(tried) > 1:
                         exc.message = f"Every endpoint serving '{req.model}' failed ({len(tried)} tried); " \
@@ -385,6 +390,7 @@ class Gateway:
             health = self.router.health[id(self._backend(endpoint))]
             endpoint["router"] = {"in_flight": health.in_flight, "ttft_ms": round(health.ttft_s * 1000, 1),
                                   "failures": health.failures, "last_error": health.last_error,
+                                  "allowed": health.forbidden_until <= time.monotonic(),
                                   "circuit": "open" if health.open_until > time.monotonic() else "closed"}
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters), "auth": await self.signed_in(),

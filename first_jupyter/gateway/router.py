@@ -4,8 +4,8 @@ Each model is served from the endpoints listed in config, or discovered from a F
 ordered by the time to first token each is expected to give: the wait its state implies (hot answers now, a cold
 one must start a block), times the answers it has been giving (a moving average) scaled by what it already has in
 flight. An endpoint that keeps failing before its first byte is kept out for a cooldown (a circuit breaker), so
-requests stop paying its timeout; the gateway fails over to the next candidate on such failures, never after a
-byte was sent.
+requests stop paying its timeout; one that refuses the user (403) is left out for longer, as a cluster the user may
+not use. The gateway fails over to the next candidate on such failures, never after a byte was sent.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ STATE_WAIT_S = {"hot": 0.0, "starting": 60.0, "queued": 300.0, "cold": 600.0, "o
 on an HPC queue takes minutes); the observed averages decide among endpoints in the same state."""
 FAILURES_TO_OPEN = 3
 COOLDOWN_S = 30.0
+FORBIDDEN_S = 600.0
+"""How long an endpoint that refused this user (403: not in its allowed groups, no allocation) is left out: the
+user's access rarely changes within minutes, and asking again costs a refused request each time."""
 FIRST_TTFT_S = 0.5
 """The time to first token assumed of an endpoint never measured: optimistic, so a new one gets tried."""
 EWMA_WEIGHT = 0.2
@@ -52,6 +55,8 @@ class Health:
     """Consecutive failures before a first byte; reset by any success."""
     open_until: float = 0.0
     """While in the future, the circuit is open: the endpoint is not tried (unless nothing else can serve)."""
+    forbidden_until: float = 0.0
+    """While in the future, the endpoint refused this user: it is not tried (unless nothing else can serve)."""
     last_error: str | None = None
     states: dict[str, str] = field(default_factory=dict)
     """Model → state (hot, starting, queued, cold, offline) from the last status reading."""
@@ -90,6 +95,11 @@ class Router:
         health.failures, health.open_until, health.last_error = 0, 0.0, None
         health.ttft_s += EWMA_WEIGHT * (ttft_s - health.ttft_s)
 
+    def forbid(self, target: Target, reason: str) -> None:
+        """The endpoint refused this user (403): the clusters a user may use are learned, not configured twice."""
+        health = self.health_of(target)
+        health.forbidden_until, health.last_error = time.monotonic() + FORBIDDEN_S, reason
+
     def failed(self, target: Target, reason: str) -> None:
         """A failure before the first byte; the circuit opens after ``FAILURES_TO_OPEN`` in a row."""
         health = self.health_of(target)
@@ -105,9 +115,10 @@ class Router:
         can serve (then the one whose cooldown ends first)."""
         able = self._able(model_id, capability)
         now = time.monotonic()
-        closed = [t for t in able if self.health_of(t).open_until <= now]
+        allowed = [t for t in able if self.health_of(t).forbidden_until <= now] or able  # none: let it say why
+        closed = [t for t in allowed if self.health_of(t).open_until <= now]
         if not closed:
-            return sorted(able, key=lambda t: self.health_of(t).open_until)[:1]
+            return sorted(allowed, key=lambda t: self.health_of(t).open_until)[:1]
         return sorted(closed, key=lambda t: self.health_of(t).expected_s(model_id))  # stable: config order on ties
 
     def serve(self, backend: Backend, model_ids: list[str]) -> None:
