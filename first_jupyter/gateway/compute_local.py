@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shlex
 import shutil
@@ -30,15 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from globus_compute_common import messagepack
-from globus_compute_common.messagepack.message_types import Result, Task
-from globus_compute_sdk.errors import TaskExecutionFailed
-from globus_compute_sdk.serialize import ComputeSerializer
 
 from first_jupyter.config import ComputeEndpoint, InProcessEngine
 from first_jupyter.endpoint_config import FAILED, READY, block_worker_init
 from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, too_large
-from first_jupyter.gateway.compute_errors import describe_failure
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.launcher import EngineSpec, choose_engine, free_port, log_tail, served_name
 
@@ -137,12 +133,20 @@ class InProcessSubmitter:
         self.started_at: float | None = None
         self._engine: Any = None
         self._start_lock = threading.Lock()
-        self._serializer = ComputeSerializer()
+        self._start_failed = False
         self._pending: set[Future[Any]] = set()
         self._watch: asyncio.Task[None] | None = None
         self.leftovers_ended: list[int] = []
 
     # -- the engine ------------------------------------------------------------------------------------------
+    # The Globus Compute packages are imported on first use, not with this module: they take about 0.4 s, which
+    # a Jupyter server's start (it builds the gateway) should not pay for an endpoint nobody has asked yet.
+
+    @functools.cached_property
+    def _serializer(self) -> Any:
+        from globus_compute_sdk.serialize import ComputeSerializer
+
+        return ComputeSerializer()
 
     def _start(self) -> Any:
         """Start the engine (in a thread: it launches the interchange and waits for it), once."""
@@ -181,6 +185,8 @@ class InProcessSubmitter:
             return engine
 
     def _submit(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        from globus_compute_common import messagepack
+        from globus_compute_common.messagepack.message_types import Task
         from globus_compute_endpoint.engines.base import GCFuture
 
         buffer = self._serializer.pack_buffers([self._serializer.serialize(function),
@@ -188,7 +194,9 @@ class InProcessSubmitter:
         if len(buffer) > SUBMIT_LIMIT_BYTES:
             raise too_large(len(buffer))
         engine = self._start()
-        (self.run_dir / FAILED).unlink(missing_ok=True)  # a new try after a failed start
+        if self._start_failed:  # a new try after a failed start: its reason must not fail this request too
+            (self.run_dir / FAILED).unlink(missing_ok=True)
+            self._start_failed = False
         task_id = uuid.uuid4()
         packed = GCFuture(task_id)
         answer: Future[Any] = Future()
@@ -198,6 +206,10 @@ class InProcessSubmitter:
 
     def _unpack(self, done: Future[Any], answer: Future[Any]) -> None:
         """The packed ``Result`` as the function's value, or the ``TaskExecutionFailed`` the service would give."""
+        from globus_compute_common import messagepack
+        from globus_compute_common.messagepack.message_types import Result
+        from globus_compute_sdk.errors import TaskExecutionFailed
+
         if answer.done():
             return
         try:
@@ -231,6 +243,7 @@ class InProcessSubmitter:
         failed = self.run_dir / FAILED
         while self._pending:
             if failed.is_file():
+                self._start_failed = True
                 reason = self._failure()
                 for answer in list(self._pending):
                     if not answer.done():
@@ -246,6 +259,8 @@ class InProcessSubmitter:
         return said or f"The engine exited. Last lines of {self.log}:\n{log_tail(self.log)}"
 
     def describe(self, exc: BaseException) -> OpenAIError:
+        from first_jupyter.gateway.compute_errors import describe_failure
+
         return describe_failure(exc, self.where)
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -255,7 +270,8 @@ class InProcessSubmitter:
         info: dict[str, Any] = {"engine": "GlobusComputeEngine (in process)", "run_dir": str(self.run_dir),
                                 "engine_port": self.port, "log": str(self.log),
                                 "min_blocks": self.settings.min_blocks, "max_blocks": self.settings.max_blocks,
-                                "max_idletime": self.settings.max_idletime, "pending_tasks": len(self._pending)}
+                                "max_idletime": self.settings.max_idletime, "pending_tasks": len(self._pending),
+                                "started": self.started_at, "leftovers_ended": len(self.leftovers_ended)}
         if (self.run_dir / FAILED).is_file():
             return {**info, "state": "failed", "error": self._failure()}
         if engine is None:

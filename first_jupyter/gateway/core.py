@@ -241,7 +241,7 @@ class Gateway:
         """Read every endpoint's status in the background, so the router's states are never older than
         ``period``; an endpoint found offline is read less and less often (up to ``STATUS_MAX_INTERVAL_S``), so a
         cluster that is down for the night costs nothing, and is read at the normal pace again once it answers."""
-        interval = {id(b): period for b in self.backends}
+        interval = self.probe_intervals = {id(b): period for b in self.backends}
         due = {id(b): 0.0 for b in self.backends}
         while True:
             now = time.monotonic()
@@ -255,11 +255,7 @@ class Gateway:
                     interval[id(backend)] = min(interval[id(backend)] * 2, STATUS_MAX_INTERVAL_S) if offline \
                         else period
                     due[id(backend)] = time.monotonic() + interval[id(backend)]
-            self.probe_intervals = dict(interval)
             await asyncio.sleep(max(min(due.values(), default=now + period) - time.monotonic(), 0.05))
-
-    def _backend(self, endpoint: dict[str, Any]) -> Backend:
-        return next(b for b in self.backends if (b.cluster, b.name) == (endpoint["cluster"], endpoint["endpoint"]))
 
     def own_callback_url(self) -> str | None:
         return self.own_url + CALLBACK_PATH if self.own_url else None
@@ -386,8 +382,8 @@ class Gateway:
         endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
         self._observe(endpoints)
         models = self._listing()["data"]  # just read: every state is known
-        for endpoint in endpoints:
-            health = self.router.health[id(self._backend(endpoint))]
+        for backend, endpoint in zip(self.backends, endpoints, strict=True):
+            health = self.router.health_of_backend(backend)
             endpoint["router"] = {"in_flight": health.in_flight, "ttft_ms": round(health.ttft_s * 1000, 1),
                                   "failures": health.failures, "last_error": health.last_error,
                                   "allowed": health.forbidden_until <= time.monotonic(),

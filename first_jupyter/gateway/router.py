@@ -76,13 +76,17 @@ class Router:
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
         self.health: dict[int, Health] = {id(b): Health() for b in backends}
 
+    def health_of_backend(self, backend: Backend) -> Health:
+        """Kept by backend (a discovered catalog adds targets later; their health starts empty)."""
+        return self.health.setdefault(id(backend), Health())
+
     def health_of(self, target: Target) -> Health:
-        return self.health.setdefault(id(target.backend), Health())
+        return self.health_of_backend(target.backend)
 
     # -- what was seen ---------------------------------------------------------------------------------------
 
     def observe_state(self, backend: Backend, model_id: str, state: str) -> None:
-        self.health.setdefault(id(backend), Health()).states[model_id] = state
+        self.health_of_backend(backend).states[model_id] = state
 
     def began(self, target: Target) -> None:
         self.health_of(target).in_flight += 1

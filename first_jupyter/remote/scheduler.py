@@ -18,7 +18,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -582,6 +582,31 @@ def _answer(scheduler: str, checked: float) -> dict[str, Any]:
     return {"scheduler": scheduler, "jobs": [], "models": {}, "free_nodes": None, "checked": checked, "errors": []}
 
 
+JobsReader = Callable[[str, float, list[dict[str, Any]]], dict[str, Any]]
+FreeReader = Callable[[str, list[dict[str, Any]]], int | None]
+
+
+def _status(scheduler: str, jobs_argv: list[str], nodes_argv: list[str], timeout_s: float, read_jobs: JobsReader,
+            read_free: FreeReader) -> dict[str, Any]:
+    """Run a scheduler's job and node commands side by side and read both; what fails, or reads badly, goes into
+    ``errors`` (readers may add what the command itself reported) and the rest of the answer still stands."""
+    answer = _answer(scheduler, time.time())
+    (jobs_out, jobs_error), (nodes_out, nodes_error) = _both(jobs_argv, nodes_argv, timeout_s)
+    answer["errors"].extend(error for error in (jobs_error, nodes_error) if error)
+    if jobs_out is not None:
+        try:
+            parsed = read_jobs(jobs_out, answer["checked"], answer["errors"])
+            answer["jobs"], answer["models"] = parsed["jobs"], parsed["models"]
+        except ValueError as exc:
+            answer["errors"].append(_parse_error(jobs_argv, exc))
+    if nodes_out is not None:
+        try:
+            answer["free_nodes"] = read_free(nodes_out, answer["errors"])
+        except ValueError as exc:
+            answer["errors"].append(_parse_error(nodes_argv, exc))
+    return answer
+
+
 def pbs_status(labels: Mapping[str, Sequence[str]], queue: str | None = None, *,
                resources: Mapping[str, Any] | None = None, qstat: str | Sequence[str] = "qstat",
                pbsnodes: str | Sequence[str] = "pbsnodes", timeout_s: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
@@ -593,25 +618,16 @@ def pbs_status(labels: Mapping[str, Sequence[str]], queue: str | None = None, *,
     failed (unknown is not zero: zero would say the cluster is full). ``qstat`` and ``pbsnodes`` name the
     commands (a path, or an argv prefix such as a site wrapper).
     """
-    answer = _answer("pbs", time.time())
-    qstat_argv, nodes_argv = _argv(qstat, QSTAT_ARGS), _argv(pbsnodes, PBSNODES_ARGS)
-    (jobs_out, jobs_error), (nodes_out, nodes_error) = _both(qstat_argv, nodes_argv, timeout_s)
-    for error in (jobs_error, nodes_error):
-        if error:
-            answer["errors"].append(error)
-    if jobs_out is not None:
-        try:
-            # a server with no jobs at all may print nothing: that is an empty queue, not a fault
-            parsed = pbs_jobs(jobs_out, labels) if jobs_out.strip() else {"jobs": [], "models": {}}
-            answer["jobs"], answer["models"] = parsed["jobs"], parsed["models"]
-        except ValueError as exc:
-            answer["errors"].append(_parse_error(qstat_argv, exc))
-    if nodes_out is not None:
-        try:
-            answer["free_nodes"] = pbs_free_nodes(nodes_out, queue, resources)["free"]
-        except ValueError as exc:
-            answer["errors"].append(_parse_error(nodes_argv, exc))
-    return answer
+    qstat_argv = _argv(qstat, QSTAT_ARGS)
+
+    def jobs(text: str, checked: float, errors: list[dict[str, Any]]) -> dict[str, Any]:
+        # a server with no jobs at all may print nothing: that is an empty queue, not a fault
+        return pbs_jobs(text, labels) if text.strip() else {"jobs": [], "models": {}}
+
+    def free(text: str, errors: list[dict[str, Any]]) -> int | None:
+        return pbs_free_nodes(text, queue, resources)["free"]
+
+    return _status("pbs", qstat_argv, _argv(pbsnodes, PBSNODES_ARGS), timeout_s, jobs, free)
 
 
 def _slurm_errors(argv: list[str], data: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -636,25 +652,16 @@ def slurm_status(labels: Mapping[str, Sequence[str]], partition: str | None = No
     go wherever its endpoint sends them), ``free_nodes`` from :func:`slurm_free_nodes` for ``partition`` (all
     partitions when None). ``squeue`` and ``sinfo`` name the commands.
     """
-    answer = _answer("slurm", time.time())
     squeue_argv, sinfo_argv = _argv(squeue, SQUEUE_ARGS), _argv(sinfo, SINFO_ARGS)
-    (jobs_out, jobs_error), (nodes_out, nodes_error) = _both(squeue_argv, sinfo_argv, timeout_s)
-    for error in (jobs_error, nodes_error):
-        if error:
-            answer["errors"].append(error)
-    if jobs_out is not None:
-        try:
-            data = _load(jobs_out, "squeue --json")
-            answer["errors"].extend(_slurm_errors(squeue_argv, data))
-            parsed = slurm_jobs(data, labels, now=answer["checked"])
-            answer["jobs"], answer["models"] = parsed["jobs"], parsed["models"]
-        except ValueError as exc:
-            answer["errors"].append(_parse_error(squeue_argv, exc))
-    if nodes_out is not None:
-        try:
-            data = _load(nodes_out, "sinfo --json")
-            answer["errors"].extend(_slurm_errors(sinfo_argv, data))
-            answer["free_nodes"] = slurm_free_nodes(data, partition)["free"]
-        except ValueError as exc:
-            answer["errors"].append(_parse_error(sinfo_argv, exc))
-    return answer
+
+    def jobs(text: str, checked: float, errors: list[dict[str, Any]]) -> dict[str, Any]:
+        data = _load(text, "squeue --json")
+        errors.extend(_slurm_errors(squeue_argv, data))
+        return slurm_jobs(data, labels, now=checked)
+
+    def free(text: str, errors: list[dict[str, Any]]) -> int | None:
+        data = _load(text, "sinfo --json")
+        errors.extend(_slurm_errors(sinfo_argv, data))
+        return slurm_free_nodes(data, partition)["free"]
+
+    return _status("slurm", squeue_argv, sinfo_argv, timeout_s, jobs, free)
