@@ -1,5 +1,5 @@
 """The ``first`` command: tools that need no running server (config check, Globus sign-in, tiny model, engine
-launch)."""
+launch), and the running server's catalog (status, warm)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,25 @@ def _sign_in_command(args: argparse.Namespace, login: bool) -> int:
     return 0 if who["signed_in"] else 1
 
 
+def _server_command(args: argparse.Namespace) -> int:
+    """``first status`` and ``first warm``: they ask the running server's gateway."""
+    from first_jupyter import client
+
+    try:
+        client.use_running_server()
+        if args.command == "warm":
+            print(client.describe_warm(client.warm(args.model, cluster=args.cluster, wait=args.wait)))
+            return 0
+        rows = client.state_rows(client.status())
+    except client.GatewayError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    widths = [max(len(str(r[i])) for r in [client.STATE_COLUMNS, *rows]) for i in range(len(client.STATE_COLUMNS))]
+    for row in [client.STATE_COLUMNS, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="first", description="FIRST inference from Jupyter.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=what)
         command.add_argument("--config", help="YAML file; default: $FIRST_CONFIG or the embedded default")
         command.set_defaults(func=lambda a, login=login: _sign_in_command(a, login))
+    sub.add_parser("status", help="each model's state where it is served (asks the running server)").set_defaults(
+        func=_server_command)
+    warm = sub.add_parser("warm", help="start a model ahead of need (asks the running server)")
+    warm.add_argument("model", help="model id, as `first status` lists it")
+    warm.add_argument("--cluster", help="start it on this cluster (default: where it would be served)")
+    warm.add_argument("--wait", action="store_true", help="return only once it answers")
+    warm.set_defaults(func=_server_command)
     endpoint = sub.add_parser("endpoint", help="Globus Compute endpoints that serve models for FIRST")
     endpoint_sub = endpoint.add_subparsers(dest="endpoint_command", required=True)
     endpoint_config = endpoint_sub.add_parser(

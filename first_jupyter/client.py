@@ -136,6 +136,36 @@ def connection() -> Connection:
         return _connection
 
 
+def _runtime_files() -> list[Path]:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return sorted(Path(jupyter_runtime_dir()).glob("first-gateway-*.json"), key=lambda p: p.stat().st_mtime,
+                  reverse=True)
+
+
+def use_running_server() -> Connection:
+    """Use the gateway of a running Jupyter server, for commands in a terminal: the environment its terminals
+    and kernels get, else the runtime file of the newest server still alive. An in-process gateway would be no
+    use there (it ends with the command, and what it started with it)."""
+    global _connection
+    url, key = os.environ.get(GATEWAY_URL_ENV), os.environ.get(API_KEY_ENV)
+    found = Connection(url.rstrip("/"), key, "server") if url and key else None
+    for path in [] if found else _runtime_files():
+        try:
+            info = json.loads(path.read_text())
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a server that is gone (or a file being written)
+        found = Connection(str(info["url"]).rstrip("/"), str(info["api_key"]), "server")
+        break
+    if found is None:
+        raise GatewayError("No running FIRST gateway found: start JupyterLab with the extension (the README's "
+                           "lab command), or run this from one of its terminals.")
+    with _lock:
+        _connection = found
+    return found
+
+
 def disconnect() -> None:
     """Forget the gateway (stopping the in-process one, and a local engine it started); the next call finds one
     again, reading the environment anew."""
@@ -244,6 +274,32 @@ def status() -> dict[str, Any]:
     """Clusters, endpoints and models with their live state, and the default model."""
     answer: dict[str, Any] = _api("GET", "status")
     return answer
+
+
+def warm(model: str, *, cluster: str | None = None, wait: bool = False) -> dict[str, Any]:
+    """Start ``model`` ahead of need, where it would be served (on ``cluster`` if named); ``wait``: return once it
+    answers. Where, its state, and the seconds it is still expected to take."""
+    answer: dict[str, Any] = _api("POST", f"models/{urllib.parse.quote(model, safe='/')}/warm",
+                                  {"cluster": cluster, "wait": wait})
+    return answer
+
+
+def describe_warm(answer: Mapping[str, Any]) -> str:
+    """A warm-up's answer in words, for the magic and the command line alike."""
+    where = f"cluster '{answer['cluster']}' endpoint '{answer['endpoint']}'"
+    if answer["state"] == "hot":
+        return f"{answer['model']} is hot on {where}." + ("" if answer["started"] else " Nothing to start.")
+    return (f"Starting {answer['model']} on {where}: {answer['state']}, expected in about "
+            f"{answer['expected_s']:.0f} s. `%first status` (or `first status`) shows where it stands.")
+
+
+def state_rows(status: Mapping[str, Any]) -> list[list[str]]:
+    """Each model at each endpoint with its state, for a table: model, cluster/endpoint, state, model's best."""
+    return [[m["id"], f"{s['cluster']}/{s['endpoint']}", s["state"], m["state"]]
+            for m in status["models"] for s in m["served_by"]]
+
+
+STATE_COLUMNS = ["model", "served by", "state there", "best state"]
 
 
 def models() -> list[dict[str, Any]]:

@@ -65,10 +65,30 @@ class Limits(_Strict):
     max_connections_per_host: int = Field(default=128, gt=0)
 
 
+class ColdStart(_Strict):
+    """What a request does when nothing serving its model is hot, once the best endpoint was asked to start it."""
+
+    mode: Literal["wait", "reject"] = Field(
+        default="wait", description="wait: a stream gets SSE comments with progress, a plain request waits up to "
+                                    "max_wait; reject: 503 with Retry-After at once (the start goes on)")
+    max_wait: float = Field(default=600.0, gt=0, description="seconds a plain request waits for a start")
+    progress_every: float = Field(default=5.0, gt=0, description="seconds between a stream's progress comments")
+
+
 class Defaults(_Strict):
     model: str | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    cold_start: ColdStart = ColdStart()
+    sticky_conversations: bool = Field(
+        default=True, description="send a conversation's turns to the endpoint that served its last one while it "
+                                  "is hot and about as fast as the best (its prefix cache holds the conversation)")
+
+
+CONCURRENCY_DESCRIPTION = "requests one engine serves at once before answers slow down (about vLLM's " \
+                          "max_num_seqs for short prompts): the router spreads load past it"
+START_S_DESCRIPTION = "seconds a cold start is expected to take (a block through the queue, then the engine " \
+                      "loading); the router learns the real figure from the starts it sees"
 
 
 class _Credentials(_Strict):
@@ -94,6 +114,7 @@ class HttpEndpoint(_Credentials):
 
     name: Name
     base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
+    concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION)
     models: list[ModelConfig] = Field(min_length=1)
 
 
@@ -108,6 +129,8 @@ class FirstGatewayEndpoint(_Credentials):
     clusters: list[str] | None = Field(default=None, min_length=1,
                                        description="the gateway's clusters to use (default: all it lists)")
     refresh: float = Field(default=60.0, gt=0, description="seconds a discovered model list is reused")
+    expected_start: float = Field(default=600.0, gt=0, description=START_S_DESCRIPTION)
+    concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION)
 
 
 class LocalEndpoint(_Strict):
@@ -118,6 +141,8 @@ class LocalEndpoint(_Strict):
     device: str = "auto"
     idle_timeout: float = Field(default=900.0, gt=0, description="seconds without requests before stopping")
     start_timeout: float = Field(default=600.0, gt=0)
+    expected_start: float = Field(default=60.0, gt=0, description=START_S_DESCRIPTION)
+    concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION)
     extra_args: list[str] = []
     models: list[ModelConfig] = Field(min_length=1, max_length=1)
 
@@ -171,7 +196,16 @@ class ComputeEndpoint(_Strict):
     timeout: float = Field(default=900.0, gt=0, description="seconds a request may wait for its task (queue "
                                                             "and cold start included) before it fails")
     status_ttl: float = Field(default=30.0, ge=1, description="seconds an endpoint status is reused")
+    expected_start: float | None = Field(default=None, gt=0, description=START_S_DESCRIPTION + " (default: 600 "
+                                                                          "for a cluster's, 60 in process)")
+    concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION + " (per block)")
     models: list[ModelConfig] = Field(min_length=1)
+
+    @property
+    def start_s(self) -> float:
+        if self.expected_start is not None:
+            return self.expected_start
+        return 60.0 if self.in_process is not None else 600.0
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> ComputeEndpoint:

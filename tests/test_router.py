@@ -189,6 +189,7 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_its_co
 
 class _Backend:
     kind = "test"
+    start_s = 600.0
 
     def __init__(self, name: str) -> None:
         self.cluster, self.name = name, name
@@ -199,12 +200,16 @@ class _Backend:
 
 def test_candidates_are_ordered_by_state_then_by_answer_time_and_load():
     a, b, c = _Backend("a"), _Backend("b"), _Backend("c")
-    routes = Router([a, b, c], {"m": ["a/a", "b/b", "c/c"]})  # type: ignore[list-item]
+    now = [1000.0]
+    routes = Router([a, b, c], {"m": ["a/a", "b/b", "c/c"]}, clock=lambda: now[0])  # type: ignore[list-item]
     names = lambda: [t.backend.name for t in routes.candidates("m", Capability.chat)]  # noqa: E731
     assert names() == ["a", "b", "c"]  # nothing known: config order
     routes.observe_state(a, "m", "cold")
     routes.observe_state(b, "m", "queued")
-    assert names() == ["c", "b", "a"]  # hot first, then the shorter expected wait
+    now[0] += 100.0
+    routes.observe_state(b, "m", "starting")  # the job got its nodes: the same start, further along
+    assert names() == ["c", "b", "a"]  # hot first, then the start under way over one not begun
+    assert routes.wait_of(routes.catalog["m"][1]) == 500.0
     routes.observe_state(a, "m", "hot")
     for target in routes.catalog["m"][:1]:
         for _ in range(3):

@@ -11,8 +11,10 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -85,6 +87,22 @@ def requested_model(body: bytes) -> str:
 
 
 _AUTH_ROUTES = ("whoami", "login", "login_code", "logout")
+WARM_PATH = re.compile(r"^/first/api/models/(.+)/warm$")
+"""Model ids may hold slashes (``meta-llama/Llama-3.1-8B-Instruct``): everything between is the id."""
+
+
+async def warm_route(gateway: Gateway, model: str, body: bytes) -> dict[str, Any]:
+    """Start a model ahead of need; the body may name a ``cluster`` and ask to ``wait`` until it answers."""
+    try:
+        options = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict) or not isinstance(options.get("cluster", ""), str | None) or \
+            not isinstance(options.get("wait", False), bool):
+        raise OpenAIError(400, 'Send no body, or {"cluster": "<name>", "wait": true|false}: the cluster to start '
+                               "the model on (default: the best), and whether to answer only once it serves.",
+                          code="invalid_value")
+    return await gateway.warm(model, options.get("cluster") or None, options.get("wait", False))
 
 
 def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:
@@ -213,10 +231,13 @@ class GatewayApp:
         if self.on_activity is not None:
             self.on_activity()
         route = self.routes.get(request.path)
+        warm = WARM_PATH.match(request.path) if route is None else None
+        if warm is not None:
+            route = {"POST": "warm"}
         if route is None:
             raise OpenAIError(404, f"No route {request.path}. This gateway serves /first/v1/models, "
-                                   "chat/completions, completions and embeddings, and /first/api/status, usage "
-                                   "and default_model.",
+                                   "chat/completions, completions and embeddings, and /first/api/status, usage, "
+                                   "default_model and models/{id}/warm.",
                               code="unknown_route")
         what = route.get(request.method)
         if what is None:
@@ -232,6 +253,8 @@ class GatewayApp:
             self._json(exchange, await gateway.status())
         elif what == "usage":
             self._json(exchange, await gateway.usage_summary())
+        elif warm is not None:
+            self._json(exchange, await warm_route(gateway, unquote(warm.group(1)), request.body))
         elif isinstance(what, str) and what in _AUTH_ROUTES:
             self._json(exchange, await auth_route(gateway, what, request.body))
         elif what == "get_default_model":

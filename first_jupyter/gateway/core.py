@@ -7,7 +7,10 @@ timeouts) is the same whichever door a request came in by.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,7 +39,7 @@ from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
-from first_jupyter.gateway.router import Router, Target
+from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
@@ -54,6 +57,7 @@ FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 FORBIDDEN = 403
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)
 _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -63,6 +67,12 @@ def _model_state(endpoint: dict[str, Any], model: str) -> str:
     jobs), else the endpoint's."""
     own = endpoint.get("model_states", {}).get(model) if endpoint["state"] == "online" else None
     return _MODEL_STATE.get(own or endpoint["state"], "offline")
+
+
+def _duration(seconds: float) -> str:
+    if math.isinf(seconds):
+        return "an unknown time"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _request_id() -> str:
@@ -77,7 +87,8 @@ def _build_backends(gateway: Gateway, environ: Mapping[str, str]) -> list[Backen
         if isinstance(cluster, HttpCluster):
             backends.extend(HttpBackend(
                 cluster_name, ep.name, ep.base_url, ep.models, client, api_key_env=ep.api_key_env,
-                globus=(tokens, ep.globus_resource_server) if ep.globus_resource_server else None)
+                globus=(tokens, ep.globus_resource_server) if ep.globus_resource_server else None,
+                capacity=ep.concurrency)
                 for ep in cluster.endpoints)
         elif isinstance(cluster, LocalCluster):
             backends.extend(LocalBackend(cluster_name, ep, client, gateway.data_dir / "logs")
@@ -128,6 +139,30 @@ def _endpoint_scopes(config: FirstConfig) -> dict[str, list[str]]:
     return scopes
 
 
+class Attempts:
+    """The endpoints a request was sent to, in order; of the last, when, and whether it had to start the model
+    first (then its answer time is a start's, not the engine's)."""
+
+    __slots__ = ("sent_at", "targets", "waited")
+
+    def __init__(self) -> None:
+        self.targets: list[Target] = []
+        self.sent_at = 0.0
+        self.waited = False
+
+    def add(self, target: Target, waited: bool) -> None:
+        self.targets.append(target)
+        self.sent_at, self.waited = time.perf_counter(), waited
+
+    @property
+    def last(self) -> Target | None:
+        return self.targets[-1] if self.targets else None
+
+    def answer_time(self, at: float) -> float | None:
+        """How long the engine took to begin answering, for the router; None after a start."""
+        return None if self.waited else at - self.sent_at
+
+
 class Completed:
     """A finished non-streamed answer, with where it ran."""
 
@@ -139,14 +174,23 @@ class Completed:
 
 
 class GatewayStream:
-    """A relayed stream: upstream bytes out as they come, usage recorded when it is closed."""
+    """A relayed stream: upstream bytes out as they come, usage recorded when it is closed.
 
-    __slots__ = ("_gateway", "_req", "_t0", "_ttft", "_upstream", "_watch", "error", "request_id", "target")
+    For a model that must start first, the stream is returned before any endpoint answers (``opening`` runs the
+    request): its status line goes out with a progress comment at once, and more every few seconds until the
+    answer begins. Its headers then name the endpoint that was asked to start; a comment says so if another
+    endpoint ends up answering.
+    """
 
-    def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, upstream: Stream,
-                 watch: StreamWatch, t0: float, request_id: str) -> None:
+    __slots__ = ("_attempts", "_conversation", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream", "_watch",
+                 "error", "request_id", "target")
+
+    def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, attempts: Attempts,
+                 upstream: Stream | None, watch: StreamWatch, t0: float, request_id: str,
+                 conversation: str | None = None, opening: asyncio.Future[Stream] | None = None) -> None:
         self._gateway = gateway
         self._req = req
+        self._attempts = attempts
         self.target = target
         self._upstream = upstream
         self._watch = watch
@@ -154,6 +198,8 @@ class GatewayStream:
         self._ttft: float | None = None
         self.error: OpenAIError | None = None
         self.request_id = request_id
+        self._conversation = conversation
+        self._opening = opening
 
     async def relay(self, write: Callable[[bytes], bool]) -> None:
         """Send the stream into ``write`` chunk by chunk as the upstream delivers it; return at its end.
@@ -161,6 +207,9 @@ class GatewayStream:
         ``write`` returns False when the client is not keeping up; call ``resume`` once it has drained. An
         upstream failure after the first byte ends the stream with an OpenAI error event.
         """
+        if self._upstream is None and not await self._wait_for_start(write):
+            return
+        assert self._upstream is not None
         feed = self._watch.feed
 
         def sink(chunk: bytes) -> bool:
@@ -175,19 +224,52 @@ class GatewayStream:
             self.error = exc
             write(exc.sse_event())
 
+    async def _wait_for_start(self, write: Callable[[bytes], bool]) -> bool:
+        """Progress comments (which clients skip) until an endpoint answers; False when none did (the error is
+        then the stream's last event)."""
+        assert self._opening is not None
+        every = self._gateway.config.defaults.cold_start.progress_every
+        while True:
+            write(self._gateway.progress_comment(self._attempts.last or self.target, self._t0))
+            done, _ = await asyncio.wait((self._opening,), timeout=every)
+            if done:
+                break
+        try:
+            self._upstream = self._opening.result()
+        except OpenAIError as exc:
+            self.error = exc
+            self.target = self._attempts.last or self.target
+            write(exc.sse_event())
+            return False
+        answered = self._attempts.last
+        if answered is not None and answered is not self.target:
+            self.target = answered
+            write(f": answered by cluster '{self.target.cluster}' endpoint '{self.target.endpoint}'\n\n".encode())
+        return True
+
     def resume(self) -> None:
-        self._upstream.resume_reading()
+        if self._upstream is not None:
+            self._upstream.resume_reading()
 
     def close(self, *, client_gone: bool = False) -> None:
         """Release the upstream (closing it if unfinished, so the engine stops) and record usage."""
-        self._upstream.close()
-        status = CLIENT_CLOSED if client_gone else (self.error.status if self.error else 200)
+        opening = self._opening
+        if self._upstream is None and opening is not None:
+            if not opening.done():
+                opening.cancel()  # the client left during the start: the request is withdrawn, the start goes on
+            elif not opening.cancelled() and opening.exception() is None:
+                self._upstream = opening.result()  # opened as the client left
+                self.target = self._attempts.last or self.target
         router = self._gateway.router
-        router.ended(self.target)
-        if self.error is not None:
-            router.failed(self.target, self.error.message)  # broke off mid-stream: keep it out if it goes on
-        elif self._ttft is not None:
-            router.succeeded(self.target, self._ttft - self._t0)
+        if self._upstream is not None:
+            self._upstream.close()
+            router.ended(self.target)
+            if self.error is not None:
+                router.failed(self.target, self.error.message)  # broke off mid-stream: keep it out if it goes on
+            elif self._ttft is not None:
+                router.succeeded(self.target, self._attempts.answer_time(self._ttft))
+                router.served(self._conversation, self.target)
+        status = CLIENT_CLOSED if client_gone else (self.error.status if self.error else 200)
         watch = self._watch
         self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
                              watch.completion_tokens, self.request_id,
@@ -222,6 +304,8 @@ class Gateway:
         self._discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
         self._discovery: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._starts: dict[tuple[int, str], asyncio.Task[None]] = {}
+        """(backend id, model) → the start this gateway asked of it, while it runs."""
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
         self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
             config.defaults.model or next(iter(served), None))
@@ -283,7 +367,8 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _candidates(self, model: str, capability: Capability) -> list[Target]:
+    async def _candidates(self, model: str, capability: Capability,
+                          conversation: str | None = None) -> list[Target]:
         """The router's candidates, reading discovered catalogs first when the model is not (yet) in them."""
         if self._discovering:
             if model in self.router.catalog:
@@ -298,17 +383,38 @@ class Gateway:
                     raise OpenAIError(404, f"The model '{model}' is not in the catalog here, and reading a FIRST "
                                            f"gateway's catalog failed: {'; '.join(f.message for f in failures)}",
                                       param="model", code="model_not_found")
-        return self.router.candidates(model, capability)
+        return self.router.candidates(model, capability, conversation)
 
-    async def _first_answer(self, req: ParsedRequest, tried: list[Target],
+    def _conversation(self, req: ParsedRequest) -> str | None:
+        """The request's conversation, when there is a choice of endpoint for it to stick to."""
+        if not self.config.defaults.sticky_conversations or req.capability is not Capability.chat or len(
+                self.router.catalog.get(req.model, ())) < 2:
+            return None
+        return conversation_key(req.model, req.data.get("messages"))
+
+    def _may_wait(self, targets: list[Target]) -> bool:
+        """Whether the request may come to an endpoint that must start the model first (the best, or one
+        failed over to): then it is bounded by ``cold_start.max_wait``, and a stream tells its progress."""
+        return any(self.router.state_of(t) in WAITING_STATES for t in targets)
+
+    async def _first_answer(self, req: ParsedRequest, targets: list[Target], tried: Attempts,
                             call: Callable[[Target], Awaitable[_T]]) -> _T:
         """``call`` on each candidate in turn until one answers. A failure before the first byte that another
         endpoint may not share (unreachable, 5xx, 429, a timeout) moves on to the next; any other (the request's
         own fault, a refused sign-in) is the answer; a refusal of the user (403) moves on too, and the router leaves
-        that endpoint out for a while. ``tried`` gets each target as it is tried."""
-        targets = await self._candidates(req.model, req.capability)
+        that endpoint out for a while. ``tried`` gets each target as it is tried.
+
+        Endpoints the router names are asked to start the model (the best when it must, or another ahead of a
+        burst); so is one failed over to that must start it."""
+        for target in self.router.to_start(targets):
+            self._start(target)
         for target in targets:
-            tried.append(target)
+            waits = self.router.state_of(target) in WAITING_STATES
+            if waits:  # nothing hot answered before it
+                self._start(target)
+                if self.config.defaults.cold_start.mode == "reject":
+                    raise self._not_ready(target)
+            tried.add(target, waits)
             self.router.began(target)
             try:
                 return await call(target)
@@ -321,14 +427,92 @@ class Gateway:
                 else:
                     raise
                 if target is targets[-1]:
-                    if len(tried) > 1:
-                        exc.message = f"Every endpoint serving '{req.model}' failed ({len(tried)} tried); " \
+                    if len(tried.targets) > 1:
+                        exc.message = f"Every endpoint serving '{req.model}' failed ({len(tried.targets)} tried); " \
                                       f"the last: {exc.message}"
                     raise
             except BaseException:
                 self.router.ended(target)
                 raise
         raise AssertionError("the router gave no candidate")  # candidates() raises its 404 instead
+
+    # -- starting models -------------------------------------------------------------------------------------
+
+    def _start(self, target: Target) -> asyncio.Task[None]:
+        """Ask ``target`` to start its model, once: a start under way is joined, not repeated."""
+        key = (id(target.backend), target.model_id)
+        task = self._starts.get(key)
+        if task is None or task.done():
+            whole = self.router.start_asked(target)
+            task = self._starts[key] = asyncio.get_running_loop().create_task(self._run_start(target, whole))
+        return task
+
+    async def _run_start(self, target: Target, whole: bool) -> None:
+        began = time.monotonic()
+        failure: str | None = None
+        try:
+            await target.backend.warm(target.model_id)
+        except OpenAIError as exc:
+            failure = exc.message
+            log.warning("starting %s on %s/%s failed: %s", target.model_id, target.cluster, target.endpoint,
+                        exc.message)
+        except Exception as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+            log.exception("starting %s on %s/%s failed", target.model_id, target.cluster, target.endpoint)
+        self.router.start_ended(target, time.monotonic() - began, whole,
+                                failure)
+
+    def _not_ready(self, target: Target, waited: float | None = None) -> OpenAIError:
+        """The 503 for a model that is starting: where, how long it should still take, when to retry."""
+        wait = self.router.wait_of(target)
+        how = f"this request waited {waited:g} s (defaults.cold_start.max_wait); " if waited else ""
+        return OpenAIError(
+            503, f"Model '{target.model_id}' is not running yet: cluster '{target.cluster}' endpoint "
+                 f"'{target.endpoint}' is starting it ({self.router.state_of(target)}), expected ready in about "
+                 f"{_duration(wait)}. {how}Retry after that; `%first warm {target.model_id}` starts a model ahead "
+                 f"of need.", type="api_error", code="model_starting",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def progress_comment(self, target: Target, t0: float) -> bytes:
+        """An SSE comment on a start under way (clients skip comments; people reading the stream see them)."""
+        return (f": waiting for model '{target.model_id}' on cluster '{target.cluster}' endpoint "
+                f"'{target.endpoint}': {self.router.state_of(target)}, {time.perf_counter() - t0:.0f} s so far, "
+                f"about {_duration(self.router.wait_of(target))} to go\n\n").encode()
+
+    async def warm(self, model: str, cluster: str | None = None, wait: bool = False) -> dict[str, Any]:
+        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need; ``wait``: return
+        once it answers (at most ``cold_start.max_wait``). Its state, where, and the expected wait."""
+        if model not in self.router.catalog:
+            await self.refresh_catalog(eager=True)
+        targets = self.router.targets(model)  # a model served nowhere: the 404 that lists what is
+        capability = next(c for c in Capability if any(t.backend.supports(model, c) for t in targets))
+        ordered = self.router.candidates(model, capability)
+        if cluster is not None:
+            ordered = [t for t in ordered if t.cluster == cluster] or [t for t in targets if t.cluster == cluster]
+            if not ordered:
+                raise OpenAIError(404, f"Model '{model}' is not served on cluster '{cluster}'; it is on "
+                                       f"{', '.join(sorted({t.cluster for t in targets}))}.", param="cluster",
+                                  code="cluster_not_found")
+        target = ordered[0]
+        state = self.router.state_of(target)
+        if state == "offline":
+            why = self.router.health_of(target).last_error or "its last status reading said so"
+            raise OpenAIError(503, f"Model '{model}' cannot be started on cluster '{target.cluster}' endpoint "
+                                   f"'{target.endpoint}': it is offline ({why}). `%first status` shows every "
+                                   "endpoint.", type="api_error", code="endpoint_offline")
+        started = state != "hot"
+        if started:
+            task = self._start(target)
+            if wait:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), self.config.defaults.cold_start.max_wait)
+                if self.router.state_of(target) == "offline":
+                    raise OpenAIError(503, f"Starting model '{model}' on cluster '{target.cluster}' endpoint "
+                                           f"'{target.endpoint}' failed: {self.router.health_of(target).last_error}",
+                                      type="api_error", code="engine_start_failed")
+        return {"model": model, "cluster": target.cluster, "endpoint": target.endpoint,
+                "state": self.router.state_of(target), "started": started,
+                "expected_s": round(self.router.wait_of(target), 1)}
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list, each model once, with where it is served."""
@@ -342,7 +526,7 @@ class Gateway:
         for model_id, targets in self.router.catalog.items():
             caps = sorted({c.value for t in targets for c in Capability if t.backend.supports(model_id, c)})
             served = [{"cluster": t.cluster, "endpoint": t.endpoint,
-                       "state": self.router.health_of(t).states.get(model_id, "unknown")} for t in targets]
+                       "state": self.router.state_of(t)} for t in targets]
             known = [s["state"] for s in served if s["state"] in MODEL_STATES]
             data.append({"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
                          "capabilities": caps, "state": min(known, key=MODEL_STATES.index, default="unknown"),
@@ -386,8 +570,9 @@ class Gateway:
             health = self.router.health_of_backend(backend)
             endpoint["router"] = {"in_flight": health.in_flight, "ttft_ms": round(health.ttft_s * 1000, 1),
                                   "failures": health.failures, "last_error": health.last_error,
-                                  "allowed": health.forbidden_until <= time.monotonic(),
-                                  "circuit": "open" if health.open_until > time.monotonic() else "closed"}
+                                  "allowed": health.forbidden_until <= self.router.clock(),
+                                  "circuit": "open" if health.open_until > self.router.clock() else "closed",
+                                  "expected_start_s": round(health.start_s, 1)}
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters), "auth": await self.signed_in(),
                 "callbacks": {"open_streams": len(self.callbacks.tasks()), "accepted": self.callbacks.accepted,
@@ -442,7 +627,8 @@ class Gateway:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""
         t0 = time.perf_counter()
         request_id = _request_id()
-        tried: list[Target] = []
+        tried = Attempts()
+        conversation = self._conversation(req)
 
         async def ask(target: Target) -> Reply:
             reply = await target.backend.complete(req.model, req.capability, self._body_for(req, target, False))
@@ -452,17 +638,26 @@ class Gateway:
             return reply
 
         try:
-            reply = await self._first_answer(req, tried, ask)
+            targets = await self._candidates(req.model, req.capability, conversation)
+            answer = self._first_answer(req, targets, tried, ask)
+            if not self._may_wait(targets):
+                reply = await answer
+            else:
+                limit = self.config.defaults.cold_start.max_wait
+                try:
+                    reply = await asyncio.wait_for(answer, limit)
+                except TimeoutError:
+                    raise self._not_ready(tried.last or targets[0], waited=limit) from None
         except OpenAIError as exc:
-            self.record(req, tried[-1] if tried else None, exc.status, t0, None, None, None, request_id,
-                        exc.message)
+            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message)
             raise
         except asyncio.CancelledError:  # the client left; the upstream request is already closed
-            self.record(req, tried[-1] if tried else None, CLIENT_CLOSED, t0, None, None, None, request_id, None)
+            self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None)
             raise
-        target = tried[-1]
+        target = tried.targets[-1]
         self.router.ended(target)
-        self.router.succeeded(target, time.perf_counter() - t0)
+        self.router.succeeded(target, tried.answer_time(time.perf_counter()))
+        self.router.served(conversation, target)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)
         return Completed(body, target)
@@ -471,7 +666,7 @@ class Gateway:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
         t0 = time.perf_counter()
         request_id = _request_id()
-        tried: list[Target] = []
+        tried = Attempts()
         options = req.data.get("stream_options")
         ask_usage = req.capability is not Capability.embeddings and not (
             isinstance(options, dict) and options.get("include_usage"))
@@ -479,17 +674,41 @@ class Gateway:
         async def open_stream(target: Target) -> Stream:
             return await target.backend.stream(req.model, req.capability, self._body_for(req, target, ask_usage))
 
-        try:
-            upstream = await self._first_answer(req, tried, open_stream)
-        except OpenAIError as exc:
-            self.record(req, tried[-1] if tried else None, exc.status, t0, None, None, None, request_id,
-                        exc.message)
-            raise
+        conversation = self._conversation(req)
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
-        return GatewayStream(self, req, tried[-1], upstream, watch, t0, request_id)
+        try:
+            targets = await self._candidates(req.model, req.capability, conversation)
+            if not self._may_wait(targets):
+                upstream = await self._first_answer(req, targets, tried, open_stream)
+            else:
+                opening = asyncio.ensure_future(self._first_answer(req, targets, tried, open_stream))
+                if await self._answers_soon(opening, targets[0]):
+                    upstream = opening.result()
+                else:  # the status line goes now; the wait is told in the stream
+                    return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id, conversation,
+                                         opening)
+        except OpenAIError as exc:
+            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message)
+            raise
+        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id, conversation)
+
+    async def _answers_soon(self, opening: asyncio.Future[Stream], best: Target) -> bool:
+        """Whether a stream that may wait for a start opens (or fails, raising its error, which can still be a
+        real status) within the first progress interval; at once False when the best must start the model."""
+        cold_start = self.config.defaults.cold_start
+        waits = cold_start.mode == "wait" and self.router.state_of(best) in WAITING_STATES
+        try:
+            await asyncio.wait((opening,), timeout=0 if waits else cold_start.progress_every)
+        except asyncio.CancelledError:
+            opening.cancel()
+            raise
+        if opening.done():
+            opening.result()  # its error, if it failed
+            return True
+        return False
 
     async def close(self) -> None:
-        for task in list(self._background):
+        for task in [*self._background, *self._starts.values()]:
             task.cancel()
         for backend in self.backends:
             await backend.close()

@@ -2,16 +2,24 @@
 
 Each model is served from the endpoints listed in config, or discovered from a FIRST gateway. Its candidates are
 ordered by the time to first token each is expected to give: the wait its state implies (hot answers now, a cold
-one must start a block), times the answers it has been giving (a moving average) scaled by what it already has in
-flight. An endpoint that keeps failing before its first byte is kept out for a cooldown (a circuit breaker), so
+one must start a block: as long as its starts have taken, less what a start under way has already spent), plus
+the answers it has been giving (a moving average) scaled by its load (requests in flight for the sequences its
+engine serves at once). The router also says which endpoints to start: the best one when it must start the model
+(nothing hot ranks before it), and, ahead of need, another when the hot ones are loaded near their capacity, so a
+burst finds a second endpoint hot rather than waiting in one engine's queue. A conversation may stay
+on the endpoint that served its last turn while that one is hot and not much slower (its prefix cache holds the
+conversation). An endpoint that keeps failing before its first byte is kept out for a cooldown (a circuit breaker), so
 requests stop paying its timeout; one that refuses the user (403) is left out for longer, as a cluster the user may
 not use. The gateway fails over to the next candidate on such failures, never after a byte was sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from first_jupyter.gateway.backends.base import Backend
@@ -32,9 +40,8 @@ class Target:
         return self.backend.name
 
 
-STATE_WAIT_S = {"hot": 0.0, "starting": 60.0, "queued": 300.0, "cold": 600.0, "offline": math.inf}
-"""What a model's state at an endpoint adds to its time to first token, in seconds: a rough prior (a block start
-on an HPC queue takes minutes); the observed averages decide among endpoints in the same state."""
+START_FLOOR_S = 5.0
+"""A start under way that has taken longer than expected is still expected to take a little longer, not none."""
 FAILURES_TO_OPEN = 3
 COOLDOWN_S = 30.0
 FORBIDDEN_S = 600.0
@@ -43,12 +50,26 @@ user's access rarely changes within minutes, and asking again costs a refused re
 FIRST_TTFT_S = 0.5
 """The time to first token assumed of an endpoint never measured: optimistic, so a new one gets tried."""
 EWMA_WEIGHT = 0.2
+START_WEIGHT = 0.5
+"""Starts are few and their length changes with the queue: the last ones count for much."""
+SCALE_OUT_AT = 0.75
+"""The share of its capacity in flight at which a model's hot endpoints are too few: another one is started."""
+STICKY_SLACK_S = 1.0
+"""A conversation stays where it was while that endpoint is expected to answer within this of the best."""
+STICKY_MOST = 10_000
+STARTING = frozenset({"starting", "queued"})
+WAITING_STATES = STARTING | {"cold"}
+"""States whose endpoints must start the model before they answer: a request to them is a cold start."""
 
 
 @dataclass(slots=True)
 class Health:
     """What the router has seen of one endpoint."""
 
+    start_s: float
+    """How long a cold start of a model here takes (configured, then learned from the starts seen)."""
+    capacity: int
+    """Requests its engine serves at once before answers slow down (vLLM batches them)."""
     in_flight: int = 0
     ttft_s: float = FIRST_TTFT_S
     failures: int = 0
@@ -60,25 +81,59 @@ class Health:
     last_error: str | None = None
     states: dict[str, str] = field(default_factory=dict)
     """Model → state (hot, starting, queued, cold, offline) from the last status reading."""
+    since: dict[str, float] = field(default_factory=dict)
+    """Model → when its start began (its job queued, or this gateway asked), while one is under way."""
 
-    def expected_s(self, model_id: str) -> float:
-        wait = STATE_WAIT_S.get(self.states.get(model_id, "hot"), 0.0)
-        return wait + self.ttft_s * (1 + self.in_flight)
+    def wait_s(self, model_id: str, now: float) -> float:
+        """The seconds before the model can answer here, by its state: none when hot (or not read yet)."""
+        state = self.states.get(model_id, "hot")
+        if state == "hot":
+            return 0.0
+        if state == "offline":
+            return math.inf
+        if state == "cold":
+            return self.start_s
+        # queued or starting: a start under way (through the queue, then the engine loading), expected to take as
+        # long as starts here take, less what it has spent
+        return max(self.start_s - (now - self.since.get(model_id, now)), START_FLOOR_S)
+
+    def expected_s(self, model_id: str, now: float) -> float:
+        return self.wait_s(model_id, now) + self.ttft_s * (1 + self.in_flight / self.capacity)
+
+    def loaded(self) -> bool:
+        return self.in_flight >= SCALE_OUT_AT * self.capacity
+
+
+def conversation_key(model_id: str, messages: object) -> str | None:
+    """What identifies a conversation across its turns: its model and its opening (the system prompt and the
+    first user message), which every later turn repeats; None for a request that is no conversation."""
+    if not isinstance(messages, list) or len(messages) < 2:
+        return None  # a first turn has nowhere to stick to yet; nothing is lost by routing it freely
+    opening = [m.get("content") for m in messages[:2] if isinstance(m, dict)]
+    return hashlib.blake2b(repr((model_id, opening)).encode(), digest_size=16).hexdigest()
 
 
 class Router:
-    def __init__(self, backends: list[Backend], served: dict[str, list[str]]) -> None:
-        """``served`` maps each model id to the names (``cluster/endpoint``) of the backends that serve it."""
+    def __init__(self, backends: list[Backend], served: dict[str, list[str]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``served`` maps each model id to the names (``cluster/endpoint``) of the backends that serve it;
+        ``clock``: seconds, for cooldowns and starts (a simulation passes its own)."""
+        self.clock = clock
         by_name = {f"{b.cluster}/{b.name}": b for b in backends}
         self.catalog: dict[str, list[Target]] = {
             model: [Target(model, by_name[name]) for name in names] for model, names in served.items()
         }
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
-        self.health: dict[int, Health] = {id(b): Health() for b in backends}
+        self.health: dict[int, Health] = {id(b): Health(b.start_s, b.capacity) for b in backends}
+        self._last_served: OrderedDict[str, Target] = OrderedDict()
+        """Conversation key → the endpoint that answered its last turn (the most recent ``STICKY_MOST``)."""
 
     def health_of_backend(self, backend: Backend) -> Health:
         """Kept by backend (a discovered catalog adds targets later; their health starts empty)."""
-        return self.health.setdefault(id(backend), Health())
+        health = self.health.get(id(backend))
+        if health is None:
+            health = self.health[id(backend)] = Health(backend.start_s, backend.capacity)
+        return health
 
     def health_of(self, target: Target) -> Health:
         return self.health_of_backend(target.backend)
@@ -86,7 +141,39 @@ class Router:
     # -- what was seen ---------------------------------------------------------------------------------------
 
     def observe_state(self, backend: Backend, model_id: str, state: str) -> None:
-        self.health_of_backend(backend).states[model_id] = state
+        health = self.health_of_backend(backend)
+        if state not in STARTING:
+            health.since.pop(model_id, None)
+        elif model_id not in health.since:
+            health.since[model_id] = self.clock()
+        health.states[model_id] = state
+
+    def state_of(self, target: Target) -> str:
+        """The model's state at that endpoint as last seen; ``unknown`` before any reading."""
+        return self.health_of(target).states.get(target.model_id, "unknown")
+
+    def wait_of(self, target: Target) -> float:
+        """Seconds before the model can answer there, as far as the router knows."""
+        return self.health_of(target).wait_s(target.model_id, self.clock())
+
+    def start_asked(self, target: Target) -> bool:
+        """The gateway asked ``target`` to start the model; whether the start is worth learning from (it began
+        cold, so its length is a whole start's)."""
+        whole = self.state_of(target) == "cold"
+        self.observe_state(target.backend, target.model_id, "starting")
+        return whole
+
+    def start_ended(self, target: Target, seconds: float, whole: bool, failure: str | None = None) -> None:
+        """A start asked of ``target`` answered after ``seconds`` (or failed, saying why): the model is hot there,
+        and a whole start teaches how long the next will take."""
+        if failure is not None:
+            self.failed(target, failure)
+            self.observe_state(target.backend, target.model_id, "offline")  # until a reading says more
+            return
+        if whole:
+            health = self.health_of(target)
+            health.start_s += START_WEIGHT * (max(seconds, START_FLOOR_S) - health.start_s)
+        self.observe_state(target.backend, target.model_id, "hot")
 
     def began(self, target: Target) -> None:
         self.health_of(target).in_flight += 1
@@ -94,15 +181,19 @@ class Router:
     def ended(self, target: Target) -> None:
         self.health_of(target).in_flight -= 1
 
-    def succeeded(self, target: Target, ttft_s: float) -> None:
+    def succeeded(self, target: Target, ttft_s: float | None) -> None:
+        """An answer began ``ttft_s`` after the request was sent there; None when it waited for a start (a start's
+        length says nothing of the answers a hot engine gives)."""
         health = self.health_of(target)
         health.failures, health.open_until, health.last_error = 0, 0.0, None
-        health.ttft_s += EWMA_WEIGHT * (ttft_s - health.ttft_s)
+        self.observe_state(target.backend, target.model_id, "hot")  # it answers: hot, whatever was last read
+        if ttft_s is not None:
+            health.ttft_s += EWMA_WEIGHT * (ttft_s - health.ttft_s)
 
     def forbid(self, target: Target, reason: str) -> None:
         """The endpoint refused this user (403): the clusters a user may use are learned, not configured twice."""
         health = self.health_of(target)
-        health.forbidden_until, health.last_error = time.monotonic() + FORBIDDEN_S, reason
+        health.forbidden_until, health.last_error = self.clock() + FORBIDDEN_S, reason
 
     def failed(self, target: Target, reason: str) -> None:
         """A failure before the first byte; the circuit opens after ``FAILURES_TO_OPEN`` in a row."""
@@ -110,20 +201,53 @@ class Router:
         health.failures += 1
         health.last_error = reason
         if health.failures >= FAILURES_TO_OPEN:
-            health.open_until = time.monotonic() + COOLDOWN_S
+            health.open_until = self.clock() + COOLDOWN_S
 
     # -- the choice ------------------------------------------------------------------------------------------
 
-    def candidates(self, model_id: str, capability: Capability) -> list[Target]:
+    def candidates(self, model_id: str, capability: Capability, conversation: str | None = None) -> list[Target]:
         """The endpoints to try for this request, best first; those with an open circuit only when nothing else
-        can serve (then the one whose cooldown ends first)."""
+        can serve (then the one whose cooldown ends first). ``conversation``: a key from ``conversation_key``,
+        whose last turn's endpoint comes first while it is hot and within ``STICKY_SLACK_S`` of the best."""
         able = self._able(model_id, capability)
-        now = time.monotonic()
+        now = self.clock()
         allowed = [t for t in able if self.health_of(t).forbidden_until <= now] or able  # none: let it say why
         closed = [t for t in allowed if self.health_of(t).open_until <= now]
         if not closed:
             return sorted(allowed, key=lambda t: self.health_of(t).open_until)[:1]
-        return sorted(closed, key=lambda t: self.health_of(t).expected_s(model_id))  # stable: config order on ties
+        if len(closed) == 1:
+            return closed
+        expected = {id(t.backend): self.health_of(t).expected_s(model_id, now) for t in closed}
+        ordered = sorted(closed, key=lambda t: expected[id(t.backend)])  # stable: config order on ties
+        last = self._last_served.get(conversation) if conversation else None
+        if last is not None and last in ordered[1:] and self.state_of(last) in ("hot", "unknown") \
+                and expected[id(last.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S:
+            ordered.remove(last)
+            ordered.insert(0, last)
+        return ordered
+
+    def to_start(self, ordered: list[Target]) -> list[Target]:
+        """Which of a request's candidates (``candidates()``'s order) to ask to start the model: the first when it
+        must start it (nothing hot ranks before it); and, ahead of need, the best of the rest that must, when every
+        hot one is loaded past ``SCALE_OUT_AT`` of its capacity and no start is under way for the model."""
+        states = [self.state_of(t) for t in ordered]
+        if states[0] in WAITING_STATES:
+            return ordered[:1]
+        if "starting" in states or "queued" in states:
+            return []
+        hot = [t for t, state in zip(ordered, states, strict=True) if state in ("hot", "unknown")]
+        if not all(self.health_of(t).loaded() for t in hot):
+            return []
+        return [t for t, state in zip(ordered, states, strict=True) if state == "cold"][:1]
+
+    def served(self, conversation: str | None, target: Target) -> None:
+        """``target`` answered a turn of ``conversation``: its next turn may go there again."""
+        if conversation is None:
+            return
+        self._last_served[conversation] = target
+        self._last_served.move_to_end(conversation)
+        if len(self._last_served) > STICKY_MOST:
+            self._last_served.popitem(last=False)
 
     def serve(self, backend: Backend, model_ids: list[str]) -> None:
         """Make ``backend`` the server of exactly ``model_ids`` (a catalog it discovered), keeping the rest."""

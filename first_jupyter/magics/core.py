@@ -179,16 +179,33 @@ def _models(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None
     show.show_table(["model", "state", "can", "served by"], rows, caption="* the default model")
 
 
-@register("status", "Each endpoint: its cluster, kind, state and what it serves.")
+@register("status", "Each model's state (hot, starting, queued, cold, offline) where it is served, and each "
+                    "endpoint's.")
 def _status(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
     from first_jupyter import client
 
     conn = client.connection()
-    endpoints = client.status()["endpoints"]
+    status = client.status()
+    show.show_table(client.STATE_COLUMNS, client.state_rows(status), caption="hot: answers now; starting/queued: a "
+                                                                           "start is under way; cold: a request "
+                                                                           "starts it (`%first warm` ahead of need)")
     rows = [[e["cluster"], e["endpoint"], e["kind"], e["state"], ", ".join(e["models"]), e.get("error") or ""]
-            for e in endpoints]
+            for e in status["endpoints"]]
     show.show_table(["cluster", "endpoint", "kind", "state", "models", "error"], rows,
                     caption=f"gateway: {conn.url} ({conn.source})")
+
+
+def _warm_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model id, as `%first models` lists it")
+    parser.add_argument("--cluster", help="start it on this cluster (default: where it would be served)")
+    parser.add_argument("--wait", action="store_true", help="return only once it answers")
+
+
+@register("warm", "Start MODEL ahead of need, so the first prompt finds it hot.", options=_warm_options)
+def _warm(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
+    from first_jupyter import client
+
+    print(client.describe_warm(client.warm(options.model, cluster=options.cluster, wait=options.wait)))
 
 
 def _use_options(parser: argparse.ArgumentParser) -> None:

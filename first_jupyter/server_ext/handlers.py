@@ -157,6 +157,15 @@ class DefaultModelHandler(FirstHandler):
 
 
 
+class WarmHandler(FirstHandler):
+    """POST models/{id}/warm: start a model ahead of need."""
+
+    @web.authenticated
+    async def post(self, model: str) -> None:  # type: ignore[override]
+        gateway, body = self.gateway, self.request.body
+        self.write_json(await self.loop_thread.call(api.warm_route(gateway, model, body)))
+
+
 class AuthHandler(FirstHandler):
     """whoami (GET), login, login/code and logout (POST): the same answers as the gateway's own server."""
 
@@ -401,6 +410,7 @@ def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
         ("/first/api/status", StatusHandler, {}),
         ("/first/api/usage", UsageHandler, {}),
         ("/first/api/default_model", DefaultModelHandler, {}),
+        ("/first/api/models/(.+)/warm", WarmHandler, {}),
         ("/first/api/whoami", AuthHandler, {"what": "whoami"}),
         ("/first/api/login", AuthHandler, {"what": "login"}),
         ("/first/api/login/code", AuthHandler, {"what": "login_code"}),

@@ -32,6 +32,11 @@ class Backend(Protocol):
     cluster: str
     name: str
     kind: str
+    start_s: float
+    """How long a cold start of its models is expected to take, in seconds (what the router assumes until it has
+    seen one); 0 where this gateway starts nothing."""
+    capacity: int
+    """Requests it serves at once before its answers slow down (its engine batches them)."""
 
     def upstream_name(self, model_id: str) -> str:
         """The model name the engine expects in request bodies."""
@@ -51,6 +56,11 @@ class Backend(Protocol):
 
     async def status(self) -> dict[str, Any]:
         """Live state for the status API; never raises."""
+        ...
+
+    async def warm(self, model_id: str) -> None:
+        """Start the model here if it is not running, and return once it answers; raise ``OpenAIError`` saying
+        why when it cannot be started."""
         ...
 
     async def close(self) -> None:

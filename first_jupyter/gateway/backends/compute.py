@@ -21,7 +21,7 @@ from first_jupyter.config import ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
 from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability, OpenAIError
-from first_jupyter.remote.inference import call_engine, stream_engine
+from first_jupyter.remote.inference import call_engine, engine_health, stream_engine
 
 SUBMIT_LIMIT_BYTES = 10 * 1000 * 1000
 """Globus Compute refuses a task submission over 10 MB (its arguments serialized)."""
@@ -132,6 +132,8 @@ class ComputeBackend:
         self.cluster = cluster
         self.name = endpoint.name
         self.endpoint = endpoint
+        self.start_s = endpoint.start_s
+        self.capacity = endpoint.concurrency * (endpoint.in_process.max_blocks if endpoint.in_process else 1)
         self.where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
         self.submitter = submitter
         self._models: dict[str, ModelConfig] = {m.id: m for m in endpoint.models}
@@ -187,6 +189,28 @@ class ComputeBackend:
             task.cancel()
             raise
         return RemoteAnswer(self._hub, remote, task, chunks, first)
+
+    async def warm(self, model_id: str) -> None:
+        """A health probe as a task: the endpoint starts a block for it (its ``worker_init`` starts the engine and
+        waits until it serves), so the probe runs once the model answers, and fails with the start's reason."""
+        task = await self.submitter.submit(engine_health, self.engine_port)
+        try:
+            health = await asyncio.wait_for(asyncio.wrap_future(task), self.endpoint.timeout)
+        except TimeoutError:
+            task.cancel()
+            raise OpenAIError(504, f"{self.where} did not start model '{model_id}' within {self.endpoint.timeout:g} "
+                                   "s; its queue may be long. `%first status` shows where it stands.",
+                              type="api_error", code="upstream_timeout") from None
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        except OpenAIError:
+            raise
+        except Exception as exc:
+            raise self.submitter.describe(exc) from None
+        if not health.get("healthy"):
+            raise OpenAIError(503, f"The engine on {self.where} does not answer: {health.get('error') or health}",
+                              type="api_error", code="engine_unhealthy")
 
     async def status(self) -> dict[str, Any]:
         state = await self.submitter.status()

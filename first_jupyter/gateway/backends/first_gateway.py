@@ -94,11 +94,12 @@ class FirstGatewayBackend(HttpBackend):
                  tokens: BearerTokens) -> None:
         super().__init__(cluster, endpoint.name, endpoint.base_url, [], client, api_key_env=endpoint.api_key_env,
                          globus=(tokens, endpoint.globus_resource_server) if endpoint.globus_resource_server
-                         else None)
+                         else None, capacity=endpoint.concurrency)
         parts = urlsplit(self.base_url)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._root = parts.path
         self._wanted = endpoint.clusters
+        self.start_s = endpoint.expected_start
         self._refresh = endpoint.refresh
         self._list_url = Url.parse(f"{self.base_url}/list-endpoints")
         self.catalog: dict[str, list[Place]] = {}
@@ -163,6 +164,17 @@ class FirstGatewayBackend(HttpBackend):
         self._models = {m: ModelConfig(id=m) for m in catalog}
         self.discovered_at = time.monotonic()
         return sorted(catalog)
+
+    async def warm(self, model_id: str) -> None:
+        """A FIRST gateway starts a model for its first request, so warming is one request of one token."""
+        capability = next(c for c in (Capability.chat, Capability.completions, Capability.embeddings)
+                          if self.supports(model_id, c))
+        body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1} \
+            if capability is Capability.chat else {"model": model_id, "input": "hi"} \
+            if capability is Capability.embeddings else {"model": model_id, "prompt": "hi", "max_tokens": 1}
+        reply = await self.complete(model_id, capability, orjson.dumps(body))
+        if reply.status >= 400:
+            raise upstream_error(reply.status, reply.body, self.where, reply.retry_after)
 
     async def _jobs(self, cluster: str) -> tuple[str, dict[tuple[str, str], str] | str]:
         """One remote cluster's job states, or why they could not be read."""

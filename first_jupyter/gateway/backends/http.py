@@ -19,13 +19,16 @@ STATUS_TIMEOUT = 5.0
 
 class HttpBackend:
     kind = "http"
+    start_s = 0.0
 
     def __init__(self, cluster: str, name: str, base_url: str, models: list[ModelConfig], client: UpstreamClient,
-                 *, api_key_env: str | None = None, globus: tuple[BearerTokens, str] | None = None) -> None:
+                 *, api_key_env: str | None = None, globus: tuple[BearerTokens, str] | None = None,
+                 capacity: int = 64) -> None:
         """``globus``: send the user's token for this resource server (from these bearer tokens) with each
         request, as a FIRST gateway wants it."""
         self.cluster = cluster
         self.name = name
+        self.capacity = capacity
         self.base_url = base_url.rstrip("/")
         self.where = f"cluster '{cluster}' endpoint '{name}'"
         self._client = client
@@ -99,6 +102,14 @@ class HttpBackend:
         except (orjson.JSONDecodeError, AttributeError):
             listed = []
         return {**info, "state": "online", "upstream_models": listed}
+
+    async def warm(self, model_id: str) -> None:
+        """An upstream is started by whoever runs it: warming it only checks that it answers."""
+        status = await self.status()
+        if status["state"] != "online":
+            raise OpenAIError(503, f"{self.where} is offline ({status.get('error')}), and this gateway cannot "
+                                   "start it: it runs elsewhere. Ask whoever runs it, or use another endpoint.",
+                              type="api_error", code="endpoint_offline")
 
     async def close(self) -> None:
         """The pooled client belongs to the gateway, which closes it."""

@@ -39,6 +39,8 @@ class LocalBackend:
         self.cluster = cluster
         self.name = endpoint.name
         self.endpoint = endpoint
+        self.start_s = endpoint.expected_start
+        self.capacity = endpoint.concurrency
         self.model: ModelConfig = endpoint.models[0]
         self.engine = choose_engine(endpoint.engine)
         self.spec = EngineSpec(model=self.model.path or self.model.id, served_name=self.model.id,
@@ -77,6 +79,10 @@ class LocalBackend:
                 await self._start()
             assert self._http is not None
             return self._http
+
+    async def warm(self, model_id: str) -> None:
+        await self._ensure_running()
+        self.last_used = time.monotonic()  # the hot window starts now, not at the last request
 
     async def _start(self) -> None:
         self.state = "starting"
