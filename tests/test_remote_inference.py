@@ -63,7 +63,8 @@ def test_a_request_returns_the_engines_answer_and_timing(engine):
 
 
 def test_health_says_whether_the_engine_answers(engine):
-    assert engine_health(engine.port)["models"] == ["fake-model"]
+    health = engine_health(engine.port)
+    assert (health["healthy"], health["status"], health["models"]) == (True, 200, ["fake-model"])
     down = engine_health(closed_port())
     assert (down["healthy"], down["status"]) == (False, None)
     assert "ConnectionRefusedError" in down["error"]

@@ -190,6 +190,7 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_its_co
 class _Backend:
     kind = "test"
     start_s = 600.0
+    capacity = 64
 
     def __init__(self, name: str) -> None:
         self.cluster, self.name = name, name

@@ -91,8 +91,8 @@ class Health:
             return 0.0
         if state == "offline":
             return math.inf
-        if state == "cold":
-            return self.start_s
+        if state == "cold":  # not begun: behind a start asked just now, which requests waiting there can join
+            return self.start_s + START_FLOOR_S
         # queued or starting: a start under way (through the queue, then the engine loading), expected to take as
         # long as starts here take, less what it has spent
         return max(self.start_s - (now - self.since.get(model_id, now)), START_FLOOR_S)

@@ -59,22 +59,33 @@ def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = RE
         conn.close()
 
 
-def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
-    """Whether the engine answers, and the models it lists: what a status probe of the node reports."""
-    started = time.time()
+def _get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
     try:
-        conn.request("GET", "/v1/models")
+        conn.request("GET", path)
         response = conn.getresponse()
-        data = json.loads(response.read() or b"{}")
-        models = [m.get("id") for m in data.get("data", [])] if isinstance(data, dict) else []
-        return {"healthy": response.status == 200, "status": response.status, "models": models,
-                "elapsed_s": time.time() - started}
-    except (OSError, ValueError) as exc:
-        return {"healthy": False, "status": None, "models": [], "error": f"{type(exc).__name__}: {exc}",
-                "elapsed_s": time.time() - started}
+        return response.status, response.read()
     finally:
         conn.close()
+
+
+def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
+    """Whether the engine answers (``/health``, which vLLM and ``transformers serve`` both have), and the models
+    it lists when its ``/v1/models`` answers (``transformers serve`` fails that route offline)."""
+    started = time.time()
+    try:
+        status, _ = _get(port, "/health", timeout)
+    except OSError as exc:
+        return {"healthy": False, "status": None, "models": [], "error": f"{type(exc).__name__}: {exc}",
+                "elapsed_s": time.time() - started}
+    models: list[str] = []
+    try:
+        listed_status, body = _get(port, "/v1/models", timeout)
+        data = json.loads(body) if listed_status == 200 else {}
+        models = [m.get("id") for m in data.get("data", [])] if isinstance(data, dict) else []
+    except (OSError, ValueError):
+        pass  # the list is a detail; health is the answer
+    return {"healthy": status == 200, "status": status, "models": models, "elapsed_s": time.time() - started}
 
 
 class _ResultTooLarge(Exception):

@@ -1,0 +1,184 @@
+"""Federation, end to end: a real Jupyter server whose gateway routes one model across three clusters of mixed
+kinds. ``alpha`` and ``beta`` are Globus Compute clusters (the real engine run in process, each block starting its
+own ``transformers serve`` on the tiny model); ``gamma`` is an http upstream, the benchmark's fake server, in a
+process of its own so that it can be killed.
+
+What a user sees: requests go to the endpoint that is hot; when it dies, requests that had not started are served
+elsewhere with no error; a cold endpoint is started for them and a stream tells its progress in comments; a model
+can be warmed ahead of need (route, command line); the catalog and the status API say how states change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from first_jupyter import cli
+from first_jupyter.config import parse_config
+from first_jupyter.gateway import Gateway
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from tests.conftest import Door, open_door, server_config
+
+MESSAGES = [{"role": "user", "content": "Where does this run?"}]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _in_process(model_dir: Path) -> dict[str, Any]:
+    return {"backend": "globus_compute", "endpoints": [{
+        "name": "engine", "expected_start": 20, "models": [{"id": "tiny-chat", "path": str(model_dir)}],
+        "in_process": {"engine": "transformers", "device": "cpu", "max_idletime": 600}}]}
+
+
+@pytest.fixture
+def gamma() -> Iterator[subprocess.Popen[str]]:
+    """The fake upstream in its own process; its URL on the first line it prints."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--models", "tiny-chat",
+                             "--chunks", "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("READY "), line
+        proc.url = line.split()[1]  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def jp_server_config(tiny_model, gamma, write_config, tmp_path: Path):
+    config = {"clusters": {"alpha": _in_process(tiny_model), "beta": _in_process(tiny_model),
+                           "gamma": {"backend": "http", "endpoints": [{
+                               "name": "fake", "base_url": f"{gamma.url}/v1", "models": [{"id": "tiny-chat"}]}]}},
+              "defaults": {"model": "tiny-chat", "cold_start": {"progress_every": 1.0}}}
+    return server_config(write_config(config), tmp_path / "data")
+
+
+def _states(listing: dict[str, Any]) -> dict[str, str]:
+    model = next(m for m in listing["data" if "data" in listing else "models"] if m["id"] == "tiny-chat")
+    return {s["cluster"]: s["state"] for s in model["served_by"]}
+
+
+async def _get(client: httpx.AsyncClient, door: Door, path: str) -> dict[str, Any]:
+    response = await client.get(str(door.route(path)), headers=door.headers)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def _ask(client: openai.AsyncOpenAI) -> str:
+    """A plain request; the cluster that answered it (from the response header)."""
+    raw = await client.chat.completions.with_raw_response.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)
+    assert raw.parse().choices[0].message.content is not None
+    return raw.headers["x-first-cluster"]
+
+
+async def _stream_lines(http: httpx.AsyncClient, door: Door) -> tuple[str, list[str]]:
+    """A streamed request read as raw SSE lines (comments included, which the openai client skips)."""
+    body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 8, "stream": True}
+    async with http.stream("POST", str(door.route("chat/completions")), headers=door.headers, json=body) as reply:
+        assert reply.status_code == 200
+        lines = [line async for line in reply.aiter_lines() if line]
+        return reply.headers["x-first-cluster"], lines
+
+
+async def _until(check: Any) -> None:
+    async with asyncio.timeout(90):
+        while not await check():
+            await asyncio.sleep(0.5)
+
+
+async def test_requests_follow_the_hot_endpoint_fail_over_when_it_dies_and_wait_for_a_start(
+        first_ext, jp_auth_header, gamma, monkeypatch, capsys):
+    door = open_door("jupyter-key", first_ext, jp_auth_header)
+    client = openai.AsyncOpenAI(base_url=door.url, api_key=door.api_key, max_retries=0, timeout=180)
+    async with httpx.AsyncClient(timeout=180) as http, client:
+        status = await _get(http, door, "../api/status")
+        assert _states(status) == {"alpha": "cold", "beta": "cold", "gamma": "hot"}
+        assert _states(await _get(http, door, "models")) == {"alpha": "cold", "beta": "cold", "gamma": "hot"}
+
+        # the hot endpoint serves; nothing is started for it
+        assert await asyncio.gather(*(_ask(client) for _ in range(4))) == ["gamma"] * 4
+
+        # gamma dies; the gateway still believes it hot, so the next requests try it first, fail before their
+        # first byte, and go on to alpha, which must start the model: the stream says so while it waits
+        gamma.send_signal(signal.SIGKILL)
+        gamma.wait(timeout=10)
+        started = time.monotonic()
+        (where, lines), *plain = await asyncio.gather(_stream_lines(http, door), *(_ask(client) for _ in range(3)))
+        waited = time.monotonic() - started
+        assert plain == ["alpha"] * 3  # no client-visible error: failed over, then waited for the start
+        comments = [line for line in lines if line.startswith(":")]
+        data = [line for line in lines if line.startswith("data:")]
+        assert lines[0].startswith(": waiting for model 'tiny-chat' on cluster 'alpha' endpoint 'engine': starting")
+        assert len(comments) >= int(waited) - 3  # one a second, from the first second of the wait
+        assert '"finish_reason":"length"' in data[-1] or data[-1] == "data: [DONE]"  # the whole answer came
+        assert lines.index(data[0]) > lines.index(comments[-1])  # every comment before the answer
+        assert where in ("gamma", "alpha")  # the headers name the endpoint first asked
+        assert any(line == ": answered by cluster 'alpha' endpoint 'engine'" for line in comments) or \
+            where == "alpha"
+
+        status = await _get(http, door, "../api/status")
+        assert _states(status) == {"alpha": "hot", "beta": "cold", "gamma": "offline"}
+        endpoints = {e["cluster"]: e for e in status["endpoints"]}
+        assert endpoints["gamma"]["router"]["circuit"] == "open"  # four failures in a row: kept out
+        assert endpoints["alpha"]["state"] == "running"
+        assert endpoints["alpha"]["router"]["expected_start_s"] != 20.0  # the start it saw, learned
+
+        # the hot one serves, the cold one stays cold
+        assert await asyncio.gather(*(_ask(client) for _ in range(3))) == ["alpha"] * 3
+        assert _states(await _get(http, door, "models"))["beta"] == "cold"
+
+        # a warm-up ahead of need, by the route, then by the command line
+        reply = await http.post(str(door.route("../api/models/tiny-chat/warm")), headers=door.headers,
+                                json={"cluster": "beta"})
+        assert reply.status_code == 200, reply.text
+        assert {k: reply.json()[k] for k in ("cluster", "state", "started")} == {
+            "cluster": "beta", "state": "starting", "started": True}
+        assert _states(await _get(http, door, "models"))["beta"] == "starting"
+        monkeypatch.setenv("FIRST_GATEWAY_URL", first_ext.gateway_url())
+        monkeypatch.setenv("FIRST_API_KEY", first_ext.api_key)
+        assert await asyncio.to_thread(cli.main, ["warm", "tiny-chat", "--cluster", "beta", "--wait"]) == 0
+        assert "tiny-chat is hot on cluster 'beta' endpoint 'engine'." in capsys.readouterr().out
+        assert await asyncio.to_thread(cli.main, ["status"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["model", "served", "by", "state", "there", "best", "state"]
+        assert {tuple(line.split()[1:3]) for line in table[1:]} == {
+            ("alpha/engine", "hot"), ("beta/engine", "hot"), ("gamma/fake", "offline")}
+
+
+async def test_with_reject_configured_a_cold_model_is_answered_503_with_when_to_retry(tiny_model, tmp_path):
+    config = {"clusters": {"alpha": _in_process(tiny_model)},
+              "defaults": {"cold_start": {"mode": "reject"}}, "auth": {"sources": ["env"]}}
+    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={})
+    request = parse_request(Capability.chat, json.dumps({"model": "tiny-chat", "messages": MESSAGES,
+                                                         "max_tokens": 4}).encode())
+    try:
+        await gateway.status()  # the reading a running gateway makes in the background
+        assert (await gateway.models())["data"][0]["state"] == "cold"
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(request)
+        assert (info.value.status, info.value.code) == (503, "model_starting")
+        assert info.value.headers["Retry-After"] == "20"
+        assert "cluster 'alpha' endpoint 'engine' is starting it (starting), expected ready in about 20 s" in \
+               info.value.message
+
+        async def hot() -> bool:
+            return (await gateway.models())["data"][0]["state"] == "hot"
+
+        await _until(hot)  # the start the refused request asked for went on
+        assert (await gateway.complete(request)).target.cluster == "alpha"
+    finally:
+        await gateway.close()
+    assert not list((tmp_path / "compute").glob("*/run-*"))  # its engine stopped with it, its run removed
