@@ -217,9 +217,32 @@ class ComputeEndpoint(_Strict):
         return self
 
 
+class SchedulerView(_Strict):
+    """The batch scheduler's view of a cluster's model jobs, read by a status function (``qstat``/``pbsnodes`` or
+    ``squeue``/``sinfo``) run on the cluster's login endpoint: a Globus Compute endpoint on a login node. It says
+    which endpoints' blocks are queued or booting before any engine answers, and how many nodes are free."""
+
+    kind: Literal["pbs", "slurm"]
+    endpoint_id: str = Field(pattern=UUID_PATTERN, description="the login endpoint's id")
+    queue: str | None = Field(default=None, description="PBS queue or Slurm partition whose free nodes to count")
+    every: float = Field(default=60.0, ge=1, description="seconds a reading is reused (the queue moves slowly)")
+    timeout: float = Field(default=120.0, gt=0, description="seconds a reading may take before it counts as failed")
+    identity: Literal["user", "service"] = "user"
+    service_client_id_env: str = "FIRST_COMPUTE_CLIENT_ID"
+    service_client_secret_env: str = "FIRST_COMPUTE_CLIENT_SECRET"  # noqa: S105 (a variable name)
+    functions: dict[Literal["pbs_status", "slurm_status"], Annotated[str, Field(pattern=UUID_PATTERN)]] = Field(
+        default={}, description="registered function ids, for a login endpoint that allows only listed functions")
+
+    @property
+    def name(self) -> str:
+        return "login"
+
+
 class ComputeCluster(_Strict):
     backend: Literal["globus_compute"]
     endpoints: list[ComputeEndpoint] = Field(min_length=1)
+    scheduler: SchedulerView | None = Field(
+        default=None, description="read the scheduler's view of the endpoints' jobs through a login endpoint")
 
 
 class HttpCluster(_Strict):

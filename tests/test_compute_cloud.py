@@ -3,7 +3,9 @@ by ``globus_sdk.testing``'s documented responses through ``responses`` (nothing 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -302,6 +304,66 @@ async def test_a_failure_on_the_node_is_answered_with_the_remote_errors_summary(
         with pytest.raises(OpenAIError, match="ConnectionRefusedError") as info:
             await gateway.stream(_chat(stream=True))  # before the first byte: a real status, not an event
         assert info.value.status == 502
+    finally:
+        await gateway.close()
+        service.join()
+
+
+# -- the scheduler's view, read through the cluster's login endpoint ------------------------------------------------
+
+LOGIN = "7c0e2a94-3f1b-4d5e-9a8b-0c1d2e3f4a5b"
+DATA = Path(__file__).parent / "data" / "scheduler"
+
+
+def _qstat(state: str, substate: int) -> str:
+    """``qstat -f -F json`` with the endpoint's block job (as GlobusComputeEngine names it) and another user's."""
+    jobs = {"3000001.pbs": {"Job_Name": "parsl.first-sophia-HighThroughputExecutor.block-0.1712345678.1234",
+                            "job_state": state, "substate": substate, "queue": "prod",
+                            "ctime": "Fri Apr  5 14:00:00 2024", "Resource_List": {"nodect": 1}},
+            "3000002.pbs": {"Job_Name": "lammps", "job_state": "R", "substate": 42, "queue": "prod"}}
+    return json.dumps({"timestamp": 1712327400, "pbs_version": "2022.1.3", "pbs_server": "pbs", "Jobs": jobs})
+
+
+async def test_the_scheduler_view_says_where_a_cold_endpoints_block_is(rsps, broker, tmp_path, monkeypatch):
+    """Before a block's engine answers, the endpoint reports no workers; the login endpoint's qstat says the block
+    is queued, then booting; once workers connect, the model is hot."""
+    service = FakeComputeService(broker)
+    service.install(rsps, ENDPOINT)
+    service.install(rsps, LOGIN)
+    service.status = {"status": "online", "details": {"total_workers": 0, "idle_workers": 0, "managers": 0}}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command, source in (("qstat", tmp_path / "qstat.json"), ("pbsnodes", DATA / "pbsnodes_a_F_json.json")):
+        (bin_dir / command).write_text(f"#!/bin/sh\ncat '{source}'\n")
+        (bin_dir / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / "qstat.json").write_text(_qstat("Q", 10))
+    config = _config(ENDPOINT, status_ttl=1)
+    config["clusters"]["hpc"]["scheduler"] = {"kind": "pbs", "endpoint_id": LOGIN, "queue": "prod", "every": 1}
+    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    try:
+        status = await gateway.status()
+        endpoint = status["endpoints"][0]
+        assert status["models"][0]["state"] == "queued"
+        assert [(j["job_id"], j["state"]) for j in endpoint["scheduler"]["jobs"]] == [("3000001.pbs", "queued")]
+        assert isinstance(endpoint["scheduler"]["free_nodes"], int)
+        assert endpoint["scheduler"]["errors"] == []
+        assert [f.__name__ for f in service.functions.values()] == ["pbs_status"]  # registered once, run there
+
+        (tmp_path / "qstat.json").write_text(_qstat("R", 41))  # given its node, not yet running its script
+        await asyncio.sleep(1.1)
+        assert (await gateway.status())["models"][0]["state"] == "starting"
+
+        service.status = {"status": "online", "details": {"total_workers": 4, "idle_workers": 4, "managers": 1}}
+        await asyncio.sleep(1.1)
+        assert (await gateway.status())["models"][0]["state"] == "hot"
+
+        (tmp_path / "qstat.json").write_text("not json")
+        service.status = {"status": "online", "details": {"total_workers": 0, "managers": 0}}
+        await asyncio.sleep(1.1)
+        status = await gateway.status()
+        assert status["models"][0]["state"] == "cold"  # no job that will serve: a request must start one
+        assert "qstat -f -F json" in status["endpoints"][0]["scheduler"]["errors"][0]["command"]
     finally:
         await gateway.close()
         service.join()

@@ -4,7 +4,8 @@ stub commands standing in for qstat, pbsnodes, squeue and sinfo on a login node.
 The recordings in ``tests/data/scheduler`` show a busy cluster at 2024-04-05 14:30:00 UTC: three FIRST endpoints
 (``first-llama70b`` with one block running and one just started, ``first-mixtral`` with a block queued and an old
 one exiting, ``first-embed`` held), other users' jobs (arrays, holds, dependencies, suspended, finished) and two
-jobs whose names only resemble ours.
+jobs whose names only resemble ours. Block jobs are named as the endpoint's engine names them:
+``parsl.first-<endpoint>-HighThroughputExecutor.block-N.<time>``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from first_jupyter.gateway.scheduler_view import job_label
 from first_jupyter.remote.scheduler import (
     STATES,
     expand_hostlist,
@@ -35,7 +37,8 @@ NOW = 1712327400  # 2024-04-05 14:30:00 UTC, when the recordings were taken
 LLAMA = "meta-llama/Meta-Llama-3.1-70B-Instruct"
 MIXTRAL = "mistralai/Mixtral-8x22B-Instruct-v0.1"
 EMBED = "nvidia/NV-Embed-v2"
-LABELS = {"first-llama70b": [LLAMA], "first-mixtral": [MIXTRAL], "first-embed": [EMBED]}
+L70B, LMIX, LEMB = (job_label(name) for name in ("llama70b", "mixtral", "embed"))
+LABELS = {L70B: [LLAMA], LMIX: [MIXTRAL], LEMB: [EMBED]}
 MODELS = {LLAMA: "running", MIXTRAL: "queued", EMBED: "held"}
 
 
@@ -80,9 +83,9 @@ def test_pbs_entry_has_every_field():
     jobs = by_id(pbs_jobs(recorded("qstat_f_F_json.json"), LABELS))
     assert jobs["2051234"] == {
         "job_id": "2051234.polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov",
-        "name": "parsl.first-llama70b.block-0.1712320803.9912035", "label": "first-llama70b", "models": [LLAMA],
-        "state": "running", "nodes": 2, "queue": "small", "submitted": 1712320805, "started": 1712320968,
-        "walltime_s": 6 * 3600, "elapsed_s": 3600 + 47 * 60 + 12, "estimated_start": None}
+        "name": "parsl.first-llama70b-HighThroughputExecutor.block-0.1712320803.9912035", "label": L70B,
+        "models": [LLAMA], "state": "running", "nodes": 2, "queue": "small", "submitted": 1712320805,
+        "started": 1712320968, "walltime_s": 6 * 3600, "elapsed_s": 3600 + 47 * 60 + 12, "estimated_start": None}
     queued = jobs["2051301"]
     assert queued["estimated_start"] == 1712333100  # estimated.start_time, Fri Apr  5 16:05:00 2024
     assert (queued["started"], queued["elapsed_s"]) == (None, None)
@@ -222,7 +225,7 @@ def test_summary_takes_each_models_best_state_across_endpoints():
 
 
 def test_one_endpoint_serving_several_models():
-    labels = {"first-llama70b": [LLAMA, "meta-llama/Llama-3.1-8B-Instruct"]}
+    labels = {L70B: [LLAMA, "meta-llama/Llama-3.1-8B-Instruct"]}
     result = pbs_jobs(recorded("qstat_f_F_json.json"), labels)
     assert result["models"] == {LLAMA: "running", "meta-llama/Llama-3.1-8B-Instruct": "running"}
 
@@ -260,14 +263,14 @@ def test_slurm_jobs_in_both_formats(recording):
     """23.11 (data_parser v0.0.40: job_state lists, set/infinite/number) and 22.05 (v0.0.38: strings, ints)."""
     result = slurm_jobs(recorded(recording), LABELS, now=NOW)
     states = sorted((job["name"].split(".")[1], job["name"].split(".")[2], job["state"]) for job in result["jobs"])
-    assert states == [("first-embed", "block-0", "held"), ("first-llama70b", "block-0", "running"),
-                      ("first-llama70b", "block-1", "starting"), ("first-mixtral", "block-3", "ending"),
-                      ("first-mixtral", "block-4", "queued")]
+    assert states == [(LEMB, "block-0", "held"), (L70B, "block-0", "running"),
+                      (L70B, "block-1", "starting"), (LMIX, "block-3", "ending"),
+                      (LMIX, "block-4", "queued")]
     assert result["models"] == MODELS
     assert not any(job["name"].startswith("parsl.first-llama70b-dev") for job in result["jobs"])
     running = next(job for job in result["jobs"] if job["state"] == "running")
     assert running | {"job_id": None} == {
-        "job_id": None, "name": "parsl.first-llama70b.block-0.1712320803.9912035", "label": "first-llama70b",
+        "job_id": None, "name": "parsl.first-llama70b-HighThroughputExecutor.block-0.1712320803.9912035", "label": L70B,
         "models": [LLAMA], "state": "running", "nodes": 2, "partition": "gpu", "submitted": 1712320805,
         "started": 1712320968, "walltime_s": 6 * 3600, "elapsed_s": NOW - 1712320968, "estimated_start": None}
     queued = next(job for job in result["jobs"] if job["state"] == "queued")

@@ -8,6 +8,7 @@ threads; the futures it returns are awaited with ``asyncio.wrap_future``.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from globus_compute_sdk.serialize import ComputeSerializer
 import first_jupyter
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
-from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, ComputeEndpoint
+from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, ComputeEndpoint, SchedulerView
 from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, CallWindow, too_large
 from first_jupyter.gateway.compute_errors import describe_failure
 from first_jupyter.gateway.preferences import Preferences
@@ -43,7 +44,8 @@ class UserTokenAuthorizer(globus_sdk.authorizers.GlobusAuthorizer):
         return False
 
 
-def service_authorizer(endpoint: ComputeEndpoint, environ: dict[str, str]) -> globus_sdk.authorizers.GlobusAuthorizer:
+def service_authorizer(endpoint: ComputeEndpoint | SchedulerView,
+                       environ: dict[str, str]) -> globus_sdk.authorizers.GlobusAuthorizer:
     """A shared deployment's own identity: client credentials from the environment variables the config names."""
     client_id = environ.get(endpoint.service_client_id_env)
     secret = environ.get(endpoint.service_client_secret_env)
@@ -58,11 +60,14 @@ def service_authorizer(endpoint: ComputeEndpoint, environ: dict[str, str]) -> gl
 class CloudSubmitter:
     """One endpoint's tasks through the Globus Compute service."""
 
-    def __init__(self, endpoint: ComputeEndpoint, authorizer: Callable[[], globus_sdk.authorizers.GlobusAuthorizer],
-                 registry: Preferences, window: CallWindow, where: str) -> None:
-        """``authorizer``: made on first use (a service identity's variables are read then, so a missing one is
-        a request's clear error, not a failed start); ``registry``: where registered function ids are kept."""
+    def __init__(self, endpoint: ComputeEndpoint | SchedulerView,
+                 authorizer: Callable[[], globus_sdk.authorizers.GlobusAuthorizer], registry: Preferences,
+                 window: CallWindow, where: str, status_ttl: float = 30.0) -> None:
+        """``endpoint``: a model endpoint, or a cluster's login endpoint (for its scheduler view); ``authorizer``:
+        made on first use (a service identity's variables are read then, so a missing one is a request's clear
+        error, not a failed start); ``registry``: where registered function ids are kept."""
         self._endpoint = endpoint
+        self._status_ttl = status_ttl
         self._authorizer = authorizer
         self._registry = registry
         self._window = window
@@ -73,7 +78,7 @@ class CloudSubmitter:
         self._ids: dict[str, str] = dict(endpoint.functions)
         self._serializer = ComputeSerializer()
         self._status: dict[str, Any] = {"state": "unknown", "checked": None}
-        self._status_at = -endpoint.status_ttl
+        self._status_at = -math.inf
 
     def _connected(self) -> tuple[Client, Executor]:
         with self._lock:
@@ -131,7 +136,7 @@ class CloudSubmitter:
         """The endpoint's state, reused for ``status_ttl`` seconds and never asked past the service's limit
         (then the last reading is given, marked stale)."""
         now = time.monotonic()
-        if now - self._status_at < self._endpoint.status_ttl:
+        if now - self._status_at < self._status_ttl:
             return self._status
         if not self._window.take():
             return {**self._status, "stale": True}

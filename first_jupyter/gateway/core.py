@@ -15,13 +15,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
 from first_jupyter.config import (
+    ComputeCluster,
     ComputeEndpoint,
     FirstConfig,
     FirstGatewayCluster,
@@ -29,6 +30,7 @@ from first_jupyter.config import (
     HttpCluster,
     HttpEndpoint,
     LocalCluster,
+    SchedulerView,
 )
 from first_jupyter.gateway.backends.base import Backend, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
@@ -43,6 +45,9 @@ from first_jupyter.gateway.router import WAITING_STATES, Router, Target, convers
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
+
+if TYPE_CHECKING:
+    from first_jupyter.gateway.scheduler_view import SchedulerReader
 
 DEFAULT_MODEL_KEY = "default_model"
 MODEL_STATES = ("hot", "starting", "queued", "cold", "offline")
@@ -65,7 +70,7 @@ _ID_PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
 def _model_state(endpoint: dict[str, Any], model: str) -> str:
     """A model's state at one endpoint: its own when the endpoint tells states per model (a FIRST gateway's
     jobs), else the endpoint's."""
-    own = endpoint.get("model_states", {}).get(model) if endpoint["state"] == "online" else None
+    own = endpoint.get("model_states", {}).get(model) if endpoint["state"] not in ("offline", "failed") else None
     return _MODEL_STATE.get(own or endpoint["state"], "offline")
 
 
@@ -96,12 +101,42 @@ def _build_backends(gateway: Gateway, environ: Mapping[str, str]) -> list[Backen
         elif isinstance(cluster, FirstGatewayCluster):
             backends.extend(FirstGatewayBackend(cluster_name, ep, client, tokens) for ep in cluster.endpoints)
         else:
-            backends.extend(_compute_backend(gateway, cluster_name, ep, environ) for ep in cluster.endpoints)
+            scheduler = _scheduler_reader(gateway, cluster_name, cluster, environ) if cluster.scheduler else None
+            backends.extend(_compute_backend(gateway, cluster_name, ep, environ, scheduler)
+                            for ep in cluster.endpoints)
     return backends
 
 
-def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint,
-                     environ: Mapping[str, str]) -> Backend:
+def _authorizer(gateway: Gateway, endpoint: ComputeEndpoint | SchedulerView,
+                environ: Mapping[str, str]) -> Callable[[], Any]:
+    from first_jupyter.gateway.compute_cloud import UserTokenAuthorizer, service_authorizer
+
+    def authorizer() -> Any:
+        if endpoint.identity == "service":
+            return service_authorizer(endpoint, dict(environ))
+        return UserTokenAuthorizer(gateway.auth)
+
+    return authorizer
+
+
+def _scheduler_reader(gateway: Gateway, cluster_name: str, cluster: ComputeCluster,
+                      environ: Mapping[str, str]) -> SchedulerReader:
+    from first_jupyter.gateway.compute_cloud import CloudSubmitter
+    from first_jupyter.gateway.scheduler_view import SchedulerReader, job_label
+
+    view = cluster.scheduler
+    assert view is not None
+    where = f"cluster '{cluster_name}'"
+    submitter = CloudSubmitter(view, _authorizer(gateway, view, environ), gateway.preferences,
+                               gateway.compute_window, f"{where} login endpoint")
+    labels = {job_label(ep.name): [m.id for m in ep.models] for ep in cluster.endpoints}
+    reader = SchedulerReader(view, submitter, labels, where)
+    gateway.scheduler_readers.append(reader)  # shared by the cluster's endpoints: the gateway closes it
+    return reader
+
+
+def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint, environ: Mapping[str, str],
+                     scheduler: SchedulerReader | None = None) -> Backend:
     """A Globus Compute endpoint's backend. The SDK and the engine are imported only by gateways that have one
     (they are slow to import, and a Jupyter server's start should not wait for them)."""
     where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
@@ -114,19 +149,12 @@ def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint,
         return ComputeBackend(cluster, endpoint, local, gateway.callbacks, idle, gateway.own_callback_url,
                               engine_port=local.port, upstream_name=local.served_name)
 
-    from first_jupyter.gateway.compute_cloud import (
-        CloudSubmitter,
-        UserTokenAuthorizer,
-        service_authorizer,
-    )
+    from first_jupyter.gateway.compute_cloud import CloudSubmitter
 
-    def authorizer() -> Any:
-        if endpoint.identity == "service":
-            return service_authorizer(endpoint, dict(environ))
-        return UserTokenAuthorizer(gateway.auth)
-
-    submitter = CloudSubmitter(endpoint, authorizer, gateway.preferences, gateway.compute_window, where)
-    return ComputeBackend(cluster, endpoint, submitter, gateway.callbacks, idle, lambda: endpoint.callback_url)
+    submitter = CloudSubmitter(endpoint, _authorizer(gateway, endpoint, environ), gateway.preferences,
+                               gateway.compute_window, where, endpoint.status_ttl)
+    return ComputeBackend(cluster, endpoint, submitter, gateway.callbacks, idle, lambda: endpoint.callback_url,
+                          scheduler=scheduler)
 
 
 def _endpoint_scopes(config: FirstConfig) -> dict[str, list[str]]:
@@ -292,6 +320,7 @@ class Gateway:
         """Backend id → seconds between its background status readings (longer while it is offline)."""
         self.own_url: str | None = None
         """The gateway's own server (loopback), once it listens: where endpoints on this machine call back."""
+        self.scheduler_readers: list[SchedulerReader] = []
         self.backends = _build_backends(self, environ)
         served: dict[str, list[str]] = {}
         for cluster_name, cluster in config.clusters.items():
@@ -712,5 +741,7 @@ class Gateway:
             task.cancel()
         for backend in self.backends:
             await backend.close()
+        for reader in self.scheduler_readers:
+            await reader.close()
         await self.client.close()
         self.usage.close()

@@ -1,8 +1,9 @@
 """The scheduler's view of a cluster's model jobs, run on its login node: which are running, starting, queued,
 held or ending, and how many nodes are free.
 
-A FIRST endpoint's Globus Compute engine has the executor label ``first-<endpoint>``, and parsl names every block
-job it submits after that label (``parsl.first-llama70b.block-0.1712345678.123``). So the scheduler's own job list
+A FIRST endpoint's Globus Compute engine is labelled ``first-<endpoint>``, its executor
+``first-<endpoint>-HighThroughputExecutor``, and parsl names every block job after the executor's label
+(``parsl.first-llama70b-HighThroughputExecutor.block-0.1712345678.123``). So the scheduler's own job list
 says, before any engine answers a health probe, that a model's node is still in the queue (and when the scheduler
 expects to start it), or was given nodes and is booting. The functions travel to the login node through Globus
 Compute, so this module imports the standard library only and answers with plain data.

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -22,6 +22,9 @@ from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
 from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.remote.inference import call_engine, engine_health, stream_engine
+
+if TYPE_CHECKING:
+    from first_jupyter.gateway.scheduler_view import SchedulerReader
 
 SUBMIT_LIMIT_BYTES = 10 * 1000 * 1000
 """Globus Compute refuses a task submission over 10 MB (its arguments serialized)."""
@@ -124,11 +127,12 @@ class ComputeBackend:
 
     def __init__(self, cluster: str, endpoint: ComputeEndpoint, submitter: Submitter, hub: CallbackHub,
                  idle_timeout: float, callback_url: Callable[[], str | None], engine_port: int | None = None,
-                 upstream_name: str | None = None) -> None:
+                 upstream_name: str | None = None, scheduler: SchedulerReader | None = None) -> None:
         """``callback_url``: where nodes POST stream batches, asked per request (a gateway learns its own URL
         once its server listens); None: streams come back whole. ``engine_port``: the engine's port on the
         node, when the submitter chose it (else the endpoint's); ``upstream_name``: the one model's name at its
-        engine, when the submitter knows it."""
+        engine, when the submitter knows it; ``scheduler``: the cluster's scheduler view, when it has one."""
+        self._scheduler = scheduler
         self.cluster = cluster
         self.name = endpoint.name
         self.endpoint = endpoint
@@ -214,8 +218,15 @@ class ComputeBackend:
 
     async def status(self) -> dict[str, Any]:
         state = await self.submitter.status()
-        return {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind, "models": sorted(self._models),
+        info = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind, "models": sorted(self._models),
                 "callback": self._callback_url() is not None, **state}
+        if self._scheduler is not None:
+            view = await self._scheduler.read()
+            info["scheduler"] = {"jobs": self._scheduler.jobs_of(self.name), "free_nodes": view["free_nodes"],
+                                 "checked": view["checked"], "errors": view["errors"]}
+            if state["state"] == "stopped":  # online with no workers: the queue says whether its blocks come
+                info["model_states"] = self._scheduler.model_states(self.name, sorted(self._models))
+        return info
 
     async def close(self) -> None:
         await self.submitter.close()
