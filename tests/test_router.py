@@ -254,3 +254,22 @@ async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_of
     finally:
         reading.cancel()
         await gateway.close()
+
+
+def test_hot_endpoints_about_as_good_share_the_load_by_what_each_serves_at_once():
+    a, b = _Backend("a"), _Backend("b")
+    routes = Router([a, b], {"m": ["a/a", "b/b"]})  # type: ignore[list-item]
+    first, second = routes.catalog["m"]
+    routes.succeeded(first, 0.1)  # a answers faster: it is the best...
+    assert [t.backend.name for t in routes.candidates("m", Capability.chat)] == ["a", "b"]
+    routes.began(first)  # ...but it is busier, and b is within a second of it: b takes the next
+    assert [t.backend.name for t in routes.candidates("m", Capability.chat)] == ["b", "a"]
+    routes.observe_blocks(a, 4)  # four blocks up at a: one request is a smaller share of what it serves
+    routes.began(second)
+    assert routes.health_of(first).capacity == 4 * a.capacity
+    assert [t.backend.name for t in routes.candidates("m", Capability.chat)] == ["a", "b"]
+    routes.succeeded(second, 3.0)  # b turns slow: no longer as good, whatever its load
+    routes.ended(first)
+    routes.began(first)
+    routes.began(first)
+    assert [t.backend.name for t in routes.candidates("m", Capability.chat)][0] == "a"

@@ -179,6 +179,7 @@ class Attempts:
         self.waited = False
 
     def add(self, target: Target, waited: bool) -> None:
+        """``waited``: it must start the model first, or its engine was loaded when the request was sent."""
         self.targets.append(target)
         self.sent_at, self.waited = time.perf_counter(), waited
 
@@ -187,7 +188,7 @@ class Attempts:
         return self.targets[-1] if self.targets else None
 
     def answer_time(self, at: float) -> float | None:
-        """How long the engine took to begin answering, for the router; None after a start."""
+        """How long the engine took to begin answering, for the router; None after a start or into a load."""
         return None if self.waited else at - self.sent_at
 
 
@@ -349,6 +350,10 @@ class Gateway:
                 endpoint = by_name.get((target.cluster, target.endpoint))
                 if endpoint is not None:
                     self.router.observe_state(target.backend, model, _model_state(endpoint, model))
+        for backend in self.backends:
+            blocks = by_name.get((backend.cluster, backend.name), {}).get("managers")
+            if isinstance(blocks, int):  # blocks connected, each with its engine
+                self.router.observe_blocks(backend, blocks)
 
     async def keep_states_fresh(self, period: float = STATUS_PERIOD_S) -> None:
         """Read every endpoint's status in the background, so the router's states are never older than
@@ -443,7 +448,7 @@ class Gateway:
                 self._start(target)
                 if self.config.defaults.cold_start.mode == "reject":
                     raise self._not_ready(target)
-            tried.add(target, waits)
+            tried.add(target, waits or self.router.health_of(target).loaded())
             self.router.began(target)
             try:
                 return await call(target)

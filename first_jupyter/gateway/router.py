@@ -55,7 +55,8 @@ START_WEIGHT = 0.5
 SCALE_OUT_AT = 0.75
 """The share of its capacity in flight at which a model's hot endpoints are too few: another one is started."""
 STICKY_SLACK_S = 1.0
-"""A conversation stays where it was while that endpoint is expected to answer within this of the best."""
+"""Hot endpoints expected to answer within this of the best are as good: the least loaded of them is taken (so
+the capacity started for a model keeps serving it, and stays hot), and a conversation stays where it was."""
 STICKY_MOST = 10_000
 STARTING = frozenset({"starting", "queued"})
 WAITING_STATES = STARTING | {"cold"}
@@ -69,7 +70,8 @@ class Health:
     start_s: float
     """How long a cold start of a model here takes (configured, then learned from the starts seen)."""
     capacity: int
-    """Requests its engine serves at once before answers slow down (vLLM batches them)."""
+    """Requests it serves at once before answers slow down (vLLM batches them): its engine's, times the blocks
+    it has up when a status reading says so."""
     in_flight: int = 0
     ttft_s: float = FIRST_TTFT_S
     failures: int = 0
@@ -140,6 +142,10 @@ class Router:
 
     # -- what was seen ---------------------------------------------------------------------------------------
 
+    def observe_blocks(self, backend: Backend, blocks: int) -> None:
+        """A status reading counted the endpoint's blocks (engines) up: its capacity is theirs together."""
+        self.health_of_backend(backend).capacity = backend.capacity * max(blocks, 1)
+
     def observe_state(self, backend: Backend, model_id: str, state: str) -> None:
         health = self.health_of_backend(backend)
         if state not in STARTING:
@@ -182,8 +188,9 @@ class Router:
         self.health_of(target).in_flight -= 1
 
     def succeeded(self, target: Target, ttft_s: float | None) -> None:
-        """An answer began ``ttft_s`` after the request was sent there; None when it waited for a start (a start's
-        length says nothing of the answers a hot engine gives)."""
+        """An answer began ``ttft_s`` after the request was sent there; None when that says nothing of how fast
+        the engine answers: the request waited for a start, or was sent while the engine was loaded (its wait
+        for a slot is the load term's to count, and learning it too would count it twice)."""
         health = self.health_of(target)
         health.failures, health.open_until, health.last_error = 0, 0.0, None
         self.observe_state(target.backend, target.model_id, "hot")  # it answers: hot, whatever was last read
@@ -219,6 +226,13 @@ class Router:
             return closed
         expected = {id(t.backend): self.health_of(t).expected_s(model_id, now) for t in closed}
         ordered = sorted(closed, key=lambda t: expected[id(t.backend)])  # stable: config order on ties
+        if self.state_of(ordered[0]) in ("hot", "unknown"):  # share the load among hot ones about as good
+            near = [t for t in ordered if self.state_of(t) in ("hot", "unknown")
+                    and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S]
+            lightest = min(near, key=lambda t: self.health_of(t).in_flight / self.health_of(t).capacity)
+            if lightest is not ordered[0]:
+                ordered.remove(lightest)
+                ordered.insert(0, lightest)
         last = self._last_served.get(conversation) if conversation else None
         if last is not None and last in ordered[1:] and self.state_of(last) in ("hot", "unknown") \
                 and expected[id(last.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S:

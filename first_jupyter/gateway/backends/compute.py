@@ -137,7 +137,7 @@ class ComputeBackend:
         self.name = endpoint.name
         self.endpoint = endpoint
         self.start_s = endpoint.start_s
-        self.capacity = endpoint.concurrency * (endpoint.in_process.max_blocks if endpoint.in_process else 1)
+        self.capacity = endpoint.concurrency  # per block; status readings say how many blocks are up
         self.where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
         self.submitter = submitter
         self._models: dict[str, ModelConfig] = {m.id: m for m in endpoint.models}
