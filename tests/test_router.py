@@ -158,11 +158,13 @@ async def test_a_stream_that_breaks_after_its_first_byte_is_not_sent_again(upstr
 @pytest.mark.second_delay(0.8)
 async def test_the_circuit_opens_after_repeated_failures_and_closes_after_its_cooldown(upstreams, tmp_path,
                                                                                       monkeypatch):
-    """The second engine is slow, so the first stays the better bet until its failures open its circuit."""
+    """The second engine is slow (known to answer seconds later: not about as good, so it gets no share of the
+    load), so the first stays the better bet until its failures open its circuit."""
     monkeypatch.setattr(router, "COOLDOWN_S", 3.0)
     first, second = upstreams
     first.fault = "500"
     gateway = _gateway(tmp_path, first.url, second.url)
+    gateway.router.health[id(gateway.backends[1])].ttft_s = 3.0
     try:
         for _ in range(router.FAILURES_TO_OPEN):
             await gateway.complete(_request())
@@ -272,4 +274,24 @@ def test_hot_endpoints_about_as_good_share_the_load_by_what_each_serves_at_once(
     routes.ended(first)
     routes.began(first)
     routes.began(first)
-    assert [t.backend.name for t in routes.candidates("m", Capability.chat)][0] == "a"
+    assert routes.candidates("m", Capability.chat)[0].backend.name == "a"
+
+
+def test_idle_hot_endpoints_about_as_good_take_turns_so_each_stays_hot():
+    a, b = _Backend("a"), _Backend("b")
+    now = [0.0]
+    routes = Router([a, b], {"m": ["a/a", "b/b"]}, clock=lambda: now[0])  # type: ignore[list-item]
+    routes.succeeded(routes.catalog["m"][0], 0.1)  # a is faster, but both are well within a second
+    chosen = []
+    for _ in range(4):
+        now[0] += 10.0
+        target = routes.candidates("m", Capability.chat)[0]
+        routes.began(target)
+        routes.ended(target)  # each done before the next: no load to tell them apart
+        chosen.append(target.backend.name)
+    assert chosen == ["a", "b", "a", "b"]
+    routes.failed(routes.catalog["m"][1], "HTTP 500")  # one that just failed is not as good
+    now[0] += 10.0
+    assert routes.candidates("m", Capability.chat)[0].backend.name == "a"
+    now[0] += 10.0
+    assert routes.candidates("m", Capability.chat)[0].backend.name == "a"

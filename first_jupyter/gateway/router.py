@@ -73,6 +73,9 @@ class Health:
     """Requests it serves at once before answers slow down (vLLM batches them): its engine's, times the blocks
     it has up when a status reading says so."""
     in_flight: int = 0
+    last_sent: float = -math.inf
+    """When a request was last sent here: between bursts, requests go round the hot endpoints of a model by it,
+    so each stays hot (an endpoint that gets nothing is released at the end of its hot window)."""
     ttft_s: float = FIRST_TTFT_S
     failures: int = 0
     """Consecutive failures before a first byte; reset by any success."""
@@ -182,7 +185,9 @@ class Router:
         self.observe_state(target.backend, target.model_id, "hot")
 
     def began(self, target: Target) -> None:
-        self.health_of(target).in_flight += 1
+        health = self.health_of(target)
+        health.in_flight += 1
+        health.last_sent = self.clock()
 
     def ended(self, target: Target) -> None:
         self.health_of(target).in_flight -= 1
@@ -227,9 +232,9 @@ class Router:
         expected = {id(t.backend): self.health_of(t).expected_s(model_id, now) for t in closed}
         ordered = sorted(closed, key=lambda t: expected[id(t.backend)])  # stable: config order on ties
         if self.state_of(ordered[0]) in ("hot", "unknown"):  # share the load among hot ones about as good
-            near = [t for t in ordered if self.state_of(t) in ("hot", "unknown")
-                    and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S]
-            lightest = min(near, key=lambda t: self.health_of(t).in_flight / self.health_of(t).capacity)
+            near = [t for t in ordered if self.state_of(t) in ("hot", "unknown") and not self.health_of(t).failures
+                    and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S] or ordered[:1]
+            lightest = min(near, key=self._share)
             if lightest is not ordered[0]:
                 ordered.remove(lightest)
                 ordered.insert(0, lightest)
@@ -239,6 +244,12 @@ class Router:
             ordered.remove(last)
             ordered.insert(0, last)
         return ordered
+
+    def _share(self, target: Target) -> tuple[float, float]:
+        """The load on a hot endpoint, for sharing: the part of its capacity in use, then how recently it was sent
+        a request (so that equal loads, idle ones included, take turns)."""
+        health = self.health_of(target)
+        return health.in_flight / health.capacity, health.last_sent
 
     def to_start(self, ordered: list[Target]) -> list[Target]:
         """Which of a request's candidates (``candidates()``'s order) to ask to start the model: the first when it

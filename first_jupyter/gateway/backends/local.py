@@ -9,6 +9,7 @@ runs in threads so the event loop keeps serving other requests meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ class LocalBackend:
         self._client = client
         self._proc: EngineProcess | None = None
         self._http: HttpBackend | None = None
-        self._lock: asyncio.Lock | None = None
+        self._starting: asyncio.Task[None] | None = None
+        """The start under way (or the last one): every request that comes meanwhile joins it."""
         self._idle_timer: asyncio.TimerHandle | None = None
         self.state: EngineState = "stopped"
         self.last_error: str | None = None
@@ -66,19 +68,19 @@ class LocalBackend:
         return capability in self.model.capabilities
 
     async def _ensure_running(self) -> HttpBackend:
+        """The running engine; started if it is not, or the start under way joined (a warm-up's, another
+        request's): a failed start fails all who waited for it, and only a later request tries again."""
         if self._http is not None and self._proc is not None and self._proc.alive():
             return self._http
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
+        if self._starting is None or self._starting.done():
             if self._proc is not None and not self._proc.alive():
                 self.last_error = (f"the engine exited with code {self._proc.popen.returncode}; last lines of "
                                    f"{self.spec.log_path}:\n{log_tail(self.spec.log_path)}")
                 self._proc, self._http, self.state = None, None, "stopped"
-            if self._http is None:
-                await self._start()
-            assert self._http is not None
-            return self._http
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._starting)  # a request that leaves does not stop the start for the others
+        assert self._http is not None
+        return self._http
 
     async def warm(self, model_id: str) -> None:
         await self._ensure_running()
@@ -177,4 +179,9 @@ class LocalBackend:
         }
 
     async def close(self) -> None:
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()  # a start cancelled while it waits for health stops its engine
+            with contextlib.suppress(BaseException):
+                await starting
         await self.stop()

@@ -1,0 +1,850 @@
+"""Routing across federated clusters, simulated at scale: this gateway's router against round robin and ALCF's
+old order, on the same hardware, the same request trace and the same status readings.
+
+Why this exists: what the router is for (cold starts of 10-15 minutes, batch queues, outages, bursts) cannot be
+shown on one machine, and a copy of its logic in a model would prove nothing about the code that ships. So this is
+a discrete-event model (a virtual clock and a heap of events, deterministic for a ``--seed``) of clusters and
+their endpoints under a day of traffic, in which the policy "this router" is the real
+``first_jupyter.gateway.router.Router`` run on the simulation's clock and fed what a gateway sees.
+
+The model (each figure is a constant below; none was chosen by looking at which policy wins):
+
+* Clusters: four, of 16 to 96 nodes. Other users hold a share of each cluster's nodes that swings with the time of
+  day plus a drifting noise (re-drawn every 30 min), so which cluster has free nodes changes through the day.
+* Endpoints: one per (cluster, model), as FIRST deploys them (a Globus Compute endpoint per model). An endpoint
+  scales like a parsl-backed one: it asks for a block (one node) when requests wait there and no block is on its
+  way, up to the cluster's ``max_blocks``; a block idle for ``IDLE_S`` is released. A block asked for waits in the
+  batch queue: the scheduler's cycle (15-90 s) when a node is free, else an exponential wait whose mean is the
+  cluster's (6 to 40 min); once on a node the engine loads in 10-15 min (uniform), and ``START_FAILURE`` of starts
+  fail (the engine dies loading). A block serves ``SLOTS`` sequences at once; requests beyond that wait for a slot
+  on the endpoint, and a sequence's time to first token grows with the block's load.
+* Failures: each endpoint goes down about once a day for 5-30 min. Its blocks are lost; a request waiting there
+  (for a start or a slot) fails before its first byte; one sent to it while down fails after a connect timeout
+  (``CONNECT_TIMEOUT_S``); a stream already under way breaks (its first token counted). It comes back cold.
+* Trace: 20 models with Zipf popularity (exponent 1.1), each served by 2 (the 15 least used) or 3 clusters in a
+  random config order; single requests at a diurnal rate (1,200 an hour on average, peak in the afternoon, at
+  night a sixth of the afternoon's), plus bursts (1.5 an hour on average, diurnal too) of 50-300 requests to one
+  model within 30 s, as a batch script sends them. A request's prompt (its prefill time) and answer length are
+  drawn with it.
+* A client gives up after ``MAX_WAIT_S`` without a first token: the request failed. So does one that every
+  candidate refused.
+* Readings: every 30 s the gateway reads each endpoint's state (hot, starting, queued, cold, offline) and each
+  cluster's free nodes; every policy decides by those readings, so all of them act on states up to 30 s old.
+* Common random numbers: the trace, the outages, the other users' load and each endpoint's k-th start (its queue
+  wait, load time and failure) are drawn from streams named by the seed and the thing drawn, so every policy
+  meets the same hardware, the same traffic and the same luck.
+
+The policies, each a gateway around the same endpoints:
+
+* this router, as ``first_jupyter.gateway.core`` (``_first_answer``, ``_start``, ``_observe``,
+  ``GatewayStream.close``) drives it. On arrival, ``Router.candidates()`` best first (among hot endpoints within
+  ``STICKY_SLACK_S`` of the best, the least loaded for its capacity), and each endpoint ``Router.to_start()`` names
+  is asked to start the model: the best when its last known state needs a start (``WAITING_STATES``), or, ahead
+  of need, the best cold one when every hot candidate has ``SCALE_OUT_AT`` of its capacity in flight and no start
+  is under way for the model. A start is one at a time per endpoint (a start under way is joined):
+  ``start_asked()`` when asked (the endpoint's ``warm``), ``start_ended()`` with its length (or its failure) when
+  it answers. The request is sent to the best at once; on a failure before the first byte it goes to the next
+  candidate, which is asked to start the model too if its state needs it (and the request waits there).
+  ``began``/``ended`` around each try; ``failed`` on a failure before the first byte or a stream broken by an
+  outage; at a stream's end ``succeeded`` with its time to first token from when it was sent to that endpoint, or
+  None when the router believed it had to wait for a start there or the endpoint was ``loaded()`` when it was sent
+  (the gateway's ``Attempts``: a slot's wait is the load term's to count, not the answer time's). Each backend's
+  ``capacity`` is ``SLOTS``, one block's (the config's ``concurrency``, per block); every reading also gives
+  ``observe_blocks()`` the blocks each endpoint has up and serving (what a Globus Compute endpoint status counts
+  as its managers), so the load term divides by what the endpoint serves at once now.
+* round robin: the model's endpoints in turn, whatever their state (a cold one starts and the request waits);
+  the next on a failure.
+* ALCF's old order: model running > queued (or starting) > endpoint online with free nodes > online > the first
+  target (offline ones, in config order); the next on a failure.
+
+Figures, for requests that arrive after a warm-up (the gateway has been in use: the first hours after everything
+was cold say little of a day): mean, median, p95 and p99 time to first token of served requests (from arrival,
+failed tries, connect timeouts and start waits included), p95 with failed requests counted as ``MAX_WAIT_S`` (so
+a policy cannot look fast by failing the slow ones), the share of requests served hot (the endpoint that answered
+had a block up when the request was sent there), failed requests, failovers, starts (blocks asked) and node-hours
+(blocks on nodes, loading included, over the whole run).
+
+Not modelled: walltime limits of blocks, preemption, prefix caches and conversations, the network between
+gateway and endpoint (tens of ms, nothing next to the figures compared), and a gateway shared by other users.
+
+Run ``python bench/federation_sim.py`` (a day after a 6 h warm-up, about 6 s) or ``--quick`` (2 h, under a
+second); ``--seed N``; ``--json PATH`` also writes the figures. The exit status is 0 when this router's p95 time
+to first token is below both baselines', 1 when not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.router import WAITING_STATES, Router, Target
+from first_jupyter.protocol import Capability
+
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+READING_S = 30.0
+"""How often the gateway reads every endpoint's status (the gateway's ``STATUS_PERIOD_S``)."""
+SCHEDULE_S = (15.0, 90.0)
+"""The batch scheduler's cycle: how long a job waits for a node that is free."""
+LOAD_S = (600.0, 900.0)
+"""Loading the engine and the model's weights once a block holds its node."""
+START_FAILURE = 0.03
+IDLE_S = 1800.0
+"""A block with nothing to do for this long is released (the endpoint's ``max_idletime``)."""
+SLOTS = 32
+"""Sequences a block serves at once; requests beyond wait on the endpoint for a slot."""
+CONNECT_TIMEOUT_S = 5.0
+MAX_WAIT_S = 1800.0
+"""A client that has no first token after this gives up: the request failed."""
+PRIOR_START_S = 600.0
+"""What the router assumes a cold start takes before it has seen one: the config's default ``expected_start``."""
+OUTAGE_EVERY_S = DAY_S
+OUTAGE_S = (300.0, 1800.0)
+LOAD_SLOT_S = 1800.0
+"""Other users' share of a cluster changes every this many seconds."""
+MODELS = 20
+ZIPF = 1.1
+THREE_CLUSTERS = 5
+"""The most used models are served by three clusters, the others by two."""
+SINGLES_PER_H = 1200.0
+BURSTS_PER_H = 1.5
+BURST_SIZE = (50, 300)
+BURST_SPREAD_S = 30.0
+DIURNAL = 0.7
+"""Rates swing by this share around their mean over a day, peaking at ``PEAK_HOUR``."""
+PEAK_HOUR = 14.0
+PREFILL_S = (0.15, 0.6)
+"""A model's time to first token on an idle block, by its size; each request's varies around it."""
+GENERATE_MEDIAN_S = 10.0
+
+POLICIES = ("router", "round_robin", "alcf_order")
+LABELS = {"router": "this router", "round_robin": "round robin", "alcf_order": "ALCF old order"}
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    name: str
+    nodes: int
+    busy: float
+    """The mean share of nodes other users hold."""
+    swing: float
+    """How much that share rises in the afternoon and falls at night."""
+    queue_s: float
+    """The mean wait in the batch queue for a node when none is free."""
+    max_blocks: int
+
+
+CLUSTERS = (
+    ClusterSpec("alpha", nodes=16, busy=0.45, swing=0.2, queue_s=360.0, max_blocks=2),
+    ClusterSpec("beta", nodes=48, busy=0.8, swing=0.12, queue_s=1200.0, max_blocks=2),
+    ClusterSpec("gamma", nodes=96, busy=0.9, swing=0.06, queue_s=2400.0, max_blocks=3),
+    ClusterSpec("delta", nodes=24, busy=0.6, swing=0.25, queue_s=600.0, max_blocks=2),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    start_hour: float
+    """The time of day at which the simulation starts, everything cold."""
+    warmup_h: float
+    hours: float
+    """How long requests are measured after the warm-up."""
+
+
+FULL = Settings(start_hour=18.0, warmup_h=6.0, hours=24.0)
+QUICK = Settings(start_hour=9.0, warmup_h=1.0, hours=2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request of the trace."""
+
+    at: float
+    model: str
+    prefill_s: float
+    generate_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """Everything that is the same for every policy: hardware, other users, outages, traffic."""
+
+    seed: int
+    clusters: tuple[ClusterSpec, ...]
+    served: dict[str, tuple[str, ...]]
+    """Model → the clusters serving it, in config order."""
+    calls: tuple[Call, ...]
+    measured_from: float
+    """Requests that arrive earlier warm the gateway up and are not counted."""
+    busy: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Cluster → other users' share of its nodes per ``LOAD_SLOT_S``; none given: nobody else."""
+    outages: dict[tuple[str, str], tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    """(cluster, model) → (down at, up at)."""
+
+
+def _diurnal(t: float, start_hour: float) -> float:
+    hour = (start_hour + t / HOUR_S) % 24
+    return 1 + DIURNAL * math.cos(2 * math.pi * (hour - PEAK_HOUR) / 24)
+
+
+def _arrivals(rng: random.Random, per_h: float, until: float, start_hour: float) -> list[float]:
+    """A Poisson process whose rate follows the day, by thinning one at the peak rate."""
+    peak = per_h * (1 + DIURNAL) / HOUR_S
+    times: list[float] = []
+    t = 0.0
+    if peak <= 0:
+        return times
+    while True:
+        t += rng.expovariate(peak)
+        if t >= until:
+            return times
+        if rng.random() * (1 + DIURNAL) < _diurnal(t, start_hour):
+            times.append(t)
+
+
+def build_scenario(seed: int, settings: Settings) -> Scenario:
+    """The hardware, the other users, the outages and the trace of one run."""
+    until = (settings.warmup_h + settings.hours) * HOUR_S
+    names = [f"model-{i:02d}" for i in range(1, MODELS + 1)]
+    rng = random.Random(f"{seed}/catalog")
+    cluster_names = [c.name for c in CLUSTERS]
+    served = {m: tuple(rng.sample(cluster_names, 3 if i < THREE_CLUSTERS else 2)) for i, m in enumerate(names)}
+    prefill = {m: rng.uniform(*PREFILL_S) for m in names}
+    weights = [1 / (i + 1) ** ZIPF for i in range(MODELS)]
+
+    rng = random.Random(f"{seed}/trace")
+
+    def call(at: float, model: str) -> Call:
+        return Call(at, model, prefill[model] * rng.lognormvariate(0, 0.25),
+                    rng.lognormvariate(math.log(GENERATE_MEDIAN_S), 0.8))
+
+    calls = [call(t, rng.choices(names, weights)[0]) for t in _arrivals(rng, SINGLES_PER_H, until,
+                                                                          settings.start_hour)]
+    for t in _arrivals(rng, BURSTS_PER_H, until, settings.start_hour):
+        model = rng.choices(names, weights)[0]
+        calls += [call(t + rng.uniform(0, BURST_SPREAD_S), model) for _ in range(rng.randint(*BURST_SIZE))]
+    calls.sort(key=lambda c: c.at)
+
+    end = until + MAX_WAIT_S + 2 * IDLE_S  # the last requests and the blocks they leave behind
+    busy = {}
+    for spec in CLUSTERS:
+        rng = random.Random(f"{seed}/busy/{spec.name}")
+        shares, drift = [], 0.0
+        for k in range(int(end // LOAD_SLOT_S) + 1):
+            drift = 0.7 * drift + rng.gauss(0, 0.05)
+            day = _diurnal(k * LOAD_SLOT_S, settings.start_hour) - 1  # -DIURNAL..DIURNAL
+            shares.append(min(max(spec.busy + spec.swing * day / DIURNAL + drift, 0.0), 1.0))
+        busy[spec.name] = tuple(shares)
+    outages = {}
+    for model, where in served.items():
+        for cluster in where:
+            rng = random.Random(f"{seed}/outages/{cluster}/{model}")
+            spans, t = [], 0.0
+            while (t := t + rng.expovariate(1 / OUTAGE_EVERY_S)) < until:
+                spans.append((t, t + rng.uniform(*OUTAGE_S)))
+                t = spans[-1][1]
+            outages[cluster, model] = tuple(spans)
+    return Scenario(seed, CLUSTERS, served, tuple(calls), settings.warmup_h * HOUR_S, busy, outages)
+
+
+# -- the world: clusters, endpoints, blocks ---------------------------------------------------------------------
+
+
+class Clock:
+    """Virtual time and the events due in it."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = 0
+
+    def now(self) -> float:
+        return self.t
+
+    def at(self, t: float, action: Callable[..., None], *args: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (t, self._seq, action, args))
+
+    def run(self) -> None:
+        while self._queue:
+            self.t, _, action, args = heapq.heappop(self._queue)
+            action(*args)
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    call: Call
+    plan: list[Endpoint] = field(default_factory=list)
+    tried: int = 0
+    attempt: int = 0
+    """Counts sends, so that an event meant for an earlier try is recognised as stale."""
+    endpoint: Endpoint | None = None
+    hot_at_send: bool = False
+    first_token_at: float | None = None
+    failure: str | None = None
+    failovers: int = 0
+
+    @property
+    def open(self) -> bool:
+        return self.first_token_at is None and self.failure is None
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    holds_node: bool = False
+    on_node_at: float | None = None
+    active: int = 0
+    idle_turn: int = 0
+    """Bumped whenever the block gets work, so that a release planned while it was idle is recognised as stale."""
+    gone: bool = False
+    fails: bool = False
+    load_s: float = 0.0
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec, busy: tuple[float, ...]) -> None:
+        self.spec = spec
+        self.busy = busy or (0.0,)
+        self.held = 0
+        """Nodes held (or granted) by the endpoints' blocks."""
+
+    def free(self, t: float) -> int:
+        share = self.busy[min(int(t // LOAD_SLOT_S), len(self.busy) - 1)]
+        return int(self.spec.nodes * (1 - share)) - self.held
+
+
+class Endpoint:
+    """One model's Globus Compute endpoint on one cluster: its blocks, the requests waiting, its outages."""
+
+    def __init__(self, world: World, cluster: Cluster, model: str) -> None:
+        self.world = world
+        self.clock = world.clock
+        self.cluster = cluster
+        self.model = model
+        self.name = f"{cluster.spec.name}/{model}"
+        self.rng = random.Random(f"{world.scenario.seed}/starts/{self.name}")
+        self.blocks: list[Block] = []
+        self.pending: list[Block] = []
+        self.waiting: deque[Request] = deque()
+        self.prefilling: set[Request] = set()
+        self.generating: set[Request] = set()
+        self.warming: list[Callable[[str | None], None]] = []
+        """Told when the model answers here (None) or cannot start (why): the gateway's ``warm()`` calls."""
+        self.down = False
+
+    def state(self) -> str:
+        """What its status says: the states the router knows."""
+        if self.down:
+            return "offline"
+        if self.blocks:
+            return "hot"
+        if any(b.on_node_at is not None for b in self.pending):
+            return "starting"
+        return "queued" if self.pending else "cold"
+
+    def submit(self, req: Request) -> None:
+        if self.down:
+            self.clock.at(self.clock.t + CONNECT_TIMEOUT_S, self._unreachable, req, req.attempt)
+            return
+        self.waiting.append(req)
+        self._dispatch()
+        self._scale()
+
+    def warm(self, done: Callable[[str | None], None]) -> None:
+        """Start the model if it is not running; ``done`` once it answers, or with why it cannot start."""
+        if self.down:
+            self.clock.at(self.clock.t + CONNECT_TIMEOUT_S, done, "connect timeout")
+        elif self.blocks:
+            done(None)
+        else:
+            self.warming.append(done)
+            if not self.pending:
+                self._ask_block()
+
+    def withdraw(self, req: Request) -> None:
+        """The client gave up on ``req``."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.prefilling.discard(req)
+
+    def _unreachable(self, req: Request, attempt: int) -> None:
+        if req.open and req.attempt == attempt:
+            self.world.gateway.refused(req, self, "connect timeout")
+
+    def _dispatch(self) -> None:
+        while self.waiting:
+            block = min(self.blocks, key=lambda b: b.active, default=None)
+            if block is None or block.active >= SLOTS:
+                return
+            req = self.waiting.popleft()
+            block.active += 1
+            block.idle_turn += 1
+            self.prefilling.add(req)
+            ttft = req.call.prefill_s * (1 + (block.active - 1) / SLOTS)
+            self.clock.at(self.clock.t + ttft, self._first_token, req, req.attempt, block)
+
+    def _scale(self) -> None:
+        """Ask for a block when requests wait and none is on its way (parsl's scale-out, one block at a time)."""
+        if self.waiting and not self.pending and len(self.blocks) < self.cluster.spec.max_blocks:
+            self._ask_block()
+
+    def _ask_block(self) -> None:
+        now = self.clock.t
+        block = Block()
+        self.pending.append(block)
+        self.world.starts += 1
+        # the k-th start here draws the same numbers under every policy: three draws, whichever branch
+        free = self.cluster.free(now) > 0
+        queue_s = self.rng.uniform(*SCHEDULE_S) if free else self.rng.expovariate(1 / self.cluster.spec.queue_s)
+        block.load_s = self.rng.uniform(*LOAD_S)
+        block.fails = self.rng.random() < START_FAILURE
+        if free:
+            block.holds_node = True
+            self.cluster.held += 1
+        self.clock.at(now + queue_s, self._on_node, block)
+
+    def _on_node(self, block: Block) -> None:
+        if block.gone:
+            return
+        block.on_node_at = self.clock.t
+        if not block.holds_node:
+            block.holds_node = True
+            self.cluster.held += 1
+        self.clock.at(self.clock.t + block.load_s, self._loaded, block)
+
+    def _loaded(self, block: Block) -> None:
+        if block.gone:
+            return
+        self.pending.remove(block)
+        if block.fails:
+            self._release(block)
+            if not self.blocks and not self.pending:
+                self._fail_waiting("the engine failed to start")
+            return
+        self.blocks.append(block)
+        warming, self.warming = self.warming, []
+        for done in warming:
+            done(None)
+        self._dispatch()
+        self._scale()
+        self._settle(block)
+
+    def _first_token(self, req: Request, attempt: int, block: Block) -> None:
+        if block.gone:
+            return  # lost in an outage, which already failed the request
+        self.prefilling.discard(req)
+        if not req.open or req.attempt != attempt:  # the client gave up meanwhile
+            block.active -= 1
+            self._dispatch()
+            self._settle(block)
+            return
+        self.generating.add(req)
+        self.world.gateway.first_token(req, self)
+        self.clock.at(self.clock.t + req.call.generate_s, self._finished, req, block)
+
+    def _finished(self, req: Request, block: Block) -> None:
+        if block.gone:
+            return  # broken by an outage, already told
+        self.generating.discard(req)
+        block.active -= 1
+        self.world.gateway.finished(req, self)
+        self._dispatch()
+        self._settle(block)
+
+    def _settle(self, block: Block) -> None:
+        if block.active == 0 and not self.waiting and not block.gone:
+            block.idle_turn += 1
+            self.clock.at(self.clock.t + IDLE_S, self._idle, block, block.idle_turn)
+
+    def _idle(self, block: Block, turn: int) -> None:
+        if not block.gone and block.idle_turn == turn and block.active == 0:
+            self.blocks.remove(block)
+            self._release(block)
+
+    def _release(self, block: Block) -> None:
+        block.gone = True
+        if block.holds_node:
+            self.cluster.held -= 1
+        if block.on_node_at is not None:
+            self.world.node_seconds += self.clock.t - block.on_node_at
+
+    def _fail_waiting(self, reason: str) -> None:
+        refused = [*self.waiting, *self.prefilling]
+        warming, self.warming = self.warming, []
+        self.waiting.clear()
+        self.prefilling.clear()
+        for done in warming:
+            done(reason)
+        for req in refused:
+            self.world.gateway.refused(req, self, reason)
+
+    def go_down(self) -> None:
+        self.down = True
+        for block in [*self.blocks, *self.pending]:
+            self._release(block)
+        self.blocks.clear()
+        self.pending.clear()
+        broken = list(self.generating)
+        self.generating.clear()
+        for req in broken:
+            self.world.gateway.broken(req, self)
+        self._fail_waiting("endpoint down")
+
+    def come_up(self) -> None:
+        self.down = False
+
+
+# -- the gateways: one per policy, around the same endpoints ----------------------------------------------------
+
+
+class Gateway:
+    """What every policy shares: a request goes to the candidates of its plan in turn until one gives it a first
+    token; a failure before the first byte moves it on; running out of candidates or of time fails it."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.clock = world.clock
+
+    def order(self, model: str) -> list[Endpoint]:
+        raise NotImplementedError
+
+    def reading(self) -> None:
+        """The status of every endpoint, read now."""
+
+    def arrive(self, req: Request) -> None:
+        req.plan = self.order(req.call.model)
+        self.clock.at(req.call.at + MAX_WAIT_S, self._deadline, req)
+        self._send_next(req, "no candidate")
+
+    def _send_next(self, req: Request, reason: str) -> None:
+        if req.tried >= len(req.plan):
+            req.failure = reason
+            return
+        endpoint = req.plan[req.tried]
+        req.tried += 1
+        req.attempt += 1
+        req.endpoint = endpoint
+        req.hot_at_send = bool(endpoint.blocks) and not endpoint.down
+        self.sending(req, endpoint)
+        endpoint.submit(req)
+
+    def refused(self, req: Request, endpoint: Endpoint, reason: str) -> None:
+        """A failure before the first byte: the next candidate."""
+        self.failed_at(req, endpoint, reason)
+        if req.tried < len(req.plan):
+            req.failovers += 1
+        self._send_next(req, reason)
+
+    def _deadline(self, req: Request) -> None:
+        if req.open:
+            if req.endpoint is not None:
+                req.endpoint.withdraw(req)
+                self.abandoned(req, req.endpoint)
+            req.failure = "no first token in time"
+
+    # what the policy hears of each try; only this router listens
+
+    def sending(self, req: Request, endpoint: Endpoint) -> None:
+        """``req`` is about to be sent to ``endpoint``."""
+
+    def first_token(self, req: Request, endpoint: Endpoint) -> None:
+        req.first_token_at = self.clock.t
+
+    def finished(self, req: Request, endpoint: Endpoint) -> None:
+        """The answer is complete."""
+
+    def broken(self, req: Request, endpoint: Endpoint) -> None:
+        """A stream under way broke (its first token was already counted)."""
+
+    def failed_at(self, req: Request, endpoint: Endpoint, reason: str) -> None:
+        """A try failed before its first byte."""
+
+    def abandoned(self, req: Request, endpoint: Endpoint) -> None:
+        """The client gave up while ``req`` was at ``endpoint``."""
+
+
+@dataclass(slots=True)
+class SimBackend:
+    """What the router reads of a backend; the calls a real one answers are the simulation's to make."""
+
+    cluster: str
+    name: str
+    capacity: int
+    """Requests one block's engine serves at once: ``SLOTS`` (the config's ``concurrency``, per block); the router
+    multiplies it by the blocks a status reading counts."""
+    kind: str = "globus_compute"
+    start_s: float = PRIOR_START_S
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        return capability is Capability.chat
+
+
+class RouterGateway(Gateway):
+    """This router: the real ``Router``, fed as the gateway (``first_jupyter.gateway.core``) feeds it."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.backends = {ep: SimBackend(ep.cluster.spec.name, ep.model, SLOTS) for ep in world.endpoints.values()}
+        served = {m: [f"{c}/{m}" for c in where] for m, where in world.scenario.served.items()}
+        # the router reads only cluster, name, kind, capacity, start_s and supports() of a backend
+        self.router = Router(cast("list[Backend]", list(self.backends.values())), served, clock=self.clock.now)
+        self.target: dict[Endpoint, Target] = {}
+        for targets in self.router.catalog.values():
+            for t in targets:
+                self.target[world.endpoints[t.cluster, t.model_id]] = t
+        self.starting: set[Endpoint] = set()
+        """Where this gateway asked a start that has not answered yet (one at a time per endpoint)."""
+        self.sent: dict[Request, tuple[float, bool]] = {}
+        """Request → when it was last sent, and whether its answer time says nothing of the engine's speed: the
+        router then believed it had to wait for a start there, or the engine was loaded (the gateway's
+        ``Attempts``)."""
+
+    def order(self, model: str) -> list[Endpoint]:
+        targets = self.router.candidates(model, Capability.chat)
+        for target in self.router.to_start(targets):  # the best when it must start; another ahead of a burst
+            self._start(target)
+        return [self.world.endpoints[t.cluster, t.model_id] for t in targets]
+
+    def _start(self, target: Target) -> None:
+        endpoint = self.world.endpoints[target.cluster, target.model_id]
+        if endpoint in self.starting:
+            return  # joined, not repeated
+        self.starting.add(endpoint)
+        whole = self.router.start_asked(target)
+        began = self.clock.t
+
+        def done(failure: str | None) -> None:
+            self.starting.discard(endpoint)
+            self.router.start_ended(target, self.clock.t - began, whole, failure)
+
+        endpoint.warm(done)
+
+    def reading(self) -> None:
+        # the gateway's ``_observe``: each model's state, then the blocks connected (a Globus Compute endpoint
+        # status's managers), which make the endpoint's capacity
+        for ep, backend in self.backends.items():
+            self.router.observe_state(backend, ep.model, ep.state())
+        for ep, backend in self.backends.items():
+            self.router.observe_blocks(backend, len(ep.blocks))
+
+    def sending(self, req: Request, endpoint: Endpoint) -> None:
+        target = self.target[endpoint]
+        waits = self.router.state_of(target) in WAITING_STATES
+        if waits:  # a failover to one that must start the model: start it (the best was started in order())
+            self._start(target)
+        self.sent[req] = (self.clock.t, waits or self.router.health_of(target).loaded())  # before it counts
+        self.router.began(target)
+
+    def finished(self, req: Request, endpoint: Endpoint) -> None:
+        # a stream's end (the gateway's ``GatewayStream.close``): its time to first token from when it was sent
+        # there, none when it waited for a start or was sent into a loaded engine
+        sent_at, waited = self.sent.pop(req)
+        assert req.first_token_at is not None
+        self.router.ended(self.target[endpoint])
+        self.router.succeeded(self.target[endpoint], None if waited else req.first_token_at - sent_at)
+
+    def broken(self, req: Request, endpoint: Endpoint) -> None:
+        self.sent.pop(req, None)
+        self.router.ended(self.target[endpoint])
+        self.router.failed(self.target[endpoint], "stream broken")
+
+    def failed_at(self, req: Request, endpoint: Endpoint, reason: str) -> None:
+        self.sent.pop(req, None)
+        self.router.ended(self.target[endpoint])
+        self.router.failed(self.target[endpoint], reason)
+
+    def abandoned(self, req: Request, endpoint: Endpoint) -> None:
+        self.sent.pop(req, None)
+        self.router.ended(self.target[endpoint])
+
+
+class RoundRobinGateway(Gateway):
+    """Each model's endpoints in turn, whatever their state."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.turn: dict[str, int] = {}
+
+    def order(self, model: str) -> list[Endpoint]:
+        endpoints = self.world.served[model]
+        turn = self.turn.get(model, 0)
+        self.turn[model] = turn + 1
+        first = turn % len(endpoints)
+        return endpoints[first:] + endpoints[:first]
+
+
+class AlcfGateway(Gateway):
+    """ALCF's old order: model running > queued > endpoint online with free nodes > online > the first target."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.states: dict[Endpoint, str] = {}
+        self.free: dict[str, bool] = {}
+
+    def reading(self) -> None:
+        for ep in self.world.endpoints.values():
+            self.states[ep] = ep.state()
+        for cluster in self.world.clusters.values():
+            self.free[cluster.spec.name] = cluster.free(self.clock.t) > 0
+
+    def rank(self, endpoint: Endpoint) -> int:
+        state = self.states.get(endpoint, "offline")
+        if state == "hot":
+            return 0
+        if state in ("queued", "starting"):
+            return 1
+        if state == "cold":
+            return 2 if self.free.get(endpoint.cluster.spec.name) else 3
+        return 4
+
+    def order(self, model: str) -> list[Endpoint]:
+        return sorted(self.world.served[model], key=self.rank)  # stable: config order within a rank
+
+
+GATEWAYS: dict[str, Callable[[World], Gateway]] = {
+    "router": RouterGateway, "round_robin": RoundRobinGateway, "alcf_order": AlcfGateway}
+
+
+class World:
+    """One policy's run over a scenario."""
+
+    def __init__(self, scenario: Scenario, policy: str) -> None:
+        self.scenario = scenario
+        self.clock = Clock()
+        self.clusters = {c.name: Cluster(c, scenario.busy.get(c.name, ())) for c in scenario.clusters}
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        for model, where in scenario.served.items():
+            for cluster in where:
+                self.endpoints[cluster, model] = Endpoint(self, self.clusters[cluster], model)
+        self.served = {m: [self.endpoints[c, m] for c in where] for m, where in scenario.served.items()}
+        self.starts = 0
+        self.node_seconds = 0.0
+        self.gateway = GATEWAYS[policy](self)
+        self.requests = [Request(call) for call in scenario.calls]
+
+    def run(self) -> list[Request]:
+        last = self.scenario.calls[-1].at + MAX_WAIT_S if self.scenario.calls else 0.0
+        self.clock.at(0.0, self._read, last)  # first: a request at 0 finds the states read
+        for req in self.requests:
+            self.clock.at(req.call.at, self.gateway.arrive, req)
+        for key, spans in self.scenario.outages.items():
+            for down, up in spans:
+                self.clock.at(down, self.endpoints[key].go_down)
+                self.clock.at(up, self.endpoints[key].come_up)
+        self.clock.run()
+        return self.requests
+
+    def _read(self, until: float) -> None:
+        self.gateway.reading()
+        if self.clock.t + READING_S <= until:
+            self.clock.at(self.clock.t + READING_S, self._read, until)
+
+
+def simulate(scenario: Scenario, policy: str) -> tuple[list[Request], World]:
+    world = World(scenario, policy)
+    return world.run(), world
+
+
+# -- figures ------------------------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest rank: a value some request actually saw."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)] if ordered else math.nan
+
+
+def figures(requests: list[Request], world: World) -> dict[str, Any]:
+    measured = [r for r in requests if r.call.at >= world.scenario.measured_from]
+    served = [r for r in measured if r.first_token_at is not None]
+    ttft = [r.first_token_at - r.call.at for r in served if r.first_token_at is not None]
+    with_failed = ttft + [MAX_WAIT_S] * (len(measured) - len(served))
+    count = len(measured)
+    return {
+        "requests": count,
+        "served": len(served),
+        "failed": count - len(served),
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else math.nan,
+        "ttft_p50_s": percentile(ttft, 0.50),
+        "ttft_p95_s": percentile(ttft, 0.95),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "ttft_p95_with_failed_s": percentile(with_failed, 0.95),
+        "served_hot": sum(r.hot_at_send for r in served) / count if count else math.nan,
+        "failovers": sum(r.failovers for r in measured),
+        "starts": world.starts,
+        "node_hours": world.node_seconds / HOUR_S,
+    }
+
+
+def run_all(seed: int, settings: Settings) -> dict[str, Any]:
+    scenario = build_scenario(seed, settings)
+    policies = {name: figures(*simulate(scenario, name)) for name in POLICIES}
+    mine = policies["router"]
+    ratios = {name: {"p95": policies[name]["ttft_p95_s"] / mine["ttft_p95_s"],
+                     "mean": policies[name]["ttft_mean_s"] / mine["ttft_mean_s"]}
+              for name in POLICIES if name != "router"}
+    return {"seed": seed, "settings": {"start_hour": settings.start_hour, "warmup_h": settings.warmup_h,
+                                       "hours": settings.hours},
+            "trace": {"requests": len(scenario.calls), "models": len(scenario.served),
+                      "endpoints": sum(len(w) for w in scenario.served.values())},
+            "policies": policies, "ratios": ratios}
+
+
+def table(result: dict[str, Any]) -> str:
+    head = ("policy", "requests", "failed", "mean TTFT s", "p50 s", "p95 s", "p99 s", "p95 w/ failed s",
+            "served hot", "failovers", "starts", "node-h")
+    rows = [head]
+    for name, f in result["policies"].items():
+        rows.append((LABELS[name], str(f["requests"]), str(f["failed"]), f"{f['ttft_mean_s']:.1f}",
+                     f"{f['ttft_p50_s']:.2f}", f"{f['ttft_p95_s']:.1f}", f"{f['ttft_p99_s']:.1f}",
+                     f"{f['ttft_p95_with_failed_s']:.1f}", f"{f['served_hot']:.1%}", str(f["failovers"]),
+                     str(f["starts"]), f"{f['node_hours']:.0f}"))
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
+    for name, r in result["ratios"].items():
+        lines.append(f"{LABELS[name]} / this router: p95 x{r['p95']:.2f}, mean x{r['mean']:.2f}")
+    return "\n".join(lines)
+
+
+def router_ahead(result: dict[str, Any]) -> bool:
+    """The acceptance: this router's p95 time to first token below both baselines' on the same hardware."""
+    return all(r["p95"] > 1 for r in result["ratios"].values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="2 h after a 1 h warm-up instead of a day after 6 h")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    began = time.perf_counter()
+    result = run_all(args.seed, settings)
+    result["wall_s"] = time.perf_counter() - began
+    trace = result["trace"]
+    print(f"{trace['requests']} requests to {trace['models']} models on {trace['endpoints']} endpoints of "
+          f"{len(CLUSTERS)} clusters; measured: {settings.hours:g} h after a {settings.warmup_h:g} h warm-up "
+          f"(seed {args.seed}, {result['wall_s']:.1f} s)")
+    print(table(result))
+    ahead = router_ahead(result)
+    print("this router is ahead of both baselines on p95 time to first token" if ahead else
+          "this router is NOT ahead of both baselines on p95 time to first token")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if ahead else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The federation simulation: a quick run's figures are complete and consistent, and the pieces that decide them
+(cold starts, outages and failover, the baselines' orders, the client's limit, the trace) behave as documented."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+
+from bench import federation_sim as sim
+from bench.federation_sim import Call, ClusterSpec, Scenario
+from first_jupyter.gateway.router import EWMA_WEIGHT, FIRST_TTFT_S, SCALE_OUT_AT, START_WEIGHT
+
+MODEL = "m"
+
+
+@pytest.fixture(autouse=True)
+def _starts_succeed(monkeypatch):
+    """Hand-built scenarios test one thing each: a start that fails by chance would test another."""
+    monkeypatch.setattr(sim, "START_FAILURE", 0.0)
+
+
+def _cluster(name: str, *, queue_s: float = 600.0) -> ClusterSpec:
+    return ClusterSpec(name, nodes=8, busy=0.0, swing=0.0, queue_s=queue_s, max_blocks=1)
+
+
+def _scenario(times: list[float], where: tuple[str, ...], **kwargs) -> Scenario:
+    clusters = kwargs.pop("clusters", tuple(_cluster(c) for c in where))
+    calls = tuple(Call(t, MODEL, prefill_s=0.3, generate_s=5.0) for t in times)
+    return Scenario(seed=7, clusters=clusters, served={MODEL: where}, calls=calls, measured_from=0.0, **kwargs)
+
+
+def _served_by(req: sim.Request) -> str:
+    assert req.endpoint is not None
+    return req.endpoint.name
+
+
+def _ttft(req: sim.Request) -> float:
+    assert req.first_token_at is not None, req.failure
+    return req.first_token_at - req.call.at
+
+
+def test_quick_run_figures_are_complete_and_consistent(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the run as shipped, starts that fail included
+    out = tmp_path / "figures.json"
+    rc = sim.main(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    scenario = sim.build_scenario(1, sim.QUICK)
+    measured = sum(c.at >= scenario.measured_from for c in scenario.calls)
+    assert measured > 1000
+    assert set(result["policies"]) == set(sim.POLICIES)
+    for name, f in result["policies"].items():
+        assert f["requests"] == measured, name  # the same trace for every policy
+        assert f["served"] + f["failed"] == f["requests"], name
+        assert 0 <= f["served_hot"] <= f["served"] / f["requests"] <= 1, name
+        assert 0 < f["ttft_p50_s"] <= f["ttft_p95_s"] <= f["ttft_p99_s"], name
+        assert f["ttft_p50_s"] <= f["ttft_mean_s"] <= f["ttft_p99_s"], name  # a long tail lifts the mean
+        assert f["ttft_p95_with_failed_s"] >= f["ttft_p95_s"], name
+        assert f["starts"] > 0, name
+        assert f["node_hours"] > 0, name
+    mine = result["policies"]["router"]
+    for name, ratio in result["ratios"].items():
+        assert ratio["p95"] == pytest.approx(result["policies"][name]["ttft_p95_s"] / mine["ttft_p95_s"])
+        assert ratio["mean"] == pytest.approx(result["policies"][name]["ttft_mean_s"] / mine["ttft_mean_s"])
+    assert rc == (0 if all(r["p95"] > 1 for r in result["ratios"].values()) else 1)
+
+
+def test_every_request_ends_once_and_the_router_sees_each_try_end():
+    """began/ended stay paired through failovers, outages, broken streams and clients that gave up."""
+    requests, world = sim.simulate(sim.build_scenario(1, sim.QUICK), "router")
+    assert all((r.first_token_at is None) != (r.failure is None) for r in requests)
+    assert all(h.in_flight == 0 for h in world.gateway.router.health.values())
+    assert not world.gateway.sent  # every try answered
+    assert not world.gateway.starting  # every start answered
+    assert world.clock.t > requests[-1].call.at + sim.MAX_WAIT_S  # ran until the last one could end
+    assert all(c.held == 0 for c in world.clusters.values())  # every block given back
+
+
+def test_each_backends_capacity_is_one_blocks_and_the_routers_follows_the_blocks_read():
+    """A backend has ``SLOTS`` (the config's ``concurrency``, per block); each reading tells the router the blocks
+    up (the status's managers), so its capacity is ``SLOTS`` per block up, one block's when none is."""
+    cluster = ClusterSpec("a", nodes=8, busy=0.0, swing=0.0, queue_s=600.0, max_blocks=2)
+    world = sim.World(_scenario([0.0] + [1200.0 + i / 100 for i in range(100)], ("a",), clusters=(cluster,)),
+                      "router")
+    gateway = world.gateway
+    assert isinstance(gateway, sim.RouterGateway)
+    (endpoint, backend), = gateway.backends.items()
+    assert backend.capacity == sim.SLOTS
+    health = gateway.router.health_of_backend(backend)
+    seen: list[tuple[int, int]] = []
+    reading = gateway.reading
+
+    def read() -> None:
+        reading()
+        seen.append((len(endpoint.blocks), health.capacity))
+
+    gateway.reading = read  # type: ignore[method-assign]
+    world.run()
+    assert all(capacity == sim.SLOTS * max(blocks, 1) for blocks, capacity in seen)
+    assert {blocks for blocks, _ in seen} == {0, 1, 2}  # cold, then one block, then scaled out by the burst
+
+
+def test_the_router_learns_a_start_from_the_start_and_answer_times_from_hot_sends_only():
+    """The request that waited for the start teaches the start's length, not an answer time (``succeeded`` gets
+    None); the next, sent hot, teaches its time to first token from when it was sent."""
+    late = sim.SCHEDULE_S[1] + sim.LOAD_S[1] + 10
+    requests, world = sim.simulate(_scenario([0.0, late], ("a",)), "router")
+    cold, hot = requests
+    router = world.gateway.router
+    health = router.health_of(router.catalog[MODEL][0])
+    start = _ttft(cold) - 0.3  # the first token came the prefill after the block loaded
+    assert health.start_s == pytest.approx(sim.PRIOR_START_S + START_WEIGHT * (start - sim.PRIOR_START_S))
+    assert _ttft(hot) == pytest.approx(0.3)  # an idle block: the prefill alone
+    assert health.ttft_s == pytest.approx(FIRST_TTFT_S + EWMA_WEIGHT * (0.3 - FIRST_TTFT_S))
+
+
+def _bursts(first: float, first_size: int, second: float = math.inf, second_size: int = 0) -> list[float]:
+    """A request that starts "a", then two bursts, each within a second."""
+    return [0.0] + [first + i / first_size for i in range(first_size)] + [
+        second + i / second_size for i in range(second_size)]
+
+
+SECOND_BURST = 1200.0 + sim.SCHEDULE_S[1] + sim.LOAD_S[1] + 60
+"""After a start asked at the first burst (at 1200 s) answered, before the endpoint released its idle block."""
+
+
+def test_a_loaded_hot_endpoint_makes_the_router_start_a_second_one_ahead_of_need():
+    size = 60
+    starts: list[tuple[float, str, str]] = []
+    world = sim.World(_scenario(_bursts(1200.0, size), ("a", "b")), "router")
+    gateway = world.gateway
+    assert isinstance(gateway, sim.RouterGateway)
+    asked = gateway.router.start_asked
+
+    def start_asked(target):
+        starts.append((world.clock.t, target.cluster, gateway.router.state_of(target)))
+        return asked(target)
+
+    gateway.router.start_asked = start_asked  # type: ignore[method-assign]
+    requests = world.run()
+    warmup, burst = requests[0], requests[1:]
+    assert _served_by(warmup) == f"a/{MODEL}"
+    assert [(c, state) for _, c, state in starts] == [("a", "cold"), ("b", "cold")]
+    loaded_at = burst[math.ceil(SCALE_OUT_AT * sim.SLOTS)].call.at  # "a" had 3/4 of its capacity in flight
+    assert starts[1][0] == loaded_at
+    assert all(_served_by(r) == f"a/{MODEL}" for r in burst)  # nobody waited for "b": it was started ahead
+    assert max(_ttft(r) for r in burst) >= 5.0  # the burst queued for "a"'s slots meanwhile
+    assert world.starts == 2
+    assert world.endpoints["b", MODEL].state() == "cold"  # "b" came up, idled and was released
+    router = gateway.router
+    assert router.health_of(router.catalog[MODEL][1]).start_s != sim.PRIOR_START_S  # its start was learned
+
+
+def test_the_load_term_spreads_a_burst_across_two_hot_endpoints():
+    """A first burst loads "a" past ``SCALE_OUT_AT`` (within its slots: no request queues), so "b" is started
+    ahead of need; the next burst, more than one engine's slots, is shared: no request waits for a slot."""
+    size = 60
+    first_size = math.ceil(SCALE_OUT_AT * sim.SLOTS) + 2
+    assert first_size <= sim.SLOTS
+    requests, world = sim.simulate(_scenario(_bursts(1200.0, first_size, SECOND_BURST, size), ("a", "b")), "router")
+    first, burst = requests[1:1 + first_size], requests[1 + first_size:]
+    assert all(_served_by(r) == f"a/{MODEL}" for r in first)
+    where = Counter(_served_by(r) for r in burst)
+    assert where[f"a/{MODEL}"] >= size // 4
+    assert where[f"b/{MODEL}"] >= size // 4
+    assert all(r.hot_at_send for r in burst)
+    assert max(_ttft(r) for r in burst) < 1.0  # each engine within its slots
+    assert world.starts == 2  # no start more
+
+
+def test_a_burst_that_queued_does_not_keep_the_next_one_off_its_endpoint():
+    """Requests sent into a loaded engine teach no answer time (``succeeded`` gets None): the queue the first
+    burst met at "a" stays the load term's, so "a" is not taken for slow and the next burst is shared."""
+    size = 60
+    requests, world = sim.simulate(_scenario(_bursts(1200.0, size, SECOND_BURST, size), ("a", "b")), "router")
+    first, burst = requests[1:1 + size], requests[1 + size:]
+    assert max(_ttft(r) for r in first) >= 5.0  # the first burst queued at "a" while "b" started
+    router = world.gateway.router
+    assert router.health_of(router.catalog[MODEL][0]).ttft_s < 1.0  # what "a" answers in, not its queue
+    where = Counter(_served_by(r) for r in burst)
+    assert where[f"a/{MODEL}"] >= size // 4
+    assert where[f"b/{MODEL}"] >= size // 4
+
+
+@pytest.mark.parametrize("policy", sim.POLICIES)
+def test_a_cold_endpoint_first_waits_a_start_then_answers_hot(policy):
+    first_token_late = sim.SCHEDULE_S[1] + sim.LOAD_S[1] + 10
+    requests, world = sim.simulate(_scenario([0.0, first_token_late], ("a",)), policy)
+    cold, hot = requests
+    assert sim.SCHEDULE_S[0] + sim.LOAD_S[0] <= _ttft(cold) <= first_token_late  # >= 10 min: through a free node
+    assert not cold.hot_at_send
+    assert _ttft(hot) < 1.0
+    assert hot.hot_at_send
+    assert world.starts == 1
+    assert world.node_seconds >= sim.IDLE_S  # the block stayed up idle before it was released
+
+
+def test_a_start_stuck_in_a_busy_queue_ends_at_the_clients_limit():
+    scenario = _scenario([0.0], ("a",), clusters=(_cluster("a", queue_s=1e9),), busy={"a": (1.0,)})
+    requests, world = sim.simulate(scenario, "router")
+    assert requests[0].failure == "no first token in time"
+    assert world.clock.t >= sim.MAX_WAIT_S
+    assert all(h.in_flight == 0 for h in world.gateway.router.health.values())
+
+
+def test_the_router_fails_over_from_a_down_endpoint_it_still_believes_hot():
+    down_at = 1501.0  # just after the reading at 1500 s, which found "a" hot
+    requests, world = sim.simulate(_scenario([0.0, down_at + 1, down_at + 60], ("a", "b"),
+                                             outages={("a", MODEL): ((down_at, down_at + 600),)}), "router")
+    warmup, blind, informed = requests
+    assert _served_by(warmup) == f"a/{MODEL}"
+    assert [e.name for e in blind.plan] == [f"a/{MODEL}", f"b/{MODEL}"]
+    assert blind.failovers == 1
+    assert _served_by(blind) == f"b/{MODEL}"
+    assert _ttft(blind) >= sim.CONNECT_TIMEOUT_S + sim.LOAD_S[0]  # the timeout, then a start at "b"
+    router = world.gateway.router
+    health = router.health_of(router.catalog[MODEL][0])
+    assert health.last_error == "connect timeout"
+    assert informed.plan[0].name == f"b/{MODEL}"  # the next reading said "a" is offline
+    assert informed.failovers == 0
+
+
+def test_an_outage_fails_the_requests_waiting_there_over_to_the_next():
+    requests, _ = sim.simulate(_scenario([0.0], ("a", "b"), outages={("a", MODEL): ((100.0, 200.0),)}),
+                               "alcf_order")
+    req = requests[0]
+    assert req.failovers == 1
+    assert _served_by(req) == f"b/{MODEL}"
+    assert _ttft(req) >= 100 + sim.LOAD_S[0]  # waited at "a" until it went down, then a start at "b"
+
+
+def test_round_robin_rotates_whatever_the_state():
+    requests, _ = sim.simulate(_scenario([0.0, 1.0, 2.0, 3.0, 4.0], ("a", "b", "c")), "round_robin")
+    assert [r.plan[0].cluster.spec.name for r in requests] == ["a", "b", "c", "a", "b"]
+    assert [[e.cluster.spec.name for e in r.plan] for r in requests[:2]] == [["a", "b", "c"], ["b", "c", "a"]]
+    assert all(r.endpoint is r.plan[0] for r in requests)  # each waited for its own cold start
+
+
+def test_alcf_order_ranks_running_queued_free_online_offline():
+    where = ("down", "busy", "free", "queued", "hot")
+    world = sim.World(_scenario([], where), "alcf_order")
+    gateway = world.gateway
+    assert isinstance(gateway, sim.AlcfGateway)
+    endpoints = {ep.cluster.spec.name: ep for ep in world.served[MODEL]}
+    gateway.states = {endpoints["down"]: "offline", endpoints["busy"]: "cold", endpoints["free"]: "cold",
+                      endpoints["queued"]: "queued", endpoints["hot"]: "hot"}
+    gateway.free = {"busy": False, "free": True}
+    assert [e.cluster.spec.name for e in gateway.order(MODEL)] == ["hot", "queued", "free", "busy", "down"]
+    gateway.states[endpoints["hot"]] = "starting"
+    assert [e.cluster.spec.name for e in gateway.order(MODEL)][:2] == ["queued", "hot"]  # config order in a rank
+
+
+def test_the_trace_is_diurnal_bursty_and_the_same_for_a_seed():
+    scenario = sim.build_scenario(1, sim.FULL)
+    assert scenario == sim.build_scenario(1, sim.FULL)
+    assert scenario.calls != sim.build_scenario(2, sim.FULL).calls
+
+    def between(first_hour: float, last_hour: float) -> int:  # hours of the measured day, which starts at 0:00
+        start, end = (scenario.measured_from + h * sim.HOUR_S for h in (first_hour, last_hour))
+        return sum(start <= c.at < end for c in scenario.calls)
+
+    assert between(12, 17) > 3 * between(0, 5)
+    busiest = Counter((c.model, math.floor(c.at / sim.BURST_SPREAD_S)) for c in scenario.calls).most_common(1)
+    assert busiest[0][1] >= sim.BURST_SIZE[0] // 2  # a burst: many requests to one model within seconds
+    assert len({c.model for c in scenario.calls}) == sim.MODELS
+    assert all(2 <= len(w) <= 3 for w in scenario.served.values())
