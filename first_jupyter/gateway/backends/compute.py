@@ -159,20 +159,29 @@ class ComputeBackend:
             raise too_large(len(body))
         return await self.submitter.submit(function, *args)
 
-    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
-        task = await self._task(body, call_engine, self.engine_port, capability.route,
-                                orjson.loads(body), self.endpoint.timeout)
+    async def _result(self, task: Future[Any], what: str) -> Any:
+        """A task's value within the endpoint's timeout (cancelled if the caller leaves); its failure as the
+        OpenAI error that carries the remote summary; ``what``: the timeout's words."""
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(task), self.endpoint.timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(task), self.endpoint.timeout)
         except TimeoutError:
-            raise OpenAIError(504, f"{self.where} did not answer within {self.endpoint.timeout:g} s (its queue or "
-                                   "a cold start may be long); retry later or raise the endpoint's timeout.",
-                              type="api_error", code="upstream_timeout") from None
+            task.cancel()
+            raise OpenAIError(504, f"{self.where} did not {what} within {self.endpoint.timeout:g} s (its queue or a "
+                                   "cold start may be long); `%first status` shows where it stands, and the "
+                                   "endpoint's timeout can be raised.", type="api_error",
+                              code="upstream_timeout") from None
         except asyncio.CancelledError:
             task.cancel()
             raise
+        except OpenAIError:
+            raise
         except Exception as exc:
             raise self.submitter.describe(exc) from None
+
+    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
+        task = await self._task(body, call_engine, self.engine_port, capability.route,
+                                orjson.loads(body), self.endpoint.timeout)
+        result = await self._result(task, "answer")
         return Reply(int(result["status"]), str(result["body"]).encode())
 
     async def stream(self, model_id: str, capability: Capability, body: bytes) -> RemoteAnswer:
@@ -198,20 +207,7 @@ class ComputeBackend:
         """A health probe as a task: the endpoint starts a block for it (its ``worker_init`` starts the engine and
         waits until it serves), so the probe runs once the model answers, and fails with the start's reason."""
         task = await self.submitter.submit(engine_health, self.engine_port)
-        try:
-            health = await asyncio.wait_for(asyncio.wrap_future(task), self.endpoint.timeout)
-        except TimeoutError:
-            task.cancel()
-            raise OpenAIError(504, f"{self.where} did not start model '{model_id}' within {self.endpoint.timeout:g} "
-                                   "s; its queue may be long. `%first status` shows where it stands.",
-                              type="api_error", code="upstream_timeout") from None
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        except OpenAIError:
-            raise
-        except Exception as exc:
-            raise self.submitter.describe(exc) from None
+        health = await self._result(task, f"start model '{model_id}'")
         if not health.get("healthy"):
             raise OpenAIError(503, f"The engine on {self.where} does not answer: {health.get('error') or health}",
                               type="api_error", code="engine_unhealthy")
