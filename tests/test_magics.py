@@ -124,9 +124,14 @@ def test_complete_and_embed(shell):
 def test_models_status_use_and_usage(shell):
     models = cell(shell, "models").outputs[0].data["text/plain"]
     assert "* fake-model  hot" in models
-    status = cell(shell, "status").outputs[0].data["text/plain"]
-    assert "remote   fake      http  online" in status
-    assert "in-process" in status
+    states, endpoints = (o.data["text/plain"] for o in cell(shell, "status").outputs)
+    assert [line.split() for line in states.splitlines()[2:]] == [  # under the caption and the heading
+        ["fake-model", "remote/fake", "hot", "hot"], ["fake-embed", "remote/fake", "hot", "hot"]]
+    assert "remote   fake      http  online" in endpoints
+    assert "in-process" in endpoints
+    assert cell(shell, "warm fake-model").stdout.strip() == (
+        "fake-model is hot on cluster 'remote' endpoint 'fake'. Nothing to start.")
+    assert "is not served on cluster 'elsewhere'" in cell(shell, "warm fake-model --cluster elsewhere").stderr
     assert "Default model: fake-embed." in cell(shell, "use fake-embed").stdout
     assert "* fake-embed" in cell(shell, "models").outputs[0].data["text/plain"]
     assert "No requests recorded yet." in cell(shell, "usage").stdout
