@@ -255,9 +255,12 @@ class Router:
         """Which of a request's candidates (``candidates()``'s order) to ask to start the model: the first when it
         must start it (nothing hot ranks before it); and, ahead of need, the best of the rest that must, when every
         hot one is loaded past ``SCALE_OUT_AT`` of its capacity and no start is under way for the model."""
-        states = [self.state_of(t) for t in ordered]
-        if states[0] in WAITING_STATES:
+        first = self.state_of(ordered[0])
+        if first in WAITING_STATES:
             return ordered[:1]
+        if len(ordered) == 1 or (first in ("hot", "unknown") and not self.health_of(ordered[0]).loaded()):
+            return []  # the common case, on every request: the best hot one has room (or there is no other)
+        states = [self.state_of(t) for t in ordered]
         if "starting" in states or "queued" in states:
             return []
         hot = [t for t, state in zip(ordered, states, strict=True) if state in ("hot", "unknown")]
