@@ -75,11 +75,25 @@ class ColdStart(_Strict):
     progress_every: float = Field(default=5.0, gt=0, description="seconds between a stream's progress comments")
 
 
+class ScaleOut(_Strict):
+    """How many of a model's endpoints the router keeps hot, beyond the one that answers: a burst of requests
+    drains through every hot engine at once, while a cold one takes a queue wait and minutes of loading to help."""
+
+    keep_hot: Literal["all", "peak"] = Field(
+        default="all", description="all: every endpoint serving a model in use is kept hot (one that is cold is "
+                                   "started, one at a time), so a burst finds them all ready; peak: only as many as "
+                                   "the most requests the model had in flight within peak_window need (fewer "
+                                   "node-hours, slower bursts)")
+    peak_window: float = Field(default=86400.0, gt=0,
+                               description="seconds over which 'peak' remembers a model's most requests in flight")
+
+
 class Defaults(_Strict):
     model: str | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     cold_start: ColdStart = ColdStart()
+    scale_out: ScaleOut = ScaleOut()
     sticky_conversations: bool = Field(
         default=True, description="send a conversation's turns to the endpoint that served its last one while it "
                                   "is hot and about as fast as the best (its prefix cache holds the conversation)")

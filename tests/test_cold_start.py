@@ -39,12 +39,13 @@ def quick() -> Iterator[FakeUpstream]:
         yield upstream
 
 
-def _gateway(tmp_path: Path, urls: dict[str, str], concurrency: int = 64, **cold_start: Any) -> Gateway:
+def _gateway(tmp_path: Path, urls: dict[str, str], concurrency: int = 64, keep_hot: str = "all",
+             **cold_start: Any) -> Gateway:
     clusters = {name: {"backend": "http", "endpoints": [{"name": "engine", "base_url": f"{url}/v1",
                                                          "concurrency": concurrency, "models": [{"id": "shared"}]}]}
                 for name, url in urls.items()}
     config = {"clusters": clusters, "auth": {"sources": ["env"]},
-              "defaults": {"cold_start": {"progress_every": 0.2, **cold_start}}}
+              "defaults": {"cold_start": {"progress_every": 0.2, **cold_start}, "scale_out": {"keep_hot": keep_hot}}}
     return Gateway(parse_config(config, "test"), tmp_path, environ={})
 
 
@@ -180,8 +181,31 @@ async def test_warm_of_an_upstream_that_is_down_says_it_cannot_be_started_here(t
         await gateway.close()
 
 
-async def test_a_loaded_hot_endpoint_gets_a_second_one_started_ahead_of_the_burst(quick, tmp_path):
-    gateway = _gateway(tmp_path, {"alpha": quick.url, "beta": quick.url}, concurrency=4)
+async def test_a_model_in_use_gets_its_other_endpoints_started_one_at_a_time(quick, tmp_path):
+    """``keep_hot: all`` (the default): a request served hot starts the best cold endpoint of its model, so the
+    next burst finds it ready too; not while a start is under way, and not an offline one."""
+    gateway = _gateway(tmp_path, {"alpha": quick.url, "beta": quick.url, "gamma": quick.url, "delta": quick.url})
+    alpha, beta, gamma, delta = (_target(gateway, c) for c in ("alpha", "beta", "gamma", "delta"))
+    gateway.router.observe_state(alpha.backend, "shared", "hot")
+    gateway.router.observe_state(beta.backend, "shared", "offline")
+    gateway.router.observe_state(gamma.backend, "shared", "queued")
+    gateway.router.observe_state(delta.backend, "shared", "cold")
+    try:
+        done = await gateway.complete(_request())
+        assert done.target.cluster == "alpha"
+        assert gateway.router.state_of(delta) == "cold"  # gamma's start is under way: one at a time
+        gateway.router.observe_state(gamma.backend, "shared", "hot")  # a reading: gamma's block is up
+        done = await gateway.complete(_request())
+        assert done.target.cluster in ("alpha", "gamma")  # served where it is hot...
+        assert gateway.router.state_of(delta) in ("starting", "hot")  # ...while delta starts for what follows
+        assert gateway.router.state_of(beta) == "offline"  # nothing to start there
+    finally:
+        await gateway.close()
+
+
+async def test_with_keep_hot_peak_a_loaded_hot_endpoint_gets_a_second_one_started_ahead_of_the_burst(quick,
+                                                                                                     tmp_path):
+    gateway = _gateway(tmp_path, {"alpha": quick.url, "beta": quick.url}, concurrency=4, keep_hot="peak")
     alpha, beta = _target(gateway, "alpha"), _target(gateway, "beta")
     gateway.router.observe_state(alpha.backend, "shared", "hot")
     gateway.router.observe_state(beta.backend, "shared", "cold")

@@ -61,7 +61,10 @@ def jp_server_config(tiny_model, gamma, write_config, tmp_path: Path):
     config = {"clusters": {"alpha": _in_process(tiny_model), "beta": _in_process(tiny_model),
                            "gamma": {"backend": "http", "endpoints": [{
                                "name": "fake", "base_url": f"{gamma.url}/v1", "models": [{"id": "tiny-chat"}]}]}},
-              "defaults": {"model": "tiny-chat", "cold_start": {"progress_every": 1.0}}}
+              # peak: a cold endpoint is started for the load it must take, not as soon as the model is in use (the
+              # default, all), so alpha and beta stay cold while gamma serves and the failover meets a cold start
+              "defaults": {"model": "tiny-chat", "cold_start": {"progress_every": 1.0},
+                           "scale_out": {"keep_hot": "peak"}}}
     return server_config(write_config(config), tmp_path / "data")
 
 
@@ -108,7 +111,7 @@ async def test_requests_follow_the_hot_endpoint_fail_over_when_it_dies_and_wait_
         assert _states(status) == {"alpha": "cold", "beta": "cold", "gamma": "hot"}
         assert _states(await _get(http, door, "models")) == {"alpha": "cold", "beta": "cold", "gamma": "hot"}
 
-        # the hot endpoint serves; nothing is started for it
+        # the hot endpoint serves; it has room for these: nothing is started
         assert await asyncio.gather(*(_ask(client) for _ in range(4))) == ["gamma"] * 4
 
         # gamma dies; the gateway still believes it hot, so the next requests try it first, fail before their

@@ -61,17 +61,24 @@ def test_quick_run_figures_are_complete_and_consistent(tmp_path, monkeypatch):
         assert f["starts"] > 0, name
         assert f["node_hours"] > 0, name
     mine = result["policies"]["router"]
+    assert set(result["ratios"]) == set(sim.BASELINES)
     for name, ratio in result["ratios"].items():
         assert ratio["p95"] == pytest.approx(result["policies"][name]["ttft_p95_s"] / mine["ttft_p95_s"])
         assert ratio["mean"] == pytest.approx(result["policies"][name]["ttft_mean_s"] / mine["ttft_mean_s"])
+        assert ratio["node_hours"] == pytest.approx(result["policies"][name]["node_hours"] / mine["node_hours"])
     assert rc == (0 if all(r["p95"] > 1 for r in result["ratios"].values()) else 1)
 
 
-def test_every_request_ends_once_and_the_router_sees_each_try_end():
+ROUTERS = ("router", "router_peak")
+
+
+@pytest.mark.parametrize("policy", ROUTERS)
+def test_every_request_ends_once_and_the_router_sees_each_try_end(policy):
     """began/ended stay paired through failovers, outages, broken streams and clients that gave up."""
-    requests, world = sim.simulate(sim.build_scenario(1, sim.QUICK), "router")
+    requests, world = sim.simulate(sim.build_scenario(1, sim.QUICK), policy)
     assert all((r.first_token_at is None) != (r.failure is None) for r in requests)
     assert all(h.in_flight == 0 for h in world.gateway.router.health.values())
+    assert all(d.in_flight == 0 for d in world.gateway.router.demand.values())
     assert not world.gateway.sent  # every try answered
     assert not world.gateway.starting  # every start answered
     assert world.clock.t > requests[-1].call.at + sim.MAX_WAIT_S  # ran until the last one could end
@@ -126,12 +133,11 @@ SECOND_BURST = 1200.0 + sim.SCHEDULE_S[1] + sim.LOAD_S[1] + 60
 """After a start asked at the first burst (at 1200 s) answered, before the endpoint released its idle block."""
 
 
-def test_a_loaded_hot_endpoint_makes_the_router_start_a_second_one_ahead_of_need():
-    size = 60
-    starts: list[tuple[float, str, str]] = []
-    world = sim.World(_scenario(_bursts(1200.0, size), ("a", "b")), "router")
+def _starts_asked(world: sim.World) -> list[tuple[float, str, str]]:
+    """Each start the router's gateway asks, as it asks it: when, where, and the state it knew there."""
     gateway = world.gateway
     assert isinstance(gateway, sim.RouterGateway)
+    starts: list[tuple[float, str, str]] = []
     asked = gateway.router.start_asked
 
     def start_asked(target):
@@ -139,6 +145,34 @@ def test_a_loaded_hot_endpoint_makes_the_router_start_a_second_one_ahead_of_need
         return asked(target)
 
     gateway.router.start_asked = start_asked  # type: ignore[method-assign]
+    return starts
+
+
+def test_keep_hot_all_starts_the_models_other_endpoint_once_the_first_answers():
+    """The default: the request after the first start answered starts "b", before any load asks for it, so the
+    first burst finds both hot and queues nowhere."""
+    late = sim.SCHEDULE_S[1] + sim.LOAD_S[1] + 10
+    size = 60
+    world = sim.World(_scenario([0.0, late] + [2 * late + 600 + i / size for i in range(size)], ("a", "b")),
+                      "router")
+    starts = _starts_asked(world)
+    requests = world.run()
+    assert [(c, state) for _, c, state in starts] == [("a", "cold"), ("b", "cold")]
+    assert starts[1][0] == late  # asked by the second request, served hot at "a"
+    assert _served_by(requests[1]) == f"a/{MODEL}"
+    burst = requests[2:]
+    where = Counter(_served_by(r) for r in burst)
+    assert where[f"a/{MODEL}"] >= size // 4
+    assert where[f"b/{MODEL}"] >= size // 4
+    assert max(_ttft(r) for r in burst) < 1.0  # each engine within its slots
+
+
+def test_keep_hot_peak_starts_a_second_endpoint_when_the_hot_one_is_loaded():
+    size = 60
+    world = sim.World(_scenario(_bursts(1200.0, size), ("a", "b")), "router_peak")
+    gateway = world.gateway
+    assert isinstance(gateway, sim.RouterGateway)
+    starts = _starts_asked(world)
     requests = world.run()
     warmup, burst = requests[0], requests[1:]
     assert _served_by(warmup) == f"a/{MODEL}"
@@ -153,13 +187,15 @@ def test_a_loaded_hot_endpoint_makes_the_router_start_a_second_one_ahead_of_need
     assert router.health_of(router.catalog[MODEL][1]).start_s != sim.PRIOR_START_S  # its start was learned
 
 
-def test_the_load_term_spreads_a_burst_across_two_hot_endpoints():
-    """A first burst loads "a" past ``SCALE_OUT_AT`` (within its slots: no request queues), so "b" is started
-    ahead of need; the next burst, more than one engine's slots, is shared: no request waits for a slot."""
+@pytest.mark.parametrize("policy", ROUTERS)
+def test_the_load_term_spreads_a_burst_across_two_hot_endpoints(policy):
+    """A first burst, within "a"'s slots (no request queues), has "b" started ahead of need (at its first request
+    with ``keep_hot: all``, once it loads "a" past ``SCALE_OUT_AT`` with ``peak``); the next burst, more than one
+    engine's slots, is shared: no request waits for a slot."""
     size = 60
     first_size = math.ceil(SCALE_OUT_AT * sim.SLOTS) + 2
     assert first_size <= sim.SLOTS
-    requests, world = sim.simulate(_scenario(_bursts(1200.0, first_size, SECOND_BURST, size), ("a", "b")), "router")
+    requests, world = sim.simulate(_scenario(_bursts(1200.0, first_size, SECOND_BURST, size), ("a", "b")), policy)
     first, burst = requests[1:1 + first_size], requests[1 + first_size:]
     assert all(_served_by(r) == f"a/{MODEL}" for r in first)
     where = Counter(_served_by(r) for r in burst)
@@ -170,11 +206,12 @@ def test_the_load_term_spreads_a_burst_across_two_hot_endpoints():
     assert world.starts == 2  # no start more
 
 
-def test_a_burst_that_queued_does_not_keep_the_next_one_off_its_endpoint():
+@pytest.mark.parametrize("policy", ROUTERS)
+def test_a_burst_that_queued_does_not_keep_the_next_one_off_its_endpoint(policy):
     """Requests sent into a loaded engine teach no answer time (``succeeded`` gets None): the queue the first
     burst met at "a" stays the load term's, so "a" is not taken for slow and the next burst is shared."""
     size = 60
-    requests, world = sim.simulate(_scenario(_bursts(1200.0, size, SECOND_BURST, size), ("a", "b")), "router")
+    requests, world = sim.simulate(_scenario(_bursts(1200.0, size, SECOND_BURST, size), ("a", "b")), policy)
     first, burst = requests[1:1 + size], requests[1 + size:]
     assert max(_ttft(r) for r in first) >= 5.0  # the first burst queued at "a" while "b" started
     router = world.gateway.router
@@ -182,6 +219,26 @@ def test_a_burst_that_queued_does_not_keep_the_next_one_off_its_endpoint():
     where = Counter(_served_by(r) for r in burst)
     assert where[f"a/{MODEL}"] >= size // 4
     assert where[f"b/{MODEL}"] >= size // 4
+
+
+def test_an_endpoint_back_from_an_outage_is_started_again_and_takes_its_turns():
+    """``keep_hot: all`` starts "a" again once it is back (cold) from its outage, and once that start answered "a"
+    shares the load with "b" again, though the request that met its outage failed there."""
+    down_at = 1501.0  # just after the reading at 1500 s, which found "a" hot
+    back = down_at + 600
+    steady = [back + 60 + 60 * i for i in range(60)]
+    scenario = _scenario([0.0, down_at + 1, *steady], ("a", "b"), outages={("a", MODEL): ((down_at, back),)})
+    world = sim.World(scenario, "router")
+    starts = _starts_asked(world)
+    requests = world.run()
+    assert requests[1].failovers == 1  # it met the outage at "a"
+    assert [(c, state) for _, c, state in starts][-1] == ("a", "cold")  # started again after the outage
+    settled = starts[-1][0] + sim.SCHEDULE_S[1] + sim.LOAD_S[1]
+    late = [r for r in requests if r.call.at > settled]
+    assert len(late) >= 10
+    where = Counter(_served_by(r) for r in late)
+    assert where[f"a/{MODEL}"] >= len(late) // 3
+    assert where[f"b/{MODEL}"] >= len(late) // 3
 
 
 @pytest.mark.parametrize("policy", sim.POLICIES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
-from first_jupyter.config import parse_config
+from first_jupyter.config import ScaleOut, parse_config
 from first_jupyter.gateway import Gateway, router
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
@@ -295,3 +296,61 @@ def test_idle_hot_endpoints_about_as_good_take_turns_so_each_stays_hot():
     assert routes.candidates("m", Capability.chat)[0].backend.name == "a"
     now[0] += 10.0
     assert routes.candidates("m", Capability.chat)[0].backend.name == "a"
+
+
+def test_a_start_that_answers_puts_an_endpoint_that_had_failed_back_into_the_turns():
+    """An endpoint that failed (an outage) and was started again answers: its failures no longer keep it out of
+    the load sharing. Before, only a request's success cleared them, and one it never got again could not."""
+    a, b = _Backend("a"), _Backend("b")
+    now = [0.0]
+    routes = Router([a, b], {"m": ["a/a", "b/b"]}, clock=lambda: now[0])  # type: ignore[list-item]
+    second = routes.catalog["m"][1]
+    routes.failed(second, "connect timeout")
+    routes.observe_state(b, "m", "cold")  # it came back from its outage cold
+    whole = routes.start_asked(second)
+    now[0] += 600.0
+    routes.start_ended(second, 600.0, whole)
+    assert routes.health_of(second).failures == 0
+    chosen = []
+    for _ in range(4):
+        now[0] += 10.0
+        target = routes.candidates("m", Capability.chat)[0]
+        routes.began(target)
+        routes.ended(target)
+        chosen.append(target.backend.name)
+    assert sorted(chosen) == ["a", "a", "b", "b"]
+
+
+def test_keep_hot_peak_starts_another_endpoint_for_the_peak_seen_within_its_window():
+    """``keep_hot: peak``: the most requests the model had in flight within ``peak_window`` decide, not only those
+    in flight now, so a model whose bursts come back finds its second endpoint started; a peak older than the
+    window no longer counts. ``keep_hot: all`` starts it whatever the load."""
+    a, b = _Backend("a"), _Backend("b")
+    now = [0.0]
+    peak = Router([a, b], {"m": ["a/a", "b/b"]}, ScaleOut(keep_hot="peak", peak_window=3600.0),  # type: ignore[list-item]
+                  clock=lambda: now[0])
+    hot = peak.catalog["m"][0]
+    peak.observe_state(a, "m", "hot")
+    peak.observe_state(b, "m", "cold")
+    names = lambda routes: [t.backend.name for t in routes.to_start(routes.candidates("m", Capability.chat))]  # noqa: E731
+    assert names(peak) == []  # nothing in flight
+    burst = math.ceil(router.SCALE_OUT_AT * a.capacity)
+    for _ in range(burst):
+        peak.began(hot)
+    for _ in range(burst):
+        peak.ended(hot)
+    now[0] += 3000.0
+    assert peak.demand_of("m").in_flight == 0
+    assert names(peak) == ["b"]  # the burst is over, but within the hour: its peak is what to be ready for
+    peak.observe_state(b, "m", "queued")
+    assert names(peak) == []  # a start under way: no other
+    peak.observe_state(b, "m", "cold")  # (its job was lost)
+    now[0] += 601.0
+    assert names(peak) == []  # the peak is more than an hour old
+    peak.began(hot)
+    assert peak.demand_of("m").peak(now[0]) == 1
+
+    everything = Router([a, b], {"m": ["a/a", "b/b"]}, clock=lambda: now[0])  # type: ignore[list-item]
+    everything.observe_state(a, "m", "hot")
+    everything.observe_state(b, "m", "cold")
+    assert names(everything) == ["b"]

@@ -330,7 +330,7 @@ class Gateway:
             for ep in cluster.endpoints:
                 for model in ep.models:
                     served.setdefault(model.id, []).append(f"{cluster_name}/{ep.name}")
-        self.router = Router(self.backends, served)
+        self.router = Router(self.backends, served, config.defaults.scale_out)
         self._discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
         self._discovery: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()

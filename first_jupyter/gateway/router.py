@@ -5,8 +5,9 @@ ordered by the time to first token each is expected to give: the wait its state 
 one must start a block: as long as its starts have taken, less what a start under way has already spent), plus
 the answers it has been giving (a moving average) scaled by its load (requests in flight for the sequences its
 engine serves at once). The router also says which endpoints to start: the best one when it must start the model
-(nothing hot ranks before it), and, ahead of need, another when the hot ones are loaded near their capacity, so a
-burst finds a second endpoint hot rather than waiting in one engine's queue. A conversation may stay
+(nothing hot ranks before it), and, ahead of need, the model's other endpoints: all of them while it is in use, or
+only as many as its recent peak load needs (``defaults.scale_out``), so a burst drains through several hot engines
+rather than waiting in one engine's queue for a start that takes minutes. A conversation may stay
 on the endpoint that served its last turn while that one is hot and not much slower (its prefix cache holds the
 conversation). An endpoint that keeps failing before its first byte is kept out for a cooldown (a circuit breaker), so
 requests stop paying its timeout; one that refuses the user (403) is left out for longer, as a cluster the user may
@@ -18,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from first_jupyter.config import ScaleOut
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.protocol import Capability, OpenAIError
 
@@ -109,6 +111,31 @@ class Health:
         return self.in_flight >= SCALE_OUT_AT * self.capacity
 
 
+@dataclass(slots=True)
+class Demand:
+    """A model's requests in flight across all its endpoints, and the most it had at once within a window: the
+    capacity it is kept hot for."""
+
+    window_s: float
+    in_flight: int = 0
+    peaks: deque[tuple[float, int]] = field(default_factory=deque)
+    """(when, requests in flight then), each smaller than the one before it: the front is the window's peak."""
+
+    def rose(self, now: float) -> None:
+        self.in_flight += 1
+        while self.peaks and self.peaks[-1][1] <= self.in_flight:
+            self.peaks.pop()
+        self.peaks.append((now, self.in_flight))
+
+    def fell(self) -> None:
+        self.in_flight -= 1
+
+    def peak(self, now: float) -> int:
+        while self.peaks and self.peaks[0][0] < now - self.window_s:
+            self.peaks.popleft()
+        return max(self.in_flight, self.peaks[0][1] if self.peaks else 0)
+
+
 def conversation_key(model_id: str, messages: object) -> str | None:
     """What identifies a conversation across its turns: its model and its opening (the system prompt and the
     first user message), which every later turn repeats; None for a request that is no conversation."""
@@ -120,10 +147,12 @@ def conversation_key(model_id: str, messages: object) -> str | None:
 
 class Router:
     def __init__(self, backends: list[Backend], served: dict[str, list[str]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 scale_out: ScaleOut | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         """``served`` maps each model id to the names (``cluster/endpoint``) of the backends that serve it;
-        ``clock``: seconds, for cooldowns and starts (a simulation passes its own)."""
+        ``scale_out``: which endpoints to keep hot (the config's ``defaults.scale_out``); ``clock``: seconds, for
+        cooldowns, starts and peaks (a simulation passes its own)."""
         self.clock = clock
+        self.scale_out = scale_out or ScaleOut()
         by_name = {f"{b.cluster}/{b.name}": b for b in backends}
         self.catalog: dict[str, list[Target]] = {
             model: [Target(model, by_name[name]) for name in names] for model, names in served.items()
@@ -131,6 +160,7 @@ class Router:
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
         self.health: dict[int, Health] = {id(b): Health(b.start_s, b.capacity) for b in backends}
         self._last_served: OrderedDict[str, Target] = OrderedDict()
+        self.demand: dict[str, Demand] = {}
         """Conversation key → the endpoint that answered its last turn (the most recent ``STICKY_MOST``)."""
 
     def health_of_backend(self, backend: Backend) -> Health:
@@ -179,18 +209,27 @@ class Router:
             self.failed(target, failure)
             self.observe_state(target.backend, target.model_id, "offline")  # until a reading says more
             return
+        health = self.health_of(target)
+        health.failures, health.open_until, health.last_error = 0, 0.0, None
         if whole:
-            health = self.health_of(target)
             health.start_s += START_WEIGHT * (max(seconds, START_FLOOR_S) - health.start_s)
         self.observe_state(target.backend, target.model_id, "hot")
+
+    def demand_of(self, model_id: str) -> Demand:
+        demand = self.demand.get(model_id)
+        if demand is None:
+            demand = self.demand[model_id] = Demand(self.scale_out.peak_window)
+        return demand
 
     def began(self, target: Target) -> None:
         health = self.health_of(target)
         health.in_flight += 1
-        health.last_sent = self.clock()
+        health.last_sent = now = self.clock()
+        self.demand_of(target.model_id).rose(now)
 
     def ended(self, target: Target) -> None:
         self.health_of(target).in_flight -= 1
+        self.demand_of(target.model_id).fell()
 
     def succeeded(self, target: Target, ttft_s: float | None) -> None:
         """An answer began ``ttft_s`` after the request was sent there; None when that says nothing of how fast
@@ -253,20 +292,26 @@ class Router:
 
     def to_start(self, ordered: list[Target]) -> list[Target]:
         """Which of a request's candidates (``candidates()``'s order) to ask to start the model: the first when it
-        must start it (nothing hot ranks before it); and, ahead of need, the best of the rest that must, when every
-        hot one is loaded past ``SCALE_OUT_AT`` of its capacity and no start is under way for the model."""
+        must start it (nothing hot ranks before it); and, ahead of need, the best cold one of the rest while no
+        start is under way for the model: always (``keep_hot: all``), or when the most requests the model had in
+        flight within ``peak_window`` reach ``SCALE_OUT_AT`` of its hot endpoints' capacity (``keep_hot: peak``).
+        One start at a time: each start asked is a block in a batch queue, and the next request sees its effect."""
         first = self.state_of(ordered[0])
         if first in WAITING_STATES:
             return ordered[:1]
-        if len(ordered) == 1 or (first in ("hot", "unknown") and not self.health_of(ordered[0]).loaded()):
-            return []  # the common case, on every request: the best hot one has room (or there is no other)
+        if len(ordered) == 1:
+            return []
+        by_peak = self.scale_out.keep_hot == "peak"
+        peak = self.demand_of(ordered[0].model_id).peak(self.clock()) if by_peak else 0
+        if by_peak and first in ("hot", "unknown") and peak < SCALE_OUT_AT * self.health_of(ordered[0]).capacity:
+            return []  # the common case, on every request: the best hot one alone has room for the peak
         states = [self.state_of(t) for t in ordered]
-        if "starting" in states or "queued" in states:
+        if "cold" not in states or "starting" in states or "queued" in states:
             return []
-        hot = [t for t, state in zip(ordered, states, strict=True) if state in ("hot", "unknown")]
-        if not all(self.health_of(t).loaded() for t in hot):
+        if by_peak and peak < SCALE_OUT_AT * sum(self.health_of(t).capacity for t, state in
+                                                 zip(ordered, states, strict=True) if state in ("hot", "unknown")):
             return []
-        return [t for t, state in zip(ordered, states, strict=True) if state == "cold"][:1]
+        return [ordered[states.index("cold")]]
 
     def served(self, conversation: str | None, target: Target) -> None:
         """``target`` answered a turn of ``conversation``: its next turn may go there again."""
