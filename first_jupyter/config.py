@@ -88,12 +88,26 @@ class ScaleOut(_Strict):
                                description="seconds over which 'peak' remembers a model's most requests in flight")
 
 
+class BatchDefaults(_Strict):
+    """Batches: how large an input may be, and how hard a run presses the endpoints."""
+
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0, description="largest batch input file taken")
+    max_file_lines: int = Field(default=50_000, gt=0, description="most lines (requests) in a batch input file")
+    max_in_flight: int = Field(default=1024, gt=0, description="most requests one batch keeps in flight per model; "
+                                                                "below that, what the model's endpoints serve at "
+                                                                "once (their concurrency times the blocks up)")
+    max_attempts: int = Field(default=5, ge=1, description="tries of a request that fails transiently (429, "
+                                                           "5xx, a timeout), with backoff, before its error is "
+                                                           "its result")
+
+
 class Defaults(_Strict):
     model: str | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     cold_start: ColdStart = ColdStart()
     scale_out: ScaleOut = ScaleOut()
+    batch: BatchDefaults = BatchDefaults()
     sticky_conversations: bool = Field(
         default=True, description="send a conversation's turns to the endpoint that served its last one while it "
                                   "is hot and about as fast as the best (its prefix cache holds the conversation)")

@@ -8,20 +8,23 @@ on loopback, where kernels reach it through ``FIRST_GATEWAY_URL``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 
+from first_jupyter.batch import routes as batch_routes
 from first_jupyter.config import Limits
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
 from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
-from first_jupyter.gateway.httpd import BodyTooLarge, Exchange, HTTPRefusal, Request
+from first_jupyter.gateway.httpd import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 
@@ -30,6 +33,8 @@ STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cach
 """Server-sent events: never cached, never held back by a buffering reverse proxy (nginx honours the last)."""
 
 LIMIT_SETTING = "c.FirstExtension.max_request_bytes"
+FILE_CHUNK = 256 * 1024
+JSONL = "application/jsonl"
 
 
 def config_error(reason: str | None) -> OpenAIError:
@@ -175,6 +180,11 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class GatewayApp:
     """The OpenAI routes on the gateway's own server, for holders of the key, asked for by a loopback name."""
 
@@ -200,6 +210,15 @@ class GatewayApp:
 
     def max_body(self) -> int:
         return self.limit
+
+    def body_sink(self, method: str, path: str, headers: dict[str, str]) -> BodySink | None:
+        """An uploaded file goes to disk as it arrives; only for a holder of the key (others get no sink, so
+        their body is held to the usual limit and refused)."""
+        if self.gateway is None or not batch_routes.is_upload(method, path) or not bearer_key_matches(
+                headers.get("authorization"), self.key) or not self._hosts.allowed(headers.get("host", ""),
+                                                                                  is_loopback_host):
+            return None
+        return self.gateway.batches.upload(headers.get("content-type"))
 
     def refusal(self, refusal: HTTPRefusal) -> bytes:
         if isinstance(refusal, BodyTooLarge):
@@ -231,13 +250,24 @@ class GatewayApp:
         if self.on_activity is not None:
             self.on_activity()
         route = self.routes.get(request.path)
+        batch = batch_routes.ROUTE.match(request.path) if route is None else None
+        if batch is not None:
+            if self.gateway is None:
+                raise config_error(self.config_error_text)
+            answer = await batch_routes.answer(self.gateway.batches, request.method, batch,
+                                               dict(parse_qsl(request.query)), request.body, request.upload)
+            if isinstance(answer, Path):
+                await self._send_file(answer, exchange)
+            else:
+                self._json(exchange, answer)
+            return
         warm = WARM_PATH.match(request.path) if route is None else None
         if warm is not None:
             route = {"POST": "warm"}
         if route is None:
             raise OpenAIError(404, f"No route {request.path}. This gateway serves /first/v1/models, "
-                                   "chat/completions, completions and embeddings, and /first/api/status, usage, "
-                                   "default_model and models/{id}/warm.",
+                                   "chat/completions, completions, embeddings, files and batches, and "
+                                   "/first/api/status, usage, default_model and models/{id}/warm.",
                               code="unknown_route")
         what = route.get(request.method)
         if what is None:
@@ -281,6 +311,27 @@ class GatewayApp:
     @staticmethod
     def _json(exchange: Exchange, payload: Any) -> None:
         exchange.respond(200, {"Content-Type": JSON}, orjson.dumps(payload))
+
+    @staticmethod
+    async def _send_file(path: Path, exchange: Exchange) -> None:
+        """A file's contents in chunks, as fast as the client takes them (a 200 MB output never sits in memory)."""
+        with path.open("rb") as f:
+            chunk = f.read(FILE_CHUNK)
+            if not chunk:
+                exchange.respond(200, {"Content-Type": JSONL}, b"")
+                return
+            ready = exchange.start_stream(200, {"Content-Type": JSONL}, chunk)
+            loop = asyncio.get_running_loop()
+            try:
+                while chunk := f.read(FILE_CHUNK):
+                    if not ready:
+                        drained: asyncio.Future[None] = loop.create_future()
+                        exchange.on_drain(functools.partial(_wake, drained))
+                        await drained
+                    ready = exchange.send(chunk)
+            finally:
+                exchange.on_drain(None)
+        exchange.end_stream()
 
     @staticmethod
     async def _relay(stream: GatewayStream, exchange: Exchange) -> None:

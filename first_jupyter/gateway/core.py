@@ -21,6 +21,7 @@ import orjson
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
+from first_jupyter.batch.service import Batches
 from first_jupyter.config import (
     ComputeCluster,
     ComputeEndpoint,
@@ -340,6 +341,7 @@ class Gateway:
         self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
             config.defaults.model or next(iter(served), None))
         self.usage = UsageStore(data_dir / "usage.sqlite3")
+        self.batches = Batches(self, data_dir / "batches", config.defaults.batch)
         self._created = int(time.time())
 
     def _observe(self, endpoints: list[dict[str, Any]]) -> None:
@@ -742,6 +744,7 @@ class Gateway:
         return False
 
     async def close(self) -> None:
+        await self.batches.close()  # first: its runs send through the rest
         for task in [*self._background, *self._starts.values()]:
             task.cancel()
         for backend in self.backends:

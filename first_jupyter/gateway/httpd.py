@@ -30,6 +30,19 @@ KEEPALIVE_S = 75.0
 log = logging.getLogger(__name__)
 
 
+class BodySink(Protocol):
+    """Where a large body goes as it arrives (an uploaded file to disk), instead of into memory."""
+
+    limit: int
+    """The most bytes it takes; more is refused with 413."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def discard(self) -> None:
+        """The request will not be answered (refused, or the client left): drop what was taken."""
+        ...
+
+
 class Request(NamedTuple):
     method: str
     path: str
@@ -37,6 +50,8 @@ class Request(NamedTuple):
     version: str
     headers: dict[str, str]
     body: bytes
+    upload: BodySink | None = None
+    """The body's sink, when the app gave one (``body`` is then empty)."""
 
 
 class HTTPRefusal(Exception):
@@ -62,6 +77,10 @@ class HttpApp(Protocol):
 
     def max_body(self) -> int:
         """The largest request body taken; larger ones are refused with 413 before they are read."""
+        ...
+
+    def body_sink(self, method: str, path: str, headers: dict[str, str]) -> BodySink | None:
+        """A sink for this request's body, or None to collect it (within ``max_body``)."""
         ...
 
     def refusal(self, refusal: HTTPRefusal) -> bytes:
@@ -168,6 +187,7 @@ class HttpConnection(asyncio.Protocol):
         self._left = 0
         self._chunks: ChunkedDecoder | None = None
         self._body: list[bytes] = []
+        self._sink: BodySink | None = None
         self._size = 0
         self._linger = False  # a refused request's body may still be arriving: close gently
 
@@ -197,6 +217,7 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: the request upstream is cancelled with the task
+        self._drop_sink()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -224,10 +245,11 @@ class HttpConnection(asyncio.Protocol):
         assert self._head is not None
         method, path, query, version, headers = self._head
         body = b"".join(self._body)
-        self._head, self._body, self._size, self._chunks = None, [], 0, None
+        sink = self._sink
+        self._head, self._body, self._size, self._chunks, self._sink = None, [], 0, None, None
         keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
         self._exchange = Exchange(self, version == "HTTP/1.1", keep_alive, head_only=method == "HEAD")
-        self._task = self.loop.create_task(self._run(Request(method, path, query, version, headers, body),
+        self._task = self.loop.create_task(self._run(Request(method, path, query, version, headers, body, sink),
                                                      self._exchange))
 
     def _read_head(self) -> bool:
@@ -243,7 +265,8 @@ class HttpConnection(asyncio.Protocol):
             raise WireError(f"bad request line {first[:80]!r}")
         path, _, query = parts[1].partition("?")
         self._head = (parts[0], path, query, parts[2], headers)
-        limit = self.app.max_body()
+        self._sink = self.app.body_sink(parts[0], path, headers)
+        limit = self._limit()
         if "transfer-encoding" in headers:
             if headers["transfer-encoding"].lower() != "chunked":
                 raise HTTPRefusal(501, f"Transfer-Encoding '{headers['transfer-encoding']}' is not supported; "
@@ -277,13 +300,24 @@ class HttpConnection(asyncio.Protocol):
             self._take(take)
         return self._left == 0
 
+    def _limit(self) -> int:
+        return self._sink.limit if self._sink is not None else self.app.max_body()
+
     def _take(self, data: bytes) -> None:
         if data:
             self._size += len(data)
-            limit = self.app.max_body()
+            limit = self._limit()
             if self._size > limit:
                 raise BodyTooLarge(self._size, limit)
-            self._body.append(data)
+            if self._sink is not None:
+                self._sink.feed(data)
+            else:
+                self._body.append(data)
+
+    def _drop_sink(self) -> None:
+        if self._sink is not None:
+            self._sink.discard()
+            self._sink = None
 
     # -- answering ----------------------------------------------------------------------------------------
 
@@ -329,6 +363,7 @@ class HttpConnection(asyncio.Protocol):
         """Answer a request the app never saw, then close: what follows on the connection cannot be trusted."""
         self._head = None
         self._buf = b""
+        self._drop_sink()
         self._linger = True
         self._exchange = Exchange(self, True, False)
         self._exchange.respond(refusal.status, {"Content-Type": "application/json"}, self.app.refusal(refusal))

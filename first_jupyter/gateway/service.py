@@ -27,11 +27,13 @@ class GatewayService:
         self.thread = LoopThread(name)
         self._server = self.thread.submit(serve(app, sock)) if sock is not None else None
         self._states = self.thread.submit(gateway.keep_states_fresh()) if gateway is not None else None
+        self._batches = self.thread.submit(gateway.batches.keep_running()) if gateway is not None else None
 
     async def _stop(self) -> None:
         """On the gateway's loop: stop reading states, stop listening, end open connections, close the gateway."""
-        if self._states is not None:
-            self._states.cancel()
+        for background in (self._states, self._batches):
+            if background is not None:
+                background.cancel()
         if self._server is not None:
             (await asyncio.wrap_future(self._server)).close()
         if self.gateway is not None:

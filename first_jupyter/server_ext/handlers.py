@@ -13,6 +13,7 @@ import asyncio
 import threading
 from asyncio import Future
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +25,8 @@ from tornado import web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
+from first_jupyter.batch import routes as batch_routes
+from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
 from first_jupyter.gateway.core import Completed, Gateway
 from first_jupyter.gateway.loop_thread import LoopThread
@@ -390,13 +393,66 @@ class ClientRelay:
         self._handler.on_connection_close()
 
 
+@web.stream_request_body
+class BatchHandler(FirstHandler):
+    """files and batches (``batch.routes``, as on the gateway's own server). An uploaded file is streamed to disk
+    as it arrives, never held; other bodies are collected within the usual limit."""
+
+    _upload: Upload | None = None
+    _chunks: list[bytes]
+    _size = 0
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        self._chunks = []
+        path = self.request.path[self.request.path.index("/first/v1/"):]
+        if batch_routes.is_upload(self.request.method or "", path) and self.current_user is not None:
+            self._upload = self.gateway.batches.upload(self.request.headers.get("Content-Type"))
+        limit = self._upload.limit if self._upload is not None else api.body_limit(
+            self.settings["first_max_request_bytes"], self.settings.get("first_gateway"))
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._upload is not None:
+            self._upload.feed(chunk)
+        else:
+            self._chunks.append(chunk)
+
+    def on_connection_close(self) -> None:
+        if self._upload is not None:
+            self._upload.discard()
+
+    async def _answer(self, path: str) -> None:
+        match = batch_routes.ROUTE.match(f"/first/v1/{path}")
+        assert match is not None  # the route's own pattern
+        query = {k: v[-1].decode() for k, v in self.request.query_arguments.items()}
+        gateway, body, upload = self.gateway, b"".join(self._chunks), self._upload
+        answer = await self.loop_thread.call(batch_routes.answer(gateway.batches, self.request.method or "",
+                                                                 match, query, body, upload))
+        if not isinstance(answer, Path):
+            self.write_json(answer)
+            return
+        self.set_header("Content-Type", api.JSONL)
+        with answer.open("rb") as f:
+            while chunk := f.read(api.FILE_CHUNK):
+                self.write(chunk)
+                await self.flush()  # as fast as the client takes it
+        self.finish()
+
+    @web.authenticated
+    async def get(self, path: str) -> None:  # type: ignore[override]
+        await self._answer(path)
+
+    post = delete = get
+
+
 class NotFoundHandler(FirstHandler):
     """Unknown routes under /first/v1 answer in the OpenAI shape instead of Jupyter's HTML 404."""
 
     @web.authenticated
     def get(self, path: str) -> None:
         raise OpenAIError(404, f"No route /first/v1/{path}. This gateway serves models, chat/completions, "
-                               "completions and embeddings.", code="unknown_route")
+                               "completions, embeddings, files and batches.", code="unknown_route")
 
     post = get
 
@@ -416,5 +472,6 @@ def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
         ("/first/api/login/code", AuthHandler, {"what": "login_code"}),
         ("/first/api/logout", AuthHandler, {"what": "logout"}),
         ("/first/api/callback", CallbackHandler, {}),
+        ("/first/v1/((?:files|batches)(?:/.*)?)", BatchHandler, {}),
         ("/first/v1/(.*)", NotFoundHandler, {}),
     ]

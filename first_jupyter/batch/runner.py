@@ -1,0 +1,257 @@
+"""One batch run: its lines through the gateway, a window of them in flight, each result written as it ends.
+
+The input is read as a stream (memory does not grow with the file); each request goes through
+``Gateway.complete``, so routing, failover and cold starts apply as to any request. The window per model is what
+its endpoints serve at once (their ``concurrency`` times the blocks up, as the router knows it; at most
+``defaults.batch.max_in_flight``), read again as each slot is taken. A transient failure (429, 5xx, a timeout) is
+retried with backoff, honouring ``Retry-After``; any other failure is the line's result. What is done is what the
+result files hold (``results``), so a run resumed after a crash sends only the rest. Cancel and expiry stop new
+work; requests in flight finish; the lines never sent get an error line each, so the output and error files
+together hold every custom_id exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from first_jupyter.batch.results import Results
+from first_jupyter.batch.validate import ENDPOINTS, MAX_REPORTED, check_file
+from first_jupyter.config import BatchDefaults
+from first_jupyter.protocol import OpenAIError, ParsedRequest
+
+if TYPE_CHECKING:
+    from first_jupyter.batch.store import Store
+    from first_jupyter.gateway.core import Gateway
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+BACKOFF_S = 1.0
+MAX_BACKOFF_S = 60.0
+SAVE_EVERY_S = 1.0
+"""How often the counts are written to the store while a batch runs (the API reads them from there)."""
+STOPS = {"cancelling": ("batch_cancelled", "The batch was cancelled before this request was sent."),
+         "expired": ("batch_expired", "This request could not be executed before the completion window expired.")}
+
+
+class Window:
+    """Requests in flight per model, at most ``limit(model)``; only the reader waits for a slot."""
+
+    def __init__(self, limit: Callable[[str], int]) -> None:
+        self.limit = limit
+        self.in_flight: Counter[str] = Counter()
+        self._freed: asyncio.Future[None] | None = None
+
+    async def take(self, model: str) -> None:
+        while self.in_flight[model] >= self.limit(model):
+            self._freed = asyncio.get_running_loop().create_future()
+            await self._freed
+        self.in_flight[model] += 1
+
+    def give(self, model: str) -> None:
+        self.in_flight[model] -= 1
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
+
+
+class BatchRun:
+    """Runs one stored batch to its end; resumed the same way after a restart."""
+
+    def __init__(self, gateway: Gateway, store: Store, batch: dict[str, Any], settings: BatchDefaults) -> None:
+        self.gateway = gateway
+        self.store = store
+        self.batch = batch
+        self.settings = settings
+        output_id, error_id = store.result_ids(batch["id"])
+        self.output_id, self.error_id = output_id, error_id
+        self.results = Results(store.path(output_id), store.path(error_id))
+        self.stop: str | None = "cancelling" if batch["status"] == "cancelling" or store.cancel_requested(
+            batch["id"]) else None
+        self._stopped = asyncio.Event()
+        self._saved_at = 0.0
+
+    # -- what the API asks -----------------------------------------------------------------------------------
+
+    def cancel(self) -> dict[str, Any]:
+        if self.batch["status"] in ("validating", "in_progress") and self.stop is None:
+            self.stop = "cancelling"
+            self._stopped.set()
+            self._set("cancelling", "cancelling_at")
+        return self.snapshot()
+
+    def fail(self, message: str) -> None:
+        """The run itself broke (a fault of this gateway): the batch ends failed, saying so."""
+        self.batch["errors"] = {"object": "list", "data": [{"code": "internal_error", "message": message,
+                                                            "param": None, "line": None}]}
+        self._set("failed", "failed_at")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The batch as it stands, its counts up to the last result."""
+        if self.batch["status"] in ("in_progress", "cancelling", "finalizing"):
+            counts = self.batch["request_counts"]
+            counts["completed"], counts["failed"] = self.results.completed, self.results.failed
+        return self.batch
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        expiry = asyncio.get_running_loop().call_at(
+            asyncio.get_running_loop().time() + max(self.batch["expires_at"] - time.time(), 0), self._expire)
+        if self.stop == "cancelling" and self.batch["status"] == "in_progress":  # asked while no one ran it
+            self._set("cancelling", "cancelling_at")
+        try:
+            if self.batch["status"] == "validating":
+                await self._validate()
+            if self.batch["status"] == "failed":
+                return
+            done = self.results.open()
+            if self.batch["status"] != "finalizing":  # (a crash while finalizing: only that is left to do)
+                await self._send_all(done)
+            self._finalize()
+        finally:
+            expiry.cancel()
+            self.results.close(sync=False)
+
+    def _expire(self) -> None:
+        if self.batch["status"] in ("validating", "in_progress", "cancelling") and self.stop != "expired":
+            self.stop = "expired"
+            self._stopped.set()
+
+    async def _validate(self) -> None:
+        await self.gateway.refresh_catalog()
+        served = set(self.gateway.router.catalog)
+        checked = await asyncio.to_thread(check_file, self.store.path(self.batch["input_file_id"]),
+                                          self.batch["endpoint"], served)
+        self.batch["request_counts"]["total"] = checked.total
+        if checked.error_count or not checked.total:
+            errors = [e.to_json() for e in checked.errors]
+            if not checked.total:
+                errors.append({"code": "empty_file", "message": "The input file has no requests.", "param": None,
+                               "line": None})
+            elif checked.error_count > MAX_REPORTED:
+                errors.append({"code": "more_errors", "message": f"{checked.error_count - MAX_REPORTED} more lines "
+                                                                 "have errors.", "param": None, "line": None})
+            self.batch["errors"] = {"object": "list", "data": errors}
+            self._set("failed", "failed_at")
+            return
+        if self.stop == "expired":
+            return
+        self._set("cancelling" if self.stop else "in_progress", "cancelling_at" if self.stop else "in_progress_at")
+
+    async def _send_all(self, done: set[int]) -> None:
+        window = Window(self._window_for)
+        capability = ENDPOINTS[self.batch["endpoint"]]
+        tasks: set[asyncio.Task[None]] = set()
+        with self.store.path(self.batch["input_file_id"]).open("rb") as lines:
+            for raw in lines:
+                if not raw.strip():
+                    continue
+                item = orjson.loads(raw)
+                custom_id = item["custom_id"]
+                if hash(custom_id) in done:
+                    continue
+                if self.stop is not None:
+                    self.results.not_run(custom_id, *STOPS[self.stop])
+                    continue
+                body = item["body"]
+                model = body["model"]
+                await window.take(model)
+                task = asyncio.create_task(self._one(ParsedRequest(capability, body, orjson.dumps(body)), custom_id,
+                                                     window))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                self._save_now_and_then()
+        try:
+            while tasks:
+                await asyncio.wait(list(tasks))
+        finally:  # the gateway stopping: what is in flight is dropped, and sent again on resuming
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._save_now_and_then(force=True)
+
+    def _window_for(self, model: str) -> int:
+        targets = self.gateway.router.catalog.get(model, ())
+        capacity = sum(self.gateway.router.health_of(t).capacity for t in targets)
+        return max(min(capacity, self.settings.max_in_flight), 1)
+
+    async def _one(self, req: ParsedRequest, custom_id: str, window: Window) -> None:
+        try:
+            for attempt in range(self.settings.max_attempts):
+                try:
+                    done = await self.gateway.complete(req)
+                except OpenAIError as exc:
+                    last = attempt == self.settings.max_attempts - 1
+                    if exc.status not in TRANSIENT or last:
+                        self.results.refused(custom_id, exc.status, exc.body())
+                        return
+                    if await self._backoff(exc, attempt):  # stopped meanwhile: not sent again
+                        self.results.not_run(custom_id, *STOPS[self.stop or "cancelling"])
+                        return
+                else:
+                    self.results.answered(custom_id, done.body)
+                    return
+        except Exception as exc:  # a fault of this gateway: the line says so, the batch goes on
+            log.exception("batch %s: request %s failed", self.batch["id"], custom_id)
+            self.results.refused(custom_id, 500, OpenAIError(500, f"The gateway failed on this request ({exc!r}).",
+                                                             type="api_error").body())
+        finally:
+            window.give(req.model)
+            self._save_now_and_then()
+
+    async def _backoff(self, exc: OpenAIError, attempt: int) -> bool:
+        """Wait before the next try; whether the batch was stopped meanwhile."""
+        after = exc.headers.get("Retry-After", "")
+        delay = float(after) if after.isdigit() else BACKOFF_S * 2 ** attempt * (0.5 + random.random())
+        try:
+            await asyncio.wait_for(self._stopped.wait(), min(delay, MAX_BACKOFF_S))
+        except TimeoutError:
+            return False
+        return True
+
+    def _finalize(self) -> None:
+        if self.batch["status"] != "finalizing":
+            self._set("finalizing", "finalizing_at")
+        self.results.close(sync=True)
+        for file_id, name, key in ((self.output_id, "output", "output_file_id"),
+                                   (self.error_id, "error", "error_file_id")):
+            path = self.store.path(file_id)
+            size = path.stat().st_size if path.exists() else 0
+            if size:
+                with path.open("rb") as f:
+                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+                self.store.add_file("batch_output", f"{self.batch['id']}_{name}.jsonl", size, lines, file_id)
+                self.batch[key] = file_id
+            else:
+                path.unlink(missing_ok=True)
+        final = {"cancelling": ("cancelled", "cancelled_at"), "expired": ("expired", "expired_at")}.get(
+            self.stop or "", ("completed", "completed_at"))
+        self._set(*final)
+
+    # -- the record -------------------------------------------------------------------------------------------
+
+    def _set(self, status: str, stamp: str) -> None:
+        self.batch["status"] = status
+        self.batch[stamp] = int(time.time())
+        self._save_now_and_then(force=True)
+
+    def _save_now_and_then(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._saved_at < SAVE_EVERY_S:
+            return
+        self._saved_at = now
+        if self.stop is None and self.store.cancel_requested(self.batch["id"]):  # asked by another process
+            self.cancel()
+            return
+        if self.results.completed or self.results.failed or force:
+            counts = self.batch["request_counts"]
+            counts["completed"], counts["failed"] = self.results.completed, self.results.failed
+        self.store.save_batch(self.batch)

@@ -1,0 +1,231 @@
+"""The Batch API over a data dir, for both doors: files, batches, and the runs that carry them out.
+
+Runs are resumed wherever a gateway on the same data dir is up: each run holds a lock (``flock`` on a file per
+batch) for as long as it runs, so a Jupyter server and a plain IPython session sharing a data dir never run one
+batch twice, and a run whose process died (its lock gone with it) is taken up by the next gateway that looks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from first_jupyter.batch.runner import BatchRun
+from first_jupyter.batch.store import FINAL_STATES, Store, StoredFile, new_id
+from first_jupyter.batch.upload import Upload
+from first_jupyter.batch.validate import ENDPOINTS
+from first_jupyter.config import BatchDefaults
+from first_jupyter.protocol import OpenAIError
+
+if TYPE_CHECKING:
+    from first_jupyter.gateway.core import Gateway
+
+log = logging.getLogger(__name__)
+
+RESUME_EVERY_S = 15.0
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 7 * 86400
+MAX_METADATA = 16
+
+
+def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def _limit(query: Mapping[str, str], default: int, most: int) -> int:
+    given = query.get("limit", str(default))
+    if not given.isdigit() or not 1 <= int(given) <= most:
+        raise OpenAIError(400, f"limit must be a whole number from 1 to {most}; it is {given!r}.", param="limit")
+    return int(given)
+
+
+def _window_s(window: Any) -> int:
+    match = _WINDOW.match(window) if isinstance(window, str) else None
+    seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else 0
+    if not 0 < seconds <= MAX_WINDOW_S:
+        raise OpenAIError(400, f"completion_window {window!r} is not a duration up to 7 days; send '24h' (OpenAI's "
+                               "value), or another such as '30m', '2h' or '3d'.", param="completion_window")
+    return seconds
+
+
+def _metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in metadata.items()):
+        raise OpenAIError(400, f"metadata must be an object of at most {MAX_METADATA} string values (keys up to 64 "
+                               "characters, values up to 512).", param="metadata")
+    return metadata
+
+
+class Batches:
+    def __init__(self, gateway: Gateway, root: Path, settings: BatchDefaults) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.store = Store(root)
+        self._locks_dir = root / "locks"
+        self._locks_dir.mkdir(exist_ok=True)
+        self.runs: dict[str, BatchRun] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # -- files ------------------------------------------------------------------------------------------------
+
+    def upload(self, content_type: str | None) -> Upload:
+        """A sink for one ``POST /files`` body, spooled beside the files until it is complete."""
+        return Upload(content_type, self.store.files_dir / f".upload-{secrets.token_hex(8)}",
+                      self.settings.max_file_bytes, self.settings.max_file_lines)
+
+    def add_file(self, upload: Upload) -> dict[str, Any]:
+        purpose, filename = upload.finish()
+        file_id = new_id("file-")
+        upload.dest.rename(self.store.path(file_id))
+        return self.store.add_file(purpose, filename, upload.bytes, upload.lines, file_id).to_json()
+
+    def files(self, query: Mapping[str, str]) -> dict[str, Any]:
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise OpenAIError(400, f"order must be 'asc' or 'desc'; it is {order!r}.", param="order")
+        found, more = self.store.files(query.get("purpose"), query.get("after"), _limit(query, 10_000, 10_000),
+                                       newest_first=order == "desc")
+        return _page([f.to_json() for f in found], more)
+
+    def file(self, file_id: str) -> StoredFile:
+        found = self.store.file(file_id)
+        if found is None:
+            raise OpenAIError(404, f"No file '{file_id}' here. GET /first/v1/files lists the files.",
+                              param="file_id", code="file_not_found")
+        return found
+
+    def content(self, file_id: str) -> Path:
+        return self.store.path(self.file(file_id).id)
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        self.file(file_id)
+        user = self.store.in_use(file_id)
+        if user is not None:
+            raise OpenAIError(409, f"File '{file_id}' is the input of batch '{user}', which has not finished. Cancel "
+                                   "the batch (or let it finish) first.", param="file_id", code="file_in_use")
+        self.store.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # -- batches ----------------------------------------------------------------------------------------------
+
+    async def create(self, body: bytes) -> dict[str, Any]:
+        try:
+            asked = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise OpenAIError(400, f"The body is not JSON ({exc}). Send input_file_id, endpoint and "
+                                   "completion_window.") from None
+        if not isinstance(asked, dict):
+            raise OpenAIError(400, "The body must be a JSON object with input_file_id, endpoint and "
+                                   "completion_window.")
+        input_file_id = asked.get("input_file_id")
+        if not isinstance(input_file_id, str):
+            raise OpenAIError(400, "input_file_id is missing: upload the JSONL with POST /first/v1/files "
+                                   "(purpose=batch) and send its id.", param="input_file_id")
+        source = self.file(input_file_id)
+        if source.purpose != "batch":
+            raise OpenAIError(400, f"File '{input_file_id}' has purpose '{source.purpose}'; a batch reads a file "
+                                   "uploaded with purpose=batch.", param="input_file_id")
+        endpoint = asked.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise OpenAIError(400, f"endpoint {endpoint!r} is not one a batch can call; use one of "
+                                   f"{', '.join(ENDPOINTS)}.", param="endpoint")
+        window = asked.get("completion_window", "24h")
+        now = int(time.time())
+        batch: dict[str, Any] = {
+            "id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
+            "input_file_id": input_file_id, "completion_window": window, "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "expires_at": now + _window_s(window), "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": _metadata(asked.get("metadata"))}
+        self.store.add_batch(batch)
+        self._run(batch)
+        return batch
+
+    def batches(self, query: Mapping[str, str]) -> dict[str, Any]:
+        found, more = self.store.batches(query.get("after"), _limit(query, 20, 100))
+        return _page([self._live(b) for b in found], more)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        found = self.store.batch(batch_id)
+        if found is None:
+            raise OpenAIError(404, f"No batch '{batch_id}' here. GET /first/v1/batches lists the batches.",
+                              param="batch_id", code="batch_not_found")
+        return self._live(found)
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        stored = self.batch(batch_id)
+        if stored["status"] in FINAL_STATES:
+            if stored["status"] == "cancelled":
+                return stored
+            raise OpenAIError(409, f"Batch '{batch_id}' has {stored['status']}; only one validating or in progress "
+                                   "can be cancelled.", param="batch_id", code="batch_not_cancellable")
+        self.store.request_cancel(batch_id)
+        run = self.runs.get(batch_id)
+        if run is not None:
+            return run.cancel()
+        return {**stored, "status": "cancelling"}  # its run (in another process, or the next to start) stops it
+
+    def _live(self, batch: dict[str, Any]) -> dict[str, Any]:
+        run = self.runs.get(batch["id"])
+        return run.snapshot() if run is not None else batch
+
+    # -- runs -------------------------------------------------------------------------------------------------
+
+    async def keep_running(self, every: float = RESUME_EVERY_S) -> None:
+        """Resume what a stopped gateway left unfinished, now and whenever another's run stops."""
+        while True:
+            for batch in self.store.unfinished():
+                if batch["id"] not in self.runs:
+                    self._run(batch)
+            await asyncio.sleep(every)
+
+    def _run(self, batch: dict[str, Any]) -> None:
+        lock = self._lock(batch["id"])
+        if lock is None:
+            return  # another gateway runs it
+        run = BatchRun(self.gateway, self.store, batch, self.settings)
+        self.runs[batch["id"]] = run
+        task = asyncio.get_running_loop().create_task(run.run())
+        self._tasks[batch["id"]] = task
+
+        def ended(done: asyncio.Task[None]) -> None:
+            self.runs.pop(batch["id"], None)
+            self._tasks.pop(batch["id"], None)
+            os.close(lock)
+            if not done.cancelled() and done.exception() is not None:
+                log.error("batch %s failed", batch["id"], exc_info=done.exception())
+                run.fail(f"The gateway failed running this batch ({done.exception()!r}); its log has the details.")
+
+        task.add_done_callback(ended)
+
+    def _lock(self, batch_id: str) -> int | None:
+        fd = os.open(self._locks_dir / f"{batch_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    async def close(self) -> None:
+        """Stop the runs (they resume from their files at the next start) and the store."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.close()

@@ -1,0 +1,187 @@
+"""An uploaded file, taken from a ``multipart/form-data`` body as it arrives.
+
+The file part goes straight to disk, counted in bytes and lines against the limits as it comes, so a 200 MB
+upload never sits in memory and an oversized one is refused at the byte that crosses the limit; the small fields
+(``purpose``) are kept. Both doors feed it: tornado's streamed body on Jupyter's, the gateway's own server's body
+callback on the other.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+from first_jupyter.protocol import OpenAIError
+
+FORM_OVERHEAD = 64 * 1024
+"""Bytes a form may take beyond its file (boundaries, part heads, fields)."""
+_MAX_PART_HEAD = 16 * 1024
+_MAX_FIELD = 1024
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+_FILENAME = re.compile(rb'\bfilename="([^"]*)"', re.IGNORECASE)
+HOW = "Send it as multipart/form-data with a 'file' part and purpose=batch (what openai's files.create does)."
+
+
+def _bad(message: str) -> OpenAIError:
+    return OpenAIError(400, f"{message} {HOW}", code="invalid_file")
+
+
+class Upload:
+    """One ``POST /files`` body: ``feed`` its bytes in order, then ``finish``. The first problem found is kept in
+    ``error`` (the rest of the body is then read and dropped) and the partial file is removed."""
+
+    def __init__(self, content_type: str | None, dest: Path, max_bytes: int, max_lines: int) -> None:
+        self.dest = dest
+        self.max_bytes = max_bytes
+        self.max_lines = max_lines
+        self.limit = max_bytes + FORM_OVERHEAD
+        """The most body bytes taken: the file and the form around it."""
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.bytes = 0
+        self.lines = 0
+        self.error: OpenAIError | None = None
+        self._out: BinaryIO | None = None
+        self._ends_line = True
+        self._part: str | None = None
+        self._field = b""
+        self._state = "preamble"
+        match = _BOUNDARY.search(content_type or "")
+        if not (content_type or "").lower().startswith("multipart/form-data") or match is None:
+            self.error = _bad(f"The body is '{content_type or 'without a Content-Type'}', not a form.")
+            return
+        self._delim = b"\r\n--" + match.group(1).encode()
+        self._buf = b"\r\n"  # the first boundary opens the body: it then matches like every later one
+
+    def feed(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._feed(data)
+        except OpenAIError as exc:
+            self.error = exc
+            self.discard()
+
+    def finish(self) -> tuple[str, str]:
+        """The upload complete: (purpose, filename); raises what was wrong, the partial file removed."""
+        if self.error is None:
+            if self._state != "end":
+                self.error = _bad("The form ended before its closing boundary.")
+            elif self.filename is None:
+                self.error = _bad("The form has no 'file' part.")
+            elif self.fields.get("purpose") != "batch":
+                purpose = self.fields.get("purpose")
+                self.error = OpenAIError(400, f"purpose '{purpose}' is not served here; this gateway takes files "
+                                              "for batches: send purpose=batch." if purpose else
+                                              f"The form has no purpose. {HOW}", param="purpose",
+                                         code="invalid_purpose")
+        if self.error is not None:
+            self.discard()
+            raise self.error
+        if self._out is not None:
+            self._out.close()
+        if not self._ends_line:
+            self.lines += 1  # a last line without its newline
+            if self.lines > self.max_lines:
+                self.discard()
+                raise self._too_many_lines()
+        return self.fields["purpose"], self.filename or "upload.jsonl"
+
+    def discard(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self.dest.unlink(missing_ok=True)
+
+    # -- parsing ----------------------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        buf = self._buf + data
+        delim = self._delim
+        while True:
+            if self._state == "preamble" or self._state == "data":
+                at = buf.find(delim)
+                if at < 0:
+                    keep = len(delim) - 1  # a boundary may be split across two reads
+                    if self._state == "data" and len(buf) > keep:
+                        self._take(buf[:-keep])
+                        buf = buf[-keep:]
+                    self._buf = buf if self._state == "data" else buf[-keep:]
+                    return
+                if self._state == "data":
+                    self._take(buf[:at])
+                    self._end_part()
+                buf = buf[at + len(delim):]
+                self._state = "after"
+            if self._state == "after":
+                if len(buf) < 2:
+                    self._buf = buf
+                    return
+                if buf[:2] == b"--":
+                    self._state, self._buf = "end", b""
+                    return
+                if buf[:2] != b"\r\n":
+                    raise _bad("The form's boundary is followed by neither a part nor its end.")
+                buf = buf[2:]
+                self._state = "head"
+            if self._state == "head":
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > _MAX_PART_HEAD:
+                        raise _bad("A part's head is too long.")
+                    self._buf = buf
+                    return
+                self._begin_part(buf[:end])
+                buf = buf[end + 4:]
+                self._state = "data"
+            if self._state == "end":
+                self._buf = b""
+                return
+
+    def _begin_part(self, head: bytes) -> None:
+        name = _NAME.search(head)
+        if name is None:
+            raise _bad("A part of the form has no name.")
+        self._part = name.group(1).decode(errors="replace")
+        if self._part == "file":
+            if self.filename is not None:
+                raise _bad("The form has two 'file' parts.")
+            filename = _FILENAME.search(head)
+            self.filename = Path(filename.group(1).decode(errors="replace")).name if filename else "upload.jsonl"
+            self._out = self.dest.open("wb")
+        self._field = b""
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._part != "file":
+            self._field += data
+            if len(self._field) > _MAX_FIELD:
+                raise _bad(f"The form field '{self._part}' is over {_MAX_FIELD} bytes.")
+            return
+        self.bytes += len(data)
+        if self.bytes > self.max_bytes:
+            raise OpenAIError(413, f"The file is over {self.max_bytes:,} bytes, this gateway's limit for a batch "
+                                   "input. Split it into several files (a batch each), or raise "
+                                   "defaults.batch.max_file_bytes in the config.", code="file_too_large")
+        self.lines += data.count(b"\n")
+        self._ends_line = data.endswith(b"\n")
+        if self.lines > self.max_lines:
+            raise self._too_many_lines()
+        assert self._out is not None
+        self._out.write(data)
+
+    def _too_many_lines(self) -> OpenAIError:
+        return OpenAIError(413, f"The file has more than {self.max_lines:,} lines, this gateway's limit for a batch "
+                                "input. Split it into several files (a batch each), or raise "
+                                "defaults.batch.max_file_lines in the config.", code="file_too_large")
+
+    def _end_part(self) -> None:
+        if self._part == "file":
+            assert self._out is not None
+            self._out.flush()
+        elif self._part is not None:
+            self.fields[self._part] = self._field.decode(errors="replace").strip()
+        self._part = None
