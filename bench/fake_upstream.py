@@ -29,7 +29,7 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Final, TypedDict, Unpack, cast
 
@@ -336,6 +336,8 @@ class FakeUpstream:
         self.first_byte_delay = first_byte_delay
         self.fault = fault
         self.requests = 0
+        self.by_route: Counter[str] = Counter()
+        """Requests per path (``/v1/chat/completions``, ``/v1/models``, ...), control routes excepted."""
         self.active = 0
         self.disconnects: deque[float] = deque(maxlen=_MAX_DISCONNECTS)
         self._port = port
@@ -423,6 +425,7 @@ class FakeUpstream:
             conn.end()
             return
         self.requests += 1
+        self.by_route[path.decode("latin-1")] += 1
         self._last_head = head
         self._last_body = body
         conn.begin()

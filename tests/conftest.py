@@ -7,8 +7,12 @@ model built on the fly, and the fast fake upstream stands in for remote OpenAI-c
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -123,6 +127,34 @@ def without_a_server(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
 def closed_port() -> int:
     """A loopback port nothing listens on: connections to it are refused at once."""
     return free_port()
+
+
+def wait_listening(port: int, server: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stderr.read() if server.stderr else "the server exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def jupyter_server_process(port: int, root: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A Jupyter server with the extension, in a process group of its own (so a test can signal all of it), on
+    ``port``; ``env`` on top of this process's environment (``FIRST_CONFIG``, ``FIRST_DATA_DIR``,
+    ``JUPYTER_TOKEN``). Returns once it listens."""
+    server = subprocess.Popen([sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
+                               "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
+                               "--ServerApp.jpserver_extensions=first_jupyter=True", "--allow-root"],
+                              env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(port, server)
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
+    return server
 
 
 @pytest.fixture

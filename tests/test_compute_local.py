@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.compute_local import end_leftovers
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.launcher import free_port
-from tests.conftest import open_door, server_config
+from tests.conftest import jupyter_server_process, open_door, server_config
 
 MESSAGES = [{"role": "user", "content": "Tell me about the cluster."}]
 
@@ -49,16 +48,6 @@ def _processes_of(root: Path) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return found
-
-
-def _wait_listening(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, server.stderr.read() if server.stderr else "the server exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
 def _talks_to(proc: psutil.Process, port: int) -> bool:
@@ -236,13 +225,8 @@ def test_a_server_whose_whole_process_group_is_stopped_still_stops_its_blocks(ti
     port = free_port()
     env = {**os.environ, "FIRST_CONFIG": str(write_config(in_process_config(tiny_model))),
            "FIRST_DATA_DIR": str(tmp_path / "data"), "JUPYTER_TOKEN": "group-test"}
-    server = subprocess.Popen([sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
-                               "--ServerApp.port_retries=0", f"--ServerApp.root_dir={tmp_path}",
-                               "--ServerApp.jpserver_extensions=first_jupyter=True", "--allow-root"],
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+    server = jupyter_server_process(port, tmp_path, env)
     try:
-        _wait_listening(port, server)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/first/v1", api_key="group-test", max_retries=0,
                                timeout=120)
         answer = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)

@@ -94,11 +94,12 @@ class BatchRun:
         self._set("failed", "failed_at")
 
     def snapshot(self) -> dict[str, Any]:
-        """The batch as it stands, its counts up to the last result."""
+        """A copy of the batch as it stands, its counts up to the last result (a door may serialize it on
+        another thread while the run goes on)."""
+        counts = dict(self.batch["request_counts"])
         if self.batch["status"] in ("in_progress", "cancelling", "finalizing"):
-            counts = self.batch["request_counts"]
             counts["completed"], counts["failed"] = self.results.completed, self.results.failed
-        return self.batch
+        return {**self.batch, "request_counts": counts}
 
     # -- the run ----------------------------------------------------------------------------------------------
 
@@ -127,7 +128,9 @@ class BatchRun:
 
     async def _validate(self) -> None:
         await self.gateway.refresh_catalog()
-        served = set(self.gateway.router.catalog)
+        capability = ENDPOINTS[self.batch["endpoint"]]
+        served = {model for model, targets in self.gateway.router.catalog.items()
+                  if any(t.backend.supports(model, capability) for t in targets)}
         checked = await asyncio.to_thread(check_file, self.store.path(self.batch["input_file_id"]),
                                           self.batch["endpoint"], served)
         self.batch["request_counts"]["total"] = checked.total

@@ -135,7 +135,11 @@ class Batches:
         if not isinstance(input_file_id, str):
             raise OpenAIError(400, "input_file_id is missing: upload the JSONL with POST /first/v1/files "
                                    "(purpose=batch) and send its id.", param="input_file_id")
-        source = self.file(input_file_id)
+        source = self.store.file(input_file_id)
+        if source is None:
+            raise OpenAIError(400, f"No file '{input_file_id}' here: upload the JSONL with POST /first/v1/files "
+                                   "(purpose=batch) and send the id it answers.", param="input_file_id",
+                              code="file_not_found")
         if source.purpose != "batch":
             raise OpenAIError(400, f"File '{input_file_id}' has purpose '{source.purpose}'; a batch reads a file "
                                    "uploaded with purpose=batch.", param="input_file_id")
@@ -153,8 +157,9 @@ class Batches:
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": _metadata(asked.get("metadata"))}
         self.store.add_batch(batch)
+        answer = {**batch, "request_counts": dict(batch["request_counts"])}  # as created: its run changes it
         self._run(batch)
-        return batch
+        return answer
 
     def batches(self, query: Mapping[str, str]) -> dict[str, Any]:
         found, more = self.store.batches(query.get("after"), _limit(query, 20, 100))

@@ -67,8 +67,8 @@ def check_line(item: Any, endpoint: str, served: Collection[str]) -> tuple[str, 
     model = body.get("model")
     if not isinstance(model, str) or model not in served:
         known = ", ".join(sorted(served)[:20]) or "none"
-        return custom_id, LineError(0, "model_not_found", f"body.model {model!r} is not served here. Models: "
-                                                          f"{known}.", "body.model")
+        return custom_id, LineError(0, "model_not_found", f"body.model {model!r} is not served here for {endpoint}. "
+                                                          f"Models: {known}.", "body.model")
     if body.get("stream"):
         return custom_id, LineError(0, "stream_not_allowed", "body.stream must not be true in a batch: each "
                                                              "result is written whole.", "body.stream")

@@ -443,7 +443,7 @@ class BatchHandler(FirstHandler):
     async def get(self, path: str) -> None:  # type: ignore[override]
         await self._answer(path)
 
-    post = delete = get
+    post = delete = put = patch = get  # every method to the routes, which answer 405 with Allow
 
 
 class NotFoundHandler(FirstHandler):
