@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import overhead
+from bench import batch, overhead
 from bench.overhead import Settings, Tally, plain_row, stream_figures, targets
 
 SETTINGS = Settings(requests=100, streams=4, rounds=1, chunks=4, pace=0.0, service=0.02)
@@ -62,3 +62,18 @@ def test_a_tiny_run_measures_every_scenario_and_stops_its_processes(tmp_path: Pa
         assert set(figures["plain"][level]) >= {"direct", "gateway", "jupyter", "added"}
         assert figures["stream"][level]["gateway"]["complete"] == figures["stream"][level]["gateway"]["streams"]
     assert figures["plain_service"]["32"]["gateway"]["requests"] >= 64
+
+
+def test_a_tiny_batch_bench_runs_both_ways_and_its_figures_add_up(tmp_path: Path):
+    out = tmp_path / "batch.json"
+    rc = batch.main(["--lines", "600", "--small", "200", "--concurrency", "8", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert (figures["batch"]["lines"], figures["small_batch"]["lines"]) == (600, 200)
+    assert figures["direct_requests_per_s"] > 0
+    assert figures["batch"]["requests_per_s"] == pytest.approx(600 / figures["batch"]["seconds"])
+    assert figures["ratio"] == pytest.approx(figures["batch"]["requests_per_s"] / figures["direct_requests_per_s"])
+    assert figures["rss_growth_mb"] == pytest.approx(figures["batch"]["peak_rss_mb"] -
+                                                      figures["small_batch"]["peak_rss_mb"])
+    assert figures["small_batch"]["peak_rss_mb"] > 50  # a Jupyter server's, read from the kernel
+    assert rc == (0 if figures["ratio"] >= batch.MIN_RATIO and figures["rss_growth_mb"] < batch.MAX_RSS_GROWTH_MB
+                  else 1)
