@@ -57,6 +57,18 @@ async def _results(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict
     return [json.loads(line) for line in (await client.files.content(file_id)).text.splitlines()]
 
 
+async def _slow_batch(door: Door, upstream: Any, lines: int, window: str = "24h") -> tuple[
+        openai.AsyncOpenAI, Any, Any]:
+    """A batch of ``lines`` against an engine that takes 0.2 s per answer: long enough to act on mid-run."""
+    upstream.first_byte_delay = 0.2
+    client = _client(door)
+    uploaded = await client.files.create(file=("slow.jsonl", _jsonl([_line(i) for i in range(lines)])),
+                                         purpose="batch")
+    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window=window)
+    return client, uploaded, batch
+
+
 async def test_the_openai_client_uploads_runs_lists_and_reads_a_batch(key_door, fake_upstream, tmp_path):
     client = _client(key_door)
     source = tmp_path / "questions.jsonl"
@@ -122,12 +134,7 @@ async def test_a_file_with_bad_lines_fails_the_batch_with_each_line_and_runs_not
 
 @pytest.mark.concurrency(2)
 async def test_cancel_stops_new_work_lets_in_flight_finish_and_keeps_what_was_done(key_door, fake_upstream):
-    fake_upstream.first_byte_delay = 0.2  # two at a time, 0.2 s each: 60 lines take 6 s
-    client = _client(key_door)
-    uploaded = await client.files.create(file=("slow.jsonl", _jsonl([_line(i) for i in range(60)])),
-                                         purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    client, _, batch = await _slow_batch(key_door, fake_upstream, 60)  # two at a time: 60 lines take 6 s
     async with asyncio.timeout(30):
         while (await client.batches.retrieve(batch.id)).request_counts.completed < 4:
             await asyncio.sleep(0.05)
@@ -150,12 +157,7 @@ async def test_cancel_stops_new_work_lets_in_flight_finish_and_keeps_what_was_do
 
 @pytest.mark.concurrency(2)
 async def test_a_batch_past_its_completion_window_expires_with_what_it_did(key_door, fake_upstream):
-    fake_upstream.first_byte_delay = 0.2
-    client = _client(key_door)
-    uploaded = await client.files.create(file=("slow.jsonl", _jsonl([_line(i) for i in range(60)])),
-                                         purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                        completion_window="2s")
+    client, _, batch = await _slow_batch(key_door, fake_upstream, 60, window="2s")
     done = await _finished(client, batch.id)
     assert done.status == "expired"
     assert done.expired_at >= batch.expires_at
@@ -239,12 +241,7 @@ async def test_file_and_batch_routes_answer_errors_that_say_what_to_do(door):
 
 @pytest.mark.concurrency(1)
 async def test_the_input_of_an_unfinished_batch_cannot_be_deleted(key_door, fake_upstream):
-    fake_upstream.first_byte_delay = 0.2
-    client = _client(key_door)
-    uploaded = await client.files.create(file=("slow.jsonl", _jsonl([_line(i) for i in range(20)])),
-                                         purpose="batch")
-    batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
+    client, uploaded, batch = await _slow_batch(key_door, fake_upstream, 20)
     with pytest.raises(openai.ConflictError) as info:
         await client.files.delete(uploaded.id)
     assert batch.id in info.value.message
