@@ -167,6 +167,10 @@ class BatchRun:
                 body = item["body"]
                 model = body["model"]
                 await window.take(model)
+                if self.stop is not None:  # stopped while waiting for the slot: not sent
+                    window.give(model)
+                    self.results.not_run(custom_id, *STOPS[self.stop])
+                    continue
                 task = asyncio.create_task(self._one(ParsedRequest(capability, body, orjson.dumps(body)), custom_id,
                                                      window))
                 tasks.add(task)
