@@ -357,28 +357,24 @@ def _literal(text: str, indent: int) -> str:
     return f"|{indicator}\n{body}"
 
 
+def _set_options(pad: str, **options: str | int | None) -> list[str]:
+    """A provider's optional keys, each only when given (the provider's own default otherwise)."""
+    return [f"{pad}{key}: {_str(value) if isinstance(value, str) else value}" for key, value in options.items()
+            if value is not None and value != ""]
+
+
 def _provider(spec: EndpointSpec) -> list[str]:
     p = "    "
     if spec.scheduler == "pbs":
         lines = [f"{p}# one block = one PBS job (qsub -q QUEUE -A ACCOUNT, '#PBS -l select=NODES:ncpus=N:SELECT')",
                  f"{p}type: PBSProProvider", f"{p}queue: {_str(spec.queue or '')}"]
-        if spec.account:
-            lines.append(f"{p}account: {_str(spec.account)}")
-        if spec.select_options:
-            lines.append(f"{p}select_options: {_str(spec.select_options)}")
-        if spec.cpus_per_node is not None:
-            lines.append(f"{p}cpus_per_node: {spec.cpus_per_node}")
+        lines += _set_options(p, account=spec.account, select_options=spec.select_options,
+                              cpus_per_node=spec.cpus_per_node)
     elif spec.scheduler == "slurm":
         lines = [f"{p}# one block = one Slurm job (sbatch --exclusive, --partition, --account)",
                  f"{p}type: SlurmProvider"]
-        if spec.queue:
-            lines.append(f"{p}partition: {_str(spec.queue)}")
-        if spec.account:
-            lines.append(f"{p}account: {_str(spec.account)}")
-        if spec.cpus_per_node is not None:
-            lines.append(f"{p}cores_per_node: {spec.cpus_per_node}")
-        if spec.gpus_per_node is not None:
-            lines.append(f"{p}gpus_per_node: {spec.gpus_per_node}")
+        lines += _set_options(p, partition=spec.queue, account=spec.account, cores_per_node=spec.cpus_per_node,
+                              gpus_per_node=spec.gpus_per_node)
     else:
         lines = [f"{p}# blocks run on this machine, as child processes of the endpoint", f"{p}type: LocalProvider"]
     if spec.scheduler_options:

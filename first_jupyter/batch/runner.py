@@ -228,14 +228,12 @@ class BatchRun:
         if self.batch["status"] != "finalizing":
             self._set("finalizing", "finalizing_at")
         self.results.close(sync=True)
-        for file_id, name, key in ((self.output_id, "output", "output_file_id"),
-                                   (self.error_id, "error", "error_file_id")):
+        for file_id, name, key, lines in ((self.output_id, "output", "output_file_id", self.results.completed),
+                                          (self.error_id, "error", "error_file_id", self.results.failed)):
             path = self.store.path(file_id)
-            size = path.stat().st_size if path.exists() else 0
-            if size:
-                with path.open("rb") as f:
-                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-                self.store.add_file("batch_output", f"{self.batch['id']}_{name}.jsonl", size, lines, file_id)
+            if lines:  # a line per result: the counts are the files' lines
+                self.store.add_file("batch_output", f"{self.batch['id']}_{name}.jsonl", path.stat().st_size, lines,
+                                    file_id)
                 self.batch[key] = file_id
             else:
                 path.unlink(missing_ok=True)

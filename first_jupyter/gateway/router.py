@@ -153,6 +153,7 @@ class Router:
         cooldowns, starts and peaks (a simulation passes its own)."""
         self.clock = clock
         self.scale_out = scale_out or ScaleOut()
+        self._by_peak = self.scale_out.keep_hot == "peak"
         by_name = {f"{b.cluster}/{b.name}": b for b in backends}
         self.catalog: dict[str, list[Target]] = {
             model: [Target(model, by_name[name]) for name in names] for model, names in served.items()
@@ -225,11 +226,13 @@ class Router:
         health = self.health_of(target)
         health.in_flight += 1
         health.last_sent = now = self.clock()
-        self.demand_of(target.model_id).rose(now)
+        if self._by_peak:  # only ``keep_hot: peak`` reads a model's demand: no cost per request otherwise
+            self.demand_of(target.model_id).rose(now)
 
     def ended(self, target: Target) -> None:
         self.health_of(target).in_flight -= 1
-        self.demand_of(target.model_id).fell()
+        if self._by_peak:
+            self.demand_of(target.model_id).fell()
 
     def succeeded(self, target: Target, ttft_s: float | None) -> None:
         """An answer began ``ttft_s`` after the request was sent there; None when that says nothing of how fast
@@ -301,7 +304,7 @@ class Router:
             return ordered[:1]
         if len(ordered) == 1:
             return []
-        by_peak = self.scale_out.keep_hot == "peak"
+        by_peak = self._by_peak
         peak = self.demand_of(ordered[0].model_id).peak(self.clock()) if by_peak else 0
         if by_peak and first in ("hot", "unknown") and peak < SCALE_OUT_AT * self.health_of(ordered[0]).capacity:
             return []  # the common case, on every request: the best hot one alone has room for the peak
