@@ -1,5 +1,5 @@
 """The ``first`` command: tools that need no running server (config check, Globus sign-in, tiny model, engine
-launch), and the running server's catalog (status, warm)."""
+launch), and the running server's catalog (status, warm) and batches."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from first_jupyter.config import ComputeEndpoint, ConfigError, FirstGatewayEndpoint, load_config
 from first_jupyter.paths import default_data_dir
+from first_jupyter.text_table import aligned
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -63,10 +64,87 @@ def _server_command(args: argparse.Namespace) -> int:
     except client.GatewayError as exc:
         print(exc, file=sys.stderr)
         return 2
-    widths = [max(len(str(r[i])) for r in [client.STATE_COLUMNS, *rows]) for i in range(len(client.STATE_COLUMNS))]
-    for row in [client.STATE_COLUMNS, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print("\n".join(aligned(client.STATE_COLUMNS, rows)))
     return 0
+
+
+def _batch_command(args: argparse.Namespace) -> int:
+    """``first batch ...`` on the running server; exit 2 on an error, 1 when a waited-for batch did not complete."""
+    from first_jupyter import batch_client, client
+
+    try:
+        client.use_running_server()
+        if args.action == "submit":
+            batch = batch_client.submit(Path(args.source), model=args.model, endpoint=args.endpoint,
+                                        completion_window=args.window,
+                                    max_tokens=args.max_tokens, temperature=args.temperature)
+            print(f"Submitted {batch['id']} ({batch['endpoint']}, window {batch['completion_window']}). "
+                  f"`first batch wait {batch['id']}` follows it.")
+            return _wait_in_terminal(batch["id"]) if args.wait else 0
+        if args.action == "wait":
+            return _wait_in_terminal(args.batch_id)
+        if args.action == "list":
+            print("\n".join(aligned(batch_client.BATCH_COLUMNS,
+                                    [batch_client.batch_row(b) for b in batch_client.listed(args.limit)])))
+            return 0
+        if args.action == "results":
+            _write_rows(batch_client.result_rows(args.batch_id), args.output)
+            return 0
+        progress = batch_client.Progress()
+        progress.update(batch_client.cancel(args.batch_id) if args.action == "cancel" else
+                        batch_client.get(args.batch_id))
+        print(progress.describe())
+    except client.GatewayError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+TERMINAL_EVERY_S = 5.0
+"""Seconds between progress lines in a terminal (or a log file) while a batch runs."""
+
+
+def _wait_in_terminal(batch_id: str | None) -> int:
+    import time
+
+    from first_jupyter import batch_client
+
+    printed = [0.0, ""]
+
+    def shown(progress: batch_client.Progress) -> None:
+        line = progress.describe()
+        if progress.ended or (line != printed[1] and time.monotonic() - float(printed[0]) >= TERMINAL_EVERY_S):
+            print(line, flush=True)
+            printed[:] = [time.monotonic(), line]
+
+    try:
+        batch = batch_client.wait(batch_id, on_update=shown)
+    except KeyboardInterrupt:
+        print("Stopped waiting; the batch goes on. `first batch cancel` stops it.", file=sys.stderr)
+        return 130
+    return 0 if batch["status"] == "completed" else 1
+
+
+def _write_rows(rows: list[dict[str, Any]], output: str | None) -> None:
+    """Result rows as CSV (a ``.csv`` output) or JSONL, to a file or stdout."""
+    import csv
+    import json
+
+    from first_jupyter.batch_client import RESULT_COLUMNS
+
+    out = Path(output).expanduser().open("w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        if output and output.endswith(".csv"):
+            writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
+        else:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if output:
+        print(f"{len(rows)} rows written to {output}.", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     warm.add_argument("--cluster", help="start it on this cluster (default: where it would be served)")
     warm.add_argument("--wait", action="store_true", help="return only once it answers")
     warm.set_defaults(func=_server_command)
+    batch = sub.add_parser("batch", help="batches on the running server: submit, status, wait, list, cancel, "
+                                          "results (see `first batch --help`)")
+    from first_jupyter.batch_options import add_arguments
+
+    add_arguments(batch, notebook=False)
+    batch.set_defaults(func=_batch_command)
     endpoint = sub.add_parser("endpoint", help="Globus Compute endpoints that serve models for FIRST")
     endpoint_sub = endpoint.add_subparsers(dest="endpoint_command", required=True)
     endpoint_config = endpoint_sub.add_parser(

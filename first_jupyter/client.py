@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -195,6 +195,14 @@ def async_openai_client(**kwargs: Any) -> openai.AsyncOpenAI:
 # -- the gateway's own routes ----------------------------------------------------------------------------------
 
 
+class Payload(NamedTuple):
+    """A request body sent as it is read (a file upload), rather than JSON built in memory."""
+
+    chunks: Iterable[bytes]
+    length: int
+    content_type: str
+
+
 class _Exchange:
     """One request to the gateway on a connection of its own, which ``abort`` ends from any thread.
 
@@ -204,13 +212,19 @@ class _Exchange:
     the request upstream.
     """
 
-    def __init__(self, method: str, url: str, body: Mapping[str, Any] | None) -> None:
+    def __init__(self, method: str, url: str, body: Mapping[str, Any] | Payload | None) -> None:
         self.url = url
         parts = urllib.parse.urlsplit(url)
         self._http = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=CALL_TIMEOUT_S)
         self._target = parts.path + (f"?{parts.query}" if parts.query else "")
         self._method = method
-        self._body = json.dumps(body).encode() if body is not None else None
+        self._headers = {"Authorization": f"Bearer {connection().api_key}", "Content-Type": "application/json"}
+        self._body: bytes | Iterable[bytes] | None = None
+        if isinstance(body, Payload):
+            self._body = body.chunks
+            self._headers.update({"Content-Type": body.content_type, "Content-Length": str(body.length)})
+        elif body is not None:
+            self._body = json.dumps(body).encode()
         self._aborted = threading.Event()
 
     def send(self) -> http.client.HTTPResponse:
@@ -219,8 +233,7 @@ class _Exchange:
             self._http.connect()
             if self._aborted.is_set():
                 raise ConnectionAbortedError("stopped")
-            self._http.request(self._method, self._target, body=self._body, headers={
-                "Authorization": f"Bearer {connection().api_key}", "Content-Type": "application/json"})
+            self._http.request(self._method, self._target, body=self._body, headers=self._headers)
             response = self._http.getresponse()
         except OSError as exc:
             self.close()
@@ -247,7 +260,8 @@ class _Exchange:
         self._http.close()
 
 
-def _call(method: str, url: str, body: Mapping[str, Any] | None = None) -> tuple[Any, http.client.HTTPResponse]:
+def _call(method: str, url: str, body: Mapping[str, Any] | Payload | None = None,
+          ) -> tuple[Any, http.client.HTTPResponse]:
     """A whole JSON exchange: the decoded answer and the response (for its headers)."""
     exchange = _Exchange(method, url, body)
     try:
@@ -260,6 +274,21 @@ def _call(method: str, url: str, body: Mapping[str, Any] | None = None) -> tuple
 def _api(method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
     """Call ``/first/api/{path}``, the gateway's own routes."""
     return _call(method, f"{connection().api_url}/{path}", body)[0]
+
+
+def v1(method: str, path: str, body: Mapping[str, Any] | Payload | None = None) -> Any:
+    """Call ``/first/v1/{path}``, the OpenAI routes (files and batches among them); the decoded answer."""
+    return _call(method, f"{connection().url}/{path}", body)[0]
+
+
+@contextlib.contextmanager
+def v1_lines(path: str) -> Iterator[Iterator[bytes]]:
+    """The lines of ``GET /first/v1/{path}`` as they arrive (a file's contents), the connection open meanwhile."""
+    exchange = _Exchange("GET", f"{connection().url}/{path}", None)
+    try:
+        yield iter(exchange.send())
+    finally:
+        exchange.close()
 
 
 def _gateway_error(status: int, body: bytes) -> GatewayError:

@@ -199,6 +199,41 @@ class InProcessEngine(_Strict):
         return self
 
 
+VLLM_RUN_BATCH = ["vllm", "run-batch", "-i", "{input}", "-o", "{output}", "--model", "{model}",
+                  "--served-model-name", "{served_name}"]
+
+
+class BatchOffload(_Strict):
+    """Batches of this endpoint's models run on its nodes as ``vllm run-batch``, one Globus Compute task per chunk
+    of lines, through a directory that this gateway and the nodes both see: the chunk's input goes there, its
+    output comes back there, and the results go into the batch's own output and error files."""
+
+    shared_path: str = Field(min_length=1, description="a directory on the cluster's shared filesystem that this "
+                                                       "gateway sees under the same path (a facility's JupyterHub "
+                                                       "mounts it)")
+    command: list[str] = Field(
+        default=VLLM_RUN_BATCH, min_length=1,
+        description="the command a task runs for a chunk, with {input} and {output} (the chunk's files), {model} "
+                    "(the model's path, else its engine name), {served_name}, {port} (the engine's port) and "
+                    "{python} (the node's Python); `{python} -m first_jupyter.remote.run_batch -i {input} -o "
+                    "{output} --port {port}` sends the lines to the engine already serving on the node instead")
+    chunk_lines: int = Field(default=10_000, ge=1, description="requests per chunk: what a lost node redoes")
+    min_lines: int = Field(default=1_000, ge=1, description="smaller batches go to the engines request by request "
+                                                            "(a run-batch task loads the model, which a few lines "
+                                                            "do not repay)")
+    parallel: int = Field(default=4, ge=1, description="chunks running at once (a task, and a worker, each)")
+    chunk_timeout: float = Field(default=6 * 3600.0, gt=0, description="seconds a chunk may take, queue included, "
+                                                                       "before it counts as lost and is run again")
+
+    @model_validator(mode="after")
+    def _files_named(self) -> BatchOffload:
+        joined = " ".join(self.command)
+        missing = [p for p in ("{input}", "{output}") if p not in joined]
+        if missing:
+            raise ValueError(f"command must name the chunk's files: {' and '.join(missing)} missing")
+        return self
+
+
 class ComputeEndpoint(_Strict):
     """A Globus Compute endpoint on an HPC cluster, whose nodes serve the models with an engine (vLLM) on
     ``127.0.0.1:{engine_port}``; requests run there as the functions of ``first_jupyter.remote.inference``.
@@ -227,6 +262,8 @@ class ComputeEndpoint(_Strict):
     expected_start: float | None = Field(default=None, gt=0, description=START_S_DESCRIPTION + " (default: 600 "
                                                                           "for a cluster's, 60 in process)")
     concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION + " (per block)")
+    batch: BatchOffload | None = Field(default=None, description="run large batches of these models on the nodes "
+                                                                 "as run-batch tasks, a chunk each")
     models: list[ModelConfig] = Field(min_length=1)
 
     @property

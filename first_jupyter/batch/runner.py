@@ -4,10 +4,11 @@ The input is read as a stream (memory does not grow with the file); each request
 ``Gateway.complete``, so routing, failover and cold starts apply as to any request. The window per model is what
 its endpoints serve at once (their ``concurrency`` times the blocks up, as the router knows it; at most
 ``defaults.batch.max_in_flight``), read again as each slot is taken. A transient failure (429, 5xx, a timeout) is
-retried with backoff, honouring ``Retry-After``; any other failure is the line's result. What is done is what the
-result files hold (``results``), so a run resumed after a crash sends only the rest. Cancel and expiry stop new
-work; requests in flight finish; the lines never sent get an error line each, so the output and error files
-together hold every custom_id exactly once.
+retried with backoff, honouring ``Retry-After``; any other failure is the line's result. A large batch for an
+endpoint that declares ``batch`` settings runs on its nodes instead, a run-batch task per chunk (``offload``).
+What is done is what the result files hold (``results``), so a run resumed after a crash sends only the rest.
+Cancel and expiry stop new work; requests in flight finish; the lines never sent get an error line each, so the
+output and error files together hold every custom_id exactly once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from first_jupyter.batch.offload import Offload, plan
 from first_jupyter.batch.results import Results
 from first_jupyter.batch.validate import ENDPOINTS, MAX_REPORTED, check_file
 from first_jupyter.config import BatchDefaults
@@ -115,7 +117,11 @@ class BatchRun:
                 return
             done = self.results.open()
             if self.batch["status"] != "finalizing":  # (a crash while finalizing: only that is left to do)
-                await self._send_all(done)
+                chosen = await plan(self)
+                if chosen is not None:
+                    await Offload(self, chosen).run_all(done)
+                else:
+                    await self._send_all(done)
             self._finalize()
         finally:
             expiry.cancel()
@@ -175,7 +181,7 @@ class BatchRun:
                                                      window))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                self._save_now_and_then()
+                self.save_now_and_then()
         try:
             while tasks:
                 await asyncio.wait(list(tasks))
@@ -183,7 +189,7 @@ class BatchRun:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        self._save_now_and_then(force=True)
+        self.save_now_and_then(force=True)
 
     def _window_for(self, model: str) -> int:
         targets = self.gateway.router.catalog.get(model, ())
@@ -201,7 +207,7 @@ class BatchRun:
                         self.results.refused(custom_id, exc.status, exc.body())
                         return
                     if await self._backoff(exc, attempt):  # stopped meanwhile: not sent again
-                        self.results.not_run(custom_id, *STOPS[self.stop or "cancelling"])
+                        self.results.not_run(custom_id, *self.stopped_why())
                         return
                 else:
                     self.results.answered(custom_id, done.body)
@@ -212,17 +218,25 @@ class BatchRun:
                                                              type="api_error").body())
         finally:
             window.give(req.model)
-            self._save_now_and_then()
+            self.save_now_and_then()
 
     async def _backoff(self, exc: OpenAIError, attempt: int) -> bool:
         """Wait before the next try; whether the batch was stopped meanwhile."""
         after = exc.headers.get("Retry-After", "")
         delay = float(after) if after.isdigit() else BACKOFF_S * 2 ** attempt * (0.5 + random.random())
+        return await self.pause(delay)
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` (at most ``MAX_BACKOFF_S``); whether the batch was stopped meanwhile."""
         try:
-            await asyncio.wait_for(self._stopped.wait(), min(delay, MAX_BACKOFF_S))
+            await asyncio.wait_for(self._stopped.wait(), min(seconds, MAX_BACKOFF_S))
         except TimeoutError:
             return False
         return True
+
+    def stopped_why(self) -> tuple[str, str]:
+        """The error code and message of a line not run because the batch was stopped."""
+        return STOPS[self.stop or "cancelling"]
 
     def _finalize(self) -> None:
         if self.batch["status"] != "finalizing":
@@ -246,9 +260,9 @@ class BatchRun:
     def _set(self, status: str, stamp: str) -> None:
         self.batch["status"] = status
         self.batch[stamp] = int(time.time())
-        self._save_now_and_then(force=True)
+        self.save_now_and_then(force=True)
 
-    def _save_now_and_then(self, force: bool = False) -> None:
+    def save_now_and_then(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._saved_at < SAVE_EVERY_S:
             return

@@ -15,7 +15,7 @@ from traitlets import Bool, Enum, Float, Integer, Unicode
 from traitlets.config import Configurable
 
 from first_jupyter.magics import display as show
-from first_jupyter.magics.parser import COMMANDS, MagicUsageError, parse, register
+from first_jupyter.magics.parser import COMMANDS, MagicUsageError, help_text, parse, register
 from first_jupyter.magics.template import interpolate
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ def _help(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
         command = COMMANDS.get(options.command)
         if command is None:
             raise MagicUsageError(f"No command '{options.command}'. `%first help` lists them.")
-        print(command.parser.format_help().rstrip())
+        print(help_text(command))
         return
     heads = {name: f"{'%%' if c.cell else '%'}first {name}" for name, c in COMMANDS.items()}
     width = max(map(len, heads.values())) + 2
@@ -314,3 +314,7 @@ def load(shell: InteractiveShell) -> FirstMagics:
         shell.configurables.append(magics)
         shell.register_magic_function(magics, magic_kind="line_cell", magic_name="first")
         return magics
+
+
+# `%first batch` lives in its own module; imported last, so that `%first help` lists it after the core commands
+from first_jupyter.magics import batch as _batch_commands  # noqa: E402, F401

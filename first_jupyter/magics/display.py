@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.display import display, update_display
 
+from first_jupyter.text_table import aligned, cells
+
 if TYPE_CHECKING:
     from first_jupyter.client import Result
 
@@ -88,12 +90,10 @@ def show_answer(result: Result, fmt: str) -> str | None:
 
 def show_table(columns: list[str], rows: list[list[Any]], caption: str | None = None) -> None:
     """A table as HTML for the browser and aligned text for everything else (terminals, nbval, exports)."""
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = [("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))).rstrip()]
-    lines += [("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))).rstrip() for r in cells]
+    values = cells(rows)
+    lines = aligned(columns, rows)
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in r) + "</tr>" for r in cells)
+    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in r) + "</tr>" for r in values)
     title = f"<caption>{escape(caption)}</caption>" if caption else ""
     text = "\n".join(([caption] if caption else []) + lines)
     display({"text/html": f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",

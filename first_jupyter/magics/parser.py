@@ -19,7 +19,7 @@ class MagicUsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would print usage and exit the kernel's process
-        raise MagicUsageError(f"{self.prog}: {message}. `%first help {self.prog.split()[-1]}` shows the options.")
+        raise MagicUsageError(f"{self.prog}: {message}. `%first help {self.prog.split()[1]}` shows the options.")
 
     def exit(self, status: int = 0, message: str | None = None) -> Any:
         raise MagicUsageError(message or self.format_help())
@@ -53,6 +53,15 @@ def register(name: str, summary: str, *, cell: bool = False,
         return run
 
     return add
+
+
+def help_text(command: Command) -> str:
+    """A command's options; for one with actions (``batch``), each action's options after the list of them."""
+    actions = [group for group in command.parser._actions if isinstance(group, argparse._SubParsersAction)]
+    if not actions:
+        return command.parser.format_help().rstrip()
+    return "\n\n".join([command.summary, *(action.format_help().rstrip() for group in actions
+                                             for action in group.choices.values())])
 
 
 def parse(line: str, has_cell: bool) -> tuple[Command, argparse.Namespace]:

@@ -1,0 +1,222 @@
+"""A batch run as run-batch tasks on a cluster's nodes, one per chunk of lines, instead of request by request.
+
+Chunk k holds the input's requests k·chunk_lines to (k+1)·chunk_lines - 1, so a chunk is the same after a restart.
+Its pending lines (those the batch's result files do not hold yet) go to ``<shared_path>/<batch>/chunk-k.input
+.jsonl``, with each model's engine name; a Globus Compute task runs the endpoint's command on them there
+(``first_jupyter.remote.run_batch.run_chunk``); its output, renamed into place only when whole, is read back
+into the batch's output and error files. A task that fails (a lost node, a command that crashed) is run again, up
+to ``defaults.batch.max_attempts``: only its chunk is redone. After a restart, a chunk whose output is already
+there is read, not run again. Cancel and expiry start no new chunk; running chunks finish and are read; the lines
+of the others are reported as not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
+from first_jupyter.protocol import OpenAIError
+from first_jupyter.remote.run_batch import run_chunk
+
+if TYPE_CHECKING:
+    from first_jupyter.batch.runner import BatchRun
+    from first_jupyter.gateway.backends.compute import ComputeBackend
+
+log = logging.getLogger(__name__)
+
+READ_SLICE = 1000
+"""Output lines recorded between two turns of the event loop: a chunk of 10,000 must not stall the gateway."""
+RETRY_AFTER_S = 5.0
+TIMEOUT_SLACK_S = 60.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: ComputeBackend
+    settings: BatchOffload
+    model: ModelConfig
+
+
+def models_in(path: Path) -> set[str]:
+    """The models a (validated) input file asks for."""
+    with path.open("rb") as lines:
+        return {orjson.loads(raw)["body"]["model"] for raw in lines if raw.strip()}
+
+
+async def plan(run: BatchRun) -> Plan | None:
+    """Where to offload this batch: an endpoint with ``batch`` settings that serves its model, when it has at
+    least ``min_lines`` requests for one model (a run-batch task loads one); else None (request by request)."""
+    total = run.batch["request_counts"]["total"]
+    candidates: dict[int, ComputeBackend] = {
+        id(t.backend): t.backend for targets in run.gateway.router.catalog.values() for t in targets
+        if isinstance(getattr(t.backend, "endpoint", None), ComputeEndpoint)  # a Globus Compute endpoint's
+        and t.backend.endpoint.batch is not None and total >= t.backend.endpoint.batch.min_lines}
+    if not candidates:
+        return None
+    models = await asyncio.to_thread(models_in, run.store.path(run.batch["input_file_id"]))
+    if len(models) != 1:
+        return None
+    (wanted,) = models
+    for backend in candidates.values():
+        model = next((m for m in backend.endpoint.models if m.id == wanted), None)
+        if model is not None and backend.endpoint.batch is not None:
+            return Plan(backend, backend.endpoint.batch, model)
+    return None
+
+
+@dataclass
+class Chunk:
+    index: int
+    pending: set[str]
+    """custom_ids not in the result files yet."""
+    input: Path
+    output: Path
+
+
+def _split(source: Path, folder: Path, size: int, done: set[int], engine_names: dict[str, str]) -> list[Chunk]:
+    """Each chunk with lines still to do; its input written (atomically: a task from before a restart may be
+    reading the previous one) unless its output is already there."""
+    chunks: list[Chunk] = []
+    current: list[bytes] = []
+    pending: set[str] = set()
+    index = 0
+    seen = 0
+
+    def close() -> None:
+        if pending:
+            chunk = Chunk(index, set(pending), folder / f"chunk-{index:05d}.input.jsonl",
+                          folder / f"chunk-{index:05d}.output.jsonl")
+            if not chunk.output.exists():
+                fresh = chunk.input.with_name(chunk.input.name + ".new")
+                fresh.write_bytes(b"".join(current))
+                os.replace(fresh, chunk.input)
+            chunks.append(chunk)
+        current.clear()
+        pending.clear()
+
+    with source.open("rb") as lines:
+        for raw in lines:
+            if not raw.strip():
+                continue
+            if seen and seen % size == 0:
+                close()
+                index += 1
+            seen += 1
+            item = orjson.loads(raw)
+            if hash(item["custom_id"]) in done:
+                continue
+            item["body"]["model"] = engine_names[item["body"]["model"]]
+            current.append(orjson.dumps(item) + b"\n")
+            pending.add(item["custom_id"])
+    close()
+    return chunks
+
+
+def _error_body(message: str, status: int) -> dict[str, Any]:
+    return OpenAIError(status, message, type="api_error" if status >= 500 else "invalid_request_error").body()
+
+
+class Offload:
+    """The chunks of one batch run on one endpoint's nodes."""
+
+    def __init__(self, run: BatchRun, chosen: Plan) -> None:
+        self.run = run
+        self.backend = chosen.backend
+        self.settings = chosen.settings
+        self.model = chosen.model
+        self.folder = Path(chosen.settings.shared_path).expanduser() / run.batch["id"]
+        self._slots = asyncio.Semaphore(chosen.settings.parallel)
+
+    async def run_all(self, done: set[int]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        names = {self.model.id: self.backend.upstream_name(self.model.id)}
+        chunks = await asyncio.to_thread(_split, self.run.store.path(self.run.batch["input_file_id"]), self.folder,
+                                         self.settings.chunk_lines, done, names)
+        await asyncio.gather(*(self._chunk(chunk) for chunk in chunks))
+        self.run.save_now_and_then(force=True)
+        await asyncio.to_thread(shutil.rmtree, self.folder, True)
+
+    async def _chunk(self, chunk: Chunk) -> None:
+        error = ""
+        async with self._slots:
+            for attempt in range(self.run.settings.max_attempts):
+                if not chunk.output.exists():
+                    if self.run.stop is not None:
+                        break
+                    try:
+                        await self._task(chunk)
+                    except Exception as exc:  # the node, the command or the task failed: only this chunk redoes
+                        error = self._describe(exc)
+                        log.warning("batch %s chunk %d (attempt %d): %s", self.run.batch["id"], chunk.index,
+                                    attempt + 1, error)
+                        if await self.run.pause(RETRY_AFTER_S * 2 ** attempt):
+                            break
+                        continue
+                await self._read(chunk)
+                return
+        for custom_id in sorted(chunk.pending):
+            if self.run.stop is not None:
+                self.run.results.not_run(custom_id, *self.run.stopped_why())
+            else:
+                self.run.results.refused(custom_id, 502, _error_body(
+                    f"The chunk of this request failed on {self.backend.where} "
+                    f"{self.run.settings.max_attempts} times; the last time: {error}", 502))
+        self.run.save_now_and_then()
+
+    async def _task(self, chunk: Chunk) -> None:
+        served_name = self.backend.upstream_name(self.model.id)
+        values = {"{input}": str(chunk.input), "{port}": str(self.backend.engine_port),
+                  "{model}": self.model.path or served_name, "{served_name}": served_name}
+        task = await self.backend.submitter.submit(run_chunk, self.settings.command, values, str(chunk.output),
+                                                   self.settings.chunk_timeout)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(task), self.settings.chunk_timeout + TIMEOUT_SLACK_S)
+        except TimeoutError:
+            task.cancel()
+            raise TimeoutError(f"no result within {self.settings.chunk_timeout:g} s") from None
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, OpenAIError):
+            return exc.message
+        if isinstance(exc, TimeoutError):
+            return str(exc)
+        return self.backend.submitter.describe(exc).message
+
+    async def _read(self, chunk: Chunk) -> None:
+        """Record the chunk's answers; a request its output lacks is a failure of that request."""
+        with chunk.output.open("rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                if raw.strip():
+                    self._record(orjson.loads(raw), chunk.pending)
+                if number % READ_SLICE == 0:
+                    await asyncio.sleep(0)
+        for custom_id in sorted(chunk.pending):
+            self.run.results.refused(custom_id, 500, _error_body(
+                f"The run-batch command on {self.backend.where} gave no result for this request.", 500))
+        chunk.pending.clear()
+        self.run.save_now_and_then()
+
+    def _record(self, line: dict[str, Any], pending: set[str]) -> None:
+        custom_id = line.get("custom_id")
+        if custom_id not in pending:
+            return  # not this chunk's, or recorded already
+        pending.discard(custom_id)
+        response = line.get("response") or {}
+        status, body, error = response.get("status_code"), response.get("body"), line.get("error")
+        if status == 200 and error is None and isinstance(body, dict):
+            self.run.results.answered(custom_id, orjson.dumps(body))
+            return
+        if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+            body = _error_body(str(error or body or "run-batch gave no answer"), status or 500)
+        self.run.results.refused(custom_id, status or 500, body)

@@ -1,0 +1,172 @@
+"""Batches offloaded to an endpoint's nodes: a Globus Compute task per chunk running the endpoint's run-batch
+command, through a shared directory, with results back in the batch's own files.
+
+The endpoint is the real Globus Compute engine run in-process (the local engine path: parsl's LocalProvider, a
+worker_init that starts ``transformers serve`` on the tiny model). ``vllm run-batch`` cannot run here, so the
+command is ``first_jupyter.remote.run_batch``, which does its job against the engine serving on the node, behind
+a wrapper that logs each run and, once, kills the worker running it (a node lost mid-chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from first_jupyter.config import ConfigError, parse_config
+from first_jupyter.gateway import Gateway
+from first_jupyter.remote import run_batch
+from tests.test_compute_local import _processes_of, in_process_config
+
+WRAPPER = """
+import os, pathlib, signal, subprocess, sys
+name = pathlib.Path(sys.argv[sys.argv.index("-i") + 1]).name
+with open({log!r}, "a") as log:
+    log.write(name + "\\n")
+lose = pathlib.Path({lose!r})
+if name.startswith("chunk-00001.") and not lose.exists():
+    lose.touch()
+    os.kill(os.getppid(), signal.SIGKILL)  # the worker running this chunk's task dies: a lost node
+    sys.exit(1)
+sys.exit(subprocess.call([sys.executable, "-m", "first_jupyter.remote.run_batch", *sys.argv[1:]]))
+"""
+
+
+def _lines(count: int, prefix: str = "q") -> bytes:
+    return b"".join(json.dumps({"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": "tiny-chat", "max_tokens": 4,
+                                         "messages": [{"role": "user", "content": f"question {i}"}]}}).encode()
+                    + b"\n" for i in range(count))
+
+
+def _config(model_dir: Path, tmp_path: Path, **batch: Any) -> dict[str, Any]:
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(log=str(tmp_path / "runs.log"), lose=str(tmp_path / "lost-once")))
+    config = in_process_config(model_dir)
+    config["clusters"]["local"]["endpoints"][0]["batch"] = {
+        "shared_path": str(tmp_path / "shared"), "chunk_lines": 4, "min_lines": 5,
+        "command": ["{python}", str(wrapper), "-i", "{input}", "-o", "{output}", "--port", "{port}"], **batch}
+    return {**config, "auth": {"sources": ["env"]}}
+
+
+async def _submit(gateway: Gateway, content: bytes) -> dict[str, Any]:
+    upload = gateway.batches.upload("multipart/form-data; boundary=b")
+    upload.feed(b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\n'
+                b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n' + content
+                + b"\r\n--b--\r\n")
+    source = gateway.batches.add_file(upload)
+    return await gateway.batches.create(json.dumps({"input_file_id": source["id"],
+                                                    "endpoint": "/v1/chat/completions"}).encode())
+
+
+async def _ended(gateway: Gateway, batch_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(240):
+        while (batch := gateway.batches.batch(batch_id))["status"] not in ("completed", "failed", "cancelled"):
+            await asyncio.sleep(0.1)
+    return batch
+
+
+def _results(gateway: Gateway, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    lines = []
+    for key in ("output_file_id", "error_file_id"):
+        if batch[key]:
+            lines += [json.loads(x) for x in gateway.batches.store.path(batch[key]).read_bytes().splitlines()]
+    return lines
+
+
+def _runs(tmp_path: Path) -> list[str]:
+    log = tmp_path / "runs.log"
+    return sorted(log.read_text().split()) if log.exists() else []
+
+
+async def test_a_large_batch_runs_as_a_task_per_chunk_and_a_lost_node_redoes_only_its_chunk(tiny_model, tmp_path):
+    gateway = Gateway(parse_config(_config(tiny_model, tmp_path), "test"), tmp_path / "data", environ={})
+    try:
+        small = await _ended(gateway, (await _submit(gateway, _lines(3, "s")))["id"])  # under min_lines
+        assert small["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+        assert _runs(tmp_path) == []  # request by request: no run-batch task
+
+        batch = await _ended(gateway, (await _submit(gateway, _lines(10)))["id"])
+        assert batch["status"] == "completed"
+        assert batch["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
+        results = _results(gateway, batch)
+        assert sorted(r["custom_id"] for r in results) == sorted(f"q{i}" for i in range(10))
+        assert {r["response"]["status_code"] for r in results} == {200}
+        assert {r["response"]["body"]["usage"]["completion_tokens"] for r in results} <= {1, 2, 3, 4}
+        # three chunks of 4, 4 and 2 lines; the one whose worker was killed ran again, the others once
+        assert _runs(tmp_path) == ["chunk-00000.input.jsonl", "chunk-00001.input.jsonl", "chunk-00001.input.jsonl",
+                                   "chunk-00002.input.jsonl"]
+        assert not (tmp_path / "shared" / batch["id"]).exists()  # the chunks' files go once the results are in
+    finally:
+        await gateway.close()
+    assert _processes_of(tmp_path / "data") == []
+
+
+async def test_a_restarted_gateway_runs_only_the_chunks_not_done(tiny_model, tmp_path):
+    (tmp_path / "lost-once").touch()  # no lost node in this test
+    config = parse_config(_config(tiny_model, tmp_path, parallel=1), "test")
+    first = Gateway(config, tmp_path / "data", environ={})
+    try:
+        batch = await _submit(first, _lines(10))
+        async with asyncio.timeout(240):
+            while first.batches.batch(batch["id"])["request_counts"]["completed"] < 4:
+                await asyncio.sleep(0.05)
+    finally:
+        await first.close()  # mid-batch: the first chunk's results are in, the rest is not
+    assert _runs(tmp_path)[0] == "chunk-00000.input.jsonl"
+
+    second = Gateway(config, tmp_path / "data", environ={})
+    resuming = asyncio.ensure_future(second.batches.keep_running(every=0.1))
+    try:
+        done = await _ended(second, batch["id"])
+    finally:
+        resuming.cancel()
+        await second.close()
+    assert done["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
+    assert sorted(r["custom_id"] for r in _results(second, done)) == sorted(f"q{i}" for i in range(10))
+    runs = _runs(tmp_path)
+    assert runs.count("chunk-00000.input.jsonl") == 1  # its checkpoint held: not run again
+    assert runs.count("chunk-00002.input.jsonl") == 1
+    assert _processes_of(tmp_path / "data") == []
+
+
+# -- the pieces ---------------------------------------------------------------------------------------------------
+
+
+def test_the_run_batch_command_does_vllm_run_batchs_job_against_the_engine(fake_upstream, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(_lines(5).replace(b'"tiny-chat"', b'"fake-model"'))
+    out = tmp_path / "out.jsonl"
+    assert run_batch.main(["-i", str(source), "-o", str(out), "--port", str(fake_upstream.port)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == [f"q{i}" for i in range(5)]
+    assert all(x["response"]["status_code"] == 200 and x["error"] is None for x in lines)
+    assert lines[0]["response"]["body"]["choices"][0]["message"]["content"].startswith("tok0")
+    assert fake_upstream.by_route["/v1/chat/completions"] == 5
+
+
+def test_a_chunk_is_whole_or_absent_and_one_already_done_is_not_run_again(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import sys; open(sys.argv[1], 'w').write('{\"custom_id\": \"a\"}\\n')")
+    output = tmp_path / "chunk.output.jsonl"
+    done = run_batch.run_chunk(["{python}", str(script), "{output}"], {}, str(output), 60)
+    assert (done["lines"], done["reused"]) == (1, False)
+    again = run_batch.run_chunk(["false"], {}, str(output), 60)  # would fail: never run
+    assert again == {"lines": 1, "elapsed_s": 0.0, "reused": True}
+
+    failing = tmp_path / "fail.py"
+    failing.write_text("import sys; open(sys.argv[1], 'w').write('half'); sys.exit('out of GPU memory')")
+    lost = tmp_path / "lost.output.jsonl"
+    with pytest.raises(RuntimeError, match=r"exited with status 1 and an output: out of GPU memory"):
+        run_batch.run_chunk([sys.executable, str(failing), "{output}"], {}, str(lost), 60)
+    assert list(tmp_path.glob("lost.*")) == []  # no partial output left to be taken for a whole one
+
+
+def test_an_offload_command_must_name_the_chunks_files(tmp_path):
+    config = _config(tmp_path / "model", tmp_path, command=["vllm", "run-batch", "-i", "{input}"])
+    with pytest.raises(ConfigError, match=r"command must name the chunk's files: \{output\} missing"):
+        parse_config(config, "first.yaml")
