@@ -167,6 +167,9 @@ def submit(source: str | Path | Iterable[Any], *, model: str | None = None, endp
     ``max_tokens`` and ``temperature`` go into the requests built here that do not set them.
     """
     global _latest
+    if isinstance(source, Mapping) or hasattr(source, "columns"):
+        raise GatewayError(f"A batch takes a list of requests, not a {type(source).__name__}: pass a list, or one "
+                           "column of a DataFrame (df['prompt']).")
     path = Path(source).expanduser() if isinstance(source, str | Path) else None
     if path is not None and not path.is_file():
         raise GatewayError(f"No file {path}: give the path of a JSONL batch file or a file of prompts (one per "

@@ -76,8 +76,8 @@ def _batch_command(args: argparse.Namespace) -> int:
         client.use_running_server()
         if args.action == "submit":
             batch = batch_client.submit(Path(args.source), model=args.model, endpoint=args.endpoint,
-                                        completion_window=args.window,
-                                    max_tokens=args.max_tokens, temperature=args.temperature)
+                                        completion_window=args.window, max_tokens=args.max_tokens,
+                                        temperature=args.temperature)
             print(f"Submitted {batch['id']} ({batch['endpoint']}, window {batch['completion_window']}). "
                   f"`first batch wait {batch['id']}` follows it.")
             return _wait_in_terminal(batch["id"]) if args.wait else 0

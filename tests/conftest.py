@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import uvloop
 import yaml
+from IPython.core.interactiveshell import InteractiveShell
 from yarl import URL
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
@@ -110,6 +111,16 @@ def in_process(fake_upstream: FakeUpstream, write_config: Callable[[dict[str, An
     monkeypatch.setenv("FIRST_CONFIG", str(write_config(fake_cluster_config(fake_upstream))))
     yield fake_upstream
     client.disconnect()
+
+
+@pytest.fixture
+def shell(in_process: FakeUpstream) -> Iterator[InteractiveShell]:
+    """A real IPython shell with ``%load_ext first_jupyter``, its client on the in-process gateway."""
+    InteractiveShell.clear_instance()
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "first_jupyter")
+    yield shell
+    InteractiveShell.clear_instance()
 
 
 def without_a_server(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator
 
 import pandas as pd
 import pytest
@@ -17,15 +16,6 @@ from first_jupyter import batch_client, cli, client
 from first_jupyter.widgets import BatchMonitor
 
 ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
-
-
-@pytest.fixture
-def shell(in_process) -> Iterator[InteractiveShell]:
-    InteractiveShell.clear_instance()
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "first_jupyter")
-    yield shell
-    InteractiveShell.clear_instance()
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +146,8 @@ def test_a_batch_with_bad_lines_fails_and_says_which(shell, in_process):
 @pytest.mark.parametrize(("line", "expected"), [
     ("batch submit nothing_here", "No variable or file named 'nothing_here'"),
     ("batch submit empty", "Nothing to submit"),
-    ("batch submit one", "one is one dict; put the requests in a list."),
+    ("batch submit one", "A batch takes a list of requests, not a dict"),
+    ("batch submit frame", "one column of a DataFrame (df['prompt'])"),
     ("batch submit numbers", "Item 0 is a int"),
     ("batch submit prompts -e images", "Endpoint 'images' is not one a batch can call"),
     ("batch submit prompts -w forever", "completion_window 'forever' is not a duration"),
@@ -165,7 +156,8 @@ def test_a_batch_with_bad_lines_fails_and_says_which(shell, in_process):
     ("batch frobnicate", "invalid choice: 'frobnicate'"),
 ])
 def test_mistakes_get_one_line_that_says_what_to_do(shell, in_process, line, expected):
-    shell.user_ns.update(empty=[], one={"model": "x"}, numbers=[1, 2], prompts=["a"])
+    shell.user_ns.update(empty=[], one={"model": "x"}, numbers=[1, 2], prompts=["a"],
+                         frame=pd.DataFrame({"prompt": ["a", "b"]}))
     shown = magic(shell, line)
     assert expected in shown.stderr
     assert "Traceback" not in shown.stderr

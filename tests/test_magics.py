@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -14,15 +13,6 @@ from IPython.utils.capture import CapturedIO, capture_output
 from bench import load_ext
 
 ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
-
-
-@pytest.fixture
-def shell(in_process) -> Iterator[InteractiveShell]:
-    InteractiveShell.clear_instance()
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "first_jupyter")
-    yield shell
-    InteractiveShell.clear_instance()
 
 
 def cell(shell: InteractiveShell, line: str, body: str | None = None) -> CapturedIO:

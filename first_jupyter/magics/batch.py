@@ -45,12 +45,9 @@ def _source(magics: FirstMagics, given: str) -> Any:
 def _submit(magics: FirstMagics, options: argparse.Namespace) -> None:
     from first_jupyter import batch_client
 
-    source = _source(magics, options.source)
-    if isinstance(source, dict):
-        raise MagicUsageError(f"{options.source} is one dict; put the requests in a list.")
-    batch = batch_client.submit(source, model=options.model or magics.model or None, endpoint=options.endpoint,
-                                completion_window=options.window,
-                                    max_tokens=options.max_tokens, temperature=options.temperature)
+    batch = batch_client.submit(_source(magics, options.source), model=options.model or magics.model or None,
+                                endpoint=options.endpoint, completion_window=options.window,
+                                max_tokens=options.max_tokens, temperature=options.temperature)
     print(f"Submitted {batch['id']} ({batch['endpoint']}, window {batch['completion_window']}). "
           "`%first batch status` shows where it stands; `%first batch results --into df` fetches the answers once "
           "it has ended.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
@@ -55,17 +56,15 @@ class BatchMonitor:
 
     def refresh(self) -> None:
         """Read the batch again and show it."""
-        try:
-            self.progress.update(batch_client.get(self.batch_id))
-        except Exception as exc:  # a widget reports, it never raises into the frontend
-            self._failed(exc)
-            return
-        self._show()
+        self._show_answer(batch_client.get)
 
     def cancel(self) -> None:
         """Ask the gateway to stop the batch; the monitor goes on until it has stopped."""
+        self._show_answer(batch_client.cancel)
+
+    def _show_answer(self, call: Callable[[str], dict[str, Any]]) -> None:
         try:
-            self.progress.update(batch_client.cancel(self.batch_id))
+            self.progress.update(call(self.batch_id))
         except Exception as exc:  # a widget reports, it never raises into the frontend
             self._failed(exc)
             return
