@@ -25,6 +25,7 @@ from first_jupyter.config import parse_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.compute_local import end_leftovers
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.remote.inference import engine_health
 from first_jupyter.remote.launcher import free_port
 from tests.conftest import jupyter_server_process, open_door, server_config
 
@@ -241,3 +242,20 @@ def test_a_server_whose_whole_process_group_is_stopped_still_stops_its_blocks(ti
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+async def test_tasks_handed_over_from_many_threads_at_once_all_run(tiny_model, tmp_path: Path):
+    """A request and the start probe its cold start sends reach the engine from threads of their own; its zmq
+    socket is not thread-safe, and two sends at once could block one of them for good (and every later one)."""
+    gateway = Gateway(parse_config(in_process_config(tiny_model), "test"), tmp_path / "data", environ={})
+    backend = gateway.backends[0]
+    try:
+        for _ in range(3):  # the first round starts the engine; each round hands over 48 tasks at once
+            async with asyncio.timeout(180):
+                tasks = await asyncio.gather(*(backend.submitter.submit(engine_health, backend.engine_port)
+                                               for _ in range(48)))
+                answers = await asyncio.gather(*(asyncio.wrap_future(t) for t in tasks))
+            assert all(a["healthy"] for a in answers)
+    finally:
+        await gateway.close()
+    assert _processes_of(tmp_path / "data") == []

@@ -133,6 +133,10 @@ class InProcessSubmitter:
         self.started_at: float | None = None
         self._engine: Any = None
         self._start_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        """Held while a task is handed to the engine: its zmq socket is not thread-safe, and two sends at once
+        (a request and the start probe its cold start sends, each from a thread of its own) can leave a send
+        blocked for good, and every later request with it."""
         self._start_failed = False
         self._pending: set[Future[Any]] = set()
         self._watch: asyncio.Task[None] | None = None
@@ -201,7 +205,9 @@ class InProcessSubmitter:
         packed = GCFuture(task_id)
         answer: Future[Any] = Future()
         packed.add_done_callback(lambda done: self._unpack(done, answer))
-        engine.submit(packed, messagepack.pack(Task(task_id=task_id, task_buffer=buffer)), resource_specification={})
+        with self._send_lock:
+            engine.submit(packed, messagepack.pack(Task(task_id=task_id, task_buffer=buffer)),
+                          resource_specification={})
         return answer
 
     def _unpack(self, done: Future[Any], answer: Future[Any]) -> None:
