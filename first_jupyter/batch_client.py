@@ -88,27 +88,19 @@ def _file_items(path: Path) -> Iterator[Any]:
                                    "per line; a file with another suffix, one prompt per line.") from None
 
 
-def _is_batch_file(path: Path) -> bool:
-    """A JSONL whose first request already has a ``custom_id``: uploaded as it is, not rewritten."""
+def _batch_line(path: Path) -> dict[str, Any] | None:
+    """The first request of a JSONL already in the batch format (it has a ``custom_id``): such a file is uploaded
+    as it is, not rewritten. None for any other file."""
     if path.suffix not in (".jsonl", ".json"):
-        return False
+        return None
     with path.open("rb") as lines:
         for line in lines:
             if line.strip():
                 try:
                     first = json.loads(line)
                 except ValueError:
-                    return False
-                return isinstance(first, dict) and "custom_id" in first
-    return False
-
-
-def _first_url(path: Path) -> str | None:
-    with path.open("rb") as lines:
-        for line in lines:
-            if line.strip():
-                url = json.loads(line).get("url")
-                return url if isinstance(url, str) else None
+                    return None
+                return first if isinstance(first, dict) and "custom_id" in first else None
     return None
 
 
@@ -174,11 +166,13 @@ def submit(source: str | Path | Iterable[Any], *, model: str | None = None, endp
     if path is not None and not path.is_file():
         raise GatewayError(f"No file {path}: give the path of a JSONL batch file or a file of prompts (one per "
                            "line).")
-    if path is not None and _is_batch_file(path):
+    first = _batch_line(path) if path is not None else None
+    if path is not None and first is not None:
         if max_tokens is not None or temperature is not None:
             raise GatewayError(f"{path} is a batch file: its lines are sent as they are, so set max_tokens and "
                                "temperature in their bodies (the options apply to prompts and request bodies).")
-        chosen = endpoint_path(endpoint) if endpoint else (_first_url(path) or ENDPOINTS["chat"])
+        url = first.get("url")
+        chosen = endpoint_path(endpoint) if endpoint else (url if isinstance(url, str) else ENDPOINTS["chat"])
         stored = upload(path)
     else:
         chosen = endpoint_path(endpoint or "chat")
