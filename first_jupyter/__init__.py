@@ -32,6 +32,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'first_jupyter' has no attribute {name!r}")
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the built sidebar is, for ``jupyter labextension develop`` (a wheel installs it as shared data)."""
+    return [{"src": "labextension", "dest": "first-jupyter"}]
+
+
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from first_jupyter.server_ext import FirstExtension
 

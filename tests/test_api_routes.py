@@ -11,6 +11,7 @@ from yarl import URL
 
 from first_jupyter.config import load_config
 from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import OpenAIError
 from tests.conftest import Door, fake_cluster_config, server_config
 
@@ -65,6 +66,21 @@ async def test_usage_summary_counts_requests_tokens_and_errors_per_model(door):
     assert (row["model"], row["requests"], row["errors"]) == ("fake-model", 2, 0)
     assert row["completion_tokens"] == 2 * 8  # the fake answers 8 tokens
     assert row["mean_latency_ms"] > 0
+
+
+async def test_usage_summary_gives_each_models_last_latency(fake_upstream, write_config, tmp_path):
+    """The sidebar's "last latency": the newest request's, not the slowest or the first (times may repeat)."""
+    data = tmp_path / "data"
+    gateway = Gateway(load_config(write_config(fake_cluster_config(fake_upstream)), data), data)
+    rows = [("fake-model", 900.0), ("fake-embed", 15.0), ("fake-model", 120.0), ("fake-model", 340.0),
+            ("fake-embed", 25.0)]
+    for model, latency in rows:  # same time stamp for all: the order of arrival decides
+        gateway.usage.record(UsageRecord(1.0, "r", model, "remote", "e", "chat", False, 200, 1, 2, latency, None,
+                                         None))
+    summary = {row["model"]: row for row in (await gateway.usage_summary())["data"]}
+    gateway.usage.close()
+    assert {m: (r["requests"], r["last_latency_ms"], r["mean_latency_ms"]) for m, r in summary.items()} == {
+        "fake-embed": (2, 25.0, 20.0), "fake-model": (3, 340.0, 1360.0 / 3)}
 
 
 async def test_the_default_model_survives_a_restart_while_it_is_still_served(fake_upstream, write_config,

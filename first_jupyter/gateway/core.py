@@ -586,15 +586,19 @@ class Gateway:
         """Requests, tokens and latency per model, from the usage store (recent requests included)."""
         rows = await asyncio.to_thread(self._usage_rows)
         keys = ("model", "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms",
-                "mean_ttft_ms", "last_used")
+                "mean_ttft_ms", "last_used", "last_latency_ms")
         return {"object": "list", "data": [dict(zip(keys, row, strict=True)) for row in rows]}
 
     def _usage_rows(self) -> list[tuple[object, ...]]:
+        """One row per model; its last request is its newest row (rows are appended as requests end)."""
         self.usage.flush()
         return self.usage.query(
-            "SELECT model, COUNT(*), SUM(status >= 400), COALESCE(SUM(prompt_tokens), 0), "
-            "COALESCE(SUM(completion_tokens), 0), AVG(latency_ms), AVG(ttft_ms), MAX(ts) "
-            "FROM usage WHERE model != '' GROUP BY model ORDER BY model")
+            "SELECT g.model, g.requests, g.errors, g.prompt, g.completion, g.latency, g.ttft, g.ts, last.latency_ms "
+            "FROM (SELECT model, COUNT(*) AS requests, SUM(status >= 400) AS errors, "
+            "COALESCE(SUM(prompt_tokens), 0) AS prompt, COALESCE(SUM(completion_tokens), 0) AS completion, "
+            "AVG(latency_ms) AS latency, AVG(ttft_ms) AS ttft, MAX(ts) AS ts, MAX(rowid) AS last_row "
+            "FROM usage WHERE model != '' GROUP BY model) g "
+            "JOIN usage last ON last.rowid = g.last_row ORDER BY g.model")
 
     async def status(self) -> dict[str, Any]:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""

@@ -1,0 +1,205 @@
+import { describe, expect, it } from 'vitest';
+
+import {
+  asState,
+  batchView,
+  bestState,
+  canWarm,
+  describeFailure,
+  filterGroups,
+  groupByCluster,
+  humanDuration,
+  modelDetails,
+  signInView
+} from '../src/model';
+import type { StatusReply } from '../src/model';
+
+const NOT_SIGNED_IN = { signed_in: false, source: null, identity: null, tokens: {}, help: 'Sign in with first login' };
+
+/** Two clusters: llama on both (hot on polaris, cold on aurora), an embedder on polaris, a dead endpoint. */
+function twoClusters(): StatusReply {
+  return {
+    default_model: 'llama',
+    clusters: ['aurora', 'polaris'],
+    models: [
+      { id: 'nomic-embed', state: 'cold', served_by: [{ cluster: 'polaris', endpoint: 'embed', state: 'cold' }] },
+      {
+        id: 'llama', state: 'hot', served_by: [
+          { cluster: 'polaris', endpoint: 'vllm-1', state: 'starting' },
+          { cluster: 'polaris', endpoint: 'vllm-2', state: 'hot' },
+          { cluster: 'aurora', endpoint: 'vllm', state: 'cold' }
+        ]
+      }
+    ],
+    endpoints: [
+      { cluster: 'polaris', endpoint: 'vllm-1', state: 'starting', router: { ttft_ms: 812.5 } },
+      { cluster: 'polaris', endpoint: 'vllm-2', state: 'running', router: { ttft_ms: 95 } },
+      { cluster: 'polaris', endpoint: 'embed', state: 'stopped' },
+      { cluster: 'aurora', endpoint: 'vllm', state: 'offline', error: 'Globus Compute endpoint is offline' }
+    ],
+    auth: NOT_SIGNED_IN
+  };
+}
+
+describe('states', () => {
+  it('takes the best state and reads unknown ones as offline', () => {
+    expect(bestState(['cold', 'queued', 'offline'])).toBe('queued');
+    expect(bestState([])).toBe('offline');
+    expect(asState('hot')).toBe('hot');
+    expect(asState('paused')).toBe('offline');
+    expect(asState(undefined)).toBe('offline');
+  });
+
+  it('offers warm-up only to cold models', () => {
+    expect(['hot', 'starting', 'queued', 'cold', 'offline'].filter(s => canWarm(asState(s)))).toEqual(['cold']);
+  });
+});
+
+describe('groupByCluster', () => {
+  it('lists a model under each cluster with its state there, best first, and marks the default', () => {
+    const groups = groupByCluster(twoClusters());
+    expect(groups.map(g => g.cluster)).toEqual(['aurora', 'polaris']);
+    const [aurora, polaris] = groups;
+    expect(aurora.models.map(m => [m.id, m.state, m.isDefault])).toEqual([['llama', 'cold', true]]);
+    expect(polaris.models.map(m => [m.id, m.state, m.isDefault])).toEqual([
+      ['llama', 'hot', true], ['nomic-embed', 'cold', false]
+    ]);
+    expect(polaris.models[0].endpoints.map(e => e.endpoint)).toEqual(['vllm-1', 'vllm-2']);
+  });
+
+  it("carries a cluster's endpoint errors, so a cluster that is down reads as down", () => {
+    const [aurora, polaris] = groupByCluster(twoClusters());
+    expect(aurora.errors).toEqual(['vllm: Globus Compute endpoint is offline']);
+    expect(polaris.errors).toEqual([]);
+  });
+
+  it('puts the default cluster from the settings first, and ignores one that does not exist', () => {
+    expect(groupByCluster(twoClusters(), 'polaris').map(g => g.cluster)).toEqual(['polaris', 'aurora']);
+    expect(groupByCluster(twoClusters(), 'frontier').map(g => g.cluster)).toEqual(['aurora', 'polaris']);
+  });
+
+  it('keeps a configured cluster with no model, and adds a cluster only a model names', () => {
+    const status = twoClusters();
+    status.clusters = ['empty', 'polaris'];
+    const groups = groupByCluster(status);
+    expect(groups.map(g => [g.cluster, g.models.length])).toEqual([['empty', 0], ['polaris', 2], ['aurora', 1]]);
+  });
+});
+
+describe('filterGroups', () => {
+  const groups = groupByCluster(twoClusters());
+
+  it('matches every word against model, cluster and state, case-insensitively', () => {
+    const names = (filter: string) => filterGroups(groups, filter).map(g => [g.cluster, g.models.map(m => m.id)]);
+    expect(names('LLAMA')).toEqual([['aurora', ['llama']], ['polaris', ['llama']]]);
+    expect(names('llama hot')).toEqual([['polaris', ['llama']]]);
+    expect(names('aurora')).toEqual([['aurora', ['llama']]]);
+    expect(names('  cold  ')).toEqual([['aurora', ['llama']], ['polaris', ['nomic-embed']]]);
+    expect(names('mistral')).toEqual([]);
+  });
+
+  it('returns every group, empty ones too, for an empty filter', () => {
+    expect(filterGroups(groups, '   ')).toBe(groups);
+  });
+});
+
+describe('modelDetails', () => {
+  it("gives each endpoint's state and expected latency, and the model's tokens and last latency", () => {
+    const status = twoClusters();
+    const polaris = groupByCluster(status)[1];
+    const usage = [{ model: 'llama', requests: 3, errors: 0, prompt_tokens: 30, completion_tokens: 12,
+      mean_latency_ms: 200, last_latency_ms: 150.5, last_used: 1700000000 }];
+    const details = modelDetails(polaris.models[0], 'polaris', status, usage);
+    expect(details.endpoints).toEqual([
+      { name: 'polaris/vllm-1', state: 'starting', ttftMs: 812.5, error: null },
+      { name: 'polaris/vllm-2', state: 'hot', ttftMs: 95, error: null }
+    ]);
+    expect([details.requests, details.tokens, details.lastLatencyMs, details.lastUsed])
+      .toEqual([3, 42, 150.5, 1700000000]);
+  });
+
+  it('says nothing was used for a model without usage, and shows an endpoint error', () => {
+    const status = twoClusters();
+    const aurora = groupByCluster(status)[0];
+    const details = modelDetails(aurora.models[0], 'aurora', status, []);
+    expect(details.endpoints[0].error).toBe('Globus Compute endpoint is offline');
+    expect([details.requests, details.tokens, details.lastLatencyMs, details.lastUsed]).toEqual([0, 0, null, null]);
+  });
+});
+
+describe('batchView', () => {
+  const batch = (status: string, counts: { total?: number; completed?: number; failed?: number } | null) => ({
+    id: 'batch_1', status, endpoint: '/v1/chat/completions', created_at: 0, request_counts: counts
+  });
+
+  it('counts failed requests as answered and reports them', () => {
+    const view = batchView(batch('in_progress', { total: 300, completed: 120, failed: 3 }));
+    expect([view.done, view.total, view.failed, view.fraction, view.cancellable])
+      .toEqual([123, 300, 3, 0.41, true]);
+    expect(view.label).toBe('123/300 (41%), 3 failed');
+  });
+
+  it('has no fraction before the total is known, and cancel only while running', () => {
+    const validating = batchView(batch('validating', null));
+    expect([validating.fraction, validating.label, validating.cancellable]).toEqual([null, 'validating', true]);
+    for (const status of ['completed', 'failed', 'cancelled', 'cancelling', 'expired']) {
+      expect(batchView(batch(status, { total: 2, completed: 2 })).cancellable).toBe(false);
+    }
+    expect(batchView(batch('completed', { total: 2, completed: 2 })).label).toBe('2/2 (100%)');
+  });
+});
+
+describe('signInView', () => {
+  const now = 1_700_000_000;
+
+  it('shows how to sign in when nobody is', () => {
+    expect(signInView(NOT_SIGNED_IN, now)).toEqual({ signedIn: false, who: '', source: '', expiry: '',
+      help: 'Sign in with first login' });
+  });
+
+  it('names the identity, the source in words and the soonest expiry', () => {
+    const view = signInView({
+      signed_in: true, source: 'hub_api', identity: { sub: 'abc', preferred_username: 'ada@uchicago.edu' },
+      tokens: {
+        'auth.globus.org': { expires_at: now + 7200, expired: false, refreshable: false },
+        'funcx_service': { expires_at: now + 2520, expired: false, refreshable: false }
+      }
+    }, now);
+    expect(view).toEqual({ signedIn: true, who: 'ada@uchicago.edu', source: "JupyterHub's Globus login",
+      expiry: 'expires in 42 min', help: '' });
+  });
+
+  it('says when tokens have expired, and whether they renew themselves', () => {
+    const expired = { expires_at: now - 5, expired: true, refreshable: false };
+    const stale = signInView({ signed_in: true, source: 'env', identity: null, tokens: { x: expired } }, now);
+    expect([stale.who, stale.expiry]).toEqual(['unknown identity', 'expired: sign in again']);
+    const renewing = signInView({ signed_in: true, source: 'native', identity: { sub: 'abc' },
+      tokens: { x: { ...expired, refreshable: true } } }, now);
+    expect([renewing.who, renewing.source, renewing.expiry])
+      .toEqual(['abc', 'a sign-in from this server', 'expired; renews itself on the next request']);
+  });
+});
+
+describe('humanDuration', () => {
+  it('says durations the way people do', () => {
+    expect([5, 59.6, 90, 3600, 3660 * 2, 50 * 3600, 10 * 86400].map(humanDuration))
+      .toEqual(['5 s', '1 min', '2 min', '1 h', '2 h 2 min', '2 days', '10 days']);
+  });
+});
+
+describe('describeFailure', () => {
+  it("keeps the gateway's own message, which says what to do", () => {
+    const body = JSON.stringify({ error: { message: "Model 'x' is not served here. Models: tiny-chat." } });
+    expect(describeFailure('make x the default', 404, body))
+      .toBe("Could not make x the default: Model 'x' is not served here. Models: tiny-chat.");
+  });
+
+  it('turns HTML and silence into sentences that say what to try', () => {
+    expect(describeFailure('list the batches', 404, '<html>Not Found</html>'))
+      .toContain('`jupyter server extension enable first_jupyter`');
+    expect(describeFailure('warm up x', 403, '<html>Forbidden</html>')).toContain('Reload the page');
+    expect(describeFailure('warm up x', 502, 'Bad Gateway')).toBe(
+      'Could not warm up x: the server answered HTTP 502. Its log says more.');
+    expect(describeFailure('read the usage', null, '')).toContain('did not answer');
+  });
+});
