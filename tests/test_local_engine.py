@@ -105,6 +105,30 @@ class TestEmbeddedDefault:
         assert chunks[-1].usage.completion_tokens == 3
         assert (tmp_path / "data" / "models" / "tiny-chat" / TINY_MODEL_MARKER).is_file()
 
+    async def test_an_engine_that_dies_reads_as_stopped_and_the_next_request_starts_it_again(self, first_ext):
+        """A killed engine (OOM, a crash) under a block that lives on: the model is no longer shown hot, and the
+        next request starts block and engine afresh instead of failing on the dead one."""
+        client = _client(first_ext)
+        await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
+        endpoint = await _status(first_ext)
+        assert endpoint["state"] == "running"
+        pid = json.loads((Path(endpoint["run_dir"]) / "engine.ready").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            endpoint = await _status(first_ext)
+            if endpoint["state"] != "running":
+                break
+            await asyncio.sleep(0.1)
+        assert endpoint["state"] == "stopped"
+        assert f"The engine (pid {pid}) exited; the next request starts it again" in endpoint["error"]
+        (model,) = (await first_ext.loop_thread.call(first_ext.gateway.status()))["models"]
+        assert model["state"] == "cold"
+        again = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
+        assert again.usage.completion_tokens == 2
+        endpoint = await _status(first_ext)
+        assert endpoint["state"] == "running"
+        assert json.loads((Path(endpoint["run_dir"]) / "engine.ready").read_text())["pid"] != pid
+
 
 def test_launcher_command_reports_a_failed_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     missing = tmp_path / "not-a-model"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import shlex
 import shutil
@@ -197,6 +198,8 @@ class InProcessSubmitter:
                                                 self._serializer.serialize(args), self._serializer.serialize({})])
         if len(buffer) > SUBMIT_LIMIT_BYTES:
             raise too_large(len(buffer))
+        if self._engine is not None and self._engine_exit() is not None:
+            self._shutdown()  # the engine died under a block that lives on: start both afresh
         engine = self._start()
         if self._start_failed:  # a new try after a failed start: its reason must not fail this request too
             (self.run_dir / FAILED).unlink(missing_ok=True)
@@ -285,10 +288,28 @@ class InProcessSubmitter:
         managers = engine.get_connected_managers()
         workers = sum(int(m.get("worker_count", 0)) for m in managers)
         ready = (self.run_dir / READY).is_file()
+        if ready and (exited := self._engine_exit()) is not None:
+            return {**info, "state": "stopped", "error": exited}
         blocks = engine.executor.blocks_to_job_id
         state = "running" if managers and ready else "starting" if self._pending or blocks else "stopped"
         return {**info, "state": state, "managers": len(managers), "workers": workers,
                 "blocks": len(blocks)}
+
+    def _engine_exit(self) -> str | None:
+        """Why the engine a block started is gone (killed, crashed, out of memory), or None while it runs.
+
+        Its block lives on without it, with workers whose tasks could only fail: so the endpoint reads as
+        stopped, and the next request starts block and engine again (``_submit``).
+        """
+        try:
+            pid = int(json.loads((self.run_dir / READY).read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not started yet, or a ready line from a launcher that names no pid
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return None
+        return (f"The engine (pid {pid}) exited; the next request starts it again. Last lines of {self.log}:\n"
+                f"{log_tail(self.log)}")
 
     async def status(self) -> dict[str, Any]:
         try:
@@ -304,13 +325,18 @@ class InProcessSubmitter:
         """
         if self._watch is not None:
             self._watch.cancel()
-        engine, self._engine = self._engine, None
-        if engine is not None:  # in a thread only to bound it: a shutdown asks the interchange, which may be gone
-            stopping = threading.Thread(target=engine.shutdown, name="first-engine-shutdown", daemon=True)
-            stopping.start()
-            stopping.join(SHUTDOWN_TIMEOUT_S)
+        self._shutdown()
         for answer in list(self._pending):
             if not answer.done():
                 answer.set_exception(OpenAIError(503, f"{self.where} was shut down.", type="api_error",
                                                  code="endpoint_stopped"))
-        end_leftovers(self.root)  # what the shutdown left (everything, if it timed out), and the run directory
+
+    def _shutdown(self) -> None:
+        """The engine's blocks (their engines with them), then the interchange; then whatever is left of the run."""
+        with self._start_lock:
+            engine, self._engine = self._engine, None
+            if engine is not None:  # in a thread only to bound it: it asks the interchange, which may be gone
+                stopping = threading.Thread(target=engine.shutdown, name="first-engine-shutdown", daemon=True)
+                stopping.start()
+                stopping.join(SHUTDOWN_TIMEOUT_S)
+            end_leftovers(self.root)  # what the shutdown left (everything, if it timed out), and the run directory
