@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Set everything up, then run every check: ruff, the whole pytest suite (unit, server, kernel, engine tests),
-# then the example notebooks under nbval.
+# Set everything up, then run every check: ruff, the sidebar's unit tests (vitest), the whole pytest suite (unit,
+# server, kernel, engine tests), the example notebooks under nbval, then the sidebar in a real browser (Debian's
+# Chromium, installed here when missing, driven by Playwright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
+(cd labextension && jlpm test)
 python -m pytest -p no:cacheprovider "$@"
 # The example notebooks, top to bottom in fresh kernels, as a user without a Jupyter server runs them: on the
 # embedded default (the tiny offline model) in a data dir of their own, with no server's gateway in the
@@ -14,3 +16,5 @@ notebook_data=$(mktemp -d)
 trap 'rm -rf "$notebook_data"' EXIT
 env -u FIRST_GATEWAY_URL -u FIRST_API_KEY -u FIRST_CONFIG -u FIRST_LOCAL_MODEL FIRST_DATA_DIR="$notebook_data" \
   python -m pytest -p no:cacheprovider --nbval-lax notebooks
+# The JupyterLab sidebar in Chromium against a real server (tests/ui/run.sh); screenshots in tests/ui/artifacts.
+bash tests/ui/run.sh

@@ -43,10 +43,11 @@ def test_the_wheel_carries_the_prebuilt_extension_with_its_settings_schema(wheel
 
 def test_the_installed_wheel_is_listed_enabled_and_ok_without_node(wheel, tmp_path):
     """Installed from the wheel into a prefix of its own, with no Node on PATH: JupyterLab lists it as a
-    prebuilt extension of the Python package."""
+    prebuilt extension of the Python package. (``--ignore-installed``: else pip would first uninstall this
+    environment's own copy.)"""
     prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--prefix",
-                    str(prefix), str(wheel)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    "--prefix", str(prefix), str(wheel)], check=True, timeout=120)
     env = {**os.environ, "JUPYTER_PATH": str(prefix / "share/jupyter"), "PATH": str(Path(sys.executable).parent),
            "NO_COLOR": "1"}
     listing = _labextensions(env)

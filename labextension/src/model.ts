@@ -236,6 +236,19 @@ export function batchView(batch: Batch): BatchView {
     cancellable: ACTIVE.has(batch.status) };
 }
 
+/**
+ * An error's first line, for the panel's narrow column; the whole text (an engine log's tail, say) goes in the
+ * tooltip. Long lines are cut at a word.
+ */
+export function firstLine(text: string, limit = 240): string {
+  const line = text.trim().split('\n', 1)[0].trim();
+  if (line.length <= limit) {
+    return line;
+  }
+  const cut = line.slice(0, limit);
+  return `${cut.slice(0, cut.lastIndexOf(' ') > 0 ? cut.lastIndexOf(' ') : limit)}…`;
+}
+
 /** Durations as people say them: "45 s", "12 min", "3 h 5 min", "2 days". */
 export function humanDuration(seconds: number): string {
   const s = Math.max(0, Math.round(seconds));

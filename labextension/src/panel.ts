@@ -11,6 +11,7 @@ import {
   batchView,
   canWarm,
   filterGroups,
+  firstLine,
   groupByCluster,
   modelDetails,
   signInView
@@ -254,7 +255,7 @@ export class FirstPanel extends Widget {
       const section = h('div', { class: 'first-cluster', 'data-cluster': group.cluster },
         h('h3', {}, group.cluster));
       for (const error of group.errors) {
-        section.append(h('div', { class: 'first-cluster-error' }, error));
+        section.append(h('div', { class: 'first-cluster-error', title: error }, firstLine(error)));
       }
       if (!group.models.length) {
         section.append(h('p', { class: 'first-muted' }, 'No model is listed here.'));
@@ -300,7 +301,7 @@ export class FirstPanel extends Widget {
     const details = modelDetails(model, cluster, status, this.usage);
     const endpoints = details.endpoints.map(endpoint => h('li', {},
       `${endpoint.name}: ${endpoint.state}, expected first token ${formatMs(endpoint.ttftMs)}`,
-      endpoint.error && h('div', { class: 'first-cluster-error' }, endpoint.error)));
+      endpoint.error && h('div', { class: 'first-cluster-error', title: endpoint.error }, firstLine(endpoint.error))));
     const used = details.lastUsed ? new Date(details.lastUsed * 1000).toLocaleString() : 'never';
     return h('div', { class: 'first-model-box' }, row, h('div', { class: 'first-details' },
       h('ul', {}, ...endpoints),

@@ -7,6 +7,7 @@ import {
   canWarm,
   describeFailure,
   filterGroups,
+  firstLine,
   groupByCluster,
   humanDuration,
   modelDetails,
@@ -177,6 +178,14 @@ describe('signInView', () => {
       tokens: { x: { ...expired, refreshable: true } } }, now);
     expect([renewing.who, renewing.source, renewing.expiry])
       .toEqual(['abc', 'a sign-in from this server', 'expired; renews itself on the next request']);
+  });
+});
+
+describe('firstLine', () => {
+  it("keeps an error's first line, and cuts a long one at a word", () => {
+    expect(firstLine('  The engine (pid 7) exited.\nLast lines of the log:\nKilled\n')).toBe('The engine (pid 7) exited.');
+    expect(firstLine('alpha beta gamma delta', 12)).toBe('alpha beta…');
+    expect(firstLine('abcdefghijklmnop', 5)).toBe('abcde…');
   });
 });
 
