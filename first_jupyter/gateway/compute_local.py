@@ -198,8 +198,7 @@ class InProcessSubmitter:
                                                 self._serializer.serialize(args), self._serializer.serialize({})])
         if len(buffer) > SUBMIT_LIMIT_BYTES:
             raise too_large(len(buffer))
-        if self._engine is not None and self._engine_exit() is not None:
-            self._shutdown()  # the engine died under a block that lives on: start both afresh
+        self._restart_if_exited()
         engine = self._start()
         if self._start_failed:  # a new try after a failed start: its reason must not fail this request too
             (self.run_dir / FAILED).unlink(missing_ok=True)
@@ -325,18 +324,29 @@ class InProcessSubmitter:
         """
         if self._watch is not None:
             self._watch.cancel()
-        self._shutdown()
+        with self._start_lock:
+            self._shutdown(f"{self.where} was shut down.", "endpoint_stopped")
+
+    def _restart_if_exited(self) -> None:
+        """If the engine died under a block that lives on, stop both, so that ``_start`` starts them afresh.
+
+        Checked and done under the start lock: a cold start submits its request and its probe at once, and the
+        second must not stop the engine the first has just started.
+        """
+        with self._start_lock:
+            if self._engine is not None and (exited := self._engine_exit()) is not None:
+                self._shutdown(f"The engine for model '{self.model.id}' on {self.where} exited while this request "
+                               f"waited; send it again.\n{exited}", "engine_exited")
+
+    def _shutdown(self, reason: str, code: str) -> None:
+        """The engine's blocks (their engines with them), then the interchange, then whatever is left of the run;
+        its tasks still waiting fail with ``reason`` (they would never be answered). The start lock is held."""
+        engine, self._engine = self._engine, None
+        if engine is not None:  # in a thread only to bound it: it asks the interchange, which may be gone
+            stopping = threading.Thread(target=engine.shutdown, name="first-engine-shutdown", daemon=True)
+            stopping.start()
+            stopping.join(SHUTDOWN_TIMEOUT_S)
         for answer in list(self._pending):
             if not answer.done():
-                answer.set_exception(OpenAIError(503, f"{self.where} was shut down.", type="api_error",
-                                                 code="endpoint_stopped"))
-
-    def _shutdown(self) -> None:
-        """The engine's blocks (their engines with them), then the interchange; then whatever is left of the run."""
-        with self._start_lock:
-            engine, self._engine = self._engine, None
-            if engine is not None:  # in a thread only to bound it: it asks the interchange, which may be gone
-                stopping = threading.Thread(target=engine.shutdown, name="first-engine-shutdown", daemon=True)
-                stopping.start()
-                stopping.join(SHUTDOWN_TIMEOUT_S)
-            end_leftovers(self.root)  # what the shutdown left (everything, if it timed out), and the run directory
+                answer.set_exception(OpenAIError(503, reason, type="api_error", code=code))
+        end_leftovers(self.root)  # what the shutdown left (everything, if it timed out), and the run directory

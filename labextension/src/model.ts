@@ -259,8 +259,9 @@ export function humanDuration(seconds: number): string {
     return `${Math.round(s / 60)} min`;
   }
   if (s < 2 * 86400) {
-    const h = Math.floor(s / 3600);
-    const m = Math.round((s % 3600) / 60);
+    const minutes = Math.round(s / 60); // rounded once, so 59.9 minutes past an hour read as the next hour
+    const h = Math.floor(minutes / 60);
+    const m = minutes % 60;
     return m ? `${h} h ${m} min` : `${h} h`;
   }
   return `${Math.round(s / 86400)} days`;

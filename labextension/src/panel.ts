@@ -51,6 +51,11 @@ function button(label: string, title: string, onClick: () => void, cls = ''): HT
   return element;
 }
 
+function describe(error: unknown): string {
+  return error instanceof GatewayCallError ? error.message
+    : `Something went wrong in the panel: ${String(error)}. Press Refresh; if it stays, reload the page.`;
+}
+
 function formatMs(ms: number | null): string {
   if (ms === null) {
     return '–';
@@ -68,6 +73,10 @@ export class FirstPanel extends Widget {
   private timer: number | null = null;
   private refreshing: Promise<void> | null = null;
   private loginUrl: string | null = null;
+  /** A failed read of the gateway: cleared by the next read that works. */
+  private loadError = '';
+  /** A failed action (choose, warm up, cancel, sign in): kept until the next action, whatever refreshes pass. */
+  private actionError = '';
 
   private readonly errorBox = h('div', { class: 'first-error', role: 'alert' });
   private readonly signIn = h('section', { class: 'first-signin' });
@@ -154,37 +163,37 @@ export class FirstPanel extends Widget {
       this.status = status;
       this.usage = usage;
       this.batches = batches;
-      this.showError('');
+      this.loadError = '';
       this.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (error) {
-      this.showError(error);
+      this.loadError = describe(error);
     } finally {
       this.node.classList.remove('first-loading');
     }
     this.render();
   }
 
-  private showError(error: unknown): void {
-    const text = error instanceof GatewayCallError ? error.message
-      : error ? `Something went wrong in the panel: ${String(error)}. Press Refresh; if it stays, reload the page.`
-        : '';
+  private showErrors(): void {
+    const text = this.actionError || this.loadError;
     this.errorBox.textContent = text;
     this.errorBox.hidden = !text;
   }
 
   /** Run an action, show its failure in the panel, then show the state it left. */
   private async act(action: () => Promise<unknown>): Promise<void> {
+    this.actionError = '';
     try {
       await action();
-      this.showError('');
     } catch (error) {
-      this.showError(error);
+      this.actionError = describe(error);
+      this.showErrors();
       return;
     }
     await this.refresh();
   }
 
   private render(): void {
+    this.showErrors();
     this.renderSignIn();
     this.renderClusters();
     this.renderBatches();
@@ -236,7 +245,8 @@ export class FirstPanel extends Widget {
       button('Finish sign-in', 'Exchange the code for tokens kept by this server', finish),
       button('Cancel', 'Stop this sign-in', () => {
         this.loginUrl = null;
-        this.renderSignIn();
+        this.actionError = '';
+        this.render();
       }));
   }
 

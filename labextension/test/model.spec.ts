@@ -191,8 +191,8 @@ describe('firstLine', () => {
 
 describe('humanDuration', () => {
   it('says durations the way people do', () => {
-    expect([5, 59.6, 90, 3600, 3660 * 2, 50 * 3600, 10 * 86400].map(humanDuration))
-      .toEqual(['5 s', '1 min', '2 min', '1 h', '2 h 2 min', '2 days', '10 days']);
+    expect([5, 59.6, 90, 3600, 3660 * 2, 7199, 172790, 50 * 3600, 10 * 86400].map(humanDuration))
+      .toEqual(['5 s', '1 min', '2 min', '1 h', '2 h 2 min', '2 h', '48 h', '2 days', '10 days']);
   });
 });
 

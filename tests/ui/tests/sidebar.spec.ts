@@ -210,13 +210,43 @@ test.describe('FIRST sidebar', () => {
     expect(cancelled.request_counts.completed).toBeLessThan(3000);
   });
 
-  test('shows a failed action in plain words', async ({ page }) => {
-    const panel = await openPanel(page);
-    await panel.locator('.first-signin button', { hasText: 'Sign in with Globus' }).click();
-    const error = panel.locator('.first-error');
-    await expect(error).toBeVisible();
-    await expect(error).toContainText('Could not start the Globus sign-in: Signing in needs a Globus native app');
-    await expect(error).toContainText('auth.client_id');
-    await screenshot(panel, '8-panel-error');
-  });
+  test('signs in with Globus without leaving JupyterLab, says a refused code in words, and signs out',
+    async ({ page }) => {
+      const panel = await openPanel(page);
+      const signIn = panel.locator('.first-signin');
+      const start = async (): Promise<string> => {
+        const [popup] = await Promise.all([
+          page.waitForEvent('popup'),
+          signIn.getByRole('button', { name: 'Sign in with Globus' }).click()
+        ]);
+        const code = (await popup.locator('#auth-code').textContent()) ?? '';
+        await popup.close();
+        return code;
+      };
+
+      await start();
+      await signIn.getByLabel('Authorization code').fill('mistyped-code');
+      await signIn.getByRole('button', { name: 'Finish sign-in' }).click();
+      const error = panel.locator('.first-error');
+      await expect(error).toContainText('Could not finish the Globus sign-in: Globus did not accept the code');
+      await expect(error).toContainText('Start the sign-in again');
+      const updated = await panel.locator('.first-updated').textContent();
+      await expect(panel.locator('.first-updated')).not.toHaveText(updated ?? ''); // a refresh has passed...
+      await expect(error).toContainText('Globus did not accept the code'); // ...and the error is still there
+      await screenshot(panel, '8-panel-sign-in-refused');
+
+      await signIn.getByRole('button', { name: 'Cancel' }).click();
+      const code = await start();
+      expect(code).toBe('good-code');
+      await screenshot(panel, '9-panel-sign-in-code');
+      await signIn.getByLabel('Authorization code').fill(code);
+      await signIn.getByRole('button', { name: 'Finish sign-in' }).click();
+      await expect(panel.locator('.first-identity')).toHaveText('Signed in as ada@uni.edu');
+      await expect(signIn).toContainText('through a sign-in from this server; expires in 48 h (renews itself)');
+      await expect(error).toBeHidden();
+      await screenshot(panel, '10-panel-signed-in');
+
+      await signIn.getByRole('button', { name: 'Sign out' }).click();
+      await expect(panel.locator('.first-identity')).toHaveText('Not signed in to Globus');
+    });
 });
