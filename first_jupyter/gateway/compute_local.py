@@ -139,6 +139,9 @@ class InProcessSubmitter:
         (a request and the start probe its cold start sends, each from a thread of its own) can leave a send
         blocked for good, and every later request with it."""
         self._start_failed = False
+        self._engine_exited = False
+        """Set by a state reading that found the engine dead under a connected block; the next submit restarts
+        (a flag, so that no request reads files or processes)."""
         self._pending: set[Future[Any]] = set()
         self._watch: asyncio.Task[None] | None = None
         self.leftovers_ended: list[int] = []
@@ -287,7 +290,8 @@ class InProcessSubmitter:
         managers = engine.get_connected_managers()
         workers = sum(int(m.get("worker_count", 0)) for m in managers)
         ready = (self.run_dir / READY).is_file()
-        if ready and (exited := self._engine_exit()) is not None:
+        if managers and ready and (exited := self._engine_exit()) is not None:
+            self._engine_exited = True  # a block that idled out has no managers left: that is no death
             return {**info, "state": "stopped", "error": exited}
         blocks = engine.executor.blocks_to_job_id
         state = "running" if managers and ready else "starting" if self._pending or blocks else "stopped"
@@ -298,7 +302,8 @@ class InProcessSubmitter:
         """Why the engine a block started is gone (killed, crashed, out of memory), or None while it runs.
 
         Its block lives on without it, with workers whose tasks could only fail: so the endpoint reads as
-        stopped, and the next request starts block and engine again (``_submit``).
+        stopped, and the next request starts block and engine again (``_restart_if_exited``). The gateway reads
+        states every few seconds, so a death is seen without any cost to requests.
         """
         try:
             pid = int(json.loads((self.run_dir / READY).read_text())["pid"])
@@ -333,15 +338,18 @@ class InProcessSubmitter:
         Checked and done under the start lock: a cold start submits its request and its probe at once, and the
         second must not stop the engine the first has just started.
         """
+        if not self._engine_exited:
+            return
         with self._start_lock:
-            if self._engine is not None and (exited := self._engine_exit()) is not None:
+            if self._engine is not None and self._engine_exited:
                 self._shutdown(f"The engine for model '{self.model.id}' on {self.where} exited while this request "
-                               f"waited; send it again.\n{exited}", "engine_exited")
+                               f"waited; send it again.\n{self._failure()}", "engine_exited")
 
     def _shutdown(self, reason: str, code: str) -> None:
         """The engine's blocks (their engines with them), then the interchange, then whatever is left of the run;
         its tasks still waiting fail with ``reason`` (they would never be answered). The start lock is held."""
         engine, self._engine = self._engine, None
+        self._engine_exited = False
         if engine is not None:  # in a thread only to bound it: it asks the interchange, which may be gone
             stopping = threading.Thread(target=engine.shutdown, name="first-engine-shutdown", daemon=True)
             stopping.start()

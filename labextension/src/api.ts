@@ -57,10 +57,6 @@ export class GatewayApi {
     return this.call(`cancel batch ${id}`, `v1/batches/${encodeURIComponent(id)}/cancel`, { method: 'POST' });
   }
 
-  whoami(): Promise<AuthInfo> {
-    return this.call('read who is signed in', 'api/whoami');
-  }
-
   async loginStart(): Promise<string> {
     return (await this.call<{ url: string }>('start the Globus sign-in', 'api/login', { method: 'POST' })).url;
   }

@@ -1,6 +1,6 @@
 /**
  * The panel's data logic, free of JupyterLab and the DOM so that it is unit-tested on its own: the gateway's
- * answers (`/first/api/status`, `usage`, `whoami`, `/first/v1/batches`) turned into what the panel shows.
+ * answers (`/first/api/status`, `usage`, `/first/v1/batches`) turned into what the panel shows.
  */
 
 export const MODEL_STATES = ['hot', 'starting', 'queued', 'cold', 'offline'] as const;
@@ -284,7 +284,7 @@ const SOURCE_NAMES: Record<string, string> = {
   native: 'a sign-in from this server'
 };
 
-/** Who is signed in, through what and until when, from `/first/api/whoami` (which never carries a token). */
+/** Who is signed in, through what and until when, from the status's `auth` (as `/first/api/whoami`: never a token). */
 export function signInView(auth: AuthInfo, nowSeconds: number): SignInView {
   if (!auth.signed_in) {
     return { signedIn: false, who: '', source: '', expiry: '', help: auth.help ?? '' };
