@@ -30,6 +30,16 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from first_jupyter.server_ext.standalone import serve
+
+    try:
+        return serve(args.config)
+    except ConfigError as exc:
+        print(f"first serve: {exc}", file=sys.stderr)
+        return 2
+
+
 def _token_manager(config_file: str | None) -> Any:
     from first_jupyter.auth.manager import TokenManager
 
@@ -153,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("config", help="validate a config file (or the embedded default) and list models")
     check.add_argument("file", nargs="?", help="YAML file; default: $FIRST_CONFIG or the embedded default")
     check.set_defaults(func=_check)
+    shared = sub.add_parser("serve", help="run the shared gateway for a whole facility (Globus Auth, quotas, "
+                                          "metrics); see the README")
+    shared.add_argument("--config", required=True, help="YAML with clusters and a 'serve' section")
+    shared.set_defaults(func=_serve)
     tiny = sub.add_parser("tiny-model", help="build the tiny offline model (random weights) into a directory")
     tiny.add_argument("out_dir", type=Path, nargs="?", default=default_data_dir() / "models" / "tiny-chat")
     tiny.set_defaults(func=lambda a: _tiny(a.out_dir))

@@ -350,10 +350,81 @@ class AuthConfig(_Strict):
     token_env: str = Field(default="FIRST_GLOBUS_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+GROUP_DESCRIPTION = "Globus group ids; a user must be an active member of at least one (empty: no group needed)"
+
+
+class ResourceServer(_Strict):
+    """The shared gateway as a Globus Auth resource server: how bearer tokens are introspected and checked."""
+
+    client_id: str = Field(pattern=UUID_PATTERN, description="the gateway's confidential client (its tokens' audience)")
+    client_secret_env: str = Field(default="FIRST_GATEWAY_CLIENT_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="environment variable holding the client's secret (never the file)")
+    scope: str | None = Field(default=None, description="scope a token must carry (default: the client's "
+                                                        "https://auth.globus.org/scopes/{client_id}/action_all)")
+    allowed_domains: list[str] = Field(default=[], description="identity provider domains a session must have "
+                                                               "authenticated with (empty: any)")
+    policies: list[Annotated[str, Field(pattern=UUID_PATTERN)]] = Field(
+        default=[], description="Globus authentication policies (high assurance) every token's session must meet")
+    groups: list[Annotated[str, Field(pattern=UUID_PATTERN)]] = Field(default=[], description=GROUP_DESCRIPTION)
+    service_identities: list[str] = Field(default=[], description="identity ids (or usernames) of services that "
+                                                                  "skip the session checks: domains, policies, groups")
+    admins: list[str] = Field(default=[], description="identity ids or usernames that may read every user's usage")
+    cache_s: float = Field(default=600.0, gt=0, le=600.0, description="seconds an accepted token's introspection is "
+                                                                      "reused (never past the token's expiry)")
+    failure_cache_s: float = Field(default=10.0, ge=0, le=300.0, description="seconds a refused token stays refused "
+                                                                             "without asking Globus again")
+
+    @property
+    def required_scope(self) -> str:
+        return self.scope or f"https://auth.globus.org/scopes/{self.client_id}/action_all"
+
+
+class Access(_Strict):
+    """Who may use a cluster or a model: Globus groups."""
+
+    groups: list[Annotated[str, Field(pattern=UUID_PATTERN)]] = Field(min_length=1, description=GROUP_DESCRIPTION)
+
+
+class Quota(_Strict):
+    """Allowances of one kind of subject (a user, or a model for all its users); none: unlimited."""
+
+    requests_per_s: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1, description="requests taken at once before requests_per_s paces "
+                                                              "them (default: one second's worth, at least 1)")
+    tokens_per_min: int | None = Field(default=None, gt=0, description="prompt and completion tokens")
+
+
+class Quotas(_Strict):
+    per_user: Quota = Field(default=Quota(), description="each user, all models together")
+    per_model: Quota = Field(default=Quota(), description="each model, all users together")
+    models: dict[str, Quota] = Field(default={}, description="per_model, for the models named")
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class ServeConfig(_Strict):
+    """``first serve``: one gateway for a whole facility, its users reaching it with Globus access tokens."""
+
+    listen: Listen = Listen()
+    processes: int = Field(default=1, ge=1, le=64, description="processes sharing the port (and the state dir)")
+    state_dir: str | None = Field(default=None, description="usage, quotas, batches, metrics (default: the data "
+                                                            "dir); every process of the gateway uses the same one")
+    auth: ResourceServer
+    clusters: dict[Name, Access] = Field(default={}, description="groups allowed per cluster (unlisted: anyone)")
+    models: dict[str, Access] = Field(default={}, description="groups allowed per model (unlisted: anyone)")
+    quotas: Quotas = Quotas()
+    access_log: str = Field(default="-", description="file for the JSON access log, one line per request; '-' is "
+                                                     "standard output")
+
+
 class FirstConfig(_Strict):
     clusters: dict[Name, Cluster] = Field(min_length=1)
     defaults: Defaults = Defaults()
     auth: AuthConfig = AuthConfig()
+    serve: ServeConfig | None = Field(default=None, description="the shared gateway (`first serve`)")
 
     @model_validator(mode="after")
     def _check_catalog(self) -> FirstConfig:
@@ -367,6 +438,9 @@ class FirstConfig(_Strict):
             names = [ep.name for ep in cluster.endpoints]
             if len(set(names)) != len(names):
                 raise ValueError(f"clusters.{name}: endpoint names must be unique, got {names}")
+        unknown = sorted(set(self.serve.clusters) - set(self.clusters)) if self.serve else []
+        if unknown:
+            raise ValueError(f"serve.clusters names {unknown}, which are not under clusters")
         return self
 
 

@@ -76,7 +76,7 @@ async def test_usage_summary_gives_each_models_last_latency(fake_upstream, write
             ("fake-embed", 25.0)]
     for model, latency in rows:  # same time stamp for all: the order of arrival decides
         gateway.usage.record(UsageRecord(1.0, "r", model, "remote", "e", "chat", False, 200, 1, 2, latency, None,
-                                         None))
+                                         None, ""))
     summary = {row["model"]: row for row in (await gateway.usage_summary())["data"]}
     gateway.usage.close()
     assert {m: (r["requests"], r["last_latency_ms"], r["mean_latency_ms"]) for m, r in summary.items()} == {

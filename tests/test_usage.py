@@ -13,7 +13,8 @@ from first_jupyter.gateway.usage import UsageRecord, UsageStore
 def _record(i: int, **changes: object) -> UsageRecord:
     rec = UsageRecord(ts=time.time() + i, request_id=f"req-{i}", model="tiny-chat", cluster="local",
                       endpoint="engine", capability="chat", stream=bool(i % 2), status=200, prompt_tokens=8,
-                      completion_tokens=i, latency_ms=1.5 + i, ttft_ms=None if i % 2 == 0 else 0.25, error=None)
+                      completion_tokens=i, latency_ms=1.5 + i, ttft_ms=None if i % 2 == 0 else 0.25, error=None,
+                      user=f"user-{i % 3}@uni.edu")
     return rec._replace(**changes)
 
 
@@ -43,3 +44,21 @@ def test_close_commits_what_was_recorded(tmp_path: Path) -> None:
         assert reopened.query("SELECT request_id FROM usage") == [("req-1",)]
     finally:
         reopened.close()
+
+
+def test_a_store_from_before_users_were_recorded_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "usage.sqlite3"
+    with sqlite3.connect(path) as conn:  # the 0.1 schema: no user column
+        conn.execute("CREATE TABLE usage (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL, "
+                     "model TEXT NOT NULL, cluster TEXT NOT NULL, endpoint TEXT NOT NULL, capability TEXT NOT NULL, "
+                     "stream INTEGER NOT NULL, status INTEGER NOT NULL, prompt_tokens INTEGER, "
+                     "completion_tokens INTEGER, latency_ms REAL NOT NULL, ttft_ms REAL, error TEXT)")
+        conn.execute("INSERT INTO usage VALUES (1, 1.0, 'old', 'm', 'c', 'e', 'chat', 0, 200, 1, 2, 3.0, NULL, NULL)")
+    store = UsageStore(path, batch_interval=0.01)
+    store.record(_record(7, user="ada@uni.edu"))
+    store.flush()
+    rows = store.query("SELECT request_id, user FROM usage ORDER BY id")
+    store.close()
+    assert rows == [("old", ""), ("req-7", "ada@uni.edu")]

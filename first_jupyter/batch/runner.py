@@ -31,7 +31,7 @@ from first_jupyter.protocol import OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
     from first_jupyter.batch.store import Store
-    from first_jupyter.gateway.core import Gateway
+    from first_jupyter.gateway.core import Caller, Gateway
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ class Window:
 class BatchRun:
     """Runs one stored batch to its end; resumed the same way after a restart."""
 
-    def __init__(self, gateway: Gateway, store: Store, batch: dict[str, Any], settings: BatchDefaults) -> None:
+    def __init__(self, gateway: Gateway, store: Store, batch: dict[str, Any], settings: BatchDefaults,
+                 caller: Caller | None = None) -> None:
         self.gateway = gateway
+        self.caller = caller
         self.store = store
         self.batch = batch
         self.settings = settings
@@ -200,7 +202,7 @@ class BatchRun:
         try:
             for attempt in range(self.settings.max_attempts):
                 try:
-                    done = await self.gateway.complete(req)
+                    done = await self.gateway.complete(req, self.caller)
                 except OpenAIError as exc:
                     last = attempt == self.settings.max_attempts - 1
                     if exc.status not in TRANSIENT or last:

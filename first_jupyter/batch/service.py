@@ -28,7 +28,7 @@ from first_jupyter.config import BatchDefaults
 from first_jupyter.protocol import OpenAIError
 
 if TYPE_CHECKING:
-    from first_jupyter.gateway.core import Gateway
+    from first_jupyter.gateway.core import Caller, Gateway
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,12 @@ def _metadata(metadata: Any) -> dict[str, str] | None:
 
 
 class Batches:
-    def __init__(self, gateway: Gateway, root: Path, settings: BatchDefaults) -> None:
+    def __init__(self, gateway: Gateway, root: Path, settings: BatchDefaults, caller: Caller | None = None) -> None:
+        """``caller``: whose batches these are, at a shared gateway (each user has a store of their own)."""
         self.gateway = gateway
         self.settings = settings
+        self.root = root
+        self.caller = caller
         self.store = Store(root)
         self._locks_dir = root / "locks"
         self._locks_dir.mkdir(exist_ok=True)
@@ -203,7 +206,7 @@ class Batches:
         lock = self._lock(batch["id"])
         if lock is None:
             return  # another gateway runs it
-        run = BatchRun(self.gateway, self.store, batch, self.settings)
+        run = BatchRun(self.gateway, self.store, batch, self.settings, self.caller)
         self.runs[batch["id"]] = run
         task = asyncio.get_running_loop().create_task(run.run())
         self._tasks[batch["id"]] = task

@@ -23,7 +23,7 @@ import orjson
 from first_jupyter.batch import routes as batch_routes
 from first_jupyter.config import Limits
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
-from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.core import Caller, Completed, Gateway, GatewayStream
 from first_jupyter.gateway.httpd import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
@@ -70,12 +70,15 @@ def stream_headers(target: Target) -> dict[str, str]:
     return {**STREAM_HEADERS, **target_headers(target)}
 
 
-async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int) -> Completed | GatewayStream:
+async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int,
+                caller: Caller | None = None) -> Completed | GatewayStream:
     """Validate a request body and run it: the whole answer, or an open stream whose status is 200."""
     if len(body) > limit:
         raise too_large(len(body), limit)
     req = parse_request(capability, body)
-    return await gateway.stream(req) if req.stream else await gateway.complete(req)
+    if caller is not None:
+        caller.admit(req)
+    return await gateway.stream(req, caller) if req.stream else await gateway.complete(req, caller)
 
 
 def requested_model(body: bytes) -> str:

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
@@ -193,6 +193,26 @@ class Attempts:
         return None if self.waited else at - self.sent_at
 
 
+class Caller(Protocol):
+    """Whom a request is for, at a shared gateway (``first serve``), where each request has its own sender; a
+    user's own Jupyter server serves one person and passes none."""
+
+    @property
+    def user(self) -> str: ...
+
+    def admit(self, req: ParsedRequest) -> None:
+        """Refuse before any work is done (403: the model's groups; 429: the sender's or the model's quota)."""
+        ...
+
+    def may_use(self, model: str, cluster: str) -> bool:
+        """Whether the sender may have ``model`` served on ``cluster`` (their groups; batches are checked here)."""
+        ...
+
+    def recorded(self, record: UsageRecord) -> None:
+        """The request's accounting, once it ended (quotas, metrics and the access log follow it)."""
+        ...
+
+
 class Completed:
     """A finished non-streamed answer, with where it ran."""
 
@@ -212,13 +232,15 @@ class GatewayStream:
     endpoint ends up answering.
     """
 
-    __slots__ = ("_attempts", "_conversation", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream", "_watch",
-                 "error", "request_id", "target")
+    __slots__ = ("_attempts", "_caller", "_conversation", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream",
+                 "_watch", "error", "request_id", "target")
 
     def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, attempts: Attempts,
                  upstream: Stream | None, watch: StreamWatch, t0: float, request_id: str,
-                 conversation: str | None = None, opening: asyncio.Future[Stream] | None = None) -> None:
+                 conversation: str | None = None, opening: asyncio.Future[Stream] | None = None,
+                 caller: Caller | None = None) -> None:
         self._gateway = gateway
+        self._caller = caller
         self._req = req
         self._attempts = attempts
         self.target = target
@@ -303,7 +325,7 @@ class GatewayStream:
         watch = self._watch
         self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
                              watch.completion_tokens, self.request_id,
-                             self.error.message if self.error else None)
+                             self.error.message if self.error else None, self._caller)
 
 
 class Gateway:
@@ -323,6 +345,8 @@ class Gateway:
         self.own_url: str | None = None
         """The gateway's own server (loopback), once it listens: where endpoints on this machine call back."""
         self.scheduler_readers: list[SchedulerReader] = []
+        self.state_observers: list[Callable[[list[dict[str, Any]]], None]] = []
+        """Called with every endpoint status reading (a shared gateway's metrics)."""
         self.backends = _build_backends(self, environ)
         served: dict[str, list[str]] = {}
         for cluster_name, cluster in config.clusters.items():
@@ -347,6 +371,8 @@ class Gateway:
     def _observe(self, endpoints: list[dict[str, Any]]) -> None:
         """Give the router each model's state at each endpoint just read: it orders candidates by them."""
         by_name = {(e["cluster"], e["endpoint"]): e for e in endpoints}
+        for observer in self.state_observers:
+            observer(endpoints)
         for model, targets in self.router.catalog.items():
             for target in targets:
                 endpoint = by_name.get((target.cluster, target.endpoint))
@@ -403,9 +429,24 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _candidates(self, model: str, capability: Capability,
-                          conversation: str | None = None) -> list[Target]:
-        """The router's candidates, reading discovered catalogs first when the model is not (yet) in them."""
+    async def _candidates(self, model: str, capability: Capability, conversation: str | None = None,
+                          caller: Caller | None = None) -> list[Target]:
+        """The router's candidates on the clusters the caller may use, reading discovered catalogs first when the
+        model is not (yet) in them."""
+        targets = await self._routed(model, capability, conversation)
+        if caller is None:
+            return targets
+        allowed = [t for t in targets if caller.may_use(model, t.cluster)]
+        if not allowed:
+            clusters = ", ".join(sorted({t.cluster for t in targets}))
+            raise OpenAIError(403, f"{caller.user} may not use '{model}' on the clusters serving it ({clusters}): "
+                                   "the model and each cluster admit members of their Globus groups only. Ask the "
+                                   "gateway's operator which group to join, or use another model (GET "
+                                   "/first/v1/models).", type="permission_error", param="model",
+                              code="cluster_not_allowed")
+        return allowed
+
+    async def _routed(self, model: str, capability: Capability, conversation: str | None) -> list[Target]:
         if self._discovering:
             if model in self.router.catalog:
                 self._refresh_in_background()  # a known model is served now; the reading can follow
@@ -582,14 +623,26 @@ class Gateway:
         self.default_model = model
         return model
 
-    async def usage_summary(self) -> dict[str, Any]:
-        """Requests, tokens and latency per model, from the usage store (recent requests included)."""
-        rows = await asyncio.to_thread(self._usage_rows)
+    async def usage_summary(self, user: str | None = None) -> dict[str, Any]:
+        """Requests, tokens and latency per model, from the usage store (recent requests included); ``user``: that
+        user's requests only (a shared gateway's users each see their own)."""
+        rows = await asyncio.to_thread(self._usage_rows, user)
         keys = ("model", "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms",
                 "mean_ttft_ms", "last_used", "last_latency_ms")
+        return {"object": "list", "data": [dict(zip(keys, row, strict=True)) for row in rows],
+                **({"user": user} if user is not None else {})}
+
+    async def usage_by_user(self) -> dict[str, Any]:
+        """Requests and tokens per user and model: a shared gateway's accounting, for its operators."""
+        self.usage.flush()
+        rows = await asyncio.to_thread(self.usage.query, (
+            "SELECT user, model, COUNT(*), SUM(status >= 400), COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0), MAX(ts) FROM usage WHERE model != '' GROUP BY user, model "
+            "ORDER BY user, model"))
+        keys = ("user", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "last_used")
         return {"object": "list", "data": [dict(zip(keys, row, strict=True)) for row in rows]}
 
-    def _usage_rows(self) -> list[tuple[object, ...]]:
+    def _usage_rows(self, user: str | None) -> list[tuple[object, ...]]:
         """One row per model; its last request is its newest row (rows are appended as requests end)."""
         self.usage.flush()
         return self.usage.query(
@@ -597,8 +650,8 @@ class Gateway:
             "FROM (SELECT model, COUNT(*) AS requests, SUM(status >= 400) AS errors, "
             "COALESCE(SUM(prompt_tokens), 0) AS prompt, COALESCE(SUM(completion_tokens), 0) AS completion, "
             "AVG(latency_ms) AS latency, AVG(ttft_ms) AS ttft, MAX(ts) AS ts, MAX(rowid) AS last_row "
-            "FROM usage WHERE model != '' GROUP BY model) g "
-            "JOIN usage last ON last.rowid = g.last_row ORDER BY g.model")
+            "FROM usage WHERE model != '' AND (?1 IS NULL OR user = ?1) GROUP BY model) g "
+            "JOIN usage last ON last.rowid = g.last_row ORDER BY g.model", (user,))
 
     async def status(self) -> dict[str, Any]:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
@@ -657,13 +710,17 @@ class Gateway:
 
     def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
                prompt_tokens: int | None, completion_tokens: int | None, request_id: str,
-               error: str | None) -> None:
-        self.usage.record(UsageRecord(  # positional: the fields in order, cheaper than keywords per request
+               error: str | None, caller: Caller | None = None) -> None:
+        record = UsageRecord(  # positional: the fields in order, cheaper than keywords per request
             time.time(), request_id, req.model, target.cluster if target else "",
             target.endpoint if target else "", req.capability.value, req.stream, status, prompt_tokens,
-            completion_tokens, (time.perf_counter() - t0) * 1000, (ttft - t0) * 1000 if ttft else None, error))
+            completion_tokens, (time.perf_counter() - t0) * 1000, (ttft - t0) * 1000 if ttft else None, error,
+            caller.user if caller is not None else "")
+        self.usage.record(record)
+        if caller is not None:
+            caller.recorded(record)
 
-    async def complete(self, req: ParsedRequest) -> Completed:
+    async def complete(self, req: ParsedRequest, caller: Caller | None = None) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""
         t0 = time.perf_counter()
         request_id = _request_id()
@@ -678,7 +735,7 @@ class Gateway:
             return reply
 
         try:
-            targets = await self._candidates(req.model, req.capability, conversation)
+            targets = await self._candidates(req.model, req.capability, conversation, caller)
             answer = self._first_answer(req, targets, tried, ask)
             if not self._may_wait(targets):
                 reply = await answer
@@ -689,20 +746,20 @@ class Gateway:
                 except TimeoutError:
                     raise self._not_ready(tried.last or targets[0], waited=limit) from None
         except OpenAIError as exc:
-            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message)
+            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
             raise
         except asyncio.CancelledError:  # the client left; the upstream request is already closed
-            self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None)
+            self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None, caller)
             raise
         target = tried.targets[-1]
         self.router.ended(target)
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
         self.router.served(conversation, target)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
-        self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)
+        self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None, caller)
         return Completed(body, target)
 
-    async def stream(self, req: ParsedRequest) -> GatewayStream:
+    async def stream(self, req: ParsedRequest, caller: Caller | None = None) -> GatewayStream:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
         t0 = time.perf_counter()
         request_id = _request_id()
@@ -717,7 +774,7 @@ class Gateway:
         conversation = self._conversation(req)
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
         try:
-            targets = await self._candidates(req.model, req.capability, conversation)
+            targets = await self._candidates(req.model, req.capability, conversation, caller)
             if not self._may_wait(targets):
                 upstream = await self._first_answer(req, targets, tried, open_stream)
             else:
@@ -726,11 +783,12 @@ class Gateway:
                     upstream = opening.result()
                 else:  # the status line goes now; the wait is told in the stream
                     return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id, conversation,
-                                         opening)
+                                         opening, caller)
         except OpenAIError as exc:
-            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message)
+            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
             raise
-        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id, conversation)
+        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id, conversation,
+                             caller=caller)
 
     async def _answers_soon(self, opening: asyncio.Future[Stream], best: Target) -> bool:
         """Whether a stream that may wait for a start opens (or fails, raising its error, which can still be a

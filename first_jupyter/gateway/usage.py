@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER,
     latency_ms REAL NOT NULL,
     ttft_ms REAL,
-    error TEXT
+    error TEXT,
+    user TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS usage_model_ts ON usage (model, ts);
 """
@@ -52,6 +53,8 @@ class UsageRecord(NamedTuple):
     latency_ms: float
     ttft_ms: float | None
     error: str | None
+    user: str
+    """Who sent it, at a shared gateway (``first serve``): the Globus username; empty in a user's own server."""
 
 
 _COLUMNS = UsageRecord._fields
@@ -94,7 +97,11 @@ class UsageStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(path) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
+            columns = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info('usage')")}
+            if columns and "user" not in columns:
+                conn.execute("ALTER TABLE usage ADD COLUMN user TEXT NOT NULL DEFAULT ''")  # a store from 0.1
             conn.executescript(_SCHEMA)
+            conn.execute("CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user, ts)")
         self._queue: queue.SimpleQueue[UsageRecord | threading.Event | None] = queue.SimpleQueue()
         self._interval = batch_interval
         self._hurry = threading.Event()  # flush and close: commit now rather than at the batch's end

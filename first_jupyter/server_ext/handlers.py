@@ -5,16 +5,21 @@ extension gives the kernels it starts (``Authorization: Bearer $FIRST_API_KEY``)
 and nothing else of the server. Kernels are pointed at the gateway's own lean server (``gateway.api``) rather
 than here; this door answers the same routes alike for browsers, Jupyter tokens and anyone using this URL.
 The gateway itself runs on its own loop (``gateway.loop_thread``); these handlers hand it the work.
+
+The routes are written once, as ``GatewayDoor`` classes, and built into handlers for each door by
+``door_routes``: here on ``FirstHandler`` (Jupyter's auth), and for the shared gateway (``first serve``) on
+``server_ext.shared_door.SharedHandler`` (Globus bearer tokens, groups, quotas).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from asyncio import Future
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from jupyter_server.auth.decorator import allow_unauthenticated
@@ -26,19 +31,86 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
 from first_jupyter.batch import routes as batch_routes
+from first_jupyter.batch.service import Batches
 from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
 from first_jupyter.gateway.core import Completed, Gateway
 from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.protocol import Capability, OpenAIError
 
+if TYPE_CHECKING:
+    from first_jupyter.gateway.shared import SharedCaller
+    from first_jupyter.server_ext.standalone import SameLoop
+
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
 _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
               "starts) or with a Jupyter token ('Authorization: token ...').")
 
 
-class FirstHandler(APIHandler):
-    """Base for every FIRST route on Jupyter's door: scoped-key auth, OpenAI-shaped errors, the Gateway."""
+class GatewayDoor(web.RequestHandler):
+    """What every door's handlers share: the gateway, the loop it runs on, JSON, OpenAI-shaped errors; and the
+    hooks where doors differ (who the caller is, whose usage and batches, who may change the default model)."""
+
+    open_route = False
+    """Answered without the door's authentication (the callback route checks its own signatures)."""
+
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway | None = self.settings.get("first_gateway")
+        if gateway is None:
+            raise api.config_error(self.settings.get("first_config_error"))
+        return gateway
+
+    @property
+    def loop_thread(self) -> LoopThread | SameLoop:
+        """Where the gateway runs: its coroutines are started there, never on Jupyter's loop (a standalone
+        gateway runs on the server's own loop)."""
+        thread: LoopThread | SameLoop = self.settings["first_loop"]
+        return thread
+
+    def write_json(self, payload: Any) -> None:
+        self.set_header("Content-Type", api.JSON)
+        self.finish(orjson.dumps(payload))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """An OpenAIError is an answer, not a crash: no traceback in the server log."""
+        if isinstance(value, OpenAIError):
+            logging.getLogger("first_jupyter").info("%s %s -> %s %s", self.request.method, self.request.path,
+                                                    value.status, value.code)
+            return
+        super().log_exception(typ, value, tb)
+
+    def send_error_body(self, err: OpenAIError) -> None:
+        self.clear()
+        self.set_status(err.status)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", api.JSON)
+        self.finish(err.to_bytes())
+
+    # -- where doors differ ---------------------------------------------------------------------------------
+
+    def caller(self) -> SharedCaller | None:
+        """The request's sender, when the door serves many (the shared gateway); None in a user's own server."""
+        return None
+
+    def usage_user(self) -> str | None:
+        """Whose usage to answer with: None for all (a user's own server holds only theirs)."""
+        return None
+
+    def batches(self) -> Batches:
+        return self.gateway.batches
+
+    def check_default_change(self) -> None:
+        """Refuse (403) a caller who may not change the default model, which every client of the gateway uses."""
+
+    async def auth_answer(self, what: str, body: bytes) -> dict[str, Any]:
+        gateway = self.gateway
+        return await self.loop_thread.call(api.auth_route(gateway, what, body))
+
+
+class FirstHandler(GatewayDoor, APIHandler):
+    """Jupyter's door: Jupyter's own auth, or the scoped key of the kernels the server starts."""
 
     _scoped = False
 
@@ -73,38 +145,6 @@ class FirstHandler(APIHandler):
         if not self._scoped:
             super().check_xsrf_cookie()
 
-    @property
-    def gateway(self) -> Gateway:
-        gateway: Gateway | None = self.settings.get("first_gateway")
-        if gateway is None:
-            raise api.config_error(self.settings.get("first_config_error"))
-        return gateway
-
-    @property
-    def loop_thread(self) -> LoopThread:
-        """Where the gateway runs: its coroutines are started there, never on Jupyter's loop."""
-        thread: LoopThread = self.settings["first_loop"]
-        return thread
-
-    def write_json(self, payload: Any) -> None:
-        self.set_header("Content-Type", api.JSON)
-        self.finish(orjson.dumps(payload))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        """An OpenAIError is an answer, not a crash: no traceback in the server log."""
-        if isinstance(value, OpenAIError):
-            self.log.info("%s %s -> %s %s", self.request.method, self.request.path, value.status, value.code)
-            return
-        super().log_exception(typ, value, tb)
-
-    def send_error_body(self, err: OpenAIError) -> None:
-        self.clear()
-        self.set_status(err.status)
-        for name, value in err.headers.items():
-            self.set_header(name, value)
-        self.set_header("Content-Type", api.JSON)
-        self.finish(err.to_bytes())
-
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors raised by Jupyter's machinery (auth, XSRF, unknown methods) in the OpenAI shape too."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -129,25 +169,26 @@ class FirstHandler(APIHandler):
         self.send_error_body(err)
 
 
-class ModelsHandler(FirstHandler):
+class ModelsRoute(GatewayDoor):
     @web.authenticated
     async def get(self) -> None:
         self.write_json(await self.loop_thread.call(self.gateway.models()))
 
 
-class StatusHandler(FirstHandler):
+class StatusRoute(GatewayDoor):
     @web.authenticated
     async def get(self) -> None:
         self.write_json(await self.loop_thread.call(self.gateway.status()))
 
 
-class UsageHandler(FirstHandler):
+class UsageRoute(GatewayDoor):
     @web.authenticated
     async def get(self) -> None:
-        self.write_json(await self.loop_thread.call(self.gateway.usage_summary()))
+        gateway, user = self.gateway, self.usage_user()
+        self.write_json(await self.loop_thread.call(gateway.usage_summary(user)))
 
 
-class DefaultModelHandler(FirstHandler):
+class DefaultModelRoute(GatewayDoor):
     @web.authenticated
     def get(self) -> None:
         """Without probing every endpoint, as status does: clients ask before each prompt that names no model."""
@@ -155,12 +196,13 @@ class DefaultModelHandler(FirstHandler):
 
     @web.authenticated
     async def put(self) -> None:
+        self.check_default_change()
         gateway, model = self.gateway, api.requested_model(self.request.body)
         self.write_json({"default_model": await self.loop_thread.call(gateway.set_default_model(model))})
 
 
 
-class WarmHandler(FirstHandler):
+class WarmRoute(GatewayDoor):
     """POST models/{id}/warm: start a model ahead of need."""
 
     @web.authenticated
@@ -169,7 +211,7 @@ class WarmHandler(FirstHandler):
         self.write_json(await self.loop_thread.call(api.warm_route(gateway, model, body)))
 
 
-class AuthHandler(FirstHandler):
+class AuthRoute(GatewayDoor):
     """whoami (GET), login, login/code and logout (POST): the same answers as the gateway's own server."""
 
     what: str
@@ -181,19 +223,20 @@ class AuthHandler(FirstHandler):
     async def get(self) -> None:
         if self.what != "whoami":
             raise web.HTTPError(405)
-        self.write_json(await self.loop_thread.call(api.auth_route(self.gateway, self.what, b"")))
+        self.write_json(await self.auth_answer(self.what, b""))
 
     @web.authenticated
     async def post(self) -> None:
         if self.what == "whoami":
             raise web.HTTPError(405)
-        gateway, body = self.gateway, self.request.body
-        self.write_json(await self.loop_thread.call(api.auth_route(gateway, self.what, body)))
+        self.write_json(await self.auth_answer(self.what, self.request.body))
 
 
-class CallbackHandler(FirstHandler):
+class CallbackRoute(GatewayDoor):
     """Batches of remote streams from endpoint nodes: no Jupyter auth (a node has none), each batch signed with
     its task's own key instead (``gateway.callbacks``)."""
+
+    open_route = True
 
     def check_xsrf_cookie(self) -> None:
         """Not a browser form: the signature is the check."""
@@ -204,7 +247,7 @@ class CallbackHandler(FirstHandler):
         self.finish()
 
 
-class InferenceHandler(FirstHandler):
+class InferenceRoute(GatewayDoor):
     """POST chat/completions, completions and embeddings: one handler, the capability set per route.
 
     The request runs on the gateway's loop (``answer_across``); a stream's chunks come back through a
@@ -227,14 +270,16 @@ class InferenceHandler(FirstHandler):
         self._task = asyncio.current_task()
         gateway = self.gateway
         limit = api.body_limit(self.settings["first_max_request_bytes"], gateway)
-        client = ClientRelay(self)
+        client, caller = ClientRelay(self), self.caller()
         try:
             outcome = await self.loop_thread.call(answer_across(gateway, self.capability, self.request.body, limit,
-                                                                client))
+                                                                client, caller))
         except asyncio.CancelledError:
             return  # the client left; the gateway's side has closed the upstream and recorded it
         if outcome is not None:
             for name, value in api.target_headers(outcome.target).items():
+                self.set_header(name, value)
+            for name, value in (caller.headers if caller is not None else {}).items():
                 self.set_header(name, value)
             self.set_header("Content-Type", api.JSON)
             self.finish(outcome.body)
@@ -244,16 +289,17 @@ class InferenceHandler(FirstHandler):
 
 
 async def answer_across(gateway: Gateway, capability: Capability, body: bytes, limit: int,
-                        client: ClientRelay) -> Completed | None:
+                        client: ClientRelay, caller: SharedCaller | None = None) -> Completed | None:
     """On the gateway's loop: run the request; a whole answer is returned, a stream is relayed into ``client``.
 
     The stream never leaves this coroutine, so however it ends (done, upstream error, the handler cancelling
     it) it is closed and recorded here, on the loop it belongs to.
     """
-    outcome = await api.start(gateway, capability, body, limit)
+    outcome = await api.start(gateway, capability, body, limit, caller)
     if isinstance(outcome, Completed):
         return outcome
-    client.open(api.stream_headers(outcome.target), outcome.resume)
+    client.open({**api.stream_headers(outcome.target), **(caller.headers if caller is not None else {})},
+                outcome.resume)
     gone = False
     try:
         await outcome.relay(client.write)
@@ -278,7 +324,7 @@ class ClientRelay:
     HIGH = 256 * 1024
     LOW = 64 * 1024
 
-    def __init__(self, handler: InferenceHandler) -> None:
+    def __init__(self, handler: InferenceRoute) -> None:
         self._handler = handler
         self._loop = asyncio.get_running_loop()
         connection = handler.request.connection
@@ -393,8 +439,7 @@ class ClientRelay:
         self._handler.on_connection_close()
 
 
-@web.stream_request_body
-class BatchHandler(FirstHandler):
+class BatchRoute(GatewayDoor):
     """files and batches (``batch.routes``, as on the gateway's own server). An uploaded file is streamed to disk
     as it arrives, never held; other bodies are collected within the usual limit."""
 
@@ -407,7 +452,7 @@ class BatchHandler(FirstHandler):
         self._chunks = []
         path = self.request.path[self.request.path.index("/first/v1/"):]
         if batch_routes.is_upload(self.request.method or "", path) and self.current_user is not None:
-            self._upload = self.gateway.batches.upload(self.request.headers.get("Content-Type"))
+            self._upload = self.batches().upload(self.request.headers.get("Content-Type"))
         limit = self._upload.limit if self._upload is not None else api.body_limit(
             self.settings["first_max_request_bytes"], self.settings.get("first_gateway"))
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
@@ -426,9 +471,9 @@ class BatchHandler(FirstHandler):
         match = batch_routes.ROUTE.match(f"/first/v1/{path}")
         assert match is not None  # the route's own pattern
         query = {k: v[-1].decode() for k, v in self.request.query_arguments.items()}
-        gateway, body, upload = self.gateway, b"".join(self._chunks), self._upload
-        answer = await self.loop_thread.call(batch_routes.answer(gateway.batches, self.request.method or "",
-                                                                 match, query, body, upload))
+        batches, body, upload = self.batches(), b"".join(self._chunks), self._upload
+        answer = await self.loop_thread.call(batch_routes.answer(batches, self.request.method or "", match, query,
+                                                                 body, upload))
         if not isinstance(answer, Path):
             self.write_json(answer)
             return
@@ -446,7 +491,7 @@ class BatchHandler(FirstHandler):
     post = delete = put = patch = get  # every method to the routes, which answer 405 with Allow
 
 
-class NotFoundHandler(FirstHandler):
+class NotFoundRoute(GatewayDoor):
     """Unknown routes under /first/v1 answer in the OpenAI shape instead of Jupyter's HTML 404."""
 
     @web.authenticated
@@ -457,21 +502,35 @@ class NotFoundHandler(FirstHandler):
     post = get
 
 
-def routes() -> list[tuple[str, type[FirstHandler], dict[str, Any]]]:
-    """URL patterns relative to the server's base_url (the ExtensionApp prefixes it)."""
-    inference = [(f"/first/v1/{cap.route}", InferenceHandler, {"capability": cap}) for cap in Capability]
+Routes = list[tuple[str, type[GatewayDoor], dict[str, Any]]]
+
+
+def door_routes(door: type[GatewayDoor]) -> Routes:
+    """The FIRST routes as handlers of ``door``, relative to the server's base URL: each route's class built on
+    the door's base, whose authentication and hooks it then has."""
+
+    def on_door(route: type[GatewayDoor]) -> type[GatewayDoor]:
+        return type(route.__name__.replace("Route", "Handler"), (route, door), {})
+
+    inference = on_door(InferenceRoute)
+    auth = on_door(AuthRoute)
     return [
-        ("/first/v1/models", ModelsHandler, {}),
-        *inference,
-        ("/first/api/status", StatusHandler, {}),
-        ("/first/api/usage", UsageHandler, {}),
-        ("/first/api/default_model", DefaultModelHandler, {}),
-        ("/first/api/models/(.+)/warm", WarmHandler, {}),
-        ("/first/api/whoami", AuthHandler, {"what": "whoami"}),
-        ("/first/api/login", AuthHandler, {"what": "login"}),
-        ("/first/api/login/code", AuthHandler, {"what": "login_code"}),
-        ("/first/api/logout", AuthHandler, {"what": "logout"}),
-        ("/first/api/callback", CallbackHandler, {}),
-        ("/first/v1/((?:files|batches)(?:/.*)?)", BatchHandler, {}),
-        ("/first/v1/(.*)", NotFoundHandler, {}),
+        ("/first/v1/models", on_door(ModelsRoute), {}),
+        *((f"/first/v1/{cap.route}", inference, {"capability": cap}) for cap in Capability),
+        ("/first/api/status", on_door(StatusRoute), {}),
+        ("/first/api/usage", on_door(UsageRoute), {}),
+        ("/first/api/default_model", on_door(DefaultModelRoute), {}),
+        ("/first/api/models/(.+)/warm", on_door(WarmRoute), {}),
+        ("/first/api/whoami", auth, {"what": "whoami"}),
+        ("/first/api/login", auth, {"what": "login"}),
+        ("/first/api/login/code", auth, {"what": "login_code"}),
+        ("/first/api/logout", auth, {"what": "logout"}),
+        ("/first/api/callback", on_door(CallbackRoute), {}),
+        ("/first/v1/((?:files|batches)(?:/.*)?)", web.stream_request_body(on_door(BatchRoute)), {}),
+        ("/first/v1/(.*)", on_door(NotFoundRoute), {}),
     ]
+
+
+def routes() -> Routes:
+    """Jupyter's door."""
+    return door_routes(FirstHandler)

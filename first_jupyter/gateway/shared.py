@@ -1,0 +1,186 @@
+"""A shared gateway's rules for each request (``first serve``): who sent it, what they may use, how much, and the
+accounting that follows.
+
+The token says who (``auth.resource_server``); Globus groups say which clusters and models (per cluster and per
+model in the config); the quota store says how much (shared by every process of the gateway); and once a request
+has ended its record feeds the quotas' token count, the metrics and the JSON access log. The access log holds no
+prompt, answer or error text (an engine's error may quote the prompt): who, what, where, how much, how fast.
+
+The Gateway sees only a ``SharedCaller`` (its ``Caller`` protocol); the tornado door builds one per request.
+Batches are kept per user: each user's files and batches live in a store of their own, so no user can list or
+read another's, and their runs are accounted to their owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from first_jupyter.auth.resource_server import Identity, TokenIntrospector, group_links, may_use
+from first_jupyter.batch.service import Batches
+from first_jupyter.config import ComputeCluster, FirstConfig, ServeConfig
+from first_jupyter.gateway.metrics import GatewayMetrics
+from first_jupyter.gateway.quotas import QuotaStore
+from first_jupyter.gateway.usage import UsageRecord
+from first_jupyter.protocol import OpenAIError, ParsedRequest
+
+if TYPE_CHECKING:
+    from first_jupyter.gateway.core import Gateway
+
+ACCESS_LOG = logging.getLogger("first_jupyter.access")
+OWNER_FILE = "owner.json"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class SharedPolicy:
+    """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk."""
+
+    def __init__(self, config: FirstConfig, serve: ServeConfig, state_dir: Path, secret: str,
+                 metrics: GatewayMetrics) -> None:
+        self.serve = serve
+        self.state_dir = state_dir
+        as_user = any(isinstance(c, ComputeCluster) and any(ep.identity == "user" and ep.endpoint_id
+                                                              for ep in c.endpoints) for c in config.clusters.values())
+        want_groups = bool(serve.auth.groups or serve.clusters or serve.models)
+        self.introspector = TokenIntrospector(serve.auth, secret, want_groups=want_groups, want_compute=as_user)
+        self.quotas = QuotaStore(state_dir / "quotas.sqlite3", serve.quotas)
+        self.metrics = metrics
+        self._admins = set(serve.auth.admins)
+        self._batches: dict[str, Batches] = {}
+        self._runs: list[asyncio.Task[None]] = []
+
+    async def caller(self, authorization: str | None) -> SharedCaller:
+        try:
+            identity = await self.introspector.identify(authorization)
+        except OpenAIError as exc:
+            if exc.status in (401, 403):
+                self.metrics.refused("unauthenticated" if exc.status == 401 else "forbidden")
+            raise
+        return SharedCaller(self, identity)
+
+    def is_admin(self, identity: Identity) -> bool:
+        return identity.service or bool({identity.id, identity.username} & self._admins)
+
+    def model_groups(self, model: str) -> list[str]:
+        access = self.serve.models.get(model)
+        return access.groups if access is not None else []
+
+    def cluster_groups(self, cluster: str) -> list[str]:
+        access = self.serve.clusters.get(cluster)
+        return access.groups if access is not None else []
+
+    def recorded(self, record: UsageRecord) -> None:
+        """A request ended: its tokens count against the quotas, then metrics and the access log."""
+        self.metrics.observe(record)
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        if tokens and self.quotas.limited:
+            self.quotas.spend(record.user, record.model, tokens)
+        self.access(ts=record.ts, request_id=record.request_id, user=record.user, model=record.model,
+                    cluster=record.cluster, endpoint=record.endpoint, route=record.capability, stream=record.stream,
+                    status=record.status, prompt_tokens=record.prompt_tokens,
+                    completion_tokens=record.completion_tokens, latency_ms=round(record.latency_ms, 2),
+                    ttft_ms=round(record.ttft_ms, 2) if record.ttft_ms is not None else None)
+
+    @staticmethod
+    def access(**fields: Any) -> None:
+        """One JSON line per request; ``ts`` as ISO 8601 UTC."""
+        if ACCESS_LOG.isEnabledFor(logging.INFO):
+            ACCESS_LOG.info(orjson.dumps({**fields, "ts": _iso(fields["ts"])}).decode())
+
+    # -- batches, per user -------------------------------------------------------------------------------------
+
+    def batches_for(self, gateway: Gateway, identity: Identity) -> Batches:
+        """The user's own batch store (made on first use), whose runs are accounted to them."""
+        found = self._batches.get(identity.username)
+        if found is None:
+            root = self.state_dir / "batches" / "users" / hashlib.sha256(identity.username.encode()).hexdigest()[:24]
+            root.mkdir(parents=True, exist_ok=True)
+            found = self._open_batches(gateway, root, identity)
+        (found.root / OWNER_FILE).write_bytes(orjson.dumps(  # the groups as of the user's latest request
+            {"id": identity.id, "username": identity.username, "groups": sorted(identity.groups)}))
+        return found
+
+    def resume_batches(self, gateway: Gateway) -> None:
+        """At start: every user's unfinished batches run again (as their owner, with the groups last seen)."""
+        users = self.state_dir / "batches" / "users"
+        for owner in sorted(users.glob(f"*/{OWNER_FILE}")) if users.is_dir() else []:
+            data = orjson.loads(owner.read_bytes())
+            identity = Identity(data["id"], data["username"], False, math.inf, frozenset(data["groups"]))
+            if identity.username not in self._batches:
+                self._open_batches(gateway, owner.parent, identity)
+
+    def _open_batches(self, gateway: Gateway, root: Path, identity: Identity) -> Batches:
+        batches = self._batches[identity.username] = Batches(gateway, root, gateway.config.defaults.batch,
+                                                             caller=SharedCaller(self, identity))
+        self._runs.append(asyncio.get_running_loop().create_task(batches.keep_running()))
+        return batches
+
+    async def close(self) -> None:
+        for task in self._runs:
+            task.cancel()
+        await asyncio.gather(*self._runs, return_exceptions=True)
+        for batches in self._batches.values():
+            await batches.close()
+        self.quotas.close()
+
+
+class SharedCaller:
+    """One request's sender (or a batch's owner), as the Gateway's ``Caller``."""
+
+    __slots__ = ("_in_flight", "headers", "identity", "policy", "record")
+
+    def __init__(self, policy: SharedPolicy, identity: Identity) -> None:
+        self.policy = policy
+        self.identity = identity
+        self.headers: dict[str, str] = {}
+        """The sender's remaining allowance, for the answer's headers."""
+        self.record: UsageRecord | None = None
+        self._in_flight: str | None = None
+
+    @property
+    def user(self) -> str:
+        return self.identity.username
+
+    def admit(self, req: ParsedRequest) -> None:
+        policy = self.policy
+        groups = policy.model_groups(req.model)
+        if not may_use(self.identity, groups):
+            policy.metrics.refused("forbidden")
+            raise OpenAIError(403, f"{self.user} may not use model '{req.model}': it is open to members of its "
+                                   f"Globus groups only. Ask to join one: {group_links(groups)}",
+                              type="permission_error", param="model", code="model_not_allowed")
+        if policy.quotas.limited:
+            allowance = policy.quotas.admit(self.user, req.model)
+            self.headers = allowance.headers
+            if not allowance.allowed:
+                policy.metrics.refused("rate_limited")
+                raise OpenAIError(429, f"{allowance.reason}. Retry after {allowance.headers['Retry-After']} s; the "
+                                       "x-ratelimit-* headers say what is left.", type="rate_limit_error",
+                                  code="rate_limit_exceeded", headers=allowance.headers)
+        self._in_flight = req.model
+        policy.metrics.request_started(req.model)
+
+    def may_use(self, model: str, cluster: str) -> bool:
+        return may_use(self.identity, self.policy.model_groups(model)) and may_use(
+            self.identity, self.policy.cluster_groups(cluster))
+
+    def recorded(self, record: UsageRecord) -> None:
+        self.record = record
+        self.ended()
+        self.policy.recorded(record)
+
+    def ended(self) -> None:
+        """The request is over (recorded, or its handler finished without a record): no longer in flight."""
+        if self._in_flight is not None:
+            self.policy.metrics.request_ended(self._in_flight)
+            self._in_flight = None

@@ -1,0 +1,139 @@
+"""The shared gateway's door (``first serve``): the same route handlers as Jupyter's, on plain tornado, for
+callers with Globus access tokens.
+
+Each request's bearer token is introspected (cached) into an identity, which becomes the request's
+``SharedCaller``: inference goes through its groups and quotas, usage answers are the caller's own (operators may
+ask for anyone's), batches live in the caller's own store, and the default model is the operators' to set. Every
+request leaves one JSON access-log line: inference requests through their usage record, the others from here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from tornado import web
+
+from first_jupyter.batch.service import Batches
+from first_jupyter.gateway import api
+from first_jupyter.gateway.shared import SharedCaller, SharedPolicy
+from first_jupyter.protocol import OpenAIError
+from first_jupyter.server_ext.handlers import GatewayDoor, Routes, door_routes
+
+
+class SharedHandler(GatewayDoor):
+    """Globus bearer tokens instead of Jupyter's auth; errors in the OpenAI shape whatever raised them."""
+
+    _caller: SharedCaller | None = None
+    _t0 = 0.0
+
+    @property
+    def policy(self) -> SharedPolicy:
+        policy: SharedPolicy = self.settings["first_shared"]
+        return policy
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        self._t0 = time.perf_counter()
+        if self.open_route:
+            return
+        self._caller = await self.policy.caller(self.request.headers.get("Authorization"))
+        self.current_user = self._caller.identity
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, OpenAIError):
+            self.send_error_body(exc)
+        elif status_code == 405:
+            self.send_error_body(OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
+                                             code="method_not_allowed"))
+        elif status_code >= 500:
+            self.send_error_body(api.internal_error())
+        else:
+            reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+            self.send_error_body(OpenAIError(status_code, reason or f"The request failed ({status_code})."))
+
+    def on_finish(self) -> None:
+        """The access-log line of a request the gateway did not record (all but inference that was admitted)."""
+        caller = self._caller
+        if caller is not None:
+            caller.ended()
+            if caller.record is not None:
+                return
+        self.policy.access(ts=time.time(), user=caller.user if caller is not None else None,
+                           route=f"{self.request.method} {self.request.path}", status=self.get_status(),
+                           latency_ms=round((time.perf_counter() - self._t0) * 1000, 2))
+
+    def _identity_admin(self) -> bool:
+        return self._caller is not None and self.policy.is_admin(self._caller.identity)
+
+    # -- GatewayDoor's hooks -----------------------------------------------------------------------------------
+
+    def caller(self) -> SharedCaller | None:
+        return self._caller
+
+    def usage_user(self) -> str | None:
+        """The caller's own usage; an operator may ask for anyone's with ``?user=``."""
+        assert self._caller is not None  # every route but the callback is authenticated
+        asked = self.get_query_argument("user", None)
+        if asked is not None and asked != self._caller.user and not self._identity_admin():
+            raise OpenAIError(403, "Only the gateway's operators (serve.auth.admins) may read another user's usage.",
+                              type="permission_error", code="not_an_admin")
+        return asked or self._caller.user
+
+    def batches(self) -> Batches:
+        assert self._caller is not None
+        return self.policy.batches_for(self.gateway, self._caller.identity)
+
+    def check_default_change(self) -> None:
+        if not self._identity_admin():
+            raise OpenAIError(403, "The default model is chosen by the gateway's operators (serve.auth.admins) for "
+                                   "every user; name the model in your requests instead.",
+                              type="permission_error", code="not_an_admin")
+
+    async def auth_answer(self, what: str, body: bytes) -> dict[str, Any]:
+        assert self._caller is not None
+        if what != "whoami":
+            raise OpenAIError(404, "This is a shared gateway: sign in with Globus on your side (`first login`, or "
+                                   "your app's Globus login) and send the access token as a bearer token.",
+                              code="unknown_route")
+        who = self._caller.identity
+        return {"signed_in": True, "username": who.username, "id": who.id, "service": who.service,
+                "groups": len(who.groups), "admin": self.policy.is_admin(who),
+                "expires_at": who.expires_at}
+
+
+class UsersUsageHandler(SharedHandler):
+    """GET /first/api/usage/users: requests and tokens per user and model, for operators."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        if not self._identity_admin():
+            raise OpenAIError(403, "Only the gateway's operators (serve.auth.admins) may read every user's usage.",
+                              type="permission_error", code="not_an_admin")
+        self.write_json(await self.gateway.usage_by_user())
+
+
+class MetricsHandler(SharedHandler):
+    """GET /metrics for Prometheus: labels are models, clusters and statuses, never users, so it is open."""
+
+    open_route = True
+
+    def get(self) -> None:
+        body, content_type = self.policy.metrics.render()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+
+class HealthHandler(SharedHandler):
+    """GET /healthz for load balancers: this process answers."""
+
+    open_route = True
+
+    def get(self) -> None:
+        self.finish(orjson.dumps({"ok": True}))
+
+
+def shared_routes() -> Routes:
+    return [("/metrics", MetricsHandler, {}), ("/healthz", HealthHandler, {}),
+            ("/first/api/usage/users", UsersUsageHandler, {}), *door_routes(SharedHandler)]

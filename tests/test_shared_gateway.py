@@ -1,0 +1,285 @@
+"""The shared gateway (``first serve``) over HTTP: tokens, groups, quotas, per-user usage and batches, the access
+log and metrics; and two gateway processes enforcing one user's limit together.
+
+In process, Globus Auth and Groups answer through the real globus-sdk with ``globus_sdk.testing``'s registered
+responses (``responses``); the client is httpx, which ``responses`` does not intercept. Across processes, the
+gateways' globus-sdk is pointed at a loopback introspection stand-in (``bench.fake_globus_auth``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import responses
+import yaml
+from globus_sdk.testing import load_response
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from bench.fake_globus_auth import AUTH_URL_ENV, fake_globus_auth
+from bench.overhead import free_port
+from first_jupyter.config import load_config
+from first_jupyter.gateway.core import Gateway
+from first_jupyter.gateway.loop_thread import LoopThread
+from first_jupyter.gateway.shared import SharedPolicy
+from first_jupyter.server_ext.standalone import build, http_server, stop
+from tests.conftest import fake_cluster_config
+from tests.test_resource_server import ADA_GMAIL, GATEWAY, MISSING_GROUP, MY_GROUPS, SERVICE, introspection
+
+SECRET_ENV = "FIRST_GATEWAY_CLIENT_SECRET"
+MARKER = "zebra-quokka-secret-prompt"
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": MARKER}]}
+JSON = {"Content-Type": "application/json"}
+
+
+def serve_section(state_dir: Path, **changes: Any) -> dict[str, Any]:
+    return {"state_dir": str(state_dir), "auth": {"client_id": GATEWAY, "allowed_domains": ["uni.edu"],
+                                                   "service_identities": [SERVICE], "admins": ["root@uni.edu"]},
+            **changes}
+
+
+@dataclass
+class Shared:
+    url: str
+    policy: SharedPolicy
+    gateway: Gateway
+
+    def get(self, path: str, token: str | None = "AT-ada", **kw: Any) -> httpx.Response:  # noqa: S107 (a fake)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(self.url + path, headers=headers, timeout=30, **kw)
+
+    def post(self, path: str, body: Any = None, token: str | None = "AT-ada",  # noqa: S107 (a fake)
+             **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if body is not None:
+            kw["json"] = body
+        return httpx.post(self.url + path, headers=headers, timeout=30, **kw)
+
+
+def _globus(rsps: responses.RequestsMock) -> None:
+    """Introspection by token: ada (uni.edu), ada signed in with gmail, root, a service, an inactive one."""
+    now = int(time.time())
+    answers = {
+        "AT-ada": introspection(),
+        "AT-bob": introspection(sub="b0b00000-0000-4000-8000-000000000000", username="bob@uni.edu",
+                                session_info={"authentications": {"b0b00000-0000-4000-8000-000000000000": {}}},
+                                identity_set_detail=[{"id": "b0b00000-0000-4000-8000-000000000000",
+                                                      "username": "bob@uni.edu"}]),
+        "AT-root": introspection(username="root@uni.edu"),
+        "AT-gmail": introspection(session_info={"authentications": {ADA_GMAIL: {"idp": "google"}}}),
+        "AT-service": introspection(sub=SERVICE, username=f"{SERVICE}@clients.auth.globus.org", session_info={},
+                                    identity_set_detail=[]),
+        "AT-old": {"active": False},
+        "AT-expired": introspection(exp=now - 5),
+    }
+
+    def introspect(request: Any) -> tuple[int, dict[str, str], str]:
+        token = dict(urllib.parse.parse_qsl(request.body))["token"]
+        return 200, JSON, json.dumps(answers.get(token, {"active": False}))
+
+    rsps.add_callback(responses.POST, "https://auth.globus.org/v2/oauth2/token/introspect", callback=introspect)
+    load_response("auth.oauth2_get_dependent_tokens", case="groups", requests_mock=rsps)
+    load_response("groups.get_my_groups", requests_mock=rsps)
+
+
+@pytest.fixture
+def shared(tmp_path: Path, fake_upstream: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shared]:
+    data = fake_cluster_config(fake_upstream)
+    data["serve"] = serve_section(tmp_path / "state", clusters={"remote": {"groups": [MY_GROUPS[0]]}},
+                                  models={"fake-embed": {"groups": [MISSING_GROUP]}},
+                                  quotas={"per_user": {"requests_per_s": 0.001, "burst": 4}})
+    path = tmp_path / "first.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path, tmp_path)
+    assert config.serve is not None
+    thread = LoopThread("shared-test")
+
+    async def start() -> tuple[HTTPServer, Gateway, SharedPolicy, int]:
+        app, gateway, policy = build(config, config.serve, tmp_path / "state", "gateway-secret")
+        server = http_server(app, config)
+        sockets = bind_sockets(0, "127.0.0.1")
+        server.add_sockets(sockets)
+        return server, gateway, policy, sockets[0].getsockname()[1]
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        _globus(rsps)
+        server, gateway, policy, port = thread.submit(start()).result(30)
+        try:
+            yield Shared(f"http://127.0.0.1:{port}", policy, gateway)
+        finally:
+            thread.submit(stop(server, gateway, policy, [])).result(30)
+            thread.stop()
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+def test_tokens_are_refused_with_the_right_status_and_reason(shared):
+    cases = {None: (401, "missing_token"), "AT-old": (401, "inactive_token"), "AT-expired": (401, "expired_token"),
+             "AT-gmail": (403, "identity_domain_not_allowed")}
+    for token, (status, code) in cases.items():
+        answer = shared.post("/first/v1/chat/completions", CHAT, token=token)
+        assert (answer.status_code, error_of(answer)["code"]) == (status, code), token
+    assert "ada@gmail.com" in error_of(shared.post("/first/v1/chat/completions", CHAT, token="AT-gmail"))["message"]
+    assert shared.get("/first/v1/models", token="AT-old").status_code == 401  # every route, not only inference
+
+
+def test_a_member_is_served_with_the_allowance_in_the_headers_and_a_model_of_another_group_is_403(shared):
+    answer = shared.post("/first/v1/chat/completions", CHAT)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-first-cluster"] == "remote"
+    assert answer.headers["x-ratelimit-limit-requests"] == "4"
+    assert answer.headers["x-ratelimit-remaining-requests"] == "3"
+    refused = shared.post("/first/v1/embeddings", {"model": "fake-embed", "input": "x"})
+    assert (refused.status_code, error_of(refused)["code"]) == (403, "model_not_allowed")
+    assert f"https://app.globus.org/groups/{MISSING_GROUP}" in error_of(refused)["message"]
+    service = shared.post("/first/v1/embeddings", {"model": "fake-embed", "input": "x"}, token="AT-service")
+    assert service.status_code == 200  # a service identity skips the group checks
+
+
+def test_a_user_over_the_limit_gets_429_with_retry_after_and_others_are_still_served(shared, caplog):
+    caplog.set_level(logging.INFO, logger="first_jupyter.access")
+    statuses = [shared.post("/first/v1/chat/completions", {**CHAT, "stream": i % 2 == 0}).status_code
+                for i in range(6)]
+    assert statuses == [200, 200, 200, 200, 429, 429]
+    refused = shared.post("/first/v1/chat/completions", CHAT)
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "4 requests" in error_of(refused)["message"] or "limit" in error_of(refused)["message"]
+    assert shared.post("/first/v1/chat/completions", CHAT, token="AT-bob").status_code == 200
+
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "first_jupyter.access"]
+    served = [line for line in lines if line.get("model") == "fake-model"]
+    assert [line["user"] for line in served] == ["ada@uni.edu"] * 4 + ["bob@uni.edu"]
+    assert all(line["completion_tokens"] == 8 and line["cluster"] == "remote" for line in served)
+    assert all(MARKER not in r.getMessage() for r in caplog.records)  # no prompt in any log line
+    refusals = [line for line in lines if line.get("status") == 429]
+    assert len(refusals) == 3
+    assert refusals[0]["user"] == "ada@uni.edu"
+
+
+def test_usage_is_per_user_and_operators_see_everyones(shared):
+    for token in ("AT-ada", "AT-ada", "AT-bob"):
+        assert shared.post("/first/v1/chat/completions", CHAT, token=token).status_code == 200
+    mine = shared.get("/first/api/usage").json()
+    assert mine["user"] == "ada@uni.edu"
+    assert [(row["model"], row["requests"]) for row in mine["data"]] == [("fake-model", 2)]
+    assert shared.get("/first/api/usage?user=bob@uni.edu").status_code == 403
+    assert shared.get("/first/api/usage?user=bob@uni.edu", token="AT-root").json()["data"][0]["requests"] == 1
+    everyone = shared.get("/first/api/usage/users", token="AT-root").json()["data"]
+    assert {(row["user"], row["requests"]) for row in everyone} == {("ada@uni.edu", 2), ("bob@uni.edu", 1)}
+    assert shared.get("/first/api/usage/users").status_code == 403
+    headers = {"Authorization": "Bearer AT-ada"}
+    assert httpx.put(shared.url + "/first/api/default_model", json={"model": "fake-model"}, headers=headers,
+                     timeout=10).status_code == 403
+    headers = {"Authorization": "Bearer AT-root"}
+    assert httpx.put(shared.url + "/first/api/default_model", json={"model": "fake-model"}, headers=headers,
+                     timeout=10).json() == {"default_model": "fake-model"}
+    assert shared.get("/first/api/whoami").json()["username"] == "ada@uni.edu"
+
+
+def test_batches_and_files_are_each_users_own(shared):
+    lines = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "fake-model"}}\n'
+    uploaded = shared.post("/first/v1/files", files={"file": ("in.jsonl", lines)}, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    assert [f["id"] for f in shared.get("/first/v1/files").json()["data"]] == [file_id]
+    assert shared.get("/first/v1/files", token="AT-bob").json()["data"] == []
+    assert shared.get(f"/first/v1/files/{file_id}/content", token="AT-bob").status_code == 404
+
+
+def test_metrics_count_requests_tokens_refusals_and_endpoint_states(shared):
+    shared.post("/first/v1/chat/completions", CHAT)
+    shared.post("/first/v1/chat/completions", CHAT, token="AT-old")
+    status = shared.get("/first/api/status")  # a status reading feeds the endpoint states
+    assert status.status_code == 200
+    text = httpx.get(shared.url + "/metrics", timeout=10).text  # open: no user in any label
+    assert 'first_requests_total{cluster="remote",model="fake-model",status="200"} 1.0' in text
+    assert 'first_tokens_total{kind="completion",model="fake-model"} 8.0' in text
+    assert 'first_refused_total{reason="unauthenticated"} 1.0' in text
+    assert 'first_endpoint_state{cluster="remote",endpoint="fake",state="online"} 1.0' in text
+    assert 'first_endpoint_state{cluster="remote",endpoint="fake",state="offline"} 0.0' in text
+    assert "first_request_latency_seconds_bucket" in text
+    assert "ada" not in text
+
+
+# -- two processes, one quota store ---------------------------------------------------------------------------
+
+
+def _start_serving(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "first_jupyter.cli", "serve", "--config", str(config)], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"first serve exited: {log.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"first serve did not answer: {log.read_text()}")
+
+
+@pytest.fixture
+def two_gateways(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[list[str], list[Path]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    with fake_globus_auth(GATEWAY) as auth:
+        env = {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth.url}
+        urls, logs = [], []
+        for n in range(2):  # two services on two ports, one state dir: quotas, usage
+            port = free_port()
+            data = fake_cluster_config(fake_upstream)
+            data["serve"] = {**serve_section(tmp_path / "state", quotas={"per_user": {"requests_per_s": 0.001,
+                                                                                      "burst": 5}}),
+                             "listen": {"host": "127.0.0.1", "port": port},
+                             "access_log": str(tmp_path / f"access-{n}.log")}
+            data["serve"]["auth"]["allowed_domains"] = []
+            config = tmp_path / f"first-{n}.yaml"
+            config.write_text(yaml.safe_dump(data))
+            logs.append(tmp_path / f"serve-{n}.log")
+            procs.append(_start_serving(config, env, logs[-1]))
+            urls.append(f"http://127.0.0.1:{port}")
+        try:
+            for url, proc, log in zip(urls, procs, logs, strict=True):
+                _wait_ready(url, proc, log)
+            yield urls, [tmp_path / "access-0.log", tmp_path / "access-1.log"]
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                assert proc.wait(30) == 0
+
+
+def test_two_gateway_processes_enforce_one_users_limit_together(two_gateways):
+    urls, access_logs = two_gateways
+    headers = {"Authorization": "Bearer AT-ada"}
+    statuses = [httpx.post(urls[i % 2] + "/first/v1/chat/completions", json=CHAT, headers=headers, timeout=30)
+                for i in range(10)]
+    assert [r.status_code for r in statuses] == [200] * 5 + [429] * 5  # the burst of 5, across both processes
+    assert {r.headers.get("x-ratelimit-remaining-requests") for r in statuses[5:]} == {"0"}
+    bob = httpx.post(urls[1] + "/first/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer AT-bob"},
+                     timeout=30)
+    assert bob.status_code == 200
+    served = [json.loads(line) for log in access_logs for line in log.read_text().splitlines()]
+    assert sorted(line["status"] for line in served if line.get("user") == "ada@uni.edu") == [200] * 5 + [429] * 5
+    assert {line["user"] for line in served if line.get("model") == "fake-model"} == {"ada@uni.edu", "bob@uni.edu"}
