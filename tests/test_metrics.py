@@ -146,7 +146,7 @@ def test_refusals_are_counted_by_reason() -> None:
 def test_variable_set_after_import_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """This process imported prometheus_client without the variable: its values cannot reach the directory."""
     monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
-    with pytest.raises(RuntimeError, match="before anything imports prometheus_client"):
+    with pytest.raises(RuntimeError, match="set after prometheus_client was imported"):
         GatewayMetrics()
 
 

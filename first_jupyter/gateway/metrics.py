@@ -80,8 +80,8 @@ class GatewayMetrics:
         path = os.environ.get(MULTIPROC_ENV)
         if path and not getattr(values.ValueClass, "_multiprocess", False):
             raise RuntimeError(f"{MULTIPROC_ENV} was set after prometheus_client was imported, so each process "
-                               "would keep its own values and /metrics would show one process's share; set it "
-                               "before anything imports prometheus_client")
+                               "would keep its own values and /metrics would show one process's share; call "
+                               "share_across_processes instead")
         self._registry = CollectorRegistry()
         if path:
             # the own registry still holds this process's metrics, but the answer must merge every process's files
@@ -184,6 +184,19 @@ class GatewayMetrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its Content-Type; in multiprocess mode, merged from every process's files."""
         return generate_latest(self._exposed), CONTENT_TYPE_LATEST
+
+
+def share_across_processes(path: Path) -> None:
+    """Keep values in ``path``'s files from now on, for the processes about to be forked.
+
+    prometheus_client chooses where values live when it is imported, and importing ``first_jupyter`` (its Jupyter
+    extension points) already imported it; the choice is a module attribute read whenever a metric is made, so it is
+    made again here. Metrics made before (Jupyter server's, in prometheus_client's global registry) keep their own
+    values, which the gateway's answer never includes.
+    """
+    os.environ[MULTIPROC_ENV] = str(path)
+    values.ValueClass = values.get_value_class()
+    reset_multiprocess_dir(path)
 
 
 def reset_multiprocess_dir(path: Path) -> None:

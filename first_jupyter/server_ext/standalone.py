@@ -84,16 +84,11 @@ def serve(path: str) -> int:
     """Run until SIGTERM or SIGINT; the exit status."""
     config, settings, state_dir, secret = prepare(path)
     _logging(settings)
-    if settings.processes > 1:  # before prometheus_client is imported anywhere: it reads this once
-        from first_jupyter.gateway.metrics import MULTIPROC_ENV
-
-        metrics_dir = state_dir / "metrics"
-        os.environ[MULTIPROC_ENV] = str(metrics_dir)
     sockets = bind_sockets(settings.listen.port, settings.listen.host)
     if settings.processes > 1:
-        from first_jupyter.gateway.metrics import reset_multiprocess_dir
+        from first_jupyter.gateway.metrics import share_across_processes
 
-        reset_multiprocess_dir(metrics_dir)
+        share_across_processes(state_dir / "metrics")
         if _supervise(settings.processes, sockets):
             return 0
     asyncio.run(_serve(config, settings, state_dir, secret, sockets))
