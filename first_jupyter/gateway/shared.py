@@ -100,14 +100,20 @@ class SharedPolicy:
     # -- batches, per user -------------------------------------------------------------------------------------
 
     def batches_for(self, gateway: Gateway, identity: Identity) -> Batches:
-        """The user's own batch store (made on first use), whose runs are accounted to them."""
+        """The user's own batch store (made on first use), whose runs are accounted to them. The owner's groups
+        follow their latest request (runs read them from the same caller), and are written down only when they
+        change, for runs resumed after a restart."""
         found = self._batches.get(identity.username)
         if found is None:
             root = self.state_dir / "batches" / "users" / hashlib.sha256(identity.username.encode()).hexdigest()[:24]
             root.mkdir(parents=True, exist_ok=True)
             found = self._open_batches(gateway, root, identity)
-        (found.root / OWNER_FILE).write_bytes(orjson.dumps(  # the groups as of the user's latest request
-            {"id": identity.id, "username": identity.username, "groups": sorted(identity.groups)}))
+        owner = found.caller
+        assert isinstance(owner, SharedCaller)  # made by _open_batches
+        if not (found.root / OWNER_FILE).exists() or owner.identity.groups != identity.groups:
+            owner.identity = identity
+            (found.root / OWNER_FILE).write_bytes(orjson.dumps(
+                {"id": identity.id, "username": identity.username, "groups": sorted(identity.groups)}))
         return found
 
     def resume_batches(self, gateway: Gateway) -> None:
