@@ -248,10 +248,15 @@ class ComputeEndpoint(_Strict):
         default={}, description="registered function ids (an endpoint that allows only listed functions needs "
                                 "them); those not given are registered on first use and remembered")
     identity: Literal["user", "service"] = Field(
-        default="user", description="user: the user's Globus Compute token; service: a client id and secret "
-                                    "from the environment variables below, for shared deployments")
+        default="user", description="user: the user's Globus Compute token (at a shared gateway, each request's "
+                                    "sender's, got from their token as a dependent token); service: a client id "
+                                    "and secret from the environment variables below")
     service_client_id_env: str = "FIRST_COMPUTE_CLIENT_ID"
     service_client_secret_env: str = "FIRST_COMPUTE_CLIENT_SECRET"  # noqa: S105 (a variable name)
+    user_sessions: int = Field(
+        default=64, ge=1, description="at a shared gateway with identity: user, how many users' connections to "
+                                      "Globus Compute (a client, an executor and its result stream each) stay "
+                                      "open; the least recent is closed once its tasks are done")
     callback_url: str | None = Field(
         default=None, pattern=r"^https?://",
         description="this gateway's callback route as the nodes reach it (…/first/api/callback); without one a "

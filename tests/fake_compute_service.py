@@ -38,15 +38,19 @@ class FakeComputeService:
     """Each submission's body."""
     status: dict[str, Any] = field(default_factory=lambda: dict(
         get_response_set(globus_sdk.ComputeClientV2.get_endpoint_status).lookup("default").json))
+    refused: set[tuple[str, str]] = field(default_factory=set)
+    """(endpoint id, bearer token) pairs whose submissions the service refuses (403: that identity may not use
+    that endpoint)."""
     _serde: ComputeSerializer = field(default_factory=ComputeSerializer)
     _threads: list[threading.Thread] = field(default_factory=list)
 
-    def install(self, mock: responses.RequestsMock, endpoint_id: str) -> None:
-        """Answer the SDK's calls for ``endpoint_id`` (the AMQP URL is the caller's: see ``amqp_url``)."""
+    def install(self, mock: responses.RequestsMock, *endpoint_ids: str) -> None:
+        """Answer the SDK's calls for ``endpoint_ids`` (the AMQP URL is the caller's: see ``amqp_url``)."""
         mock.add_callback(responses.POST, f"{COMPUTE}/v3/functions", callback=self._register)
-        mock.add_callback(responses.POST, f"{COMPUTE}/v3/endpoints/{endpoint_id}/submit", callback=self._submit)
-        mock.add_callback(responses.GET, f"{COMPUTE}/v2/endpoints/{endpoint_id}/status",
-                          callback=lambda _: (200, {}, json.dumps(self.status)))
+        for endpoint_id in endpoint_ids:
+            mock.add_callback(responses.POST, f"{COMPUTE}/v3/endpoints/{endpoint_id}/submit", callback=self._submit)
+            mock.add_callback(responses.GET, f"{COMPUTE}/v2/endpoints/{endpoint_id}/status",
+                              callback=lambda _: (200, {}, json.dumps(self.status)))
 
     def _register(self, request: Any) -> tuple[int, dict[str, str], str]:
         code = json.loads(request.body)["function_code"]
@@ -55,6 +59,10 @@ class FakeComputeService:
         return 200, {}, json.dumps({"function_uuid": function_id})
 
     def _submit(self, request: Any) -> tuple[int, dict[str, str], str]:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        if (request.url.split("/")[-2], token) in self.refused:
+            return 403, {"Content-Type": "application/json"}, json.dumps({
+                "code": "ENDPOINT_ACCESS_FORBIDDEN", "message": "You do not have access to this endpoint"})
         body = json.loads(request.body)
         self.submitted.append(body)
         group = body.get("task_group_id") or str(uuid.uuid4())

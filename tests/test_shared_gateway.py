@@ -148,6 +148,8 @@ def test_a_member_is_served_with_the_allowance_in_the_headers_and_a_model_of_ano
     refused = shared.post("/first/v1/embeddings", {"model": "fake-embed", "input": "x"})
     assert (refused.status_code, error_of(refused)["code"]) == (403, "model_not_allowed")
     assert f"https://app.globus.org/groups/{MISSING_GROUP}" in error_of(refused)["message"]
+    not_warmed = shared.post("/first/api/models/fake-embed/warm", {})
+    assert (not_warmed.status_code, error_of(not_warmed)["code"]) == (403, "cluster_not_allowed")
     service = shared.post("/first/v1/embeddings", {"model": "fake-embed", "input": "x"}, token="AT-service")
     assert service.status_code == 200  # a service identity skips the group checks
 

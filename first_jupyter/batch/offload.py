@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from first_jupyter.caller import CALLER_TOKEN_MISSING
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.run_batch import run_chunk
@@ -67,7 +68,8 @@ async def plan(run: BatchRun) -> Plan | None:
     (wanted,) = models
     for backend in candidates.values():
         model = next((m for m in backend.endpoint.models if m.id == wanted), None)
-        if model is not None and backend.endpoint.batch is not None:
+        allowed = run.caller is None or run.caller.may_use(wanted, backend.cluster)  # the owner's groups
+        if model is not None and backend.endpoint.batch is not None and allowed:
             return Plan(backend, backend.endpoint.batch, model)
     return None
 
@@ -147,18 +149,24 @@ class Offload:
     async def _chunk(self, chunk: Chunk) -> None:
         error = ""
         async with self._slots:
-            for attempt in range(self.run.settings.max_attempts):
+            attempt = 0
+            while attempt < self.run.settings.max_attempts:
                 if not chunk.output.exists():
                     if self.run.stop is not None:
                         break
                     try:
                         await self._task(chunk)
                     except Exception as exc:  # the node, the command or the task failed: only this chunk redoes
+                        if isinstance(exc, OpenAIError) and exc.code == CALLER_TOKEN_MISSING:  # spends no attempt
+                            if await self.run.await_owner():
+                                break
+                            continue
                         error = self._describe(exc)
                         log.warning("batch %s chunk %d (attempt %d): %s", self.run.batch["id"], chunk.index,
                                     attempt + 1, error)
                         if await self.run.pause(RETRY_AFTER_S * 2 ** attempt):
                             break
+                        attempt += 1
                         continue
                 await self._read(chunk)
                 return

@@ -26,18 +26,22 @@ import orjson
 from first_jupyter.batch.offload import Offload, plan
 from first_jupyter.batch.results import Results
 from first_jupyter.batch.validate import ENDPOINTS, MAX_REPORTED, check_file
-from first_jupyter.config import BatchDefaults
+from first_jupyter.caller import CALLER_TOKEN_MISSING, acting_as
+from first_jupyter.config import COMPUTE_RESOURCE_SERVER, BatchDefaults
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
     from first_jupyter.batch.store import Store
-    from first_jupyter.gateway.core import Caller, Gateway
+    from first_jupyter.caller import Caller
+    from first_jupyter.gateway.core import Gateway
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
+OWNER_POLL_S = 5.0
+"""How often a batch waiting for its owner's Compute token looks for it (in memory: nothing is asked)."""
 SAVE_EVERY_S = 1.0
 """How often the counts are written to the store while a batch runs (the API reads them from there)."""
 STOPS = {"cancelling": ("batch_cancelled", "The batch was cancelled before this request was sent."),
@@ -108,6 +112,10 @@ class BatchRun:
     # -- the run ----------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        with acting_as(self.caller):  # its tasks go to Globus Compute as its owner, where a cluster runs as users
+            await self._run()
+
+    async def _run(self) -> None:
         expiry = asyncio.get_running_loop().call_at(
             asyncio.get_running_loop().time() + max(self.batch["expires_at"] - time.time(), 0), self._expire)
         if self.stop == "cancelling" and self.batch["status"] == "in_progress":  # asked while no one ran it
@@ -200,10 +208,16 @@ class BatchRun:
 
     async def _one(self, req: ParsedRequest, custom_id: str, window: Window) -> None:
         try:
-            for attempt in range(self.settings.max_attempts):
+            attempt = 0
+            while attempt < self.settings.max_attempts:
                 try:
                     done = await self.gateway.complete(req, self.caller)
                 except OpenAIError as exc:
+                    if exc.code == CALLER_TOKEN_MISSING:  # spends no attempt: sent again once the owner is back
+                        if await self.await_owner():
+                            self.results.not_run(custom_id, *self.stopped_why())
+                            return
+                        continue
                     last = attempt == self.settings.max_attempts - 1
                     if exc.status not in TRANSIENT or last:
                         self.results.refused(custom_id, exc.status, exc.body())
@@ -211,6 +225,7 @@ class BatchRun:
                     if await self._backoff(exc, attempt):  # stopped meanwhile: not sent again
                         self.results.not_run(custom_id, *self.stopped_why())
                         return
+                    attempt += 1
                 else:
                     self.results.answered(custom_id, done.body)
                     return
@@ -227,6 +242,14 @@ class BatchRun:
         after = exc.headers.get("Retry-After", "")
         delay = float(after) if after.isdigit() else BACKOFF_S * 2 ** attempt * (0.5 + random.random())
         return await self.pause(delay)
+
+    async def await_owner(self) -> bool:
+        """Wait until the gateway holds a Globus Compute token for the batch's owner again (their next request
+        to it brings one: after a restart, or once theirs lapsed); whether the batch was stopped meanwhile."""
+        while self.caller is None or self.caller.token_for(COMPUTE_RESOURCE_SERVER) is None:
+            if await self.pause(OWNER_POLL_S):
+                return True
+        return False
 
     async def pause(self, seconds: float) -> bool:
         """Wait up to ``seconds`` (at most ``MAX_BACKOFF_S``); whether the batch was stopped meanwhile."""

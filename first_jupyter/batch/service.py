@@ -28,7 +28,8 @@ from first_jupyter.config import BatchDefaults
 from first_jupyter.protocol import OpenAIError
 
 if TYPE_CHECKING:
-    from first_jupyter.gateway.core import Caller, Gateway
+    from first_jupyter.caller import Caller
+    from first_jupyter.gateway.core import Gateway
 
 log = logging.getLogger(__name__)
 

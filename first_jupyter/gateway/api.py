@@ -21,9 +21,10 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 
 from first_jupyter.batch import routes as batch_routes
+from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
-from first_jupyter.gateway.core import Caller, Completed, Gateway, GatewayStream
+from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
 from first_jupyter.gateway.httpd import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
@@ -99,8 +100,9 @@ WARM_PATH = re.compile(r"^/first/api/models/(.+)/warm$")
 """Model ids may hold slashes (``meta-llama/Llama-3.1-8B-Instruct``): everything between is the id."""
 
 
-async def warm_route(gateway: Gateway, model: str, body: bytes) -> dict[str, Any]:
-    """Start a model ahead of need; the body may name a ``cluster`` and ask to ``wait`` until it answers."""
+async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None) -> dict[str, Any]:
+    """Start a model ahead of need (for ``caller``, at a shared gateway); the body may name a ``cluster`` and
+    ask to ``wait`` until it answers."""
     try:
         options = orjson.loads(body) if body.strip() else {}
     except orjson.JSONDecodeError:
@@ -110,7 +112,7 @@ async def warm_route(gateway: Gateway, model: str, body: bytes) -> dict[str, Any
         raise OpenAIError(400, 'Send no body, or {"cluster": "<name>", "wait": true|false}: the cluster to start '
                                "the model on (default: the best), and whether to answer only once it serves.",
                           code="invalid_value")
-    return await gateway.warm(model, options.get("cluster") or None, options.get("wait", False))
+    return await gateway.warm(model, options.get("cluster") or None, options.get("wait", False), caller)
 
 
 def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:

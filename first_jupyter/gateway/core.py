@@ -15,13 +15,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
 from first_jupyter.batch.service import Batches
+from first_jupyter.caller import Caller, acting_as
 from first_jupyter.config import (
     ComputeCluster,
     ComputeEndpoint,
@@ -48,14 +49,16 @@ from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
+    from first_jupyter.gateway.compute_cloud import Credentials
     from first_jupyter.gateway.scheduler_view import SchedulerReader
 
 DEFAULT_MODEL_KEY = "default_model"
 MODEL_STATES = ("hot", "starting", "queued", "cold", "offline")
 """A model's state for users, best first: answers now, soon, after a batch job starts, after a cold start, not."""
 _MODEL_STATE = {"running": "hot", "online": "hot", "starting": "starting", "queued": "queued", "stopped": "cold",
-                "failed": "offline", "offline": "offline"}
-"""Endpoint states (local engines, http upstreams) and job states (a FIRST gateway's) as model states."""
+                "failed": "offline", "offline": "offline", "unknown": "unknown"}
+"""Endpoint states (local engines, http upstreams) and job states (a FIRST gateway's) as model states; an endpoint
+not read yet is ``unknown`` (the router still tries it)."""
 STATUS_PERIOD_S = 30.0
 STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -108,16 +111,17 @@ def _build_backends(gateway: Gateway, environ: Mapping[str, str]) -> list[Backen
     return backends
 
 
-def _authorizer(gateway: Gateway, endpoint: ComputeEndpoint | SchedulerView,
-                environ: Mapping[str, str]) -> Callable[[], Any]:
-    from first_jupyter.gateway.compute_cloud import UserTokenAuthorizer, service_authorizer
+def _credentials(gateway: Gateway, endpoint: ComputeEndpoint | SchedulerView, environ: Mapping[str, str],
+                 where: str) -> Credentials:
+    """Who an endpoint's Compute calls go as: its service identity; else the user, who is each request's sender
+    at a shared gateway, and the user signed in here in a user's own server."""
+    from first_jupyter.gateway.compute_cloud import Credentials, UserTokenAuthorizer, service_authorizer
 
-    def authorizer() -> Any:
-        if endpoint.identity == "service":
-            return service_authorizer(endpoint, dict(environ))
-        return UserTokenAuthorizer(gateway.auth)
-
-    return authorizer
+    if endpoint.identity == "service":
+        return Credentials(lambda: service_authorizer(endpoint, dict(environ)), "service", where)
+    if gateway.shared:
+        return Credentials.of_callers(where)
+    return Credentials(lambda: UserTokenAuthorizer(gateway.auth), "user", where)
 
 
 def _scheduler_reader(gateway: Gateway, cluster_name: str, cluster: ComputeCluster,
@@ -128,8 +132,8 @@ def _scheduler_reader(gateway: Gateway, cluster_name: str, cluster: ComputeClust
     view = cluster.scheduler
     assert view is not None
     where = f"cluster '{cluster_name}'"
-    submitter = CloudSubmitter(view, _authorizer(gateway, view, environ), gateway.preferences,
-                               gateway.compute_window, f"{where} login endpoint")
+    submitter = CloudSubmitter(view, _credentials(gateway, view, environ, f"{where} login endpoint"),
+                               gateway.preferences, gateway.compute_window, f"{where} login endpoint")
     labels = {job_label(ep.name): [m.id for m in ep.models] for ep in cluster.endpoints}
     reader = SchedulerReader(view, submitter, labels, where)
     gateway.scheduler_readers.append(reader)  # shared by the cluster's endpoints: the gateway closes it
@@ -152,8 +156,8 @@ def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint, 
 
     from first_jupyter.gateway.compute_cloud import CloudSubmitter
 
-    submitter = CloudSubmitter(endpoint, _authorizer(gateway, endpoint, environ), gateway.preferences,
-                               gateway.compute_window, where, endpoint.status_ttl)
+    submitter = CloudSubmitter(endpoint, _credentials(gateway, endpoint, environ, where), gateway.preferences,
+                               gateway.compute_window, where, endpoint.status_ttl, endpoint.user_sessions)
     return ComputeBackend(cluster, endpoint, submitter, gateway.callbacks, idle, lambda: endpoint.callback_url,
                           scheduler=scheduler)
 
@@ -191,26 +195,6 @@ class Attempts:
     def answer_time(self, at: float) -> float | None:
         """How long the engine took to begin answering, for the router; None after a start or into a load."""
         return None if self.waited else at - self.sent_at
-
-
-class Caller(Protocol):
-    """Whom a request is for, at a shared gateway (``first serve``), where each request has its own sender; a
-    user's own Jupyter server serves one person and passes none."""
-
-    @property
-    def user(self) -> str: ...
-
-    def admit(self, req: ParsedRequest) -> None:
-        """Refuse before any work is done (403: the model's groups; 429: the sender's or the model's quota)."""
-        ...
-
-    def may_use(self, model: str, cluster: str) -> bool:
-        """Whether the sender may have ``model`` served on ``cluster`` (their groups; batches are checked here)."""
-        ...
-
-    def recorded(self, record: UsageRecord) -> None:
-        """The request's accounting, once it ended (quotas, metrics and the access log follow it)."""
-        ...
 
 
 class Completed:
@@ -329,10 +313,14 @@ class GatewayStream:
 
 
 class Gateway:
-    def __init__(self, config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None, *,
+                 shared: bool = False) -> None:
         """``environ``: where token sources read variables (default ``os.environ``; the server passes a copy
-        taken before it removed the token variables from its own environment, which kernels inherit)."""
+        taken before it removed the token variables from its own environment, which kernels inherit).
+        ``shared``: a facility's gateway (``first serve``), whose requests each come with their ``Caller``; Compute
+        endpoints that run as the user then run as each request's sender, never as the gateway's own sign-in."""
         self.config = config
+        self.shared = shared
         self.data_dir = data_dir
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
         self.callbacks = CallbackHub()
@@ -433,7 +421,11 @@ class Gateway:
                           caller: Caller | None = None) -> list[Target]:
         """The router's candidates on the clusters the caller may use, reading discovered catalogs first when the
         model is not (yet) in them."""
-        targets = await self._routed(model, capability, conversation)
+        return self._allowed(model, await self._routed(model, capability, conversation), caller)
+
+    @staticmethod
+    def _allowed(model: str, targets: list[Target], caller: Caller | None) -> list[Target]:
+        """``targets`` on the clusters ``caller`` may use (all of them for no caller); 403 when none is."""
         if caller is None:
             return targets
         allowed = [t for t in targets if caller.may_use(model, t.cluster)]
@@ -475,11 +467,12 @@ class Gateway:
         return any(self.router.state_of(t) in WAITING_STATES for t in targets)
 
     async def _first_answer(self, req: ParsedRequest, targets: list[Target], tried: Attempts,
-                            call: Callable[[Target], Awaitable[_T]]) -> _T:
+                            call: Callable[[Target], Awaitable[_T]], caller: Caller | None) -> _T:
         """``call`` on each candidate in turn until one answers. A failure before the first byte that another
         endpoint may not share (unreachable, 5xx, 429, a timeout) moves on to the next; any other (the request's
-        own fault, a refused sign-in) is the answer; a refusal of the user (403) moves on too, and the router leaves
-        that endpoint out for a while. ``tried`` gets each target as it is tried.
+        own fault, a refused sign-in) is the answer; a refusal of the user (403) moves on too, and in a user's own
+        server the router leaves that endpoint out for a while (at a shared gateway, where ``caller`` sent it,
+        one user's refusal says nothing of the others'). ``tried`` gets each target as it is tried.
 
         Endpoints the router names are asked to start the model (the best when it must, or another ahead of a
         burst); so is one failed over to that must start it."""
@@ -498,7 +491,8 @@ class Gateway:
             except OpenAIError as exc:
                 self.router.ended(target)
                 if exc.status == FORBIDDEN:  # this user may not use that cluster; another may serve the model
-                    self.router.forbid(target, exc.message)
+                    if caller is None:
+                        self.router.forbid(target, exc.message)
                 elif exc.status in FAILOVER_STATUSES:
                     self.router.failed(target, exc.message)
                 else:
@@ -556,14 +550,16 @@ class Gateway:
                 f"'{target.endpoint}': {self.router.state_of(target)}, {time.perf_counter() - t0:.0f} s so far, "
                 f"about {_duration(self.router.wait_of(target))} to go\n\n").encode()
 
-    async def warm(self, model: str, cluster: str | None = None, wait: bool = False) -> dict[str, Any]:
-        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need; ``wait``: return
-        once it answers (at most ``cold_start.max_wait``). Its state, where, and the expected wait."""
+    async def warm(self, model: str, cluster: str | None = None, wait: bool = False,
+                   caller: Caller | None = None) -> dict[str, Any]:
+        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
+        the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
+        Its state, where, and the expected wait."""
         if model not in self.router.catalog:
             await self.refresh_catalog(eager=True)
-        targets = self.router.targets(model)  # a model served nowhere: the 404 that lists what is
+        targets = self._allowed(model, self.router.targets(model), caller)  # served nowhere: the 404 of what is
         capability = next(c for c in Capability if any(t.backend.supports(model, c) for t in targets))
-        ordered = self.router.candidates(model, capability)
+        ordered = self._allowed(model, self.router.candidates(model, capability), caller)
         if cluster is not None:
             ordered = [t for t in ordered if t.cluster == cluster] or [t for t in targets if t.cluster == cluster]
             if not ordered:
@@ -579,7 +575,8 @@ class Gateway:
                                    "endpoint.", type="api_error", code="endpoint_offline")
         started = state != "hot"
         if started:
-            task = self._start(target)
+            with acting_as(caller):  # (the start's task keeps it)
+                task = self._start(target)
             if wait:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), self.config.defaults.cold_start.max_wait)
@@ -735,16 +732,17 @@ class Gateway:
             return reply
 
         try:
-            targets = await self._candidates(req.model, req.capability, conversation, caller)
-            answer = self._first_answer(req, targets, tried, ask)
-            if not self._may_wait(targets):
-                reply = await answer
-            else:
-                limit = self.config.defaults.cold_start.max_wait
-                try:
-                    reply = await asyncio.wait_for(answer, limit)
-                except TimeoutError:
-                    raise self._not_ready(tried.last or targets[0], waited=limit) from None
+            with acting_as(caller):
+                targets = await self._candidates(req.model, req.capability, conversation, caller)
+                answer = self._first_answer(req, targets, tried, ask, caller)
+                if not self._may_wait(targets):
+                    reply = await answer
+                else:
+                    limit = self.config.defaults.cold_start.max_wait
+                    try:
+                        reply = await asyncio.wait_for(answer, limit)
+                    except TimeoutError:
+                        raise self._not_ready(tried.last or targets[0], waited=limit) from None
         except OpenAIError as exc:
             self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
             raise
@@ -774,16 +772,17 @@ class Gateway:
         conversation = self._conversation(req)
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
         try:
-            targets = await self._candidates(req.model, req.capability, conversation, caller)
-            if not self._may_wait(targets):
-                upstream = await self._first_answer(req, targets, tried, open_stream)
-            else:
-                opening = asyncio.ensure_future(self._first_answer(req, targets, tried, open_stream))
-                if await self._answers_soon(opening, targets[0]):
-                    upstream = opening.result()
-                else:  # the status line goes now; the wait is told in the stream
-                    return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id, conversation,
-                                         opening, caller)
+            with acting_as(caller):  # (the opening task, made here, keeps it)
+                targets = await self._candidates(req.model, req.capability, conversation, caller)
+                if not self._may_wait(targets):
+                    upstream = await self._first_answer(req, targets, tried, open_stream, caller)
+                else:
+                    opening = asyncio.ensure_future(self._first_answer(req, targets, tried, open_stream, caller))
+                    if await self._answers_soon(opening, targets[0]):
+                        upstream = opening.result()
+                    else:  # the status line goes now; the wait is told in the stream
+                        return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id,
+                                             conversation, opening, caller)
         except OpenAIError as exc:
             self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
             raise

@@ -14,6 +14,7 @@ read another's, and their runs are accounted to their owner.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -66,6 +67,9 @@ class SharedPolicy:
             if exc.status in (401, 403):
                 self.metrics.refused("unauthenticated" if exc.status == 401 else "forbidden")
             raise
+        held = self._batches.get(identity.username)
+        if held is not None:  # any request of the owner's keeps their runs' groups and token current
+            self._keep_owner(held, identity)
         return SharedCaller(self, identity)
 
     def is_admin(self, identity: Identity) -> bool:
@@ -101,20 +105,28 @@ class SharedPolicy:
 
     def batches_for(self, gateway: Gateway, identity: Identity) -> Batches:
         """The user's own batch store (made on first use), whose runs are accounted to them. The owner's groups
-        follow their latest request (runs read them from the same caller), and are written down only when they
-        change, for runs resumed after a restart."""
+        and Globus Compute token follow their latest request (runs read them from the same caller); the groups are
+        written down when they change, for runs resumed after a restart (tokens never leave the process)."""
         found = self._batches.get(identity.username)
         if found is None:
             root = self.state_dir / "batches" / "users" / hashlib.sha256(identity.username.encode()).hexdigest()[:24]
             root.mkdir(parents=True, exist_ok=True)
             found = self._open_batches(gateway, root, identity)
-        owner = found.caller
-        assert isinstance(owner, SharedCaller)  # made by _open_batches
-        if not (found.root / OWNER_FILE).exists() or owner.identity.groups != identity.groups:
-            owner.identity = identity
-            (found.root / OWNER_FILE).write_bytes(orjson.dumps(
-                {"id": identity.id, "username": identity.username, "groups": sorted(identity.groups)}))
+        self._keep_owner(found, identity)
         return found
+
+    @staticmethod
+    def _keep_owner(batches: Batches, identity: Identity) -> None:
+        """The owner as of ``identity``, keeping the live dependent tokens it lacks (a user may send tokens of
+        several sign-ins, not all of them consented to Globus Compute)."""
+        owner = batches.caller
+        assert isinstance(owner, SharedCaller)  # made by _open_batches
+        if not (batches.root / OWNER_FILE).exists() or owner.identity.groups != identity.groups:
+            (batches.root / OWNER_FILE).write_bytes(orjson.dumps(
+                {"id": identity.id, "username": identity.username, "groups": sorted(identity.groups)}))
+        kept = {rs: held for rs, held in owner.identity.dependent.items()
+                if rs not in identity.dependent and owner.identity.token_for(rs) is not None}
+        owner.identity = dataclasses.replace(identity, dependent={**kept, **identity.dependent}) if kept else identity
 
     def resume_batches(self, gateway: Gateway) -> None:
         """At start: every user's unfinished batches run again (as their owner, with the groups last seen)."""
@@ -179,6 +191,9 @@ class SharedCaller:
     def may_use(self, model: str, cluster: str) -> bool:
         return may_use(self.identity, self.policy.model_groups(model)) and may_use(
             self.identity, self.policy.cluster_groups(cluster))
+
+    def token_for(self, resource_server: str) -> str | None:
+        return self.identity.token_for(resource_server)
 
     def recorded(self, record: UsageRecord) -> None:
         self.record = record

@@ -208,7 +208,7 @@ class WarmRoute(GatewayDoor):
     @web.authenticated
     async def post(self, model: str) -> None:  # type: ignore[override]
         gateway, body = self.gateway, self.request.body
-        self.write_json(await self.loop_thread.call(api.warm_route(gateway, model, body)))
+        self.write_json(await self.loop_thread.call(api.warm_route(gateway, model, body, self.caller())))
 
 
 class AuthRoute(GatewayDoor):

@@ -144,7 +144,7 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
     from first_jupyter.gateway.shared import SharedPolicy
     from first_jupyter.server_ext.shared_door import shared_routes
 
-    gateway = Gateway(config, state_dir)
+    gateway = Gateway(config, state_dir, shared=True)
     metrics = GatewayMetrics()
     gateway.state_observers.append(metrics.endpoint_states)
     policy = SharedPolicy(config, settings, state_dir, secret, metrics)
