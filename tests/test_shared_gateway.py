@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -100,7 +101,8 @@ def shared(tmp_path: Path, fake_upstream: Any, monkeypatch: pytest.MonkeyPatch) 
     data = fake_cluster_config(fake_upstream)
     data["serve"] = serve_section(tmp_path / "state", clusters={"remote": {"groups": [MY_GROUPS[0]]}},
                                   models={"fake-embed": {"groups": [MISSING_GROUP]}},
-                                  quotas={"per_user": {"requests_per_s": 0.001, "burst": 4}})
+                                  quotas={"per_user": {"requests_per_s": 0.001, "burst": 4},
+                                          "per_model": {"requests_per_s": 1000, "burst": 1000}})
     path = tmp_path / "first.yaml"
     path.write_text(yaml.safe_dump(data))
     config = load_config(path, tmp_path)
@@ -148,6 +150,12 @@ def test_a_member_is_served_with_the_allowance_in_the_headers_and_a_model_of_ano
     refused = shared.post("/first/v1/embeddings", {"model": "fake-embed", "input": "x"})
     assert (refused.status_code, error_of(refused)["code"]) == (403, "model_not_allowed")
     assert f"https://app.globus.org/groups/{MISSING_GROUP}" in error_of(refused)["message"]
+    unknown = shared.post("/first/v1/chat/completions", {**CHAT, "model": "made-up-model"})
+    assert (unknown.status_code, error_of(unknown)["code"]) == (404, "model_not_found")
+    with sqlite3.connect(shared.policy.state_dir / "quotas.sqlite3") as db:
+        keys = {key for (key,) in db.execute("SELECT key FROM buckets")}
+    assert not any("made-up-model" in key for key in keys)  # no quota row for a name served nowhere
+    assert any("fake-model" in key for key in keys)
     not_warmed = shared.post("/first/api/models/fake-embed/warm", {})
     assert (not_warmed.status_code, error_of(not_warmed)["code"]) == (403, "cluster_not_allowed")
     service = shared.post("/first/v1/embeddings", {"model": "fake-embed", "input": "x"}, token="AT-service")

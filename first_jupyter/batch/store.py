@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from first_jupyter.sqlite_wal import use_wal
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,7 +71,7 @@ class Store:
         self.files_dir = root / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(root / "batches.sqlite3", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self._db)  # (a shared gateway's workers open a user's store together)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 

@@ -186,13 +186,16 @@ class CloudSubmitter:
             return key, session
 
     def _open(self, token: str | None) -> _Session:
+        """A new session. Its executor starts without a task group, so that the service gives it one of its own:
+        the SDK hands a new Executor the process's last task group, which may be another identity's (and with it
+        that identity's result stream)."""
         held = HeldTokenAuthorizer(token) if token is not None else None
         fixed = self._credentials.fixed
         authorizer = held if fixed is None else fixed()
         client = Client(authorizer=authorizer, do_version_check=False)
         executor = Executor(endpoint_id=self._endpoint.endpoint_id, client=client)
-        executor.task_group_id = None  # a new Executor takes the process's last task group (another identity's,
-        return _Session(client, executor, held)  # whose result stream it would share); the service gives one
+        executor.task_group_id = None
+        return _Session(client, executor, held)
 
     def _registry_key(self, identity: str, name: str) -> str:
         """Per endpoint, identity and version: a new release's functions are registered anew."""

@@ -132,8 +132,9 @@ def _scheduler_reader(gateway: Gateway, cluster_name: str, cluster: ComputeClust
     view = cluster.scheduler
     assert view is not None
     where = f"cluster '{cluster_name}'"
-    submitter = CloudSubmitter(view, _credentials(gateway, view, environ, f"{where} login endpoint"),
-                               gateway.preferences, gateway.compute_window, f"{where} login endpoint")
+    login = f"{where} login endpoint"
+    submitter = CloudSubmitter(view, _credentials(gateway, view, environ, login), gateway.preferences,
+                               gateway.compute_window, login)
     labels = {job_label(ep.name): [m.id for m in ep.models] for ep in cluster.endpoints}
     reader = SchedulerReader(view, submitter, labels, where)
     gateway.scheduler_readers.append(reader)  # shared by the cluster's endpoints: the gateway closes it
@@ -437,6 +438,13 @@ class Gateway:
                                    "/first/v1/models).", type="permission_error", param="model",
                               code="cluster_not_allowed")
         return allowed
+
+    async def check_served(self, model: str) -> None:
+        """The 404 for a model served nowhere (discovered catalogs read first), before a shared gateway charges
+        a quota for it: a name made up by a client must not leave rows in the quota store."""
+        if model not in self.router.catalog:
+            await self.refresh_catalog(eager=True)
+            self.router.targets(model)
 
     async def _routed(self, model: str, capability: Capability, conversation: str | None) -> list[Target]:
         if self._discovering:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from first_jupyter.config import Quota, Quotas
+from first_jupyter.sqlite_wal import use_wal
 
 BUSY_TIMEOUT_S = 5.0
 """How long a process waits for another's transaction; those take tens of microseconds, so only a stalled one
@@ -121,25 +122,12 @@ class QuotaStore:
         # timeout is SQLite's busy timeout: a process finding the file locked waits for the other's transaction.
         self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         # WAL: readers never wait for the writer, and a commit appends to the log instead of rewriting pages.
-        self._set_wal()
+        use_wal(self._db, BUSY_TIMEOUT_S)
         # synchronous=NORMAL, not OFF: in WAL mode NORMAL syncs only when the log is checkpointed, not per commit, so
         # it costs no more than OFF (measured), yet a power cut cannot leave the file corrupt, only lose its last
         # commits, which merely forgives a few requests. FULL would sync on every commit: five times slower.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
-
-    def _set_wal(self) -> None:
-        """Switching to WAL takes an exclusive lock that SQLite's busy timeout does not wait for: processes of one
-        gateway starting together would fail with "database is locked". Wait here instead."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
 
     @property
     def limited(self) -> bool:

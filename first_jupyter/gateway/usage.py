@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import orjson
 
+from first_jupyter.sqlite_wal import use_wal
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
@@ -96,7 +98,7 @@ class UsageStore:
         self._json_batches = json_batches
         path.parent.mkdir(parents=True, exist_ok=True)
         with sqlite3.connect(path) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(conn)  # (a shared gateway's workers open it together)
             columns = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info('usage')")}
             if columns and "user" not in columns:
                 conn.execute("ALTER TABLE usage ADD COLUMN user TEXT NOT NULL DEFAULT ''")  # a store from 0.1
