@@ -31,6 +31,12 @@ class Caller(Protocol):
         """Refuse before any work is done (403: the model's groups; 429: the sender's or the model's quota)."""
         ...
 
+    def wait_s(self, model: str) -> float:
+        """For a batch's request: 0 when it may go now (counted against the sender's and the model's quotas),
+        else the seconds before asking again. A batch waits its turn rather than failing, and holds no one else
+        up: its requests go only as the quotas allow."""
+        ...
+
     def may_use(self, model: str, cluster: str) -> bool:
         """Whether the sender may have ``model`` served on ``cluster`` (their groups; batches are checked here)."""
         ...

@@ -214,6 +214,33 @@ def test_batches_and_files_are_each_users_own(shared):
     assert shared.get(f"/first/v1/files/{file_id}/content", token="AT-bob").status_code == 404
 
 
+def test_a_batch_goes_only_as_its_owners_quota_allows_and_waits_its_turn(shared):
+    lines = b"".join(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                                 "body": CHAT}).encode() + b"\n" for i in range(6))
+    uploaded = shared.post("/first/v1/files", files={"file": ("in.jsonl", lines)}, data={"purpose": "batch"})
+    created = shared.post("/first/v1/batches", {"input_file_id": uploaded.json()["id"],
+                                                "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert created.status_code == 200, created.text
+    batch = f"/first/v1/batches/{created.json()['id']}"
+    deadline = time.monotonic() + 20
+    while shared.get(batch).json()["request_counts"]["completed"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    waiting = shared.get(batch).json()
+    assert waiting["status"] == "in_progress"
+    assert waiting["request_counts"] == {"total": 6, "completed": 4, "failed": 0}  # ada's burst of 4, then waits
+    assert shared.post("/first/v1/chat/completions", CHAT).status_code == 429  # the batch used ada's allowance
+    assert shared.post("/first/v1/chat/completions", CHAT, token="AT-bob").status_code == 200  # not bob's
+
+    assert shared.post(f"{batch}/cancel").status_code == 200
+    while shared.get(batch).json()["status"] != "cancelled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ended = shared.get(batch).json()
+    assert ended["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
+    errors = shared.get(f"/first/v1/files/{ended['error_file_id']}/content").text.splitlines()
+    assert {json.loads(line)["error"]["code"] for line in errors} == {"batch_cancelled"}
+
+
 def test_metrics_count_requests_tokens_refusals_and_endpoint_states(shared):
     shared.post("/first/v1/chat/completions", CHAT)
     shared.post("/first/v1/chat/completions", CHAT, token="AT-old")

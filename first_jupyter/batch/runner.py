@@ -210,6 +210,9 @@ class BatchRun:
         try:
             attempt = 0
             while attempt < self.settings.max_attempts:
+                if self.caller is not None and await self._quota_turn(req.model):
+                    self.results.not_run(custom_id, *self.stopped_why())
+                    return
                 try:
                     done = await self.gateway.complete(req, self.caller)
                 except OpenAIError as exc:
@@ -242,6 +245,15 @@ class BatchRun:
         after = exc.headers.get("Retry-After", "")
         delay = float(after) if after.isdigit() else BACKOFF_S * 2 ** attempt * (0.5 + random.random())
         return await self.pause(delay)
+
+    async def _quota_turn(self, model: str) -> bool:
+        """Wait until the owner's and the model's quotas let this request go (a shared gateway's); whether the
+        batch was stopped meanwhile."""
+        assert self.caller is not None
+        while (wait := self.caller.wait_s(model)) > 0:
+            if await self.pause(wait):
+                return True
+        return False
 
     async def await_owner(self) -> bool:
         """Wait until the gateway holds a Globus Compute token for the batch's owner again (their next request

@@ -188,6 +188,10 @@ class SharedCaller:
         self._in_flight = req.model
         policy.metrics.request_started(req.model)
 
+    def wait_s(self, model: str) -> float:
+        quotas = self.policy.quotas
+        return quotas.admit(self.user, model).retry_after_s if quotas.limited else 0.0
+
     def may_use(self, model: str, cluster: str) -> bool:
         return may_use(self.identity, self.policy.model_groups(model)) and may_use(
             self.identity, self.policy.cluster_groups(cluster))
