@@ -27,7 +27,6 @@ import pytest
 import responses
 import yaml
 from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
 
 from first_jupyter.batch import runner
 from first_jupyter.batch.offload import plan
@@ -35,11 +34,11 @@ from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, load_co
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.gateway.shared import SharedPolicy
-from first_jupyter.server_ext.standalone import build, http_server, stop
+from first_jupyter.server_ext.standalone import stop
 from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import COMPUTE, FakeComputeService
 from tests.test_resource_server import introspection
-from tests.test_shared_gateway import JSON, Shared, error_of, serve_section
+from tests.test_shared_gateway import JSON, Shared, error_of, serve_section, serving
 
 SOPHIA = "5f9a1c2e-8b3d-4e6f-a1b2-c3d4e5f60718"
 POLARIS = "6a0b2d3f-9c4e-4f70-b2c3-d4e5f6071829"
@@ -136,15 +135,7 @@ def serve_compute(tmp_path: Path, fake_upstream: Any, broker: FakeAmqpBroker,
             service = FakeComputeService(broker)
             service.install(rsps, *(endpoint_ids or (SOPHIA,)))
             FakeComputeService.amqp_url(rsps, broker)
-
-            async def begin() -> tuple[HTTPServer, Gateway, SharedPolicy, int]:
-                app, gateway, policy = build(config, config.serve, tmp_path / "state", "gateway-secret")
-                server = http_server(app, config)
-                sockets = bind_sockets(0, "127.0.0.1")
-                server.add_sockets(sockets)
-                return server, gateway, policy, sockets[0].getsockname()[1]
-
-            server, gateway, policy, port = thread.submit(begin()).result(30)
+            server, gateway, policy, port = thread.submit(serving(config, tmp_path / "state")).result(30)
             running.append((server, gateway, policy, service))
             return ComputeGateway(Shared(f"http://127.0.0.1:{port}", policy, gateway), auth, service, rsps)
 

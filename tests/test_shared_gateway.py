@@ -32,7 +32,7 @@ from tornado.netutil import bind_sockets
 
 from bench.fake_globus_auth import AUTH_URL_ENV, fake_globus_auth
 from bench.overhead import free_port
-from first_jupyter.config import load_config
+from first_jupyter.config import FirstConfig, load_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.gateway.shared import SharedPolicy
@@ -96,6 +96,16 @@ def _globus(rsps: responses.RequestsMock) -> None:
     load_response("groups.get_my_groups", requests_mock=rsps)
 
 
+async def serving(config: FirstConfig, state_dir: Path) -> tuple[HTTPServer, Gateway, SharedPolicy, int]:
+    """``first serve``'s application listening on a free loopback port (on the running loop), and the port."""
+    assert config.serve is not None
+    app, gateway, policy = build(config, config.serve, state_dir, "gateway-secret")
+    server = http_server(app, config)
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    return server, gateway, policy, sockets[0].getsockname()[1]
+
+
 @pytest.fixture
 def shared(tmp_path: Path, fake_upstream: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shared]:
     data = fake_cluster_config(fake_upstream)
@@ -108,17 +118,9 @@ def shared(tmp_path: Path, fake_upstream: Any, monkeypatch: pytest.MonkeyPatch) 
     config = load_config(path, tmp_path)
     assert config.serve is not None
     thread = LoopThread("shared-test")
-
-    async def start() -> tuple[HTTPServer, Gateway, SharedPolicy, int]:
-        app, gateway, policy = build(config, config.serve, tmp_path / "state", "gateway-secret")
-        server = http_server(app, config)
-        sockets = bind_sockets(0, "127.0.0.1")
-        server.add_sockets(sockets)
-        return server, gateway, policy, sockets[0].getsockname()[1]
-
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         _globus(rsps)
-        server, gateway, policy, port = thread.submit(start()).result(30)
+        server, gateway, policy, port = thread.submit(serving(config, tmp_path / "state")).result(30)
         try:
             yield Shared(f"http://127.0.0.1:{port}", policy, gateway)
         finally:
