@@ -214,6 +214,9 @@ def test_batches_and_files_are_each_users_own(shared):
     assert [f["id"] for f in shared.get("/first/v1/files").json()["data"]] == [file_id]
     assert shared.get("/first/v1/files", token="AT-bob").json()["data"] == []
     assert shared.get(f"/first/v1/files/{file_id}/content", token="AT-bob").status_code == 404
+    owners = [json.loads(p.read_bytes()) for p in (shared.policy.state_dir / "batches" / "users").glob("*/owner.json")]
+    assert sorted((o["username"], set(o["groups"])) for o in owners) == [  # whose store, for resuming its runs
+        ("ada@uni.edu", set(MY_GROUPS)), ("bob@uni.edu", set(MY_GROUPS))]
 
 
 def test_a_batch_goes_only_as_its_owners_quota_allows_and_waits_its_turn(shared):

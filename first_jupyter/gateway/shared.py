@@ -43,6 +43,12 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
+def _write_owner(root: Path, identity: Identity) -> None:
+    """Whom a user's batch store belongs to, and their groups, for runs resumed after a restart."""
+    (root / OWNER_FILE).write_bytes(orjson.dumps({"id": identity.id, "username": identity.username,
+                                                  "groups": sorted(identity.groups)}))
+
+
 class SharedPolicy:
     """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk."""
 
@@ -121,9 +127,8 @@ class SharedPolicy:
         several sign-ins, not all of them consented to Globus Compute)."""
         owner = batches.caller
         assert isinstance(owner, SharedCaller)  # made by _open_batches
-        if not (batches.root / OWNER_FILE).exists() or owner.identity.groups != identity.groups:
-            (batches.root / OWNER_FILE).write_bytes(orjson.dumps(
-                {"id": identity.id, "username": identity.username, "groups": sorted(identity.groups)}))
+        if owner.identity.groups != identity.groups:
+            _write_owner(batches.root, identity)
         kept = {rs: held for rs, held in owner.identity.dependent.items()
                 if rs not in identity.dependent and owner.identity.token_for(rs) is not None}
         owner.identity = dataclasses.replace(identity, dependent={**kept, **identity.dependent}) if kept else identity
@@ -138,6 +143,8 @@ class SharedPolicy:
                 self._open_batches(gateway, owner.parent, identity)
 
     def _open_batches(self, gateway: Gateway, root: Path, identity: Identity) -> Batches:
+        if not (root / OWNER_FILE).exists():
+            _write_owner(root, identity)
         batches = self._batches[identity.username] = Batches(gateway, root, gateway.config.defaults.batch,
                                                              caller=SharedCaller(self, identity))
         self._runs.append(asyncio.get_running_loop().create_task(batches.keep_running()))
