@@ -78,7 +78,7 @@ async def start(gateway: Gateway, capability: Capability, body: bytes, limit: in
         raise too_large(len(body), limit)
     req = parse_request(capability, body)
     if caller is not None:
-        await gateway.check_served(req.model)
+        await gateway.where_served(req.model)
         caller.admit(req)
     return await gateway.stream(req, caller) if req.stream else await gateway.complete(req, caller)
 

@@ -120,6 +120,7 @@ def _credentials(gateway: Gateway, endpoint: ComputeEndpoint | SchedulerView, en
     if endpoint.identity == "service":
         return Credentials(lambda: service_authorizer(endpoint, dict(environ)), "service", where)
     if gateway.shared:
+        gateway.compute_as_callers = True
         return Credentials.of_callers(where)
     return Credentials(lambda: UserTokenAuthorizer(gateway.auth), "user", where)
 
@@ -322,6 +323,8 @@ class Gateway:
         endpoints that run as the user then run as each request's sender, never as the gateway's own sign-in."""
         self.config = config
         self.shared = shared
+        self.compute_as_callers = False
+        """Whether some Globus Compute endpoint runs tasks as each request's sender (set as backends are built)."""
         self.data_dir = data_dir
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
         self.callbacks = CallbackHub()
@@ -439,12 +442,13 @@ class Gateway:
                               code="cluster_not_allowed")
         return allowed
 
-    async def check_served(self, model: str) -> None:
-        """The 404 for a model served nowhere (discovered catalogs read first), before a shared gateway charges
-        a quota for it: a name made up by a client must not leave rows in the quota store."""
+    async def where_served(self, model: str) -> list[Target]:
+        """Where ``model`` is served, discovered catalogs read first when it is not in them; the 404 that lists
+        what is served when nowhere (a shared gateway asks before charging a quota: a name made up by a client
+        must not leave rows in the quota store)."""
         if model not in self.router.catalog:
             await self.refresh_catalog(eager=True)
-            self.router.targets(model)
+        return self.router.targets(model)
 
     async def _routed(self, model: str, capability: Capability, conversation: str | None) -> list[Target]:
         if self._discovering:
@@ -563,9 +567,7 @@ class Gateway:
         """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
         the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
         Its state, where, and the expected wait."""
-        if model not in self.router.catalog:
-            await self.refresh_catalog(eager=True)
-        targets = self._allowed(model, self.router.targets(model), caller)  # served nowhere: the 404 of what is
+        targets = self._allowed(model, await self.where_served(model), caller)
         capability = next(c for c in Capability if any(t.backend.supports(model, c) for t in targets))
         ordered = self._allowed(model, self.router.candidates(model, capability), caller)
         if cluster is not None:
@@ -639,7 +641,6 @@ class Gateway:
 
     async def usage_by_user(self) -> dict[str, Any]:
         """Requests and tokens per user and model: a shared gateway's accounting, for its operators."""
-        self.usage.flush()
         rows = await asyncio.to_thread(self.usage.query, (
             "SELECT user, model, COUNT(*), SUM(status >= 400), COALESCE(SUM(prompt_tokens), 0), "
             "COALESCE(SUM(completion_tokens), 0), MAX(ts) FROM usage WHERE model != '' GROUP BY user, model "
@@ -649,7 +650,6 @@ class Gateway:
 
     def _usage_rows(self, user: str | None) -> list[tuple[object, ...]]:
         """One row per model; its last request is its newest row (rows are appended as requests end)."""
-        self.usage.flush()
         return self.usage.query(
             "SELECT g.model, g.requests, g.errors, g.prompt, g.completion, g.latency, g.ttft, g.ts, last.latency_ms "
             "FROM (SELECT model, COUNT(*) AS requests, SUM(status >= 400) AS errors, "

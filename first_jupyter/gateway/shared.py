@@ -26,7 +26,7 @@ import orjson
 
 from first_jupyter.auth.resource_server import Identity, TokenIntrospector, group_links, may_use
 from first_jupyter.batch.service import Batches
-from first_jupyter.config import ComputeCluster, FirstConfig, ServeConfig
+from first_jupyter.config import ServeConfig
 from first_jupyter.gateway.metrics import GatewayMetrics
 from first_jupyter.gateway.quotas import QuotaStore
 from first_jupyter.gateway.usage import UsageRecord
@@ -52,14 +52,15 @@ def _write_owner(root: Path, identity: Identity) -> None:
 class SharedPolicy:
     """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk."""
 
-    def __init__(self, config: FirstConfig, serve: ServeConfig, state_dir: Path, secret: str,
-                 metrics: GatewayMetrics) -> None:
+    def __init__(self, serve: ServeConfig, state_dir: Path, secret: str, metrics: GatewayMetrics, *,
+                 compute_as_callers: bool) -> None:
+        """``compute_as_callers``: some Globus Compute endpoint (or login endpoint) runs tasks as each request's
+        sender, so their Compute tokens are got at introspection."""
         self.serve = serve
         self.state_dir = state_dir
-        as_user = any(isinstance(c, ComputeCluster) and any(ep.identity == "user" and ep.endpoint_id
-                                                              for ep in c.endpoints) for c in config.clusters.values())
         want_groups = bool(serve.auth.groups or serve.clusters or serve.models)
-        self.introspector = TokenIntrospector(serve.auth, secret, want_groups=want_groups, want_compute=as_user)
+        self.introspector = TokenIntrospector(serve.auth, secret, want_groups=want_groups,
+                                              want_compute=compute_as_callers)
         self.quotas = QuotaStore(state_dir / "quotas.sqlite3", serve.quotas)
         self.metrics = metrics
         self._admins = set(serve.auth.admins)
@@ -114,11 +115,11 @@ class SharedPolicy:
         and Globus Compute token follow their latest request (runs read them from the same caller); the groups are
         written down when they change, for runs resumed after a restart (tokens never leave the process)."""
         found = self._batches.get(identity.username)
-        if found is None:
+        if found is None:  # (an open store's owner is kept current by ``caller``)
             root = self.state_dir / "batches" / "users" / hashlib.sha256(identity.username.encode()).hexdigest()[:24]
             root.mkdir(parents=True, exist_ok=True)
+            _write_owner(root, identity)
             found = self._open_batches(gateway, root, identity)
-        self._keep_owner(found, identity)
         return found
 
     @staticmethod
@@ -143,8 +144,6 @@ class SharedPolicy:
                 self._open_batches(gateway, owner.parent, identity)
 
     def _open_batches(self, gateway: Gateway, root: Path, identity: Identity) -> Batches:
-        if not (root / OWNER_FILE).exists():
-            _write_owner(root, identity)
         batches = self._batches[identity.username] = Batches(gateway, root, gateway.config.defaults.batch,
                                                              caller=SharedCaller(self, identity))
         self._runs.append(asyncio.get_running_loop().create_task(batches.keep_running()))

@@ -128,6 +128,9 @@ class UsageStore:
             self._thread.join(timeout=10)
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Rows from the store, every record handed to ``record`` before the call included (blocking: from a
+        thread on a server's loop)."""
+        self.flush()
         with sqlite3.connect(self.path) as conn:
             return conn.execute(sql, params).fetchall()
 

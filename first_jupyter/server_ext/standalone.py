@@ -147,7 +147,7 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
     gateway = Gateway(config, state_dir, shared=True)
     metrics = GatewayMetrics()
     gateway.state_observers.append(metrics.endpoint_states)
-    policy = SharedPolicy(config, settings, state_dir, secret, metrics)
+    policy = SharedPolicy(settings, state_dir, secret, metrics, compute_as_callers=gateway.compute_as_callers)
     app = Application(shared_routes(), first_gateway=gateway, first_loop=SameLoop(), first_max_request_bytes=0,
                       first_shared=policy, log_function=lambda _handler: None)  # the access log replaces tornado's
     policy.resume_batches(gateway)
