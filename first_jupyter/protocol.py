@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
+
 
 class Capability(StrEnum):
     """What a request asks an engine to do; each maps to one OpenAI route."""

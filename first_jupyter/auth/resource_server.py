@@ -21,7 +21,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,8 +119,8 @@ class TokenIntrospector:
         key = hashlib.sha256(token.encode()).digest()
         kept = self._verdicts.get(key)
         if kept is not None and kept[0] > self._clock():
-            if isinstance(kept[1], OpenAIError):
-                raise kept[1]
+            if isinstance(kept[1], OpenAIError):  # each raise with a fresh traceback: none piles up on the kept one
+                raise kept[1].with_traceback(None)
             return kept[1]
         task = self._pending.get(key)
         if task is None:  # the first request with this token asks; those arriving meanwhile wait for its answer
@@ -160,12 +160,12 @@ class TokenIntrospector:
         if self.settings.groups and groups.isdisjoint(self.settings.groups):
             raise _forbidden(f"{identity.username} is not a member of the Globus groups that may use this gateway. "
                              f"Ask to join one: {group_links(self.settings.groups)}", "not_in_group")
-        kept = {rs: held for rs, held in dependent.items() if rs == COMPUTE_RESOURCE_SERVER and self._want_compute}
-        return Identity(identity.id, identity.username, False, identity.expires_at, groups, kept)
+        compute = dependent.get(COMPUTE_RESOURCE_SERVER) if self._want_compute else None
+        return replace(identity, groups=groups,
+                       dependent={COMPUTE_RESOURCE_SERVER: compute} if compute else {})
 
     def _globus(self, call: Callable[[], Any], what: str) -> Any:
         """A call to Globus; its failure is the gateway's (503), said so, never the user's token's."""
-        self.introspections += what == "introspect"
         try:
             return call()
         except globus_sdk.GlobusAPIError as exc:
@@ -183,6 +183,7 @@ class TokenIntrospector:
                               headers={"Retry-After": str(OUTAGE_RETRY_S)}) from None
 
     def _introspect(self, token: str) -> dict[str, Any]:
+        self.introspections += 1
         body: dict[str, Any] = {"token": token, "include": INCLUDE}
         if self.settings.policies:
             body["authentication_policies"] = ",".join(self.settings.policies)

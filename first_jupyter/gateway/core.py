@@ -46,7 +46,7 @@ from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
-from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
+from first_jupyter.protocol import CLIENT_CLOSED, Capability, OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.compute_cloud import Credentials
@@ -64,7 +64,6 @@ STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Failures before the first byte that the next endpoint may not have: worth trying it."""
 FORBIDDEN = 403
-CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)

@@ -39,13 +39,13 @@ from prometheus_client import (
 )
 
 from first_jupyter.gateway.usage import UsageRecord
+from first_jupyter.protocol import CLIENT_CLOSED
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REFUSAL_REASONS = ("unauthenticated", "forbidden", "rate_limited", "bad_request")
 ENDPOINT_STATES = ("running", "online", "starting", "queued", "stopped", "offline", "failed", "unknown")
 
-_CLIENT_CLOSED = 499  # core.CLIENT_CLOSED, not imported: core will import this module
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Seconds, for both latency and time to first token: a cached short answer takes tens of milliseconds, a long
 generation tens of seconds, and a model started on demand on a batch-scheduled cluster several minutes."""
@@ -136,7 +136,7 @@ class GatewayMetrics:
         """The counters one request with these labels increments: the request, and the error if it is one."""
         model, cluster, status = key
         counters = (self._requests.labels(model, cluster, str(status)),)
-        if status >= 400 and status != _CLIENT_CLOSED:
+        if status >= 400 and status != CLIENT_CLOSED:
             counters += (self._errors.labels(model, cluster, str(status)),)
         self._by_status[key] = counters
         return counters

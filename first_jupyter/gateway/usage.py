@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS usage (
     user TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS usage_model_ts ON usage (model, ts);
+CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user, ts);
 """
 
 
@@ -97,13 +98,17 @@ class UsageStore:
         self.path = path
         self._json_batches = json_batches
         path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path) as conn:
-            use_wal(conn)  # (a shared gateway's workers open it together)
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:  # a shared gateway's workers open it together: one of them upgrades it, the others find it done
+            use_wal(conn)
+            conn.execute("BEGIN IMMEDIATE")
             columns = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info('usage')")}
             if columns and "user" not in columns:
                 conn.execute("ALTER TABLE usage ADD COLUMN user TEXT NOT NULL DEFAULT ''")  # a store from 0.1
+            conn.execute("COMMIT")
             conn.executescript(_SCHEMA)
-            conn.execute("CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user, ts)")
+        finally:
+            conn.close()
         self._queue: queue.SimpleQueue[UsageRecord | threading.Event | None] = queue.SimpleQueue()
         self._interval = batch_interval
         self._hurry = threading.Event()  # flush and close: commit now rather than at the batch's end

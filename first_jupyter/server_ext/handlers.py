@@ -80,6 +80,24 @@ class GatewayDoor(web.RequestHandler):
             return
         super().log_exception(typ, value, tb)
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error in the OpenAI shape, those raised by the server's machinery (auth, unknown methods) too."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, OpenAIError):
+            self.send_error_body(exc)
+            return
+        reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+        self.send_error_body(self.error_for(status_code, reason))
+
+    def error_for(self, status_code: int, reason: str | None) -> OpenAIError:
+        """The OpenAI error for a status the server's machinery set (``reason``: its message, if any)."""
+        if status_code == 405:
+            return OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
+                               code="method_not_allowed")
+        if status_code >= 500:
+            return api.internal_error(reason)
+        return OpenAIError(status_code, reason or f"The request failed ({status_code}).")
+
     def send_error_body(self, err: OpenAIError) -> None:
         self.clear()
         self.set_status(err.status)
@@ -145,28 +163,16 @@ class FirstHandler(GatewayDoor, APIHandler):
         if not self._scoped:
             super().check_xsrf_cookie()
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Errors raised by Jupyter's machinery (auth, XSRF, unknown methods) in the OpenAI shape too."""
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, OpenAIError):
-            self.send_error_body(exc)
-            return
-        reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+    def error_for(self, status_code: int, reason: str | None) -> OpenAIError:
+        """Jupyter's refusals (auth, XSRF) in words too."""
         if status_code == 403 and self.current_user is None:
-            err = OpenAIError(401, f"Not authenticated. {_AUTH_HELP}", type="authentication_error",
-                              code="invalid_api_key")
-        elif status_code == 403:
-            err = OpenAIError(403, f"Forbidden: {reason or 'cross-site request refused'}. Browser requests need "
-                                   "the '_xsrf' cookie echoed in an 'X-XSRFToken' header; scripts should send "
-                                   "a bearer key instead.", type="permission_error", code="forbidden")
-        elif status_code == 405:
-            err = OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
-                              code="method_not_allowed")
-        elif status_code >= 500:
-            err = api.internal_error(reason)
-        else:
-            err = OpenAIError(status_code, reason or f"The request failed ({status_code}).")
-        self.send_error_body(err)
+            return OpenAIError(401, f"Not authenticated. {_AUTH_HELP}", type="authentication_error",
+                               code="invalid_api_key")
+        if status_code == 403:
+            return OpenAIError(403, f"Forbidden: {reason or 'cross-site request refused'}. Browser requests need "
+                                    "the '_xsrf' cookie echoed in an 'X-XSRFToken' header; scripts should send "
+                                    "a bearer key instead.", type="permission_error", code="forbidden")
+        return super().error_for(status_code, reason)
 
 
 class ModelsRoute(GatewayDoor):

@@ -16,7 +16,6 @@ import orjson
 from tornado import web
 
 from first_jupyter.batch.service import Batches
-from first_jupyter.gateway import api
 from first_jupyter.gateway.shared import SharedCaller, SharedPolicy
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.server_ext.handlers import GatewayDoor, Routes, door_routes
@@ -39,19 +38,6 @@ class SharedHandler(GatewayDoor):
             return
         self._caller = await self.policy.caller(self.request.headers.get("Authorization"))
         self.current_user = self._caller.identity
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, OpenAIError):
-            self.send_error_body(exc)
-        elif status_code == 405:
-            self.send_error_body(OpenAIError(405, f"{self.request.method} is not allowed on {self.request.path}.",
-                                             code="method_not_allowed"))
-        elif status_code >= 500:
-            self.send_error_body(api.internal_error())
-        else:
-            reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
-            self.send_error_body(OpenAIError(status_code, reason or f"The request failed ({status_code})."))
 
     def on_finish(self) -> None:
         """The access-log line of a request the gateway did not record (all but inference that was admitted)."""
