@@ -72,6 +72,8 @@ export class FirstPanel extends Widget {
   private readonly expanded = new Set<string>();
   private timer: number | null = null;
   private refreshing: Promise<void> | null = null;
+  private next: Promise<void> | null = null;
+  private signInShown = '';
   private loginUrl: string | null = null;
   /** A failed read of the gateway: cleared by the next read that works. */
   private loadError = '';
@@ -137,21 +139,29 @@ export class FirstPanel extends Widget {
     this.stopTimer();
     if (this.options.refreshSeconds > 0 && this.isAttached) {
       this.timer = window.setInterval(() => {
-        if (this.isVisible) {
+        if (this.isVisible && !this.refreshing) { // a slow gateway is not asked again while it answers
           void this.refresh();
         }
       }, this.options.refreshSeconds * 1000);
     }
   }
 
-  /** Read status, usage and batches together; one refresh at a time (a slow gateway is not asked twice). */
+  /**
+   * Read status, usage and batches together, in a reading begun after this call (what an action just changed
+   * shows); one reading at a time: asked during one, one more follows it, shared by all who asked meanwhile.
+   */
   refresh(): Promise<void> {
     if (!this.refreshing) {
       this.refreshing = this.load().finally(() => {
         this.refreshing = null;
       });
+      return this.refreshing;
     }
-    return this.refreshing;
+    this.next ??= this.refreshing.then(() => {
+      this.next = null;
+      return this.refresh();
+    });
+    return this.next;
   }
 
   private async load(): Promise<void> {
@@ -186,7 +196,7 @@ export class FirstPanel extends Widget {
       await action();
     } catch (error) {
       this.actionError = describe(error);
-      this.showErrors();
+      this.render(); // the panel as it was (a clicked choice that failed is unchecked again)
       return;
     }
     await this.refresh();
@@ -201,11 +211,16 @@ export class FirstPanel extends Widget {
 
   private renderSignIn(): void {
     const auth = this.status?.auth;
+    const view = auth ? signInView(auth, Date.now() / 1000) : null;
+    const shown = JSON.stringify([view, this.loginUrl]);
+    if (shown === this.signInShown) {
+      return; // unchanged: a code being typed keeps its text and focus through refreshes
+    }
+    this.signInShown = shown;
     this.signIn.replaceChildren();
-    if (!auth) {
+    if (!view) {
       return;
     }
-    const view = signInView(auth, Date.now() / 1000);
     if (view.signedIn) {
       this.signIn.append(
         h('div', { class: 'first-identity' }, 'Signed in as ', h('strong', {}, view.who)),

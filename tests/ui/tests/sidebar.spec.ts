@@ -238,8 +238,14 @@ test.describe('FIRST sidebar', () => {
       await signIn.getByRole('button', { name: 'Cancel' }).click();
       const code = await start();
       expect(code).toBe('good-code');
+      const field = signIn.getByLabel('Authorization code');
+      await field.fill(code.slice(0, 4)); // half typed when a refresh comes
+      const before = await panel.locator('.first-updated').textContent();
+      await expect(panel.locator('.first-updated')).not.toHaveText(before ?? '');
+      await expect(field).toHaveValue(code.slice(0, 4)); // the refresh kept it, and the focus
+      await expect(field).toBeFocused();
       await screenshot(panel, '9-panel-sign-in-code');
-      await signIn.getByLabel('Authorization code').fill(code);
+      await field.fill(code);
       await signIn.getByRole('button', { name: 'Finish sign-in' }).click();
       await expect(panel.locator('.first-identity')).toHaveText('Signed in as ada@uni.edu');
       await expect(signIn).toContainText('through a sign-in from this server; expires in 48 h (renews itself)');
