@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (any case of the scheme); None for any other."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 class Capability(StrEnum):
     """What a request asks an engine to do; each maps to one OpenAI route."""
 

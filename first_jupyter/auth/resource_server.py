@@ -28,7 +28,7 @@ from typing import Any
 import globus_sdk
 
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, ResourceServer
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.protocol import OpenAIError, bearer_token
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 INCLUDE = "session_info,identity_set_detail"
@@ -64,11 +64,11 @@ def group_links(groups: Iterable[str]) -> str:
 
 
 def _token_of(authorization: str | None) -> str:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(authorization)
+    if token is None:
         raise _unauthorized("Send a Globus access token for this gateway as 'Authorization: Bearer <token>'.",
                             "missing_token")
-    return token.strip()
+    return token
 
 
 def _unauthorized(message: str, code: str) -> OpenAIError:

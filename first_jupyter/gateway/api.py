@@ -27,7 +27,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH
 from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
 from first_jupyter.gateway.httpd import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
-from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.protocol import Capability, OpenAIError, bearer_token, parse_request
 
 JSON = "application/json"
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -164,10 +164,8 @@ class HostVerdicts:
 
 def bearer_key_matches(header: str | None, key: bytes) -> bool:
     """Whether an ``Authorization`` header presents ``key`` as a bearer token (compared in constant time)."""
-    if not header:
-        return False
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key)
+    given = bearer_token(header)
+    return given is not None and hmac.compare_digest(given.encode(), key)
 
 
 def is_loopback_host(host: str) -> bool:
