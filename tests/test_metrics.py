@@ -89,21 +89,22 @@ def test_finished_requests_are_counted_exactly() -> None:
     assert _value(got, "first_time_to_first_token_seconds_sum", model="tiny-chat") == pytest.approx(0.17)
 
 
+def _in_flight(metrics: GatewayMetrics) -> dict[str, float]:
+    return {dict(labels)["model"]: value for (name, labels), value in _render(metrics).items()
+            if name == "first_requests_in_flight"}
+
+
 def test_in_flight_goes_up_and_down() -> None:
     metrics = GatewayMetrics()
     for _ in range(3):
         metrics.request_started("tiny-chat")
     metrics.request_started("big-chat")
     metrics.request_ended("tiny-chat")
-    got = _render(metrics)
-    assert _value(got, "first_requests_in_flight", model="tiny-chat") == 2
-    assert _value(got, "first_requests_in_flight", model="big-chat") == 1
+    assert _in_flight(metrics) == {"tiny-chat": 2, "big-chat": 1}
     metrics.request_ended("tiny-chat")
     metrics.request_ended("tiny-chat")
     metrics.request_ended("big-chat")
-    got = _render(metrics)
-    assert _value(got, "first_requests_in_flight", model="tiny-chat") == 0
-    assert _value(got, "first_requests_in_flight", model="big-chat") == 0
+    assert _in_flight(metrics) == {"tiny-chat": 0, "big-chat": 0}
 
 
 def test_models_past_the_cap_share_one_label() -> None:
@@ -111,8 +112,7 @@ def test_models_past_the_cap_share_one_label() -> None:
     metrics = GatewayMetrics()
     for i in range(_MAX_MODELS + 44):
         metrics.request_started(f"model-{i}")
-    models = {dict(labels)["model"]: value for (name, labels), value in _render(metrics).items()
-              if name == "first_requests_in_flight"}
+    models = _in_flight(metrics)
     assert len(models) == _MAX_MODELS + 1
     assert models["(other)"] == 44
 
