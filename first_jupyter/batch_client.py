@@ -211,9 +211,9 @@ def _quoted(batch_id: str) -> str:
     return urllib.parse.quote(batch_id, safe="")
 
 
-def get(batch_id: str | None = None) -> dict[str, Any]:
-    """The batch as it stands (the latest one when no id is given)."""
-    found: dict[str, Any] = client.v1("GET", f"batches/{_quoted(latest_id(batch_id))}")
+def get(batch_id: str | None = None, *, conn: client.Connection | None = None) -> dict[str, Any]:
+    """The batch as it stands (the latest one when no id is given), on ``conn``'s gateway when given."""
+    found: dict[str, Any] = client.v1("GET", f"batches/{_quoted(latest_id(batch_id))}", conn=conn)
     return found
 
 
@@ -223,9 +223,9 @@ def listed(limit: int = 20) -> list[dict[str, Any]]:
     return found
 
 
-def cancel(batch_id: str | None = None) -> dict[str, Any]:
+def cancel(batch_id: str | None = None, *, conn: client.Connection | None = None) -> dict[str, Any]:
     """Ask the batch to stop: requests in flight finish, the rest are reported as not run."""
-    found: dict[str, Any] = client.v1("POST", f"batches/{_quoted(latest_id(batch_id))}/cancel")
+    found: dict[str, Any] = client.v1("POST", f"batches/{_quoted(latest_id(batch_id))}/cancel", conn=conn)
     return found
 
 

@@ -166,6 +166,13 @@ def use_running_server() -> Connection:
     return found
 
 
+def is_current(conn: Connection) -> bool:
+    """Whether ``conn`` is still this process's gateway. A reader in the background (a batch monitor) stops once
+    it is not: following on would start a gateway of its own, with whatever configuration is set by then."""
+    with _lock:
+        return _connection == conn
+
+
 def disconnect() -> None:
     """Forget the gateway (stopping the in-process one, and a local engine it started); the next call finds one
     again, reading the environment anew."""
@@ -212,13 +219,14 @@ class _Exchange:
     the request upstream.
     """
 
-    def __init__(self, method: str, url: str, body: Mapping[str, Any] | Payload | None) -> None:
+    def __init__(self, conn: Connection, method: str, url: str, body: Mapping[str, Any] | Payload | None) -> None:
         self.url = url
+        self._gateway = conn.url
         parts = urllib.parse.urlsplit(url)
         self._http = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=CALL_TIMEOUT_S)
         self._target = parts.path + (f"?{parts.query}" if parts.query else "")
         self._method = method
-        self._headers = {"Authorization": f"Bearer {connection().api_key}", "Content-Type": "application/json"}
+        self._headers = {"Authorization": f"Bearer {conn.api_key}", "Content-Type": "application/json"}
         self._body: bytes | Iterable[bytes] | None = None
         if isinstance(body, Payload):
             self._body = body.chunks
@@ -239,7 +247,7 @@ class _Exchange:
             self.close()
             if self._aborted.is_set():
                 raise
-            raise GatewayError(f"The FIRST gateway at {connection().url} is not reachable ({exc}). Restart the "
+            raise GatewayError(f"The FIRST gateway at {self._gateway} is not reachable ({exc}). Restart the "
                                "kernel; if it persists, restart the Jupyter server.") from None
         if response.status >= 400:
             error = _gateway_error(response.status, response.read())
@@ -260,10 +268,10 @@ class _Exchange:
         self._http.close()
 
 
-def _call(method: str, url: str, body: Mapping[str, Any] | Payload | None = None,
+def _call(conn: Connection, method: str, url: str, body: Mapping[str, Any] | Payload | None = None,
           ) -> tuple[Any, http.client.HTTPResponse]:
-    """A whole JSON exchange: the decoded answer and the response (for its headers)."""
-    exchange = _Exchange(method, url, body)
+    """A whole JSON exchange with ``conn``'s gateway: the decoded answer and the response (for its headers)."""
+    exchange = _Exchange(conn, method, url, body)
     try:
         response = exchange.send()
         return json.loads(response.read()), response
@@ -273,18 +281,23 @@ def _call(method: str, url: str, body: Mapping[str, Any] | Payload | None = None
 
 def _api(method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
     """Call ``/first/api/{path}``, the gateway's own routes."""
-    return _call(method, f"{connection().api_url}/{path}", body)[0]
+    conn = connection()
+    return _call(conn, method, f"{conn.api_url}/{path}", body)[0]
 
 
-def v1(method: str, path: str, body: Mapping[str, Any] | Payload | None = None) -> Any:
-    """Call ``/first/v1/{path}``, the OpenAI routes (files and batches among them); the decoded answer."""
-    return _call(method, f"{connection().url}/{path}", body)[0]
+def v1(method: str, path: str, body: Mapping[str, Any] | Payload | None = None, *,
+       conn: Connection | None = None) -> Any:
+    """Call ``/first/v1/{path}``, the OpenAI routes (files and batches among them); the decoded answer. ``conn``
+    pins the gateway (a background reader's), else this process's gateway is used, started when there is none."""
+    conn = conn or connection()
+    return _call(conn, method, f"{conn.url}/{path}", body)[0]
 
 
 @contextlib.contextmanager
 def v1_lines(path: str) -> Iterator[Iterator[bytes]]:
     """The lines of ``GET /first/v1/{path}`` as they arrive (a file's contents), the connection open meanwhile."""
-    exchange = _Exchange("GET", f"{connection().url}/{path}", None)
+    conn = connection()
+    exchange = _Exchange(conn, "GET", f"{conn.url}/{path}", None)
     try:
         yield iter(exchange.send())
     finally:
@@ -458,14 +471,15 @@ def chat(prompt: str | Sequence[Mapping[str, Any]], *, model: str | None = None,
     if conversation is not None:
         messages += conversation.messages()
     messages += [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    url = f"{connection().url}/chat/completions"
+    conn = connection()
+    url = f"{conn.url}/chat/completions"
     started = time.perf_counter()
     if stream:
         body = _body(chosen, temperature, max_tokens, extra, messages=messages, stream=True,
                      stream_options={"include_usage": True})
-        result = _chat_stream(url, body, on_text, stop, started)
+        result = _chat_stream(conn, url, body, on_text, stop, started)
     else:
-        answer, response = _call("POST", url, _body(chosen, temperature, max_tokens, extra, messages=messages))
+        answer, response = _call(conn, "POST", url, _body(chosen, temperature, max_tokens, extra, messages=messages))
         choice, usage = answer["choices"][0], answer.get("usage") or {}
         result = _where(Result(choice["message"].get("content") or "", chosen, None, None, usage.get("prompt_tokens"),
                                usage.get("completion_tokens"), time.perf_counter() - started, None,
@@ -514,11 +528,11 @@ def _events(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
         yield event
 
 
-def _chat_stream(url: str, body: dict[str, Any], on_text: Callable[[str], None] | None,
+def _chat_stream(conn: Connection, url: str, body: dict[str, Any], on_text: Callable[[str], None] | None,
                  stop: threading.Event | None, started: float) -> Result:
     result = Result("", body["model"])
     parts: list[str] = []
-    exchange = _Exchange("POST", url, body)
+    exchange = _Exchange(conn, "POST", url, body)
     try:
         with _aborted_on(stop, exchange):
             response = exchange.send()
@@ -558,7 +572,8 @@ def complete(prompt: str, *, model: str | None = None, temperature: float | None
     """A plain text completion (``/v1/completions``)."""
     chosen = resolve_model(model)
     started = time.perf_counter()
-    answer, response = _call("POST", f"{connection().url}/completions",
+    conn = connection()
+    answer, response = _call(conn, "POST", f"{conn.url}/completions",
                              _body(chosen, temperature, max_tokens, extra, prompt=prompt))
     choice, usage = answer["choices"][0], answer.get("usage") or {}
     return _where(Result(choice.get("text") or "", chosen, None, None, usage.get("prompt_tokens"),
@@ -569,6 +584,7 @@ def complete(prompt: str, *, model: str | None = None, temperature: float | None
 def embed(inputs: str | Sequence[str], *, model: str | None = None) -> list[list[float]]:
     """One embedding vector per input text."""
     chosen = resolve_model(model)
-    answer, _ = _call("POST", f"{connection().url}/embeddings",
+    conn = connection()
+    answer, _ = _call(conn, "POST", f"{conn.url}/embeddings",
                       {"model": chosen, "input": inputs if isinstance(inputs, str) else list(inputs)})
     return [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -203,6 +205,20 @@ def test_the_monitors_cancel_button_stops_the_batch(shell, in_process):
     assert monitor.batch["status"] == "cancelled"
     assert monitor.bar.bar_style == "warning"
     assert monitor.bar.value == monitor.bar.max == 200  # each request answered or reported as not run
+
+
+def test_the_monitor_stops_with_the_gateway_it_began_on_and_starts_none(shell, in_process):
+    in_process.first_byte_delay = 0.5
+    shell.user_ns["prompts"] = [f"q{i}" for i in range(50)]
+    magic(shell, "batch submit prompts")
+    monitor = BatchMonitor(every=0.05)
+    assert not monitor.wait(0.2)  # following
+    client.disconnect()
+    assert monitor.wait(5)
+    assert "no longer uses the gateway it ran on" in monitor.error_line.value
+    assert f"%first batch status {monitor.batch_id}" in monitor.error_line.value
+    time.sleep(0.2)  # a refresh that had gone on would have started an in-process gateway by now
+    assert not [t for t in threading.enumerate() if t.name == "first-gateway-in-process"]
 
 
 def test_the_monitor_reports_an_unknown_batch_in_its_error_line(in_process):

@@ -8,7 +8,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from first_jupyter import batch_client
+from first_jupyter import batch_client, client
 from first_jupyter.client import GatewayError
 from first_jupyter.widgets.picker import ERROR_COLOR, one_line
 
@@ -22,6 +22,9 @@ class BatchMonitor:
     ``batch_id`` defaults to the batch this kernel submitted last. Cancel asks the gateway to stop the batch:
     requests in flight finish and the rest are reported as not run. Displays as the last expression of a cell;
     ``widget`` is the box to embed.
+
+    The monitor keeps to the gateway it began on: once this kernel disconnects from it, the monitor stops and
+    says so, rather than start a gateway of its own with whatever configuration is set by then.
     """
 
     def __init__(self, batch_id: str | None = None, *, every: float = 2.0) -> None:
@@ -38,7 +41,9 @@ class BatchMonitor:
         self.cancel_button.on_click(lambda _button: self.cancel())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._conn: client.Connection | None = None
         try:
+            self._conn = client.connection()
             self.batch_id = batch_client.latest_id(batch_id)
         except Exception as exc:  # a widget reports, it never raises into the frontend
             self.batch_id = batch_id or ""
@@ -62,9 +67,16 @@ class BatchMonitor:
         """Ask the gateway to stop the batch; the monitor goes on until it has stopped."""
         self._show_answer(batch_client.cancel)
 
-    def _show_answer(self, call: Callable[[str], dict[str, Any]]) -> None:
+    def _show_answer(self, call: Callable[..., dict[str, Any]]) -> None:
+        if self._conn is not None and not client.is_current(self._conn):
+            self.error_line.value = (f"Stopped following {self.batch_id}: this kernel no longer uses the gateway "
+                                     f"it ran on. Run `%first batch status {self.batch_id}` to read it on the "
+                                     "gateway in use.")
+            self._stop.set()
+            return
         try:
-            self.progress.update(call(self.batch_id))
+            self._conn = self._conn or client.connection()  # only where it could not be had at the start
+            self.progress.update(call(self.batch_id, conn=self._conn))
         except Exception as exc:  # a widget reports, it never raises into the frontend
             self._failed(exc)
             return
