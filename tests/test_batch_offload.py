@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from first_jupyter.batch.service import Batches
 from first_jupyter.config import ConfigError, parse_config
 from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.usage import UsageRecord
+from first_jupyter.protocol import ParsedRequest
 from first_jupyter.remote import run_batch
 from tests.test_compute_local import _processes_of, in_process_config
 
@@ -53,28 +56,28 @@ def _config(model_dir: Path, tmp_path: Path, **batch: Any) -> dict[str, Any]:
     return {**config, "auth": {"sources": ["env"]}}
 
 
-async def _submit(gateway: Gateway, content: bytes) -> dict[str, Any]:
-    upload = gateway.batches.upload("multipart/form-data; boundary=b")
+async def _submit(batches: Batches, content: bytes) -> dict[str, Any]:
+    upload = batches.upload("multipart/form-data; boundary=b")
     upload.feed(b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\n'
                 b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n' + content
                 + b"\r\n--b--\r\n")
-    source = gateway.batches.add_file(upload)
-    return await gateway.batches.create(json.dumps({"input_file_id": source["id"],
+    source = batches.add_file(upload)
+    return await batches.create(json.dumps({"input_file_id": source["id"],
                                                     "endpoint": "/v1/chat/completions"}).encode())
 
 
-async def _ended(gateway: Gateway, batch_id: str) -> dict[str, Any]:
+async def _ended(batches: Batches, batch_id: str) -> dict[str, Any]:
     async with asyncio.timeout(240):
-        while (batch := gateway.batches.batch(batch_id))["status"] not in ("completed", "failed", "cancelled"):
+        while (batch := batches.batch(batch_id))["status"] not in ("completed", "failed", "cancelled"):
             await asyncio.sleep(0.1)
     return batch
 
 
-def _results(gateway: Gateway, batch: dict[str, Any]) -> list[dict[str, Any]]:
+def _results(batches: Batches, batch: dict[str, Any]) -> list[dict[str, Any]]:
     lines = []
     for key in ("output_file_id", "error_file_id"):
         if batch[key]:
-            lines += [json.loads(x) for x in gateway.batches.store.path(batch[key]).read_bytes().splitlines()]
+            lines += [json.loads(x) for x in batches.store.path(batch[key]).read_bytes().splitlines()]
     return lines
 
 
@@ -86,14 +89,14 @@ def _runs(tmp_path: Path) -> list[str]:
 async def test_a_large_batch_runs_as_a_task_per_chunk_and_a_lost_node_redoes_only_its_chunk(tiny_model, tmp_path):
     gateway = Gateway(parse_config(_config(tiny_model, tmp_path), "test"), tmp_path / "data", environ={})
     try:
-        small = await _ended(gateway, (await _submit(gateway, _lines(3, "s")))["id"])  # under min_lines
+        small = await _ended(gateway.batches, (await _submit(gateway.batches, _lines(3, "s")))["id"])  # under min_lines
         assert small["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
         assert _runs(tmp_path) == []  # request by request: no run-batch task
 
-        batch = await _ended(gateway, (await _submit(gateway, _lines(10)))["id"])
+        batch = await _ended(gateway.batches, (await _submit(gateway.batches, _lines(10)))["id"])
         assert batch["status"] == "completed"
         assert batch["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
-        results = _results(gateway, batch)
+        results = _results(gateway.batches, batch)
         assert sorted(r["custom_id"] for r in results) == sorted(f"q{i}" for i in range(10))
         assert {r["response"]["status_code"] for r in results} == {200}
         assert {r["response"]["body"]["usage"]["completion_tokens"] for r in results} <= {1, 2, 3, 4}
@@ -101,6 +104,66 @@ async def test_a_large_batch_runs_as_a_task_per_chunk_and_a_lost_node_redoes_onl
         assert _runs(tmp_path) == ["chunk-00000.input.jsonl", "chunk-00001.input.jsonl", "chunk-00001.input.jsonl",
                                    "chunk-00002.input.jsonl"]
         assert not (tmp_path / "shared" / batch["id"]).exists()  # the chunks' files go once the results are in
+
+        # each offloaded line is accounted as a request the gateway sent (the lost attempt answered none)
+        rows = gateway.usage.query("SELECT request_id, status, completion_tokens, latency_ms FROM usage "
+                                   "WHERE request_id LIKE ?", (f"{batch['id']}/%",))
+        tokens = {r["custom_id"]: r["response"]["body"]["usage"]["completion_tokens"] for r in results}
+        assert sorted((rid.split("/")[1], status, done) for rid, status, done, _ in rows) == sorted(
+            (custom_id, 200, done) for custom_id, done in tokens.items())
+        assert all(took > 0 for *_, took in rows)
+        by_model = {row["model"]: row for row in (await gateway.usage_summary())["data"]}
+        assert by_model["tiny-chat"]["requests"] == 13  # 3 lines sent one by one, 10 offloaded
+    finally:
+        await gateway.close()
+    assert _processes_of(tmp_path / "data") == []
+
+
+class _Owner:
+    """A batch's owner at a shared gateway, as its run sees them: every other ask for a quota turn is told to wait
+    a little (the quotas are tested with the shared gateway); the records handed back are kept."""
+
+    user = "ada"
+
+    def __init__(self) -> None:
+        self.asks = 0
+        self.records: list[UsageRecord] = []
+
+    def admit(self, req: ParsedRequest) -> None:
+        pass
+
+    def wait_s(self, model: str) -> float:
+        self.asks += 1
+        return 0.2 if self.asks % 2 else 0.0
+
+    def may_use(self, model: str, cluster: str) -> bool:
+        return True
+
+    def recorded(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+    def token_for(self, resource_server: str) -> str | None:
+        return None
+
+
+async def test_an_offloaded_batch_waits_its_owners_quota_turns_and_is_accounted_to_them(tiny_model, tmp_path):
+    (tmp_path / "lost-once").touch()  # no lost node in this test
+    gateway = Gateway(parse_config(_config(tiny_model, tmp_path, parallel=1), "test"), tmp_path / "data", environ={})
+    owner = _Owner()
+    batches = Batches(gateway, tmp_path / "ada", gateway.config.defaults.batch, caller=owner)
+    try:
+        batch = await _ended(batches, (await _submit(batches, _lines(10)))["id"])
+        assert batch["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
+        assert _runs(tmp_path) == ["chunk-00000.input.jsonl", "chunk-00001.input.jsonl", "chunk-00002.input.jsonl"]
+        assert owner.asks == 6  # each chunk asked twice: told to wait, then let go
+        tokens = {r["custom_id"]: r["response"]["body"]["usage"] for r in _results(batches, batch)}
+        assert sorted((r.request_id, r.user, r.model, r.cluster, r.endpoint, r.capability, r.status,
+                       r.prompt_tokens, r.completion_tokens) for r in owner.records) == sorted(
+            (f"{batch['id']}/{custom_id}", "ada", "tiny-chat", "local", "engine", "chat", 200,
+             usage["prompt_tokens"], usage["completion_tokens"]) for custom_id, usage in tokens.items())
+        mine = (await gateway.usage_summary("ada"))["data"]
+        assert [(m["model"], m["requests"], m["completion_tokens"]) for m in mine] == [
+            ("tiny-chat", 10, sum(u["completion_tokens"] for u in tokens.values()))]
     finally:
         await gateway.close()
     assert _processes_of(tmp_path / "data") == []
@@ -111,7 +174,7 @@ async def test_a_restarted_gateway_runs_only_the_chunks_not_done(tiny_model, tmp
     config = parse_config(_config(tiny_model, tmp_path, parallel=1), "test")
     first = Gateway(config, tmp_path / "data", environ={})
     try:
-        batch = await _submit(first, _lines(10))
+        batch = await _submit(first.batches, _lines(10))
         async with asyncio.timeout(240):
             while first.batches.batch(batch["id"])["request_counts"]["completed"] < 4:
                 await asyncio.sleep(0.05)
@@ -122,12 +185,12 @@ async def test_a_restarted_gateway_runs_only_the_chunks_not_done(tiny_model, tmp
     second = Gateway(config, tmp_path / "data", environ={})
     resuming = asyncio.ensure_future(second.batches.keep_running(every=0.1))
     try:
-        done = await _ended(second, batch["id"])
+        done = await _ended(second.batches, batch["id"])
     finally:
         resuming.cancel()
         await second.close()
     assert done["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
-    assert sorted(r["custom_id"] for r in _results(second, done)) == sorted(f"q{i}" for i in range(10))
+    assert sorted(r["custom_id"] for r in _results(second.batches, done)) == sorted(f"q{i}" for i in range(10))
     runs = _runs(tmp_path)
     assert runs.count("chunk-00000.input.jsonl") == 1  # its checkpoint held: not run again
     assert runs.count("chunk-00002.input.jsonl") == 1

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.caller import CALLER_TOKEN_MISSING
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
 from first_jupyter.protocol import OpenAIError
@@ -154,6 +155,8 @@ class Offload:
                 if not chunk.output.exists():
                     if self.run.stop is not None:
                         break
+                    if self.run.caller is not None and await self.run.quota_turn(self.model.id):
+                        break  # stopped while waiting its turn
                     try:
                         await self._task(chunk)
                     except Exception as exc:  # the node, the command or the task failed: only this chunk redoes
@@ -203,19 +206,20 @@ class Offload:
 
     async def _read(self, chunk: Chunk) -> None:
         """Record the chunk's answers; a request its output lacks is a failure of that request."""
+        took_ms = _took_ms(chunk)
         with chunk.output.open("rb") as lines:
             for number, raw in enumerate(lines, 1):
                 if raw.strip():
-                    self._record(orjson.loads(raw), chunk.pending)
+                    self._record(orjson.loads(raw), chunk.pending, took_ms)
                 if number % READ_SLICE == 0:
                     await asyncio.sleep(0)
         for custom_id in sorted(chunk.pending):
-            self.run.results.refused(custom_id, 500, _error_body(
-                f"The run-batch command on {self.backend.where} gave no result for this request.", 500))
+            self._refused(custom_id, 500, _error_body(
+                f"The run-batch command on {self.backend.where} gave no result for this request.", 500), took_ms)
         chunk.pending.clear()
         self.run.save_now_and_then()
 
-    def _record(self, line: dict[str, Any], pending: set[str]) -> None:
+    def _record(self, line: dict[str, Any], pending: set[str], took_ms: float) -> None:
         custom_id = line.get("custom_id")
         if custom_id not in pending:
             return  # not this chunk's, or recorded already
@@ -224,7 +228,28 @@ class Offload:
         status, body, error = response.get("status_code"), response.get("body"), line.get("error")
         if status == 200 and error is None and isinstance(body, dict):
             self.run.results.answered(custom_id, orjson.dumps(body))
+            usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+            self._account(custom_id, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"), took_ms, None)
             return
         if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
             body = _error_body(str(error or body or "run-batch gave no answer"), status or 500)
-        self.run.results.refused(custom_id, status or 500, body)
+        self._refused(custom_id, status or 500, body, took_ms)
+
+    def _refused(self, custom_id: str, status: int, body: dict[str, Any], took_ms: float) -> None:
+        self.run.results.refused(custom_id, status, body)
+        self._account(custom_id, status, None, None, took_ms, str(body["error"].get("message")))
+
+    def _account(self, custom_id: str, status: int, prompt_tokens: int | None, completion_tokens: int | None,
+                 took_ms: float, error: str | None) -> None:
+        self.run.gateway.record_offloaded(f"{self.run.batch['id']}/{custom_id}", self.model.id, self.backend,
+                                          ENDPOINTS[self.run.batch["endpoint"]], status, prompt_tokens,
+                                          completion_tokens, took_ms, error, self.run.caller)
+
+
+def _took_ms(chunk: Chunk) -> float:
+    """What each of the chunk's lines is accounted as having taken: from its input written to its output whole. A
+    run-batch task answers its lines together, so no line has a time of its own."""
+    try:
+        return max(0.0, chunk.output.stat().st_mtime - chunk.input.stat().st_mtime) * 1000
+    except OSError:  # the input is gone (the folder was cleared by hand): the time is unknown
+        return 0.0

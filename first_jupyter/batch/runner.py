@@ -210,7 +210,7 @@ class BatchRun:
         try:
             attempt = 0
             while attempt < self.settings.max_attempts:
-                if self.caller is not None and await self._quota_turn(req.model):
+                if self.caller is not None and await self.quota_turn(req.model):
                     self.results.not_run(custom_id, *self.stopped_why())
                     return
                 try:
@@ -246,9 +246,10 @@ class BatchRun:
         delay = float(after) if after.isdigit() else BACKOFF_S * 2 ** attempt * (0.5 + random.random())
         return await self.pause(delay)
 
-    async def _quota_turn(self, model: str) -> bool:
-        """Wait until the owner's and the model's quotas let this request go (a shared gateway's); whether the
-        batch was stopped meanwhile."""
+    async def quota_turn(self, model: str) -> bool:
+        """Wait until the owner's and the model's quotas let this request (or offloaded chunk) go, at a shared
+        gateway; whether the batch was stopped meanwhile. A chunk's tokens are spent once its answers are read:
+        the debt makes the next one wait."""
         assert self.caller is not None
         while (wait := self.caller.wait_s(model)) > 0:
             if await self.pause(wait):

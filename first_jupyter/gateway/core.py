@@ -720,6 +720,20 @@ class Gateway:
             target.endpoint if target else "", req.capability.value, req.stream, status, prompt_tokens,
             completion_tokens, (time.perf_counter() - t0) * 1000, (ttft - t0) * 1000 if ttft else None, error,
             caller.user if caller is not None else "")
+        self._account(record, caller)
+
+    def record_offloaded(self, request_id: str, model: str, backend: Backend, capability: Capability, status: int,
+                         prompt_tokens: int | None, completion_tokens: int | None, latency_ms: float,
+                         error: str | None, caller: Caller | None) -> None:
+        """A batch line answered by a run-batch task on a cluster's nodes, accounted as a request this gateway sent
+        would be: the owner's usage and quotas count a batch whichever way it ran."""
+        self._account(UsageRecord(time.time(), request_id, model, backend.cluster, backend.name, capability.value,
+                                  False, status, prompt_tokens, completion_tokens, latency_ms, None, error,
+                                  caller.user if caller is not None else ""), caller)
+
+    def _account(self, record: UsageRecord, caller: Caller | None) -> None:
+        """Keep a finished request's record, and hand it to its caller (a shared gateway's quotas, metrics and
+        access log)."""
         self.usage.record(record)
         if caller is not None:
             caller.recorded(record)
