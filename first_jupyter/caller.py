@@ -32,9 +32,9 @@ class Caller(Protocol):
         ...
 
     def wait_s(self, model: str) -> float:
-        """For a batch's request: 0 when it may go now (counted against the sender's and the model's quotas),
-        else the seconds before asking again. A batch waits its turn rather than failing, and holds no one else
-        up: its requests go only as the quotas allow."""
+        """For a batch's request or offloaded chunk: 0 when it may go now (counted against the sender's and the
+        model's quotas), else the seconds before asking again. A batch waits its turn rather than failing, and
+        holds no one else up: its requests go only as the quotas allow."""
         ...
 
     def may_use(self, model: str, cluster: str) -> bool:
