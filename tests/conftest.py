@@ -107,8 +107,8 @@ def in_process(fake_upstream: FakeUpstream, write_config: Callable[[dict[str, An
     """
     from first_jupyter import client
 
-    without_a_server(monkeypatch, tmp_path / "data")
-    monkeypatch.setenv("FIRST_CONFIG", str(write_config(fake_cluster_config(fake_upstream))))
+    monkeypatch.setenv("FIRST_CONFIG", str(write_config(fake_cluster_config(fake_upstream))))  # before the drop:
+    without_a_server(monkeypatch, tmp_path / "data")  # no moment without it once the connection is gone
     yield fake_upstream
     client.disconnect()
 

@@ -92,9 +92,13 @@ async def test_the_default_model_survives_a_restart_while_it_is_still_served(fak
     await first.set_default_model("fake-embed")
     with pytest.raises(OpenAIError, match="does not exist here"):
         await first.set_default_model("gone-model")
-    first.usage.close()
-    assert Gateway(load_config(config_file, data), data).default_model == "fake-embed"
+    await first.close()
+    second = Gateway(load_config(config_file, data), data)
+    await second.close()
+    assert second.default_model == "fake-embed"
 
     only_chat = fake_cluster_config(fake_upstream)
     only_chat["clusters"]["remote"]["endpoints"][0]["models"] = [{"id": "fake-model"}]
-    assert Gateway(load_config(write_config(only_chat), data), data).default_model == "fake-model"
+    third = Gateway(load_config(write_config(only_chat), data), data)
+    await third.close()
+    assert third.default_model == "fake-model"
