@@ -34,8 +34,10 @@ from bench.overhead import BenchError, free_port, ready_line, started, wait_for
 
 CLIENT_ID = "0ca9e1b6-5ea4-4f6e-9a0b-6c1d3e4f5a6b"
 CHUNKS = 16
-PACE_S = 0.1
-"""Seconds between the fake's events: a stream lasts about 1.6 s, so a round's streams all overlap."""
+PACE_S = 0.2
+"""Seconds between the fake's events: a stream lasts about 3.2 s, so a round's streams all overlap. At 0.1 s
+(1.6 s) they did not always: on two cores, opening 1,000 streams through the gateway, with this script competing
+for the same cores, can take longer than that, and the first ones ended before the last opened."""
 USERS = 20
 FLAT_WITHIN = 0.10
 
