@@ -11,7 +11,7 @@ start, ``asyncio.to_thread``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +43,11 @@ class Caller(Protocol):
 
     def recorded(self, record: UsageRecord) -> None:
         """The request's accounting, once it ended (quotas, metrics and the access log follow it)."""
+        ...
+
+    def recorded_all(self, records: Sequence[UsageRecord]) -> None:
+        """A batch's lines answered together by a run-batch task, each as ``recorded``, their tokens taken from
+        the quotas at once: a chunk of 10,000 lines is one write to the quota store, not 10,000."""
         ...
 
     def token_for(self, resource_server: str) -> str | None:

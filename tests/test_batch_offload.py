@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,9 @@ class _Owner:
 
     def recorded(self, record: UsageRecord) -> None:
         self.records.append(record)
+
+    def recorded_all(self, records: Sequence[UsageRecord]) -> None:
+        self.records += records
 
     def token_for(self, resource_server: str) -> str | None:
         return None

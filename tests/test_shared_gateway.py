@@ -36,6 +36,7 @@ from first_jupyter.config import FirstConfig, load_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.gateway.shared import SharedPolicy
+from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.server_ext.standalone import build, http_server, stop
 from tests.conftest import fake_cluster_config
 from tests.test_resource_server import ADA_GMAIL, GATEWAY, MISSING_GROUP, MY_GROUPS, SERVICE, introspection
@@ -325,3 +326,23 @@ def test_two_gateway_processes_enforce_one_users_limit_together(two_gateways):
     served = [json.loads(line) for log in access_logs for line in log.read_text().splitlines()]
     assert sorted(line["status"] for line in served if line.get("user") == "ada@uni.edu") == [200] * 5 + [429] * 5
     assert {line["user"] for line in served if line.get("model") == "fake-model"} == {"ada@uni.edu", "bob@uni.edu"}
+
+
+def test_lines_accounted_together_take_their_tokens_once_per_user_and_model(shared, monkeypatch):
+    """An offloaded chunk's lines: each is counted, and their tokens are one write to the quota store per user
+    and model, not one per line."""
+    spent: list[tuple[str, str, int]] = []
+    real_spend = shared.policy.quotas.spend
+
+    def spend(user: str, model: str, tokens: int) -> None:
+        spent.append((user, model, tokens))
+        real_spend(user, model, tokens)
+
+    monkeypatch.setattr(shared.policy.quotas, "spend", spend)
+
+    def line(user: str, prompt: int, completion: int | None) -> UsageRecord:
+        return UsageRecord(time.time(), f"batch_1/{user}-{prompt}", "fake-model", "remote", "fake", "chat", False,
+                           200, prompt, completion, 5.0, None, None, user)
+
+    shared.policy.recorded_all([line("ada", 10, 5), line("bob", 7, None), line("ada", 20, 5)])
+    assert spent == [("ada", "fake-model", 40), ("bob", "fake-model", 7)]

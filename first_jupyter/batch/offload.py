@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -73,6 +73,16 @@ async def plan(run: BatchRun) -> Plan | None:
         if model is not None and backend.endpoint.batch is not None and allowed:
             return Plan(backend, backend.endpoint.batch, model)
     return None
+
+
+class LineUsage(NamedTuple):
+    """What a line read back from a chunk's output is accounted with."""
+
+    custom_id: str
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None
 
 
 @dataclass
@@ -205,21 +215,26 @@ class Offload:
         return self.backend.submitter.describe(exc).message
 
     async def _read(self, chunk: Chunk) -> None:
-        """Record the chunk's answers; a request its output lacks is a failure of that request."""
+        """Record the chunk's answers, and account them a slice at a time; a request its output lacks is a failure
+        of that request."""
         took_ms = _took_ms(chunk)
+        read: list[LineUsage] = []
         with chunk.output.open("rb") as lines:
             for number, raw in enumerate(lines, 1):
                 if raw.strip():
-                    self._record(orjson.loads(raw), chunk.pending, took_ms)
+                    self._record(orjson.loads(raw), chunk.pending, read)
                 if number % READ_SLICE == 0:
+                    self._account(read, took_ms)
+                    read = []
                     await asyncio.sleep(0)
         for custom_id in sorted(chunk.pending):
             self._refused(custom_id, 500, _error_body(
-                f"The run-batch command on {self.backend.where} gave no result for this request.", 500), took_ms)
+                f"The run-batch command on {self.backend.where} gave no result for this request.", 500), read)
+        self._account(read, took_ms)
         chunk.pending.clear()
         self.run.save_now_and_then()
 
-    def _record(self, line: dict[str, Any], pending: set[str], took_ms: float) -> None:
+    def _record(self, line: dict[str, Any], pending: set[str], read: list[LineUsage]) -> None:
         custom_id = line.get("custom_id")
         if custom_id not in pending:
             return  # not this chunk's, or recorded already
@@ -229,21 +244,20 @@ class Offload:
         if status == 200 and error is None and isinstance(body, dict):
             self.run.results.answered(custom_id, orjson.dumps(body))
             usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-            self._account(custom_id, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"), took_ms, None)
+            read.append(LineUsage(custom_id, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"), None))
             return
         if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
             body = _error_body(str(error or body or "run-batch gave no answer"), status or 500)
-        self._refused(custom_id, status or 500, body, took_ms)
+        self._refused(custom_id, status or 500, body, read)
 
-    def _refused(self, custom_id: str, status: int, body: dict[str, Any], took_ms: float) -> None:
+    def _refused(self, custom_id: str, status: int, body: dict[str, Any], read: list[LineUsage]) -> None:
         self.run.results.refused(custom_id, status, body)
-        self._account(custom_id, status, None, None, took_ms, str(body["error"].get("message")))
+        read.append(LineUsage(custom_id, status, None, None, str(body["error"].get("message"))))
 
-    def _account(self, custom_id: str, status: int, prompt_tokens: int | None, completion_tokens: int | None,
-                 took_ms: float, error: str | None) -> None:
-        self.run.gateway.record_offloaded(f"{self.run.batch['id']}/{custom_id}", self.model.id, self.backend,
-                                          ENDPOINTS[self.run.batch["endpoint"]], status, prompt_tokens,
-                                          completion_tokens, took_ms, error, self.run.caller)
+    def _account(self, read: list[LineUsage], took_ms: float) -> None:
+        if read:
+            self.run.gateway.record_offloaded(self.run.batch["id"], self.model.id, self.backend,
+                                              ENDPOINTS[self.run.batch["endpoint"]], took_ms, read, self.run.caller)
 
 
 def _took_ms(chunk: Chunk) -> float:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,6 +49,7 @@ from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import CLIENT_CLOSED, Capability, OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
+    from first_jupyter.batch.offload import LineUsage
     from first_jupyter.gateway.compute_cloud import Credentials
     from first_jupyter.gateway.scheduler_view import SchedulerReader
 
@@ -720,23 +721,22 @@ class Gateway:
             target.endpoint if target else "", req.capability.value, req.stream, status, prompt_tokens,
             completion_tokens, (time.perf_counter() - t0) * 1000, (ttft - t0) * 1000 if ttft else None, error,
             caller.user if caller is not None else "")
-        self._account(record, caller)
-
-    def record_offloaded(self, request_id: str, model: str, backend: Backend, capability: Capability, status: int,
-                         prompt_tokens: int | None, completion_tokens: int | None, latency_ms: float,
-                         error: str | None, caller: Caller | None) -> None:
-        """A batch line answered by a run-batch task on a cluster's nodes, accounted as a request this gateway sent
-        would be: the owner's usage and quotas count a batch whichever way it ran."""
-        self._account(UsageRecord(time.time(), request_id, model, backend.cluster, backend.name, capability.value,
-                                  False, status, prompt_tokens, completion_tokens, latency_ms, None, error,
-                                  caller.user if caller is not None else ""), caller)
-
-    def _account(self, record: UsageRecord, caller: Caller | None) -> None:
-        """Keep a finished request's record, and hand it to its caller (a shared gateway's quotas, metrics and
-        access log)."""
         self.usage.record(record)
         if caller is not None:
             caller.recorded(record)
+
+    def record_offloaded(self, batch_id: str, model: str, backend: Backend, capability: Capability,
+                         latency_ms: float, lines: Sequence[LineUsage], caller: Caller | None) -> None:
+        """Batch lines answered by a run-batch task on a cluster's nodes, accounted as requests this gateway sent
+        would be: the owner's usage and quotas count a batch whichever way it ran."""
+        now, user = time.time(), caller.user if caller is not None else ""
+        records = [UsageRecord(now, f"{batch_id}/{line.custom_id}", model, backend.cluster, backend.name,
+                               capability.value, False, line.status, line.prompt_tokens, line.completion_tokens,
+                               latency_ms, None, line.error, user) for line in lines]
+        for record in records:
+            self.usage.record(record)
+        if caller is not None:
+            caller.recorded_all(records)
 
     async def complete(self, req: ParsedRequest, caller: Caller | None = None) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,10 +93,25 @@ class SharedPolicy:
 
     def recorded(self, record: UsageRecord) -> None:
         """A request ended: its tokens count against the quotas, then metrics and the access log."""
-        self.metrics.observe(record)
         tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
         if tokens and self.quotas.limited:
             self.quotas.spend(record.user, record.model, tokens)
+        self._observed(record)
+
+    def recorded_all(self, records: Sequence[UsageRecord]) -> None:
+        """Requests that ended together (an offloaded chunk's lines): one spend per user and model."""
+        spent: dict[tuple[str, str], int] = {}
+        for record in records:
+            key = (record.user, record.model)
+            spent[key] = spent.get(key, 0) + (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+            self._observed(record)
+        for (user, model), tokens in spent.items():
+            if tokens and self.quotas.limited:
+                self.quotas.spend(user, model, tokens)
+
+    def _observed(self, record: UsageRecord) -> None:
+        """A request's metrics and its access-log line."""
+        self.metrics.observe(record)
         self.access(ts=record.ts, request_id=record.request_id, user=record.user, model=record.model,
                     cluster=record.cluster, endpoint=record.endpoint, route=record.capability, stream=record.stream,
                     status=record.status, prompt_tokens=record.prompt_tokens,
@@ -209,6 +225,9 @@ class SharedCaller:
         self.record = record
         self.ended()
         self.policy.recorded(record)
+
+    def recorded_all(self, records: Sequence[UsageRecord]) -> None:
+        self.policy.recorded_all(records)
 
     def ended(self) -> None:
         """The request is over (recorded, or its handler finished without a record): no longer in flight."""
