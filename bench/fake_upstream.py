@@ -13,6 +13,11 @@ or per request through the ``x-fake-fault`` header, and records what it saw (req
 responses, client disconnects, last request) so tests can assert on the gateway's behaviour, either
 through plain attributes from another thread or through ``GET /stats`` from another process.
 
+A test that needs work to be *under way* (a batch seen part done, a request cancelled while it runs) must
+not hope the machine is slow enough to catch it: it closes the gate (``POST /gate {"hold": true}``), so that
+inference requests wait, lets exactly N through (``{"release": N}``) and opens it when it is done
+(``{"open": true}``).  The pace is then the test's, on any machine.
+
 Run it in the foreground with ``python bench/fake_upstream.py --port 0``; it prints one line
 ``READY http://HOST:PORT`` once listening and serves until SIGTERM or SIGINT.
 """
@@ -54,7 +59,8 @@ _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _EMBEDDINGS: b"POST",
     _MODELS: b"GET",
 }
-_CONTROL_ROUTES: Final = frozenset((b"/health", b"/stats"))
+_GATE: Final = b"/gate"
+_CONTROL_ROUTES: Final = frozenset((b"/health", b"/stats", _GATE))
 _EMBEDDING: Final = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 _MAX_HEAD_BYTES: Final = 64 * 1024  # refuse absurd header blocks rather than buffer them forever
 _MAX_CACHE_ENTRIES: Final = 4096  # models are echoed from requests, so bound the response cache
@@ -287,7 +293,8 @@ class FakeUpstream:
 
     Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON, or SSE when the body has
     ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, plus the control-plane routes
-    ``GET /health`` and ``GET /stats``.  Anything else gets a 404 in the OpenAI error shape.
+    ``GET /health``, ``GET /stats`` and ``POST /gate`` (see ``hold``).  Anything else gets a 404 in the OpenAI
+    error shape.
 
     Faults apply to the ``/v1/*`` routes only, so health checks and ``/stats`` keep answering.  A request
     header ``x-fake-fault: <mode>`` overrides the server-wide ``fault`` for that request (``none``
@@ -298,7 +305,8 @@ class FakeUpstream:
     control-plane routes are deliberately not counted so that probing does not disturb them:
 
     * ``requests``: requests received on the ``/v1/*`` routes and unknown paths;
-    * ``active``: those whose response is still in flight (delayed, streaming, hung);
+    * ``active``: those whose response is still in flight (delayed, streaming, hung, held at the gate);
+    * ``held``: those waiting at the closed gate;
     * ``disconnects``: ``time.monotonic()`` of every connection lost while its response was still in
       flight, which is to say the client (or gateway) went away; aborts injected by
       ``drop-mid-stream`` and by ``stop()`` are not recorded;
@@ -340,6 +348,8 @@ class FakeUpstream:
         """Requests per path (``/v1/chat/completions``, ``/v1/models``, ...), control routes excepted."""
         self.active = 0
         self.disconnects: deque[float] = deque(maxlen=_MAX_DISCONNECTS)
+        self._passes: int | None = None  # None: the gate is open; else how many more requests may go through
+        self._waiting: deque[asyncio.Future[None]] = deque()  # requests held at the gate, in arrival order
         self._port = port
         self._created = int(time.time())
         self._tokens = tuple(f"tok{i} " for i in range(chunks))
@@ -367,6 +377,31 @@ class FakeUpstream:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self._port}"
+
+    @property
+    def held(self) -> int:
+        """Inference requests waiting at the closed gate (those whose client left are not counted)."""
+        return sum(not waiting.done() for waiting in self._waiting)
+
+    def hold(self) -> None:
+        """Close the gate: inference requests from now on wait until released (``/v1/models`` never does).
+        Call it on the server's loop; other threads and processes use ``POST /gate``."""
+        if self._passes is None:
+            self._passes = 0
+
+    def release(self, count: int | None = None) -> None:
+        """Let ``count`` more requests through the closed gate, held ones first, in arrival order; ``None``
+        lets every one through and opens the gate.  Call it on the server's loop."""
+        if count is None:
+            self._passes = None
+        elif self._passes is not None:
+            self._passes += count
+        while self._waiting and (self._passes is None or self._passes > 0):
+            waiting = self._waiting.popleft()
+            if not waiting.done():  # (a held request whose client left was cancelled: it takes no pass)
+                waiting.set_result(None)
+                if self._passes is not None:
+                    self._passes -= 1
 
     @property
     def last_request_headers(self) -> dict[str, str]:
@@ -416,8 +451,12 @@ class FakeUpstream:
         """Route one parsed request: control plane first, then faults, then the fake API."""
         close = conn.close_after
         if path in _CONTROL_ROUTES:
-            if method != b"GET":
-                conn.write(_error_response(405, f"use GET {path.decode()}", "invalid_request_error", close))
+            control_method = b"POST" if path == _GATE else b"GET"
+            if method != control_method:
+                message = f"use {control_method.decode()} {path.decode()}"
+                conn.write(_error_response(405, message, "invalid_request_error", close))
+            elif path == _GATE:
+                conn.write(self._gate(body, close))
             elif path == b"/health":
                 conn.write(_json_response(200, b'{"status":"ok"}', close))
             else:
@@ -450,6 +489,47 @@ class FakeUpstream:
                 return
         if fault == "hang":
             return  # stays in flight until the client goes away
+        if path != _MODELS and self._passes is not None:
+            if self._passes == 0:
+                conn.run(self._answer_after_gate(conn, path, body, close, fault))
+                return
+            self._passes -= 1
+        pending = self._answer(conn, path, body, close, fault)
+        if pending is not None:
+            conn.run(pending)
+
+    def _gate(self, body: bytes, close: bool) -> bytes:
+        """``POST /gate``: ``{"hold": true}``, ``{"release": N}`` or ``{"open": true}``; answers what it holds."""
+        try:
+            command = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            command = None
+        release = command.get("release") if isinstance(command, dict) else None
+        if isinstance(command, dict) and command.get("hold") is True:
+            self.hold()
+        elif isinstance(command, dict) and command.get("open") is True:
+            self.release()
+        elif isinstance(release, int) and not isinstance(release, bool) and release >= 0:
+            self.release(release)
+        else:
+            message = 'send {"hold": true}, {"release": N} (N >= 0) or {"open": true}'
+            return _error_response(400, message, "invalid_request_error", close)
+        state = {"held": self.held, "passes": self._passes}
+        return _json_response(200, orjson.dumps(state), close)
+
+    async def _answer_after_gate(self, conn: _Connection, path: bytes, body: bytes, close: bool,
+                                 fault: str) -> None:
+        """Wait at the closed gate for a pass, then answer as if the request had just come."""
+        waiting = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiting)
+        await waiting  # (cancelled with the task when the client goes away)
+        pending = self._answer(conn, path, body, close, fault)
+        if pending is not None:
+            await pending
+
+    def _answer(self, conn: _Connection, path: bytes, body: bytes, close: bool,
+                fault: str) -> Coroutine[Any, Any, None] | None:
+        """Write a routed request's answer now, or return the coroutine that finishes it (delays, pacing)."""
         delay = self.first_byte_delay
         if fault == "slow-first-byte" and not delay:
             delay = SLOW_FIRST_BYTE_DEFAULT_S
@@ -457,17 +537,17 @@ class FakeUpstream:
         drop = fault == "drop-mid-stream"
         if isinstance(reply, _Stream):
             if delay or (self.pace and len(reply.events) > 1):
-                conn.run(self._send_stream_paced(conn, reply, delay, drop))
-            else:
-                self._send_stream_now(conn, reply, drop)
+                return self._send_stream_paced(conn, reply, delay, drop)
+            self._send_stream_now(conn, reply, drop)
         elif delay:
-            conn.run(self._send_later(conn, reply, delay, drop))
+            return self._send_later(conn, reply, delay, drop)
         elif drop:
             conn.write(reply[: len(reply) // 2])
             conn.drop()
         else:
             conn.write(reply)
             conn.end()
+        return None
 
     def _reply(self, path: bytes, body: bytes, close: bool, fault: str) -> bytes | _Stream:
         """The response for a routed ``/v1/*`` request, from cache whenever possible."""
@@ -605,6 +685,7 @@ class FakeUpstream:
             {
                 "requests": self.requests,
                 "active": self.active,
+                "held": self.held,
                 "disconnects": list(self.disconnects),
                 "last_request_headers": self.last_request_headers,
                 "last_request_body": self.last_request_body,

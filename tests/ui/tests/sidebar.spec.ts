@@ -43,6 +43,13 @@ async function setRefreshInterval(request: APIRequestContext, seconds: number): 
   expect(response.ok()).toBeTruthy();
 }
 
+/** A command to the fake upstream's gate (bench/fake_upstream.py): hold its requests, release N, or open it. */
+async function gate(request: APIRequestContext, command: Record<string, unknown>): Promise<void> {
+  const url = fs.readFileSync(path.join(process.env.FIRST_UI_STATE ?? '', 'fake_upstream_url'), 'utf8').trim();
+  const response = await request.post(`${url}/gate`, { data: command });
+  expect(response.ok(), await response.text()).toBeTruthy();
+}
+
 /** What a `%%first chat` answer says and which model the kernel says answered (the output's metadata). */
 async function chatOutput(page: IJupyterLabPageFixture, cell: number): Promise<{ text: string; model: string }> {
   const text = ((await page.notebook.getCellTextOutput(cell)) ?? []).join('\n');
@@ -166,10 +173,10 @@ test.describe('FIRST sidebar', () => {
 
   test('a started batch shows its progress, and Cancel stops one', async ({ page }) => {
     const panel = await openPanel(page);
-    const upload = async (lines: number, model: string): Promise<string> => {
+    const upload = async (lines: number): Promise<string> => {
       const body = Array.from({ length: lines }, (_, i) => JSON.stringify({
         custom_id: `request-${i}`, method: 'POST', url: '/v1/chat/completions',
-        body: { model, max_tokens: 24, messages: [{ role: 'user', content: `Question ${i}` }] }
+        body: { model: 'fake-model', max_tokens: 24, messages: [{ role: 'user', content: `Question ${i}` }] }
       })).join('\n');
       const file = await page.request.post('/first/v1/files', {
         multipart: { purpose: 'batch', file: { name: 'prompts.jsonl', mimeType: 'application/jsonl',
@@ -183,31 +190,42 @@ test.describe('FIRST sidebar', () => {
       return (await batch.json()).id;
     };
 
-    const id = await upload(120, 'tiny-chat');
-    const entry = panel.locator(`.first-batch[data-batch="${id}"]`);
-    const label = entry.locator('.first-batch-label');
-    await expect(entry).toBeVisible();
-    const seen = new Set<string>();
-    await expect.poll(async () => {
-      seen.add((await label.textContent()) ?? '');
-      return entry.getAttribute('data-status');
-    }, { timeout: 180000, intervals: [200] }).toBe('completed');
-    await expect(label).toHaveText('120/120 (100%)');
-    const partial = [...seen].filter(text => /^([1-9]\d?|1[01]\d)\/120 /.test(text));
-    expect(partial.length, `labels seen: ${[...seen].join(' | ')}`).toBeGreaterThan(0);
-    await expect(entry.locator('progress')).toHaveJSProperty('value', 1);
-    await screenshot(panel, '6-panel-batch-done');
+    // The batch's pace is the test's: its requests wait at the fake upstream's gate, 30 are let through, and the
+    // panel must show that part done (and no more, since the rest are held) before the gate opens.
+    await gate(page.request, { hold: true });
+    try {
+      const id = await upload(120);
+      const entry = panel.locator(`.first-batch[data-batch="${id}"]`);
+      const label = entry.locator('.first-batch-label');
+      await expect(entry).toBeVisible();
+      await gate(page.request, { release: 30 });
+      await expect(label).toHaveText('30/120 (25%)');
+      await expect(entry).toHaveAttribute('data-status', 'in_progress');
+      await expect(entry.locator('progress')).toHaveJSProperty('value', 0.25);
+      await screenshot(panel, '6-panel-batch-part-done');
+      await gate(page.request, { open: true });
+      await expect(entry).toHaveAttribute('data-status', 'completed');
+      await expect(label).toHaveText('120/120 (100%)');
+      await expect(entry.locator('progress')).toHaveJSProperty('value', 1);
+      await screenshot(panel, '7-panel-batch-done');
 
-    const slow = await upload(3000, 'tiny-chat');
-    const running = panel.locator(`.first-batch[data-batch="${slow}"]`);
-    await expect(running.locator('.first-cancel')).toBeVisible();
-    await screenshot(panel, '7-panel-batch-running');
-    await running.locator('.first-cancel').click();
-    await expect(running).toHaveAttribute('data-status', /^(cancelling|cancelled)$/);
-    await expect(running).toHaveAttribute('data-status', 'cancelled', { timeout: 120000 });
-    await expect(running.locator('.first-cancel')).toHaveCount(0);
-    const cancelled = await (await page.request.get(`/first/v1/batches/${slow}`)).json();
-    expect(cancelled.request_counts.completed).toBeLessThan(3000);
+      // Cancelled while every request it sent is held: those may finish once the gate opens, no other is sent.
+      await gate(page.request, { hold: true });
+      const held = await upload(200);
+      const running = panel.locator(`.first-batch[data-batch="${held}"]`);
+      await expect(running.locator('.first-cancel')).toBeVisible();
+      await expect(running).toHaveAttribute('data-status', 'in_progress');
+      await screenshot(panel, '8-panel-batch-running');
+      await running.locator('.first-cancel').click();
+      await expect(running).toHaveAttribute('data-status', /^(cancelling|cancelled)$/);
+      await gate(page.request, { open: true });
+      await expect(running).toHaveAttribute('data-status', 'cancelled');
+      await expect(running.locator('.first-cancel')).toHaveCount(0);
+      const cancelled = await (await page.request.get(`/first/v1/batches/${held}`)).json();
+      expect(cancelled.request_counts.completed).toBeLessThan(200);
+    } finally {
+      await gate(page.request, { open: true });
+    }
   });
 
   test('signs in with Globus without leaving JupyterLab, says a refused code in words, and signs out',
@@ -233,7 +251,7 @@ test.describe('FIRST sidebar', () => {
       const updated = await panel.locator('.first-updated').textContent();
       await expect(panel.locator('.first-updated')).not.toHaveText(updated ?? ''); // a refresh has passed...
       await expect(error).toContainText('Globus did not accept the code'); // ...and the error is still there
-      await screenshot(panel, '8-panel-sign-in-refused');
+      await screenshot(panel, '9-panel-sign-in-refused');
 
       await signIn.getByRole('button', { name: 'Cancel' }).click();
       const code = await start();
@@ -244,13 +262,13 @@ test.describe('FIRST sidebar', () => {
       await expect(panel.locator('.first-updated')).not.toHaveText(before ?? '');
       await expect(field).toHaveValue(code.slice(0, 4)); // the refresh kept it, and the focus
       await expect(field).toBeFocused();
-      await screenshot(panel, '9-panel-sign-in-code');
+      await screenshot(panel, '10-panel-sign-in-code');
       await field.fill(code);
       await signIn.getByRole('button', { name: 'Finish sign-in' }).click();
       await expect(panel.locator('.first-identity')).toHaveText('Signed in as ada@uni.edu');
       await expect(signIn).toContainText('through a sign-in from this server; expires in 48 h (renews itself)');
       await expect(error).toBeHidden();
-      await screenshot(panel, '10-panel-signed-in');
+      await screenshot(panel, '11-panel-signed-in');
 
       await signIn.getByRole('button', { name: 'Sign out' }).click();
       await expect(panel.locator('.first-identity')).toHaveText('Not signed in to Globus');
