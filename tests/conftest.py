@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvloop
 import yaml
@@ -85,6 +86,22 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         yield upstream
 
 
+def gate(upstream: FakeUpstream, **command: Any) -> dict[str, Any]:
+    """Work the fake upstream's gate (``hold=True``, ``release=N``, ``open=True``) from a test's thread, over HTTP:
+    the upstream serves on a thread of its own, and the gate is moved on its loop. So that a test sets the pace of
+    the work it watches (a batch part done, a request held in flight) instead of hoping the machine is slow enough
+    to catch it under way."""
+    answer = httpx.post(f"{upstream.url}/gate", json=command, timeout=30)
+    answer.raise_for_status()
+    state: dict[str, Any] = answer.json()
+    return state
+
+
+def held(upstream: FakeUpstream) -> int:
+    """How many requests wait at the upstream's gate, read on its own loop (``/stats``)."""
+    return int(httpx.get(f"{upstream.url}/stats", timeout=30).json()["held"])
+
+
 @contextlib.contextmanager
 def serving_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """A stdlib HTTP server on loopback answering with ``handler``, for the duration of the block; its base URL."""
@@ -140,7 +157,9 @@ def closed_port() -> int:
     return free_port()
 
 
-def wait_listening(port: int, server: subprocess.Popen[str], timeout: float = 60) -> None:
+def wait_listening(port: int, server: subprocess.Popen[str], timeout: float = 180) -> None:
+    """Until the server listens on ``port``; ``timeout`` only guards against a server that never does (a Jupyter
+    server starting on a loaded machine can take tens of seconds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert server.poll() is None, server.stderr.read() if server.stderr else "the server exited"

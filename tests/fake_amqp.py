@@ -135,17 +135,18 @@ class FakeAmqpBroker:
         with self._cond:
             return self._consumers_of(queue)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """Block until ``predicate()`` (evaluated under the broker's lock after each event) holds.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds, so a test fails instead of hanging. Predicates read
-        ``acked``, ``nacked``, ``connection_count()`` or ``consumer_count()``.
+        Raises ``TimeoutError`` after ``timeout`` seconds, so a test fails instead of hanging; the default is only a
+        guard, generous enough for a loaded machine. Predicates read ``acked``, ``nacked``, ``connection_count()``
+        or ``consumer_count()``.
         """
         with self._cond:
             if not self._cond.wait_for(predicate, timeout):
                 raise TimeoutError(f"broker state did not reach {predicate!r} within {timeout}s")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         """Close the listening socket and every connection (sending each a ``Connection.Close``), join the thread.
 
         Safe to call more than once and without ``start()``.

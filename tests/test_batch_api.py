@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Door, fake_cluster_config, server_config
+from tests.conftest import Door, fake_cluster_config, gate, held, server_config
 
 FINAL = ("completed", "failed", "expired", "cancelled")
 CHAT = "/v1/chat/completions"
@@ -57,16 +59,24 @@ async def _results(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict
     return [json.loads(line) for line in (await client.files.content(file_id)).text.splitlines()]
 
 
-async def _slow_batch(door: Door, upstream: Any, lines: int, window: str = "24h") -> tuple[
-        openai.AsyncOpenAI, Any, Any]:
-    """A batch of ``lines`` against an engine that takes 0.2 s per answer: long enough to act on mid-run."""
-    upstream.first_byte_delay = 0.2
+async def _batch(door: Door, lines: int, window: str = "24h") -> tuple[openai.AsyncOpenAI, Any, Any]:
+    """A batch of ``lines``; a test that acts on it mid-run holds the upstream's gate first (``gate``), so that it
+    is still under way when the test acts, on any machine."""
     client = _client(door)
-    uploaded = await client.files.create(file=("slow.jsonl", _jsonl([_line(i) for i in range(lines)])),
+    uploaded = await client.files.create(file=("batch.jsonl", _jsonl([_line(i) for i in range(lines)])),
                                          purpose="batch")
     batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                         completion_window=window)
     return client, uploaded, batch
+
+
+async def _standing(client: openai.AsyncOpenAI, batch_id: str, upstream: Any, completed: int, waiting: int) -> None:
+    """Until the batch has ``completed`` answers and ``waiting`` requests held at the upstream's gate: its window
+    full, it can go no further until the gate opens. The timeout only guards against a run that never gets there."""
+    async with asyncio.timeout(60):
+        while ((await client.batches.retrieve(batch_id)).request_counts.completed < completed
+               or held(upstream) < waiting):
+            await asyncio.sleep(0.05)
 
 
 async def test_the_openai_client_uploads_runs_lists_and_reads_a_batch(key_door, fake_upstream, tmp_path):
@@ -134,18 +144,19 @@ async def test_a_file_with_bad_lines_fails_the_batch_with_each_line_and_runs_not
 
 @pytest.mark.concurrency(2)
 async def test_cancel_stops_new_work_lets_in_flight_finish_and_keeps_what_was_done(key_door, fake_upstream):
-    client, _, batch = await _slow_batch(key_door, fake_upstream, 60)  # two at a time: 60 lines take 6 s
-    async with asyncio.timeout(30):
-        while (await client.batches.retrieve(batch.id)).request_counts.completed < 4:
-            await asyncio.sleep(0.05)
+    gate(fake_upstream, hold=True)
+    gate(fake_upstream, release=4)  # 4 answered, then the next two (the window) wait in flight
+    client, _, batch = await _batch(key_door, 60)
+    await _standing(client, batch.id, fake_upstream, completed=4, waiting=2)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling"
+    gate(fake_upstream, open=True)  # what was in flight at the cancel finishes
     done = await _finished(client, batch.id)
     assert done.status == "cancelled"
     assert done.cancelling_at <= done.cancelled_at
     answered = await _results(client, done.output_file_id)
     refused = await _results(client, done.error_file_id)
-    assert 4 <= len(answered) < 60
+    assert len(answered) == 4 + 2  # done before the cancel, and in flight at it
     ids = [r["custom_id"] for r in answered + refused]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(60))  # every request once, in one file or the other
     assert {r["error"]["code"] for r in refused} == {"batch_cancelled"}
@@ -157,13 +168,25 @@ async def test_cancel_stops_new_work_lets_in_flight_finish_and_keeps_what_was_do
 
 @pytest.mark.concurrency(2)
 async def test_a_batch_past_its_completion_window_expires_with_what_it_did(key_door, fake_upstream):
-    client, _, batch = await _slow_batch(key_door, fake_upstream, 60, window="2s")
+    # The window is wall-clock time by nature: it is sized from a batch of 4 timed here, so that 4 lines are done
+    # well within it on a machine of any speed; the gate then holds the rest until the window has passed.
+    client = _client(key_door)
+    started = time.monotonic()
+    await _finished(client, (await _batch(key_door, 4))[2].id)
+    window_s = math.ceil(10 * (time.monotonic() - started)) + 1  # + 1: expires_at counts from a whole second
+    gate(fake_upstream, hold=True)
+    gate(fake_upstream, release=4)
+    client, _, batch = await _batch(key_door, 60, window=f"{window_s}s")
+    await _standing(client, batch.id, fake_upstream, completed=4, waiting=2)
+    while time.time() < batch.expires_at + 0.5:  # the window's end is a time, not an event; + 0.5: clock rounding
+        await asyncio.sleep(0.05)
+    gate(fake_upstream, open=True)  # what was in flight when the window closed finishes
     done = await _finished(client, batch.id)
     assert done.status == "expired"
     assert done.expired_at >= batch.expires_at
     answered = await _results(client, done.output_file_id)
     refused = await _results(client, done.error_file_id)
-    assert 0 < len(answered) < 60
+    assert len(answered) == 4 + 2  # done within the window, and in flight when it closed
     assert sorted(r["custom_id"] for r in answered + refused) == sorted(f"req-{i}" for i in range(60))
     assert {r["error"]["code"] for r in refused} == {"batch_expired"}
 
@@ -171,13 +194,16 @@ async def test_a_batch_past_its_completion_window_expires_with_what_it_did(key_d
 async def test_transient_failures_are_retried_and_lasting_ones_become_the_lines_result(key_door, fake_upstream):
     client = _client(key_door)
     fake_upstream.fault = "500"
+    gate(fake_upstream, hold=True)
+    gate(fake_upstream, release=3)  # each line's first try fails; the tries after it wait at the gate
     uploaded = await client.files.create(file=("few.jsonl", _jsonl([_line(i) for i in range(3)])), purpose="batch")
     batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                         completion_window="24h")
-    async with asyncio.timeout(10):
-        while fake_upstream.by_route[CHAT] < 6:  # each line tried, then tried again
+    async with asyncio.timeout(60):  # only a guard: each line tried, then tried again (held, so no third try yet)
+        while fake_upstream.by_route[CHAT] < 6 or held(fake_upstream) < 3:
             await asyncio.sleep(0.02)
     fake_upstream.fault = "none"  # the engine recovers: the retries succeed
+    gate(fake_upstream, open=True)
     done = await _finished(client, batch.id)
     assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 3, 0)
 
@@ -241,11 +267,12 @@ async def test_file_and_batch_routes_answer_errors_that_say_what_to_do(door):
 
 @pytest.mark.concurrency(1)
 async def test_the_input_of_an_unfinished_batch_cannot_be_deleted(key_door, fake_upstream):
-    client, uploaded, batch = await _slow_batch(key_door, fake_upstream, 20)
+    gate(fake_upstream, hold=True)  # nothing is answered: the batch is unfinished until the gate opens
+    client, uploaded, batch = await _batch(key_door, 20)
     with pytest.raises(openai.ConflictError) as info:
         await client.files.delete(uploaded.id)
     assert batch.id in info.value.message
     await client.batches.cancel(batch.id)
+    gate(fake_upstream, open=True)
     await _finished(client, batch.id)
     assert (await client.files.delete(uploaded.id)).deleted
-

@@ -7,7 +7,11 @@ import csv
 import json
 import sys
 import threading
-import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
@@ -16,6 +20,7 @@ from IPython.utils.capture import CapturedIO, capture_output
 
 from first_jupyter import batch_client, cli, client
 from first_jupyter.widgets import BatchMonitor
+from tests.conftest import fake_cluster_config
 
 ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
 
@@ -23,6 +28,62 @@ ANSWER = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
 @pytest.fixture(autouse=True)
 def _forget_the_latest_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batch_client, "_latest", None)
+
+
+class _HeldEngine(BaseHTTPRequestHandler):
+    """An OpenAI-compatible upstream whose chat answers wait until the test opens ``gate``: a batch's requests stay
+    in flight, whatever the machine's speed, while the test does what must happen meanwhile (read the batch's
+    status, cancel it). Its model list answers at once: the gateway reads it to know the endpoint's state."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the gateway's connection pool expects
+    gate: ClassVar[threading.Event] = threading.Event()
+
+    def do_GET(self) -> None:
+        self._answer({"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0,
+                                                  "owned_by": "test"}]})
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.gate.wait()
+        self._answer({"id": "chatcmpl-held", "object": "chat.completion", "created": 0, "model": request["model"],
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
+                                   "logprobs": None, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}})
+
+    def _answer(self, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the gateway stopped while this waited: nobody is left to answer
+            self.close_connection = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # a batch opens its whole window of connections at once
+
+
+@pytest.fixture
+def held(in_process: Any, write_config: Callable[[dict[str, Any]], Path]) -> Iterator[threading.Event]:
+    """The in-process gateway in front of ``_HeldEngine``; the test opens the returned gate to let answers go."""
+    gate = _HeldEngine.gate = threading.Event()
+    server = _Server(("127.0.0.1", 0), _HeldEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    write_config(fake_cluster_config(SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}")))
+    client.disconnect()  # the next call starts a gateway on this configuration
+    try:
+        yield gate
+    finally:
+        gate.set()  # answers still waiting go (or find their gateway gone), so the server can stop
+        client.disconnect()
+        server.shutdown()
+        server.server_close()
 
 
 def magic(shell: InteractiveShell, line: str) -> CapturedIO:
@@ -107,8 +168,7 @@ def test_without_pandas_the_results_are_a_list_of_dicts(shell, in_process, monke
     assert row["prompt"] == "x"
 
 
-def test_status_list_and_cancel_of_a_slow_batch(shell, in_process):
-    in_process.first_byte_delay = 0.5
+def test_status_list_and_cancel_of_a_slow_batch(shell, held):
     shell.user_ns["prompts"] = [f"q{i}" for i in range(200)]  # more than the endpoint's window of 64
     submitted = magic(shell, "batch submit prompts")
     batch_id = submitted.stdout.split()[1]
@@ -117,10 +177,11 @@ def test_status_list_and_cancel_of_a_slow_batch(shell, in_process):
     assert "of" in status
     cancelled = magic(shell, "batch cancel").stdout  # no id: the one submitted last
     assert cancelled.startswith(f"{batch_id}: cancelling")
+    held.set()  # only now is any request answered: those in flight finish, the rest must not be sent
     final = batch_client.wait(batch_id, every=0.2)
     assert final["status"] == "cancelled"
     counts = final["request_counts"]
-    assert counts["completed"] < 200
+    assert counts["completed"] <= 64  # at most those in flight when it was cancelled: one window
     assert counts["completed"] + counts["failed"] == 200
     rows = batch_client.result_rows(batch_id)
     not_run = [r for r in rows if r["status_code"] is None]
@@ -166,12 +227,12 @@ def test_mistakes_get_one_line_that_says_what_to_do(shell, in_process, line, exp
     assert in_process.by_route["/v1/chat/completions"] == 0
 
 
-def test_results_of_a_running_batch_say_to_wait(shell, in_process):
-    in_process.first_byte_delay = 0.3
+def test_results_of_a_running_batch_say_to_wait(shell, held):
     shell.user_ns["prompts"] = ["a", "b"]
     magic(shell, "batch submit prompts")
-    assert "`%first batch wait`" in magic(shell, "batch results").stderr
-    batch_client.wait(every=0.1)
+    assert "`%first batch wait`" in magic(shell, "batch results").stderr  # its answers wait for the gate
+    held.set()
+    assert batch_client.wait(every=0.1)["status"] == "completed"
 
 
 def test_help_lists_every_action_with_its_options(shell):
@@ -194,30 +255,29 @@ def test_the_monitor_follows_a_batch_to_its_end(shell, in_process):
     assert monitor.error_line.value == ""
 
 
-def test_the_monitors_cancel_button_stops_the_batch(shell, in_process):
-    in_process.first_byte_delay = 0.5
+def test_the_monitors_cancel_button_stops_the_batch(shell, held):
     shell.user_ns["prompts"] = [f"q{i}" for i in range(200)]
     shown = magic(shell, "batch submit prompts --monitor")
     assert any("application/vnd.jupyter.widget-view+json" in o.data for o in shown.outputs)  # a monitor shown
     monitor = BatchMonitor(every=0.1)
     monitor.cancel_button.click()
+    held.set()  # no request was answered before the cancel
     assert monitor.wait(30)
     assert monitor.batch["status"] == "cancelled"
     assert monitor.bar.bar_style == "warning"
     assert monitor.bar.value == monitor.bar.max == 200  # each request answered or reported as not run
 
 
-def test_the_monitor_stops_with_the_gateway_it_began_on_and_starts_none(shell, in_process):
-    in_process.first_byte_delay = 0.5
+def test_the_monitor_stops_with_the_gateway_it_began_on_and_starts_none(shell, held):
     shell.user_ns["prompts"] = [f"q{i}" for i in range(50)]
     magic(shell, "batch submit prompts")
     monitor = BatchMonitor(every=0.05)
-    assert not monitor.wait(0.2)  # following
+    assert not monitor.wait(0)  # following: the batch cannot end while its answers wait for the gate
     client.disconnect()
-    assert monitor.wait(5)
+    assert monitor.wait(30)
     assert "no longer uses the gateway it ran on" in monitor.error_line.value
     assert f"%first batch status {monitor.batch_id}" in monitor.error_line.value
-    time.sleep(0.2)  # a refresh that had gone on would have started an in-process gateway by now
+    # its thread has ended, so no refresh of it is still going on: a gateway one had started would be running now
     assert not [t for t in threading.enumerate() if t.name == "first-gateway-in-process"]
 
 

@@ -2,15 +2,17 @@
 either waits (a stream tells its progress in SSE comments) or is answered 503 with Retry-After; models are started
 ahead of need on request (warm) and ahead of a burst (scale-out); a conversation stays where its last turn ran.
 
-The engines are fake upstreams whose first byte comes late, standing in for the wait; the endpoints' states are
-set as a status reading would set them. The real starts (Globus Compute blocks starting engines) are in
+The engines are fake upstreams whose answers wait (held at the fake's gate until the test lets them go, or late
+by far longer than any bound the test sets), standing in for the wait; the endpoints' states are set as a status
+reading would set them. The real starts (Globus Compute blocks starting engines) are in
 ``test_federation``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,25 @@ from first_jupyter.config import parse_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
-from tests.conftest import closed_port
+from tests.conftest import closed_port, gate
+from tests.waiting import GUARD_S
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def slow() -> Iterator[FakeUpstream]:
-    """An engine whose answers begin after 1 s: long enough for several progress comments."""
-    with serving_in_thread(models=["shared"], chunks=3, first_byte_delay=1.0) as upstream:
+def held() -> Iterator[FakeUpstream]:
+    """An engine that answers no request until the test opens its gate (its model list answers at once)."""
+    with serving_in_thread(models=["shared"], chunks=3) as upstream:
+        gate(upstream, hold=True)
+        yield upstream
+
+
+@pytest.fixture
+def stalled() -> Iterator[FakeUpstream]:
+    """An engine whose every answer, its model list (the start) included, would begin only after a minute: a start
+    that outlasts any wait the test sets (its stop aborts what is still waiting)."""
+    with serving_in_thread(models=["shared"], chunks=3, first_byte_delay=60.0) as upstream:
         yield upstream
 
 
@@ -58,25 +70,49 @@ def _request(stream: bool = False, messages: list[dict[str, str]] | None = None)
     return parse_request(Capability.chat, json.dumps(body).encode())
 
 
-async def _streamed(gateway: Gateway, **request: Any) -> tuple[Target, list[bytes], OpenAIError | None]:
+async def _streamed(gateway: Gateway, seen: Callable[[list[bytes]], None] = lambda _: None,
+                    **request: Any) -> tuple[Target, list[bytes], OpenAIError | None]:
+    """Relay a stream to its end; ``seen`` is told what has come so far after each chunk."""
     stream = await gateway.stream(_request(stream=True, **request))
     out: list[bytes] = []
+
+    def write(chunk: bytes) -> bool:
+        out.append(chunk)
+        seen(out)
+        return True
+
     try:
-        await stream.relay(lambda chunk: out.append(chunk) or True)
+        await stream.relay(write)
     finally:
         stream.close()
     return stream.target, out, stream.error
 
 
-async def test_a_stream_for_a_cold_model_tells_its_progress_then_gives_the_answer(slow, tmp_path):
-    gateway = _gateway(tmp_path, {"alpha": slow.url})
+async def test_a_stream_for_a_cold_model_tells_its_progress_then_gives_the_answer(held, tmp_path):
+    gateway = _gateway(tmp_path, {"alpha": held.url})
     alpha = _target(gateway, "alpha")
     gateway.router.observe_state(alpha.backend, "shared", "cold")
+    three_comments = asyncio.Event()
+
+    def seen(out: list[bytes]) -> None:
+        if sum(c.startswith(b": ") for c in out) >= 3:
+            three_comments.set()
+
+    async def answer_after_three_comments() -> None:
+        """The engine answers once the stream has told its progress three times (every 0.2 s while it waits),
+        however long that takes here; opened anyway after the guard, so that the test fails rather than hangs."""
+        try:
+            await asyncio.wait_for(three_comments.wait(), GUARD_S)
+        finally:
+            await asyncio.to_thread(gate, held, open=True)
+
+    engine = asyncio.create_task(answer_after_three_comments())
     try:
-        target, chunks, error = await _streamed(gateway)
+        target, chunks, error = await _streamed(gateway, seen)
+        await engine  # (raises if three comments never came)
         assert (target.cluster, error) == ("alpha", None)
         comments = [c for c in chunks if c.startswith(b": ")]
-        assert len(comments) >= 3  # every 0.2 s during the 1 s wait
+        assert len(comments) >= 3  # repeated while the answer did not come
         assert chunks[0] == comments[0]  # the status line went out with the first comment, at once
         assert comments[0].startswith(b": waiting for model 'shared' on cluster 'alpha' endpoint 'engine': ")
         body = b"".join(chunks)
@@ -108,8 +144,8 @@ async def test_with_reject_a_cold_model_is_answered_503_with_retry_after_and_sta
         await gateway.close()
 
 
-async def test_a_plain_request_waits_for_a_start_up_to_max_wait_then_says_when_to_retry(slow, tmp_path):
-    gateway = _gateway(tmp_path, {"alpha": slow.url}, max_wait=0.3)
+async def test_a_plain_request_waits_for_a_start_up_to_max_wait_then_says_when_to_retry(stalled, tmp_path):
+    gateway = _gateway(tmp_path, {"alpha": stalled.url}, max_wait=0.3)  # the start takes 60 s: max_wait ends it
     alpha = _target(gateway, "alpha")
     gateway.router.observe_state(alpha.backend, "shared", "cold")
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,10 +34,12 @@ from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.gateway.shared import SharedPolicy
 from first_jupyter.server_ext.standalone import stop
+from tests.conftest import gate, held
 from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import COMPUTE, FakeComputeService
 from tests.test_resource_server import introspection
 from tests.test_shared_gateway import JSON, Shared, error_of, serve_section, serving
+from tests.waiting import GUARD_S, eventually
 
 SOPHIA = "5f9a1c2e-8b3d-4e6f-a1b2-c3d4e5f60718"
 POLARIS = "6a0b2d3f-9c4e-4f70-b2c3-d4e5f6071829"
@@ -103,14 +104,6 @@ def _result_watchers() -> int:
     return sum(1 for t in threading.enumerate() if type(t).__name__ == "_ResultWatcher")
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def serve_compute(tmp_path: Path, fake_upstream: Any, broker: FakeAmqpBroker,
                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ComputeGateway]]:
@@ -146,7 +139,7 @@ def serve_compute(tmp_path: Path, fake_upstream: Any, broker: FakeAmqpBroker,
                 thread.submit(stop(server, gateway, policy, [])).result(30)
                 service.join()
             thread.stop()
-            _wait_for(lambda: _result_watchers() == 0, 10)  # every session's result thread stopped
+            eventually(lambda: _result_watchers() == 0)  # every session's result thread stopped
         assert OPERATOR_TOKEN not in {r.request.headers.get("Authorization", "").removeprefix("Bearer ")
                                       for r in rsps.calls if r.request.url.startswith(COMPUTE)}
 
@@ -203,18 +196,28 @@ def test_a_user_without_a_compute_token_is_told_why_and_nothing_is_sent_as_them(
 
 def test_the_least_recent_users_connection_closes_once_its_task_is_answered(serve_compute, fake_upstream):
     gw = serve_compute(user_sessions=1)
-    fake_upstream.first_byte_delay = 1.5
-    answers: list[httpx.Response] = []
-    ada = threading.Thread(target=lambda: answers.append(gw.shared.post("/first/v1/chat/completions", CHAT)))
-    ada.start()
-    _wait_for(lambda: fake_upstream.active == 1)  # ada's task runs on the node
-    bob = gw.shared.post("/first/v1/chat/completions", CHAT, token="AT-bob")  # takes the one session's place
-    ada.join(30)
-    assert bob.status_code == 200
-    assert [a.status_code for a in answers] == [200]  # put aside, ada's session still brought her answer back
-    _wait_for(lambda: _result_watchers() == 1)  # and then closed: only bob's result stream is left
+    answers: dict[str, httpx.Response] = {}
 
-    fake_upstream.first_byte_delay = 0.0
+    def ask(token: str) -> None:
+        answers[token] = gw.shared.post("/first/v1/chat/completions", CHAT, token=token)
+
+    ada = threading.Thread(target=ask, args=("AT-ada",))
+    bob = threading.Thread(target=ask, args=("AT-bob",))
+    gate(fake_upstream, hold=True)  # the engine answers nothing until told: ada's task is held on the node
+    try:
+        ada.start()
+        eventually(lambda: held(fake_upstream) == 1)  # ada's task runs on the node
+        bob.start()  # takes the one session's place
+        eventually(lambda: held(fake_upstream) == 2)  # bob's task runs too, ada's not answered
+        eventually(lambda: _result_watchers() == 2)  # ada's session is put aside, not closed: her task is out
+    finally:
+        gate(fake_upstream, open=True)
+        ada.join(GUARD_S)
+        bob.join(GUARD_S)
+    assert answers["AT-bob"].status_code == 200
+    assert answers["AT-ada"].status_code == 200  # put aside, ada's session still brought her answer back
+    eventually(lambda: _result_watchers() == 1)  # and then closed: only bob's result stream is left
+
     assert gw.shared.post("/first/v1/chat/completions", CHAT).status_code == 200
     assert len(set(gw.task_groups(SOPHIA))) == 3  # ada came back to a new session
 
@@ -241,8 +244,12 @@ def test_a_batch_waits_for_its_owners_compute_token_and_then_runs_every_line(ser
                                                    "endpoint": "/v1/chat/completions", "completion_window": "24h"})
     assert created.status_code == 200, created.text
     batch_id = created.json()["id"]
-    _wait_for(lambda: gw.shared.get(f"/first/v1/batches/{batch_id}").json()["status"] == "in_progress")
-    time.sleep(1.0)
+    eventually(lambda: gw.shared.get(f"/first/v1/batches/{batch_id}").json()["status"] == "in_progress")
+    # Every line has been sent to the gateway and refused for want of ada's Compute token (each refusal is in the
+    # usage log): past that, a line only waits for the token, so whatever the batch would wrongly do without it
+    # (submit as someone else, count a line failed) would have been done by now.
+    eventually(lambda: gw.shared.gateway.usage.query(
+        "SELECT COUNT(*) FROM usage WHERE status = 401 AND error LIKE '%holds no Globus Compute token%'")[0][0] == 3)
     waiting = gw.shared.get(f"/first/v1/batches/{batch_id}").json()
     assert waiting["status"] == "in_progress"
     assert (waiting["request_counts"]["completed"], waiting["request_counts"]["failed"]) == (0, 0)
@@ -250,7 +257,7 @@ def test_a_batch_waits_for_its_owners_compute_token_and_then_runs_every_line(ser
 
     back = gw.shared.get(f"/first/v1/batches/{batch_id}", token="AT-ada-later")  # any request of ada's
     assert back.status_code == 200
-    _wait_for(lambda: gw.shared.get(f"/first/v1/batches/{batch_id}").json()["status"] == "completed", 30)
+    eventually(lambda: gw.shared.get(f"/first/v1/batches/{batch_id}").json()["status"] == "completed")
     done = gw.shared.get(f"/first/v1/batches/{batch_id}").json()
     assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert set(gw.bearers("POST", f"/v3/endpoints/{SOPHIA}/submit")) == {"CT-ada-later"}

@@ -28,6 +28,7 @@ from first_jupyter.remote.inference import call_engine
 from tests.conftest import closed_port
 from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import COMPUTE, FakeComputeService
+from tests.waiting import GUARD_S, eventually
 
 TOKEN = "AT-compute-user"
 
@@ -40,7 +41,7 @@ def rsps(broker: FakeAmqpBroker) -> Iterator[responses.RequestsMock]:
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         FakeComputeService.amqp_url(mock, broker)
         yield mock
-        _wait_for(lambda: not [t for t in threading.enumerate() if type(t).__name__ == "_ResultWatcher"], 5)
+        eventually(lambda: not [t for t in threading.enumerate() if type(t).__name__ == "_ResultWatcher"])
 
 
 @pytest.fixture
@@ -80,20 +81,12 @@ def _calls(rsps: responses.RequestsMock, method: str, path: str) -> list[Any]:
     return [c.request for c in rsps.calls if c.request.method == method and c.request.url.endswith(path)]
 
 
-def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the SDK's threads")
-        time.sleep(0.02)
-
-
 async def test_the_function_is_registered_once_and_tasks_go_to_the_endpoint_as_the_user(rsps, endpoint_id, tmp_path):
     gateway = _gateway(tmp_path, endpoint_id)
     submitter = gateway.backends[0].submitter
     try:
         task = await submitter.submit(call_engine, 8000, "chat/completions", {"model": "llama"}, 900.0)
-        _wait_for(lambda: _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit"))
+        eventually(lambda: _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit"))
         registered = _calls(rsps, "POST", "/v3/functions")
         assert len(registered) == 1
         assert json.loads(registered[0].body)["function_name"] == "call_engine"
@@ -102,14 +95,14 @@ async def test_the_function_is_registered_once_and_tasks_go_to_the_endpoint_as_t
         function_id = load_response(globus_sdk.ComputeClientV3.register_function, requests_mock=rsps) \
             .metadata["function_id"]
         assert function_id in submitted.body.decode()
-        _wait_for(lambda: task.task_id is not None)
+        eventually(lambda: task.task_id is not None)
     finally:
         await gateway.close()
 
     again = _gateway(tmp_path, endpoint_id)  # a restart: the registration is remembered
     try:
         await again.backends[0].submitter.submit(call_engine, 8000, "chat/completions", {"model": "llama"}, 900.0)
-        _wait_for(lambda: len(_calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit")) == 2)
+        eventually(lambda: len(_calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit")) == 2)
         assert len(_calls(rsps, "POST", "/v3/functions")) == 1
     finally:
         await again.close()
@@ -120,7 +113,7 @@ async def test_configured_function_ids_are_used_without_registering(rsps, endpoi
     gateway = _gateway(tmp_path, endpoint_id, functions={"call_engine": function_id})
     try:
         await gateway.backends[0].submitter.submit(call_engine, 8000, "chat/completions", {}, 900.0)
-        _wait_for(lambda: _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit"))
+        eventually(lambda: _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit"))
         assert _calls(rsps, "POST", "/v3/functions") == []
         assert function_id in _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit")[0].body.decode()
     finally:
@@ -184,7 +177,7 @@ async def test_a_service_identity_gets_its_own_token_from_client_credentials(rsp
     gateway = _gateway(tmp_path, endpoint_id, environ=environ, identity="service")
     try:
         await gateway.backends[0].submitter.submit(call_engine, 8000, "chat/completions", {}, 900.0)
-        _wait_for(lambda: _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit"))
+        eventually(lambda: _calls(rsps, "POST", f"/v3/endpoints/{endpoint_id}/submit"))
         grant = _calls(rsps, "POST", "/v2/oauth2/token")[0]
         assert "grant_type=client_credentials" in grant.body
         assert _calls(rsps, "POST", "/v3/functions")[0].headers["Authorization"] == "Bearer AT-service"
@@ -236,10 +229,13 @@ async def test_status_never_asks_more_than_the_service_allows(rsps, tmp_path):
 
 
 def test_the_call_window_admits_calls_again_as_they_age():
-    window = CallWindow(calls=3, window_s=0.2)
+    window_s = 1.0  # far longer than four calls in a row take on any machine (microseconds)
+    window = CallWindow(calls=3, window_s=window_s)
+    before_first = time.monotonic()
     assert [window.take() for _ in range(4)] == [True, True, True, False]
-    time.sleep(0.25)
-    assert window.take()
+    # the first call ages out of the window: waited for (the window has no clock to turn), however long it takes
+    eventually(window.take)
+    assert time.monotonic() - before_first >= window_s  # and not before it had aged (a lower bound holds anywhere)
 
 
 def test_a_remote_failure_carries_the_remote_errors_summary():
@@ -324,6 +320,25 @@ def _qstat(state: str, substate: int) -> str:
     return json.dumps({"timestamp": 1712327400, "pbs_version": "2022.1.3", "pbs_server": "pbs", "Jobs": jobs})
 
 
+async def _read_again(gateway: Gateway, before: dict[str, Any]) -> dict[str, Any]:
+    """``gateway.status()`` once both its readings, the endpoint's and the scheduler's, are newer than in
+    ``before``: each is reused for a while (``status_ttl``, ``every``: 1 s here), so a change shows once it is read
+    again, which is waited for rather than slept for."""
+    def checked(status: dict[str, Any]) -> tuple[Any, Any]:
+        endpoint = status["endpoints"][0]
+        return endpoint["checked"], endpoint["scheduler"]["checked"]
+
+    old_endpoint, old_scheduler = checked(before)
+    deadline = time.monotonic() + GUARD_S
+    while True:
+        status = await gateway.status()
+        endpoint_at, scheduler_at = checked(status)
+        if endpoint_at != old_endpoint and scheduler_at != old_scheduler:
+            return status
+        assert time.monotonic() < deadline, f"the readings were not taken again; last: {status}"
+        await asyncio.sleep(0.05)
+
+
 async def test_the_scheduler_view_says_where_a_cold_endpoints_block_is(rsps, broker, tmp_path, monkeypatch):
     """Before a block's engine answers, the endpoint reports no workers; the login endpoint's qstat says the block
     is queued, then booting; once workers connect, the model is hot."""
@@ -351,17 +366,16 @@ async def test_the_scheduler_view_says_where_a_cold_endpoints_block_is(rsps, bro
         assert [f.__name__ for f in service.functions.values()] == ["pbs_status"]  # registered once, run there
 
         (tmp_path / "qstat.json").write_text(_qstat("R", 41))  # given its node, not yet running its script
-        await asyncio.sleep(1.1)
-        assert (await gateway.status())["models"][0]["state"] == "starting"
+        status = await _read_again(gateway, status)
+        assert status["models"][0]["state"] == "starting"
 
         service.status = {"status": "online", "details": {"total_workers": 4, "idle_workers": 4, "managers": 1}}
-        await asyncio.sleep(1.1)
-        assert (await gateway.status())["models"][0]["state"] == "hot"
+        status = await _read_again(gateway, status)
+        assert status["models"][0]["state"] == "hot"
 
         (tmp_path / "qstat.json").write_text("not json")
         service.status = {"status": "online", "details": {"total_workers": 0, "managers": 0}}
-        await asyncio.sleep(1.1)
-        status = await gateway.status()
+        status = await _read_again(gateway, status)
         assert status["models"][0]["state"] == "cold"  # no job that will serve: a request must start one
         assert "qstat -f -F json" in status["endpoints"][0]["scheduler"]["errors"][0]["command"]
     finally:

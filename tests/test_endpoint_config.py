@@ -8,6 +8,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -150,10 +151,11 @@ def stub(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
-def run_block(init: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """Run a worker_init as the block's job script does, then what parsl puts after it (the worker pool)."""
+def run_block(init: str, tmp_path: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run a worker_init as the block's job script does, then what parsl puts after it (the worker pool).
+    ``timeout``: a failure guard only; past the engine's own start_timeout where a real engine starts."""
     script = init + 'echo "worker pool started"\nkill "$first_launcher"\n'
-    done = subprocess.run(["/bin/bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    done = subprocess.run(["/bin/bash", "-c", script], capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
                           check=False)
     blocks = list((tmp_path / "blocks").iterdir())
     assert len(blocks) == 1
@@ -213,14 +215,28 @@ def test_block_with_the_real_launcher_and_engine(tmp_path: Path, tiny_model: Pat
     """The argument list the config writes is one the launcher takes: it starts transformers serve and the block
     goes on once it serves; ending the block stops it."""
     port = free_port()
-    spec = replace(local_spec(tmp_path, sys.executable, engine="transformers", port=port, start_timeout=240),
+    start_timeout = 600  # the launcher's default: a slow machine must fail on the product's word, if at all
+    spec = replace(local_spec(tmp_path, sys.executable, engine="transformers", port=port, start_timeout=start_timeout),
                    model=str(tiny_model))
-    done, block = run_block(worker_init(spec), tmp_path)
+    done, block = run_block(worker_init(spec), tmp_path, timeout=start_timeout + 60)
     assert done.returncode == 0, (block / FAILED).read_text() if (block / FAILED).exists() else done.stderr
     ready = json.loads((block / READY).read_text())
     assert ready["base_url"] == f"http://127.0.0.1:{port}/v1"
     assert ready["engine"] == "transformers"
     assert (block / "engine.log").is_file()
+    # ending the block stops the engine: waited for (the launcher gives it 10 s before SIGKILL), not slept for
+    deadline = time.monotonic() + 60
+    while _alive(ready["pid"]):
+        assert time.monotonic() < deadline, "the engine outlived its block"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 # -- the command -------------------------------------------------------------------------------------------------

@@ -37,14 +37,14 @@ class TestWithFakeUpstream:
         client = km.get_kernel(kernel_id).client()
         client.start_channels()
         try:
-            await client.wait_for_ready(timeout=60)
+            await client.wait_for_ready(timeout=120)  # only a guard: a kernel starts in seconds
             code = ("import os, openai\n"
                     "c = openai.OpenAI(base_url=os.environ['FIRST_GATEWAY_URL'], api_key=os.environ['FIRST_API_KEY'])\n"
                     "r = c.chat.completions.create(model='fake-model', messages=[{'role': 'user', 'content': 'x'}])\n"
                     "print(os.environ['FIRST_GATEWAY_URL'], r.model, r.choices[0].message.content)")
             out: list[str] = []
             reply = await client.execute_interactive(
-                code, timeout=60, output_hook=lambda msg: out.append(msg["content"].get("text", "")))
+                code, timeout=120, output_hook=lambda msg: out.append(msg["content"].get("text", "")))
         finally:
             client.stop_channels()
             await km.shutdown_kernel(kernel_id)
@@ -87,7 +87,7 @@ class TestBadConfig:
 def test_installed_extension_is_enabled_and_ok():
     """Installing the package enables the extension through its jupyter-config data file."""
     done = subprocess.run([sys.executable, "-m", "jupyter", "server", "extension", "list"], capture_output=True,
-                          text=True, check=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+                          text=True, check=True, timeout=300, env={**os.environ, "NO_COLOR": "1"})
     listing = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
     assert re.search(r"^\s*first_jupyter enabled\s*$", listing, re.MULTILINE), listing
     assert re.search(r"Validating first_jupyter\.\.\.\n\s*first_jupyter [0-9.]+ OK", listing), listing

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import globus_sdk
@@ -27,17 +27,10 @@ from globus_compute_sdk.serialize import ComputeSerializer
 
 from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import COMPUTE
+from tests.waiting import GUARD_S, eventually
 
 QUEUE_PREFIX = "test_results_"
 
-
-
-def _wait(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true within {timeout}s: {predicate!r}")
-        time.sleep(0.02)
 
 
 # --- the stub against pika's BlockingConnection --------------------------------------------------------------
@@ -51,34 +44,34 @@ def test_message_waits_for_a_consumer_and_unacked_ones_come_back(broker: FakeAmq
         channel = first.channel()
         channel.basic_qos(prefetch_count=10)
         assert channel.queue_declare("q", passive=True).method.message_count == 1
-        method, props, body = next(channel.consume("q", inactivity_timeout=5))
+        method, props, body = next(channel.consume("q", inactivity_timeout=GUARD_S))
         assert (body, props.headers, method.redelivered) == (b"early", {"k": "v"}, False)
         channel.close()  # without acking: the message goes back on the queue, marked redelivered
 
         other = second.channel()
         big = bytes(range(256)) * 2000  # larger than a frame: split into several body frames
         broker.deliver("q", big)
-        got = [next(other.consume("q", inactivity_timeout=5)) for _ in range(2)]
+        got = [next(other.consume("q", inactivity_timeout=GUARD_S)) for _ in range(2)]
         assert [(m.redelivered, b) for m, _, b in got] == [(True, b"early"), (False, big)]
         other.basic_ack(got[-1][0].delivery_tag, multiple=True)
-        broker.wait_until(lambda: len(broker.acked) == 2)
+        broker.wait_until(lambda: len(broker.acked) == 2, GUARD_S)
         assert [m.body for m in broker.acked] == [b"early", big]
         other.basic_nack(0)  # nothing left to settle: no effect
         other.close()
     finally:
         first.close()  # Connection.Close answered with CloseOk: pika returns at once
         second.close()
-    broker.wait_until(lambda: broker.connection_count() == 0)
+    broker.wait_until(lambda: broker.connection_count() == 0, GUARD_S)
 
 
 def test_stop_closes_open_connections(broker: FakeAmqpBroker) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(broker.url))
     channel = connection.channel()
     channel.basic_consume("q", lambda *_: None)
-    broker.wait_until(lambda: broker.consumer_count("q") == 1)
-    broker.stop()
+    broker.wait_until(lambda: broker.consumer_count("q") == 1, GUARD_S)
+    broker.stop()  # the Connection.Close is sent and the socket closed before this returns
     with pytest.raises(pika.exceptions.ConnectionClosed):
-        connection.process_data_events(time_limit=2)
+        connection.process_data_events(time_limit=GUARD_S)  # returns (raising) as soon as it reads them
     assert connection.is_closed
 
 
@@ -120,12 +113,12 @@ def test_executor_takes_results_and_errors_over_amqp(broker: FakeAmqpBroker, com
     executor = Executor(endpoint_id=compute_service["endpoint"], client=client)
     try:
         ok, failing = executor.submit(double, 21), executor.submit(double, 0)
-        _wait(lambda: ok.task_id and failing.task_id)  # set by the submitter thread from the submit response
+        eventually(lambda: ok.task_id and failing.task_id)  # set by the submitter thread from the submit response
         queue = f"{QUEUE_PREFIX}{compute_service['task_group']}"
 
         # the success result: Result.data is the endpoint's serialization of the return value
         broker.deliver(queue, pack(Result(task_id=uuid.UUID(ok.task_id), data=ComputeSerializer().serialize(42))))
-        assert ok.result(timeout=10) == 42
+        assert ok.result(timeout=GUARD_S) == 42
 
         # the failure: error_details set (Result.is_error); data is the remote traceback text;
         # the message's timestamp property becomes the exception's completion time
@@ -134,12 +127,12 @@ def test_executor_takes_results_and_errors_over_amqp(broker: FakeAmqpBroker, com
             code="RemoteExecutionError", user_message="An error occurred during the execution of this task"))
         broker.deliver(queue, pack(error), pika.BasicProperties(timestamp=1700000000))
         with pytest.raises(TaskExecutionFailed) as raised:
-            failing.result(timeout=10)
+            failing.result(timeout=GUARD_S)
         assert raised.value.remote_data == traceback_text
         assert raised.value.completion_t == "1700000000"
         assert "ZeroDivisionError: division by zero" in str(raised.value)
 
-        broker.wait_until(lambda: len(broker.acked) == 2)  # the watcher acks what it matched (every 0.5 s)
+        broker.wait_until(lambda: len(broker.acked) == 2, GUARD_S)  # the watcher acks what it matched (every 0.5 s)
         assert not broker.nacked
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
@@ -152,7 +145,7 @@ def test_executor_takes_results_and_errors_over_amqp(broker: FakeAmqpBroker, com
     assert watcher.is_alive()
     shutdown_at = time.monotonic()
     watcher.shutdown(wait=True)  # no open futures: stops at its next 0.5 s tick, closing channel and connection
-    _wait(lambda: not (_watchers() - watchers_before) and not executor._task_submitter.is_alive(), timeout=2)
-    broker.wait_until(lambda: broker.connection_count() == 0, timeout=2)  # the watcher closed its connection itself
+    eventually(lambda: not (_watchers() - watchers_before) and not executor._task_submitter.is_alive())
+    broker.wait_until(lambda: broker.connection_count() == 0, GUARD_S)  # the watcher closed its connection itself
     print(f"SDK threads gone {time.monotonic() - shutdown_at:.2f}s after shutdown; "
           f"test body {time.monotonic() - started:.2f}s")

@@ -22,7 +22,7 @@ ENABLED = re.compile(r"first-jupyter v\d+\.\d+\.\d+\S* \S*enabled\S* \S*OK")
 
 def _labextensions(env: dict[str, str]) -> str:
     done = subprocess.run([sys.executable, "-m", "jupyterlab.labextensions", "list"], env=env, text=True,
-                          capture_output=True, timeout=120, check=True)
+                          capture_output=True, timeout=300, check=True)
     return done.stdout + done.stderr
 
 
@@ -47,7 +47,7 @@ def test_the_installed_wheel_is_listed_enabled_and_ok_without_node(wheel, tmp_pa
     environment's own copy.)"""
     prefix = tmp_path / "prefix"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
-                    "--prefix", str(prefix), str(wheel)], check=True, timeout=120)
+                    "--prefix", str(prefix), str(wheel)], check=True, timeout=300)
     env = {**os.environ, "JUPYTER_PATH": str(prefix / "share/jupyter"), "PATH": str(Path(sys.executable).parent),
            "NO_COLOR": "1"}
     listing = _labextensions(env)

@@ -10,16 +10,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import pytest
 
+from first_jupyter.protocol import Capability, parse_request
 from first_jupyter.remote import launcher
 from first_jupyter.remote.tiny_model import TINY_MODEL_MARKER
 from tests.conftest import local_cluster_config, server_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+GUARD_S = 60.0
+"""How long a test waits for an engine process to stop, or to be seen stopped: a failure guard only (the product's
+own timers take at most about 10 s), generous so that a slow or busy machine never reaches it."""
 
 
 def _client(ext) -> openai.AsyncOpenAI:
@@ -30,6 +35,15 @@ async def _status(ext) -> dict:
     return (await ext.loop_thread.call(ext.gateway.status()))["endpoints"][0]
 
 
+async def _status_once(ext, reached: Callable[[dict], bool]) -> dict:
+    """The endpoint's status once ``reached`` holds for it (polled: what it waits for is the engine's process)."""
+    deadline = time.monotonic() + GUARD_S
+    while not reached(endpoint := await _status(ext)):
+        assert time.monotonic() < deadline, f"not reached within {GUARD_S} s: {endpoint}"
+        await asyncio.sleep(0.1)
+    return endpoint
+
+
 class TestLifecycle:
     @pytest.fixture
     def jp_server_config(self, tiny_model, write_config, tmp_path: Path):
@@ -37,20 +51,30 @@ class TestLifecycle:
 
     async def test_cold_start_idle_stop_and_restart(self, first_ext):
         assert (await _status(first_ext))["state"] == "stopped"
-        client = _client(first_ext)
-        done = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
-        assert done.model == "tiny-chat"
-        running = await _status(first_ext)
-        assert running["state"] == "running"
-        assert running["starts"] == 1
+        gateway = first_ext.gateway
+        body = json.dumps({"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2, "stream": True}).encode()
+
+        async def first_request() -> tuple[dict, bytes]:
+            """The first request (a cold start), its status read once it is answered but before it is closed: the
+            engine cannot be idle while a request is open, however long the reading takes on this machine
+            (idle_timeout is 1.5 s here, to keep the test short)."""
+            stream = await gateway.stream(parse_request(Capability.chat, body))
+            out: list[bytes] = []
+            try:
+                await stream.relay(lambda chunk: out.append(chunk) or True)
+                return (await gateway.status())["endpoints"][0], b"".join(out)
+            finally:
+                stream.close()
+
+        running, answer = await first_ext.loop_thread.call(first_request())
+        assert b'"model":"tiny-chat"' in answer
+        assert b'"completion_tokens":2' in answer  # answered whole
+        assert (running["state"], running["starts"], running["in_flight"]) == ("running", 1, 1)
         pid = running["pid"]
-        for _ in range(100):
-            if (await _status(first_ext))["state"] == "stopped":
-                break
-            await asyncio.sleep(0.1)
-        assert (await _status(first_ext))["state"] == "stopped"
+        await _status_once(first_ext, lambda endpoint: endpoint["state"] == "stopped")  # idle: stopped
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+        client = _client(first_ext)
         again = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
         assert again.choices[0].finish_reason == "length"
         assert (await _status(first_ext))["starts"] == 2
@@ -114,11 +138,7 @@ class TestEmbeddedDefault:
         assert endpoint["state"] == "running"
         pid = json.loads((Path(endpoint["run_dir"]) / "engine.ready").read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            endpoint = await _status(first_ext)
-            if endpoint["state"] != "running":
-                break
-            await asyncio.sleep(0.1)
+        endpoint = await _status_once(first_ext, lambda endpoint: endpoint["state"] != "running")
         assert endpoint["state"] == "stopped"
         assert f"The engine (pid {pid}) exited; the next request starts it again" in endpoint["error"]
         (model,) = (await first_ext.loop_thread.call(first_ext.gateway.status()))["models"]
@@ -126,7 +146,7 @@ class TestEmbeddedDefault:
         # several at once (each cold start also sends its probe): one restart, and every request answered
         answers = await asyncio.wait_for(asyncio.gather(*(
             client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2) for _ in range(3))),
-            timeout=240)
+            timeout=600)  # a failure guard: the endpoint's own start_timeout
         assert [a.usage.completion_tokens for a in answers] == [2, 2, 2]
         endpoint = await _status(first_ext)
         assert endpoint["state"] == "running"
@@ -137,7 +157,7 @@ def test_launcher_command_reports_a_failed_start(tmp_path: Path, capsys: pytest.
     missing = tmp_path / "not-a-model"
     missing.mkdir()
     code = launcher.main(["--model", str(missing), "--engine", "transformers", "--log", str(tmp_path / "e.log"),
-                          "--timeout", "120"])
+                          "--timeout", "600"])  # far past the failing engine's own exit: it must say why
     assert code == 1
     err = capsys.readouterr().err
     assert "exited with code" in err
@@ -154,14 +174,15 @@ def test_launcher_picks_transformers_without_a_gpu(monkeypatch: pytest.MonkeyPat
     assert launcher.served_name(spec, "transformers") == "/m"
 
 
-def test_an_owned_engine_dies_with_the_process_that_started_it(tmp_path: Path):
-    """A kernel or server killed outright (SIGKILL) cannot stop its engine; the engine must go with it anyway."""
+def test_an_owned_engine_dies_with_the_process_that_started_it(tiny_model: Path, tmp_path: Path):
+    """A kernel or server killed outright (SIGKILL) cannot stop its engine; the engine must go with it anyway.
+    The engine has a model it can serve, so it would not end by itself: its end is the parent's death's doing."""
     parent_code = (
         "import sys, time; from pathlib import Path\n"
         "from first_jupyter.remote.launcher import EngineSpec, start_engine\n"
-        f"p = start_engine(EngineSpec(model={str(tmp_path / 'no-model')!r}, engine='transformers', device='cpu', "
+        f"p = start_engine(EngineSpec(model={str(tiny_model)!r}, engine='transformers', device='cpu', "
         f"log_path=Path({str(tmp_path / 'engine.log')!r})), owned=True)\n"
-        "print(p.pid, flush=True); time.sleep(60)\n")
+        "print(p.pid, flush=True); time.sleep(300)\n")
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
     try:
         engine_pid = int(parent.stdout.readline())
@@ -169,7 +190,7 @@ def test_an_owned_engine_dies_with_the_process_that_started_it(tmp_path: Path):
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + GUARD_S
     while _running(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     if _running(engine_pid):
@@ -188,7 +209,7 @@ def test_a_blocks_launcher_stops_its_engine_when_the_block_is_killed(tiny_model:
         launcher_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_child(int(p), block.pid))
         assert _running(served["pid"])
         os.kill(block.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + GUARD_S  # (the launcher gives its engine 10 s before SIGKILL)
         while (_running(served["pid"]) or _running(launcher_pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _running(served["pid"]), "the engine outlived its block"

@@ -76,7 +76,7 @@ async def test_usage_is_recorded(first_ext, key_door):
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="missing", messages=MESSAGES)
     gateway = first_ext.gateway
-    await asyncio.to_thread(gateway.usage.flush)
+    await asyncio.to_thread(gateway.usage.flush, 30)  # a failure guard: the commit takes milliseconds
     rows = gateway.usage.query("SELECT model, cluster, endpoint, stream, status, prompt_tokens, "
                                "completion_tokens, ttft_ms FROM usage ORDER BY id")
     assert rows[0][:7] == ("tiny-chat", "hpc", "node01", 0, 200, rows[0][5], 3)

@@ -4,7 +4,6 @@ with the gateway's callback route played by a loopback server that checks every 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
@@ -18,18 +17,27 @@ from tests.conftest import closed_port, serving_http
 KEY = "per-task-key"
 TASK = "task-1"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+PACE = 0.02
+SLOW_PACE = 1.0
+"""A pace that holds an answer after its first event: 20 s for the rest, at most a second to wait once let go."""
 
 
 @pytest.fixture
 def engine() -> Iterator[FakeUpstream]:
-    with serving_in_thread(models=["fake-model"], chunks=20, pace=0.02) as upstream:
+    with serving_in_thread(models=["fake-model"], chunks=20, pace=PACE) as upstream:
         yield upstream
 
 
 class _Gateway(BaseHTTPRequestHandler):
-    """The callback route: each POST's signature checked, then kept with the time it came."""
+    """The callback route: each POST's signature checked, then kept with its sequence number.
 
-    received: ClassVar[list[tuple[float, int, dict[str, Any]]]] = []
+    With ``held`` set to an engine holding its answer, the first batch notes whether that engine was still
+    generating when the batch came (``generating``), then lets it go on at ``PACE``.
+    """
+
+    received: ClassVar[list[tuple[int, dict[str, Any]]]] = []
+    held: ClassVar[FakeUpstream | None] = None
+    generating: ClassVar[list[bool]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -37,7 +45,11 @@ class _Gateway(BaseHTTPRequestHandler):
         good = (self.headers["X-First-Task"] == TASK
                 and self.headers["X-First-Signature"] == sign(KEY, TASK, seq, body))
         if good:
-            type(self).received.append((time.monotonic(), seq, json.loads(body)))
+            held = type(self).held
+            if held is not None and not type(self).received:
+                type(self).generating.append(held.active == 1)
+                held.pace = PACE
+            type(self).received.append((seq, json.loads(body)))
         self.send_response(204 if good else 403)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -48,7 +60,7 @@ class _Gateway(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def callback() -> Iterator[str]:
-    _Gateway.received = []
+    _Gateway.received, _Gateway.held, _Gateway.generating = [], None, []
     with serving_http(_Gateway) as url:
         yield f"{url}/first/api/callback"
 
@@ -71,19 +83,20 @@ def test_health_says_whether_the_engine_answers(engine):
 
 
 def test_a_stream_comes_back_in_signed_batches_while_it_is_generated(engine, callback):
-    started = time.monotonic()
+    engine.pace = SLOW_PACE  # after its first event the engine holds the rest (20 s) until the first batch is in
+    _Gateway.held = engine
     summary = stream_engine(engine.port, "chat/completions", CHAT, callback, TASK, KEY, batch_s=0.05)
-    ended = time.monotonic()
     received = _Gateway.received
-    assert [seq for _, seq, _ in received] == list(range(len(received)))
-    assert received[-1][2] == {"done": True}
-    batches = [message["data"] for _, _, message in received[:-1]]
-    assert len(batches) >= 3  # 20 events 20 ms apart, batched every 50 ms
+    assert [seq for seq, _ in received] == list(range(len(received)))
+    assert received[-1][1] == {"done": True}
+    batches = [message["data"] for _, message in received[:-1]]
+    assert _Gateway.generating == [True]  # the first batch came while the engine was still generating
+    assert batches[0].count("data: {") == 1  # the first event went at once, on its own: time to first token
+    assert len(batches) >= 2
     assert all(batch.endswith("\n\n") for batch in batches)  # never an event cut in two
     whole = "".join(batches)
     assert whole.count("data: {") == 21  # 20 tokens and the finish event
     assert whole.rstrip().endswith("data: [DONE]")
-    assert received[0][0] - started < (ended - started) / 2  # the first batch came long before the end
     assert summary["batches"] == len(received)
     assert summary["bytes"] == len(whole.encode())
 
@@ -105,7 +118,7 @@ def test_a_stream_that_breaks_off_on_the_node_is_reported_to_the_gateway(engine,
     engine.fault = "drop-mid-stream"
     with pytest.raises((OSError, ValueError)):
         stream_engine(engine.port, "chat/completions", CHAT, callback, TASK, KEY)
-    last = _Gateway.received[-1][2]
+    last = _Gateway.received[-1][1]
     assert "the engine's stream broke off on the node" in last["error"]
 
 

@@ -508,11 +508,18 @@ def test_pbs_status_reports_output_that_is_not_json(tmp_path):
 
 
 def test_pbs_status_gives_up_on_a_command_that_hangs(tmp_path):
+    hang_s = 120  # the stubs would end by themselves only after this: far past the 0.5 s given to them
     started = time.monotonic()
-    status = pbs_status(LABELS, qstat=stub(tmp_path, "qstat", "exec sleep 30"),
-                        pbsnodes=stub(tmp_path, "pbsnodes", "exec sleep 30"), timeout_s=0.5)
-    assert time.monotonic() - started < 10
+    status = pbs_status(LABELS, qstat=stub(tmp_path, "qstat", f"echo $$ > {tmp_path}/qstat.pid; exec sleep {hang_s}"),
+                        pbsnodes=stub(tmp_path, "pbsnodes", f"echo $$ > {tmp_path}/nodes.pid; exec sleep {hang_s}"),
+                        timeout_s=0.5)
     assert [e["message"].endswith("did not answer within 0.5 s") for e in status["errors"]] == [True, True]
+    # given up on, not waited out: the answer came long before the stubs would have ended by themselves (an event
+    # against an event, not a speed), and the hung commands were ended (one killed before it wrote its pid was too)
+    assert time.monotonic() - started < hang_s / 2
+    for pid_file in tmp_path.glob("*.pid"):
+        if pid := pid_file.read_text().strip():
+            assert not Path(f"/proc/{pid}").exists(), f"{pid_file.stem} was left running"
 
 
 def test_pbs_status_not_executable(tmp_path):

@@ -27,7 +27,7 @@ def test_records_are_stored_as_given(tmp_path: Path, json_batches: bool) -> None
     try:
         for rec in records:
             store.record(rec)
-        store.flush()
+        store.flush(timeout=30)  # a failure guard: the commit takes milliseconds
         rows = store.query("SELECT * FROM usage ORDER BY id")
     finally:
         store.close()
@@ -58,7 +58,7 @@ def test_a_store_from_before_users_were_recorded_gains_the_column(tmp_path: Path
         conn.execute("INSERT INTO usage VALUES (1, 1.0, 'old', 'm', 'c', 'e', 'chat', 0, 200, 1, 2, 3.0, NULL, NULL)")
     store = UsageStore(path, batch_interval=0.01)
     store.record(_record(7, user="ada@uni.edu"))
-    store.flush()
+    store.flush(timeout=30)
     rows = store.query("SELECT request_id, user FROM usage ORDER BY id")
     store.close()
     assert rows == [("old", ""), ("req-7", "ada@uni.edu")]

@@ -54,9 +54,14 @@ fake_url = ready.removeprefix("READY ")
 
 
 def _stop_fake() -> None:
+    """SIGTERM, then SIGKILL if it is not gone in a minute (a guard for a loaded machine, not a pace)."""
     if fake.poll() is None:
         os.kill(fake.pid, signal.SIGTERM)
-        fake.wait(10)
+        try:
+            fake.wait(60)
+        except subprocess.TimeoutExpired:
+            os.kill(fake.pid, signal.SIGKILL)
+            fake.wait()
 
 
 atexit.register(_stop_fake)
