@@ -25,6 +25,7 @@ from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import ParsedRequest
 from first_jupyter.remote import run_batch
 from tests.test_compute_local import _processes_of, in_process_config
+from tests.waiting import ENGINE_GUARD_S
 
 WRAPPER = """
 import os, pathlib, signal, subprocess, sys, time
@@ -43,12 +44,6 @@ if name.startswith("chunk-00001.") and not lose.exists():
     sys.exit(1)
 sys.exit(subprocess.call([sys.executable, "-m", "first_jupyter.remote.run_batch", *sys.argv[1:]]))
 """
-
-
-ENGINE_GUARD_S = 600
-"""Only a guard against a run that never ends: an engine's cold start and a batch take about a minute on a loaded
-2-core machine, and a machine may be 10x slower. The engine tests below may take twice this in all, where the
-suite gives a test 300 s."""
 
 
 def _lines(count: int, prefix: str = "q") -> bytes:

@@ -28,11 +28,9 @@ from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import engine_health
 from first_jupyter.remote.launcher import free_port
 from tests.conftest import jupyter_server_process, open_door, server_config
+from tests.waiting import ENGINE_GUARD_S
 
 MESSAGES = [{"role": "user", "content": "Tell me about the cluster."}]
-ENGINE_GUARD_S = 600.0
-"""How long a request that may start the engine is given: the product's own ``start_timeout``, so that a slow
-machine fails on the product's word, never on the test's impatience (a failure guard only)."""
 
 
 def in_process_config(model_dir: Path, **settings: Any) -> dict[str, Any]:
