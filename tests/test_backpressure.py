@@ -12,16 +12,21 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from yarl import URL
 
-from tests.conftest import server_config
+from tests.conftest import Door, server_config
+from tests.waiting import GUARD_S
 
 EVENT = b'data: {"object":"chat.completion.chunk","model":"push-model","choices":[{"delta":{"content":"' + (
     b"x" * 16_000) + b'"}}]}\n\n'
 EVENTS = 4096  # 64 MB: several times what the sockets and the gateway's buffers on both hops can hold
 TOTAL = EVENTS * len(EVENT)
 CHAT = b'{"model": "push-model", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+QUIET_ROUND_TRIPS = 3
+"""Requests through the same door that must come and go while the blocked upstream stays blocked: each proves that
+every hop's loop turned over meanwhile, so a hop still reading the upstream would have let it write more."""
 
 
 class PushingUpstream:
@@ -32,6 +37,8 @@ class PushingUpstream:
         self.sock = sock
         self.written = 0
         self.finished = False
+        self.blocked = False
+        """Whether the stream is waiting for the gateway to take what it wrote (its socket buffers are full)."""
         self._server: asyncio.Server | None = None
 
     @property
@@ -63,7 +70,9 @@ class PushingUpstream:
             frame = b"%x\r\n%b\r\n" % (len(EVENT), EVENT)
             for _ in range(EVENTS):
                 writer.write(frame)
+                self.blocked = True  # seen by others only while drain() really waits
                 await writer.drain()  # blocks while the gateway is not reading: that is the point
+                self.blocked = False
                 self.written += len(EVENT)
             done = b"data: [DONE]\n\n"
             writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
@@ -86,18 +95,37 @@ def pushing() -> Iterator[PushingUpstream]:
 def jp_server_config(pushing, write_config, tmp_path: Path):
     config = {"clusters": {"push": {"backend": "http", "endpoints": [
         {"name": "pusher", "base_url": pushing.url, "models": [{"id": "push-model"}]}]}},
-        "defaults": {"timeouts": {"first_byte": 5.0, "idle": 30.0}}}
+        "defaults": {"timeouts": {"first_byte": 2 * GUARD_S, "idle": 2 * GUARD_S}}}
     return server_config(write_config(config), tmp_path / "data")
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     """The rest of a chunked response body, decoded (chunk boundaries fall anywhere, even inside an event)."""
     parts: list[bytes] = []
-    while size := int((await asyncio.wait_for(reader.readline(), 30)).strip(), 16):
-        parts.append(await asyncio.wait_for(reader.readexactly(size), 30))
+    while size := int((await asyncio.wait_for(reader.readline(), GUARD_S)).strip(), 16):
+        parts.append(await asyncio.wait_for(reader.readexactly(size), GUARD_S))
         assert await reader.readexactly(2) == b"\r\n"
     assert await reader.readexactly(2) == b"\r\n"  # no trailers
     return b"".join(parts)
+
+
+async def _stalled(pushing: PushingUpstream, door: Door) -> int:
+    """Wait until the upstream is blocked for good: blocked, and still blocked with nothing more written after
+    ``QUIET_ROUND_TRIPS`` requests through the same door; what it had written by then. A gateway that buffered without
+    bound never gets there: it keeps reading, and the upstream writes on until it has finished."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(GUARD_S):
+        while not pushing.finished:
+            if not pushing.blocked:
+                await asyncio.sleep(0.01)
+                continue
+            written = pushing.written
+            for _ in range(QUIET_ROUND_TRIPS):
+                async with session.get(door.route("models"), headers=door.headers) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+            if pushing.blocked and pushing.written == written:
+                return written
+    raise AssertionError("the upstream sent its whole stream to a client that reads nothing")
 
 
 async def test_a_client_that_stops_reading_pauses_the_upstream(first_ext, door, pushing):
@@ -108,13 +136,12 @@ async def test_a_client_that_stops_reading_pauses_the_upstream(first_ext, door, 
     try:
         writer.write(f"POST {url.raw_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Type: application/json"
                      f"\r\nContent-Length: {len(CHAT)}\r\n\r\n".encode() + CHAT)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
         assert head.startswith(b"HTTP/1.1 200")
-        await asyncio.sleep(1.0)  # the client reads nothing more: everything fills up and the upstream stalls
-        stalled = pushing.written
-        await asyncio.sleep(0.5)
-        assert pushing.written == stalled, "the upstream kept sending to a client that reads nothing"
+        # the client reads nothing more: everything fills up, and the upstream stops
+        stalled = await _stalled(pushing, door)
         assert stalled < TOTAL / 2
+        assert not pushing.finished
 
         body = await _read_chunked(reader)  # reading again resumes the upstream, and every byte arrives
         assert pushing.finished

@@ -23,6 +23,7 @@ from yarl import URL
 
 from first_jupyter.gateway import httpd
 from tests.conftest import fake_cluster_config, server_config
+from tests.waiting import GUARD_S
 
 LIMIT = 4096
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -40,12 +41,12 @@ async def _connect(ext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
 
 
 async def _exchange(ext, request: bytes) -> bytes:
-    """Send raw bytes and read everything until the server closes the connection (at most 5 s)."""
+    """Send raw bytes and read everything until the server closes the connection (at most ``GUARD_S``)."""
     reader, writer = await _connect(ext)
     try:
         writer.write(request)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout=5)
+        return await asyncio.wait_for(reader.read(), timeout=GUARD_S)
     finally:
         writer.close()
 
@@ -117,10 +118,10 @@ async def test_a_refused_client_still_sending_reads_the_answer_and_is_then_close
     try:
         writer.write(_request(first_ext, b"").replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
                      + chunk * 8)  # twice the limit
-        answer = await asyncio.wait_for(reader.read(), 5)  # to the server's FIN, sent right after the answer
+        answer = await asyncio.wait_for(reader.read(), GUARD_S)  # to the server's FIN, sent right after the answer
         assert answer.startswith(b"HTTP/1.1 413 ")
         assert _error(answer)["code"] == "request_too_large"
-        deadline = asyncio.get_running_loop().time() + 3
+        deadline = asyncio.get_running_loop().time() + GUARD_S
         with pytest.raises(ConnectionError):  # the client goes on sending; after the linger the server resets
             while asyncio.get_running_loop().time() < deadline:
                 writer.write(chunk)
@@ -136,9 +137,9 @@ async def test_expect_100_continue_is_answered_before_the_body(first_ext):
     try:
         head, _, _ = _request(first_ext, body, extra="Expect: 100-continue\r\n").partition(b"\r\n\r\n")
         writer.write(head + b"\r\n\r\n")
-        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S) == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(body)
-        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200 OK")
+        assert (await asyncio.wait_for(reader.readline(), GUARD_S)).startswith(b"HTTP/1.1 200 OK")
     finally:
         writer.close()
 
@@ -181,8 +182,8 @@ async def test_idle_connections_are_closed(first_ext, monkeypatch):
     reader, writer = await _connect(first_ext)
     try:
         writer.write(_request(first_ext, b"", method="GET", route="models"))
-        assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 200 OK\r\n"
-        await asyncio.wait_for(reader.read(), 2)  # the rest of the answer, then EOF once idle
+        assert await asyncio.wait_for(reader.readline(), GUARD_S) == b"HTTP/1.1 200 OK\r\n"
+        await asyncio.wait_for(reader.read(), GUARD_S)  # the rest of the answer, then EOF once idle (0.2 s)
         assert reader.at_eof()
     finally:
         writer.close()
@@ -200,9 +201,9 @@ async def test_stopping_the_extension_ends_open_connections(first_ext):
     reader, writer = await _connect(first_ext)
     try:
         writer.write(_request(first_ext, b"", method="GET", route="models"))
-        assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 200 OK\r\n"
+        assert await asyncio.wait_for(reader.readline(), GUARD_S) == b"HTTP/1.1 200 OK\r\n"
         await first_ext.stop_extension()
-        await asyncio.wait_for(reader.read(), 2)
+        await asyncio.wait_for(reader.read(), GUARD_S)
         assert reader.at_eof()
     finally:
         writer.close()

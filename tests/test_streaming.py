@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -13,8 +14,17 @@ import pytest
 
 from bench.fake_upstream import serving_in_thread
 from tests.conftest import fake_cluster_config, open_door, server_config
+from tests.waiting import GUARD_S, eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+GENEROUS = {"first_byte": 2 * GUARD_S, "idle": 2 * GUARD_S}
+"""The gateway's timeouts where they are not under test: longer than any wait, so they cannot end a request that a
+test expects some other cause to end (and a loaded machine never meets them)."""
+NEVER = 3600.0
+"""An upstream pace that means "no further event during the test"."""
+ASKED = "/v1/chat/completions"
+"""The route whose requests the tests count at the upstream. Not ``active`` alone: the gateway's background status
+readings (``GET /v1/models``) pass through ``active`` too, for a moment, at any time."""
 
 
 @pytest.fixture
@@ -24,48 +34,46 @@ def slow_upstream():
 
 
 @pytest.fixture
-def jp_server_config(slow_upstream, write_config, tmp_path: Path):
-    config = fake_cluster_config(slow_upstream, timeouts={"first_byte": 1.0, "idle": 1.0})
+def timeouts() -> dict[str, float]:
+    """The gateway's upstream timeouts; a test of one of them parametrizes ``timeouts`` to make it short."""
+    return GENEROUS
+
+
+@pytest.fixture
+def jp_server_config(slow_upstream, timeouts, write_config, tmp_path: Path):
+    config = fake_cluster_config(slow_upstream, timeouts=timeouts)
     return server_config(write_config(config), tmp_path / "data")
 
 
-async def test_chunks_arrive_before_the_stream_ends(first_ext, door):
-    arrivals: list[float] = []
-    async with aiohttp.ClientSession() as session:
-        started = time.monotonic()
-        async with session.post(door.route("chat/completions"), json=CHAT,
-                                headers=door.headers) as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"] == "text/event-stream"
-            assert resp.headers["X-First-Cluster"] == "remote"
-            async for line in resp.content:
-                if line.startswith(b"data: {"):
-                    arrivals.append(time.monotonic() - started)
-    assert len(arrivals) == 201  # 200 tokens and the final usage event
-    # paced at 20 ms upstream, so relayed one by one: the first came long before the last
-    assert arrivals[0] < 0.5 * arrivals[-1]
-    assert arrivals[-1] > 200 * 0.02 * 0.9
-
-
-async def test_client_disconnect_cancels_upstream_within_100ms(first_ext, door, slow_upstream):
-    slow_upstream.pace = 0.4  # far apart, so the cancel cannot ride on a failed write of the next chunk
-    async with aiohttp.ClientSession() as session:
-        resp = await session.post(door.route("chat/completions"), json=CHAT,
-                                  headers=door.headers)
-        seen = 0
+async def test_chunks_arrive_before_the_stream_ends(first_ext, door, slow_upstream):
+    upstream_busy: list[int] = []  # the upstream's responses in flight as each event reached the client
+    async with aiohttp.ClientSession() as session, session.post(door.route("chat/completions"), json=CHAT,
+                                                                headers=door.headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["X-First-Cluster"] == "remote"
         async for line in resp.content:
-            seen += line.startswith(b"data: ")
-            if seen == 3:
+            if line.startswith(b"data: {"):
+                upstream_busy.append(slow_upstream.active)
+    assert len(upstream_busy) == 201  # 200 tokens and the final usage event
+    # relayed one by one, not held until the end: the first event reached the client while the upstream was still
+    # sending (it had 199 events, 20 ms apart, to go: the order, not a time, is what is checked)
+    assert upstream_busy[0] >= 1
+    assert slow_upstream.by_route[ASKED] == 1
+
+
+async def test_client_disconnect_cancels_upstream(first_ext, door, slow_upstream):
+    # one event, then none for an hour: the cancel cannot ride on a failed write of the next chunk, and the gateway's
+    # timeouts are longer than the wait below, so only the client's leaving can end the request upstream
+    slow_upstream.pace = NEVER
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(door.route("chat/completions"), json=CHAT, headers=door.headers)
+        async for line in resp.content:
+            if line.startswith(b"data: "):
                 break
-        assert slow_upstream.active == 1
-        closed_at = time.monotonic()
+        assert slow_upstream.active >= 1  # the stream is in flight upstream
         resp.close()  # drops the connection mid-stream
-    deadline = closed_at + 2
-    while not slow_upstream.disconnects and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-    assert slow_upstream.disconnects, "the upstream request was never cancelled"
-    lag = slow_upstream.disconnects[-1] - closed_at
-    assert lag < 0.1, f"upstream cancelled {lag * 1000:.0f} ms after the client left"
+        await eventually_async(lambda: slow_upstream.disconnects)  # the upstream request was cancelled
     gateway = first_ext.gateway
     await asyncio.to_thread(gateway.usage.flush)
     assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 1)]
@@ -84,8 +92,10 @@ async def test_upstream_dropping_mid_stream_ends_with_an_error_event(key_door, s
 
 
 @pytest.mark.parametrize(
-    ("fault", "status", "words"),
-    [("429", 429, "retry after"), ("500", 500, "HTTP 500"), ("hang", 504, "did not answer within 1 s")],
+    ("fault", "status", "words", "timeouts"),
+    [("429", 429, "retry after", GENEROUS), ("500", 500, "HTTP 500", GENEROUS),
+     # the upstream never answers: the first-byte timeout, short here, is what ends the request
+     ("hang", 504, "did not answer within 1 s", {**GENEROUS, "first_byte": 1.0})],
 )
 async def test_upstream_faults_become_openai_errors(first_ext, door, slow_upstream, fault, status, words):
     slow_upstream.fault = fault
@@ -100,9 +110,10 @@ async def test_upstream_faults_become_openai_errors(first_ext, door, slow_upstre
                     assert resp.headers["Retry-After"] == "1"
 
 
+@pytest.mark.parametrize("timeouts", [{**GENEROUS, "idle": 1.0}])
 async def test_idle_timeout_mid_stream(first_ext, door, slow_upstream):
     """A stream that stalls longer than the idle timeout ends with an error event, not a hang."""
-    slow_upstream.pace = 1.5  # each chunk now comes after more than the 1 s idle timeout
+    slow_upstream.pace = NEVER  # one event, then the stream stalls for good: the 1 s idle timeout must end it
     async with aiohttp.ClientSession() as session, session.post(door.route("chat/completions"), json=CHAT,
                             headers=door.headers) as resp:
         body = (await resp.read()).decode()
@@ -112,39 +123,58 @@ async def test_idle_timeout_mid_stream(first_ext, door, slow_upstream):
 
 async def test_client_leaving_a_plain_request_cancels_it_upstream(first_ext, slow_upstream, door):
     """Not only streams: a non-stream request whose client gives up is cancelled upstream and counted as 499."""
-    slow_upstream.fault = "slow-first-byte"  # the answer takes a while, as a long completion does
+    slow_upstream.fault = "hang"  # the answer never comes (a long completion): only the client's leaving ends it
     async with aiohttp.ClientSession() as session:
-        with pytest.raises(asyncio.TimeoutError):
-            await session.post(door.route("chat/completions"), json={**CHAT, "stream": False}, headers=door.headers,
-                               timeout=aiohttp.ClientTimeout(total=0.3))
-        left_at = time.monotonic()
-    deadline = left_at + 2
-    while not slow_upstream.disconnects and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-    assert slow_upstream.disconnects, "the upstream request was never cancelled"
-    assert slow_upstream.disconnects[-1] - left_at < 0.1
+        asking = asyncio.ensure_future(session.post(door.route("chat/completions"), json={**CHAT, "stream": False},
+                                                    headers=door.headers))
+        await eventually_async(lambda: slow_upstream.by_route[ASKED] == 1)  # the request reached the upstream
+        asking.cancel()  # the client gives up
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+    await eventually_async(lambda: slow_upstream.disconnects)  # the upstream request was cancelled
     gateway = first_ext.gateway
     await asyncio.to_thread(gateway.usage.flush)
     assert gateway.usage.query("SELECT status, stream FROM usage") == [(499, 0)]
 
 
+class _Arrivals:
+    """How many events a stream read in another thread has received, for the test to wait on."""
 
-def _stream_in_thread(url: str, headers: dict[str, str]) -> list[float]:
-    """Read a whole stream with the blocking ``openai`` client; the ``time.monotonic()`` of each event."""
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def add(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` events have arrived; False if ``timeout`` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+
+def _stream_in_thread(url: str, headers: dict[str, str], arrivals: _Arrivals) -> None:
+    """Read a whole stream with the blocking ``openai`` client, counting its events into ``arrivals``."""
     client = openai.OpenAI(base_url=url, api_key=headers["Authorization"].split(" ", 1)[1], max_retries=0)
     with client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True) as stream:
-        return [time.monotonic() for _ in stream]
+        for _ in stream:
+            arrivals.add()
 
 
 async def test_kernels_streams_keep_flowing_while_jupyters_loop_is_blocked(first_ext, jp_auth_header):
     """The gateway runs on its own loop: a slow Jupyter handler (a big notebook save) stalls none of the streams
     on the URL kernels use (Jupyter's own URL is served by Jupyter's loop, so there a stream waits for it)."""
     api = open_door("api", first_ext, jp_auth_header)
-    reader = asyncio.ensure_future(asyncio.to_thread(_stream_in_thread, api.url, api.headers))
-    await asyncio.sleep(0.5)  # the stream is under way (events 20 ms apart, 4 s in all)
-    blocked_from = time.monotonic()
-    time.sleep(1.0)  # noqa: ASYNC251 (the point: Jupyter's loop, which this test runs on, is blocked)
-    blocked_to = time.monotonic()
-    arrivals = await reader
-    during = [t for t in arrivals if blocked_from + 0.1 < t < blocked_to]
-    assert len(during) >= 20, f"only {len(during)} events arrived in the 0.9 s Jupyter's loop was blocked"
+    arrivals = _Arrivals()
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_stream_in_thread, api.url, api.headers, arrivals)  # its thread starts here
+        # Block Jupyter's loop, which this test runs on, from before the stream is asked for until it has begun and
+        # 20 events have come (of 201, 20 ms apart): a gateway served by this loop could send none of them, and the
+        # wait would run out instead.
+        flowed = arrivals.wait_for(21, GUARD_S)
+        stalled_at = arrivals.count
+        await asyncio.wait_for(asyncio.wrap_future(reading), GUARD_S)  # the whole stream, or its error
+    assert flowed, f"the stream stood still at event {stalled_at} while Jupyter's loop was blocked"
+    assert arrivals.count == 201
