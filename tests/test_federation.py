@@ -11,7 +11,6 @@ can be warmed ahead of need (route, command line); the catalog and the status AP
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
 import signal
@@ -63,11 +62,7 @@ def gamma() -> Iterator[subprocess.Popen[str]]:
 
 
 @pytest.fixture
-def jp_server_config(tiny_model, gamma, write_config, tmp_path: Path, monkeypatch):
-    # States are read when the test asks (the status route), not every 30 s in the background: a background reading
-    # landing between gamma's death and the requests after it would mark gamma offline first, and the failover this
-    # test is about would never be met
-    monkeypatch.setattr(Gateway, "keep_states_fresh", functools.partialmethod(Gateway.keep_states_fresh, 3600.0))
+def jp_server_config(tiny_model, gamma, write_config, tmp_path: Path):
     config = {"clusters": {"alpha": _in_process(tiny_model), "beta": _in_process(tiny_model),
                            "gamma": {"backend": "http", "endpoints": [{
                                "name": "fake", "base_url": f"{gamma.url}/v1", "models": [{"id": "tiny-chat"}]}]}},
