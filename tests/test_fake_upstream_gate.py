@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 
 from bench.fake_upstream import FakeUpstream
+from tests.waiting import eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -25,16 +26,6 @@ async def serving() -> AsyncIterator[tuple[FakeUpstream, aiohttp.ClientSession]]
             yield server, http
     finally:
         await server.stop()
-
-
-async def _until(what: str, check: Callable[[], bool]) -> None:
-    """Wait for ``check()`` to hold (the server runs on this loop, so it moves while this sleeps)."""
-    try:
-        async with asyncio.timeout(30):  # a guard against a hang, not a pace
-            while not check():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"never seen: {what}") from None
 
 
 async def test_a_closed_gate_holds_requests_until_each_is_released() -> None:
@@ -52,14 +43,15 @@ async def test_a_closed_gate_holds_requests_until_each_is_released() -> None:
         calls = []
         for i in range(5):
             calls.append(asyncio.ensure_future(chat(i)))
-            await _until(f"request {i} held", lambda n=i: upstream.held == n + 1)  # so the arrival order is known
+            # one at a time, so that the arrival order is known
+            await eventually_async(lambda n=i: upstream.held == n + 1, f"request {i} held")
         models = await http.get("/v1/models")  # the gateway's status readings never wait at the gate
         assert models.status == 200
         assert answered == []
 
         released = await (await http.post("/gate", json={"release": 2})).json()
         assert released == {"held": 3, "passes": 0}
-        await _until("two answered", lambda: len(answered) == 2)
+        await eventually_async(lambda: len(answered) == 2, "two answered")
         assert sorted(answered) == [0, 1]
         assert upstream.held == 3
 
@@ -81,9 +73,9 @@ async def test_passes_given_ahead_go_to_the_next_requests_and_a_client_that_leav
         assert first.status == 200
 
         leaving = asyncio.ensure_future(http.post("/v1/chat/completions", json=CHAT))
-        await _until("held", lambda: upstream.held == 1)
+        await eventually_async(lambda: upstream.held == 1, "held")
         leaving.cancel()
-        await _until("its client gone", lambda: upstream.held == 0)
+        await eventually_async(lambda: upstream.held == 0, "its client gone")
         await http.post("/gate", json={"release": 1})
         kept = await http.post("/v1/chat/completions", json=CHAT)  # the pass the leaver did not take
         assert kept.status == 200
