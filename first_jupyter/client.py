@@ -66,9 +66,9 @@ class InProcessGateway:
         from first_jupyter.config import load_config
         from first_jupyter.gateway.api import GatewayApp
         from first_jupyter.gateway.core import Gateway
-        from first_jupyter.gateway.httpd import listening_socket
         from first_jupyter.gateway.service import GatewayService
         from first_jupyter.paths import default_data_dir
+        from first_jupyter.transport.http_server import listening_socket
 
         data_dir = default_data_dir()
         gateway = Gateway(load_config(None, data_dir), data_dir)

@@ -31,9 +31,9 @@ from first_jupyter.batch import runner
 from first_jupyter.batch.offload import plan
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, load_config, parse_config
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.gateway.shared import SharedPolicy
 from first_jupyter.server_ext.standalone import stop
+from first_jupyter.transport.loop_thread import LoopThread
 from tests.conftest import gate, held
 from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import COMPUTE, FakeComputeService

@@ -8,7 +8,7 @@ import threading
 import pytest
 import uvloop
 
-from first_jupyter.gateway.loop_thread import LoopThread
+from first_jupyter.transport.loop_thread import LoopThread
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The gateway's OpenAI routes, for every door: Jupyter's handlers and the gateway's own HTTP server.
 
 The helpers (body limit, starting an inference, response headers, errors) are what any door needs so that all
-answer alike. ``GatewayApp`` is the door for programs: the routes on ``httpd``, with a bearer key, served
-on loopback, where kernels reach it through ``FIRST_GATEWAY_URL``.
+answer alike. ``GatewayApp`` is the door for programs: the routes on ``transport.http_server``, with a bearer key,
+served on loopback, where kernels reach it through ``FIRST_GATEWAY_URL``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
 from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
-from first_jupyter.gateway.httpd import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, bearer_token, parse_request
+from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 
 JSON = "application/json"
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

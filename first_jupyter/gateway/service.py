@@ -11,8 +11,8 @@ import socket
 
 from first_jupyter.gateway.api import GatewayApp
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.httpd import serve
-from first_jupyter.gateway.loop_thread import LoopThread
+from first_jupyter.transport.http_server import serve
+from first_jupyter.transport.loop_thread import LoopThread
 
 STOP_TIMEOUT_S = 30.0
 

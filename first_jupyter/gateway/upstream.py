@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import orjson
 
 from first_jupyter.config import Limits, Timeouts
-from first_jupyter.gateway.http1 import ConnectFailed, FirstByteTimeout, HTTPClientError, Pool, Response, Url
 from first_jupyter.protocol import OpenAIError
+from first_jupyter.transport.http_client import ConnectFailed, FirstByteTimeout, HTTPClientError, Pool, Response, Url
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",

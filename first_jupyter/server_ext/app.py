@@ -19,10 +19,10 @@ from traitlets import Bool, Integer, Unicode
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.api import GatewayApp, HostVerdicts
-from first_jupyter.gateway.httpd import listening_socket
 from first_jupyter.gateway.service import GatewayService
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes
+from first_jupyter.transport.http_server import listening_socket
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
 API_KEY_ENV = "FIRST_API_KEY"

@@ -4,7 +4,7 @@ Two ways in: Jupyter's own auth (cookie + XSRF from the browser, or a Jupyter to
 extension gives the kernels it starts (``Authorization: Bearer $FIRST_API_KEY``), which opens these routes
 and nothing else of the server. Kernels are pointed at the gateway's own lean server (``gateway.api``) rather
 than here; this door answers the same routes alike for browsers, Jupyter tokens and anyone using this URL.
-The gateway itself runs on its own loop (``gateway.loop_thread``); these handlers hand it the work.
+The gateway itself runs on its own loop (``transport.loop_thread``); these handlers hand it the work.
 
 The routes are written once, as ``GatewayDoor`` classes, and built into handlers for each door by
 ``door_routes``: here on ``FirstHandler`` (Jupyter's auth), and for the shared gateway (``first serve``) on
@@ -35,8 +35,8 @@ from first_jupyter.batch.service import Batches
 from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
 from first_jupyter.gateway.core import Completed, Gateway
-from first_jupyter.gateway.loop_thread import LoopThread
 from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.transport.loop_thread import LoopThread
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.shared import SharedCaller

@@ -19,9 +19,9 @@ import orjson
 from first_jupyter.config import FirstGatewayEndpoint, ModelConfig
 from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.http1 import Url
 from first_jupyter.gateway.upstream import UpstreamClient, upstream_error
 from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.transport.http_client import Url
 
 _CAPABILITIES = {"chat": Capability.chat, "completion": Capability.completions,
                  "completions": Capability.completions, "embedding": Capability.embeddings,

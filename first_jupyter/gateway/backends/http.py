@@ -10,9 +10,9 @@ import orjson
 
 from first_jupyter.config import ModelConfig
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.http1 import Url
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
 from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.transport.http_client import Url
 
 STATUS_TIMEOUT = 5.0
 

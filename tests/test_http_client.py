@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from bench.fake_upstream import serving_in_thread
-from first_jupyter.gateway.http1 import (
+from first_jupyter.transport.http_client import (
     ConnectFailed,
     Disconnected,
     FirstByteTimeout,

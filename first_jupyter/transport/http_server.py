@@ -20,7 +20,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import NamedTuple, Protocol, cast
 
-from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
+from first_jupyter.transport.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
 
 LINGER_S = 2.0
 """How long a refused client may go on sending before its connection is closed regardless."""

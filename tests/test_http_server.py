@@ -1,4 +1,4 @@
-"""The gateway's own HTTP server (``gateway.httpd`` + ``gateway.api``), where kernels are pointed: HTTP's rules.
+"""The gateway's own HTTP server (``transport.http_server`` + ``gateway.api``), where kernels are pointed: HTTP's rules.
 
 Behaviour every door shares (errors, streaming, cancellation, the official client) is tested through each door
 with the ``door`` fixtures elsewhere; here is what this server does itself: bodies refused before they are
@@ -21,7 +21,7 @@ import pytest
 from jupyter_server._tz import utcnow
 from yarl import URL
 
-from first_jupyter.gateway import httpd
+from first_jupyter.transport import http_server as httpd
 from tests.conftest import fake_cluster_config, server_config
 from tests.waiting import GUARD_S
 

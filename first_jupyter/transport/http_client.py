@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
-from first_jupyter.gateway.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
+from first_jupyter.transport.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
 
 PAUSE_BYTES = 1024 * 1024  # stop reading the upstream while this much is waiting for a slow client
 
