@@ -9,13 +9,15 @@ starts with half a config fails later on a user's request, far from the mistake.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from first_jupyter.protocol import Capability
+from first_jupyter.transport.proxies import NO_PROXY_SETTING, ProxyError, parse_proxy
 
 DEFAULT_MODEL_ID = "tiny-chat"
 LOCAL_MODEL_ENV = "FIRST_LOCAL_MODEL"
@@ -61,8 +63,15 @@ class Timeouts(_Strict):
 
 class Limits(_Strict):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, gt=0,
+                                    description="largest non-streamed upstream answer taken (streams are relayed "
+                                                "as they come, so they have no such limit)")
     max_connections: int = Field(default=512, gt=0, description="pooled upstream connections in all")
     max_connections_per_host: int = Field(default=128, gt=0)
+    max_client_connections: int = Field(default=1024, gt=0,
+                                        description="open client connections to the gateway's own door; past it a "
+                                                    "new one is answered 503 and closed, so idle sockets cannot use "
+                                                    "up the Jupyter server's file descriptors")
 
 
 class ColdStart(_Strict):
@@ -137,7 +146,44 @@ class _Credentials(_Strict):
         return self
 
 
-class HttpEndpoint(_Credentials):
+class TlsConfig(_Strict):
+    """How an https upstream's certificate is checked, and the client certificate a site gateway may demand.
+    Trust is the system store plus ``SSL_CERT_FILE``, ``SSL_CERT_DIR`` and ``REQUESTS_CA_BUNDLE``, plus this."""
+
+    ca_bundle: str | None = Field(default=None, description="a PEM file (or a directory) of CA certificates trusted "
+                                                            "for this endpoint, in addition")
+    verify: bool = Field(default=True, description="false: accept any certificate (logged as a warning at start "
+                                                   "and shown in /first/api/status); for tests, never production")
+    client_cert: str | None = Field(default=None, description="PEM client certificate, for mutual TLS")
+    client_key: str | None = Field(default=None, description="its unencrypted PEM key (default: in client_cert)")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key needs client_cert")
+        return self
+
+
+class _Upstream(_Credentials):
+    """An endpoint reached over HTTP: through the site's proxy (or not), with TLS as the site needs it."""
+
+    proxy: str | None = Field(default=None, description="an http:// forward proxy URL (credentials allowed) or "
+                                                        "'none' to connect directly; default: HTTPS_PROXY / "
+                                                        "HTTP_PROXY / ALL_PROXY and NO_PROXY, read as curl does")
+    tls: TlsConfig = TlsConfig()
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_usable(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() != NO_PROXY_SETTING:
+            try:
+                parse_proxy(value, "proxy")
+            except ProxyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class HttpEndpoint(_Upstream):
     """Any OpenAI-compatible upstream: vLLM serving directly, a hosted API, a LiteLLM proxy."""
 
     name: Name
@@ -146,7 +192,7 @@ class HttpEndpoint(_Credentials):
     models: list[ModelConfig] = Field(min_length=1)
 
 
-class FirstGatewayEndpoint(_Credentials):
+class FirstGatewayEndpoint(_Upstream):
     """An existing FIRST inference gateway (ALCF's, for instance), used as a whole: its models are discovered
     from its ``list-endpoints`` route and their states read from its ``{cluster}/jobs`` route, so the config
     never lists what the facility serves today."""
@@ -257,6 +303,9 @@ class ComputeEndpoint(_Strict):
         default=64, ge=1, description="at a shared gateway with identity: user, how many users' connections to "
                                       "Globus Compute (a client, an executor and its result stream each) stay "
                                       "open; the least recent is closed once its tasks are done")
+    amqp_port: int | None = Field(default=None, ge=1, le=65535,
+                                  description="the port results come back on from Globus Compute's AMQP service "
+                                              "(default 5671; 443 where a firewall blocks 5671)")
     callback_url: str | None = Field(
         default=None, pattern=r"^https?://",
         description="this gateway's callback route as the nodes reach it (…/first/api/callback); without one a "
@@ -470,8 +519,12 @@ def embedded_default(data_dir: Path) -> FirstConfig:
 _BACKEND_TAGS = {"http", "local", "first", "globus_compute"}
 
 
+_USERINFO = re.compile(r"://[^/@\s'\"]*@")
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """The value found, short, and with any credentials in a URL (a proxy's password) masked."""
+    text = _USERINFO.sub("://***@", repr(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
