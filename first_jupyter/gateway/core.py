@@ -37,7 +37,7 @@ from first_jupyter.config import (
 from first_jupyter.gateway.backends.base import Backend, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
-from first_jupyter.gateway.backends.http import HttpBackend
+from first_jupyter.gateway.backends.http import HttpBackend, reach_of
 from first_jupyter.gateway.backends.local import LocalBackend
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
@@ -97,13 +97,15 @@ def _build_backends(gateway: Gateway, environ: Mapping[str, str]) -> list[Backen
             backends.extend(HttpBackend(
                 cluster_name, ep.name, ep.base_url, ep.models, client, api_key_env=ep.api_key_env,
                 globus=(tokens, ep.globus_resource_server) if ep.globus_resource_server else None,
-                capacity=ep.concurrency)
-                for ep in cluster.endpoints)
+                capacity=ep.concurrency, reach=reach_of(f"clusters.{cluster_name}.endpoints[{i}]", ep.proxy, ep.tls))
+                for i, ep in enumerate(cluster.endpoints))
         elif isinstance(cluster, LocalCluster):
             backends.extend(LocalBackend(cluster_name, ep, client, gateway.data_dir / "logs")
                             for ep in cluster.endpoints)
         elif isinstance(cluster, FirstGatewayCluster):
-            backends.extend(FirstGatewayBackend(cluster_name, ep, client, tokens) for ep in cluster.endpoints)
+            backends.extend(FirstGatewayBackend(cluster_name, ep, client, tokens,
+                                                reach_of(f"clusters.{cluster_name}.endpoints[{i}]", ep.proxy, ep.tls))
+                            for i, ep in enumerate(cluster.endpoints))
         else:
             scheduler = _scheduler_reader(gateway, cluster_name, cluster, environ) if cluster.scheduler else None
             backends.extend(_compute_backend(gateway, cluster_name, ep, environ, scheduler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from first_jupyter.config import Limits
 from first_jupyter.gateway.api import GatewayApp
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.transport.http_server import serve
@@ -25,7 +26,9 @@ class GatewayService:
         if gateway is not None and sock is not None:
             gateway.own_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = LoopThread(name)
-        self._server = self.thread.submit(serve(app, sock)) if sock is not None else None
+        limits = gateway.config.defaults.limits if gateway is not None else Limits()
+        self._server = (self.thread.submit(serve(app, sock, limits.max_client_connections)) if sock is not None
+                        else None)
         self._states = self.thread.submit(gateway.keep_states_fresh()) if gateway is not None else None
         self._batches = self.thread.submit(gateway.batches.keep_running()) if gateway is not None else None
 

@@ -15,7 +15,17 @@ import orjson
 
 from first_jupyter.config import Limits, Timeouts
 from first_jupyter.protocol import OpenAIError
-from first_jupyter.transport.http_client import ConnectFailed, FirstByteTimeout, HTTPClientError, Pool, Response, Url
+from first_jupyter.transport.http_client import (
+    ConnectFailed,
+    FirstByteTimeout,
+    HTTPClientError,
+    Pool,
+    ProxyFailed,
+    Response,
+    ResponseTooLarge,
+    TlsFailed,
+    Url,
+)
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -55,6 +65,16 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
     return OpenAIError(status_out, f"{where} answered HTTP {status}: {message}.{hint}",
                        type=_ERROR_TYPES.get(status_out, "api_error"), code=code or "upstream_error",
                        headers={"Retry-After": retry_after} if retry_after else None)
+
+
+def redirected(status: int, location: str | None, where: str, url: Url) -> OpenAIError:
+    """A 3xx: never followed (a POST cannot be replayed safely, and a moved API root is a configuration
+    mistake best fixed once), but said plainly, since passing it on would look like an empty success."""
+    target = f" to {location}" if location else ""
+    return OpenAIError(502, f"{where} answered HTTP {status}, redirecting{target}; the gateway does not follow "
+                            f"redirects. The endpoint's base_url may be wrong (it led to {url.text})"
+                            f"{'; should it be the address above?' if location else '.'}",
+                       type="api_error", code="upstream_redirect")
 
 
 def broken_off(where: str, exc: BaseException, idle: float) -> OpenAIError:
@@ -104,6 +124,10 @@ class UpstreamClient:
         self.limits = limits
         self._pool: Pool | None = None
 
+    def _through(self, url: Url) -> str:
+        proxy = url.origin.proxy
+        return f" through the proxy {proxy.display}" if proxy is not None else ""
+
     def pool(self) -> Pool:
         if self._pool is None:
             self._pool = Pool(limit=self.limits.max_connections, limit_per_host=self.limits.max_connections_per_host,
@@ -124,9 +148,16 @@ class UpstreamClient:
             raise OpenAIError(504, f"{where} did not answer within {first_byte:.0f} s. It may be loading the "
                                    f"model or overloaded; retry, or raise defaults.timeouts.first_byte.",
                               type="api_error", code="upstream_timeout") from None
+        except ProxyFailed as exc:
+            raise OpenAIError(502, f"Cannot reach {where} at {url.text}: {exc}. Check the proxy setting "
+                                   f"(HTTPS_PROXY / HTTP_PROXY, NO_PROXY, or the endpoint's proxy:).",
+                              type="api_error", code="proxy_failed") from None
+        except TlsFailed as exc:
+            raise OpenAIError(502, f"Cannot reach {where} at {url.text}{self._through(url)}: {exc}.",
+                              type="api_error", code="upstream_tls_failed") from None
         except ConnectFailed as exc:
-            raise OpenAIError(502, f"Cannot reach {where} at {url.text} ({exc}). Check that the engine is "
-                                   f"running: GET /first/api/status.", type="api_error",
+            raise OpenAIError(502, f"Cannot reach {where} at {url.text}{self._through(url)} ({exc}). Check that "
+                                   f"the engine is running: GET /first/api/status.", type="api_error",
                               code="upstream_unreachable") from None
         except HTTPClientError as exc:
             raise OpenAIError(502, f"{where} closed the connection without answering ({exc}). Retry, or check "
@@ -136,19 +167,44 @@ class UpstreamClient:
                       *, first_byte: float | None = None) -> Reply:
         """One complete exchange; error statuses are returned, not raised, so callers can pass them on."""
         resp = await self._open(method, url, head_lines, body, where, first_byte or self.timeouts.first_byte)
+        self._check_head(resp, where, url)
+        limit = self.limits.max_response_bytes
         try:
-            data = await resp.read()
+            declared = int(resp.headers.get("content-length", "0"))
+            if declared > limit:
+                raise ResponseTooLarge(limit)
+            data = await resp.read(limit)
+        except ResponseTooLarge:
+            resp.release()
+            raise OpenAIError(502, f"{where} answered with more than {limit:,} bytes, over "
+                                   f"defaults.limits.max_response_bytes. Ask for less (fewer tokens or inputs), "
+                                   f"stream the answer, or raise the limit.", type="api_error",
+                              code="upstream_response_too_large") from None
         except (TimeoutError, HTTPClientError) as exc:
             resp.release()
             raise broken_off(where, exc, self.timeouts.idle) from None
         return Reply(resp.status, data, resp.headers.get("retry-after"))
 
+    def _check_head(self, resp: Response, where: str, url: Url) -> None:
+        """Statuses that are not the engine's answer: a redirect, or the proxy asking for credentials."""
+        if 300 <= resp.status < 400:
+            resp.release()
+            raise redirected(resp.status, resp.headers.get("location"), where, url)
+        proxy = url.origin.proxy
+        if resp.status == 407 and proxy is not None:
+            resp.release()
+            raise OpenAIError(502, f"Cannot reach {where} at {url.text}: the proxy {proxy.display} wants "
+                                   f"credentials (HTTP 407); put them in the proxy URL "
+                                   f"(http://user:password@host:port).", type="api_error",
+                              code="proxy_failed")
+
     async def stream(self, url: Url, head_lines: bytes, body: bytes, where: str) -> UpstreamStream:
         """Open a streamed POST; an error status is raised here, before any byte reaches the client."""
         resp = await self._open("POST", url, head_lines, body, where, self.timeouts.first_byte)
+        self._check_head(resp, where, url)
         if resp.status >= 400:
             try:
-                data = await resp.read()
+                data = await resp.read(self.limits.max_response_bytes)
             except (TimeoutError, HTTPClientError):
                 data = b""
             finally:

@@ -4,8 +4,12 @@ The gateway's budget is a fraction of a millisecond of CPU per proxied request a
 relayed chunk. General-purpose clients spend more than that on machinery the gateway does not need (cookie
 jars, redirects, tracing hooks, one task per request). This client does only what talking to OpenAI-compatible
 engines takes: keep-alive connections pooled per host with sized limits, requests written in one call,
-responses parsed incrementally (``Content-Length``, chunked, or read to EOF), body bytes handed on as they
-arrive, and timeouts that are idle timeouts: one timer per response, re-armed only when it fires.
+responses parsed incrementally by llhttp (httptools: HTTP's grammar kept by a well-tried parser, the framing,
+``Content-Length``, chunked or read to EOF, included), body bytes handed on as they arrive, and timeouts that
+are idle timeouts: one timer per response, re-armed only when it fires.
+
+The field is not loopback: an origin may be reached through an HTTP forward proxy (a ``CONNECT`` tunnel for
+https, absolute-form requests for http) and with TLS settings of its own; both are part of the pool's key.
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
-from first_jupyter.transport.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
+import httptools
+
+from first_jupyter.transport import proxies
+from first_jupyter.transport.heads import MAX_HEAD_BYTES, HeadCollector, HeadTooLarge
+from first_jupyter.transport.proxies import Proxy
+from first_jupyter.transport.tls import TlsSettings, client_context, describe_tls_failure
 
 PAUSE_BYTES = 1024 * 1024  # stop reading the upstream while this much is waiting for a slow client
+MAX_INTERIM = 16
+"""Interim (1xx) responses taken before the final one; more is a broken or hostile upstream."""
 
 
 class HTTPClientError(Exception):
@@ -32,12 +43,26 @@ class ConnectFailed(HTTPClientError):
     pass
 
 
+class ProxyFailed(ConnectFailed):
+    """The proxy could not be reached, or refused the tunnel; the message names it (never its credentials)."""
+
+
+class TlsFailed(ConnectFailed):
+    """The TLS handshake (or the certificate check after it) failed; the message says which setting fixes it."""
+
+
 class Disconnected(HTTPClientError):
     pass
 
 
 class ProtocolViolation(HTTPClientError):
     pass
+
+
+class ResponseTooLarge(HTTPClientError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the answer is over {limit:,} bytes")
+        self.limit = limit
 
 
 class FirstByteTimeout(TimeoutError):
@@ -49,37 +74,81 @@ class IdleTimeout(TimeoutError):
 
 
 class Origin(NamedTuple):
-    """Where to connect: the pool key (a tuple, so hashing it on every request is one C call)."""
+    """Where to connect and how: the pool key (a tuple, so hashing it on every request is one C call).
+
+    The proxy and the TLS context are part of it, so that endpoints with different settings never share a
+    connection; contexts are shared per setting (``tls.client_context``), so equal settings do.
+    """
 
     scheme: str
     host: str
     port: int
+    proxy: Proxy | None = None
+    ssl: ssl.SSLContext | None = None
 
     @property
     def tls(self) -> bool:
         return self.scheme == "https"
 
+    @property
+    def authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class Url:
-    """A parsed upstream URL with the request-line target and Host header precomputed."""
+    """A parsed upstream URL with the request-line target and the fixed header lines precomputed."""
 
     origin: Origin
     target: str
     host_header: str
     text: str = field(compare=False)
+    proxy_lines: bytes = field(default=b"", compare=False)
+    """``Proxy-Authorization``, on requests sent to a proxy in absolute form."""
 
     @classmethod
-    def parse(cls, text: str) -> Url:
+    def parse(cls, text: str, *, proxy: Proxy | None = None, context: ssl.SSLContext | None = None) -> Url:
+        """``proxy`` None connects directly (the gateway's own loopback hops); ``context`` None, for https, is
+        the environment's trust (``tls.client_context()``)."""
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {text!r}")
         default = 443 if parts.scheme == "https" else 80
         port = parts.port or default
         host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        host_header = host if port == default else f"{host}:{port}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(Origin(parts.scheme, parts.hostname, port), target,
-                   host if port == default else f"{host}:{port}", text)
+        tls = parts.scheme == "https"
+        if tls and context is None:
+            context = client_context()
+        lines = b""
+        if proxy is not None and not tls:  # plain http through a proxy: the whole URL goes in the request line
+            target = f"http://{host_header}{target}"
+            lines = proxy.header_lines()
+        return cls(Origin(parts.scheme, parts.hostname, port, proxy, context if tls else None), target,
+                   host_header, text, lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """How one endpoint is reached from here: its proxy setting and its TLS settings.
+
+    ``proxy`` None means the environment decides (``HTTPS_PROXY``, ``NO_PROXY``...), ``"none"`` a direct
+    connection; ``source`` names the setting in errors (``clusters.alcf.endpoints[0].proxy``).
+    """
+
+    proxy: str | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    source: str = "proxy"
+
+    def url(self, text: str) -> Url:
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {text!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = proxies.choose(self.proxy, parts.scheme, parts.hostname, port, source=self.source)
+        context = client_context(self.tls) if parts.scheme == "https" else None
+        return Url.parse(text, proxy=proxy, context=context)
 
 
 class Response:
@@ -254,9 +323,17 @@ class Response:
         if self._conn is not None:
             self._conn.resume()
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; over ``limit`` bytes the exchange is ended (the connection closed) and
+        ResponseTooLarge raised, so a huge answer costs at most the limit in memory."""
         parts = []
+        size = 0
         while chunk := await self.next_chunk():
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self._fail(ResponseTooLarge(limit))
+                self.release()
+                raise ResponseTooLarge(limit)
             parts.append(chunk)
         return b"".join(parts)
 
@@ -276,8 +353,8 @@ class Response:
             conn.abort()
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; carries one exchange at a time."""
+class _Connection(HeadCollector, asyncio.Protocol):
+    """One keep-alive connection; carries one exchange at a time. llhttp parses its responses."""
 
     def __init__(self, pool: Pool, origin: Origin) -> None:
         self.pool = pool
@@ -290,11 +367,11 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.used = 0
         self._resp: Response | None = None
-        self._head = bytearray()
-        self._in_head = True
-        self._mode = ""  # "length" | "chunked" | "eof" | "none"
-        self._left = 0
-        self._chunks = ChunkedDecoder()
+        self._parser = httptools.HttpResponseParser(self)
+        self._interim = 0
+        self._in_interim = False
+        self._to_eof = False
+        """The response has neither length nor chunks: its body ends when the upstream closes."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -308,18 +385,29 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection's state is unknown
             return
         resp._got_bytes = True
+        begun = self._heads_begun
         try:
-            if self._in_head:
-                data = self._parse_head(data, resp)
-                if self._in_head or (not data and self._mode not in ("none", "length")):
-                    return
-            self._parse_body(data, resp)
-        except ProtocolViolation as exc:
-            resp._fail(exc)
+            self._parser.feed_data(data)
+            self._fed(len(data), begun)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._broken(resp, cause if isinstance(cause, ProtocolViolation)
+                         else ProtocolViolation(f"response head over {MAX_HEAD_BYTES:,} bytes")
+                         if isinstance(cause, HeadTooLarge) else ProtocolViolation(f"unreadable response ({cause})"))
+        except httptools.HttpParserUpgrade:
+            self._broken(resp, ProtocolViolation("the upstream switched protocols, which was not asked for"))
+        except httptools.HttpParserError as exc:
+            self._broken(resp, ProtocolViolation(f"malformed response: {exc}"))
+        except HeadTooLarge:
+            self._broken(resp, ProtocolViolation(f"response head over {MAX_HEAD_BYTES:,} bytes"))
+
+    def _broken(self, resp: Response, exc: ProtocolViolation) -> None:
+        self.reusable = False  # even after a whole response: what followed it was not HTTP
+        resp._fail(exc)
 
     def eof_received(self) -> bool:
         resp = self._resp
-        if resp is not None and not self._in_head and self._mode == "eof":
+        if resp is not None and resp._head_seen and self._to_eof:
             self.reusable = False
             self._end(resp)
         return False
@@ -328,86 +416,59 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         resp = self._resp
         if resp is not None and not resp._complete:
-            resp._fail(Disconnected(f"the upstream closed the connection{f' ({exc})' if exc else ''}"))
+            if isinstance(exc, ssl.SSLError):  # TLS 1.3 reports a refused client certificate here, after the
+                resp._fail(TlsFailed(describe_tls_failure(exc, self.origin.host)))  # handshake
+            else:
+                resp._fail(Disconnected(f"the upstream closed the connection{f' ({exc})' if exc else ''}"))
         self._resp = None
+
+    # -- llhttp's callbacks -------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begin_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        resp = self._resp
+        if resp is None:
+            raise ProtocolViolation("a response that nothing asked for")
+        status = self._parser.get_status_code()
+        self._in_interim = 100 <= status < 200
+        if self._in_interim:  # informational: the real head follows
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise ProtocolViolation(f"more than {MAX_INTERIM} interim (1xx) responses")
+            return
+        headers = self.headers
+        if not self._parser.should_keep_alive():
+            self.reusable = False
+        self._to_eof = (status not in (204, 304) and "content-length" not in headers
+                        and "transfer-encoding" not in headers)
+        resp._head(status, headers)
+
+    def on_body(self, data: bytes) -> None:
+        resp = self._resp
+        if data and resp is not None:
+            resp._data(data)
+
+    def on_message_complete(self) -> None:
+        if self._in_interim:
+            self._in_interim = False
+            return
+        resp = self._resp
+        if resp is not None:
+            self._end(resp)
 
     # -- exchange -----------------------------------------------------------------------------------------
 
     def send(self, head: bytes, body: bytes | None, first_byte: float, idle: float) -> Response:
         assert self.transport is not None
-        self._in_head, self._head, self._mode, self._left = True, bytearray(), "", 0
-        self._chunks = ChunkedDecoder()
+        self._interim, self._in_interim, self._to_eof = 0, False, False
         resp = self._resp = Response(self, first_byte, idle)
         length = len(body) if body else 0
         self.transport.write(head + b"Content-Length: %d\r\n\r\n" % length + (body or b""))
         self.used += 1
         return resp
-
-    def _parse_head(self, data: bytes, resp: Response) -> bytes:
-        self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._head) > MAX_HEAD_BYTES:
-                raise ProtocolViolation("response headers too large")
-            return b""
-        raw, rest = bytes(self._head[:end]), bytes(self._head[end + 4:])
-        try:
-            first, headers = parse_head(raw)
-        except WireError as exc:
-            raise ProtocolViolation(str(exc)) from None
-        parts = first.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolViolation(f"not an HTTP/1.x status line: {first[:80]!r}")
-        status = int(parts[1])
-        if 100 <= status < 200:  # informational: the real head follows
-            self._head = bytearray()
-            return self._parse_head(rest, resp) if rest else b""
-        self._in_head = False
-        self._head = bytearray()
-        if headers.get("connection", "").lower() == "close" or parts[0] == "HTTP/1.0":
-            self.reusable = False
-        if status in (204, 304):
-            self._mode = "none"
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._mode = "chunked"
-        elif "content-length" in headers:
-            try:
-                self._left = int(headers["content-length"])
-            except ValueError:
-                raise ProtocolViolation("bad Content-Length") from None
-            self._mode = "length"
-        else:
-            self._mode = "eof"
-            self.reusable = False
-        resp._head(status, headers)
-        return rest
-
-    def _parse_body(self, data: bytes, resp: Response) -> None:
-        mode = self._mode
-        if mode == "chunked":
-            self._parse_chunked(data, resp)
-        elif mode == "length":
-            if data:
-                take = data if len(data) <= self._left else data[:self._left]
-                self._left -= len(take)
-                resp._data(take)
-            if self._left == 0:
-                self._end(resp)
-        elif mode == "eof":
-            if data:
-                resp._data(data)
-        else:  # "none"
-            self._end(resp)
-
-    def _parse_chunked(self, data: bytes, resp: Response) -> None:
-        try:
-            payload, _ = self._chunks.feed(data)  # bytes after the end: nothing was asked, so nothing to keep
-        except WireError as exc:
-            raise ProtocolViolation(str(exc)) from None
-        if payload:
-            resp._data(payload)
-        if self._chunks.done:
-            self._end(resp)
 
     def _end(self, resp: Response) -> None:
         self._resp = None
@@ -443,6 +504,54 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _Tunnel(HeadCollector, asyncio.Protocol):
+    """The CONNECT exchange with a proxy, before TLS starts inside the tunnel it opens."""
+
+    def __init__(self, origin: Origin, proxy: Proxy) -> None:
+        self._origin = origin
+        self._proxy = proxy
+        self._parser = httptools.HttpResponseParser(self)
+        self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        authority = self._origin.authority
+        cast(asyncio.Transport, transport).write(
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n".encode("latin-1")
+            + self._proxy.header_lines() + b"\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.established.done():
+            return
+        begun = self._heads_begun
+        try:
+            self._parser.feed_data(data)
+            self._fed(len(data), begun)
+        except (httptools.HttpParserError, HeadTooLarge) as exc:
+            self._refused(f"answered CONNECT with something that is not HTTP ({exc})")
+
+    def on_message_begin(self) -> None:
+        self._begin_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        status = self._parser.get_status_code()
+        if 200 <= status < 300:
+            if not self.established.done():
+                self.established.set_result(None)
+            return
+        hint = {407: ": it wants credentials; put them in the proxy URL (http://user:password@host:port)",
+                403: ": it does not allow this destination; ask the site which proxy to use, or list the host in "
+                     "NO_PROXY (or set the endpoint's proxy: none) if it is reachable directly"}.get(status, "")
+        self._refused(f"refused to tunnel to {self._origin.authority} (HTTP {status}){hint}")
+
+    def _refused(self, why: str) -> None:
+        if not self.established.done():
+            self.established.set_exception(ProxyFailed(f"the proxy {self._proxy.display} {why}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._refused("closed the connection before the tunnel was open")
+
+
 class _Slot:
     """Permission to run one exchange under the pool's limits; released exactly once."""
 
@@ -468,7 +577,6 @@ class Pool:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
-        self._ssl: ssl.SSLContext | None = None
         self._active: set[_Connection] = set()
         self.opened = 0
 
@@ -482,7 +590,8 @@ class Pool:
         """
         origin = url.origin
         slot = await self._acquire(origin)
-        head = f"{method} {url.target} HTTP/1.1\r\nHost: {url.host_header}\r\n".encode("latin-1") + head_lines
+        head = (f"{method} {url.target} HTTP/1.1\r\nHost: {url.host_header}\r\n".encode("latin-1") + url.proxy_lines
+                + head_lines)
         try:
             for attempt in range(2):
                 conn, reused = await self._connection(origin)
@@ -526,20 +635,46 @@ class Pool:
             if not conn.closed and now - conn.idle_since < self._keepalive:
                 return conn, True
             conn.abort()
-        loop = asyncio.get_running_loop()
-        if origin.tls and self._ssl is None:
-            self._ssl = ssl.create_default_context()
+        proxy = origin.proxy
+        via = f" through the proxy {proxy.display}" if proxy is not None else ""
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _Connection(self, origin), origin.host, origin.port,
-                    ssl=self._ssl if origin.tls else None)
+                conn = await self._open(origin)
         except TimeoutError:
-            raise ConnectFailed(f"connect timed out after {self._connect_timeout:g} s") from None
+            raise (ProxyFailed if proxy is not None else ConnectFailed)(
+                f"connect timed out after {self._connect_timeout:g} s{via}") from None
+        except ssl.SSLError as exc:
+            raise TlsFailed(describe_tls_failure(exc, origin.host)) from None
         except OSError as exc:
+            if proxy is not None:
+                raise ProxyFailed(f"cannot reach the proxy {proxy.display}: {exc.strerror or exc}") from None
             raise ConnectFailed(exc.strerror or str(exc)) from None
         self.opened += 1
-        return proto, False
+        return conn, False
+
+    async def _open(self, origin: Origin) -> _Connection:
+        """A new connection: direct, to the proxy (plain http), or through a CONNECT tunnel (https)."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, origin)
+        proxy = origin.proxy
+        if proxy is None:
+            await loop.create_connection(lambda: conn, origin.host, origin.port, ssl=origin.ssl,
+                                         server_hostname=origin.host if origin.ssl is not None else None)
+            return conn
+        if origin.ssl is None:
+            await loop.create_connection(lambda: conn, proxy.host, proxy.port)
+            return conn
+        transport, tunnel = await loop.create_connection(lambda: _Tunnel(origin, proxy), proxy.host, proxy.port)
+        try:
+            await tunnel.established
+            secured = await loop.start_tls(transport, conn, origin.ssl, server_hostname=origin.host)
+        except BaseException:
+            transport.abort()
+            raise
+        if secured is None:  # the transport closed during the handshake
+            raise TlsFailed(f"the TLS handshake with {origin.host} through the proxy {proxy.display} was cut off")
+        conn.connection_made(secured)  # start_tls hands the protocol its transport but does not call this
+        return conn
 
     def _put_back(self, conn: _Connection) -> None:
         self._active.discard(conn)

@@ -4,9 +4,10 @@ Why not tornado: its HTTP/1.1 connection (header parsing into ``HTTPHeaders``, a
 request, futures per read and write) costs about 0.2 ms of CPU per request on this project's 2-core machines
 before any application code runs, more than the rest of a proxied request together. Programs (notebook code,
 batch runners, scripts) are where the request volume comes from, and they need none of what Jupyter's stack
-adds, so they get this: one protocol object per connection, the head decoded once and split, the
-body collected within a limit, one request at a time (pipelined requests wait their turn), keep-alive by
-HTTP/1.1's rules, and backpressure from the transport's own flow control.
+adds, so they get this: one protocol object per connection, requests parsed by llhttp (httptools, as in
+uvicorn: HTTP's grammar is kept by a well-tried parser, not by hand) with the head bounded, the body collected
+within a limit, one request at a time (pipelined requests wait their turn), keep-alive by HTTP/1.1's rules,
+backpressure from the transport's own flow control, and a cap on open connections.
 
 The application (``HttpApp``) is called once per request and answers through the ``Exchange``.
 """
@@ -16,16 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import NamedTuple, Protocol, cast
 
-from first_jupyter.transport.wire import MAX_HEAD_BYTES, ChunkedDecoder, WireError, parse_head
+import httptools
+
+from first_jupyter.transport.heads import MAX_HEAD_BYTES, HeadCollector, HeadTooLarge
 
 LINGER_S = 2.0
 """How long a refused client may go on sending before its connection is closed regardless."""
 KEEPALIVE_S = 75.0
 """A connection waiting longer than this for (the rest of) a request is closed: idle clients and slow-loris."""
+MAX_CONNECTIONS = 1024
+"""Open client connections a server takes by default; past it a new one is answered 503 and closed."""
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ class Request(NamedTuple):
     body: bytes
     upload: BodySink | None = None
     """The body's sink, when the app gave one (``body`` is then empty)."""
+    keep_alive: bool = True
+    """HTTP/1.1 without ``Connection: close``: the connection stays open after the answer."""
 
 
 class HTTPRefusal(Exception):
@@ -167,25 +175,31 @@ class Exchange:
         self._conn.exchange_done(self._keep_alive)
 
 
-class HttpConnection(asyncio.Protocol):
-    """One client connection: parse a request, run the app on it, answer, repeat."""
+class HttpConnection(HeadCollector, asyncio.Protocol):
+    """One client connection: parse requests (llhttp), run the app on each in turn, answer, repeat."""
 
-    def __init__(self, app: HttpApp, live: set[HttpConnection]) -> None:
+    def __init__(self, app: HttpApp, live: set[HttpConnection], max_connections: int = MAX_CONNECTIONS) -> None:
         self.app = app
         self.live = live
+        self.max_connections = max_connections
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.paused = False
+        self._parser = httptools.HttpRequestParser(self)
         self._buf = b""
+        """Bytes not fed to the parser yet: they came while a request was being answered (pipelining)."""
+        self._queue: deque[Request] = deque()
+        """Whole requests parsed and waiting their turn, oldest first."""
+        self._refusal: HTTPRefusal | None = None
+        """What ended parsing; answered once the requests before it are."""
         self._exchange: Exchange | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_since = 0.0
-        # the request being read, once its head is in
-        self._head: tuple[str, str, str, str, dict[str, str]] | None = None
-        self._left = 0
-        self._chunks: ChunkedDecoder | None = None
+        # the request being parsed
+        self._url = b""
+        self._started: tuple[str, str, str, str, bool] | None = None
         self._body: list[bytes] = []
         self._sink: BodySink | None = None
         self._size = 0
@@ -197,18 +211,25 @@ class HttpConnection(asyncio.Protocol):
         # a stream transport, though uvloop's do not subclass asyncio.Transport (they register nothing either)
         self.transport = cast(asyncio.Transport, transport)
         self.live.add(self)
+        if len(self.live) > self.max_connections:
+            self._refusal = HTTPRefusal(503, f"The gateway has {self.max_connections:,} connections open, its "
+                                             "limit (defaults.limits.max_client_connections); retry shortly, and "
+                                             "reuse connections rather than opening new ones.")
+            self._next()
+            return
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return  # answered and closing (a refused request's body may still be arriving)
-        self._buf = self._buf + data if self._buf else data
-        if self._exchange is None:
-            self._advance()
-        elif len(self._buf) > MAX_HEAD_BYTES + self.app.max_body():  # a pipelining client far ahead of us
-            transport = self.transport
-            assert transport is not None
-            transport.pause_reading()
+        if self.closed or self._refusal is not None:
+            return  # answered and closing, or refusing: what follows cannot be trusted
+        if self._exchange is not None or self._queue:
+            self._buf = self._buf + data if self._buf else data
+            if len(self._buf) > MAX_HEAD_BYTES + self.app.max_body():  # a pipelining client far ahead of us
+                transport = self.transport
+                assert transport is not None
+                transport.pause_reading()
+            return
+        self._feed(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -218,6 +239,10 @@ class HttpConnection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: the request upstream is cancelled with the task
         self._drop_sink()
+        for request in self._queue:
+            if request.upload is not None:
+                request.upload.discard()
+        self._queue.clear()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -227,83 +252,70 @@ class HttpConnection(asyncio.Protocol):
         if self._exchange is not None:
             self._exchange._drained()
 
-    # -- reading ------------------------------------------------------------------------------------------
+    # -- reading: llhttp's callbacks ----------------------------------------------------------------------
 
-    def _advance(self) -> None:
-        """Parse as far as the buffer allows; start the app once a whole request is in."""
+    def _feed(self, data: bytes) -> None:
+        """Parse what came; every whole request is queued, and the first one started."""
+        begun = self._heads_begun
         try:
-            if self._head is None and not self._read_head():
-                return
-            if not self._read_body():
-                return
-        except HTTPRefusal as refusal:
-            self._refuse(refusal)
-            return
-        except WireError as exc:
-            self._refuse(HTTPRefusal(400, f"Malformed HTTP request: {exc}."))
-            return
-        assert self._head is not None
-        method, path, query, version, headers = self._head
-        body = b"".join(self._body)
-        sink = self._sink
-        self._head, self._body, self._size, self._chunks, self._sink = None, [], 0, None, None
+            self._parser.feed_data(data)
+            self._fed(len(data), begun)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HTTPRefusal):
+                self._refusal = cause
+            elif isinstance(cause, HeadTooLarge):
+                self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
+            else:
+                raise
+        except httptools.HttpParserUpgrade:
+            # the request asking to upgrade is whole and queued; HTTP/1.1 is all this door speaks, so it is
+            # answered as such, and the connection closes after it (what follows would be another protocol)
+            if self._queue:
+                self._queue[-1] = self._queue[-1]._replace(keep_alive=False)
+            self._refusal = _UPGRADE_IGNORED
+        except httptools.HttpParserError as exc:
+            self._refusal = HTTPRefusal(400, f"Malformed HTTP request: {exc}.")
+        except HeadTooLarge:
+            self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
+        self._next()
+
+    def on_message_begin(self) -> None:
+        self._begin_head()
+        self._url = b""
+        self._started = None
+        self._body, self._size, self._sink = [], 0, None
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        self._url += url
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        method = self._parser.get_method().decode("ascii")
+        version = "HTTP/" + self._parser.get_http_version()
+        target = self._url.decode("latin-1")
+        if not target.startswith("/"):
+            raise HTTPRefusal(400, f"Malformed HTTP request: the target {target[:80]!r} is not a path; this "
+                                   "server is not a proxy.")
+        path, _, query = target.partition("?")
+        headers = self.headers
         keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-        self._exchange = Exchange(self, version == "HTTP/1.1", keep_alive, head_only=method == "HEAD")
-        self._task = self.loop.create_task(self._run(Request(method, path, query, version, headers, body, sink),
-                                                     self._exchange))
-
-    def _read_head(self) -> bool:
-        end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-        if end < 0:
-            if len(self._buf) >= MAX_HEAD_BYTES + 4:
-                raise HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
-            return False
-        first, headers = parse_head(self._buf[:end])
-        self._buf = self._buf[end + 4:]
-        parts = first.split(" ")
-        if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0") or not parts[1].startswith("/"):
-            raise WireError(f"bad request line {first[:80]!r}")
-        path, _, query = parts[1].partition("?")
-        self._head = (parts[0], path, query, parts[2], headers)
-        self._sink = self.app.body_sink(parts[0], path, headers)
+        self._started = (method, path, query, version, keep_alive)
+        self._sink = self.app.body_sink(method, path, headers)
         limit = self._limit()
-        if "transfer-encoding" in headers:
-            if headers["transfer-encoding"].lower() != "chunked":
-                raise HTTPRefusal(501, f"Transfer-Encoding '{headers['transfer-encoding']}' is not supported; "
-                                       "send the body with Content-Length or chunked.")
-            self._chunks = ChunkedDecoder()
-        else:
-            declared = headers.get("content-length", "0")
-            if not declared.isdigit():
-                raise WireError(f"bad Content-Length {declared[:40]!r}")
-            self._left = int(declared)
-            if self._left > limit:
-                raise BodyTooLarge(self._left, limit)
-        if headers.get("expect", "").lower() == "100-continue" and (self._chunks or self._left) and \
-                self.transport is not None:
+        coding = headers.get("transfer-encoding")
+        if coding is not None and coding.lower() != "chunked":
+            raise HTTPRefusal(501, f"Transfer-Encoding '{coding}' is not supported; send the body with "
+                                   "Content-Length or chunked.")
+        declared = int(headers.get("content-length", "0"))  # llhttp let only digits through
+        if declared > limit:
+            raise BodyTooLarge(declared, limit)
+        if headers.get("expect", "").lower() == "100-continue" and (coding or declared) and \
+                self._exchange is None and not self._queue and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
 
-    def _read_body(self) -> bool:
-        if self._chunks is not None:
-            payload, rest = self._chunks.feed(self._buf)
-            self._buf = b""
-            self._take(payload)
-            if not self._chunks.done:
-                return False
-            self._buf = rest
-            return True
-        if self._left:
-            take = self._buf[:self._left]
-            self._buf = self._buf[len(take):]
-            self._left -= len(take)
-            self._take(take)
-        return self._left == 0
-
-    def _limit(self) -> int:
-        return self._sink.limit if self._sink is not None else self.app.max_body()
-
-    def _take(self, data: bytes) -> None:
+    def on_body(self, data: bytes) -> None:
         if data:
             self._size += len(data)
             limit = self._limit()
@@ -314,10 +326,40 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._body.append(data)
 
+    def on_message_complete(self) -> None:
+        assert self._started is not None
+        method, path, query, version, keep_alive = self._started
+        body = b"".join(self._body)
+        self._queue.append(Request(method, path, query, version, self.headers, body, self._sink, keep_alive))
+        self._started, self._body, self._size, self._sink = None, [], 0, None
+
+    def _limit(self) -> int:
+        return self._sink.limit if self._sink is not None else self.app.max_body()
+
     def _drop_sink(self) -> None:
         if self._sink is not None:
             self._sink.discard()
             self._sink = None
+
+    def _next(self) -> None:
+        """With no request being answered: start the next one parsed, else answer a refusal, else parse on."""
+        if self._exchange is not None or self.closed:
+            return
+        if self._queue:
+            request = self._queue.popleft()
+            self._exchange = Exchange(self, request.version == "HTTP/1.1", request.keep_alive,
+                                      head_only=request.method == "HEAD")
+            self._task = self.loop.create_task(self._run(request, self._exchange))
+        elif self._refusal is not None:
+            if self._refusal is _UPGRADE_IGNORED:
+                self.close()
+            else:
+                self._refuse(self._refusal)
+        elif self._buf:
+            data, self._buf = self._buf, b""
+            if self.transport is not None:
+                self.transport.resume_reading()
+            self._feed(data)
 
     # -- answering ----------------------------------------------------------------------------------------
 
@@ -352,16 +394,12 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             self._close_lingering() if self._linger else self.close()
             return
-        transport = self.transport
-        if transport is not None and not self.closed:
-            transport.resume_reading()
+        if self.transport is not None and not self.closed:
             self._arm_timer()
-            if self._buf:
-                self._advance()
+            self._next()
 
     def _refuse(self, refusal: HTTPRefusal) -> None:
         """Answer a request the app never saw, then close: what follows on the connection cannot be trusted."""
-        self._head = None
         self._buf = b""
         self._drop_sink()
         self._linger = True
@@ -412,6 +450,10 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
 
+_UPGRADE_IGNORED = HTTPRefusal(400, "upgrade ignored")
+"""The marker for a connection whose client asked to switch protocols: closed once its request is answered."""
+
+
 class HttpServer:
     """A listening socket and the connections it accepted, so that stopping it ends them all."""
 
@@ -437,8 +479,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(app: HttpApp, sock: socket.socket) -> HttpServer:
-    """Answer connections on a listening socket with ``app``; the server owns the socket from now on."""
+async def serve(app: HttpApp, sock: socket.socket, max_connections: int = MAX_CONNECTIONS) -> HttpServer:
+    """Answer connections on a listening socket with ``app``; the server owns the socket from now on.
+
+    At most ``max_connections`` are served at once: one more is answered 503 and closed at once, so that idle
+    sockets from any local user cannot use up the process's descriptors, which the Jupyter server shares.
+    """
     live: set[HttpConnection] = set()
-    server = await asyncio.get_running_loop().create_server(lambda: HttpConnection(app, live), sock=sock)
+    server = await asyncio.get_running_loop().create_server(lambda: HttpConnection(app, live, max_connections),
+                                                            sock=sock)
     return HttpServer(server, live)

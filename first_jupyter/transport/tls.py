@@ -97,3 +97,25 @@ def client_context(settings: TlsSettings | None = None, environ: Mapping[str, st
     env = os.environ if environ is None else environ
     trust_env = tuple((name, env.get(name, "")) for name in TRUST_VARIABLES)
     return _context(settings or TlsSettings(), trust_env)
+
+
+def describe_tls_failure(exc: ssl.SSLError, host: str) -> str:
+    """What failed in a TLS exchange with ``host``, and the setting that fixes it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or str(exc)
+        if "hostname" in why.lower() or "ip address mismatch" in why.lower():
+            return (f"the TLS certificate of {host} is not valid for that name ({why}); check the host in "
+                    f"base_url")
+        return (f"the TLS certificate of {host} was not accepted ({why}). If your site uses its own certificate "
+                f"authority, give its CA certificate in this endpoint's tls.ca_bundle, or in SSL_CERT_FILE or "
+                f"REQUESTS_CA_BUNDLE")
+    reason = (exc.reason or str(exc)).upper()
+    if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+        return (f"{host} demands a client certificate (mutual TLS) that was not accepted or not given; set this "
+                f"endpoint's tls.client_cert and tls.client_key")
+    if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
+        return (f"{host} refused this endpoint's client certificate ({exc.reason}); check tls.client_cert and "
+                f"tls.client_key")
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
+        return f"{host} does not speak TLS on that port ({exc.reason}); should base_url start with http://?"
+    return f"the TLS exchange with {host} failed ({exc.reason or exc})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +22,7 @@ from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.upstream import UpstreamClient, upstream_error
 from first_jupyter.protocol import Capability, OpenAIError
-from first_jupyter.transport.http_client import Url
+from first_jupyter.transport.http_client import Reach, Url
 
 _CAPABILITIES = {"chat": Capability.chat, "completion": Capability.completions,
                  "completions": Capability.completions, "embedding": Capability.embeddings,
@@ -43,7 +44,8 @@ class Place:
     urls: dict[Capability, Url]
 
 
-def parse_catalog(data: Any, origin: str, root: str, wanted: list[str] | None) -> dict[str, list[Place]]:
+def parse_catalog(data: Any, origin: str, root: str, wanted: list[str] | None,
+                  make_url: Callable[[str], Url] = Url.parse) -> dict[str, list[Place]]:
     """The models a ``list-endpoints`` answer names, each with its places; ``wanted`` keeps only those clusters.
 
     A cluster's ``base_url`` is a path on the gateway's host (``/resource_server/sophia``); without one the
@@ -60,7 +62,7 @@ def parse_catalog(data: Any, origin: str, root: str, wanted: list[str] | None) -
             if not isinstance(entry, dict):
                 continue
             routes = entry.get("endpoints") or {}
-            urls = {_CAPABILITIES[name]: Url.parse(f"{origin}{base}/{str(path).lstrip('/')}")
+            urls = {_CAPABILITIES[name]: make_url(f"{origin}{base}/{str(path).lstrip('/')}")
                     for name, path in routes.items() if name in _CAPABILITIES}
             for model in entry.get("models") or []:
                 if isinstance(model, str) and model and urls:
@@ -91,17 +93,17 @@ class FirstGatewayBackend(HttpBackend):
     kind = "first"
 
     def __init__(self, cluster: str, endpoint: FirstGatewayEndpoint, client: UpstreamClient,
-                 tokens: BearerTokens) -> None:
+                 tokens: BearerTokens, reach: Reach | None = None) -> None:
         super().__init__(cluster, endpoint.name, endpoint.base_url, [], client, api_key_env=endpoint.api_key_env,
                          globus=(tokens, endpoint.globus_resource_server) if endpoint.globus_resource_server
-                         else None, capacity=endpoint.concurrency)
+                         else None, capacity=endpoint.concurrency, reach=reach)
         parts = urlsplit(self.base_url)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._root = parts.path
         self._wanted = endpoint.clusters
         self.start_s = endpoint.expected_start
         self._refresh = endpoint.refresh
-        self._list_url = Url.parse(f"{self.base_url}/list-endpoints")
+        self._list_url = self.url(f"{self.base_url}/list-endpoints")
         self.catalog: dict[str, list[Place]] = {}
         self.discovered_at = self.failed_at = -RETRY_S - endpoint.refresh
         self.failure: OpenAIError | None = None
@@ -152,7 +154,7 @@ class FirstGatewayBackend(HttpBackend):
         try:
             data = await self._get_json(self._list_url, "list-endpoints")
             try:
-                catalog = parse_catalog(data, self._origin, self._root, self._wanted)
+                catalog = parse_catalog(data, self._origin, self._root, self._wanted, self.url)
             except ValueError as exc:
                 raise OpenAIError(502, f"{self.where} answered list-endpoints in an unknown shape ({exc}); is "
                                        f"base_url ({self.base_url}) a FIRST gateway?", type="api_error",
@@ -179,7 +181,7 @@ class FirstGatewayBackend(HttpBackend):
     async def _jobs(self, cluster: str) -> tuple[str, dict[tuple[str, str], str] | str]:
         """One remote cluster's job states, or why they could not be read."""
         try:
-            data = await self._get_json(Url.parse(f"{self.base_url}/{cluster}/jobs"), f"{cluster}/jobs")
+            data = await self._get_json(self.url(f"{self.base_url}/{cluster}/jobs"), f"{cluster}/jobs")
         except OpenAIError as exc:
             return cluster, exc.message
         return cluster, parse_jobs(data, cluster)

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
 
 import orjson
 
-from first_jupyter.config import ModelConfig
+from first_jupyter.config import ConfigError, ModelConfig, TlsConfig
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
 from first_jupyter.protocol import Capability, OpenAIError
-from first_jupyter.transport.http_client import Url
+from first_jupyter.transport.http_client import Reach, Url
+from first_jupyter.transport.proxies import ProxyError
+from first_jupyter.transport.tls import TlsSettingError, TlsSettings
 
 STATUS_TIMEOUT = 5.0
+
+log = logging.getLogger(__name__)
+
+
+def reach_of(key_path: str, proxy: str | None, tls: TlsConfig) -> Reach:
+    """How an endpoint configured at ``key_path`` (``clusters.alcf.endpoints[0]``) is reached."""
+    return Reach(proxy, TlsSettings(tls.ca_bundle, tls.verify, tls.client_cert, tls.client_key,
+                                    source=f"{key_path}.tls"), source=f"{key_path}.proxy")
 
 
 class HttpBackend:
@@ -23,9 +34,10 @@ class HttpBackend:
 
     def __init__(self, cluster: str, name: str, base_url: str, models: list[ModelConfig], client: UpstreamClient,
                  *, api_key_env: str | None = None, globus: tuple[BearerTokens, str] | None = None,
-                 capacity: int = 64) -> None:
+                 capacity: int = 64, reach: Reach | None = None) -> None:
         """``globus``: send the user's token for this resource server (from these bearer tokens) with each
-        request, as a FIRST gateway wants it."""
+        request, as a FIRST gateway wants it. ``reach``: the endpoint's proxy and TLS settings; None for an
+        engine of this gateway's own on loopback, which is always reached directly."""
         self.cluster = cluster
         self.name = name
         self.capacity = capacity
@@ -33,14 +45,35 @@ class HttpBackend:
         self.where = f"cluster '{cluster}' endpoint '{name}'"
         self._client = client
         self._models = {m.id: m for m in models}
-        self._urls = {cap: Url.parse(f"{self.base_url}/{cap.route}") for cap in Capability}
-        self._models_url = Url.parse(f"{self.base_url}/models")
+        self.reach = reach
+        try:
+            self._urls = {cap: self.url(f"{self.base_url}/{cap.route}") for cap in Capability}
+        except (ProxyError, TlsSettingError) as exc:
+            raise ConfigError(f"{self.where}: {exc}") from None
+        self._models_url = self.url(f"{self.base_url}/models")
+        if reach is not None and not reach.tls.verify:
+            log.warning("%s: TLS certificates are not verified (%s.verify is false): anyone on the path can read "
+                        "and change its traffic", self.where, reach.tls.source)
         self._api_key_env = api_key_env
         key = os.environ.get(api_key_env) if api_key_env else None
         self._has_key = bool(key)
         self._head_lines = b"Content-Type: application/json\r\nAccept: */*\r\n" + (
             f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b"")
         self._globus = globus
+
+    def url(self, text: str) -> Url:
+        """A URL of this endpoint's, reached through its proxy and with its TLS settings."""
+        return Url.parse(text) if self.reach is None else self.reach.url(text)
+
+    def _transport_status(self) -> dict[str, Any]:
+        """How the endpoint is reached, for /first/api/status: the proxy (never its credentials), unverified TLS."""
+        url = self._models_url
+        info: dict[str, Any] = {}
+        if url.origin.proxy is not None:
+            info["proxy"] = url.origin.proxy.display
+        if url.origin.tls and self.reach is not None and not self.reach.tls.verify:
+            info["tls_verify"] = False
+        return info
 
     def upstream_name(self, model_id: str) -> str:
         model = self._models[model_id]
@@ -88,7 +121,8 @@ class HttpBackend:
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()
         info: dict[str, Any] = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind,
-                                "base_url": self.base_url, "models": sorted(self._models)}
+                                "base_url": self.base_url, "models": sorted(self._models),
+                                **self._transport_status()}
         try:
             reply = await self._client.request("GET", self._models_url, await self._head(), None, self.where,
                                                first_byte=STATUS_TIMEOUT)
