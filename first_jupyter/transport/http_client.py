@@ -425,6 +425,8 @@ class _Connection(HeadCollector, asyncio.Protocol):
     # -- llhttp's callbacks -------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._resp is None:  # more bytes right behind a whole response
+            raise ProtocolViolation("bytes after the end of the response")
         self._begin_head()
 
     def on_headers_complete(self) -> None:

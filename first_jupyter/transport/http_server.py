@@ -462,6 +462,11 @@ class HttpServer:
         self._live = live
 
     @property
+    def connections(self) -> int:
+        """Client connections open now."""
+        return len(self._live)
+
+    @property
     def port(self) -> int:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
