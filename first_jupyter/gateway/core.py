@@ -751,7 +751,7 @@ class Gateway:
             reply = await target.backend.complete(req.model, req.capability, self._body_for(req, target, False))
             if reply.status >= 400:
                 raise upstream_error(reply.status, reply.body, f"cluster '{target.cluster}' endpoint "
-                                     f"'{target.endpoint}'", reply.retry_after)
+                                     f"'{target.endpoint}'", reply.retry_after, reply.via)
             return reply
 
         try:

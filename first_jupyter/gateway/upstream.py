@@ -39,9 +39,12 @@ class Reply:
     status: int
     body: bytes
     retry_after: str | None = None
+    via: str | None = None
+    """The proxy it came through (never its credentials): an error status may be the proxy's own refusal."""
 
 
-def upstream_error(status: int, body: bytes, where: str, retry_after: str | None = None) -> OpenAIError:
+def upstream_error(status: int, body: bytes, where: str, retry_after: str | None = None,
+                   via: str | None = None) -> OpenAIError:
     """Turn an upstream error response into an OpenAI error, keeping an OpenAI-shaped message as it is."""
     message = body[:500].decode(errors="replace").strip() or f"HTTP {status}"
     code: str | None = None
@@ -62,6 +65,8 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
     status_out = 400 if status == 422 else status
     hint = {429: " The engine is busy; retry after a short wait.",
             503: " The engine is not ready; retry shortly or check GET /first/api/status."}.get(status_out, "")
+    if via is not None:
+        where = f"{where} (through the proxy {via}, which may have refused the request itself)"
     return OpenAIError(status_out, f"{where} answered HTTP {status}: {message}.{hint}",
                        type=_ERROR_TYPES.get(status_out, "api_error"), code=code or "upstream_error",
                        headers={"Retry-After": retry_after} if retry_after else None)
@@ -182,8 +187,12 @@ class UpstreamClient:
                               code="upstream_response_too_large") from None
         except (TimeoutError, HTTPClientError) as exc:
             resp.release()
-            raise broken_off(where, exc, self.timeouts.idle) from None
-        return Reply(resp.status, data, resp.headers.get("retry-after"))
+            if resp.status < 400:
+                raise broken_off(where, exc, self.timeouts.idle) from None
+            data = b""  # a refusal whose sender hung up mid-body (a proxy that did not read ours): its status is
+            #             the answer that matters
+        proxy = url.origin.proxy
+        return Reply(resp.status, data, resp.headers.get("retry-after"), proxy.display if proxy else None)
 
     def _check_head(self, resp: Response, where: str, url: Url) -> None:
         """Statuses that are not the engine's answer: a redirect, or the proxy asking for credentials."""
@@ -209,5 +218,7 @@ class UpstreamClient:
                 data = b""
             finally:
                 resp.release()
-            raise upstream_error(resp.status, data, where, resp.headers.get("retry-after"))
+            proxy = url.origin.proxy
+            raise upstream_error(resp.status, data, where, resp.headers.get("retry-after"),
+                                 proxy.display if proxy else None)
         return UpstreamStream(resp, self.timeouts.idle, where)

@@ -419,7 +419,11 @@ class _Connection(HeadCollector, asyncio.Protocol):
             if isinstance(exc, ssl.SSLError):  # TLS 1.3 reports a refused client certificate here, after the
                 resp._fail(TlsFailed(describe_tls_failure(exc, self.origin.host)))  # handshake
             else:
-                resp._fail(Disconnected(f"the upstream closed the connection{f' ({exc})' if exc else ''}"))
+                why = f"the upstream closed the connection{f' ({exc})' if exc else ''}"
+                if self.origin.tls and self.used == 1 and not resp._got_bytes:
+                    why += ("; a TLS upstream that hangs up on a new connection before answering may demand a "
+                            "client certificate (mutual TLS): set the endpoint's tls.client_cert and tls.client_key")
+                resp._fail(Disconnected(why))
         self._resp = None
 
     # -- llhttp's callbacks -------------------------------------------------------------------------------

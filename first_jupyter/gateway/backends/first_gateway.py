@@ -137,7 +137,7 @@ class FirstGatewayBackend(HttpBackend):
                                            first_byte=STATUS_TIMEOUT)
         self._refused(reply.status)
         if reply.status != 200:
-            error = upstream_error(reply.status, reply.body, f"{self.where} ({what})")
+            error = upstream_error(reply.status, reply.body, f"{self.where} ({what})", via=reply.via)
             if reply.status in (401, 403) and self._globus is not None:
                 error.message += (" The gateway refused your Globus sign-in: run `%first login` (or `first login` "
                                   "in a terminal) to sign in again, or ask its operators for access.")
@@ -176,7 +176,7 @@ class FirstGatewayBackend(HttpBackend):
             if capability is Capability.embeddings else {"model": model_id, "prompt": "hi", "max_tokens": 1}
         reply = await self.complete(model_id, capability, orjson.dumps(body))
         if reply.status >= 400:
-            raise upstream_error(reply.status, reply.body, self.where, reply.retry_after)
+            raise upstream_error(reply.status, reply.body, self.where, reply.retry_after, reply.via)
 
     async def _jobs(self, cluster: str) -> tuple[str, dict[tuple[str, str], str] | str]:
         """One remote cluster's job states, or why they could not be read."""
