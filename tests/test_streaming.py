@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any, ClassVar
 
 import aiohttp
 import openai
 import pytest
 
 from bench.fake_upstream import serving_in_thread
-from tests.conftest import fake_cluster_config, open_door, server_config
+from tests.conftest import fake_cluster_config, open_door, server_config, serving_http
 from tests.waiting import GUARD_S, eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -178,3 +181,80 @@ async def test_kernels_streams_keep_flowing_while_jupyters_loop_is_blocked(first
         await asyncio.wait_for(asyncio.wrap_future(reading), GUARD_S)  # the whole stream, or its error
     assert flowed, f"the stream stood still at event {stalled_at} while Jupyter's loop was blocked"
     assert arrivals.count == 201
+
+
+class _SpacedEngine(BaseHTTPRequestHandler):
+    """An engine that writes JSON as Python's ``json.dumps`` does (``"model": "x"``, ``"choices": []``) and names the
+    model its own way: the stream the gateway must rename, and strip of the usage-only event, by parsing."""
+
+    protocol_version = "HTTP/1.1"
+    asked_usage: ClassVar[list[bool]] = []
+    """Per stream: whether the request the engine got asked for usage."""
+
+    def do_GET(self) -> None:
+        self._send(json.dumps({"object": "list", "data": [{"id": SPACED_ENGINE, "object": "model"}]}).encode())
+
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).asked_usage.append(bool((request.get("stream_options") or {}).get("include_usage")))
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": request["model"]}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]} for c in "hi"]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events.append({**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                                                       "prompt_tokens_details": {"cached_tokens": 0}}})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for data in [*(json.dumps(e).encode() for e in events), b"[DONE]"]:
+            event = b"data: " + data + b"\n\n"
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(event), event))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+SPACED_ENGINE = "engine/tiny-spaced"
+
+
+class TestEngineWritingSpacedJson:
+    """Issue 21 through the gateway: before streams were rewritten by parsing, ``"model": "x"`` reached clients
+    un-renamed and the usage-only event reached clients that never asked for it, whose ``choices[0]`` then raised."""
+
+    @pytest.fixture
+    def jp_server_config(self, write_config, tmp_path: Path) -> Iterator[dict[str, Any]]:
+        _SpacedEngine.asked_usage = []
+        with serving_http(_SpacedEngine) as url:
+            config = {"clusters": {"remote": {"backend": "http", "endpoints": [{
+                "name": "spaced", "base_url": f"{url}/v1",
+                "models": [{"id": "fake-model", "upstream_name": SPACED_ENGINE}]}]}},
+                "defaults": {"model": "fake-model", "timeouts": GENEROUS}}
+            yield server_config(write_config(config), tmp_path / "data")
+
+    async def test_renamed_and_stripped_for_the_openai_client(self, first_ext, jp_auth_header):
+        api = open_door("api", first_ext, jp_auth_header)
+        client = openai.AsyncOpenAI(base_url=api.url, api_key=api.api_key, max_retries=0)
+        stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True)
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "hi"  # each has a choice to read
+        assert {c.model for c in chunks} == {"fake-model"}
+        assert all(c.usage is None for c in chunks)
+        stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True,
+                                                      stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]  # asked for: the usage-only event is its last
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 2)
+        assert {c.model for c in chunks} == {"fake-model"}
+        assert _SpacedEngine.asked_usage == [True, True]  # the first on the client's behalf, for accounting
+        gateway = first_ext.gateway
+        await asyncio.to_thread(gateway.usage.flush)
+        assert gateway.usage.query("SELECT prompt_tokens, completion_tokens FROM usage") == [(5, 2), (5, 2)]

@@ -263,6 +263,10 @@ class GatewayStream:
         except OpenAIError as exc:  # the status line is already sent: say it in the stream
             self.error = exc
             write(exc.sse_event())
+            return
+        rest = self._watch.finish()
+        if rest:
+            write(rest)
 
     async def _wait_for_start(self, write: Callable[[bytes], bool]) -> bool:
         """Progress comments (which clients skip) until an endpoint answers; False when none did (the error is
