@@ -18,8 +18,13 @@ not hope the machine is slow enough to catch it: it closes the gate (``POST /gat
 inference requests wait, lets exactly N through (``{"release": N}``) and opens it when it is done
 (``{"open": true}``).  The pace is then the test's, on any machine.
 
+It can serve https (``certfile``/``keyfile``, ``--certfile``/``--keyfile``), as an engine behind a site's TLS
+terminator does, and then also require a client certificate signed by a given CA (``client_ca``, ``--client-ca``),
+so that the gateway's per-endpoint CA and client certificates are tested against a real handshake.  Without these
+options it serves plain HTTP exactly as before.
+
 Run it in the foreground with ``python bench/fake_upstream.py --port 0``; it prints one line
-``READY http://HOST:PORT`` once listening and serves until SIGTERM or SIGINT.
+``READY http://HOST:PORT`` (``https://`` with a certificate) once listening and serves until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import asyncio
 import base64
 import contextlib
 import gc
+import os
 import signal
+import ssl
 import struct
 import sys
 import threading
@@ -131,6 +138,23 @@ class UpstreamOptions(TypedDict, total=False):
     pace: float
     first_byte_delay: float
     fault: str
+    certfile: str | os.PathLike[str] | None
+    keyfile: str | os.PathLike[str] | None
+    client_ca: str | os.PathLike[str] | None
+
+
+def _server_context(certfile: str | os.PathLike[str], keyfile: str | os.PathLike[str] | None,
+                    client_ca: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """The TLS context of an https fake: its certificate chain, and with ``client_ca`` a client certificate signed
+    by that CA required of every connection (the mutual TLS some sites put in front of their engines)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    context.set_alpn_protocols(["http/1.1"])  # the only protocol it speaks
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class _Stream:
@@ -323,12 +347,16 @@ class FakeUpstream:
         pace: float = 0.0,
         first_byte_delay: float = 0.0,
         fault: str = "none",
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        client_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         """Configure the server; nothing is bound until ``start()``.
 
         ``port`` 0 picks a free port.  ``chunks`` is the number of content tokens per completion,
         streamed one per SSE event ``pace`` seconds apart (0: all written at once).  ``fault`` is one
-        of ``FAULT_MODES``.
+        of ``FAULT_MODES``.  ``certfile`` (PEM chain, with its key in it or in ``keyfile``) serves https;
+        ``client_ca`` then requires a client certificate that CA signed.
         """
         model_ids = (models,) if isinstance(models, str) else tuple(models)
         if not model_ids:
@@ -337,6 +365,9 @@ class FakeUpstream:
             raise ValueError("chunks, pace and first_byte_delay must not be negative")
         if fault not in FAULT_MODES:
             raise ValueError(f"fault must be one of {', '.join(FAULT_MODES)}, not {fault!r}")
+        if certfile is None and (keyfile is not None or client_ca is not None):
+            raise ValueError("keyfile and client_ca need a certfile: they only apply to https")
+        self._ssl: ssl.SSLContext | None = None if certfile is None else _server_context(certfile, keyfile, client_ca)
         self.host = host
         self.models = model_ids
         self.chunks = chunks
@@ -372,11 +403,12 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        """Base URL clients should use, e.g. ``http://127.0.0.1:PORT`` (append ``/v1`` for OpenAI SDKs)."""
+        """Base URL clients should use, e.g. ``http://127.0.0.1:PORT`` (``https://`` with a certificate; append
+        ``/v1`` for OpenAI SDKs)."""
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self._port}"
+        return f"{'http' if self._ssl is None else 'https'}://{host}:{self._port}"
 
     @property
     def held(self) -> int:
@@ -423,7 +455,8 @@ class FakeUpstream:
     async def start(self) -> int:
         """Bind and start serving on the running loop; returns the bound port."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Connection(self), self.host, self._port, backlog=1024)
+        server = await loop.create_server(lambda: _Connection(self), self.host, self._port, backlog=1024,
+                                          ssl=self._ssl)
         self._server = server
         self._port = server.sockets[0].getsockname()[1]
         return self._port
@@ -786,6 +819,9 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     parser.add_argument("--pace", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before headers")
     parser.add_argument("--fault", choices=FAULT_MODES, default="none")
+    parser.add_argument("--certfile", help="serve https with this PEM certificate chain (its key in it or --keyfile)")
+    parser.add_argument("--keyfile", help="the certificate's private key, PEM, when not in --certfile")
+    parser.add_argument("--client-ca", help="with --certfile: require a client certificate signed by this CA (PEM)")
     return parser, parser.parse_args(argv)
 
 
@@ -820,8 +856,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             pace=args.pace,
             first_byte_delay=args.first_byte_delay,
             fault=args.fault,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            client_ca=args.client_ca,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # (ssl.SSLError is an OSError: a file that is not PEM)
         parser.error(str(exc))
     asyncio.run(_serve(upstream))
     return 0

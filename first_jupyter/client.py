@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -223,7 +224,7 @@ class _Exchange:
         self.url = url
         self._gateway = conn.url
         parts = urllib.parse.urlsplit(url)
-        self._http = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=CALL_TIMEOUT_S)
+        self._http = _http_connection(parts)
         self._target = parts.path + (f"?{parts.query}" if parts.query else "")
         self._method = method
         self._headers = {"Authorization": f"Bearer {conn.api_key}", "Content-Type": "application/json"}
@@ -243,6 +244,12 @@ class _Exchange:
                 raise ConnectionAbortedError("stopped")
             self._http.request(self._method, self._target, body=self._body, headers=self._headers)
             response = self._http.getresponse()
+        except ssl.SSLCertVerificationError as exc:
+            self.close()
+            raise GatewayError(f"The FIRST gateway at {self._gateway} presents a certificate this kernel does not "
+                               f"trust ({exc.verify_message}). Set SSL_CERT_FILE or REQUESTS_CA_BUNDLE to the CA "
+                               "bundle that signed the Jupyter server's certificate: in the server's environment "
+                               "for every kernel, or in this kernel's os.environ.") from None
         except OSError as exc:
             self.close()
             if self._aborted.is_set():
@@ -266,6 +273,19 @@ class _Exchange:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _http_connection(parts: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    """A connection for the gateway's URL. It is https when the Jupyter server serves TLS (a certfile) and the
+    gateway has no loopback server of its own (``api_port = -1``): kernels then get the server's own https URL,
+    whose certificate is often an institution's, trusted through ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``,
+    which ``client_context`` adds to the system store. Never through a proxy: the gateway is this server's."""
+    host = parts.hostname or "127.0.0.1"
+    if parts.scheme != "https":
+        return http.client.HTTPConnection(host, parts.port, timeout=CALL_TIMEOUT_S)
+    from first_jupyter.transport.tls import client_context  # only for https: plain kernels skip the import
+
+    return http.client.HTTPSConnection(host, parts.port, timeout=CALL_TIMEOUT_S, context=client_context())
 
 
 def _call(conn: Connection, method: str, url: str, body: Mapping[str, Any] | Payload | None = None,

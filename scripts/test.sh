@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set everything up, then run every check: ruff, the sidebar's unit tests (vitest), the whole pytest suite (unit,
-# server, kernel, engine tests), the example notebooks under nbval, then the sidebar in a real browser (Debian's
-# Chromium, installed here when missing, driven by Playwright).
+# Set everything up (Python and Node packages, and the Debian packages the tests run as real parts), then run every
+# check: ruff, the sidebar's unit tests (vitest), the whole pytest suite (unit, server, kernel, engine tests), the
+# example notebooks under nbval, then the sidebar in a real browser (Debian's Chromium, installed here when missing,
+# driven by Playwright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/system-packages.sh  # the site's parts the tests run for real: tinyproxy
 . .venv/bin/activate
 ruff check .
 (cd labextension && jlpm test)

@@ -30,6 +30,7 @@ from bench.fake_upstream import FakeUpstream, serving_in_thread
 from bench.overhead import free_port
 from first_jupyter.remote.tiny_model import build_tiny_model
 from tests.fake_amqp import FakeAmqpBroker
+from tests.netparts import Tinyproxy, TlsCerts, make_tls_certs
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
@@ -319,3 +320,61 @@ def door(request: pytest.FixtureRequest, first_ext: Any, jp_auth_header: dict[st
 def key_door(request: pytest.FixtureRequest, first_ext: Any, jp_auth_header: dict[str, str]) -> Door:
     """The doors a program holding the scoped key uses: the Jupyter server's URL and the gateway's own."""
     return open_door(request.param, first_ext, jp_auth_header)
+
+
+# -- the site network: a forward proxy and a test CA (tests/netparts.py) ----------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_restored() -> Iterator[None]:
+    """``NO_PROXY``/``no_proxy`` as they were before each test. A Jupyter server started in this process adds the
+    loopback names to them for its kernels (``server_ext.app.loopback_exempt``); left there, they would exempt
+    127.0.0.1 from the proxy a later test sets, and that test would pass or fail by the order the tests ran in."""
+    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy")}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def tinyproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Tinyproxy]]:
+    """Start Debian's tinyproxy on loopback: ``tinyproxy(basic_auth=(user, password), refusing=False)`` returns it
+    running (``.url``, ``.requests()``, ``.log()``); every one started is stopped, by its PID, at teardown. A
+    machine without tinyproxy fails the test (``scripts/system-packages.sh`` installs it)."""
+    started: list[Tinyproxy] = []
+
+    def start(*, basic_auth: tuple[str, str] | None = None, refusing: bool = False) -> Tinyproxy:
+        proxy = Tinyproxy(tmp_path_factory.mktemp("tinyproxy"), basic_auth=basic_auth, refusing=refusing)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCerts:
+    """A test CA's PEM files: a server certificate for 127.0.0.1/localhost/::1, a client certificate, the CA, and an
+    unrelated CA (``TlsCerts``). One set for the whole run, in files, so that servers in other processes can be
+    handed the same paths the clients here trust."""
+    return make_tls_certs(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_upstream(tls_certs: TlsCerts) -> Iterator[Callable[..., FakeUpstream]]:
+    """Start fake upstreams that serve https with ``tls_certs``' server certificate: ``tls_upstream(client_cert=True,
+    **options)``; ``client_cert`` requires a client certificate from the same CA (``tls_certs.client_*``), the other
+    options are ``FakeUpstream``'s. Each runs on a thread of its own and stops at teardown."""
+    with contextlib.ExitStack() as stack:
+
+        def start(*, client_cert: bool = False, **options: Any) -> FakeUpstream:
+            options.setdefault("models", ["fake-model", "fake-embed"])
+            options.setdefault("chunks", 8)
+            return stack.enter_context(serving_in_thread(certfile=tls_certs.server_pem,
+                                                         client_ca=tls_certs.ca if client_cert else None, **options))
+
+        yield start

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import signal
 import socket
 import threading
+from collections.abc import Iterator
 
 import pytest
 
 import first_jupyter
+from bench.overhead import free_port
 from first_jupyter import client
 from first_jupyter.client import Conversation, GatewayError
-from tests.conftest import closed_port, fake_cluster_config, server_config
-from tests.waiting import eventually
+from tests.conftest import closed_port, fake_cluster_config, jupyter_server_process, server_config
+from tests.waiting import ENGINE_GUARD_S, eventually
 
 HELD = 3600.0
 """A pace or first-byte delay of the fake upstream that no test outlasts: the upstream holds its answer until the
@@ -173,3 +179,66 @@ def test_stop_works_before_the_first_token(in_process):
     # held for an hour, the request can only have ended upstream by the gateway leaving it
     eventually(lambda: in_process.active == 0, "the upstream request cancelled")
     assert in_process.disconnects
+
+
+@pytest.fixture
+def https_server(fake_upstream, write_config, tls_certs, tmp_path) -> Iterator[dict[str, str]]:
+    """A Jupyter server serving https with the test CA's certificate and no loopback server of the gateway's own
+    (``api_port = -1``), in a process of its own: what its kernels are given (the runtime file's ``url``, which
+    is FIRST_GATEWAY_URL, and ``api_key``)."""
+    config_dir, runtime_dir = tmp_path / "config", tmp_path / "runtime"
+    config_dir.mkdir()
+    (config_dir / "jupyter_server_config.json").write_text(json.dumps({
+        "ServerApp": {"certfile": str(tls_certs.server_chain), "keyfile": str(tls_certs.server_key)},
+        "FirstExtension": {"api_port": -1},
+    }))
+    env = {"FIRST_CONFIG": str(write_config(fake_cluster_config(fake_upstream))),
+           "FIRST_DATA_DIR": str(tmp_path / "data"), "JUPYTER_TOKEN": "https-test",
+           "JUPYTER_CONFIG_DIR": str(config_dir), "JUPYTER_RUNTIME_DIR": str(runtime_dir)}
+    server = jupyter_server_process(free_port(), tmp_path, env)
+    try:
+        found: list[dict[str, str]] = []
+
+        def written() -> bool:
+            for path in runtime_dir.glob("first-gateway-*.json"):
+                with contextlib.suppress(ValueError):  # (a file still being written)
+                    found.append(json.loads(path.read_text()))
+            return bool(found)
+
+        eventually(written, "the gateway's runtime file", within=ENGINE_GUARD_S)
+        yield found[0]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=ENGINE_GUARD_S)
+
+
+def test_a_kernel_of_an_https_server_verifies_it_with_the_sites_ca(https_server, tls_certs, monkeypatch):
+    """A Jupyter server with a certfile hands its kernels its own https URL; the client speaks TLS to it and trusts
+    the CA the site names, in either variable, on top of the system's store."""
+    url = https_server["url"]
+    assert url.startswith("https://")
+    monkeypatch.setenv(client.GATEWAY_URL_ENV, url)
+    monkeypatch.setenv(client.API_KEY_ENV, https_server["api_key"])
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    client.disconnect()
+    try:
+        with pytest.raises(GatewayError, match="does not trust") as untrusted:
+            first_jupyter.models()
+        assert "SSL_CERT_FILE or REQUESTS_CA_BUNDLE" in str(untrusted.value)
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls_certs.ca))
+        assert {m["id"] for m in first_jupyter.models()} == {"fake-model", "fake-embed"}
+        pieces: list[str] = []
+        result = first_jupyter.chat("hi", model="fake-model", stream=True, on_text=pieces.append)
+        assert (result.cluster, len(pieces)) == ("remote", 8)
+
+        monkeypatch.delenv("SSL_CERT_FILE")
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_certs.ca))
+        assert first_jupyter.chat("hi", model="fake-model").text == "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
+
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_certs.other_ca))  # another CA's: refused again
+        with pytest.raises(GatewayError, match="does not trust"):
+            first_jupyter.chat("hi", model="fake-model")
+    finally:
+        client.disconnect()

@@ -1,16 +1,26 @@
 """The fake upstream's gate, which lets a test set the pace of the work it watches instead of hoping the machine is
 slow enough to catch it under way (the sidebar's batch-progress test, for one): a closed gate holds inference
-requests, a release lets exactly that many through in arrival order, and the model list is never held."""
+requests, a release lets exactly that many through in arrival order, and the model list is never held. And its https,
+for tests of the gateway's TLS: a real handshake with the test CA's certificate, client certificates required when
+asked."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from bench.fake_upstream import FakeUpstream
+from bench.overhead import FAKE_UPSTREAM
+from tests.netparts import TlsCerts
 from tests.waiting import eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -90,3 +100,78 @@ async def test_a_gate_command_it_cannot_read_is_a_400_that_says_what_to_send() -
         wrong = await http.get("/gate")
         assert wrong.status == 405
         assert (await http.post("/v1/chat/completions", json=CHAT)).status == 200  # still open
+
+
+# -- https: the fake as an engine behind a site's TLS, with and without client certificates --------------------
+
+
+def _trusting(certs: TlsCerts, ca: Path | None = None, client: bool = False) -> ssl.SSLContext:
+    """A client context that trusts ``ca`` (the test CA unless given), presenting the test client certificate
+    when ``client``."""
+    context = ssl.create_default_context(cafile=str(ca or certs.ca))
+    if client:
+        context.load_cert_chain(certs.client_chain, certs.client_key)
+    return context
+
+
+async def test_https_answers_a_client_that_trusts_its_ca_and_no_other(tls_certs) -> None:
+    upstream = FakeUpstream(chunks=2, certfile=tls_certs.server_chain, keyfile=tls_certs.server_key)
+    await upstream.start()
+    try:
+        assert upstream.url == f"https://127.0.0.1:{upstream.port}"
+        async with aiohttp.ClientSession(upstream.url) as http:
+            answer = await http.post("/v1/chat/completions", json=CHAT, ssl=_trusting(tls_certs))
+            assert answer.status == 200
+            assert (await answer.json())["choices"][0]["message"]["content"] == "tok0 tok1 "
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await http.get("/v1/models", ssl=_trusting(tls_certs, tls_certs.other_ca))
+        assert upstream.requests == 1
+    finally:
+        await upstream.stop()
+
+
+async def test_with_a_client_ca_only_a_client_certificate_from_it_is_answered(tls_certs) -> None:
+    upstream = FakeUpstream(chunks=2, certfile=tls_certs.server_pem, client_ca=tls_certs.ca)
+    await upstream.start()
+    try:
+        async with aiohttp.ClientSession(upstream.url) as http:
+            with pytest.raises(aiohttp.ClientError):  # the handshake, or the first read after it, is refused
+                await (await http.get("/v1/models", ssl=_trusting(tls_certs))).read()
+            answer = await http.get("/v1/models", ssl=_trusting(tls_certs, client=True))
+            assert answer.status == 200
+            assert [m["id"] for m in (await answer.json())["data"]] == ["fake-model"]
+        assert upstream.requests == 1
+    finally:
+        await upstream.stop()
+
+
+def test_tls_options_without_a_certificate_are_refused() -> None:
+    with pytest.raises(ValueError, match="need a certfile"):
+        FakeUpstream(client_ca="ca.pem")
+
+
+def test_the_command_serves_https_and_asks_for_client_certificates(tls_certs) -> None:
+    """``python bench/fake_upstream.py --certfile ... --client-ca ...``, as benchmarks and separate processes start
+    it: the READY line names the https URL."""
+    fake = subprocess.Popen([sys.executable, str(FAKE_UPSTREAM), "--port", "0", "--certfile",
+                             str(tls_certs.server_chain), "--keyfile", str(tls_certs.server_key), "--client-ca",
+                             str(tls_certs.ca)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline()  # blocks until the fake has bound its port (or exits: then '')
+        assert ready.startswith("READY https://127.0.0.1:"), fake.stderr.read() if fake.stderr else ready
+        port = int(ready.rsplit(":", 1)[1])
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                                 context=_trusting(tls_certs, client=True))
+        try:
+            connection.request("GET", "/health")
+            assert connection.getresponse().status == 200
+        finally:
+            connection.close()
+    finally:
+        fake.terminate()
+        fake.wait(timeout=30)
+    refused = subprocess.run([sys.executable, str(FAKE_UPSTREAM), "--client-ca", str(tls_certs.ca)],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 2
+    assert "need a certfile" in refused.stderr

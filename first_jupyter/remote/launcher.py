@@ -34,6 +34,11 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 EngineKind = Literal["vllm", "transformers"]
 LOG_TAIL_LINES = 25
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""The health check's opener, which never uses a proxy: the engine listens on this node, and a site proxy named in
+``HTTP_PROXY`` (which urllib's default opener obeys) cannot reach the node's loopback, so the engine would never
+show healthy. Built once: an opener is built from every handler class urllib has."""
+
 
 class EngineStartError(RuntimeError):
     """The engine did not become healthy; the message ends with the last lines of its log."""
@@ -131,9 +136,10 @@ class EngineProcess:
         return self.popen.poll() is None
 
     def healthy(self, timeout: float = 2.0) -> bool:
+        """Whether the engine answers ``/health`` with 200, asked directly (never through a proxy)."""
         url = f"http://{self.spec.host}:{self.port}/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            with _DIRECT.open(url, timeout=timeout) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False

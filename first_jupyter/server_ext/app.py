@@ -8,7 +8,9 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server._tz import utcnow
@@ -26,6 +28,30 @@ from first_jupyter.transport.http_server import listening_socket
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
 API_KEY_ENV = "FIRST_API_KEY"
+NO_PROXY_ENV: Final = ("NO_PROXY", "no_proxy")
+"""Both spellings: tools differ in which they read first (curl and Python's urllib, so httpx, the lower case)."""
+LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "::1")
+"""What kernels must reach without a proxy: FIRST_GATEWAY_URL names 127.0.0.1, a Jupyter server's URL localhost."""
+
+
+def loopback_exempt(environ: Mapping[str, str]) -> dict[str, str]:
+    """``NO_PROXY`` and ``no_proxy`` as kernels must get them: the user's value with the loopback names added.
+
+    On a site whose nodes reach the outside through ``HTTP(S)_PROXY``, ``NO_PROXY`` often lists only
+    ``localhost``; httpx (so the ``openai`` client) then sends ``http://127.0.0.1:PORT``, the gateway, to the
+    proxy, which cannot reach this node's loopback. So the loopback names are appended to what the user set, never
+    replacing it and never twice; a value set in one spelling only is used for both, so that every tool reads
+    the same list whichever spelling it prefers.
+    """
+    values = {name: environ.get(name, "").strip() for name in NO_PROXY_ENV}
+    only = [value for value in values.values() if value]
+    exempt: dict[str, str] = {}
+    for name, value in values.items():
+        user = value or (only[0] if only else "")
+        listed = {entry.strip().lower() for entry in user.split(",")}
+        missing = [host for host in LOOPBACK_NAMES if host not in listed]
+        exempt[name] = ",".join([user, *missing] if user else missing)
+    return exempt
 
 
 HUB_TOKENS_ENV = "GLOBUS_DATA"
@@ -127,10 +153,13 @@ class FirstExtension(ExtensionApp):
         return f"http://127.0.0.1:{self._api_socket.getsockname()[1]}/first/v1"
 
     def _export_kernel_env(self) -> None:
-        """Kernels inherit the server's environment; the URL is re-exported once the port is final."""
+        """Kernels inherit the server's environment; the URL is re-exported once the port is final. Loopback joins
+        ``NO_PROXY`` there too, or a kernel's HTTP clients would send the gateway's loopback URL to the site's
+        proxy (``loopback_exempt``; idempotent, so exporting twice adds nothing)."""
         if self.export_kernel_env:
             os.environ[GATEWAY_URL_ENV] = self.gateway_url()
             os.environ[API_KEY_ENV] = self.api_key
+            os.environ.update(loopback_exempt(os.environ))
 
     @property
     def runtime_file(self) -> Path:

@@ -28,7 +28,7 @@ import httptools
 from first_jupyter.transport import proxies
 from first_jupyter.transport.heads import MAX_HEAD_BYTES, HeadCollector, HeadTooLarge
 from first_jupyter.transport.proxies import Proxy
-from first_jupyter.transport.tls import TlsSettings, client_context, describe_tls_failure
+from first_jupyter.transport.tls import TlsSettings, client_context, describe_tls_failure, trust_snapshot
 
 PAUSE_BYTES = 1024 * 1024  # stop reading the upstream while this much is waiting for a slow client
 MAX_INTERIM = 16
@@ -140,14 +140,18 @@ class Reach:
     proxy: str | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)
     source: str = "proxy"
+    environ: dict[str, str] = field(default_factory=lambda: {**proxies.snapshot(), **trust_snapshot()},
+                                    compare=False)
+    """The proxy and trust variables as they were when the endpoint was set up."""
 
     def url(self, text: str) -> Url:
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {text!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        proxy = proxies.choose(self.proxy, parts.scheme, parts.hostname, port, source=self.source)
-        context = client_context(self.tls) if parts.scheme == "https" else None
+        proxy = proxies.choose(self.proxy, parts.scheme, parts.hostname, port, source=self.source,
+                               environ=self.environ)
+        context = client_context(self.tls, self.environ) if parts.scheme == "https" else None
         return Url.parse(text, proxy=proxy, context=context)
 
 

@@ -19,6 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+"""Read in lower and upper case alike."""
+
 NO_PROXY_SETTING = "none"
 """An endpoint's ``proxy:`` value that means: connect directly, whatever the environment says."""
 
@@ -143,6 +146,14 @@ def from_environment(scheme: str, host: str, port: int, environ: Mapping[str, st
     if exempt is not None and bypassed(host, port, exempt[1]):
         return None
     return parse_proxy(found[1], f"${found[0]}")
+
+
+def snapshot(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The proxy variables as they are now: a gateway keeps what it started with, whatever is added later to
+    the process's environment for others (the loopback names the Jupyter server adds to ``NO_PROXY`` for its
+    kernels, say)."""
+    env = os.environ if environ is None else environ
+    return {name: env[name] for base in VARIABLES for name in (base, base.upper()) if name in env}
 
 
 def choose(setting: str | None, scheme: str, host: str, port: int, *, source: str,

@@ -92,6 +92,12 @@ def _context(settings: TlsSettings, trust_env: tuple[tuple[str, str], ...]) -> s
     return context
 
 
+def trust_snapshot(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The trust variables that are set, as they are now."""
+    env = os.environ if environ is None else environ
+    return {name: env[name] for name in TRUST_VARIABLES if name in env}
+
+
 def client_context(settings: TlsSettings | None = None, environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     """The shared context for these settings and the environment's trust variables as they are now."""
     env = os.environ if environ is None else environ
