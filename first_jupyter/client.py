@@ -184,19 +184,32 @@ def disconnect() -> None:
         in_process.close()
 
 
+def _on_loopback(url: str) -> bool:
+    """A plain-http gateway on this machine: a proxy in the environment could never reach it, so it is not asked."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
 def openai_client(**kwargs: Any) -> openai.OpenAI:
-    """The official ``openai`` client, configured for this gateway; ``kwargs`` go to ``openai.OpenAI``."""
+    """The official ``openai`` client, configured for this gateway; ``kwargs`` go to ``openai.OpenAI``.
+
+    The gateway's loopback URL is reached directly even where ``HTTP_PROXY`` is set and ``NO_PROXY`` does not list
+    it (a kernel this process started itself, with the in-process gateway)."""
     import openai
 
     conn = connection()
+    if "http_client" not in kwargs and _on_loopback(conn.url):
+        kwargs["http_client"] = openai.DefaultHttpxClient(trust_env=False)
     return openai.OpenAI(base_url=conn.url, api_key=conn.api_key, **kwargs)
 
 
 def async_openai_client(**kwargs: Any) -> openai.AsyncOpenAI:
-    """The official async ``openai`` client, configured for this gateway."""
+    """The official async ``openai`` client, configured for this gateway (loopback reached directly, as above)."""
     import openai
 
     conn = connection()
+    if "http_client" not in kwargs and _on_loopback(conn.url):
+        kwargs["http_client"] = openai.DefaultAsyncHttpxClient(trust_env=False)
     return openai.AsyncOpenAI(base_url=conn.url, api_key=conn.api_key, **kwargs)
 
 

@@ -242,3 +242,22 @@ def test_a_kernel_of_an_https_server_verifies_it_with_the_sites_ca(https_server,
             first_jupyter.chat("hi", model="fake-model")
     finally:
         client.disconnect()
+
+
+def test_the_in_process_gateway_is_reached_directly_behind_a_site_proxy(in_process, tinyproxy, monkeypatch):
+    """``HTTP_PROXY`` set and ``NO_PROXY`` naming only ``localhost``: the official client still reaches the
+    in-process gateway on 127.0.0.1 directly (a proxy cannot reach this machine's loopback), while the gateway's
+    own call to the upstream follows the environment, through the proxy, as curl would."""
+    proxy = tinyproxy()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    monkeypatch.setenv("no_proxy", "localhost")
+    gateway = client.connection().url
+    answer = first_jupyter.openai_client().chat.completions.create(
+        model="fake-model", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
+    gateway_address = gateway.split("/")[2]
+    assert not [line for line in proxy.requests() if gateway_address in line]
+    assert f"POST {in_process.url}/v1/chat/completions HTTP/1.1" in proxy.requests()
+    assert all(f" {in_process.url}/v1/" in line for line in proxy.requests())  # its status readings too
