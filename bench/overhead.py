@@ -19,6 +19,11 @@ each path sustains, which the req/s column shows directly. Its target is through
 must serve at least the 32 / service time requests per second that the engine-like loop asks, so that at
 concurrency 32 it is never what requests wait for. Both rows are printed in full either way.
 
+The field's transports get rows of their own: the same non-stream load at the highest concurrency to an https
+upstream and through a forward proxy (tinyproxy, absolute-form requests), beside the plain http endpoint in the
+same rounds: server CPU per request each, informational (the proxy's own CPU is its machine's, not the
+gateway's, and TLS costs what the cipher costs).
+
 Run ``python bench/overhead.py`` (about 75 s) or ``--quick`` (about 25 s); ``--json PATH`` also writes
 the figures. The exit status is 0 when every target passes, 1 when one fails.
 """
@@ -50,10 +55,16 @@ import aiohttp
 import psutil
 import yaml
 
+from bench.site_network import Tinyproxy, make_tls_certs
+
 FAKE_UPSTREAM = Path(__file__).resolve().with_name("fake_upstream.py")
 MODEL = "fake-model"
 ENGINE_MODEL = "fake-engine"
 """Served by the second fake upstream only, so the gateway routes it to the engine-like endpoint."""
+TLS_MODEL = "fake-tls"
+"""MODEL as served by an https fake upstream (a test CA's certificate, trusted through the endpoint's tls)."""
+PROXIED_MODEL = "fake-proxied"
+"""MODEL on the fast fake upstream again, reached through a forward proxy (Debian's tinyproxy)."""
 LEVELS = (1, 32)
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0
@@ -455,6 +466,13 @@ def render(figures: dict[str, Any], settings: Settings) -> str:
         f"    the loop still asks up to {top} / {service_ms} = {offered:.0f} req/s, "
         f"{offered * service_cpu_ms / 1000:.0%} of one core at {service_cpu_ms:.3f} ms CPU/req.",
     ]
+    http = figures["transports"]["http"]["server_cpu_ms_per_req"]
+    lines += ["", f"Transports, non-stream, c={top}, same rounds (informational: server CPU per request)"]
+    for name, label in (("http", "http upstream"), ("https", "https upstream (test CA)"),
+                        ("proxy", "through tinyproxy (http)")):
+        f = figures["transports"][name]
+        lines.append(f"  {label:<26} {f['server_cpu_ms_per_req']:>7.3f} ms ({f['server_cpu_ms_per_req'] / http:>4.2f}x)"
+                     f"  p50 {f['p50_ms']:>7.3f} ms  {f['req_per_s']:>6.0f} req/s")
     lines += [
         "",
         f"Streams of {settings.chunks} tokens {settings.pace * 1000:g} ms apart ({settings.events_per_stream} data "
@@ -493,9 +511,13 @@ def render(figures: dict[str, Any], settings: Settings) -> str:
 # -- the run -------------------------------------------------------------------------------------------------
 
 
+def body_for(model: str, settings: Settings) -> bytes:
+    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": settings.chunks}).encode()
+
+
 async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], settings: Settings) -> dict[str, Any]:
     """Warm both paths to both upstreams up, then run every scenario on both paths and compute the figures."""
-    plain_body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": settings.chunks}).encode()
+    plain_body = body_for(MODEL, settings)
     engine_body = json.dumps({"model": ENGINE_MODEL, "messages": PROMPT, "max_tokens": settings.chunks}).encode()
     stream_body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": settings.chunks,
                               "stream": True}).encode()
@@ -541,6 +563,7 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
             figures["plain"][str(level)] = plain_row(tallies)
         tallies = await scenario(engine_sides, engine_plain, settings.requests, top, settings.rounds, engine.procs)
         figures["plain_service"][str(top)] = plain_row(tallies)
+        figures["transports"] = await transports(through_gateway, fast, settings)
         for level in LEVELS:
             tallies = await scenario(sides, stream, settings.streams, level, settings.rounds, fast.procs)
             row = {name: stream_figures(t) for name, t in tallies.items()}
@@ -553,6 +576,23 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
     return figures
 
 
+async def transports(gateway: Side, fast: Upstream, settings: Settings) -> dict[str, dict[str, float]]:
+    """Server CPU per non-stream request at the highest concurrency over each transport, in the same rounds."""
+    bodies = {"http": body_for(MODEL, settings), "https": body_for(TLS_MODEL, settings),
+              "proxy": body_for(PROXIED_MODEL, settings)}
+    sides = [Side(name, gateway.url, gateway.headers, gateway.session) for name in bodies]
+    top = max(LEVELS)
+
+    def plain(side: Side) -> Callable[[], Awaitable[Sample]]:
+        return lambda: one_plain(side, bodies[side.name])
+
+    for side in sides[1:]:  # open the pooled connections (and the proxy's) first
+        await run_load(plain(side), 10 * top, top)
+    tallies = await scenario(sides, plain, settings.requests, top, settings.rounds, fast.procs)
+    return {name: {key: value for key, value in plain_figures(tally).items() if not key.startswith("upstream")}
+            for name, tally in tallies.items()}
+
+
 def run(settings: Settings) -> dict[str, Any]:
     """Start both fake upstreams and the Jupyter server in a private temp dir, measure, and stop them."""
     with tempfile.TemporaryDirectory(prefix="first-overhead-") as tmp_name, contextlib.ExitStack() as stack:
@@ -561,13 +601,23 @@ def run(settings: Settings) -> dict[str, Any]:
         # Both start before either is waited for; each is in the stack, so stopped by PID however the run ends.
         fast = stack.enter_context(started(fake_command(MODEL, settings, 0.0), fast_log))
         engine = stack.enter_context(started(fake_command(ENGINE_MODEL, settings, settings.service), engine_log))
+        certs = make_tls_certs(tmp / "tls")
+        tls_log = tmp / "fake-tls.log"
+        tls = stack.enter_context(started([*fake_command(MODEL, settings, 0.0), "--certfile", str(certs.server_pem)],
+                                          tls_log))
+        proxy = stack.enter_context(Tinyproxy(tmp / "proxy"))
         fast_url = wait_for("the fake upstream", fast, fast_log, lambda: ready_line(fast_log))
         engine_url = wait_for("the engine-like fake upstream", engine, engine_log, lambda: ready_line(engine_log))
+        tls_url = wait_for("the https fake upstream", tls, tls_log, lambda: ready_line(tls_log))
 
         config = tmp / "first.yaml"
         config.write_text(yaml.safe_dump({"clusters": {"bench": {"backend": "http", "endpoints": [
             {"name": "fake", "base_url": f"{fast_url}/v1", "models": [{"id": MODEL}]},
-            {"name": "engine", "base_url": f"{engine_url}/v1", "models": [{"id": ENGINE_MODEL}]}]}}}))
+            {"name": "engine", "base_url": f"{engine_url}/v1", "models": [{"id": ENGINE_MODEL}]},
+            {"name": "tls", "base_url": f"{tls_url}/v1", "tls": {"ca_bundle": str(certs.ca)},
+             "models": [{"id": TLS_MODEL, "upstream_name": MODEL}]},
+            {"name": "proxied", "base_url": f"{fast_url}/v1", "proxy": proxy.url,
+             "models": [{"id": PROXIED_MODEL, "upstream_name": MODEL}]}]}}}))
         # Private Jupyter dirs: the user's own config and running servers neither leak in nor see this one.
         env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp / "config"),
                "JUPYTER_DATA_DIR": str(tmp / "jupyter-data")}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Debian packages the tests run as real parts of a site (DESIGN.md, "Real parts"), installed with apt-get when
-# missing: tinyproxy is the site's HTTP forward proxy (tests/netparts.py). Tests that need one fail, not skip, when
+# missing: tinyproxy is the site's HTTP forward proxy (bench/site_network.py). Tests that need one fail, not skip, when
 # it is absent, so this runs before them (scripts/test.sh). One "command package" pair a line; add parts here.
 set -euo pipefail
 parts='

@@ -28,9 +28,9 @@ from yarl import URL
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from bench.overhead import free_port
+from bench.site_network import Tinyproxy, TlsCerts, make_tls_certs
 from first_jupyter.remote.tiny_model import build_tiny_model
 from tests.fake_amqp import FakeAmqpBroker
-from tests.netparts import Tinyproxy, TlsCerts, make_tls_certs
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
@@ -322,7 +322,7 @@ def key_door(request: pytest.FixtureRequest, first_ext: Any, jp_auth_header: dic
     return open_door(request.param, first_ext, jp_auth_header)
 
 
-# -- the site network: a forward proxy and a test CA (tests/netparts.py) ----------------------------------------
+# -- the site network: a forward proxy and a test CA (bench/site_network.py) ----------------------------------------
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream
 from bench.overhead import FAKE_UPSTREAM
-from tests.netparts import TlsCerts
+from bench.site_network import TlsCerts
 from tests.waiting import eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

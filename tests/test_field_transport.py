@@ -18,12 +18,12 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.site_network import Tinyproxy, TlsCerts
 from first_jupyter.config import ConfigError, parse_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.transport.tls import TRUST_VARIABLES
 from tests.conftest import serving_http
-from tests.netparts import Tinyproxy, TlsCerts
 
 CHAT = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.site_network import Tinyproxy
 from first_jupyter.server_ext.app import LOOPBACK_NAMES, loopback_exempt
 from tests.conftest import fake_cluster_config, server_config
-from tests.netparts import Tinyproxy
 from tests.waiting import ENGINE_GUARD_S, eventually
 
 PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")

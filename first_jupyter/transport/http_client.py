@@ -596,7 +596,8 @@ class Pool:
 
         ``head_lines`` are the extra header lines (each ending in CRLF); Host and Content-Length are added.
         A request on a reused connection that the upstream had closed meanwhile is sent once more on a new
-        one, since the upstream never saw it.
+        one, since the upstream never saw it (a proxy such as tinyproxy closes after each answer without saying
+        so).
         """
         origin = url.origin
         slot = await self._acquire(origin)
@@ -604,7 +605,7 @@ class Pool:
                 + head_lines)
         try:
             for attempt in range(2):
-                conn, reused = await self._connection(origin)
+                conn, reused = await self._connection(origin, fresh=attempt > 0)
                 self._active.add(conn)
                 resp = conn.send(head, body, first_byte, idle)
                 try:
@@ -637,8 +638,10 @@ class Pool:
             raise
         return _Slot((sem, self._limit))
 
-    async def _connection(self, origin: Origin) -> tuple[_Connection, bool]:
-        idle = self._idle.get(origin)
+    async def _connection(self, origin: Origin, *, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A pooled connection if one is idle (unless ``fresh``: a retry must not meet another stale one), else a
+        new one."""
+        idle = None if fresh else self._idle.get(origin)
         now = time.monotonic()
         while idle:
             conn = idle.pop()

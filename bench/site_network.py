@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ from typing import Final
 
 import trustme
 
-from tests.waiting import ENGINE_GUARD_S, eventually
+START_GUARD_S: Final = 600.0
+"""How long tinyproxy may take to start or stop before it counts as hung: a failure guard, never a pace."""
 
 TINYPROXY_PATHS: Final = ("/usr/sbin/tinyproxy", "/usr/bin/tinyproxy")
 """Where Debian's package puts it (``/usr/bin`` in bookworm); ``$PATH`` is searched too."""
@@ -132,6 +134,7 @@ class Tinyproxy:
         """Start it and return once it accepts connections (its log says so). A port taken between choosing it and
         tinyproxy binding it is retried with another."""
         binary = tinyproxy_binary()
+        self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(_START_TRIES):
             self.port = free_loopback_port()
             self.config_path.write_text(self._config())
@@ -139,7 +142,11 @@ class Tinyproxy:
             with (self.directory / "tinyproxy.out").open("wb") as out:
                 self._process = subprocess.Popen([binary, "-d", "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
                                                  stdout=out, stderr=subprocess.STDOUT)
-            eventually(self._started, "tinyproxy accepting connections", within=ENGINE_GUARD_S)
+            deadline = time.monotonic() + START_GUARD_S
+            while not self._started():  # its log line is the event; polling the file is how it is seen
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"tinyproxy did not start within {START_GUARD_S:g} s: {self._output()}")
+                time.sleep(0.01)
             if self._process.poll() is None:
                 return self
             if self._process.returncode != _BUSY_PORT_EXIT:
@@ -177,7 +184,7 @@ class Tinyproxy:
             return
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=ENGINE_GUARD_S)
+            process.wait(timeout=START_GUARD_S)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

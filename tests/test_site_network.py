@@ -1,5 +1,6 @@
-"""The site-network stand-ins other tests build on (tests/netparts.py): tinyproxy as a real forward proxy to loopback
-servers (plain requests, CONNECT tunnels, streams, Basic authentication, refusals), and the test CA's files."""
+"""The site-network stand-ins other tests and the bench build on (bench/site_network.py): tinyproxy as a real
+forward proxy to loopback servers (plain requests, CONNECT tunnels, streams, Basic authentication, refusals), and
+the test CA's files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import ssl
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from tests.netparts import Tinyproxy, TlsCerts
+from bench.site_network import Tinyproxy, TlsCerts
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
