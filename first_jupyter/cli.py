@@ -239,6 +239,8 @@ def _endpoint_config_arguments(parser: argparse.ArgumentParser) -> None:
     add("--block-root", metavar="DIR",
         help="where blocks keep their engine logs (default ~/.globus_compute/NAME/blocks)")
     add("--spread-command", metavar="CMD", help="multi-node blocks: prefix running a command on each other node")
+    add("--amqp-port", type=int, metavar="PORT",
+        help="the endpoint's AMQPS port to Globus Compute: 443 where a firewall blocks 5671 (default: the service's)")
     add("--output", metavar="DIR",
         help="endpoint directory to write (default ~/.globus_compute/NAME); '-' prints the engine config instead")
     add("--force", action="store_true", help="replace the endpoint's existing files")

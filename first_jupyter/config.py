@@ -221,6 +221,10 @@ class LocalEndpoint(_Strict):
     models: list[ModelConfig] = Field(min_length=1, max_length=1)
 
 
+AmqpPort = Annotated[int, Field(ge=1, le=65535)]
+AMQP_PORT_DESCRIPTION = ("the port task results come back on from Globus Compute's AMQPS service (its host is the "
+                         "service's to name; the service takes 443, 5671 and 5672): 443 where a firewall blocks "
+                         "5671; default: the service's choice")
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 RemoteFunction = Literal["call_engine", "stream_engine", "engine_health"]
 
@@ -303,9 +307,7 @@ class ComputeEndpoint(_Strict):
         default=64, ge=1, description="at a shared gateway with identity: user, how many users' connections to "
                                       "Globus Compute (a client, an executor and its result stream each) stay "
                                       "open; the least recent is closed once its tasks are done")
-    amqp_port: int | None = Field(default=None, ge=1, le=65535,
-                                  description="the port results come back on from Globus Compute's AMQP service "
-                                              "(default 5671; 443 where a firewall blocks 5671)")
+    amqp_port: AmqpPort | None = Field(default=None, description=AMQP_PORT_DESCRIPTION)
     callback_url: str | None = Field(
         default=None, pattern=r"^https?://",
         description="this gateway's callback route as the nodes reach it (…/first/api/callback); without one a "
@@ -351,6 +353,7 @@ class SchedulerView(_Strict):
     service_client_secret_env: str = "FIRST_COMPUTE_CLIENT_SECRET"  # noqa: S105 (a variable name)
     functions: dict[Literal["pbs_status", "slurm_status"], Annotated[str, Field(pattern=UUID_PATTERN)]] = Field(
         default={}, description="registered function ids, for a login endpoint that allows only listed functions")
+    amqp_port: AmqpPort | None = Field(default=None, description=AMQP_PORT_DESCRIPTION)
 
     @property
     def name(self) -> str:

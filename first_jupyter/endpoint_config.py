@@ -104,6 +104,8 @@ class EndpointSpec:
     address_interface: str | None = None
     spread_command: str | None = None
     """Multi-node blocks: the command prefix that runs its arguments once on each other node of the block."""
+    amqp_port: int | None = None
+    """The endpoint's own AMQPS port to the service (443 where a firewall blocks 5671); None: the service's."""
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -444,6 +446,8 @@ def render_core(spec: EndpointSpec) -> str:
         "# renders for each user endpoint process it starts. Start it with:",
         f"#   globus-compute-endpoint start {spec.name}",
         "display_name: null",
+        *([f"# AMQPS to the Globus Compute service on {spec.amqp_port} (where a firewall blocks 5671)",
+           f"amqp_port: {spec.amqp_port}"] if spec.amqp_port is not None else []),
         "",
     ])
 

@@ -27,7 +27,7 @@ from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import call_engine
 from tests.conftest import closed_port
 from tests.fake_amqp import FakeAmqpBroker
-from tests.fake_compute_service import COMPUTE, FakeComputeService
+from tests.fake_compute_service import COMPUTE, QUEUE_PREFIX, FakeComputeService
 from tests.waiting import GUARD_S, eventually
 
 TOKEN = "AT-compute-user"
@@ -300,6 +300,27 @@ async def test_a_failure_on_the_node_is_answered_with_the_remote_errors_summary(
         with pytest.raises(OpenAIError, match="ConnectionRefusedError") as info:
             await gateway.stream(_chat(stream=True))  # before the first byte: a real status, not an event
         assert info.value.status == 502
+    finally:
+        await gateway.close()
+        service.join()
+
+
+async def test_with_amqp_port_set_results_come_back_on_that_port_not_the_services(rsps, broker, fake_upstream,
+                                                                                  tmp_path):
+    """``amqp_port`` (443 where a firewall blocks 5671) replaces the port in the result-queue URL the service gives:
+    here that URL names a port nothing listens on, and the answer still comes, through the broker's port."""
+    refused = f"amqp://{broker.host}:{closed_port()}/"
+    rsps.replace(responses.GET, f"{COMPUTE}/v2/get_amqp_result_connection_url",
+                 json={"queue_prefix": QUEUE_PREFIX, "connection_url": refused})
+    service = FakeComputeService(broker)
+    service.install(rsps, ENDPOINT)
+    config = _node_config(fake_upstream.port)
+    config["clusters"]["hpc"]["endpoints"][0]["amqp_port"] = broker.port
+    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    try:
+        done = await gateway.complete(_chat(max_tokens=8))
+        assert json.loads(done.body)["choices"][0]["message"]["content"]
+        broker.wait_until(lambda: len(broker.acked) == 1)  # taken from the broker, on the port amqp_port named
     finally:
         await gateway.close()
         service.join()

@@ -354,3 +354,13 @@ def test_spec_reports_every_problem_at_once():
     with pytest.raises(EndpointConfigError) as info:
         EndpointSpec(scheduler="slurm", name="x", model="m", min_blocks=2, max_blocks=1, port=0, walltime="1")
     assert len(str(info.value).splitlines()) == 3
+
+
+def test_amqp_port_443_reaches_the_endpoints_own_config(compute_dir: Path):
+    """A site that blocks 5671: the endpoint itself must speak AMQPS on 443, as the gateway's Executor does."""
+    assert main([*POLARIS, "--amqp-port", "443"]) == 0
+    core = get_config(compute_dir / "polaris")
+    assert isinstance(core, CoreEndpointConfig)
+    assert core.amqp_port == 443
+    assert main([*POLARIS, "--force"]) == 0
+    assert get_config(compute_dir / "polaris").amqp_port is None  # not written unless asked

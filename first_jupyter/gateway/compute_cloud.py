@@ -193,9 +193,15 @@ class CloudSubmitter:
         fixed = self._credentials.fixed
         authorizer = held if fixed is None else fixed()
         client = Client(authorizer=authorizer, do_version_check=False)
-        executor = Executor(endpoint_id=self._endpoint.endpoint_id, client=client)
+        executor = Executor(endpoint_id=self._endpoint.endpoint_id, client=client, amqp_port=self._amqp_port())
         executor.task_group_id = None
         return _Session(client, executor, held)
+
+    def _amqp_port(self) -> int | None:
+        """The port results come back on, when the endpoint sets one: where a site's firewall blocks AMQPS's 5671,
+        the service also takes 443. The SDK puts it in place of the port in the URL the service gives for its
+        result queue; None keeps the service's."""
+        return self._endpoint.amqp_port
 
     def _registry_key(self, identity: str, name: str) -> str:
         """Per endpoint, identity and version: a new release's functions are registered anew."""

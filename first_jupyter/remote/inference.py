@@ -1,10 +1,16 @@
 """Functions that run on an endpoint's node, next to its engine: a request, a health probe, a relayed stream.
 
-They travel to the node through Globus Compute (serialized by the SDK) and must import nothing but the standard
-library, which every endpoint's Python has. Each returns plain data (dicts of str, int, float) so that the
-result serializes anywhere. Streams come back to the gateway as signed batches POSTed to its callback route: one
-per ``batch_bytes`` of events or ``batch_s`` of time, whichever comes first, so a fast engine does not make one
-HTTP request per token and a slow one still shows its first token at once.
+They travel to the node through Globus Compute (the SDK pickles them by reference, so the node imports this module
+from its own first-jupyter) and import nothing but the standard library and first-jupyter's own stdlib-only
+modules, so the node needs no more than first-jupyter itself. Each returns plain data (dicts of str, int, float)
+so that the result serializes anywhere. Streams come back to the gateway as signed batches POSTed to its callback
+route: one per ``batch_bytes`` of events or ``batch_s`` of time, whichever comes first, so a fast engine does not
+make one HTTP request per token and a slow one still shows its first token at once.
+
+Compute nodes often reach the gateway only through the site's HTTP proxy and trust the site's own CA, so the
+callback honours ``HTTP(S)_PROXY``/``NO_PROXY`` as curl reads them and the node's trust variables
+(``SSL_CERT_FILE``, ``REQUESTS_CA_BUNDLE``...), except that a loopback callback (the in-process endpoint's, to a
+gateway on the same host) always goes directly.
 """
 
 from __future__ import annotations
@@ -12,11 +18,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import re
+import ssl
 import time
 import urllib.parse
 from typing import Any
+
+from first_jupyter.transport.proxies import Proxy, ProxyError, from_environment
+from first_jupyter.transport.tls import client_context
 
 ENGINE_HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 600.0
@@ -93,27 +104,116 @@ class _ResultTooLarge(Exception):
         self.size = size
 
 
-class _Callback:
-    """Signed batches POSTed to the gateway's callback URL, in order, on one keep-alive connection."""
+STALE_CONNECTION = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+"""How a kept-alive connection that the other end closed fails when it is next used (``http.client``'s
+``RemoteDisconnected``, a closed connection without an answer, is a ``ConnectionResetError``)."""
+ALREADY_TAKEN = 409
+"""The gateway's answer to a batch whose sequence number it has already taken."""
 
-    def __init__(self, url: str, task_id: str, key: str) -> None:
+
+class CallbackFailed(RuntimeError):
+    """The gateway's callback route could not be reached, or refused a batch. The stream cannot go on and there is
+    no other way to tell the gateway, so the task fails with this; its message is the last line of the task's
+    traceback, which is what the gateway answers its client with, so it names the callback and any proxy (never
+    the proxy's credentials) and says what to check."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a callback host is this machine by name: ``localhost`` (and ``*.localhost``), 127.0.0.0/8 or ::1.
+    Those callbacks never go through a proxy, whatever the environment says: a site proxy cannot reach the node's
+    own loopback, and the in-process endpoint's callback to a loopback gateway must not depend on ``NO_PROXY``
+    listing it. Names are not resolved: what resolves to loopback elsewhere is ``NO_PROXY``'s business."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+class StreamCallback:
+    """Signed batches POSTed to the gateway's callback URL, in order, on one keep-alive connection: direct, or
+    through the node's HTTP proxy (a CONNECT tunnel for https, an absolute-form request for http), with TLS that
+    trusts the system store plus the node's ``SSL_CERT_FILE``/``SSL_CERT_DIR``/``REQUESTS_CA_BUNDLE``."""
+
+    def __init__(self, url: str, task_id: str, key: str, *, direct_loopback: bool = True) -> None:
+        """``direct_loopback``: a loopback callback goes directly (always, in production); off, the environment's
+        proxy applies to it too, which only tests need: they reach nothing but loopback, and must see the proxy."""
         parts = urllib.parse.urlsplit(url)
-        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._conn = connection(parts.hostname or ENGINE_HOST, parts.port, timeout=CALLBACK_TIMEOUT_S)
-        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
+        https = parts.scheme == "https"
+        host = parts.hostname or ENGINE_HOST
+        port = parts.port or (443 if https else 80)
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._scheme = parts.scheme
+        self.where = f"{parts.scheme}://{netloc}{parts.path}"
+        """The callback as errors name it: without any credentials the URL might carry."""
+        try:
+            self.proxy: Proxy | None = None if direct_loopback and is_loopback(host) else from_environment(
+                parts.scheme, host, port)
+        except ProxyError as exc:
+            raise CallbackFailed(f"the stream's callback to {self.where} cannot use the node's proxy setting: "
+                                 f"{exc}") from None
+        self._headers: dict[str, str] = {}
+        self._target = path
+        context = client_context() if https else None
+        if self.proxy is None:
+            self._conn: http.client.HTTPConnection = (
+                http.client.HTTPSConnection(host, port, timeout=CALLBACK_TIMEOUT_S, context=context) if https
+                else http.client.HTTPConnection(host, port, timeout=CALLBACK_TIMEOUT_S))
+        elif https:  # TLS end to end with the gateway, inside a tunnel the proxy opens with CONNECT
+            self._conn = http.client.HTTPSConnection(self.proxy.host, self.proxy.port, timeout=CALLBACK_TIMEOUT_S,
+                                                     context=context)
+            tunnel = {"Proxy-Authorization": self.proxy.authorization} if self.proxy.authorization else None
+            self._conn.set_tunnel(host, port, headers=tunnel)
+        else:  # plain http: the proxy forwards each request, named by its absolute URL
+            self._conn = http.client.HTTPConnection(self.proxy.host, self.proxy.port, timeout=CALLBACK_TIMEOUT_S)
+            self._target = f"http://{netloc}{path}"
+            if self.proxy.authorization:
+                self._headers["Proxy-Authorization"] = self.proxy.authorization
         self._task_id = task_id
         self._key = key
         self.seq = 0
 
+    def _via(self) -> str:
+        """Which proxy the batch went through, and where that came from, for the error (without credentials)."""
+        if self.proxy is None:
+            return ""
+        return (f" through the proxy {self.proxy.display} (the node's {self._scheme.upper()}_PROXY or ALL_PROXY; "
+                f"list the gateway's host in NO_PROXY to go directly)")
+
     def post(self, message: dict[str, Any]) -> None:
+        """Send one batch. A kept-alive connection that the other end has closed meanwhile (proxies close theirs
+        after each request, servers after an idle while) is met only when it is used, so a batch that finds it
+        closed is sent once more on a new one. That cannot deliver it twice: the gateway takes each sequence
+        number once and answers a repeat 409, which on the second try means the first got through."""
         body = json.dumps(message).encode()
-        self._conn.request("POST", self._path, body=body, headers={
-            "Content-Type": "application/json", "X-First-Task": self._task_id, "X-First-Seq": str(self.seq),
-            "X-First-Signature": sign(self._key, self._task_id, self.seq, body)})
-        response = self._conn.getresponse()
-        response.read()
-        if response.status >= 400:
-            raise RuntimeError(f"the gateway refused the stream's batch {self.seq}: HTTP {response.status}")
+        headers = {**self._headers, "Content-Type": "application/json", "X-First-Task": self._task_id,
+                   "X-First-Seq": str(self.seq), "X-First-Signature": sign(self._key, self._task_id, self.seq, body)}
+        again = False
+        while True:
+            reused = self._conn.sock is not None
+            try:
+                self._conn.request("POST", self._target, body=body, headers=headers)
+                response = self._conn.getresponse()
+                response.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self._conn.close()
+                if reused and not again and isinstance(exc, STALE_CONNECTION):
+                    again = True
+                    continue
+                hint = (" (set SSL_CERT_FILE or REQUESTS_CA_BUNDLE on the node to the CA that signed the gateway's "
+                        "certificate)" if isinstance(exc, ssl.SSLCertVerificationError) else "")
+                raise CallbackFailed(f"the stream's batch {self.seq} could not reach the gateway's callback "
+                                     f"{self.where}{self._via()}: {type(exc).__name__}: {exc}{hint}") from exc
+        if response.status >= 400 and not (again and response.status == ALREADY_TAKEN):
+            raise CallbackFailed(f"the gateway refused the stream's batch {self.seq}: HTTP {response.status} from "
+                                 f"{self.where}{self._via()}")
         self.seq += 1
 
     def close(self) -> None:
@@ -131,7 +231,7 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
     """
     started = time.time()
     engine = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
-    callback = _Callback(callback_url, task_id, key) if callback_url else None
+    callback = StreamCallback(callback_url, task_id, key) if callback_url else None
     pending: list[bytes] = []
     kept: list[bytes] = []
     size = sent = 0
