@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +36,7 @@ from first_jupyter.transport.http_client import (
 )
 from first_jupyter.transport.http_server import BodySink, Exchange, HTTPRefusal, Request, serve
 from first_jupyter.transport.loop_thread import new_event_loop
-from tests.waiting import GUARD_S, eventually_async
+from tests.waiting import GUARD_S, eventually, eventually_async
 
 LIMIT = 4096
 
@@ -401,3 +405,72 @@ def test_fuzzed_responses_are_read_or_refused_and_nothing_escapes(answer, piece)
         status, body = outcome
         assert 200 <= status <= 999
         assert isinstance(body, bytes)
+
+
+DOOR_UNDER_A_LOW_LIMIT = """
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # a node whose hard limit is low: the cap must come down
+from first_jupyter.transport import http_server
+from first_jupyter.transport.loop_thread import new_event_loop
+from tests.test_http_parsing import Echo
+
+async def main():
+    server = await http_server.serve(Echo(), http_server.listening_socket("127.0.0.1", 0), 1024)
+    print(server.port, flush=True)
+    await asyncio.Event().wait()
+
+new_event_loop().run_until_complete(main())
+"""
+
+
+def _status_of(sock: socket.socket) -> int:
+    """Send one request on a blocking socket and read the status of its answer (the head is enough)."""
+    sock.sendall(GOOD)
+    head = b""
+    while b"\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            raise AssertionError(f"closed without an answer: {head!r}")
+        head += data
+    return int(head.split(b" ", 2)[1])
+
+
+def test_a_descriptor_limit_below_the_cap_lowers_the_cap_instead_of_starving_the_process(tmp_path):
+    """1,100 idle sockets once exhausted a 1,024-descriptor limit and Jupyter stopped answering (EMFILE). Under a
+    hard limit of 256, the door takes what the limit leaves room for and answers the rest 503, and serves again
+    once they are gone."""
+    stderr = (tmp_path / "stderr").open("w+b")
+    door_process = subprocess.Popen([sys.executable, "-c", DOOR_UNDER_A_LOW_LIMIT], stdout=subprocess.PIPE,
+                                    stderr=stderr, cwd=Path(__file__).parent.parent)
+    held: list[socket.socket] = []
+    try:
+        assert door_process.stdout is not None
+        port = int(door_process.stdout.readline())
+        statuses_seen = []
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=GUARD_S)
+            statuses_seen.append(_status_of(sock))
+            if statuses_seen[-1] == 200:
+                held.append(sock)  # idle from now on, holding its place
+            else:
+                sock.close()  # refused: a client goes away, and so does the connection's descriptor
+        accepted = statuses_seen.count(200)
+        assert 0 < accepted < 256 - 16  # room for the rest of the process was kept
+        assert statuses_seen == [200] * accepted + [503] * (300 - accepted)
+        for sock in held:
+            sock.close()
+        held.clear()
+
+        def serves_again() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=GUARD_S) as sock:
+                return _status_of(sock) == 200
+        eventually(serves_again, "the door serving again once the connections closed")
+    finally:
+        for sock in held:
+            sock.close()
+        door_process.kill()
+        door_process.wait()
+    stderr.seek(0)
+    logged = stderr.read().decode(errors="replace")
+    assert "open-file limit is 256" in logged
+    assert "Too many open files" not in logged

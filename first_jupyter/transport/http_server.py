@@ -32,6 +32,10 @@ KEEPALIVE_S = 75.0
 """A connection waiting longer than this for (the rest of) a request is closed: idle clients and slow-loris."""
 MAX_CONNECTIONS = 1024
 """Open client connections a server takes by default; past it a new one is answered 503 and closed."""
+RESERVED_DESCRIPTORS = 512
+"""Descriptors kept for the rest of the process (the Jupyter server's own sockets, kernels' channels, files)."""
+MAX_LINGERING_REFUSALS = 64
+"""Connections refused past the cap that may linger (so that their 503 is read); more are cut at once."""
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +179,27 @@ class Exchange:
         self._conn.exchange_done(self._keep_alive)
 
 
+class Connections:
+    """A server's client connections: all it holds, and those refused past the cap while they linger."""
+
+    __slots__ = ("cap", "live", "refused")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.live: set[HttpConnection] = set()
+        self.refused: set[HttpConnection] = set()
+
+    def served(self) -> int:
+        return len(self.live) - len(self.refused)
+
+
 class HttpConnection(HeadCollector, asyncio.Protocol):
     """One client connection: parse requests (llhttp), run the app on each in turn, answer, repeat."""
 
-    def __init__(self, app: HttpApp, live: set[HttpConnection], max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, app: HttpApp, connections: Connections) -> None:
         self.app = app
-        self.live = live
-        self.max_connections = max_connections
+        self.connections = connections
+        self.live = connections.live
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -211,10 +229,15 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
         # a stream transport, though uvloop's do not subclass asyncio.Transport (they register nothing either)
         self.transport = cast(asyncio.Transport, transport)
         self.live.add(self)
-        if len(self.live) > self.max_connections:
-            self._refusal = HTTPRefusal(503, f"The gateway has {self.max_connections:,} connections open, its "
-                                             "limit (defaults.limits.max_client_connections); retry shortly, and "
-                                             "reuse connections rather than opening new ones.")
+        connections = self.connections
+        if connections.served() > connections.cap:
+            if len(connections.refused) >= MAX_LINGERING_REFUSALS:  # a flood: no descriptor is kept for it
+                self.transport.abort()
+                return
+            connections.refused.add(self)  # it lingers for its 503 to be read, holding no served place
+            self._refusal = HTTPRefusal(503, f"The gateway has {connections.cap:,} connections open, its limit "
+                                             "(defaults.limits.max_client_connections); retry shortly, and reuse "
+                                             "connections rather than opening new ones.")
             self._next()
             return
         self._arm_timer()
@@ -234,6 +257,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.live.discard(self)
+        self.connections.refused.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None and not self._task.done():
@@ -457,14 +481,15 @@ _UPGRADE_IGNORED = HTTPRefusal(400, "upgrade ignored")
 class HttpServer:
     """A listening socket and the connections it accepted, so that stopping it ends them all."""
 
-    def __init__(self, server: asyncio.Server, live: set[HttpConnection]) -> None:
+    def __init__(self, server: asyncio.Server, connections: Connections) -> None:
         self._server = server
-        self._live = live
+        self._connections = connections
+        self._live = connections.live
 
     @property
     def connections(self) -> int:
-        """Client connections open now."""
-        return len(self._live)
+        """Client connections open now and served (refused ones lingering for their 503 not counted)."""
+        return self._connections.served()
 
     @property
     def port(self) -> int:
@@ -484,13 +509,42 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def descriptor_room(max_connections: int) -> int:
+    """The connection cap the process's descriptor limit allows, raising its soft limit to fit when it may.
+
+    A cap is worth nothing above the limit: past the limit ``accept`` fails with EMFILE, for this door and for
+    the Jupyter server alike, before the cap is ever reached. So the soft limit is raised (up to the hard one)
+    to hold the cap plus ``RESERVED_DESCRIPTORS``; where the hard limit is lower, the cap comes down instead.
+    """
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + RESERVED_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < want:
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return max_connections
+    room = max(soft - RESERVED_DESCRIPTORS, soft // 2, 1)
+    log.warning("The open-file limit is %d (ulimit -n), too low for %d client connections plus the rest of the "
+                "process; the gateway's door takes %d. Raise the limit (or lower "
+                "defaults.limits.max_client_connections) to silence this.", soft, max_connections, room)
+    return min(room, max_connections)
+
+
 async def serve(app: HttpApp, sock: socket.socket, max_connections: int = MAX_CONNECTIONS) -> HttpServer:
     """Answer connections on a listening socket with ``app``; the server owns the socket from now on.
 
-    At most ``max_connections`` are served at once: one more is answered 503 and closed at once, so that idle
-    sockets from any local user cannot use up the process's descriptors, which the Jupyter server shares.
+    At most ``max_connections`` are served at once (fewer where the descriptor limit says so): one more is
+    answered 503 and closed at once, so that idle sockets from any local user cannot use up the process's
+    descriptors, which the Jupyter server shares.
     """
-    live: set[HttpConnection] = set()
-    server = await asyncio.get_running_loop().create_server(lambda: HttpConnection(app, live, max_connections),
-                                                            sock=sock)
-    return HttpServer(server, live)
+    connections = Connections(descriptor_room(max_connections))
+    server = await asyncio.get_running_loop().create_server(lambda: HttpConnection(app, connections), sock=sock)
+    return HttpServer(server, connections)
