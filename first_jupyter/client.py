@@ -186,8 +186,10 @@ def disconnect() -> None:
 
 def _on_loopback(url: str) -> bool:
     """A plain-http gateway on this machine: a proxy in the environment could never reach it, so it is not asked."""
+    from first_jupyter.transport.proxies import is_loopback
+
     parts = urllib.parse.urlsplit(url)
-    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+    return parts.scheme == "http" and is_loopback(parts.hostname or "")
 
 
 def openai_client(**kwargs: Any) -> openai.OpenAI:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, bearer_token, parse_request
 from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
+from first_jupyter.transport.proxies import is_loopback
 
 JSON = "application/json"
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -176,12 +176,7 @@ def is_loopback_host(host: str) -> bool:
         name = host.partition(":")[0]
     else:  # a bare name or address
         name = host
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(name)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
-import ipaddress
 import json
 import re
 import ssl
@@ -26,7 +25,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from first_jupyter.transport.proxies import Proxy, ProxyError, from_environment
+from first_jupyter.transport.proxies import Proxy, ProxyError, from_environment, is_loopback
 from first_jupyter.transport.tls import client_context
 
 ENGINE_HOST = "127.0.0.1"
@@ -116,23 +115,6 @@ class CallbackFailed(RuntimeError):
     no other way to tell the gateway, so the task fails with this; its message is the last line of the task's
     traceback, which is what the gateway answers its client with, so it names the callback and any proxy (never
     the proxy's credentials) and says what to check."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a callback host is this machine by name: ``localhost`` (and ``*.localhost``), 127.0.0.0/8 or ::1.
-    Those callbacks never go through a proxy, whatever the environment says: a site proxy cannot reach the node's
-    own loopback, and the in-process endpoint's callback to a loopback gateway must not depend on ``NO_PROXY``
-    listing it. Names are not resolved: what resolves to loopback elsewhere is ``NO_PROXY``'s business."""
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 class StreamCallback:

@@ -165,3 +165,21 @@ def choose(setting: str | None, scheme: str, host: str, port: int, *, source: st
     if setting.strip().lower() == NO_PROXY_SETTING:
         return None
     return parse_proxy(setting, source)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host is this machine by name: ``localhost`` (and ``*.localhost``), 127.0.0.0/8 or ::1.
+
+    The gateway's own hops to such a host (the nodes' callback to a loopback gateway, a kernel's client to
+    ``FIRST_GATEWAY_URL``) never go through a proxy, whatever the environment says: a site proxy cannot reach this
+    machine's loopback. Names are not resolved: what resolves to loopback elsewhere is ``NO_PROXY``'s business."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
