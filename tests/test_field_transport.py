@@ -276,3 +276,18 @@ async def test_a_non_streamed_answer_over_the_limit_is_a_502(fake_upstream, tmp_
     assert error.status == 502
     assert error.code == "upstream_response_too_large"
     assert "max_response_bytes" in error.message
+
+
+async def test_a_demanded_client_certificate_is_named_through_a_proxy_too(tinyproxy, tls_certs, tls_upstream,
+                                                                          tmp_path):
+    """Through a tunnel the origin's refusal must not read as the proxy's fault: the proxy opened the tunnel."""
+    proxy = tinyproxy()
+    upstream = tls_upstream(client_cert=True)
+    error = await refused(tmp_path / "a", f"{upstream.url}/v1", proxy=proxy.url, tls={"ca_bundle": str(tls_certs.ca)})
+    assert error.status == 502
+    assert "tls.client_cert" in error.message
+    assert error.code != "proxy_failed"
+    answer = await ask(tmp_path / "b", f"{upstream.url}/v1", proxy=proxy.url,
+                       tls={"ca_bundle": str(tls_certs.ca), "client_cert": str(tls_certs.client_chain),
+                            "client_key": str(tls_certs.client_key)})
+    assert answer["object"] == "chat.completion"

@@ -474,3 +474,139 @@ def test_a_descriptor_limit_below_the_cap_lowers_the_cap_instead_of_starving_the
     logged = stderr.read().decode(errors="replace")
     assert "open-file limit is 256" in logged
     assert "Too many open files" not in logged
+
+
+# -- found in review: trailers, storage faults, 100-continue behind another request, a paused pipe -----------
+
+CHUNKED_REQUEST = b"POST /v1/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+
+
+def test_trailers_are_bounded_and_never_become_headers():
+    smuggled, _ = door_answer(CHUNKED_REQUEST + b"X: trailer\r\nHost: evil.example\r\n\r\n")
+    assert statuses(smuggled) == [200]
+    assert json.loads(smuggled.partition(b"\r\n\r\n")[2])["x"] is None  # the trailer's X is not the request's
+
+    async def main() -> bytes:
+        async with door() as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(CHUNKED_REQUEST + b"X-T: ")
+            sent = 0
+            while not reader.at_eof() and sent < 4 * MAX_HEAD_BYTES:  # the door closes once past its bound
+                writer.write(b"a" * 1000)
+                await writer.drain()
+                sent += 1000
+            answer = await asyncio.wait_for(reader.read(), GUARD_S)
+            writer.close()
+            return answer
+    answer, escaped = run(main)
+    assert statuses(answer) == [431]
+    assert escaped == []
+
+
+class FullDisk(Echo):
+    """An app whose upload sink cannot write: the disk (or the user's quota) is full."""
+
+    def body_sink(self, method: str, path: str, headers: dict[str, str]) -> BodySink | None:
+        if path != "/v1/files":
+            return None
+
+        class Sink:
+            limit = LIMIT
+
+            def feed(self, data: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+            def discard(self) -> None:
+                pass
+        return Sink()
+
+
+def test_a_sink_that_cannot_write_is_a_507_after_the_requests_before_it():
+    async def main() -> bytes:
+        server = await serve(FullDisk(), http_server.listening_socket("127.0.0.1", 0))
+        try:
+            upload = GOOD.replace(b"/v1/x", b"/v1/files")
+            return await exchange(server.port, GOOD + upload, half_close=False)
+        finally:
+            server.close()
+    answer, escaped = run(main)
+    assert statuses(answer) == [200, 507]
+    assert b"No space left on device" in answer
+    assert escaped == []
+
+
+def test_100_continue_waits_for_the_request_before_it_then_comes():
+    expecting = b"POST /v1/x HTTP/1.1\r\nHost: h\r\nX: 2\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+
+    async def main() -> bytes:
+        async with door() as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(GOOD + expecting)  # both heads in one read; the second body only after 100 Continue
+            seen = await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 100 Continue\r\n\r\n"), GUARD_S)
+            writer.write(b"{}")
+            writer.write_eof()
+            rest = await asyncio.wait_for(reader.read(), GUARD_S)
+            writer.close()
+            return seen + rest
+    answer, escaped = run(main)
+    assert statuses(answer) == [200, 100, 200]
+    assert escaped == []
+
+
+def test_http10_gets_no_100_continue():
+    answer, _ = door_answer(b"POST /v1/x HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}")
+    assert b"100 Continue" not in answer
+    assert b" 200 " in answer
+
+
+def test_a_body_buffered_past_the_pause_mark_is_piped_to_its_end():
+    """More than a megabyte came before anyone piped the body: reading was paused, and must resume once the sink
+    takes what was buffered, or the exchange hangs (its idle timer does not run while paused)."""
+    body = b"x" * (3 * 1024 * 1024)
+
+    async def main() -> int:
+        async with upstream(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body) as url:
+            pool = Pool(limit=4, limit_per_host=4, connect_timeout=GUARD_S)
+            try:
+                resp = await pool.request("GET", url, b"", None, first_byte=GUARD_S, idle=GUARD_S)
+                await eventually_async(lambda: resp._conn is not None and resp._conn.paused, "reading paused")
+                got: list[int] = []
+                await asyncio.wait_for(resp.pipe(lambda chunk: got.append(len(chunk)) is None), GUARD_S)
+                return sum(got)
+            finally:
+                pool.close()
+    total, escaped = run(main)
+    assert total == len(body)
+    assert escaped == []
+
+
+def test_a_url_that_is_not_ascii_becomes_one_and_holds_no_slot():
+    url = Url.parse("http://bücher.example:8080/v1/modèles?q=é")
+    assert url.host_header == "xn--bcher-kva.example:8080"
+    assert url.target == "/v1/mod%C3%A8les?q=%C3%A9"
+
+    async def main() -> list[int]:
+        async with upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", close=False) as base:
+            pool = Pool(limit=1, limit_per_host=1, connect_timeout=GUARD_S)
+            try:
+                target = Url.parse(base.text.replace("/v1/x", "/v1/modèles"))
+                return [(await fetch(target, pool))[0] for _ in range(3)]  # one slot: a leak would hang the 2nd
+            finally:
+                pool.close()
+    statuses_seen, _ = run(main)
+    assert statuses_seen == [200, 200, 200]
+
+
+def test_a_closed_pool_sends_nothing_more():
+    async def main() -> Exception | None:
+        async with upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as url:
+            pool = Pool(limit=1, limit_per_host=1, connect_timeout=GUARD_S)
+            pool.close()
+            try:
+                await fetch(url, pool)
+            except Disconnected as exc:
+                return exc
+            return None
+    outcome, _ = run(main)
+    assert isinstance(outcome, Disconnected)
+    assert "shutting down" in str(outcome)

@@ -24,21 +24,36 @@ class HeadCollector:
     """llhttp's head callbacks, shared by the server's and the client's protocols.
 
     ``headers`` has lower-case names; a repeated header's values are joined with ", " (RFC 9110 §5.3), and
-    values lose the optional whitespace around them.
+    values lose the optional whitespace around them. Trailer fields (after a chunked body) count against the same
+    bound but are never merged into ``headers``: what was checked at the head is what the application sees.
+
+    The protocols call ``_begin_head`` (message begins), ``_end_head`` (headers complete), ``_moved`` (body
+    bytes, a message's end) and ``_fed`` after each feed.
     """
 
     headers: dict[str, str]
     _head_size: int = 0
     _head_open: bool = False
-    _head_fed: int = 0
-    _heads_begun: int = 0
+    _progress: int = 0
+    """Callbacks that show the parser past head or trailer bytes: a message begun or ended, body, a chunk."""
+    _stalled: int = 0
+    """Bytes fed since the last progress: a head, a trailer or a chunk line still being gathered."""
 
     def _begin_head(self) -> None:
         self.headers = {}
         self._head_size = 0
         self._head_open = True
-        self._head_fed = 0
-        self._heads_begun += 1
+        self._progress += 1
+
+    def _end_head(self) -> None:
+        self._head_open = False
+        self._progress += 1
+
+    def _moved(self) -> None:
+        self._progress += 1
+
+    def on_chunk_header(self) -> None:
+        self._progress += 1
 
     def _count(self, size: int) -> None:
         self._head_size += size
@@ -47,18 +62,21 @@ class HeadCollector:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
+        if not self._head_open:
+            return  # a trailer field: bounded above, and kept out of the headers the application checked
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1").strip(" \t")
         known = self.headers.get(key)
         self.headers[key] = text if known is None else f"{known}, {text}"
 
-    def _fed(self, size: int, heads_begun_before: int) -> None:
-        """After a feed: a head still open after more than the bound came in is refused, however it was split.
-
-        A head that began within this feed is not charged for it (part of the feed may have been the message
-        before), so the bound holds within one read's size.
-        """
-        if self._head_open and self._heads_begun == heads_begun_before:
-            self._head_fed += size
-            if self._head_fed > MAX_HEAD_BYTES:
-                raise HeadTooLarge
+    def _fed(self, size: int, progress_before: int) -> None:
+        """After a feed: more than the bound fed without the parser getting past a head, a trailer or a chunk
+        line is refused, however the bytes were split (httptools gathers a field in a buffer of its own before
+        any callback sees it). A feed in which the parser moved is not charged, so the bound holds within one
+        read's size."""
+        if self._progress != progress_before:
+            self._stalled = 0
+            return
+        self._stalled += size
+        if self._stalled > MAX_HEAD_BYTES:
+            raise HeadTooLarge

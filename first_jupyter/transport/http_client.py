@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 
@@ -33,6 +33,10 @@ from first_jupyter.transport.tls import TlsSettings, client_context, describe_tl
 PAUSE_BYTES = 1024 * 1024  # stop reading the upstream while this much is waiting for a slow client
 MAX_INTERIM = 16
 """Interim (1xx) responses taken before the final one; more is a broken or hostile upstream."""
+STALE_WINDOW_S = 1.0
+"""A reused connection that closes this soon after a request went out, with no byte back, had been closed by the
+upstream before the request reached it: the request is sent again. Later, the upstream may have been working on
+it (a proxy's idle timeout cutting a long generation), and sending it again could run it twice."""
 
 
 class HTTPClientError(Exception):
@@ -103,7 +107,7 @@ class Url:
     target: str
     host_header: str
     text: str = field(compare=False)
-    proxy_lines: bytes = field(default=b"", compare=False)
+    proxy_lines: bytes = field(default=b"", compare=False, repr=False)
     """``Proxy-Authorization``, on requests sent to a proxy in absolute form."""
 
     @classmethod
@@ -115,9 +119,12 @@ class Url:
             raise ValueError(f"not an http(s) URL: {text!r}")
         default = 443 if parts.scheme == "https" else 80
         port = parts.port or default
-        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        hostname = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+        host = hostname if ":" not in hostname else f"[{hostname}]"
         host_header = host if port == default else f"{host}:{port}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if not target.isascii():  # a request line is ASCII: what is not goes percent-encoded, as browsers send it
+            target = quote(target, safe="!#$%&'()*+,/:;=?@[]~")
         tls = parts.scheme == "https"
         if tls and context is None:
             context = client_context()
@@ -125,7 +132,7 @@ class Url:
         if proxy is not None and not tls:  # plain http through a proxy: the whole URL goes in the request line
             target = f"http://{host_header}{target}"
             lines = proxy.header_lines()
-        return cls(Origin(parts.scheme, parts.hostname, port, proxy, context if tls else None), target,
+        return cls(Origin(parts.scheme, hostname, port, proxy, context if tls else None), target,
                    host_header, text, lines)
 
 
@@ -141,7 +148,7 @@ class Reach:
     tls: TlsSettings = field(default_factory=TlsSettings)
     source: str = "proxy"
     environ: dict[str, str] = field(default_factory=lambda: {**proxies.snapshot(), **trust_snapshot()},
-                                    compare=False)
+                                    compare=False, repr=False)
     """The proxy and trust variables as they were when the endpoint was set up."""
 
     def url(self, text: str) -> Url:
@@ -311,9 +318,13 @@ class Response:
         """Hand every body chunk to ``sink`` as it arrives, inside the socket callback: no task switch or
         future per chunk. ``sink`` returns False when its consumer is full; reading then pauses until
         ``resume_reading``. Returns at the end of the body; raises what ended it early."""
+        accepted = True
         while self._chunks:
-            if not sink(self._chunks.popleft()) and self._conn is not None:
+            accepted = sink(self._chunks.popleft())
+            if not accepted and self._conn is not None:
                 self._conn.pause()
+        if accepted and self._buffered > PAUSE_BYTES and self._conn is not None:
+            self._conn.resume()  # reading paused while nobody took the bytes; the sink took them all
         self._buffered = 0
         self._sink = sink
         if self._error is None and not self._complete:
@@ -389,10 +400,10 @@ class _Connection(HeadCollector, asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection's state is unknown
             return
         resp._got_bytes = True
-        begun = self._heads_begun
+        progress = self._progress
         try:
             self._parser.feed_data(data)
-            self._fed(len(data), begun)
+            self._fed(len(data), progress)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self._broken(resp, cause if isinstance(cause, ProtocolViolation)
@@ -438,7 +449,7 @@ class _Connection(HeadCollector, asyncio.Protocol):
         self._begin_head()
 
     def on_headers_complete(self) -> None:
-        self._head_open = False
+        self._end_head()
         resp = self._resp
         if resp is None:
             raise ProtocolViolation("a response that nothing asked for")
@@ -457,11 +468,13 @@ class _Connection(HeadCollector, asyncio.Protocol):
         resp._head(status, headers)
 
     def on_body(self, data: bytes) -> None:
+        self._moved()
         resp = self._resp
         if data and resp is not None:
             resp._data(data)
 
     def on_message_complete(self) -> None:
+        self._moved()
         if self._in_interim:
             self._in_interim = False
             return
@@ -532,18 +545,18 @@ class _Tunnel(HeadCollector, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.established.done():
             return
-        begun = self._heads_begun
+        progress = self._progress
         try:
             self._parser.feed_data(data)
-            self._fed(len(data), begun)
-        except (httptools.HttpParserError, HeadTooLarge) as exc:
-            self._refused(f"answered CONNECT with something that is not HTTP ({exc})")
+            self._fed(len(data), progress)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, HeadTooLarge) as exc:
+            self._refused(f"answered CONNECT with something that is not a tunnel ({type(exc).__name__}: {exc})")
 
     def on_message_begin(self) -> None:
         self._begin_head()
 
     def on_headers_complete(self) -> None:
-        self._head_open = False
+        self._end_head()
         status = self._parser.get_status_code()
         if 200 <= status < 300:
             if not self.established.done():
@@ -589,6 +602,7 @@ class Pool:
         self._keepalive = keepalive
         self._active: set[_Connection] = set()
         self.opened = 0
+        self.closed = False
 
     async def request(self, method: str, url: Url, head_lines: bytes, body: bytes | None, *, first_byte: float,
                       idle: float) -> Response:
@@ -600,9 +614,11 @@ class Pool:
         so).
         """
         origin = url.origin
-        slot = await self._acquire(origin)
-        head = (f"{method} {url.target} HTTP/1.1\r\nHost: {url.host_header}\r\n".encode("latin-1") + url.proxy_lines
+        head = (f"{method} {url.target} HTTP/1.1\r\nHost: {url.host_header}\r\n".encode("ascii") + url.proxy_lines
                 + head_lines)
+        if self.closed:
+            raise Disconnected("the gateway is shutting down")
+        slot = await self._acquire(origin)
         try:
             for attempt in range(2):
                 conn, reused = await self._connection(origin, fresh=attempt > 0)
@@ -611,7 +627,8 @@ class Pool:
                 try:
                     await resp.wait_head()
                 except Disconnected:
-                    if reused and not resp._got_bytes and attempt == 0:
+                    if (reused and not resp._got_bytes and attempt == 0 and not self.closed
+                            and resp._loop.time() - resp._sent < STALE_WINDOW_S):
                         continue  # the slot stays with the retry: the failed response never owned it
                     raise
                 except BaseException:
@@ -659,9 +676,14 @@ class Pool:
         except ssl.SSLError as exc:
             raise TlsFailed(describe_tls_failure(exc, origin.host)) from None
         except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
             if proxy is not None:
-                raise ProxyFailed(f"cannot reach the proxy {proxy.display}: {exc.strerror or exc}") from None
-            raise ConnectFailed(exc.strerror or str(exc)) from None
+                raise ProxyFailed(f"cannot reach the proxy {proxy.display}: {why}") from None
+            if origin.ssl is not None and isinstance(exc, (ConnectionResetError, ConnectionAbortedError,
+                                                           BrokenPipeError)):
+                raise TlsFailed(f"{origin.host} cut the TLS handshake ({why}); if it demands a client certificate, "
+                                f"set the endpoint's tls.client_cert and tls.client_key") from None
+            raise ConnectFailed(why) from None
         self.opened += 1
         return conn, False
 
@@ -680,7 +702,19 @@ class Pool:
         transport, tunnel = await loop.create_connection(lambda: _Tunnel(origin, proxy), proxy.host, proxy.port)
         try:
             await tunnel.established
+        except BaseException:
+            transport.abort()
+            raise
+        try:
             secured = await loop.start_tls(transport, conn, origin.ssl, server_hostname=origin.host)
+        except ssl.SSLError:
+            transport.abort()
+            raise
+        except OSError as exc:  # the proxy opened the tunnel: what failed is the origin's side of the handshake
+            transport.abort()
+            raise TlsFailed(f"{origin.host} cut the TLS handshake through the proxy {proxy.display} "
+                            f"({exc.strerror or type(exc).__name__}); if it demands a client certificate, set the "
+                            f"endpoint's tls.client_cert and tls.client_key") from None
         except BaseException:
             transport.abort()
             raise
@@ -699,6 +733,7 @@ class Pool:
             conn.abort()
 
     def close(self) -> None:
+        self.closed = True
         for bucket in self._idle.values():
             for conn in bucket:
                 conn.closed = True

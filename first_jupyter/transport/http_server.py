@@ -29,7 +29,8 @@ from first_jupyter.transport.heads import MAX_HEAD_BYTES, HeadCollector, HeadToo
 LINGER_S = 2.0
 """How long a refused client may go on sending before its connection is closed regardless."""
 KEEPALIVE_S = 75.0
-"""A connection waiting longer than this for (the rest of) a request is closed: idle clients and slow-loris."""
+"""A connection on which nothing arrives for this long while it waits for (the rest of) a request is closed: idle
+clients and the slowest of slow-loris (the head's bound and the connection cap limit the rest)."""
 MAX_CONNECTIONS = 1024
 """Open client connections a server takes by default; past it a new one is answered 503 and closed."""
 RESERVED_DESCRIPTORS = 512
@@ -139,9 +140,12 @@ class Exchange:
             raise RuntimeError("this request has already been answered")
 
     def respond(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        """Send a whole response and finish the exchange."""
+        """Send a whole response and finish the exchange (204 and 304 carry no body, nor its length)."""
         self._claim()
-        head = self._head(status, headers, b"Content-Length: %d\r\n" % len(body))
+        bodiless = status in (204, 304)
+        head = self._head(status, headers, b"" if bodiless else b"Content-Length: %d\r\n" % len(body))
+        if bodiless:
+            body = b""
         self._conn.write(head if self._head_only else head + body)
         self._finish()
 
@@ -205,8 +209,11 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
         self.closed = False
         self.paused = False
         self._parser = httptools.HttpRequestParser(self)
-        self._buf = b""
+        self._buf: list[bytes] = []
         """Bytes not fed to the parser yet: they came while a request was being answered (pipelining)."""
+        self._buffered = 0
+        self._continue = False
+        """The request being read asked for ``100 Continue``, not sent yet."""
         self._queue: deque[Request] = deque()
         """Whole requests parsed and waiting their turn, oldest first."""
         self._refusal: HTTPRefusal | None = None
@@ -245,9 +252,12 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self._refusal is not None:
             return  # answered and closing, or refusing: what follows cannot be trusted
+        if self._exchange is None and not self._queue:
+            self._waiting_since = self.loop.time()  # the keep-alive clock is an idle clock: a slow upload goes on
         if self._exchange is not None or self._queue:
-            self._buf = self._buf + data if self._buf else data
-            if len(self._buf) > MAX_HEAD_BYTES + self.app.max_body():  # a pipelining client far ahead of us
+            self._buf.append(data)
+            self._buffered += len(data)
+            if self._buffered > MAX_HEAD_BYTES + self.app.max_body():  # a pipelining client far ahead of us
                 transport = self.transport
                 assert transport is not None
                 transport.pause_reading()
@@ -280,18 +290,22 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         """Parse what came; every whole request is queued, and the first one started."""
-        begun = self._heads_begun
+        progress = self._progress
         try:
             self._parser.feed_data(data)
-            self._fed(len(data), begun)
+            self._fed(len(data), progress)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, HTTPRefusal):
                 self._refusal = cause
             elif isinstance(cause, HeadTooLarge):
                 self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
-            else:
-                raise
+            elif isinstance(cause, OSError):  # a body sink that could not write (a full disk, a quota)
+                self._refusal = HTTPRefusal(507, f"The request body could not be stored here "
+                                                 f"({cause.strerror or cause}); free some space and send it again.")
+            else:  # a fault of ours: logged, and answered, never left to the event loop
+                log.error("parsing a request failed", exc_info=cause)
+                self._refusal = HTTPRefusal(500, "The gateway failed on this request; its log has the details.")
         except httptools.HttpParserUpgrade:
             # the request asking to upgrade is whole and queued; HTTP/1.1 is all this door speaks, so it is
             # answered as such, and the connection closes after it (what follows would be another protocol)
@@ -306,6 +320,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._begin_head()
+        self._continue = False
         self._url = b""
         self._started = None
         self._body, self._size, self._sink = [], 0, None
@@ -315,7 +330,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
         self._url += url
 
     def on_headers_complete(self) -> None:
-        self._head_open = False
+        self._end_head()
         method = self._parser.get_method().decode("ascii")
         version = "HTTP/" + self._parser.get_http_version()
         target = self._url.decode("latin-1")
@@ -335,11 +350,12 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
         declared = int(headers.get("content-length", "0"))  # llhttp let only digits through
         if declared > limit:
             raise BodyTooLarge(declared, limit)
-        if headers.get("expect", "").lower() == "100-continue" and (coding or declared) and \
-                self._exchange is None and not self._queue and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if headers.get("expect", "").lower() == "100-continue" and (coding or declared) and version == "HTTP/1.1":
+            self._continue = True  # sent once this request is the one being read (see _next)
+            self._send_continue()
 
     def on_body(self, data: bytes) -> None:
+        self._moved()
         if data:
             self._size += len(data)
             limit = self._limit()
@@ -351,6 +367,8 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
                 self._body.append(data)
 
     def on_message_complete(self) -> None:
+        self._moved()
+        self._continue = False
         assert self._started is not None
         method, path, query, version, keep_alive = self._started
         body = b"".join(self._body)
@@ -359,6 +377,14 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
 
     def _limit(self) -> int:
         return self._sink.limit if self._sink is not None else self.app.max_body()
+
+    def _send_continue(self) -> None:
+        """``100 Continue`` for the request being read, once nothing before it is still being answered (an
+        interim answer in the middle of another response would corrupt it)."""
+        if self._continue and self._exchange is None and not self._queue and self.transport is not None \
+                and not self.closed:
+            self._continue = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _drop_sink(self) -> None:
         if self._sink is not None:
@@ -380,10 +406,14 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
             else:
                 self._refuse(self._refusal)
         elif self._buf:
-            data, self._buf = self._buf, b""
+            data = b"".join(self._buf)
+            self._buf.clear()
+            self._buffered = 0
             if self.transport is not None:
                 self.transport.resume_reading()
             self._feed(data)
+        else:
+            self._send_continue()
 
     # -- answering ----------------------------------------------------------------------------------------
 
@@ -424,7 +454,8 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
 
     def _refuse(self, refusal: HTTPRefusal) -> None:
         """Answer a request the app never saw, then close: what follows on the connection cannot be trusted."""
-        self._buf = b""
+        self._buf.clear()
+        self._buffered = 0
         self._drop_sink()
         self._linger = True
         self._exchange = Exchange(self, True, False)

@@ -18,7 +18,7 @@ import logging
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TRUST_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
 
@@ -37,8 +37,8 @@ class TlsSettings:
     verify: bool = True
     client_cert: str | None = None
     client_key: str | None = None
-    source: str = "tls"
-    """Where the settings come from (a config key path), for errors."""
+    source: str = field(default="tls", compare=False)
+    """Where the settings come from (a config key path), for errors; not part of what makes two settings one."""
 
 
 def _load_locations(context: ssl.SSLContext, path: str, setting: str) -> None:
@@ -116,9 +116,12 @@ def describe_tls_failure(exc: ssl.SSLError, host: str) -> str:
                 f"authority, give its CA certificate in this endpoint's tls.ca_bundle, or in SSL_CERT_FILE or "
                 f"REQUESTS_CA_BUNDLE")
     reason = (exc.reason or str(exc)).upper()
-    if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
-        return (f"{host} demands a client certificate (mutual TLS) that was not accepted or not given; set this "
-                f"endpoint's tls.client_cert and tls.client_key")
+    if "CERTIFICATE_REQUIRED" in reason:
+        return (f"{host} demands a client certificate (mutual TLS) that was not given; set this endpoint's "
+                f"tls.client_cert and tls.client_key")
+    if "HANDSHAKE_FAILURE" in reason:
+        return (f"{host} ended the TLS handshake ({exc.reason}): it may demand a client certificate (set "
+                f"tls.client_cert and tls.client_key) or share no TLS version or cipher with this gateway")
     if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
         return (f"{host} refused this endpoint's client certificate ({exc.reason}); check tls.client_cert and "
                 f"tls.client_key")
