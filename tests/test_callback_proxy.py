@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import ssl
 import sys
@@ -25,13 +24,13 @@ from bench.fake_upstream import FakeUpstream, serving_in_thread
 from bench.site_network import Tinyproxy, TlsCerts
 from first_jupyter.gateway.backends.compute import remote_summary
 from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
-from first_jupyter.remote.inference import CallbackFailed, StreamCallback, sign, stream_engine
+from first_jupyter.remote.inference import CallbackFailed, StreamCallback, stream_engine
 from first_jupyter.transport.proxies import is_loopback
 from tests.conftest import closed_port, serving_http
+from tests.test_remote_inference import KEY, TASK
+from tests.test_remote_inference import _Gateway as RemoteInferenceGateway
 from tests.waiting import GUARD_S
 
-KEY = "per-task-key"
-TASK = "task-1"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy",
                    "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
@@ -44,30 +43,16 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-class _Gateway(BaseHTTPRequestHandler):
-    """The gateway's callback route: each POST's signature checked, then kept with its sequence number. HTTP/1.1,
-    as the gateway's doors: the node's batches share one connection (and one tunnel through a proxy)."""
+class _Gateway(RemoteInferenceGateway):
+    """The callback route of test_remote_inference, on HTTP/1.1 as the gateway's doors are: the node's batches
+    share one connection (and one tunnel through a proxy)."""
 
     protocol_version = "HTTP/1.1"
-    received: ClassVar[list[tuple[int, dict[str, Any]]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        seq = int(self.headers["X-First-Seq"])
-        good = self.headers["X-First-Signature"] == sign(KEY, TASK, seq, body)
-        if good:
-            type(self).received.append((seq, json.loads(body)))
-        self.send_response(204 if good else 403)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture
 def callback() -> Iterator[str]:
-    _Gateway.received = []
+    _Gateway.received, _Gateway.held, _Gateway.generating = [], None, []
     with serving_http(_Gateway) as url:
         yield f"{url}/first/api/callback"
 
@@ -100,7 +85,7 @@ def serving_https(handler: type[BaseHTTPRequestHandler], certs: TlsCerts) -> Ite
 @pytest.fixture
 def tls_callback(tls_certs: TlsCerts) -> Iterator[str]:
     """The callback route over https, with a certificate from the test CA (a site's own CA)."""
-    _Gateway.received = []
+    _Gateway.received, _Gateway.held, _Gateway.generating = [], None, []
     with serving_https(_Gateway, tls_certs) as url:
         yield f"{url}/first/api/callback"
 

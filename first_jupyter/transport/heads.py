@@ -9,6 +9,8 @@ head was still open (at most one read more than the exact count, however the byt
 
 from __future__ import annotations
 
+import httptools
+
 MAX_HEAD_BYTES = 64 * 1024
 """The largest request or response head taken: request line (or status line) and headers together."""
 
@@ -32,6 +34,7 @@ class HeadCollector:
     """
 
     headers: dict[str, str]
+    _parser: httptools.HttpRequestParser | httptools.HttpResponseParser
     _head_size: int = 0
     _head_open: bool = False
     _progress: int = 0
@@ -68,6 +71,19 @@ class HeadCollector:
         text = value.decode("latin-1").strip(" \t")
         known = self.headers.get(key)
         self.headers[key] = text if known is None else f"{known}, {text}"
+
+    def _parse(self, data: bytes) -> None:
+        """Feed the parser, then check the bound; an exception raised in one of the callbacks comes out as itself
+        (httptools wraps it), so that callers catch what they mean."""
+        progress = self._progress
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if cause is None:
+                raise
+            raise cause from None
+        self._fed(len(data), progress)
 
     def _fed(self, size: int, progress_before: int) -> None:
         """After a feed: more than the bound fed without the parser getting past a head, a trailer or a chunk

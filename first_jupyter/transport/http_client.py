@@ -400,21 +400,18 @@ class _Connection(HeadCollector, asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection's state is unknown
             return
         resp._got_bytes = True
-        progress = self._progress
         try:
-            self._parser.feed_data(data)
-            self._fed(len(data), progress)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._broken(resp, cause if isinstance(cause, ProtocolViolation)
-                         else ProtocolViolation(f"response head over {MAX_HEAD_BYTES:,} bytes")
-                         if isinstance(cause, HeadTooLarge) else ProtocolViolation(f"unreadable response ({cause})"))
+            self._parse(data)
+        except ProtocolViolation as exc:
+            self._broken(resp, exc)
+        except HeadTooLarge:
+            self._broken(resp, ProtocolViolation(f"response head over {MAX_HEAD_BYTES:,} bytes"))
         except httptools.HttpParserUpgrade:
             self._broken(resp, ProtocolViolation("the upstream switched protocols, which was not asked for"))
         except httptools.HttpParserError as exc:
             self._broken(resp, ProtocolViolation(f"malformed response: {exc}"))
-        except HeadTooLarge:
-            self._broken(resp, ProtocolViolation(f"response head over {MAX_HEAD_BYTES:,} bytes"))
+        except Exception as exc:  # a consumer's fault surfacing here: the exchange ends, the loop never sees it
+            self._broken(resp, ProtocolViolation(f"unreadable response ({type(exc).__name__}: {exc})"))
 
     def _broken(self, resp: Response, exc: ProtocolViolation) -> None:
         self.reusable = False  # even after a whole response: what followed it was not HTTP
@@ -545,10 +542,8 @@ class _Tunnel(HeadCollector, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.established.done():
             return
-        progress = self._progress
         try:
-            self._parser.feed_data(data)
-            self._fed(len(data), progress)
+            self._parse(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade, HeadTooLarge) as exc:
             self._refused(f"answered CONNECT with something that is not a tunnel ({type(exc).__name__}: {exc})")
 

@@ -290,22 +290,12 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         """Parse what came; every whole request is queued, and the first one started."""
-        progress = self._progress
         try:
-            self._parser.feed_data(data)
-            self._fed(len(data), progress)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, HTTPRefusal):
-                self._refusal = cause
-            elif isinstance(cause, HeadTooLarge):
-                self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
-            elif isinstance(cause, OSError):  # a body sink that could not write (a full disk, a quota)
-                self._refusal = HTTPRefusal(507, f"The request body could not be stored here "
-                                                 f"({cause.strerror or cause}); free some space and send it again.")
-            else:  # a fault of ours: logged, and answered, never left to the event loop
-                log.error("parsing a request failed", exc_info=cause)
-                self._refusal = HTTPRefusal(500, "The gateway failed on this request; its log has the details.")
+            self._parse(data)
+        except HTTPRefusal as refusal:
+            self._refusal = refusal
+        except HeadTooLarge:
+            self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
         except httptools.HttpParserUpgrade:
             # the request asking to upgrade is whole and queued; HTTP/1.1 is all this door speaks, so it is
             # answered as such, and the connection closes after it (what follows would be another protocol)
@@ -314,8 +304,12 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
             self._refusal = _UPGRADE_IGNORED
         except httptools.HttpParserError as exc:
             self._refusal = HTTPRefusal(400, f"Malformed HTTP request: {exc}.")
-        except HeadTooLarge:
-            self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")
+        except OSError as exc:  # a body sink that could not write (a full disk, a quota)
+            self._refusal = HTTPRefusal(507, f"The request body could not be stored here ({exc.strerror or exc}); "
+                                             "free some space and send it again.")
+        except Exception:  # a fault of ours: logged and answered, never left to the event loop
+            log.exception("parsing a request failed")
+            self._refusal = HTTPRefusal(500, "The gateway failed on this request; its log has the details.")
         self._next()
 
     def on_message_begin(self) -> None:
