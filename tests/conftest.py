@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -104,13 +105,17 @@ def held(upstream: FakeUpstream) -> int:
 
 
 @contextlib.contextmanager
-def serving_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A stdlib HTTP server on loopback answering with ``handler``, for the duration of the block; its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def serving_http(handler: type[BaseHTTPRequestHandler], *, context: ssl.SSLContext | None = None,
+                 server_class: type[ThreadingHTTPServer] = ThreadingHTTPServer) -> Iterator[str]:
+    """A stdlib HTTP server on loopback answering with ``handler``, for the duration of the block; its base URL.
+    With a server ``context`` it serves https."""
+    server = server_class(("127.0.0.1", 0), handler)
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if context is not None else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -12,7 +12,6 @@ import contextlib
 import re
 import ssl
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,15 +70,8 @@ def serving_https(handler: type[BaseHTTPRequestHandler], certs: TlsCerts) -> Ite
     """``serving_http`` with TLS: the server certificate the test CA issued for 127.0.0.1; its base URL."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs.server_pem)
-    server = _TlsServer(("127.0.0.1", 0), handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_http(handler, context=context, server_class=_TlsServer) as url:
+        yield url
 
 
 @pytest.fixture
