@@ -7,6 +7,7 @@ model built on the fly, and the fast fake upstream stands in for remote OpenAI-c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -102,6 +103,16 @@ def gate(upstream: FakeUpstream, **command: Any) -> dict[str, Any]:
 def held(upstream: FakeUpstream) -> int:
     """How many requests wait at the upstream's gate, read on its own loop (``/stats``)."""
     return int(httpx.get(f"{upstream.url}/stats", timeout=30).json()["held"])
+
+
+def send_json(handler: BaseHTTPRequestHandler, data: Any, status: int = 200) -> None:
+    """Answer a stand-in's request with ``data`` as JSON: what every stand-in of an HTTP service does."""
+    body = json.dumps(data).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 @contextlib.contextmanager

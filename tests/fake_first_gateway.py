@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.conftest import serving_http
+from tests.conftest import send_json, serving_http
 
 ROOT = "/resource_server"
 TOKEN = "AT-first-gateway"
@@ -61,12 +61,7 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _send(self, status: int, data: Any) -> None:
-            body = json.dumps(data).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, data, status)
 
         def _authorized(self, method: str) -> bool:
             auth = self.headers.get("Authorization")

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError, Token
 from first_jupyter.config import COMPUTE_SCOPE, AuthConfig
-from tests.conftest import serving_http
+from tests.conftest import send_json, serving_http
 
 CLIENT_ID = "6ffc8f4c-2b8a-4a44-9ab7-c0a7bb2b6a5d"
 IDENTITY = "c8aad43e-d274-11e5-bf98-8b02896cf782"
@@ -86,12 +86,7 @@ class _Hub(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         type(self).calls.append(self.headers.get("Authorization", ""))
         ok = self.path == "/hub/api/user" and self.headers.get("Authorization") == "token hub-api-token"
-        body = json.dumps({"name": "ada", "auth_state": self.state} if ok else {"message": "no"}).encode()
-        self.send_response(200 if ok else 403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, {"name": "ada", "auth_state": self.state} if ok else {"message": "no"}, 200 if ok else 403)
 
     def log_message(self, *args: Any) -> None:
         pass

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from bench.fake_upstream import serving_in_thread
-from tests.conftest import fake_cluster_config, open_door, server_config, serving_http
+from tests.conftest import fake_cluster_config, open_door, send_json, server_config, serving_http
 from tests.waiting import GUARD_S, eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -192,7 +192,7 @@ class _SpacedEngine(BaseHTTPRequestHandler):
     """Per stream: whether the request the engine got asked for usage."""
 
     def do_GET(self) -> None:
-        self._send(json.dumps({"object": "list", "data": [{"id": SPACED_ENGINE, "object": "model"}]}).encode())
+        send_json(self, {"object": "list", "data": [{"id": SPACED_ENGINE, "object": "model"}]})
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -210,13 +210,6 @@ class _SpacedEngine(BaseHTTPRequestHandler):
             event = b"data: " + data + b"\n\n"
             self.wfile.write(b"%x\r\n%b\r\n" % (len(event), event))
         self.wfile.write(b"0\r\n\r\n")
-
-    def _send(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def log_message(self, *args: Any) -> None:
         pass
