@@ -47,7 +47,8 @@ from typing import Any, Final, TypedDict, Unpack, cast
 
 import orjson
 
-FAULT_MODES: Final[tuple[str, ...]] = ("none", "403", "429", "500", "hang", "slow-first-byte", "drop-mid-stream")
+FAULT_MODES: Final[tuple[str, ...]] = ("none", "403", "429", "500", "hang", "slow-first-byte", "drop-mid-stream",
+                                        "bare-lf-header")
 """Accepted values of the ``fault`` option and of the ``x-fake-fault`` request header."""
 
 SLOW_FIRST_BYTE_DEFAULT_S: Final = 5.0
@@ -591,6 +592,9 @@ class FakeUpstream:
             return _error_response(429, "Rate limit reached (fake fault)", "requests", close, _RETRY_AFTER)
         if fault == "500":
             return _error_response(500, "Internal server error (fake fault)", "server_error", close)
+        if fault == "bare-lf-header":  # a hostile upstream: a bare LF inside a value, to smuggle a header through
+            return _error_response(429, "Rate limit reached (fake fault)", "requests", close,
+                                   b"retry-after: 1\nX-Injected: yes\r\n")
         if path == _MODELS:
             return self._cached(("models", close), lambda: _json_response(200, self._models_body(), close))
         try:

@@ -7,6 +7,7 @@ Failures must be 502s in the OpenAI shape that name the cluster, the endpoint an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -18,12 +19,16 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.fake_upstream import serving_in_thread
 from bench.site_network import Tinyproxy, TlsCerts
 from first_jupyter.config import ConfigError, parse_config
+from first_jupyter.gateway.api import GatewayApp
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.transport.http_server import listening_socket, serve
 from first_jupyter.transport.tls import TRUST_VARIABLES
 from tests.conftest import serving_http
+from tests.waiting import GUARD_S
 
 CHAT = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -291,3 +296,25 @@ async def test_a_demanded_client_certificate_is_named_through_a_proxy_too(tinypr
                        tls={"ca_bundle": str(tls_certs.ca), "client_cert": str(tls_certs.client_chain),
                             "client_key": str(tls_certs.client_key)})
     assert answer["object"] == "chat.completion"
+
+
+async def test_a_bare_lf_in_an_upstream_header_cannot_inject_a_header_through_the_lean_door(tmp_path):
+    """The regression of issue 21: a hostile upstream's ``Retry-After: 1\\nX-Injected: yes`` was relayed whole and
+    became a header of the door's own answer. Now the upstream's response is refused where it is parsed."""
+    with serving_in_thread(models=["fake-model"], fault="bare-lf-header") as hostile:
+        async with site(tmp_path, f"{hostile.url}/v1") as gateway:
+            app = GatewayApp(gateway, key="door-key")
+            door = await serve(app, listening_socket("127.0.0.1", 0))
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+                writer.write(b"POST /first/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Authorization: Bearer door-key\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(CHAT), CHAT))
+                answer = await asyncio.wait_for(reader.read(), GUARD_S)
+                writer.close()
+            finally:
+                door.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert b"x-injected" not in head.lower()
+    assert b"malformed response" in body
