@@ -58,7 +58,8 @@ def test_globus_data_from_the_hub_is_read(tmp_path):
     assert manager.token_for("funcx_service") == "AT-hub"
     who = manager.whoami()
     assert (who["source"], who["identity"]["preferred_username"]) == ("hub_env", "ada@uni.edu")
-    assert who["tokens"]["funcx_service"] == {"expires_at": None, "expired": False, "refreshable": True}
+    # a copy of the hub's state: its refresh token is the hub's to use, so nothing here can renew it
+    assert who["tokens"]["funcx_service"] == {"expires_at": None, "expired": False, "refreshable": False}
 
 
 def test_an_expired_hub_token_says_how_to_sign_in(tmp_path):
@@ -78,15 +79,22 @@ def test_unreadable_globus_data_is_skipped_for_the_next_source(tmp_path, caplog)
 
 
 class _Hub(BaseHTTPRequestHandler):
-    """The hub's ``GET /hub/api/user`` for a server's own API token, with the auth state it grants."""
+    """The hub's API as JupyterHub 6 answers a server's own API token: ``/user`` never carries the auth state
+    (``auth_state: null``); ``/users/{name}`` does, when the token holds ``admin:auth_state!user`` (``granted``)."""
 
     state: ClassVar[dict[str, Any]] = {}
     calls: ClassVar[list[str]] = []
+    granted: ClassVar[bool] = True
 
     def do_GET(self) -> None:
         type(self).calls.append(self.headers.get("Authorization", ""))
-        ok = self.path == "/hub/api/user" and self.headers.get("Authorization") == "token hub-api-token"
-        send_json(self, {"name": "ada", "auth_state": self.state} if ok else {"message": "no"}, 200 if ok else 403)
+        ok = self.headers.get("Authorization") == "token hub-api-token"
+        if ok and self.path == "/hub/api/user":
+            send_json(self, {"name": "ada", "auth_state": None})
+        elif ok and self.path == "/hub/api/users/ada":
+            send_json(self, {"name": "ada", "auth_state": self.state if self.granted else None})
+        else:
+            send_json(self, {"message": "no"}, 403 if not ok else 404)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -94,23 +102,40 @@ class _Hub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub() -> Iterator[str]:
-    _Hub.state, _Hub.calls = _authenticator_state("AT-hub-api"), []
+    _Hub.state, _Hub.calls, _Hub.granted = _authenticator_state("AT-hub-api"), [], True
     with serving_http(_Hub) as url:
         yield f"{url}/hub/api"
 
 
+HUB_SERVER_ENV = {"JUPYTERHUB_API_TOKEN": "hub-api-token", "JUPYTERHUB_USER": "ada"}
+"""What a hub puts in its single-user server's environment, besides the API URL."""
+
+
 def test_the_hub_api_is_fresher_than_globus_data_and_is_asked_once_a_minute(tmp_path, hub):
-    environ = {"JUPYTERHUB_API_URL": hub, "JUPYTERHUB_API_TOKEN": "hub-api-token",
-               "GLOBUS_DATA": _globus_data(_authenticator_state("AT-hub"))}
+    environ = {"JUPYTERHUB_API_URL": hub, **HUB_SERVER_ENV, "GLOBUS_DATA": _globus_data(_authenticator_state("AT-hub"))}
     manager = _manager(tmp_path, "hub_api", "hub_env", environ=environ)
     assert manager.token_for("funcx_service") == "AT-hub-api"
     assert manager.token_for("funcx_service") == "AT-hub-api"
     assert _Hub.calls == ["token hub-api-token"]
-    assert manager.whoami()["source"] == "hub_api"
+    who = manager.whoami()
+    assert who["source"] == "hub_api"
+    assert who["tokens"]["funcx_service"]["refreshable"] is True  # the hub renews them
 
 
-def test_without_the_hubs_grant_globus_data_is_used(tmp_path, hub):
-    environ = {"JUPYTERHUB_API_URL": hub, "JUPYTERHUB_API_TOKEN": "wrong",
+def test_without_the_hubs_grant_globus_data_is_used_and_the_log_says_which_scope(tmp_path, hub, caplog):
+    _Hub.granted = False
+    environ = {"JUPYTERHUB_API_URL": hub, **HUB_SERVER_ENV, "GLOBUS_DATA": _globus_data(_authenticator_state("AT-hub"))}
+    manager = _manager(tmp_path, "hub_api", "hub_env", environ=environ)
+    assert manager.token_for("funcx_service") == "AT-hub"
+    assert manager.whoami()["source"] == "hub_env"
+    withheld = [r.getMessage() for r in caplog.records if "withholds" in r.getMessage()]
+    assert len(withheld) == 1
+    assert "admin:auth_state!user" in withheld[0]
+    assert "server_token_scopes" in withheld[0]
+
+
+def test_a_token_the_hub_does_not_know_falls_back_to_globus_data(tmp_path, hub):
+    environ = {"JUPYTERHUB_API_URL": hub, **HUB_SERVER_ENV, "JUPYTERHUB_API_TOKEN": "wrong",
                "GLOBUS_DATA": _globus_data(_authenticator_state("AT-hub"))}
     assert _manager(tmp_path, "hub_api", "hub_env", environ=environ).token_for("funcx_service") == "AT-hub"
 

@@ -81,7 +81,7 @@ class TokenManager:
             if tokens:
                 return {"signed_in": True, "source": source.name, "identity": source.identity(),
                         "tokens": {server: {"expires_at": t.expires_at, "expired": t.expired(),
-                                            "refreshable": t.refresh_token is not None}
+                                            "refreshable": source.renewable(t)}
                                    for server, t in sorted(tokens.items())}}
         return {"signed_in": False, "source": None, "identity": None, "tokens": {}, "help": SIGN_IN_HELP}
 

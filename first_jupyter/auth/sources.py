@@ -16,6 +16,7 @@ import pickle
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,10 @@ class TokenSource(Protocol):
 
     def refresh(self, token: Token) -> Token | None: ...
 
+    def renewable(self, token: Token) -> bool:
+        """Whether ``refresh`` can bring this token back once it expires (what the sidebar promises)."""
+        ...
+
 
 class EnvSource:
     """One access token in an environment variable, for scripts and CI; it cannot be refreshed."""
@@ -59,6 +64,9 @@ class EnvSource:
     def refresh(self, token: Token) -> Token | None:
         return None
 
+    def renewable(self, token: Token) -> bool:
+        return False
+
 
 class _AuthStateSource:
     """A source whose tokens and identity both come from one GlobusOAuthenticator auth state (``_state``)."""
@@ -74,6 +82,11 @@ class _AuthStateSource:
 
     def refresh(self, token: Token) -> Token | None:
         return None
+
+    def renewable(self, token: Token) -> bool:
+        """A copy of the hub's auth state cannot be refreshed here, whatever refresh token it holds: only the hub
+        refreshes its users' tokens, and only the hub API shows the result."""
+        return False
 
 
 class HubEnvSource(_AuthStateSource):
@@ -108,9 +121,17 @@ class HubEnvSource(_AuthStateSource):
             return None
 
 
+HUB_SCOPE_HELP = ("grant the scope admin:auth_state!user in the user's role and in c.Spawner.server_token_scopes "
+                  "(README: behind JupyterHub)")
+
+
 class HubApiSource(_AuthStateSource):
-    """JupyterHub's API (``/user`` with the server's own API token), which has the auth state the hub keeps
-    refreshed, when the hub grants ``auth_state`` to servers."""
+    """JupyterHub's API, which has the auth state the hub keeps refreshed, when the hub grants it to servers.
+
+    A real hub answers ``/user`` (the token's owner) with ``auth_state: null`` whatever the scopes; only
+    ``/users/{name}`` carries it, and only with ``admin:auth_state!user`` in the server's token scopes. So that
+    route is asked, and a hub that withholds the state is said once in the log rather than passed over in silence
+    (the tokens from ``$GLOBUS_DATA`` then expire with no way to renew them)."""
 
     name = "hub_api"
 
@@ -118,24 +139,36 @@ class HubApiSource(_AuthStateSource):
         self._environ = environ
         self._cached: tuple[float, Any] | None = None
         self._lock = threading.Lock()
+        self._said_withheld = False
 
     def _state(self, fresh: bool = False) -> Any:
         url, token = self._environ.get("JUPYTERHUB_API_URL"), self._environ.get("JUPYTERHUB_API_TOKEN")
-        if not url or not token:
+        user = self._environ.get("JUPYTERHUB_USER")
+        if not url or not token or not user:
             return None
         with self._lock:
             if not fresh and self._cached is not None and time.monotonic() - self._cached[0] < HUB_API_TTL_S:
                 return self._cached[1]
             request = urllib.request.Request(  # noqa: S310 (the hub's own URL, from the hub)
-                f"{url.rstrip('/')}/user", headers={"Authorization": f"token {token}"})
+                f"{url.rstrip('/')}/users/{urllib.parse.quote(user, safe='')}",
+                headers={"Authorization": f"token {token}"})
             try:
                 with urllib.request.urlopen(request, timeout=HUB_API_TIMEOUT_S) as resp:  # noqa: S310 (hub URL)
                     state = json.loads(resp.read()).get("auth_state")
             except (urllib.error.URLError, OSError, ValueError, AttributeError) as exc:
-                log.warning("FIRST: the JupyterHub API gave no auth state (%s)", type(exc).__name__)
+                log.warning("FIRST: the JupyterHub API gave no auth state (%s); %s", type(exc).__name__,
+                            HUB_SCOPE_HELP)
                 state = None
+            else:
+                if state is None and not self._said_withheld:
+                    self._said_withheld = True
+                    log.warning("FIRST: the JupyterHub API withholds %s's auth state, so Globus tokens cannot be "
+                                "renewed and end with those the server started with; %s", user, HUB_SCOPE_HELP)
             self._cached = (time.monotonic(), state)
             return state
+
+    def renewable(self, token: Token) -> bool:
+        return True  # the hub refreshes its users' tokens (refresh_user); asking again brings the new ones
 
     def refresh(self, token: Token) -> Token | None:
         """The hub refreshes its users' tokens; asking again (past the cache) may bring a newer one."""
@@ -184,6 +217,9 @@ class ComputeLoginSource:
 
     def refresh(self, token: Token) -> Token | None:
         return None
+
+    def renewable(self, token: Token) -> bool:
+        return False  # read only: globus-compute itself renews what it stored, when it next runs
 
 
 class NativeLoginSource:
@@ -240,6 +276,9 @@ class NativeLoginSource:
         fd = os.open(self.identity_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(dict(identity), out)
+
+    def renewable(self, token: Token) -> bool:
+        return token.refresh_token is not None
 
     def refresh(self, token: Token) -> Token | None:
         if token.refresh_token is None:
