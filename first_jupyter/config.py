@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -225,6 +227,29 @@ AmqpPort = Annotated[int, Field(ge=1, le=65535)]
 AMQP_PORT_DESCRIPTION = ("the port task results come back on from Globus Compute's AMQPS service (its host is the "
                          "service's to name; the service takes 443, 5671 and 5672): 443 where a firewall blocks "
                          "5671; default: the service's choice")
+CALLBACK_PLACEHOLDERS = {"username": "JUPYTERHUB_USER", "base_url": "JUPYTERHUB_SERVICE_PREFIX",
+                         "server_name": "JUPYTERHUB_SERVER_NAME"}
+"""What a callback URL may name, and the variable JupyterHub sets for it in each user's server."""
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def callback_url_for(template: str | None, environ: Mapping[str, str], where: str) -> str | None:
+    """A callback URL with its placeholders filled from this server's hub environment; a ConfigError naming the
+    missing variable where one is not set (a hub-wide config read outside a hub's server)."""
+    if template is None:
+        return None
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        variable = CALLBACK_PLACEHOLDERS[name]
+        value = environ.get(variable)
+        if value is None:
+            raise ConfigError(f"{where}: callback_url names {{{name}}}, but ${variable} is not set; such a "
+                              "callback_url is for servers a JupyterHub spawns (or set the variable)")
+        return value if name == "base_url" else quote(value, safe="")
+    return _PLACEHOLDER.sub(fill, template)
+
+
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 RemoteFunction = Literal["call_engine", "stream_engine", "engine_health"]
 
@@ -311,7 +336,17 @@ class ComputeEndpoint(_Strict):
     callback_url: str | None = Field(
         default=None, pattern=r"^https?://",
         description="this gateway's callback route as the nodes reach it (…/first/api/callback); without one a "
-                    "stream comes back whole when it ends")
+                    "stream comes back whole when it ends. A hub-wide config gives each user's server its own with "
+                    "{username}, {base_url} (the server's, e.g. /user/ada/) and {server_name}, from the hub's "
+                    "environment: https://hub.example.org{base_url}first/api/callback")
+
+    @field_validator("callback_url")
+    @classmethod
+    def _known_placeholders(cls, value: str | None) -> str | None:
+        unknown = sorted(set(_PLACEHOLDER.findall(value or "")) - set(CALLBACK_PLACEHOLDERS))
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; use {', '.join(CALLBACK_PLACEHOLDERS)}")
+        return value
     timeout: float = Field(default=900.0, gt=0, description="seconds a request may wait for its task (queue "
                                                             "and cold start included) before it fails")
     status_ttl: float = Field(default=30.0, ge=1, description="seconds an endpoint status is reused")

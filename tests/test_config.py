@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -114,3 +115,31 @@ def test_the_readmes_example_config_is_valid():
     config = parse_config(yaml.safe_load(block.group(1)), "README.md")
     assert sorted(config.clusters) == ["alcf", "laptop", "polaris"]
     assert config.clusters["alcf"].endpoints[0].globus_resource_server
+
+
+HUB_CONFIG = {"clusters": {"polaris": {"backend": "globus_compute", "endpoints": [{
+    "name": "vllm", "endpoint_id": "0c2d1a3b-4e5f-4a6b-8c7d-9e0f1a2b3c4d", "models": [{"id": "m"}],
+    "callback_url": "https://hub.example.org{base_url}first/api/callback?server={server_name}&u={username}"}]}}}
+
+
+def test_a_hub_wide_callback_url_is_filled_per_server(tmp_path):
+    """One FIRST_CONFIG for the whole hub: each user's server reaches its own callback route."""
+    from first_jupyter.gateway.core import Gateway
+
+    environ = {"JUPYTERHUB_USER": "ada lovelace", "JUPYTERHUB_SERVICE_PREFIX": "/user/ada%20lovelace/",
+               "JUPYTERHUB_SERVER_NAME": ""}
+    gateway = Gateway(parse_config(HUB_CONFIG, "hub.yaml"), tmp_path / "data", environ=environ)
+    (backend,) = gateway.backends
+    assert backend._callback_url() == ("https://hub.example.org/user/ada%20lovelace/first/api/callback"
+                                       "?server=&u=ada%20lovelace")
+
+
+def test_a_placeholder_outside_a_hub_or_unknown_is_a_config_error(tmp_path):
+    from first_jupyter.gateway.core import Gateway
+
+    with pytest.raises(ConfigError, match=r"\$JUPYTERHUB_SERVICE_PREFIX is not set"):
+        Gateway(parse_config(HUB_CONFIG, "hub.yaml"), tmp_path / "data", environ={})
+    unknown = json.loads(json.dumps(HUB_CONFIG))
+    unknown["clusters"]["polaris"]["endpoints"][0]["callback_url"] = "https://hub.example.org/{user}/cb"
+    with pytest.raises(ConfigError, match=r"callback_url: Value error, unknown placeholder \{user\}"):
+        parse_config(unknown, "hub.yaml")

@@ -33,6 +33,7 @@ from first_jupyter.config import (
     HttpEndpoint,
     LocalCluster,
     SchedulerView,
+    callback_url_for,
 )
 from first_jupyter.gateway.backends.base import Backend, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
@@ -162,7 +163,8 @@ def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint, 
 
     submitter = CloudSubmitter(endpoint, _credentials(gateway, endpoint, environ, where), gateway.preferences,
                                gateway.compute_window, where, endpoint.status_ttl, endpoint.user_sessions)
-    return ComputeBackend(cluster, endpoint, submitter, gateway.callbacks, idle, lambda: endpoint.callback_url,
+    callback = callback_url_for(endpoint.callback_url, environ, where)
+    return ComputeBackend(cluster, endpoint, submitter, gateway.callbacks, idle, lambda: callback,
                           scheduler=scheduler)
 
 
