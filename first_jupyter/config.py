@@ -207,6 +207,10 @@ class FirstGatewayEndpoint(_Upstream):
     refresh: float = Field(default=60.0, gt=0, description="seconds a discovered model list is reused")
     expected_start: float = Field(default=600.0, gt=0, description=START_S_DESCRIPTION)
     concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION)
+    first_byte: float | None = Field(default=None, gt=0, description=(
+        "seconds a request waits for the gateway's answer to begin; default: defaults.timeouts.first_byte, but "
+        "at least 330, since a FIRST gateway itself waits 300 s for its cluster before answering 408, and that "
+        "answer must come through for the request to fail over"))
 
 
 class LocalEndpoint(_Strict):

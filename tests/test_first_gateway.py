@@ -173,7 +173,8 @@ def test_jobs_say_running_starting_or_queued_per_framework_and_model():
             "queued": [job("sophia", "vllm", "a"), job("sophia", "sglang", "e", "queued")]}
     assert parse_jobs(data, "sophia") == {("vllm", "a"): "running", ("vllm", "b"): "running",
                                           ("vllm", "c"): "starting", ("sglang", "e"): "queued"}
-    assert parse_jobs(["not", "a", "mapping"], "sophia") == {}
+    with pytest.raises(ValueError, match="valid dictionary"):  # an unknown shape is said, never read as "none"
+        parse_jobs(["not", "a", "mapping"], "sophia")
 
 
 def test_a_first_cluster_needs_a_gateway_url():

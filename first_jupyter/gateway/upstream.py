@@ -95,16 +95,35 @@ def broken_off(where: str, exc: BaseException, idle: float) -> OpenAIError:
 class UpstreamStream:
     """The byte chunks of one streamed upstream response, as they arrive."""
 
-    __slots__ = ("_idle", "_resp", "_where", "on_close")
+    __slots__ = ("_idle", "_read", "_resp", "_where", "on_close")
 
     def __init__(self, resp: Response, idle: float, where: str) -> None:
         self._resp = resp
         self._idle = idle
         self._where = where
+        self._read = b""
+        """Bytes ``first_event`` read ahead, which ``pipe`` hands on first."""
         self.on_close: Callable[[], None] | None = None  # lets a backend count streams still open
+
+    async def first_event(self, limit: int) -> bytes:
+        """The stream's first server-sent event (up to ``limit`` bytes of it, or what came before the end), read
+        ahead and kept for ``pipe``: a gateway that reports a failure inside a 200 stream (FIRST does) can so be
+        judged before anything reaches the client, while failing over is still possible."""
+        try:
+            while b"\n\n" not in self._read.replace(b"\r\n", b"\n") and len(self._read) < limit:
+                chunk = await self._resp.next_chunk()
+                if not chunk:
+                    break
+                self._read += chunk
+        except (TimeoutError, HTTPClientError) as exc:
+            raise broken_off(self._where, exc, self._idle) from None
+        return self._read
 
     async def pipe(self, sink: Callable[[bytes], bool]) -> None:
         """Push each chunk into ``sink`` as it arrives (see ``Response.pipe``); return at the end."""
+        read, self._read = self._read, b""
+        if read:
+            sink(read)  # one chunk already read: the next ones wait in the response if the sink is full
         try:
             await self._resp.pipe(sink)
         except (TimeoutError, HTTPClientError) as exc:
@@ -207,9 +226,10 @@ class UpstreamClient:
                                    f"(http://user:password@host:port).", type="api_error",
                               code="proxy_failed")
 
-    async def stream(self, url: Url, head_lines: bytes, body: bytes, where: str) -> UpstreamStream:
+    async def stream(self, url: Url, head_lines: bytes, body: bytes, where: str, *,
+                     first_byte: float | None = None) -> UpstreamStream:
         """Open a streamed POST; an error status is raised here, before any byte reaches the client."""
-        resp = await self._open("POST", url, head_lines, body, where, self.timeouts.first_byte)
+        resp = await self._open("POST", url, head_lines, body, where, first_byte or self.timeouts.first_byte)
         self._check_head(resp, where, url)
         if resp.status >= 400:
             try:

@@ -12,27 +12,115 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from first_jupyter.config import FirstGatewayEndpoint, ModelConfig
 from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.upstream import UpstreamClient, upstream_error
+from first_jupyter.gateway.upstream import UpstreamClient, UpstreamStream, upstream_error
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.transport.http_client import Reach, Url
 
 _CAPABILITIES = {"chat": Capability.chat, "completion": Capability.completions,
                  "completions": Capability.completions, "embedding": Capability.embeddings,
                  "embeddings": Capability.embeddings}
-"""The route names a FIRST gateway's ``list-endpoints`` uses, as our capabilities."""
-_JOB_STATES = {"starting": "starting", "loading": "starting", "pending": "starting"}
-"""A running job's ``Model Status`` that does not mean it answers yet; any other value means it does."""
-_STATE_ORDER = ("running", "starting", "queued", "stopped")
+"""The route names an older FIRST gateway's ``list-endpoints`` used, as our capabilities."""
+_ROUTES = {"v1/chat/completions": Capability.chat, "v1/completions": Capability.completions,
+           "v1/embeddings": Capability.embeddings}
+"""The OpenAI paths today's ``list-endpoints`` names per framework, as our capabilities (others, such as
+``/v1/responses`` or ``/v1/messages``, are not routed to a FIRST gateway)."""
+_JOB_STATES = {"starting": "starting", "loading": "starting", "pending": "starting",
+               "disconnected": "disconnected"}
+"""A running job's ``Model Status`` that does not mean it answers: FIRST's ``clusters/globus_compute.py`` says
+``starting``, or ``disconnected`` when the job's Globus Compute managers are lost; any other value means it does."""
+_STATE_ORDER = ("running", "starting", "queued", "stopped", "disconnected")
+"""Job states, best first: a disconnected job answers nothing, and a stopped model at least can be started."""
+_T = TypeVar("_T")
 RETRY_S = 5.0
 """After a failed discovery (the user not signed in yet, say), how soon asking again is worth it."""
+FIRST_WAIT_S = 330.0
+"""The least first-byte wait for a FIRST gateway: it waits up to 300 s for its own endpoint before answering 408,
+and that answer must reach us to count as the failure it is (not as our own timeout with nothing learnt)."""
+
+
+class _Framework(BaseModel):
+    """One framework of a cluster, as FIRST's ``FrameworkSummary`` (resource_server_async/schemas/endpoints.py):
+    ``endpoints`` is a list of OpenAI paths without the framework (``/v1/chat/completions``); an older gateway's
+    mapping of route name to path (framework included) is read too."""
+
+    model_config = ConfigDict(extra="allow")
+    models: list[str] = []
+    endpoints: list[str] | dict[str, str] = []
+
+
+class _Cluster(BaseModel):
+    """FIRST's ``ClusterSummary``: ``base_url`` is a path on the gateway's host (``/resource_server/sophia``)."""
+
+    model_config = ConfigDict(extra="allow")
+    base_url: str | None = None
+    frameworks: dict[str, _Framework] = {}
+
+
+class _Catalog(BaseModel):
+    """FIRST's ``ListEndpointsResponse``, the answer of ``GET /list-endpoints``."""
+
+    model_config = ConfigDict(extra="allow")
+    clusters: dict[str, _Cluster]
+
+
+class _Job(BaseModel):
+    """One job of ``GET /{cluster}/jobs``, as FIRST's ``JobInfo`` (resource_server_async/schemas/clusters.py):
+    ``Models`` is comma-separated (an older gateway said ``Models Served``), and a running job has a
+    ``Model Status``."""
+
+    model_config = ConfigDict(extra="allow")
+    models: str = Field(validation_alias=AliasChoices("Models", "Models Served"))
+    framework: str = Field(validation_alias="Framework")
+    cluster: str | None = Field(default=None, validation_alias="Cluster")
+    model_status: str = Field(default="", validation_alias="Model Status")
+
+
+class _Jobs(BaseModel):
+    """FIRST's ``JobsByStatus``; its ``stopped`` list (every model, under maintenance) says what no job says."""
+
+    model_config = ConfigDict(extra="allow")
+    running: list[_Job] = []
+    queued: list[_Job] = []
+
+
+def in_band_error(event: bytes, where: str) -> OpenAIError | None:
+    """The failure a FIRST gateway reports inside a 200 stream, in place of its first event: ``data:
+    {"object": "error", "message", "code"}`` then ``[DONE]`` (resource_server_async/streaming.py, and
+    endpoints/globus_compute.py for its 30 s wait for the first data). None when the event is content.
+
+    Its ``code`` is the status: a 4xx is the request's own fault (the engine's 400, passed through); a 5xx, a 408
+    (judged as the timeout it is) or anything else is a failure before the first byte, which fails over. Its 401
+    is FIRST's own internal secret failing, not the user's token, so it is a 502 too."""
+    for line in event.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            data = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict) or data.get("object") != "error":
+            return None
+        code = data.get("code")
+        status = code if isinstance(code, int) and 400 <= code < 600 and code != 401 else 502
+        return OpenAIError(status, f"{where} reported in its stream, before any content: {data.get('message')} "
+                                   f"(code {code}).", type="invalid_request_error" if status in (400, 404, 422)
+                           else "api_error", code="upstream_error")
+    return None
+
+
+def shape_of(exc: ValidationError) -> str:
+    """The first thing wrong with an answer, short enough for an error message (where, then what)."""
+    first = exc.errors(include_url=False)[0]
+    return f"{'.'.join(str(part) for part in first['loc']) or 'the answer'}: {first['msg']}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,53 +132,59 @@ class Place:
     urls: dict[Capability, Url]
 
 
+def _routes(framework: str, entry: _Framework) -> dict[Capability, str]:
+    """A framework's paths under its cluster's ``base_url``, per capability."""
+    if isinstance(entry.endpoints, dict):  # an older gateway: route name → path with the framework
+        return {_CAPABILITIES[name]: path for name, path in entry.endpoints.items() if name in _CAPABILITIES}
+    return {_ROUTES[key]: f"{framework}/{key}" for path in entry.endpoints
+            if (key := path.strip("/")) in _ROUTES}
+
+
 def parse_catalog(data: Any, origin: str, root: str, wanted: list[str] | None,
                   make_url: Callable[[str], Url] = Url.parse) -> dict[str, list[Place]]:
     """The models a ``list-endpoints`` answer names, each with its places; ``wanted`` keeps only those clusters.
+    Raises ``ValidationError`` (a ``ValueError``) for an answer in another shape.
 
     A cluster's ``base_url`` is a path on the gateway's host (``/resource_server/sophia``); without one the
     cluster sits under the configured root.
     """
-    if not isinstance(data, dict) or not isinstance(data.get("clusters"), dict):
-        raise ValueError("the answer has no 'clusters' mapping")
     catalog: dict[str, list[Place]] = {}
-    for cluster, info in data["clusters"].items():
-        if (wanted is not None and cluster not in wanted) or not isinstance(info, dict):
+    for cluster, info in _Catalog.model_validate(data).clusters.items():
+        if wanted is not None and cluster not in wanted:
             continue
-        base = str(info.get("base_url") or f"{root}/{cluster}").rstrip("/")
-        for framework, entry in (info.get("frameworks") or {}).items():
-            if not isinstance(entry, dict):
-                continue
-            routes = entry.get("endpoints") or {}
-            urls = {_CAPABILITIES[name]: make_url(f"{origin}{base}/{str(path).lstrip('/')}")
-                    for name, path in routes.items() if name in _CAPABILITIES}
-            for model in entry.get("models") or []:
-                if isinstance(model, str) and model and urls:
+        base = (info.base_url or f"{root}/{cluster}").rstrip("/")
+        for framework, entry in info.frameworks.items():
+            urls = {cap: make_url(f"{origin}{base}/{path.lstrip('/')}")
+                    for cap, path in _routes(framework, entry).items()}
+            for model in entry.models:
+                if model and urls:
                     catalog.setdefault(model, []).append(Place(cluster, framework, urls))
     return catalog
 
 
 def parse_jobs(data: Any, cluster: str) -> dict[tuple[str, str], str]:
-    """Each (framework, model) the cluster's jobs list, as ``running``, ``starting`` or ``queued``."""
+    """Each (framework, model) the cluster's jobs list, as ``running``, ``starting``, ``disconnected`` or
+    ``queued``. Raises ``ValidationError`` (a ``ValueError``) for an answer in another shape."""
+    jobs = _Jobs.model_validate(data)
     states: dict[tuple[str, str], str] = {}
-    if not isinstance(data, dict):
-        return states
-    for listed, default in (("queued", "queued"), ("running", "running")):  # running wins over queued
-        for job in data.get(listed) or []:
-            if not isinstance(job, dict) or job.get("Cluster", cluster) != cluster:
+    for listed, default in ((jobs.queued, "queued"), (jobs.running, "running")):  # running wins over queued
+        for job in listed:
+            if (job.cluster or cluster) != cluster:
                 continue
-            state = default if listed == "queued" else _JOB_STATES.get(
-                str(job.get("Model Status", "")).strip().lower(), "running")
-            for model in str(job.get("Models Served", "")).split(","):
+            state = default if default == "queued" else _JOB_STATES.get(job.model_status.strip().lower(),
+                                                                          "running")
+            for model in job.models.split(","):
                 if model.strip():
-                    key = (str(job.get("Framework", "")), model.strip())
-                    if _STATE_ORDER.index(state) < _STATE_ORDER.index(states.get(key, "stopped")):
+                    key = (job.framework, model.strip())
+                    if key not in states or _STATE_ORDER.index(state) < _STATE_ORDER.index(states[key]):
                         states[key] = state
     return states
 
 
 class FirstGatewayBackend(HttpBackend):
     kind = "first"
+    first_event_limit = 64 * 1024
+    """The most bytes read ahead to see a stream's first event before handing the stream on."""
 
     def __init__(self, cluster: str, endpoint: FirstGatewayEndpoint, client: UpstreamClient,
                  tokens: BearerTokens, reach: Reach | None = None) -> None:
@@ -102,6 +196,7 @@ class FirstGatewayBackend(HttpBackend):
         self._root = parts.path
         self._wanted = endpoint.clusters
         self.start_s = endpoint.expected_start
+        self.first_byte = endpoint.first_byte or max(client.timeouts.first_byte, FIRST_WAIT_S)
         self._refresh = endpoint.refresh
         self._list_url = self.url(f"{self.base_url}/list-endpoints")
         self.catalog: dict[str, list[Place]] = {}
@@ -132,33 +227,36 @@ class FirstGatewayBackend(HttpBackend):
     def _url(self, model_id: str, capability: Capability) -> Url:
         return self._best_place(model_id, capability).urls[capability]
 
-    async def _get_json(self, url: Url, what: str) -> Any:
-        reply = await self._client.request("GET", url, await self._head(), None, self.where,
-                                           first_byte=STATUS_TIMEOUT)
-        self._refused(reply.status)
+    async def _read(self, what: str, parse: Callable[[Any], _T]) -> _T:
+        """``GET {base_url}/{what}``, read by ``parse``. A refusal is judged as any other (a token's 401 says how
+        to sign in); an answer that is not JSON, or JSON in a shape ``parse`` does not know (FIRST changed it),
+        is a 502 that names the route, so the next change upstream is found from the message."""
+        route = f"GET {self._root}/{what}"
+        reply = await self._client.request("GET", self.url(f"{self.base_url}/{what}"), await self._head(), None,
+                                           self.where, first_byte=STATUS_TIMEOUT)
         if reply.status != 200:
-            error = upstream_error(reply.status, reply.body, f"{self.where} ({what})", via=reply.via)
-            if reply.status in (401, 403) and self._globus is not None:
-                error.message += (" The gateway refused your Globus sign-in: run `%first login` (or `first login` "
-                                  "in a terminal) to sign in again, or ask its operators for access.")
-            raise error
+            error = upstream_error(reply.status, reply.body, f"{self.where} ({route})", via=reply.via)
+            judged = self._judged(error)
+            if judged is None and reply.status == 403 and self._globus is not None:
+                error.message += " Ask the gateway's operators for access."
+            raise judged or error
         try:
-            return orjson.loads(reply.body)
+            return parse(orjson.loads(reply.body))
         except orjson.JSONDecodeError:
-            raise OpenAIError(502, f"{self.where} answered {what} with something that is not JSON; check "
+            raise OpenAIError(502, f"{self.where} answered {route} with something that is not JSON; check "
                                    f"that base_url ({self.base_url}) is the gateway's resource_server root.",
+                              type="api_error", code="upstream_error") from None
+        except ValidationError as exc:
+            raise OpenAIError(502, f"{self.where} answered {route} in a shape this gateway does not read "
+                                   f"({shape_of(exc)}): the FIRST gateway may have changed it. Check that base_url "
+                                   f"({self.base_url}) is a FIRST gateway's resource_server root, and report it.",
                               type="api_error", code="upstream_error") from None
 
     async def discover(self) -> list[str]:
         """Read what the gateway serves now; the model ids, for the router's catalog."""
         try:
-            data = await self._get_json(self._list_url, "list-endpoints")
-            try:
-                catalog = parse_catalog(data, self._origin, self._root, self._wanted, self.url)
-            except ValueError as exc:
-                raise OpenAIError(502, f"{self.where} answered list-endpoints in an unknown shape ({exc}); is "
-                                       f"base_url ({self.base_url}) a FIRST gateway?", type="api_error",
-                                  code="upstream_error") from None
+            catalog = await self._read("list-endpoints", lambda data: parse_catalog(
+                data, self._origin, self._root, self._wanted, self.url))
         except OpenAIError as exc:
             self.failure, self.failed_at = exc, time.monotonic()
             raise
@@ -166,6 +264,30 @@ class FirstGatewayBackend(HttpBackend):
         self._models = {m: ModelConfig(id=m) for m in catalog}
         self.discovered_at = time.monotonic()
         return sorted(catalog)
+
+    def _judged(self, error: OpenAIError) -> OpenAIError | None:
+        """As any endpoint's, and FIRST's 408 (``request_timeout``, after its own 300 s wait for the model) is a
+        504: a failure before the first byte, which fails over like any timeout (a 408 would blame the client)."""
+        if error.status == 408:
+            return OpenAIError(504, f"{error.message} The FIRST gateway gave up waiting for the model, which may "
+                                    "still be starting: retry shortly, or check GET /first/api/status.",
+                               type="api_error", code="upstream_timeout")
+        return super()._judged(error)
+
+    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
+        """Open the stream and read its first event before handing it on: a FIRST gateway reports some failures
+        inside its 200 stream (``in_band_error``), and those must fail before the first byte as an error status
+        would, so that the request fails over, or waits for a start, instead of relaying the error as an answer."""
+        stream = await super().stream(model_id, capability, body)
+        try:
+            error = in_band_error(await stream.first_event(self.first_event_limit), self.where)
+        except BaseException:
+            stream.close()
+            raise
+        if error is not None:
+            stream.close()
+            raise self._judged(error) or error
+        return stream
 
     async def warm(self, model_id: str) -> None:
         """A FIRST gateway starts a model for its first request, so warming is one request of one token."""
@@ -181,10 +303,9 @@ class FirstGatewayBackend(HttpBackend):
     async def _jobs(self, cluster: str) -> tuple[str, dict[tuple[str, str], str] | str]:
         """One remote cluster's job states, or why they could not be read."""
         try:
-            data = await self._get_json(self.url(f"{self.base_url}/{cluster}/jobs"), f"{cluster}/jobs")
+            return cluster, await self._read(f"{cluster}/jobs", lambda data: parse_jobs(data, cluster))
         except OpenAIError as exc:
             return cluster, exc.message
-        return cluster, parse_jobs(data, cluster)
 
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()

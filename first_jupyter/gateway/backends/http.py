@@ -11,13 +11,19 @@ import orjson
 
 from first_jupyter.config import ConfigError, ModelConfig, TlsConfig
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
+from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream, upstream_error
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.transport.http_client import Reach, Url
 from first_jupyter.transport.proxies import ProxyError
 from first_jupyter.transport.tls import TlsSettingError, TlsSettings
 
 STATUS_TIMEOUT = 5.0
+SIGN_IN_AGAIN = (" The gateway refused your Globus sign-in: run `%first login` (or `first login` in a terminal) to "
+                 "sign in again.")
+ACCOUNT_REFUSALS = ("permission denied", "not a member of", "not part of", "could not extract domain")
+"""Words of a FIRST gateway's 401s that refuse the user's account (a Globus group, identity-provider domain or
+policy rule: ``check_permission`` and the group checks in its resource_server_async/auth.py), not the token.
+Signing in again does not help there, and another endpoint may take the account."""
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,8 @@ def reach_of(key_path: str, proxy: str | None, tls: TlsConfig) -> Reach:
 class HttpBackend:
     kind = "http"
     start_s = 0.0
+    first_byte: float | None = None
+    """How long a request waits for the answer's head; None: ``defaults.timeouts.first_byte``."""
 
     def __init__(self, cluster: str, name: str, base_url: str, models: list[ModelConfig], client: UpstreamClient,
                  *, api_key_env: str | None = None, globus: tuple[BearerTokens, str] | None = None,
@@ -96,9 +104,20 @@ class HttpBackend:
         tokens, resource_server = self._globus
         return self._head_lines + await tokens.header(resource_server)
 
-    def _refused(self, status: int) -> None:
-        if status == 401 and self._globus is not None:
-            self._globus[0].forget(self._globus[1])
+    def _judged(self, error: OpenAIError) -> OpenAIError | None:
+        """An upstream refusal as this gateway must act on it, or None to pass it on as it is.
+
+        With the user's Globus token, a FIRST gateway answers 401 both for the token (expired, invalid: it is
+        forgotten, and the message says how to sign in again) and for the account (a group, domain or policy
+        rule: the token stays, and as a 403 the request moves on to an endpoint that may take the account)."""
+        if error.status != 401 or self._globus is None:
+            return None
+        if any(words in error.message.lower() for words in ACCOUNT_REFUSALS):
+            return OpenAIError(403, f"{error.message} This refuses your account, not your sign-in: ask the "
+                                    f"gateway's operators for access, or use another cluster.",
+                               type="permission_error", code="permission_denied")
+        self._globus[0].forget(self._globus[1])
+        return OpenAIError(401, error.message + SIGN_IN_AGAIN, type="authentication_error", code=error.code)
 
     def _url(self, model_id: str, capability: Capability) -> Url:
         """Where a request goes: one API root for every model here."""
@@ -106,17 +125,18 @@ class HttpBackend:
 
     async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
         reply = await self._client.request("POST", self._url(model_id, capability), await self._head(), body,
-                                           self.where)
-        self._refused(reply.status)
+                                           self.where, first_byte=self.first_byte)
+        if reply.status >= 400 and (judged := self._judged(upstream_error(
+                reply.status, reply.body, self.where, reply.retry_after, reply.via))) is not None:
+            raise judged
         return reply
 
     async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
         try:
             return await self._client.stream(self._url(model_id, capability), await self._head(), body,
-                                             self.where)
+                                             self.where, first_byte=self.first_byte)
         except OpenAIError as exc:
-            self._refused(exc.status)
-            raise
+            raise self._judged(exc) or exc from None
 
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()
