@@ -14,10 +14,19 @@ import pytest
 from first_jupyter.config import ConfigError, parse_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.backends import first_gateway
-from first_jupyter.gateway.backends.first_gateway import parse_jobs
+from first_jupyter.gateway.backends.first_gateway import FIRST_WAIT_S, parse_catalog, parse_jobs
+from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from tests.conftest import server_config
-from tests.fake_first_gateway import TOKEN, FakeFirstGateway, job, serving_first_gateway
+from tests.fake_first_gateway import (
+    EXPIRED,
+    GROUP_DENIAL,
+    TOKEN,
+    FakeFirstGateway,
+    job,
+    jobs,
+    serving_first_gateway,
+)
 
 LLAMA, QWEN, EMBED = "meta-llama/Llama-3.3-70B-Instruct", "Qwen/QwQ-32B", "nvidia/NV-Embed-v2"
 RESOURCE_SERVER = "681c10cc-f684-4540-bcd7-0b4df3bc26ef"
@@ -78,7 +87,7 @@ async def test_a_request_goes_to_the_models_own_route_with_the_users_token(remot
         answer = json.loads(done.body)
         assert answer["choices"][0]["message"]["content"] == "from sophia/vllm"
         assert (done.target.cluster, done.target.endpoint) == ("alcf", "gateway")
-        assert remote.paths("POST") == ["/resource_server/sophia/vllm/v1/chat/completions/"]
+        assert remote.paths("POST") == ["/resource_server/sophia/vllm/v1/chat/completions"]
         assert {auth for _, _, auth in remote.calls} == {f"Bearer {TOKEN}"}
 
         streamed = await _streamed(gateway, QWEN)
@@ -90,7 +99,7 @@ async def test_a_request_goes_to_the_models_own_route_with_the_users_token(remot
 
 
 async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_runs(remote, tmp_path):
-    remote.jobs = {"polaris": {"running": [job("polaris", "vllm", f"{LLAMA},other/model")], "queued": []}}
+    remote.jobs = {"polaris": jobs([job("polaris", "vllm", f"{LLAMA},other/model")])}
     gateway = _gateway(remote, tmp_path)
     try:
         status = await gateway.status()
@@ -103,13 +112,13 @@ async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_r
         assert "qstat failed on the login node" in endpoint["remote_clusters"]["sophia"]["jobs"]
 
         await gateway.complete(_chat(LLAMA))  # listed on sophia first, but running on polaris
-        assert remote.paths("POST")[-1] == "/resource_server/polaris/vllm/v1/chat/completions/"
+        assert remote.paths("POST")[-1] == "/resource_server/polaris/vllm/v1/chat/completions"
 
-        remote.jobs["sophia"] = {"running": [job("sophia", "vllm", LLAMA, "starting")],
-                                 "queued": [job("sophia", "vllm", QWEN, "queued")]}
+        remote.jobs["sophia"] = jobs([job("sophia", "vllm", LLAMA, "starting")],
+                                     [job("sophia", "vllm", QWEN, "queued")])
         states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
         assert (states[LLAMA], states[QWEN]) == ("hot", "queued")
-        remote.jobs["polaris"] = {"running": [], "queued": []}
+        remote.jobs["polaris"] = jobs(stopped=[job("polaris", "vllm", LLAMA, "stopped")])  # maintenance
         states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
         assert (states[LLAMA], states[EMBED]) == ("starting", "cold")
     finally:
@@ -159,7 +168,7 @@ async def test_a_refused_token_is_reported_and_the_request_is_not_guessed(remote
         with pytest.raises(OpenAIError) as info:
             await gateway.complete(_chat(LLAMA))
         assert info.value.status == 401
-        assert "invalid or expired Globus token" in info.value.message
+        assert EXPIRED in info.value.message
         assert "`%first login`" in info.value.message
         assert remote.paths("POST") == []
         assert "HTTP 401" in (await gateway.status())["endpoints"][0]["error"]
@@ -167,14 +176,179 @@ async def test_a_refused_token_is_reported_and_the_request_is_not_guessed(remote
         await gateway.close()
 
 
-def test_jobs_say_running_starting_or_queued_per_framework_and_model():
-    data = {"running": [job("sophia", "vllm", "a, b"), job("sophia", "vllm", "c", "starting"),
-                        job("polaris", "vllm", "d")],
-            "queued": [job("sophia", "vllm", "a"), job("sophia", "sglang", "e", "queued")]}
+def test_jobs_say_running_starting_disconnected_or_queued_per_framework_and_model():
+    data = jobs([job("sophia", "vllm", "a, b"), job("sophia", "vllm", "c", "starting"),
+                 job("sophia", "vllm", "f", "disconnected"), job("polaris", "vllm", "d")],
+                [job("sophia", "vllm", "a"), job("sophia", "sglang", "e", "queued")],
+                [job("sophia", "vllm", "g", "stopped")])
     assert parse_jobs(data, "sophia") == {("vllm", "a"): "running", ("vllm", "b"): "running",
-                                          ("vllm", "c"): "starting", ("sglang", "e"): "queued"}
+                                          ("vllm", "c"): "starting", ("vllm", "f"): "disconnected",
+                                          ("sglang", "e"): "queued"}
+    older = {"running": [{"Framework": "vllm", "Models Served": "a", "Model Status": "running"}]}  # before JobInfo
+    assert parse_jobs(older, "sophia") == {("vllm", "a"): "running"}
     with pytest.raises(ValueError, match="valid dictionary"):  # an unknown shape is said, never read as "none"
         parse_jobs(["not", "a", "mapping"], "sophia")
+
+
+def test_list_endpoints_paths_are_under_the_framework_and_an_older_mapping_still_reads():
+    today = {"clusters": {"sophia": {"base_url": "/resource_server/sophia", "frameworks": {"vllm": {
+        "models": ["m"], "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/embeddings"]}}}}}
+    [place] = parse_catalog(today, "https://gw", "/resource_server", None)["m"]
+    assert {cap: url.text for cap, url in place.urls.items()} == {
+        Capability.chat: "https://gw/resource_server/sophia/vllm/v1/chat/completions",
+        Capability.embeddings: "https://gw/resource_server/sophia/vllm/v1/embeddings"}
+    older = {"clusters": {"sophia": {"frameworks": {"vllm": {
+        "models": ["m"], "endpoints": {"chat": "vllm/v1/chat/completions/"}}}}}}
+    [place] = parse_catalog(older, "https://gw", "/resource_server", None)["m"]
+    assert place.urls[Capability.chat].text == "https://gw/resource_server/sophia/vllm/v1/chat/completions/"
+
+
+async def test_an_answer_in_an_unknown_shape_is_a_502_that_names_the_route(remote, tmp_path, monkeypatch):
+    monkeypatch.setattr(first_gateway, "RETRY_S", 0.0)
+    remote.answers["list-endpoints"] = {"clusters": {"sophia": {"frameworks": {"vllm": {"models": "m"}}}}}
+    remote.jobs = {"sophia": {"running": "none"}}
+    gateway = _gateway(remote, tmp_path)
+    try:
+        with pytest.raises(OpenAIError) as info:
+            await gateway._discovering[0].discover()
+        assert info.value.status == 502
+        assert "GET /resource_server/list-endpoints" in info.value.message
+        assert "clusters.sophia.frameworks.vllm.models" in info.value.message
+        assert (await gateway.models())["data"] == []  # said in the status, never a 500
+
+        del remote.answers["list-endpoints"]
+        status = await gateway.status()
+        jobs_read = status["endpoints"][0]["remote_clusters"]["sophia"]["jobs"]
+        assert "GET /resource_server/sophia/jobs" in jobs_read
+        assert "running" in jobs_read
+    finally:
+        await gateway.close()
+
+
+async def test_a_disconnected_model_reads_offline_and_a_stopped_one_cold(remote, tmp_path):
+    remote.jobs = {"sophia": jobs([job("sophia", "vllm", QWEN, "disconnected")]),
+                   "polaris": jobs(stopped=[job("polaris", "vllm", LLAMA, "stopped")])}
+    gateway = _gateway(remote, tmp_path)
+    try:
+        states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
+        assert (states[QWEN], states[LLAMA]) == ("offline", "cold")
+    finally:
+        await gateway.close()
+
+
+@pytest.fixture
+def second() -> Iterator[FakeFirstGateway]:
+    """Another FIRST gateway serving the same models, to fail over to."""
+    state = FakeFirstGateway(served={"aurora": {"vllm": [LLAMA, QWEN]}})
+    with serving_first_gateway(state) as running:
+        yield running
+
+
+def _two(remote: FakeFirstGateway, second: FakeFirstGateway, tmp_path: Path) -> Gateway:
+    """A gateway with ``remote`` (tried first: config order) and ``second`` as clusters ``alcf`` and ``other``."""
+    config = _config(remote)
+    config["clusters"]["other"] = _config(second)["clusters"]["alcf"]
+    return Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+
+
+@pytest.fixture
+def forgotten(monkeypatch) -> list[str]:
+    """The resource servers whose token was forgotten."""
+    seen: list[str] = []
+    forget = BearerTokens.forget
+
+    def recording(tokens: BearerTokens, resource_server: str) -> None:
+        seen.append(resource_server)
+        forget(tokens, resource_server)
+
+    monkeypatch.setattr(BearerTokens, "forget", recording)
+    return seen
+
+
+async def test_an_account_refused_with_a_401_fails_over_and_keeps_the_token(remote, second, tmp_path, forgotten):
+    gateway = _two(remote, second, tmp_path)
+    try:
+        await gateway.models()
+        remote.denial = GROUP_DENIAL
+        done = await gateway.complete(_chat(QWEN))
+        assert json.loads(done.body)["choices"][0]["message"]["content"] == "from aurora/vllm"
+        assert remote.paths("POST")
+        assert second.paths("POST")
+        streamed = await _streamed(gateway, LLAMA)
+        assert b" aurora/vllm" in streamed
+        assert forgotten == []
+
+        second.denial = GROUP_DENIAL  # nowhere left: the answer says it is the account, not the sign-in
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_chat(QWEN))
+        assert (info.value.status, info.value.code) == (403, "permission_denied")
+        assert GROUP_DENIAL in info.value.message
+        assert "`%first login`" not in info.value.message
+        assert forgotten == []
+    finally:
+        await gateway.close()
+
+
+async def test_an_expired_token_asks_for_sign_in_and_is_forgotten(remote, tmp_path, forgotten):
+    gateway = _gateway(remote, tmp_path)
+    try:
+        await gateway.models()
+        gateway._discovering[0]._globus[0]._lines[RESOURCE_SERVER] = (  # a kept line the gateway now refuses
+            float("inf"), b"Authorization: Bearer AT-expired\r\n")
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_chat(QWEN))
+        assert info.value.status == 401
+        assert EXPIRED in info.value.message
+        assert "`%first login`" in info.value.message
+        assert forgotten == [RESOURCE_SERVER]
+    finally:
+        await gateway.close()
+
+
+@pytest.mark.parametrize("fault", ["in-band", "timeout", "maintenance", "nginx-429"])
+async def test_failures_before_the_first_byte_fail_over(remote, second, tmp_path, fault):
+    remote.faults[QWEN] = fault
+    gateway = _two(remote, second, tmp_path)
+    try:
+        await gateway.models()
+        streamed = await _streamed(gateway, QWEN)
+        assert b" aurora/vllm" in streamed
+        assert b'"object": "error"' not in streamed
+        assert remote.paths("POST") == ["/resource_server/sophia/vllm/v1/chat/completions"]
+    finally:
+        await gateway.close()
+
+
+async def test_a_failure_in_the_stream_or_a_408_alone_is_an_error_status(remote, tmp_path):
+    gateway = _gateway(remote, tmp_path)
+    try:
+        await gateway.models()
+        remote.faults[QWEN] = "in-band"
+        with pytest.raises(OpenAIError) as info:
+            await _streamed(gateway, QWEN)
+        assert info.value.status == 504
+        assert "No data received from compute endpoint" in info.value.message
+        remote.faults[LLAMA] = "in-band-400"  # the engine refused the request itself: no failover, a 400
+        with pytest.raises(OpenAIError) as info:
+            await _streamed(gateway, LLAMA)
+        assert info.value.status == 400
+        assert "max_tokens must be at least 1" in info.value.message
+        remote.faults[LLAMA] = "timeout"
+        with pytest.raises(OpenAIError) as info:
+            await gateway.complete(_chat(LLAMA))
+        assert (info.value.status, info.value.code) == (504, "upstream_timeout")
+    finally:
+        await gateway.close()
+
+
+async def test_the_first_byte_wait_outlasts_firsts_own(remote, tmp_path):
+    for setting, wait in (({}, FIRST_WAIT_S), ({"first_byte": 30}, 30)):
+        gateway = _gateway(remote, tmp_path, **setting)
+        try:
+            assert gateway._discovering[0].first_byte == wait
+        finally:
+            await gateway.close()
+    assert FIRST_WAIT_S > 300  # FIRST's own wait, after which it answers 408
 
 
 def test_a_first_cluster_needs_a_gateway_url():
