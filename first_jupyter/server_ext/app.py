@@ -55,6 +55,8 @@ def loopback_exempt(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 HUB_TOKENS_ENV = "GLOBUS_DATA"
+HUB_PREFIX_ENV = "JUPYTERHUB_SERVICE_PREFIX"
+"""Set in every server a JupyterHub spawns: this server is reached from the hub's public URL too."""
 
 
 def _take_token_variables(token_env: str) -> dict[str, str]:
@@ -115,7 +117,8 @@ class FirstExtension(ExtensionApp):
         self.loop_thread = self.service.thread
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
                              first_max_request_bytes=self.max_request_bytes, first_host_verdicts=HostVerdicts(),
-                             first_loop=self.loop_thread)
+                             first_loop=self.loop_thread,
+                             first_behind_hub=bool(os.environ.get(HUB_PREFIX_ENV)))
         self._export_kernel_env()
 
     def initialize_handlers(self) -> None:

@@ -37,6 +37,7 @@ from first_jupyter.gateway import api
 from first_jupyter.gateway.core import Completed, Gateway
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.transport.loop_thread import LoopThread
+from first_jupyter.transport.proxies import is_loopback
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.shared import SharedCaller
@@ -149,6 +150,12 @@ class FirstHandler(GatewayDoor, APIHandler):
 
     async def prepare(self) -> None:  # type: ignore[override]
         if api.bearer_key_matches(self.request.headers.get("Authorization"), self.settings["first_api_key"].encode()):
+            if self.settings.get("first_behind_hub") and not self._from_this_host():
+                raise OpenAIError(403, "FIRST_API_KEY is honoured here only from this server's own kernels: behind "
+                                       "JupyterHub this URL is public, and the key opens the owner's Globus "
+                                       "identity. From elsewhere, authenticate as yourself (a JupyterHub token: "
+                                       "'Authorization: token ...').", type="permission_error",
+                                  code="scoped_key_not_here")
             if not self.check_host():
                 raise OpenAIError(403, f"Requests for host '{self.request.host}' are refused (DNS-rebinding "
                                        "guard). Use 127.0.0.1 or localhost, or set "
@@ -158,6 +165,14 @@ class FirstHandler(GatewayDoor, APIHandler):
             self.current_user = self._jupyter_current_user = SCOPED_USER
             return  # a bearer key is not a cookie: no XSRF check applies
         await super().prepare()
+
+    def _from_this_host(self) -> bool:
+        """A request from this machine's own processes (the server's kernels), not one the hub's proxy passed on:
+        it comes from loopback and carries no forwarding header (configurable-http-proxy adds X-Forwarded-For)."""
+        headers = self.request.headers
+        if "X-Forwarded-For" in headers or "Forwarded" in headers or "X-Real-Ip" in headers:
+            return False
+        return is_loopback(self.request.remote_ip or "")
 
     def check_xsrf_cookie(self) -> None:
         if not self._scoped:
