@@ -67,6 +67,8 @@ class FakeFirstGateway:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """cluster → its ``jobs(...)`` answer; a cluster missing here answers its jobs route 500
     (``errors.GetJobsError``)."""
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """model → what its endpoint's config publishes (``display_name``, ``description``, ``capabilities``, ...)."""
     answers: dict[str, Any] = field(default_factory=dict)
     """GET route under the root (``list-endpoints``) → a body served in place of the real one (a changed shape)."""
     faults: dict[str, str] = field(default_factory=dict)
@@ -84,6 +86,12 @@ class FakeFirstGateway:
             "base_url": f"{ROOT}/{cluster}",
             "frameworks": {fw: {"models": sorted(models), "endpoints": OPENAI_ENDPOINTS}
                            for fw, models in frameworks.items()}} for cluster, frameworks in self.served.items()}}
+
+    def models(self, cluster: str) -> list[dict[str, Any]]:
+        """``GET /{cluster}/models``: ``views/core.py`` get_models, each entry as ``endpoints/endpoint.py``
+        build_model_details makes it (the public keys of the endpoint's config), sorted by model."""
+        return [{"id": model, "object": "model", "cluster": cluster, "framework": fw, **self.details.get(model, {})}
+                for fw, models in self.served.get(cluster, {}).items() for model in sorted(models, key=str.lower)]
 
     def paths(self, method: str) -> list[str]:
         with self.lock:
@@ -127,6 +135,8 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
                 self._send(200, state.catalog())
             elif len(parts) == 2 and parts[1] == "jobs" and parts[0] in state.jobs:
                 self._send(200, state.jobs[parts[0]])
+            elif len(parts) == 2 and parts[1] == "models" and parts[0] in state.served:
+                self._send(200, state.models(parts[0]))
             else:
                 self._send(500, app_error("failed_to_get_cluster_jobs", "qstat failed on the login node"))
 

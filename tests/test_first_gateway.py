@@ -375,3 +375,22 @@ async def test_the_openai_client_sees_the_remote_gateways_models_through_jupyter
                                                       stream=True)
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "from sophia/vllm"
+
+
+async def test_what_first_publishes_of_a_model_shows_in_the_model_list(remote, tmp_path):
+    """``GET /{cluster}/models`` (FIRST's model details: display name, capabilities, token limits) joins the
+    entries of ``/v1/models``; a cluster that does not answer it takes nothing away from the catalog."""
+    capabilities = {"schema_version": 1, "api_protocols": ["chat_completions", "responses"], "streaming": True,
+                    "context_window_tokens": 131072, "tool_calling": {"supported": True}}
+    remote.details[LLAMA] = {"display_name": "Llama 3.3 70B", "capabilities": capabilities,
+                             "rate_limit_token_per_minute": 200000, "api_url": "https://private.example/v1"}
+    remote.answers["polaris/models"] = {"not": "a list"}  # an answer in another shape: ignored, logged
+    gateway = _gateway(remote, tmp_path)
+    try:
+        listed = {m["id"]: m for m in (await gateway.models())["data"]}
+    finally:
+        await gateway.close()
+    assert listed[LLAMA]["details"] == {"display_name": "Llama 3.3 70B", "capabilities": capabilities,
+                                        "rate_limit_token_per_minute": 200000}  # public keys only
+    assert "details" not in listed[QWEN]  # published nothing
+    assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])

@@ -620,9 +620,13 @@ class Gateway:
             served = [{"cluster": t.cluster, "endpoint": t.endpoint,
                        "state": self.router.state_of(t)} for t in targets]
             known = [s["state"] for s in served if s["state"] in MODEL_STATES]
-            data.append({"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
-                         "capabilities": caps, "state": min(known, key=MODEL_STATES.index, default="unknown"),
-                         "served_by": served})
+            entry = {"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
+                     "capabilities": caps, "state": min(known, key=MODEL_STATES.index, default="unknown"),
+                     "served_by": served}
+            details = next((found for t in targets if (found := t.backend.model_details(model_id))), None)
+            if details:
+                entry["details"] = details
+            data.append(entry)
         return {"object": "list", "data": data}
 
     async def set_default_model(self, model: str) -> str:

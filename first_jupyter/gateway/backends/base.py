@@ -46,6 +46,11 @@ class Backend(Protocol):
         """Whether this endpoint can serve ``capability`` for the model (its engine may lack a route)."""
         ...
 
+    def model_details(self, model_id: str) -> dict[str, Any]:
+        """What the upstream says of the model beyond its id (a FIRST gateway's display name, capabilities,
+        context window, token limits), for ``/v1/models``; empty where it says nothing."""
+        ...
+
     async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
         """Send one request and return the whole answer (error statuses included)."""
         ...

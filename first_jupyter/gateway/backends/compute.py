@@ -151,6 +151,9 @@ class ComputeBackend:
         model = self._models[model_id]
         return self._upstream_name or model.upstream_name or model.id
 
+    def model_details(self, model_id: str) -> dict[str, Any]:
+        return {}
+
     def supports(self, model_id: str, capability: Capability) -> bool:
         return capability in self._models[model_id].capabilities
 

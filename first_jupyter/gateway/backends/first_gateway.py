@@ -9,6 +9,7 @@ never written into our config. Requests carry the user's Globus token, like ever
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from first_jupyter.config import FirstGatewayEndpoint, ModelConfig
 from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
@@ -40,6 +41,7 @@ _JOB_STATES = {"starting": "starting", "loading": "starting", "pending": "starti
 _STATE_ORDER = ("running", "starting", "queued", "stopped", "disconnected")
 """Job states, best first: a disconnected job answers nothing, and a stopped model at least can be started."""
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 RETRY_S = 5.0
 """After a failed discovery (the user not signed in yet, say), how soon asking again is worth it."""
 FIRST_WAIT_S = 330.0
@@ -90,6 +92,29 @@ class _Jobs(BaseModel):
     model_config = ConfigDict(extra="allow")
     running: list[_Job] = []
     queued: list[_Job] = []
+
+
+class _ModelDetails(BaseModel):
+    """One entry of ``GET /{cluster}/models``: FIRST's ``BaseEndpoint.build_model_details``
+    (resource_server_async/endpoints/endpoint.py, with ``MODEL_DETAILS_KEYS``; views/core.py ``get_models``):
+    the id, then what the facility published of the model. Only these public keys are kept."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    display_name: str | None = None
+    description: str | None = None
+    capabilities: dict[str, Any] | None = None
+    """``api_protocols``, ``streaming``, ``tool_calling``, ``context_window_tokens``, ``input_modalities``..."""
+    rate_limit_token_per_minute: int | None = None
+    rate_limit_token_per_minute_per_user: int | None = None
+
+
+_DETAILS = TypeAdapter(list[_ModelDetails])
+
+
+def parse_details(data: Any) -> dict[str, dict[str, Any]]:
+    """Model id → its published details (only the keys it has). Raises ``ValidationError`` for another shape."""
+    return {entry.id: entry.model_dump(exclude={"id"}, exclude_none=True) for entry in _DETAILS.validate_python(data)}
 
 
 def in_band_error(event: bytes, where: str) -> OpenAIError | None:
@@ -205,6 +230,8 @@ class FirstGatewayBackend(HttpBackend):
         """Why the last discovery failed; None after a success."""
         self._states: dict[tuple[str, str, str], str] = {}
         """(cluster, framework, model) → job state, from the last status read."""
+        self._details: dict[str, dict[str, Any]] = {}
+        """Model id → what ``{cluster}/models`` publishes of it (kept from the last reading that worked)."""
 
     def due(self, *, eager: bool = False) -> bool:
         """Time to read the catalog again: the last reading is old (``eager``: a few seconds old, for a model
@@ -260,10 +287,26 @@ class FirstGatewayBackend(HttpBackend):
         except OpenAIError as exc:
             self.failure, self.failed_at = exc, time.monotonic()
             raise
+        clusters = sorted({p.cluster for places in catalog.values() for p in places})
+        for details in await asyncio.gather(*(self._cluster_details(c) for c in clusters)):
+            self._details.update(details)
+        # only now, with no await left: a reader who finds this reading fresh (not ``due``) finds it whole
         self.catalog, self.failure = catalog, None
         self._models = {m: ModelConfig(id=m) for m in catalog}
         self.discovered_at = time.monotonic()
         return sorted(catalog)
+
+    async def _cluster_details(self, cluster: str) -> dict[str, dict[str, Any]]:
+        """What one remote cluster publishes of its models; nothing when it cannot be read (an older gateway
+        without the route, say): the details add to the catalog, and never hold it back."""
+        try:
+            return await self._read(f"{cluster}/models", parse_details)
+        except OpenAIError as exc:
+            log.info("%s: no model details from %s/models (%s)", self.where, cluster, exc.message)
+            return {}
+
+    def model_details(self, model_id: str) -> dict[str, Any]:
+        return self._details.get(model_id, {})
 
     def _judged(self, error: OpenAIError) -> OpenAIError | None:
         """As any endpoint's, and FIRST's 408 (``request_timeout``, after its own 300 s wait for the model) is a

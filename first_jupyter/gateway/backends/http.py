@@ -87,6 +87,9 @@ class HttpBackend:
         model = self._models[model_id]
         return model.upstream_name or model.id
 
+    def model_details(self, model_id: str) -> dict[str, Any]:
+        return {}
+
     def supports(self, model_id: str, capability: Capability) -> bool:
         return capability in self._models[model_id].capabilities
 

@@ -62,6 +62,9 @@ class LocalBackend:
     def upstream_name(self, model_id: str) -> str:
         return served_name(self.spec, self.engine)
 
+    def model_details(self, model_id: str) -> dict[str, Any]:
+        return {}
+
     def supports(self, model_id: str, capability: Capability) -> bool:
         if capability is Capability.embeddings and self.engine == "transformers":
             return False  # transformers serve has no embeddings route
