@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/system-packages.sh  # the site's parts the tests run for real: tinyproxy
 . .venv/bin/activate
+# configurable-http-proxy for the real JupyterHub of tests/test_jupyterhub.py, pinned with its lockfile
+(cd tests/hub && jlpm install --silent)
 ruff check .
 (cd labextension && jlpm test)
 python -m pytest -p no:cacheprovider "$@"
