@@ -7,17 +7,23 @@ asks for the user's Globus token, so every answer shows which token the gateway 
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import yaml
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from tests.conftest import fake_cluster_config
 from tests.hub import RunningHub, running_hub
-from tests.hub.authenticator import RESOURCE_SERVER
+from tests.hub.authenticator import RESOURCE_SERVER, auth_state
+from tests.waiting import ENGINE_GUARD_S, eventually
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -77,3 +83,126 @@ def test_models_chat_and_a_stream_through_the_hubs_proxy(hub, ada, upstream):
         events = [line for line in stream.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert len(events) > 2
+
+
+def test_whoami_reads_the_hubs_auth_state_with_the_granted_scope(hub, ada):
+    who = httpx.get(first(hub, ada, "api/whoami"), headers=as_user(hub, ada), timeout=60)
+    assert who.status_code == 200, who.text
+    body = who.json()
+    # hub_api, not the spawn-time copy in $GLOBUS_DATA: the server's token holds admin:auth_state!user
+    assert (body["source"], body["identity"]["preferred_username"]) == ("hub_api", "ada@uni.edu")
+    assert body["tokens"][RESOURCE_SERVER]["expired"] is False
+    assert body["tokens"][RESOURCE_SERVER]["refreshable"] is True
+    assert "AT-ada" not in who.text
+
+
+def test_a_token_the_hub_renews_is_used_without_a_server_restart(hub, upstream):
+    hub.log_in("rita")
+    # rita's tokens expire while Globus Auth is out of the hub's reach: the hub keeps them, and spawns with them
+    hub.hold_renewals("rita", True)
+    expired = auth_state("rita", 1, expires_at=1.0)
+    assert hub.admin("PATCH", "users/rita", json={"auth_state": expired}).status_code == 200
+    hub.start_server("rita")
+    started = hub.user("rita")["servers"][""]["started"]
+
+    refused = httpx.post(first(hub, "rita", "v1/chat/completions"), headers=as_user(hub, "rita"), json=CHAT,
+                         timeout=60)
+    assert refused.status_code == 401, refused.text
+    assert "have expired" in refused.json()["error"]["message"]
+    assert not any(line.startswith("renewed rita") for line in hub.events())
+
+    # Globus Auth is back: the hub's next refresh of rita (on a request of hers) renews the tokens
+    hub.hold_renewals("rita", False)
+
+    def renewed() -> bool:
+        httpx.get(f"{hub.url}/hub/api/user", headers=as_user(hub, "rita"), timeout=60).raise_for_status()
+        return "renewed rita 2" in hub.events()
+
+    eventually(renewed, "the hub renews rita's tokens", within=ENGINE_GUARD_S)
+
+    # the running server's gateway finds its copy expired, asks the hub again and gets the renewed token
+    chat = httpx.post(first(hub, "rita", "v1/chat/completions"), headers=as_user(hub, "rita"), json=CHAT, timeout=60)
+    assert chat.status_code == 200, chat.text
+    assert upstream.last_request_headers["authorization"] == "Bearer AT-rita-2"
+    assert hub.user("rita")["servers"][""]["started"] == started  # the same server, never restarted
+    who = httpx.get(first(hub, "rita", "api/whoami"), headers=as_user(hub, "rita"), timeout=60).json()
+    assert (who["source"], who["tokens"][RESOURCE_SERVER]["expired"]) == ("hub_api", False)
+
+
+def test_another_users_hub_token_is_refused_with_the_reason(hub, ada):
+    hub.log_in("bob")
+    answer = httpx.get(first(hub, ada, "v1/models"), headers=as_user(hub, "bob"), timeout=60)
+    assert answer.status_code == 403, answer.text
+    print(answer.text)
+    assert "bob" in answer.json()["error"]["message"]
+
+
+def scoped_key(hub: RunningHub, name: str) -> str:
+    """The key the server gives its kernels, from its runtime file (what the user's other processes read)."""
+    runtime = hub.home(name) / ".local" / "share" / "jupyter" / "runtime"
+    (path,) = runtime.glob("first-gateway-*.json")
+    key: str = json.loads(path.read_text())["api_key"]
+    return key
+
+
+def test_the_scoped_key_is_refused_from_the_public_url(hub, ada):
+    answer = httpx.get(first(hub, ada, "v1/models"), headers={"Authorization": f"Bearer {scoped_key(hub, ada)}"},
+                       timeout=60)
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["error"]["code"] == "scoped_key_not_here"
+
+
+KERNEL_CODE = """
+import json, os, urllib.request
+request = urllib.request.Request(os.environ["FIRST_GATEWAY_URL"] + "/models",
+                                 headers={"Authorization": "Bearer " + os.environ["FIRST_API_KEY"]})
+with urllib.request.urlopen(request, timeout=60) as answer:
+    models = [m["id"] for m in json.load(answer)["data"]]
+print(json.dumps({"gateway": os.environ["FIRST_GATEWAY_URL"], "models": models,
+                  "globus_data": "GLOBUS_DATA" in os.environ}))
+"""
+
+
+async def run_in_kernel(url: str, headers: dict[str, str], code: str) -> str:
+    """Run ``code`` in a kernel over its websocket (Jupyter's JSON messages), and return what it printed."""
+    connection = await websocket_connect(HTTPRequest(url, headers=headers))
+    msg_id, printed = uuid.uuid4().hex, []
+    connection.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test", "session": uuid.uuid4().hex,
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True}}))
+    try:
+        while True:
+            raw = await connection.read_message()
+            assert raw is not None, "the kernel's websocket closed"
+            message = json.loads(raw)
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind, content = message["msg_type"], message["content"]
+            assert kind != "error", content
+            if kind == "stream":
+                printed.append(content["text"])
+            if kind == "status" and content["execution_state"] == "idle":
+                return "".join(printed)
+    finally:
+        connection.close()
+
+
+def test_a_kernel_behind_the_hub_reaches_the_gateway_with_its_key(hub, ada):
+    headers = as_user(hub, ada)
+    kernels = f"{hub.url}/user/{ada}/api/kernels"
+    started = httpx.post(kernels, headers=headers, json={"name": "python3"}, timeout=ENGINE_GUARD_S)
+    assert started.status_code == 201, started.text
+    kernel = started.json()["id"]
+    try:
+        url = f"{kernels.replace('http://', 'ws://')}/{kernel}/channels"
+        printed = asyncio.run(asyncio.wait_for(run_in_kernel(url, headers, KERNEL_CODE), ENGINE_GUARD_S))
+    finally:
+        assert httpx.delete(f"{kernels}/{kernel}", headers=headers, timeout=60).status_code == 204
+    seen = json.loads(printed)
+    # the key opens the gateway from the server's own machine, and the spawn-time auth state is not passed on
+    assert seen["gateway"].startswith("http://127.0.0.1:")
+    assert "fake-model" in seen["models"]
+    assert seen["globus_data"] is False
