@@ -133,8 +133,13 @@ def test_another_users_hub_token_is_refused_with_the_reason(hub, ada):
     hub.log_in("bob")
     answer = httpx.get(first(hub, ada, "v1/models"), headers=as_user(hub, "bob"), timeout=60)
     assert answer.status_code == 403, answer.text
-    print(answer.text)
-    assert "bob" in answer.json()["error"]["message"]
+    error = answer.json()["error"]
+    # the hub's reason, not "Not authenticated": bob is known to the hub, and this is not his server
+    assert (error["code"], error["type"]) == ("not_your_server", "permission_error")
+    assert "user bob is not allowed" in error["message"]
+    # the same for a route that changes something (Jupyter raises its 403 before any redirect there)
+    posted = httpx.post(first(hub, ada, "v1/chat/completions"), headers=as_user(hub, "bob"), json=CHAT, timeout=60)
+    assert (posted.status_code, posted.json()["error"]["code"]) == (403, "not_your_server"), posted.text
 
 
 def scoped_key(hub: RunningHub, name: str) -> str:

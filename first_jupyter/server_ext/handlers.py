@@ -178,8 +178,29 @@ class FirstHandler(GatewayDoor, APIHandler):
         if not self._scoped:
             super().check_xsrf_cookie()
 
+    def hub_refusal(self) -> str | None:
+        """Behind JupyterHub, why the hub refused a token it knows whose owner may not use this server (another
+        user's): the hub's identity provider then leaves no user and replaces this handler's ``redirect`` with one
+        raising a 403 that names the user. Jupyter raises its own bare 403 before any redirect, which would read as
+        "not authenticated"; the hub's reason is asked for here instead. None when the hub refused nothing."""
+        refuse = vars(self).get("redirect")
+        if refuse is None or self.current_user:
+            return None
+        try:
+            refuse("")
+        except web.HTTPError as exc:
+            return exc.log_message or "this user is not allowed"
+        return None
+
     def error_for(self, status_code: int, reason: str | None) -> OpenAIError:
         """Jupyter's refusals (auth, XSRF) in words too."""
+        refused = self.hub_refusal() if status_code == 403 else None
+        if refused is not None:
+            return OpenAIError(403, f"JupyterHub refused this request: {refused.rstrip('.')}. The token "
+                                    "is valid, but for a user who may not use this server (it is its owner's; "
+                                    "a hub admin can grant access:servers!server=<owner>/ in a role). "
+                                    "Send a token of this server's owner.", type="permission_error",
+                               code="not_your_server")
         if status_code == 403 and self.current_user is None:
             return OpenAIError(401, f"Not authenticated. {_AUTH_HELP}", type="authentication_error",
                                code="invalid_api_key")
