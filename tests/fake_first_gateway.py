@@ -52,10 +52,11 @@ def job(cluster: str, framework: str, models: str, status: str = "running") -> d
 
 
 def jobs(running: list[dict[str, str]] | None = None, queued: list[dict[str, str]] | None = None,
-         stopped: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """A ``GET /{cluster}/jobs`` answer (``schemas/clusters.py`` JobsByStatus)."""
+         stopped: list[dict[str, str]] | None = None, cluster_status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``GET /{cluster}/jobs`` answer (``schemas/clusters.py`` JobsByStatus; ``cluster_status`` as a cluster's
+    adapter in ``clusters/*.py`` fills it)."""
     return {"running": running or [], "queued": queued or [], "stopped": stopped or [], "others": [],
-            "private_batch_running": [], "private_batch_queued": [], "cluster_status": {}}
+            "private_batch_running": [], "private_batch_queued": [], "cluster_status": cluster_status or {}}
 
 
 @dataclass
@@ -67,6 +68,8 @@ class FakeFirstGateway:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """cluster → its ``jobs(...)`` answer; a cluster missing here answers its jobs route 500
     (``errors.GetJobsError``)."""
+    down: set[str] = field(default_factory=set)
+    """Clusters under maintenance, as ``GET /status`` reports them."""
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
     """model → what its endpoint's config publishes (``display_name``, ``description``, ``capabilities``, ...)."""
     answers: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +128,11 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
             return False
 
         def do_GET(self) -> None:
+            if self.path == f"{ROOT}/status":  # views/core.py status_check: public, no authentication
+                with state.lock:
+                    state.calls.append(("GET", self.path, self.headers.get("Authorization")))
+                self._send(200, {cluster: cluster not in state.down for cluster in state.served})
+                return
             if not self._authorized("GET"):
                 return
             route = self.path.removeprefix(ROOT).strip("/")

@@ -99,7 +99,9 @@ async def test_a_request_goes_to_the_models_own_route_with_the_users_token(remot
 
 
 async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_runs(remote, tmp_path):
-    remote.jobs = {"polaris": jobs([job("polaris", "vllm", f"{LLAMA},other/model")])}
+    remote.jobs = {"polaris": jobs([job("polaris", "vllm", f"{LLAMA},other/model")],
+                                  cluster_status={"free_nodes": 12, "queued_jobs": 3})}
+    remote.down = {"sophia"}
     gateway = _gateway(remote, tmp_path)
     try:
         status = await gateway.status()
@@ -108,8 +110,10 @@ async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_r
         assert states[EMBED] == "cold"  # served by polaris, no job
         assert states[QWEN] == "hot"  # sophia's jobs route failed: the gateway's own word (online) stands
         endpoint = status["endpoints"][0]
-        assert endpoint["remote_clusters"]["polaris"] == {"jobs": "read"}
+        assert endpoint["remote_clusters"]["polaris"] == {"jobs": "read", "maintenance": False,
+                                                          "scheduler": {"free_nodes": 12, "queued_jobs": 3}}
         assert "qstat failed on the login node" in endpoint["remote_clusters"]["sophia"]["jobs"]
+        assert endpoint["remote_clusters"]["sophia"]["maintenance"] is True  # from GET /status
 
         await gateway.complete(_chat(LLAMA))  # listed on sophia first, but running on polaris
         assert remote.paths("POST")[-1] == "/resource_server/polaris/vllm/v1/chat/completions"

@@ -87,11 +87,19 @@ class _Job(BaseModel):
 
 
 class _Jobs(BaseModel):
-    """FIRST's ``JobsByStatus``; its ``stopped`` list (every model, under maintenance) says what no job says."""
+    """FIRST's ``JobsByStatus``; its ``stopped`` list (every model, under maintenance) says what no job says, and
+    ``cluster_status`` what the scheduler says of the cluster (free nodes, for instance), as the cluster's adapter
+    fills it (clusters/*.py)."""
 
     model_config = ConfigDict(extra="allow")
     running: list[_Job] = []
     queued: list[_Job] = []
+    cluster_status: dict[str, Any] = {}
+
+
+_UP = TypeAdapter(dict[str, bool])
+"""``GET /status`` (views/core.py ``status_check``, no authentication): public cluster → up (False: under
+maintenance)."""
 
 
 class _ModelDetails(BaseModel):
@@ -190,6 +198,11 @@ def parse_catalog(data: Any, origin: str, root: str, wanted: list[str] | None,
 def parse_jobs(data: Any, cluster: str) -> dict[tuple[str, str], str]:
     """Each (framework, model) the cluster's jobs list, as ``running``, ``starting``, ``disconnected`` or
     ``queued``. Raises ``ValidationError`` (a ``ValueError``) for an answer in another shape."""
+    return read_jobs(data, cluster)[0]
+
+
+def read_jobs(data: Any, cluster: str) -> tuple[dict[tuple[str, str], str], dict[str, Any]]:
+    """``parse_jobs``'s states, and the cluster's ``cluster_status`` (what its scheduler says: free nodes...)."""
     jobs = _Jobs.model_validate(data)
     states: dict[tuple[str, str], str] = {}
     for listed, default in ((jobs.queued, "queued"), (jobs.running, "running")):  # running wins over queued
@@ -203,7 +216,7 @@ def parse_jobs(data: Any, cluster: str) -> dict[tuple[str, str], str]:
                     key = (job.framework, model.strip())
                     if key not in states or _STATE_ORDER.index(state) < _STATE_ORDER.index(states[key]):
                         states[key] = state
-    return states
+    return states, jobs.cluster_status
 
 
 class FirstGatewayBackend(HttpBackend):
@@ -343,12 +356,20 @@ class FirstGatewayBackend(HttpBackend):
         if reply.status >= 400:
             raise upstream_error(reply.status, reply.body, self.where, reply.retry_after, reply.via)
 
-    async def _jobs(self, cluster: str) -> tuple[str, dict[tuple[str, str], str] | str]:
-        """One remote cluster's job states, or why they could not be read."""
+    async def _jobs(self, cluster: str) -> tuple[str, tuple[dict[tuple[str, str], str], dict[str, Any]] | str]:
+        """One remote cluster's job states and scheduler status, or why they could not be read."""
         try:
-            return cluster, await self._read(f"{cluster}/jobs", lambda data: parse_jobs(data, cluster))
+            return cluster, await self._read(f"{cluster}/jobs", lambda data: read_jobs(data, cluster))
         except OpenAIError as exc:
             return cluster, exc.message
+
+    async def _up(self) -> dict[str, bool]:
+        """Which public clusters are up (not under maintenance); nothing when ``/status`` cannot be read."""
+        try:
+            return await self._read("status", _UP.validate_python)
+        except OpenAIError as exc:
+            log.info("%s: no maintenance status (%s)", self.where, exc.message)
+            return {}
 
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -357,14 +378,15 @@ class FirstGatewayBackend(HttpBackend):
         if self.failure is not None:  # the gateway refreshed the catalog just before asking
             return {**info, "state": "offline", "models": sorted(self.catalog), "error": self.failure.message}
         clusters = sorted({p.cluster for places in self.catalog.values() for p in places})
-        jobs = dict(await asyncio.gather(*(self._jobs(c) for c in clusters)))
+        up, *read_jobs_of = await asyncio.gather(self._up(), *(self._jobs(c) for c in clusters))
+        jobs = dict(read_jobs_of)
         states: dict[tuple[str, str, str], str] = {}
         model_states: dict[str, str] = {}
         for model, places in self.catalog.items():
             found = []
             for place in places:
                 read = jobs.get(place.cluster)
-                state = read.get((place.framework, model), "stopped") if isinstance(read, dict) else None
+                state = read[0].get((place.framework, model), "stopped") if isinstance(read, tuple) else None
                 if state is not None:
                     states[(place.cluster, place.framework, model)] = state
                     found.append(state)
@@ -373,5 +395,16 @@ class FirstGatewayBackend(HttpBackend):
         self._states = states
         return {**info, "state": "online", "models": sorted(self.catalog), "model_states": model_states,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-                "remote_clusters": {c: {"jobs": "read" if isinstance(jobs[c], dict) else jobs[c]}
-                                    for c in clusters}}
+                "remote_clusters": {c: self._remote_cluster(jobs[c], up.get(c)) for c in clusters}}
+
+    @staticmethod
+    def _remote_cluster(jobs: tuple[dict[tuple[str, str], str], dict[str, Any]] | str,
+                        up: bool | None) -> dict[str, Any]:
+        """What the status API says of one remote cluster: its jobs read (or why not), its maintenance (when its
+        ``/status`` says), and what its scheduler says (``cluster_status``: free nodes, for a wait estimate)."""
+        info: dict[str, Any] = {"jobs": "read" if isinstance(jobs, tuple) else jobs}
+        if up is not None:
+            info["maintenance"] = not up
+        if isinstance(jobs, tuple) and jobs[1]:
+            info["scheduler"] = jobs[1]
+        return info
