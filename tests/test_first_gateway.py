@@ -110,8 +110,10 @@ async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_r
         assert states[EMBED] == "cold"  # served by polaris, no job
         assert states[QWEN] == "hot"  # sophia's jobs route failed: the gateway's own word (online) stands
         endpoint = status["endpoints"][0]
-        assert endpoint["remote_clusters"]["polaris"] == {"jobs": "read", "maintenance": False,
+        assert endpoint["remote_clusters"]["polaris"] == {"models": [LLAMA, EMBED], "jobs": "read",
+                                                          "maintenance": False,
                                                           "scheduler": {"free_nodes": 12, "queued_jobs": 3}}
+        assert endpoint["remote_clusters"]["sophia"]["models"] == [QWEN, LLAMA]
         assert "qstat failed on the login node" in endpoint["remote_clusters"]["sophia"]["jobs"]
         assert endpoint["remote_clusters"]["sophia"]["maintenance"] is True  # from GET /status
 

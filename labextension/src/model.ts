@@ -12,11 +12,47 @@ export interface ServedBy {
   state: ModelState;
 }
 
+/** How a FIRST gateway says a model calls tools: a flag, or an object with one. */
+export interface ToolCalling {
+  supported?: boolean;
+}
+
+/** The `capabilities` a FIRST gateway publishes of a model (its endpoint's config, `GET /{cluster}/models`). */
+export interface PublishedCapabilities {
+  api_protocols?: string[];
+  streaming?: boolean;
+  tool_calling?: boolean | ToolCalling;
+  context_window_tokens?: number;
+  input_modalities?: string[];
+}
+
+/** A model's `details` in the model list: what a FIRST gateway publishes of it (only its public keys). */
+export interface PublishedDetails {
+  display_name?: string;
+  description?: string;
+  capabilities?: PublishedCapabilities;
+  rate_limit_token_per_minute?: number;
+  rate_limit_token_per_minute_per_user?: number;
+}
+
 export interface ModelInfo {
   id: string;
   capabilities?: string[];
   state: ModelState;
   served_by: ServedBy[];
+  details?: PublishedDetails;
+}
+
+/** One cluster of a FIRST gateway, as the status of our `first` endpoint in front of it says. */
+export interface RemoteCluster {
+  /** The models it serves. */
+  models?: string[];
+  /** `read`, or why its jobs could not be read. */
+  jobs: string;
+  /** Whether FIRST's `GET /status` says it is under maintenance; absent when that could not be read. */
+  maintenance?: boolean;
+  /** What its scheduler says (FIRST's `cluster_status`: free nodes, queued jobs...), as the facility fills it. */
+  scheduler?: Record<string, unknown>;
 }
 
 export interface EndpointInfo {
@@ -26,6 +62,8 @@ export interface EndpointInfo {
   state: string;
   error?: string | null;
   router?: { in_flight?: number; ttft_ms?: number; failures?: number; last_error?: string | null };
+  /** For an endpoint in front of a FIRST gateway (`kind: first`): that gateway's clusters. */
+  remote_clusters?: Record<string, RemoteCluster>;
 }
 
 export interface TokenInfo {
@@ -70,12 +108,20 @@ export interface Batch {
   metadata?: Record<string, string> | null;
 }
 
+/** The FIRST clusters under maintenance that serve a model; `all` when no other FIRST cluster serves it. */
+export interface Maintenance {
+  clusters: string[];
+  all: boolean;
+}
+
 /** One model as listed under one cluster: its state there (the best among that cluster's endpoints). */
 export interface ClusterModel {
   id: string;
   state: ModelState;
   isDefault: boolean;
   endpoints: ServedBy[];
+  /** Null unless a FIRST cluster serving it here is under maintenance. */
+  maintenance: Maintenance | null;
 }
 
 export interface ClusterGroup {
@@ -130,7 +176,8 @@ export function groupByCluster(status: StatusReply, firstCluster = ''): ClusterG
           id: model.id,
           state: bestState(here.map(where => asState(where.state))),
           isDefault: model.id === status.default_model,
-          endpoints: here
+          endpoints: here,
+          maintenance: maintenanceOf(remoteClusters(model.id, cluster, here, status))
         });
       }
     }
@@ -142,9 +189,40 @@ export function groupByCluster(status: StatusReply, firstCluster = ''): ClusterG
   });
 }
 
+/** The FIRST clusters that serve `model` behind this cluster's endpoints, each with what its status says. */
+function remoteClusters(model: string, cluster: string, endpoints: ServedBy[],
+                        status: StatusReply): [string, RemoteCluster, EndpointInfo][] {
+  const found: [string, RemoteCluster, EndpointInfo][] = [];
+  for (const where of endpoints) {
+    const info = status.endpoints.find(e => e.cluster === cluster && e.endpoint === where.endpoint);
+    for (const [name, remote] of Object.entries(info?.remote_clusters ?? {})) {
+      if (info && Array.isArray(remote.models) && remote.models.includes(model)) {
+        found.push([name, remote, info]);
+      }
+    }
+  }
+  return found;
+}
+
+function maintenanceOf(remotes: [string, RemoteCluster, EndpointInfo][]): Maintenance | null {
+  const down = remotes.filter(([, remote]) => remote.maintenance === true).map(([name]) => name);
+  return down.length ? { clusters: down, all: down.length === remotes.length } : null;
+}
+
+/** The maintenance badge of a model's row: its text, and its tooltip (where, and what it means for requests). */
+export function maintenanceBadge(maintenance: Maintenance): { label: string; help: string } {
+  const where = maintenance.clusters.join(', ');
+  const said = `FIRST says ${where} ${maintenance.clusters.length > 1 ? 'are' : 'is'} under maintenance: requests ` +
+    'for this model';
+  return maintenance.all
+    ? { label: 'under maintenance', help: `${said} fail until it ends.` }
+    : { label: `maintenance: ${where}`, help: `${said} go to its other FIRST clusters meanwhile.` };
+}
+
 /**
- * The groups narrowed to what the filter asks for: every word must appear in the model's id, its cluster's name
- * or its state (`llama hot`, `polaris`). Clusters left empty are dropped, except when the filter is empty.
+ * The groups narrowed to what the filter asks for: every word must appear in the model's id, its cluster's name,
+ * its state or `maintenance` when it is under it (`llama hot`, `polaris`). Clusters left empty are dropped,
+ * except when the filter is empty.
  */
 export function filterGroups(groups: ClusterGroup[], filter: string): ClusterGroup[] {
   const words = filter.toLowerCase().split(/\s+/).filter(Boolean);
@@ -154,7 +232,8 @@ export function filterGroups(groups: ClusterGroup[], filter: string): ClusterGro
   const kept: ClusterGroup[] = [];
   for (const group of groups) {
     const models = group.models.filter(model => {
-      const text = `${model.id} ${group.cluster} ${model.state}`.toLowerCase();
+      const text = `${model.id} ${group.cluster} ${model.state}${model.maintenance ? ' maintenance' : ''}`
+        .toLowerCase();
       return words.every(word => text.includes(word));
     });
     if (models.length) {
@@ -178,15 +257,118 @@ export function canWarm(state: ModelState): boolean {
   return state === 'cold';
 }
 
+/** One line of a details box: a label and its value, in words. */
+export interface Fact {
+  label: string;
+  value: string;
+}
+
+/** What a FIRST gateway publishes of a model, as the details box shows it. */
+export interface PublishedView {
+  displayName: string | null;
+  description: string | null;
+  /** Protocols, streaming, tools, context window, input modalities and token limits, where published. */
+  facts: Fact[];
+}
+
+/** One FIRST cluster serving the model: its maintenance (null: not known) and what its scheduler says. */
+export interface RemoteClusterView {
+  name: string;
+  /** Our endpoint in front of its gateway (`alcf/gateway`). */
+  via: string;
+  maintenance: boolean | null;
+  /** Why its jobs could not be read, in the gateway's words; null when they were. */
+  jobsError: string | null;
+  scheduler: Fact[];
+}
+
 export interface ModelDetails {
   endpoints: { name: string; state: ModelState; ttftMs: number | null; error: string | null }[];
+  published: PublishedView | null;
+  remote: RemoteClusterView[];
   requests: number;
   tokens: number;
   lastLatencyMs: number | null;
   lastUsed: number | null;
 }
 
-/** A model's details on one cluster: each endpoint with its state and latency, and the model's usage here. */
+const count = (n: number): string => n.toLocaleString('en-US');
+const words = (key: string): string => key.replace(/_/g, ' ');
+const capitalized = (text: string): string => text.charAt(0).toUpperCase() + text.slice(1);
+
+function strings(value: unknown): string[] {
+  return Array.isArray(value) ? value.filter((v): v is string => typeof v === 'string') : [];
+}
+
+/** A published flag: `true`, or `{"supported": true}` as FIRST writes `tool_calling`; null for anything else. */
+function flag(value: unknown): boolean | null {
+  if (typeof value === 'boolean') {
+    return value;
+  }
+  const supported = value !== null && typeof value === 'object' ? (value as ToolCalling).supported : undefined;
+  return typeof supported === 'boolean' ? supported : null;
+}
+
+/**
+ * A model's published details in words. The facility writes them, so each is shown only when it has the type
+ * FIRST documents: a value of another shape is left out rather than shown wrong.
+ */
+export function publishedView(details: PublishedDetails | undefined): PublishedView | null {
+  if (!details) {
+    return null;
+  }
+  const caps = details.capabilities ?? {};
+  const facts: Fact[] = [];
+  const protocols = strings(caps.api_protocols);
+  if (protocols.length) {
+    facts.push({ label: 'Protocols', value: protocols.map(words).join(', ') });
+  }
+  const streaming = flag(caps.streaming);
+  if (streaming !== null) {
+    facts.push({ label: 'Streaming', value: streaming ? 'yes' : 'no' });
+  }
+  const tools = flag(caps.tool_calling);
+  if (tools !== null) {
+    facts.push({ label: 'Tool calling', value: tools ? 'yes' : 'no' });
+  }
+  if (typeof caps.context_window_tokens === 'number' && Number.isFinite(caps.context_window_tokens)) {
+    facts.push({ label: 'Context window', value: `${count(caps.context_window_tokens)} tokens` });
+  }
+  const modalities = strings(caps.input_modalities);
+  if (modalities.length) {
+    facts.push({ label: 'Input', value: modalities.join(', ') });
+  }
+  const perMinute = details.rate_limit_token_per_minute;
+  const perUser = details.rate_limit_token_per_minute_per_user;
+  if (typeof perMinute === 'number' || typeof perUser === 'number') {
+    const parts = [typeof perMinute === 'number' && count(perMinute),
+      typeof perUser === 'number' && `${count(perUser)} per user`].filter(Boolean);
+    facts.push({ label: 'Tokens per minute', value: parts.join(', ') });
+  }
+  const text = (value: unknown): string | null => (typeof value === 'string' && value.trim() ? value : null);
+  return { displayName: text(details.display_name), description: text(details.description), facts };
+}
+
+/** What a cluster's scheduler says, as facts: its numbers, words and flags; nested objects by their path. */
+export function schedulerFacts(scheduler: Record<string, unknown> | undefined, prefix = ''): Fact[] {
+  const facts: Fact[] = [];
+  for (const [key, value] of Object.entries(scheduler ?? {})) {
+    const label = prefix ? `${prefix}${words(key)}` : capitalized(words(key));
+    if (typeof value === 'number') {
+      facts.push({ label, value: count(value) });
+    } else if (typeof value === 'string' || typeof value === 'boolean') {
+      facts.push({ label, value: String(value) });
+    } else if (value && typeof value === 'object' && !Array.isArray(value)) {
+      facts.push(...schedulerFacts(value as Record<string, unknown>, `${label} `));
+    }
+  }
+  return facts;
+}
+
+/**
+ * A model's details on one cluster: each endpoint with its state and latency, what FIRST publishes of the model
+ * and says of its clusters serving it (maintenance, scheduler), and the model's usage here.
+ */
 export function modelDetails(model: ClusterModel, cluster: string, status: StatusReply,
                              usage: UsageRow[]): ModelDetails {
   const endpoints = model.endpoints.map(where => {
@@ -199,9 +381,18 @@ export function modelDetails(model: ClusterModel, cluster: string, status: Statu
       error: info?.error ?? info?.router?.last_error ?? null
     };
   });
+  const remote = remoteClusters(model.id, cluster, model.endpoints, status).map(([name, info, endpoint]) => ({
+    name,
+    via: `${endpoint.cluster}/${endpoint.endpoint}`,
+    maintenance: typeof info.maintenance === 'boolean' ? info.maintenance : null,
+    jobsError: info.jobs === 'read' ? null : info.jobs,
+    scheduler: schedulerFacts(info.scheduler)
+  }));
   const row = usage.find(r => r.model === model.id);
   return {
     endpoints,
+    published: publishedView(status.models.find(m => m.id === model.id)?.details),
+    remote,
     requests: row?.requests ?? 0,
     tokens: (row?.prompt_tokens ?? 0) + (row?.completion_tokens ?? 0),
     lastLatencyMs: row?.last_latency_ms ?? row?.mean_latency_ms ?? null,

@@ -13,10 +13,11 @@ import {
   filterGroups,
   firstLine,
   groupByCluster,
+  maintenanceBadge,
   modelDetails,
   signInView
 } from './model';
-import type { Batch, ClusterModel, StatusReply, UsageRow } from './model';
+import type { Batch, ClusterModel, Fact, ModelDetails, StatusReply, UsageRow } from './model';
 
 export interface PanelOptions {
   refreshSeconds: number;
@@ -54,6 +55,38 @@ function button(label: string, title: string, onClick: () => void, cls = ''): HT
 function describe(error: unknown): string {
   return error instanceof GatewayCallError ? error.message
     : `Something went wrong in the panel: ${String(error)}. Press Refresh; if it stays, reload the page.`;
+}
+
+/** Facts as a definition list, one line each. */
+function facts(list: Fact[], cls: string): HTMLElement {
+  return h('dl', { class: `first-facts ${cls}` },
+    ...list.flatMap(fact => [h('dt', {}, fact.label), h('dd', {}, fact.value)]));
+}
+
+/**
+ * What FIRST publishes of the model (display name, description, capabilities) and says of its clusters serving
+ * it (maintenance, the scheduler's free nodes and queued jobs): nothing for a model on no FIRST gateway.
+ */
+function firstFacts(details: ModelDetails): Child[] {
+  const published = details.published;
+  const shown: Child[] = [];
+  if (published) {
+    shown.push(h('div', { class: 'first-published' },
+      published.displayName && h('div', { class: 'first-display-name' }, published.displayName),
+      published.description && h('div', { class: 'first-muted' }, published.description),
+      published.facts.length > 0 && facts(published.facts, 'first-capabilities')));
+  }
+  for (const remote of details.remote) {
+    const state = remote.maintenance === null ? 'maintenance not known'
+      : remote.maintenance ? 'under maintenance' : 'up';
+    shown.push(h('div', { class: 'first-remote', 'data-remote-cluster': remote.name },
+      h('div', {}, 'FIRST cluster ', h('strong', {}, remote.name), ` (via ${remote.via}): `,
+        h('span', { class: remote.maintenance ? 'first-maintenance-text' : '' }, state)),
+      remote.scheduler.length > 0 && facts(remote.scheduler, 'first-scheduler'),
+      remote.jobsError && h('div', { class: 'first-cluster-error', title: remote.jobsError },
+        `Its jobs could not be read: ${firstLine(remote.jobsError)}`)));
+  }
+  return shown;
 }
 
 function formatMs(ms: number | null): string {
@@ -303,12 +336,18 @@ export class FirstPanel extends Widget {
     radio.checked = model.isDefault;
     radio.addEventListener('change', choose);
     const name = h('span', { class: 'first-model-name', title: 'Show details' }, model.id);
-    const row = h('div', {
+    const attrs: Record<string, string> = {
       class: `first-model${model.isDefault ? ' first-default' : ''}`, 'data-model': model.id,
       'data-state': model.state
-    },
+    };
+    if (model.maintenance) {
+      attrs['data-maintenance'] = model.maintenance.clusters.join(' ');
+    }
+    const maintenance = model.maintenance && maintenanceBadge(model.maintenance);
+    const row = h('div', attrs,
     radio, name,
     h('span', { class: `first-badge first-state-${model.state}`, title: STATE_HELP[model.state] }, model.state),
+    maintenance && h('span', { class: 'first-badge first-maintenance', title: maintenance.help }, maintenance.label),
     model.isDefault && h('span', { class: 'first-default-mark', title: 'The default model' }, 'default'),
     canWarm(model.state) && button('Warm up', `Start ${model.id} on ${cluster} now, ahead of the first request`,
       () => void this.act(() => this.api.warm(model.id, cluster)), 'first-warm'));
@@ -329,6 +368,7 @@ export class FirstPanel extends Widget {
       endpoint.error && h('div', { class: 'first-cluster-error', title: endpoint.error }, firstLine(endpoint.error))));
     const used = details.lastUsed ? new Date(details.lastUsed * 1000).toLocaleString() : 'never';
     return h('div', { class: 'first-model-box' }, row, h('div', { class: 'first-details' },
+      ...firstFacts(details),
       h('ul', {}, ...endpoints),
       h('div', {}, `Last latency: ${formatMs(details.lastLatencyMs)}`),
       h('div', {}, `Tokens used: ${details.tokens.toLocaleString()} in ${details.requests} requests`),

@@ -10,10 +10,14 @@ import {
   firstLine,
   groupByCluster,
   humanDuration,
+  maintenanceBadge,
   modelDetails,
+  publishedView,
+  schedulerFacts,
   signInView
 } from '../src/model';
 import type { StatusReply } from '../src/model';
+import { EMBED, LLAMA, QWEN, firstGateway } from './first-gateway';
 
 const NOT_SIGNED_IN = { signed_in: false, source: null, identity: null, tokens: {}, help: 'Sign in with first login' };
 
@@ -125,6 +129,99 @@ describe('modelDetails', () => {
     const details = modelDetails(aurora.models[0], 'aurora', status, []);
     expect(details.endpoints[0].error).toBe('Globus Compute endpoint is offline');
     expect([details.requests, details.tokens, details.lastLatencyMs, details.lastUsed]).toEqual([0, 0, null, null]);
+  });
+});
+
+describe('a FIRST gateway as a cluster', () => {
+  const [alcf, lab] = groupByCluster(firstGateway());
+  const model = (id: string) => alcf.models.find(m => m.id === id)!;
+
+  it("marks a model under maintenance where every FIRST cluster serving it is, and partly where one is", () => {
+    expect(model(QWEN).maintenance).toEqual({ clusters: ['sophia'], all: true });
+    expect(model(LLAMA).maintenance).toEqual({ clusters: ['sophia'], all: false });
+    expect(model(EMBED).maintenance).toBeNull();
+    expect(lab.models[0].maintenance).toBeNull(); // no FIRST gateway behind it
+    expect(groupByCluster(twoClusters())[1].models.map(m => m.maintenance)).toEqual([null, null]);
+  });
+
+  it("words the maintenance badge by what it means for the model's requests", () => {
+    expect(maintenanceBadge({ clusters: ['sophia'], all: true })).toEqual({ label: 'under maintenance',
+      help: 'FIRST says sophia is under maintenance: requests for this model fail until it ends.' });
+    expect(maintenanceBadge({ clusters: ['sophia', 'crux'], all: false })).toEqual({
+      label: 'maintenance: sophia, crux',
+      help: 'FIRST says sophia, crux are under maintenance: requests for this model go to its other FIRST ' +
+        'clusters meanwhile.' });
+  });
+
+  it('lets the filter find the models under maintenance', () => {
+    const found = filterGroups([alcf, lab], 'maintenance');
+    expect(found.map(g => [g.cluster, g.models.map(m => m.id)])).toEqual([['alcf', [LLAMA, QWEN]]]);
+  });
+
+  it("gives what FIRST publishes of the model and says of each of its clusters", () => {
+    const details = modelDetails(model(LLAMA), 'alcf', firstGateway(), []);
+    expect(details.published).toEqual({
+      displayName: 'Llama 3.3 70B', description: 'Meta Llama 3.3, instruction-tuned.', facts: [
+        { label: 'Protocols', value: 'chat completions, responses' },
+        { label: 'Streaming', value: 'yes' },
+        { label: 'Tool calling', value: 'yes' },
+        { label: 'Context window', value: '131,072 tokens' },
+        { label: 'Input', value: 'text' },
+        { label: 'Tokens per minute', value: '200,000, 50,000 per user' }
+      ]
+    });
+    expect(details.remote).toEqual([
+      { name: 'sophia', via: 'alcf/gateway', maintenance: true, scheduler: [],
+        jobsError: 'The FIRST gateway (GET /resource_server/sophia/jobs) answered 500: qstat failed on the login ' +
+          'node\nmore lines' },
+      { name: 'polaris', via: 'alcf/gateway', maintenance: false, jobsError: null, scheduler: [
+        { label: 'Free nodes', value: '12' }, { label: 'Queued jobs', value: '3' },
+        { label: 'Nodes gpu free', value: '40' }] }
+    ]);
+  });
+
+  it('has no FIRST facts for a model that published nothing, or that no FIRST gateway serves', () => {
+    const qwen = modelDetails(model(QWEN), 'alcf', firstGateway(), []);
+    expect([qwen.published, qwen.remote.map(r => r.name)]).toEqual([null, ['sophia']]);
+    const plain = modelDetails(lab.models[0], 'lab', firstGateway(), []);
+    expect([plain.published, plain.remote]).toEqual([null, []]);
+  });
+
+  it('says a maintenance it was not told as unknown', () => {
+    const status = firstGateway();
+    delete status.endpoints[0].remote_clusters!.polaris.maintenance;
+    const [group] = groupByCluster(status);
+    const embed = group.models.find(m => m.id === EMBED)!;
+    expect(embed.maintenance).toBeNull();
+    expect(modelDetails(embed, 'alcf', status, []).remote[0].maintenance).toBeNull();
+  });
+});
+
+describe('publishedView', () => {
+  it('leaves out what is not in the shape FIRST documents, rather than show it wrong', () => {
+    const odd = JSON.parse(JSON.stringify({ display_name: '  ', description: 7, capabilities: {
+      api_protocols: 'chat', streaming: 'yes', tool_calling: { supported: 'maybe' }, context_window_tokens: '128k',
+      input_modalities: [3, 'image'] } }));
+    expect(publishedView(odd)).toEqual({ displayName: null, description: null,
+      facts: [{ label: 'Input', value: 'image' }] });
+    expect(publishedView(undefined)).toBeNull();
+  });
+
+  it('reads a plain flag as well as an object with `supported`', () => {
+    const view = publishedView({ capabilities: { streaming: false, tool_calling: false } });
+    expect(view?.facts).toEqual([{ label: 'Streaming', value: 'no' }, { label: 'Tool calling', value: 'no' }]);
+    expect(publishedView({ rate_limit_token_per_minute_per_user: 1000 })?.facts)
+      .toEqual([{ label: 'Tokens per minute', value: '1,000 per user' }]);
+  });
+});
+
+describe('schedulerFacts', () => {
+  it("shows the scheduler's numbers, words and flags, nested ones by their path, and nothing when it is silent", () => {
+    expect(schedulerFacts({ free_nodes: 1024, state: 'draining', reservations: true, list: [1], gone: null,
+      queue: { debug: { waiting: 2 } } })).toEqual([
+      { label: 'Free nodes', value: '1,024' }, { label: 'State', value: 'draining' },
+      { label: 'Reservations', value: 'true' }, { label: 'Queue debug waiting', value: '2' }]);
+    expect(schedulerFacts(undefined)).toEqual([]);
   });
 });
 

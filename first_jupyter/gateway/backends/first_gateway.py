@@ -395,14 +395,15 @@ class FirstGatewayBackend(HttpBackend):
         self._states = states
         return {**info, "state": "online", "models": sorted(self.catalog), "model_states": model_states,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-                "remote_clusters": {c: self._remote_cluster(jobs[c], up.get(c)) for c in clusters}}
+                "remote_clusters": {c: self._remote_cluster(c, jobs[c], up.get(c)) for c in clusters}}
 
-    @staticmethod
-    def _remote_cluster(jobs: tuple[dict[tuple[str, str], str], dict[str, Any]] | str,
+    def _remote_cluster(self, cluster: str, jobs: tuple[dict[tuple[str, str], str], dict[str, Any]] | str,
                         up: bool | None) -> dict[str, Any]:
-        """What the status API says of one remote cluster: its jobs read (or why not), its maintenance (when its
+        """What the status API says of one remote cluster: the models it serves (so that the sidebar shows a
+        model's maintenance and free nodes where it runs), its jobs read (or why not), its maintenance (when its
         ``/status`` says), and what its scheduler says (``cluster_status``: free nodes, for a wait estimate)."""
-        info: dict[str, Any] = {"jobs": "read" if isinstance(jobs, tuple) else jobs}
+        models = sorted(m for m, places in self.catalog.items() if any(p.cluster == cluster for p in places))
+        info: dict[str, Any] = {"models": models, "jobs": "read" if isinstance(jobs, tuple) else jobs}
         if up is not None:
             info["maintenance"] = not up
         if isinstance(jobs, tuple) and jobs[1]:
