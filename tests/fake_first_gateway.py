@@ -76,6 +76,8 @@ class FakeFirstGateway:
     """GET route under the root (``list-endpoints``) → a body served in place of the real one (a changed shape)."""
     faults: dict[str, str] = field(default_factory=dict)
     """model → one of ``FAULTS``, answered to every request for it."""
+    token: str = TOKEN
+    """The access token it accepts (a hub user's, for the sidebar behind a real hub: tests/hub/serve_for_ui.py)."""
     denial: str | None = None
     """A 401 message refusing the account (``GROUP_DENIAL``) for every request with the right token."""
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -119,7 +121,7 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
                 state.calls.append((method, self.path, auth))
             if auth is None:
                 self._send(401, {"detail": "Unauthorized"})
-            elif auth != f"Bearer {TOKEN}":
+            elif auth != f"Bearer {state.token}":
                 self._send(401, app_error("unauthorized", EXPIRED))
             elif state.denial is not None:
                 self._send(401, app_error("unauthorized", state.denial))

@@ -252,9 +252,12 @@ export const STATE_HELP: Record<ModelState, string> = {
   offline: 'Offline: its endpoint cannot be reached now.'
 };
 
-/** Whether the warm-up action applies: a model that nothing runs or starts yet. */
-export function canWarm(state: ModelState): boolean {
-  return state === 'cold';
+/**
+ * Whether the warm-up action applies: a model that nothing runs or starts yet, where it can be started (not where
+ * every FIRST cluster serving it is under maintenance).
+ */
+export function canWarm(state: ModelState, maintenance: Maintenance | null = null): boolean {
+  return state === 'cold' && !maintenance?.all;
 }
 
 /** One line of a details box: a label and its value, in words. */

@@ -335,7 +335,7 @@ export class FirstPanel extends Widget {
     }) as HTMLInputElement;
     radio.checked = model.isDefault;
     radio.addEventListener('change', choose);
-    const name = h('span', { class: 'first-model-name', title: 'Show details' }, model.id);
+    const name = h('span', { class: 'first-model-name', title: `${model.id}: show details` }, model.id);
     const attrs: Record<string, string> = {
       class: `first-model${model.isDefault ? ' first-default' : ''}`, 'data-model': model.id,
       'data-state': model.state
@@ -349,7 +349,8 @@ export class FirstPanel extends Widget {
     h('span', { class: `first-badge first-state-${model.state}`, title: STATE_HELP[model.state] }, model.state),
     maintenance && h('span', { class: 'first-badge first-maintenance', title: maintenance.help }, maintenance.label),
     model.isDefault && h('span', { class: 'first-default-mark', title: 'The default model' }, 'default'),
-    canWarm(model.state) && button('Warm up', `Start ${model.id} on ${cluster} now, ahead of the first request`,
+    canWarm(model.state, model.maintenance) && button('Warm up',
+      `Start ${model.id} on ${cluster} now, ahead of the first request`,
       () => void this.act(() => this.api.warm(model.id, cluster)), 'first-warm'));
     name.addEventListener('click', () => {
       if (open) {

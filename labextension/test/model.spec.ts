@@ -58,6 +58,11 @@ describe('states', () => {
   it('offers warm-up only to cold models', () => {
     expect(['hot', 'starting', 'queued', 'cold', 'offline'].filter(s => canWarm(asState(s)))).toEqual(['cold']);
   });
+
+  it('offers no warm-up where every FIRST cluster serving the model is under maintenance', () => {
+    expect(canWarm('cold', { clusters: ['sophia'], all: true })).toBe(false);
+    expect(canWarm('cold', { clusters: ['sophia'], all: false })).toBe(true);
+  });
 });
 
 describe('groupByCluster', () => {

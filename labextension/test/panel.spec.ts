@@ -79,6 +79,8 @@ describe('the panel with a FIRST gateway as a cluster', () => {
     expect(row(panel, 'alcf', EMBED).querySelector('.first-maintenance')).toBeNull();
     expect(row(panel, 'alcf', EMBED).dataset.maintenance).toBeUndefined();
     expect(row(panel, 'lab', 'fake-model').querySelector('.first-maintenance')).toBeNull();
+    expect(qwen.querySelector('.first-warm')).toBeNull(); // cold, but nowhere to start it
+    expect(row(panel, 'alcf', EMBED).querySelector('.first-warm')).not.toBeNull();
   });
 
   it("shows in a model's details its display name, capabilities, and each FIRST cluster's state", async () => {

@@ -66,7 +66,8 @@ def hub_config(*, directory: Path, ports: dict[str, int], admin_token: str, firs
         ("Spawner.cmd", [str(Path(sys.executable).parent / "jupyterhub-singleuser")]),
         ("Spawner.args", ["--allow-root"] if os.geteuid() == 0 else []),  # a CI container runs as root
         ("Spawner.environment", {"FIRST_CONFIG": str(first_config),
-                                 "PYTHONPATH": str(Path(first_jupyter.__file__).resolve().parents[1])}),
+                                 "PYTHONPATH": str(Path(first_jupyter.__file__).resolve().parents[1]),
+                                 **_jupyter_path()}),
         ("Spawner.server_token_scopes", SERVER_TOKEN_SCOPES),
         ("Spawner.http_timeout", int(ENGINE_GUARD_S)),
         ("Spawner.start_timeout", int(ENGINE_GUARD_S)),
@@ -185,6 +186,13 @@ def running_hub(directory: Path, first_config: Path) -> Iterator[RunningHub]:
                 process.kill()
                 process.wait()
         assert not alive, f"the hub left these running: {[p.pid for p in alive]}"
+
+
+def _jupyter_path() -> dict[str, str]:
+    """``JUPYTER_PATH`` when this process has one, so that the servers load the sidebar it names (a checkout's own
+    build, ahead of the environment's), as they import this checkout's first_jupyter: a spawner passes on only
+    the variables it is told to."""
+    return {"JUPYTER_PATH": os.environ["JUPYTER_PATH"]} if os.environ.get("JUPYTER_PATH") else {}
 
 
 def _environ() -> dict[str, str]:
