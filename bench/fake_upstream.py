@@ -8,10 +8,10 @@ transfer encoding for streamed responses.  Because the generated content is fixe
 are rendered once and cached as bytes per (route, stream, model, ...) so a request usually costs one
 header parse, one small ``orjson.loads`` and one ``transport.write``.
 
-It also injects faults (429, 500, hang, slow first byte, connection dropped mid-stream), server-wide
-or per request through the ``x-fake-fault`` header, and records what it saw (request counts, in-flight
-responses, client disconnects, last request) so tests can assert on the gateway's behaviour, either
-through plain attributes from another thread or through ``GET /stats`` from another process.
+It also injects faults (an engine's 400, 429, 500, hang, slow first byte, connection dropped mid-stream, a
+malformed model list), server-wide or per request through the ``x-fake-fault`` header, and records what it saw
+(request counts, in-flight responses, client disconnects, last request) so tests can assert on the gateway's
+behaviour, either through plain attributes from another thread or through ``GET /stats`` from another process.
 
 A test that needs work to be *under way* (a batch seen part done, a request cancelled while it runs) must
 not hope the machine is slow enough to catch it: it closes the gate (``POST /gate {"hold": true}``), so that
@@ -47,9 +47,15 @@ from typing import Any, Final, TypedDict, Unpack, cast
 
 import orjson
 
-FAULT_MODES: Final[tuple[str, ...]] = ("none", "403", "429", "500", "hang", "slow-first-byte", "drop-mid-stream",
-                                        "bare-lf-header")
-"""Accepted values of the ``fault`` option and of the ``x-fake-fault`` request header."""
+FAULT_MODES: Final[tuple[str, ...]] = ("none", "400", "403", "429", "500", "hang", "slow-first-byte",
+                                        "drop-mid-stream", "bare-lf-header", "bad-models")
+"""Accepted values of the ``fault`` option and of the ``x-fake-fault`` request header. ``400``: the engine refuses
+each inference request as vLLM does (``GET /v1/models`` still answers); ``bad-models``: ``GET /v1/models`` answers
+``{"object": "list", "data": null}`` (inference still answers)."""
+
+ENGINE_REFUSAL: Final = {"error": {"message": "temperature must be in [0, 2] (fake fault)", "type": "BadRequestError",
+                                   "param": "temperature", "code": 400}}
+"""What fault ``400`` answers: vLLM's error shape, its param and code included."""
 
 SLOW_FIRST_BYTE_DEFAULT_S: Final = 5.0
 """First-byte delay of ``slow-first-byte`` when no ``first_byte_delay`` was configured."""
@@ -596,7 +602,11 @@ class FakeUpstream:
             return _error_response(429, "Rate limit reached (fake fault)", "requests", close,
                                    b"retry-after: 1\nX-Injected: yes\r\n")
         if path == _MODELS:
+            if fault == "bad-models":
+                return _json_response(200, b'{"object":"list","data":null}', close)
             return self._cached(("models", close), lambda: _json_response(200, self._models_body(), close))
+        if fault == "400":
+            return _json_response(400, orjson.dumps(ENGINE_REFUSAL), close)
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -1,19 +1,27 @@
-"""OpenAI request and error models shared by every layer.
+"""OpenAI requests and errors as every layer sees them.
 
-Validation is deliberately narrow: the fields a gateway must understand (model, messages, numeric ranges,
-``stream``) are checked so that a user gets a precise 400 naming the field, while every other field is kept
-exactly as sent, because engines such as vLLM accept many extra sampling fields the OpenAI schema lacks.
+The gateway checks only what it needs itself: a JSON object, the ``model`` it routes on, ``stream`` (and, in a
+stream, the ``stream_options`` it adds to), and how deep the body nests (it must be able to write the body again).
+Everything else goes to the engine exactly as sent, for the engine to judge: engines such as vLLM take content
+parts, sampling fields and ranges the OpenAI schema lacks, and a gateway that refused them would stand between a
+user and their engine. An engine's own 400 reaches the client as the engine said it.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
+MAX_NESTING = 128
+"""How deep a request body may nest objects and lists. orjson reads 1024 levels but writes only about 254, and
+the gateway writes bodies again (a renamed model, a batch line, a task for a cluster), some inside a few levels
+of its own: far below what it can write, far above what any request needs (a tool's JSON schema nests a dozen)."""
+MAX_MODEL_NAME = 256
+"""The longest model name taken: longer than any served name (Hugging Face ids are at most 96 characters), short
+enough that a made-up name does no harm in an error message or a log line."""
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -69,84 +77,8 @@ class OpenAIError(Exception):
         return b"data: " + self.to_bytes() + b"\n\n"
 
 
-class _Passthrough(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-
-class TextPart(_Passthrough):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(_Passthrough):
-    type: Literal["image_url"]
-    image_url: dict[str, Any] | str
-
-
-class AudioPart(_Passthrough):
-    type: Literal["input_audio"]
-    input_audio: dict[str, Any]
-
-
-class FilePart(_Passthrough):
-    type: Literal["file"]
-    file: dict[str, Any]
-
-
-class RefusalPart(_Passthrough):
-    type: Literal["refusal"]
-    refusal: str
-
-
-ContentPart = Annotated[TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")]
-
-
-class ChatMessage(_Passthrough):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-
-
-class _SamplingFields(_Passthrough):
-    model: str | None = None
-    stream: bool = False
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-
-
-class EmbeddingRequest(_Passthrough):
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(default=None, ge=1)
-
-    @property
-    def stream(self) -> bool:
-        return False
-
-
-_REQUEST_MODELS: dict[Capability, type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest]] = {
-    Capability.chat: ChatCompletionRequest,
-    Capability.completions: CompletionRequest,
-    Capability.embeddings: EmbeddingRequest,
-}
-
-
 class ParsedRequest:
-    """A validated request: the decoded body (every field as sent) plus what the gateway reads from it."""
+    """A checked request: the decoded body (every field as sent) plus what the gateway reads from it."""
 
     __slots__ = ("capability", "data", "model", "raw", "stream")
 
@@ -155,38 +87,86 @@ class ParsedRequest:
         self.data = data
         self.raw = raw
         self.model: str = data.get("model") or ""  # empty: the gateway answers 404 with the known ids
-        self.stream: bool = bool(data.get("stream", False))
+        self.stream: bool = data.get("stream") is True
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part in {"str", "list[ContentPart]", "none", "list[str]", "list[int]", "list[list[int]]"} or (
-            isinstance(part, str) and part[:1].isupper()
-        ):
-            continue  # pydantic names the union member it tried; users know only field names
-        else:
-            path += f".{part}" if path else part
-    return path
+def json_kind(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words, for a message that says what was sent instead."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def nests_deeper(value: object, limit: int) -> bool:
+    """Whether objects and lists in ``value`` nest more than ``limit`` levels (the value itself is the first).
+
+    Level by level, and a level's scalars are skipped by C code (``set(map(type, ...))``), so that a body of many
+    numbers (token ids, embeddings input) costs next to nothing on the request path."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[object] = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            kinds = set(map(type, items))
+            if dict in kinds or list in kinds:
+                below.extend(item for item in items if isinstance(item, dict | list))
+        level = below
+    return False
+
+
+def _invalid(field: str, message: str) -> OpenAIError:
+    return OpenAIError(400, f"Invalid value for '{field}': {message}. Fix that field and send the request again.",
+                       param=field, code="invalid_value")
+
+
+def too_deep() -> OpenAIError:
+    """The refusal of a body nested deeper than ``MAX_NESTING`` (a request's, or a batch line's)."""
+    return OpenAIError(400, f"The request body nests objects and lists more than {MAX_NESTING} levels deep, which "
+                            f"this gateway does not take. Flatten it (no request needs that depth).",
+                       code="nesting_too_deep")
+
+
+def check_request(capability: Capability, data: dict[str, Any]) -> None:
+    """Check a decoded request body for what the gateway reads, raising ``OpenAIError(400)`` that names the field.
+    The rest is the engine's to judge."""
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid("model", f"it must be a model id (a string), not {json_kind(model)}; GET /first/v1/models "
+                                "lists them")
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        raise _invalid("model", f"it is {len(model):,} characters long, and no model name here is longer than "
+                                f"{MAX_MODEL_NAME}; GET /first/v1/models lists them")
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("stream", f"it must be true, false or null, not {json_kind(stream)}")
+    if stream and capability is Capability.embeddings:
+        raise _invalid("stream", "embeddings are not streamed; leave 'stream' out, or set it to false")
+    options = data.get("stream_options")
+    if stream and options is not None and not isinstance(options, dict):
+        raise _invalid("stream_options", f"it must be an object such as {{\"include_usage\": true}}, not "
+                                         f"{json_kind(options)}")
+    if nests_deeper(data, MAX_NESTING):
+        raise too_deep()
 
 
 def parse_request(capability: Capability, raw: bytes) -> ParsedRequest:
-    """Decode and validate a request body, raising ``OpenAIError(400)`` that names the offending field."""
+    """Decode and check a request body (``check_request``), raising ``OpenAIError(400)`` that says what to fix."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson stops reading at 1024 levels
+            raise too_deep() from None
         raise OpenAIError(400, f"The request body is not valid JSON ({exc}). Send a JSON object with "
                                f"'Content-Type: application/json'.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "The request body must be a JSON object, e.g. "
                                '{"model": "...", "messages": [...]}.', code="invalid_json")
-    try:
-        _REQUEST_MODELS[capability].model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        field = _field_path(tuple(err["loc"])) or None
-        raise OpenAIError(400, f"Invalid value for '{field}': {err['msg']}. Fix that field and send the "
-                               f"request again.", param=field, code="invalid_value") from None
+    check_request(capability, data)
     return ParsedRequest(capability, data, raw)

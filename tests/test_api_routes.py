@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -11,9 +12,10 @@ from yarl import URL
 
 from first_jupyter.config import load_config
 from first_jupyter.gateway import Gateway
-from first_jupyter.gateway.usage import UsageRecord
+from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import OpenAIError
 from tests.conftest import Door, fake_cluster_config, server_config
+from tests.waiting import eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -57,7 +59,7 @@ async def test_a_bad_default_model_is_refused_and_says_what_to_send(door, body, 
 
 async def test_usage_summary_counts_requests_tokens_and_errors_per_model(door):
     async with aiohttp.ClientSession() as session:
-        for body in (CHAT, CHAT, {**CHAT, "temperature": 9}):  # the last is refused (400) before any upstream
+        for body in (CHAT, CHAT, {**CHAT, "stream": "yes"}):  # the last is refused (400) before any upstream
             async with session.post(door.route("chat/completions"), json=body, headers=door.headers) as resp:
                 await resp.read()
     code, usage = await _call(door, "GET", _api(door, "usage"))
@@ -66,6 +68,62 @@ async def test_usage_summary_counts_requests_tokens_and_errors_per_model(door):
     assert (row["model"], row["requests"], row["errors"]) == ("fake-model", 2, 0)
     assert row["completion_tokens"] == 2 * 8  # the fake answers 8 tokens
     assert row["mean_latency_ms"] > 0
+
+
+async def test_a_model_served_nowhere_leaves_no_usage_row(door):
+    """Unknown names are refused before anything is recorded: the store would keep and show whatever was sent."""
+    async with aiohttp.ClientSession() as session:
+        for model, status in (("made-up-model", 404), ("x" * 1_000_000, 400), ("fake-model", 200)):
+            async with session.post(door.route("chat/completions"), json={**CHAT, "model": model},
+                                    headers=door.headers) as resp:
+                assert resp.status == status
+    code, usage = await _call(door, "GET", _api(door, "usage"))
+    assert code == 200
+    assert [row["model"] for row in usage["data"]] == ["fake-model"]
+
+
+async def test_a_malformed_model_list_marks_only_that_endpoint_failed_and_status_still_answers(door,
+                                                                                              fake_upstream):
+    fake_upstream.fault = "bad-models"  # GET /v1/models answers {"object": "list", "data": null}
+    code, status = await _call(door, "GET", _api(door, "status"))
+    assert code == 200
+    (endpoint,) = status["endpoints"]
+    assert endpoint["state"] == "failed"
+    assert "'data' is null" in endpoint["error"]
+    assert status["background"]["failures"] == 0  # an answer the check foresaw: no task failed on it
+    async with aiohttp.ClientSession() as session, session.post(door.route("chat/completions"), json=CHAT,
+                                                                headers=door.headers) as resp:
+        assert resp.status == 200  # its engine still answers requests
+    fake_upstream.fault = "none"
+    code, status = await _call(door, "GET", _api(door, "status"))
+    assert status["endpoints"][0]["state"] == "online"
+
+
+async def test_a_failing_background_task_is_logged_counted_in_status_and_goes_on(door, first_ext, caplog):
+    """The usage writer meets a store whose table is gone: the failure is logged with its traceback and counted,
+    and the writer goes on with the next records once the table is back."""
+    path = first_ext.gateway.usage.path
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE usage")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(door.route("chat/completions"), json=CHAT, headers=door.headers) as resp:
+            assert resp.status == 200
+        supervisor = first_ext.gateway.supervisor
+        await eventually_async(lambda: supervisor.status()["failures"], "the usage writer's failure counted")
+        async with session.get(_api(door, "status"), headers=door.headers) as resp:
+            background = json.loads(await resp.read())["background"]
+        assert background["failures"] == 1
+        assert "no such table: usage" in background["tasks"]["usage writer"]["last_error"]
+        (logged,) = [r for r in caplog.records if "usage writer" in r.getMessage()]
+        assert logged.exc_info is not None  # with its traceback
+        assert "no such table: usage" in str(logged.exc_info[1])
+
+        UsageStore(path).close()  # the store, opened again, makes its table again
+        async with session.post(door.route("chat/completions"), json=CHAT, headers=door.headers) as resp:
+            assert resp.status == 200
+    code, usage = await _call(door, "GET", _api(door, "usage"))
+    assert code == 200
+    assert [(row["model"], row["requests"]) for row in usage["data"]] == [("fake-model", 1)]  # the lost one is not
 
 
 async def test_usage_summary_gives_each_models_last_latency(fake_upstream, write_config, tmp_path):

@@ -120,7 +120,8 @@ async def test_a_file_with_bad_lines_fails_the_batch_with_each_line_and_runs_not
     lines = [_line(0), _line(1, method="GET"), _line(2, url="/v1/embeddings"), _line(0),
              _line(4, body={"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}),
              _line(5, body={"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "x"}]}),
-             _line(6, body={"model": "fake-model", "messages": []}), {"method": "POST"}]
+             _line(6, body={"model": "fake-model", "stream": "false", "messages": [{"role": "user", "content": "x"}]}),
+             {"method": "POST"}]
     body = _jsonl(lines) + b"{not json\n"
     uploaded = await client.files.create(file=("bad.jsonl", body), purpose="batch")
     before = fake_upstream.by_route[CHAT]
@@ -133,7 +134,7 @@ async def test_a_file_with_bad_lines_fails_the_batch_with_each_line_and_runs_not
     errors = {(e.line, e.code, e.param) for e in done.errors.data}
     assert errors == {(2, "invalid_method", "method"), (3, "mismatched_url", "url"),
                       (4, "duplicate_custom_id", "custom_id"), (5, "model_not_found", "body.model"),
-                      (6, "stream_not_allowed", "body.stream"), (7, "invalid_request", "body.messages"),
+                      (6, "stream_not_allowed", "body.stream"), (7, "invalid_request", "body.stream"),
                       (8, "missing_custom_id", "custom_id"), (9, "invalid_json", None)}
     messages = {e.line: e.message for e in done.errors.data}
     assert "also on line 1" in messages[4]

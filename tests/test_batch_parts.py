@@ -9,7 +9,8 @@ import pytest
 
 from first_jupyter.batch.results import Results
 from first_jupyter.batch.upload import Upload
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.batch.validate import check_file
+from first_jupyter.protocol import MAX_NESTING, OpenAIError
 
 CONTENT = b'{"a": 1}\r\n{"b": "--boundar"}\n' + bytes(range(256)) + b"\n\r\n--not-it\n"
 """A file with CRLFs, bytes of every value and near-misses of the boundary, which must come through untouched."""
@@ -104,3 +105,24 @@ def test_the_result_files_say_what_is_done_after_a_torn_write(tmp_path):
     assert refused[0]["response"]["status_code"] == 400
     assert refused[1] == {"id": refused[1]["id"], "custom_id": "c", "response": None,
                           "error": {"code": "batch_cancelled", "message": "cancelled"}}
+
+
+def test_a_batch_checks_what_the_gateway_reads_line_by_line_and_leaves_the_rest_to_the_engine(tmp_path):
+    def line(custom_id: str, **body: object) -> str:
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}})
+
+    deep = "[" * 300 + "]" * 300  # deeper than the gateway can write again
+    lines = [line("ok", temperature=2.5, max_tokens=0, stream=None, prompt_embeds="AAAA"),
+             line("parts", messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v"}}]}]),
+             line("deep").replace('"hi"', deep), line("false", stream="false"),
+             json.dumps({"custom_id": "x", "method": "POST", "url": "/" * 1_000_000, "body": {}})]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    checked = check_file(path, "/v1/chat/completions", {"m"})
+    assert checked.total == 5
+    assert [(e.line, e.code, e.param) for e in checked.errors] == [
+        (3, "invalid_request", "body"), (4, "invalid_request", "body.stream"), (5, "mismatched_url", "url")]
+    assert str(MAX_NESTING) in checked.errors[0].message
+    assert len(checked.errors[2].message) < 200  # a huge value is shown cut short
+    assert checked.models == {"m": 2}

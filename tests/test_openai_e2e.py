@@ -84,8 +84,7 @@ async def test_usage_is_recorded(first_ext, key_door):
     assert rows[1][3:5] == (1, 200)
     assert rows[1][6] == 4
     assert rows[1][7] > 0
-    assert rows[2][0] == "missing"
-    assert rows[2][4] == 404
+    assert len(rows) == 2  # a model served nowhere leaves no row (its name is whatever the client sent)
 
 
 async def test_extra_sampling_fields_reach_the_engine(first_ext, key_door):

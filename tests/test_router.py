@@ -242,15 +242,23 @@ def test_candidates_are_ordered_by_state_then_by_answer_time_and_load():
     assert names()[-1] == "b"  # offline: last resort
 
 
-async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_often(upstreams, tmp_path):
+@pytest.mark.parametrize(("fault", "state", "error"), [
+    ("500", "offline", "HTTP 500"),  # its GET /models fails too
+    ("bad-models", "failed", "'data' is null"),  # GET /models answers {"object": "list", "data": null}
+])
+async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_often(upstreams, tmp_path, fault,
+                                                                                    state, error):
     first, second = upstreams
-    first.fault = "500"  # its GET /models fails too: offline
+    first.fault = fault
     gateway = _gateway(tmp_path, first.url, second.url)
     alpha, beta = (gateway.router.health[id(b)] for b in gateway.backends)
     reading = asyncio.ensure_future(gateway.keep_states_fresh(period=0.1))
     try:
         await eventually_async(lambda: alpha.states.get("shared") == "offline")
         assert beta.states["shared"] == "hot"
+        endpoints = (await gateway.status())["endpoints"]
+        assert [e["state"] for e in endpoints] == [state, "online"]  # that endpoint only, with the reason
+        assert error in endpoints[0]["error"]
         await eventually_async(lambda: gateway.probe_intervals.get(id(gateway.backends[0]), 0) >= 0.4)  # backing off
         assert gateway.probe_intervals[id(gateway.backends[1])] == 0.1
         assert [t.cluster for t in gateway.router.candidates("shared", Capability.chat)] == ["beta", "alpha"]
@@ -260,7 +268,7 @@ async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_of
         assert listed["state"] == "hot"  # the best of its endpoints, as last read
 
         first.fault = "none"
-        await eventually_async(lambda: alpha.states.get("shared") == "hot")
+        await eventually_async(lambda: alpha.states.get("shared") == "hot")  # still read: the readings went on
         assert gateway.probe_intervals[id(gateway.backends[0])] == 0.1  # back to the normal pace
     finally:
         reading.cancel()

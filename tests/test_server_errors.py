@@ -8,9 +8,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.fake_upstream import ENGINE_REFUSAL
+from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
 from tests.conftest import Door, fake_cluster_config, scoped_headers, server_config
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 @pytest.fixture
@@ -64,28 +67,82 @@ async def test_missing_or_unknown_model_is_404_listing_ids(door, model):
 @pytest.mark.parametrize(
     ("patch", "field"),
     [
-        ({"temperature": "hot"}, "temperature"),
-        ({"temperature": 7}, "temperature"),
-        ({"messages": "hello"}, "messages"),
-        ({"messages": []}, "messages"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"model": 42}, "model"),
+        ({"model": "m" * (MAX_MODEL_NAME + 1)}, "model"),
         ({"stream": "yes please"}, "stream"),
+        ({"stream": "false"}, "stream"),  # a string: neither false nor a stream
+        ({"stream": 1}, "stream"),
+        ({"stream": True, "stream_options": "x"}, "stream_options"),
+        ({"stream": True, "stream_options": ["include_usage"]}, "stream_options"),
+        ({"stream": True, "stream_options": 3}, "stream_options"),
     ],
 )
-async def test_wrong_types_are_400_naming_the_field(door, patch, field):
+async def test_what_the_gateway_reads_is_checked_with_a_400_naming_the_field(door, fake_upstream, patch, field):
     code, body = await _post(door, "chat/completions", json.dumps({**CHAT, **patch}))
     assert code == 400
     message = _assert_openai_error(body, param=field)
     assert f"'{field}'" in message
+    assert fake_upstream.by_route[CHAT_ROUTE] == 0  # refused before any engine
 
 
-async def test_completions_prompt_type_is_checked(door):
-    request = {"model": "fake-model", "prompt": {"a": 1}}
-    code, body = await _post(door, "completions", json.dumps(request))
+async def test_embeddings_are_not_streamed(door, fake_upstream):
+    code, body = await _post(door, "embeddings", json.dumps({"model": "fake-embed", "input": "hi", "stream": True}))
     assert code == 400
-    _assert_openai_error(body, param="prompt")
+    assert "not streamed" in _assert_openai_error(body, param="stream")
+    assert fake_upstream.by_route["/v1/embeddings"] == 0
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING, 300, 1100])  # 1100: deeper than orjson reads
+async def test_a_body_nested_deeper_than_the_gateway_writes_is_a_400_naming_the_limit(door, fake_upstream, depth):
+    tools = "[" * (depth - 1) + "]" * (depth - 1)  # inside the body's own object: ``depth`` levels in all
+    body = f'{{"model": "fake-model", "stream": true, "messages": [{{"role": "user", "content": "hi"}}], ' \
+           f'"tools": {tools}}}'
+    async with aiohttp.ClientSession() as session, session.post(door.route("chat/completions"), data=body,
+                                                                headers=door.headers) as resp:
+        code, answer = resp.status, await resp.read()
+    if depth == MAX_NESTING:  # taken, and written again (the gateway adds stream_options)
+        assert code == 200
+        assert fake_upstream.last_request_body["stream_options"] == {"include_usage": True}
+        return
+    assert code == 400
+    error = json.loads(answer)
+    assert str(MAX_NESTING) in _assert_openai_error(error)
+    assert error["error"]["code"] == "nesting_too_deep"
+    assert fake_upstream.by_route[CHAT_ROUTE] == 0
+
+
+ENGINE_JUDGES = [
+    ("chat/completions", {**CHAT, "temperature": 2.5}),
+    ("chat/completions", {**CHAT, "max_tokens": 0}),
+    ("chat/completions", {**CHAT, "stream": None}),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "https://example.org/v.mp4"}},
+        {"type": "audio_url", "audio_url": {"url": "https://example.org/a.wav"}},
+        {"type": "image_embeds", "image_embeds": "AAAA"},
+        {"type": "input_text", "text": "hi"}]}]}),
+    ("chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": 42}]}),
+    ("chat/completions", {**CHAT, "messages": []}),
+    ("completions", {"model": "fake-model", "prompt_embeds": "AAAA"}),
+    ("completions", {"model": "fake-model", "prompt": {"a": 1}}),
+]
+
+
+async def test_what_the_engine_judges_goes_to_it_as_sent(door, fake_upstream):
+    for path, request in ENGINE_JUDGES:
+        code, body = await _post(door, path, json.dumps(request))
+        assert code == 200, (request, body)
+        assert fake_upstream.last_request_body == request
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_engines_own_400_reaches_the_client_as_the_engine_said_it(door, fake_upstream, stream):
+    fake_upstream.fault = "400"
+    code, body = await _post(door, "chat/completions", json.dumps({**CHAT, "temperature": 2.5, "stream": stream}))
+    assert code == 400
+    refusal = ENGINE_REFUSAL["error"]
+    assert refusal["message"] in _assert_openai_error(body, param=refusal["param"])
+    assert body["error"]["code"] == refusal["code"]
+    assert body["error"]["type"] == "invalid_request_error"
 
 
 async def test_body_over_limit_is_413(door):

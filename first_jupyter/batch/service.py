@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import logging
 import os
 import re
 import secrets
@@ -30,8 +29,6 @@ from first_jupyter.protocol import OpenAIError
 if TYPE_CHECKING:
     from first_jupyter.caller import Caller
     from first_jupyter.gateway.core import Gateway
-
-log = logging.getLogger(__name__)
 
 RESUME_EVERY_S = 15.0
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
@@ -197,11 +194,14 @@ class Batches:
 
     async def keep_running(self, every: float = RESUME_EVERY_S) -> None:
         """Resume what a stopped gateway left unfinished, now and whenever another's run stops."""
-        while True:
+
+        async def resume() -> float:
             for batch in self.store.unfinished():
                 if batch["id"] not in self.runs:
                     self._run(batch)
-            await asyncio.sleep(every)
+            return every
+
+        await self.gateway.supervisor.repeat("batch resumer", resume, every)
 
     def _run(self, batch: dict[str, Any]) -> None:
         lock = self._lock(batch["id"])
@@ -216,9 +216,9 @@ class Batches:
             self.runs.pop(batch["id"], None)
             self._tasks.pop(batch["id"], None)
             os.close(lock)
-            if not done.cancelled() and done.exception() is not None:
-                log.error("batch %s failed", batch["id"], exc_info=done.exception())
-                run.fail(f"The gateway failed running this batch ({done.exception()!r}); its log has the details.")
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                self.gateway.supervisor.failed("batch runs", exc, batch["id"])
+                run.fail(f"The gateway failed running this batch ({exc!r}); its log has the details.")
 
         task.add_done_callback(ended)
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import orjson
 
-from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.protocol import MAX_NESTING, Capability, OpenAIError, check_request, nests_deeper, too_deep
 
 MAX_REPORTED = 100
 """Errors listed in the batch; the count says how many more there were."""
+SHOWN_CHARS = 80
 ENDPOINTS = {f"/v1/{capability.route}": capability for capability in Capability}
 
 
@@ -46,36 +47,44 @@ class Checked:
             self.errors.append(error)
 
 
+def _shown(value: object) -> str:
+    """A value as the line has it, cut short: a line may hold anything, and its errors are kept and shown."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
 def check_line(item: Any, endpoint: str, served: Collection[str]) -> tuple[str, LineError | None]:
     """One parsed line's custom_id (empty when it has none) and what is wrong with it (line 0: the caller's)."""
     if not isinstance(item, dict):
         return "", LineError(0, "invalid_line", "The line is not a JSON object with custom_id, method, url and "
                                                 "body.")
+    if nests_deeper(item, MAX_NESTING + 1):  # (its body is one level down)
+        return "", LineError(0, "invalid_request", too_deep().message, "body")
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return "", LineError(0, "missing_custom_id", "custom_id must be a non-empty string: it is how each "
                                                      "result finds its request.", "custom_id")
     if item.get("method") != "POST":
-        return custom_id, LineError(0, "invalid_method", f"method is {item.get('method')!r}; it must be 'POST'.",
+        return custom_id, LineError(0, "invalid_method", f"method is {_shown(item.get('method'))}; it must be 'POST'.",
                                     "method")
     if item.get("url") != endpoint:
-        return custom_id, LineError(0, "mismatched_url", f"url is {item.get('url')!r}, but this batch's endpoint "
+        return custom_id, LineError(0, "mismatched_url", f"url is {_shown(item.get('url'))}, but this batch's endpoint "
                                                          f"is '{endpoint}': every line must use it.", "url")
     body = item.get("body")
     if not isinstance(body, dict):
         return custom_id, LineError(0, "invalid_body", "body must be the request, a JSON object.", "body")
+    try:
+        check_request(ENDPOINTS[endpoint], body)
+    except OpenAIError as exc:
+        return custom_id, LineError(0, "invalid_request", exc.message, f"body.{exc.param}" if exc.param else "body")
     model = body.get("model")
-    if not isinstance(model, str) or model not in served:
+    if model not in served:
         known = ", ".join(sorted(served)[:20]) or "none"
         return custom_id, LineError(0, "model_not_found", f"body.model {model!r} is not served here for {endpoint}. "
                                                           f"Models: {known}.", "body.model")
     if body.get("stream"):
         return custom_id, LineError(0, "stream_not_allowed", "body.stream must not be true in a batch: each "
                                                              "result is written whole.", "body.stream")
-    try:
-        parse_request(ENDPOINTS[endpoint], orjson.dumps(body))
-    except OpenAIError as exc:
-        return custom_id, LineError(0, "invalid_request", exc.message, f"body.{exc.param}" if exc.param else "body")
     return custom_id, None
 
 

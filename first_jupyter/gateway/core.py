@@ -45,6 +45,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
+from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import CLIENT_CLOSED, Capability, OpenAIError, ParsedRequest
@@ -334,6 +335,8 @@ class Gateway:
         self.compute_as_callers = False
         """Whether some Globus Compute endpoint runs tasks as each request's sender (set as backends are built)."""
         self.data_dir = data_dir
+        self.supervisor = Supervisor()
+        """Every background task runs under it: a failure is logged and counted, and the task goes on."""
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
         self.callbacks = CallbackHub()
         environ = os.environ if environ is None else environ
@@ -358,13 +361,12 @@ class Gateway:
         self.router = Router(self.backends, served, config.defaults.scale_out)
         self._discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
         self._discovery: asyncio.Lock | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self._starts: dict[tuple[int, str], asyncio.Task[None]] = {}
         """(backend id, model) → the start this gateway asked of it, while it runs."""
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
         self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
             config.defaults.model or next(iter(served), None))
-        self.usage = UsageStore(data_dir / "usage.sqlite3")
+        self.usage = UsageStore(data_dir / "usage.sqlite3", self.supervisor)
         self.batches = Batches(self, data_dir / "batches", config.defaults.batch)
         self._created = int(time.time())
 
@@ -389,19 +391,40 @@ class Gateway:
         cluster that is down for the night costs nothing, and is read at the normal pace again once it answers."""
         interval = self.probe_intervals = {id(b): period for b in self.backends}
         due = {id(b): 0.0 for b in self.backends}
-        while True:
+
+        async def read_due() -> float:
             now = time.monotonic()
             probe = [b for b in self.backends if due[id(b)] <= now]
             if probe:
+                for backend in probe:  # a round that fails is tried again at the normal pace
+                    due[id(backend)] = now + period
                 await self.refresh_catalog()
-                endpoints = list(await asyncio.gather(*(b.status() for b in probe)))
+                endpoints = await self._statuses(probe)
                 self._observe(endpoints)
                 for backend, endpoint in zip(probe, endpoints, strict=True):
                     offline = endpoint.get("state") in ("offline", "failed")
                     interval[id(backend)] = min(interval[id(backend)] * 2, STATUS_MAX_INTERVAL_S) if offline \
                         else period
                     due[id(backend)] = time.monotonic() + interval[id(backend)]
-            await asyncio.sleep(max(min(due.values(), default=now + period) - time.monotonic(), 0.05))
+            return max(min(due.values(), default=now + period) - time.monotonic(), 0.05)
+
+        await self.supervisor.repeat("status readings", read_due, period)
+
+    async def _statuses(self, backends: Sequence[Backend]) -> list[dict[str, Any]]:
+        """The backends' status readings, side by side. A reading that raises (a bug, or an answer no check
+        foresaw) marks only its own endpoint failed, with the reason, and is counted as a background failure."""
+
+        async def read(backend: Backend) -> dict[str, Any]:
+            try:
+                return await backend.status()
+            except Exception as exc:
+                where = f"cluster '{backend.cluster}' endpoint '{backend.name}'"
+                self.supervisor.failed("status readings", exc, where)
+                return {"cluster": backend.cluster, "endpoint": backend.name, "kind": backend.kind,
+                        "state": "failed", "error": f"reading its status failed ({type(exc).__name__}: {exc}); "
+                                                    "the gateway's log has the details"}
+
+        return list(await asyncio.gather(*(read(b) for b in backends)))
 
     def own_callback_url(self) -> str | None:
         return self.own_url + CALLBACK_PATH if self.own_url else None
@@ -421,13 +444,11 @@ class Gateway:
                 if isinstance(models, list):
                     self.router.serve(backend, models)
                 elif not isinstance(models, OpenAIError):  # a bug, not an unreachable gateway: say so
-                    raise models
+                    self.supervisor.failed("catalog readings", models, backend.where)
 
     def _refresh_in_background(self) -> None:
         if any(b.due() for b in self._discovering):
-            task = asyncio.get_running_loop().create_task(self.refresh_catalog())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.supervisor.spawn("catalog readings", self.refresh_catalog())
 
     async def _candidates(self, model: str, capability: Capability, conversation: str | None = None,
                           caller: Caller | None = None) -> list[Target]:
@@ -549,7 +570,7 @@ class Gateway:
                         exc.message)
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
-            log.exception("starting %s on %s/%s failed", target.model_id, target.cluster, target.endpoint)
+            self.supervisor.failed("model starts", exc, f"{target.model_id} on {target.cluster}/{target.endpoint}")
         self.router.start_ended(target, time.monotonic() - began, whole,
                                 failure)
 
@@ -673,7 +694,7 @@ class Gateway:
     async def status(self) -> dict[str, Any]:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
         await self.refresh_catalog()
-        endpoints = list(await asyncio.gather(*(b.status() for b in self.backends)))  # probes run side by side
+        endpoints = await self._statuses(self.backends)
         self._observe(endpoints)
         models = self._listing()["data"]  # just read: every state is known
         for backend, endpoint in zip(self.backends, endpoints, strict=True):
@@ -686,7 +707,8 @@ class Gateway:
         return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
                 "clusters": sorted(self.config.clusters), "auth": await self.signed_in(),
                 "callbacks": {"open_streams": len(self.callbacks.tasks()), "accepted": self.callbacks.accepted,
-                              "refused": self.callbacks.refused, "url": self.own_callback_url()}}
+                              "refused": self.callbacks.refused, "url": self.own_callback_url()},
+                "background": self.supervisor.status()}
 
     # -- the user's Globus identity (blocking work: sources read files, the hub, Globus Auth) ----------------
 
@@ -728,6 +750,10 @@ class Gateway:
     def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
                prompt_tokens: int | None, completion_tokens: int | None, request_id: str,
                error: str | None, caller: Caller | None = None) -> None:
+        """Account one request. A model served nowhere leaves no row: its name is whatever a client sent, and
+        the usage store (and ``/first/api/usage``, the quotas) would keep and show it."""
+        if req.model not in self.router.catalog:
+            return
         record = UsageRecord(  # positional: the fields in order, cheaper than keywords per request
             time.time(), request_id, req.model, target.cluster if target else "",
             target.endpoint if target else "", req.capability.value, req.stream, status, prompt_tokens,
@@ -839,7 +865,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.batches.close()  # first: its runs send through the rest
-        for task in [*self._background, *self._starts.values()]:
+        self.supervisor.cancel_all()
+        for task in self._starts.values():
             task.cancel()
         for backend in self.backends:
             await backend.close()

@@ -45,9 +45,11 @@ class Reply:
 
 def upstream_error(status: int, body: bytes, where: str, retry_after: str | None = None,
                    via: str | None = None) -> OpenAIError:
-    """Turn an upstream error response into an OpenAI error, keeping an OpenAI-shaped message as it is."""
+    """Turn an upstream error response into an OpenAI error, keeping an OpenAI-shaped message, code and param as
+    they are (an engine's 400 names the field it refused)."""
     message = body[:500].decode(errors="replace").strip() or f"HTTP {status}"
     code: str | None = None
+    param: str | None = None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -56,6 +58,7 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
         err = data.get("error")
         if isinstance(err, dict) and err.get("message"):
             message, code = str(err["message"]), err.get("code")
+            param = err["param"] if isinstance(err.get("param"), str) else None
         elif isinstance(err, str):
             message = err
         elif "detail" in data:  # FastAPI-style engines (transformers serve)
@@ -68,7 +71,7 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
     if via is not None:
         where = f"{where} (through the proxy {via}, which may have refused the request itself)"
     return OpenAIError(status_out, f"{where} answered HTTP {status}: {message.rstrip('.')}.{hint}",
-                       type=_ERROR_TYPES.get(status_out, "api_error"), code=code or "upstream_error",
+                       type=_ERROR_TYPES.get(status_out, "api_error"), param=param, code=code or "upstream_error",
                        headers={"Retry-After": retry_after} if retry_after else None)
 
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import orjson
 
+from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.sqlite_wal import use_wal
 
 _SCHEMA = """
@@ -94,8 +95,11 @@ def _json_available(conn: sqlite3.Connection) -> bool:
 class UsageStore:
     """Append-only usage log; ``record`` is one lock-free queue put on the event loop."""
 
-    def __init__(self, path: Path, *, batch_interval: float = 0.25, json_batches: bool = True) -> None:
+    def __init__(self, path: Path, supervisor: Supervisor | None = None, *, batch_interval: float = 0.25,
+                 json_batches: bool = True) -> None:
+        """``supervisor``: where a failed commit is logged and counted (the gateway's; else one of its own)."""
         self.path = path
+        self._supervisor = supervisor or Supervisor()
         self._json_batches = json_batches
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None)
@@ -163,7 +167,7 @@ class UsageStore:
                         break
                 rows = [item for item in items if isinstance(item, UsageRecord)]
                 if rows:
-                    with conn:
+                    with self._supervisor.guard("usage writer", f"{len(rows)} records lost"), conn:
                         _insert(conn, rows, batch)
                 for item in items:
                     if isinstance(item, threading.Event):

@@ -12,7 +12,7 @@ import orjson
 from first_jupyter.config import ConfigError, ModelConfig, TlsConfig
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream, upstream_error
-from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.protocol import Capability, OpenAIError, json_kind
 from first_jupyter.transport.http_client import Reach, Url
 from first_jupyter.transport.proxies import ProxyError
 from first_jupyter.transport.tls import TlsSettingError, TlsSettings
@@ -32,6 +32,25 @@ def reach_of(key_path: str, proxy: str | None, tls: TlsConfig) -> Reach:
     """How an endpoint configured at ``key_path`` (``clusters.alcf.endpoints[0]``) is reached."""
     return Reach(proxy, TlsSettings(tls.ca_bundle, tls.verify, tls.client_cert, tls.client_key,
                                     source=f"{key_path}.tls"), source=f"{key_path}.proxy")
+
+
+def listed_models(body: bytes) -> list[str]:
+    """The model ids of a ``GET /models`` answer; ``ValueError`` naming what it holds instead."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError(f"{len(body)} bytes that are not JSON") from None
+    if not isinstance(answer, dict):
+        raise ValueError(f"{json_kind(answer)} where an object belongs")
+    if "data" not in answer:
+        raise ValueError("an object without 'data'")
+    entries = answer["data"]
+    if not isinstance(entries, list):
+        raise ValueError(f"an object whose 'data' is {json_kind(entries)}")
+    ids = [entry.get("id") if isinstance(entry, dict) else None for entry in entries]
+    if not all(isinstance(model_id, str) for model_id in ids):
+        raise ValueError("a 'data' list with entries that have no string 'id'")
+    return ids
 
 
 class HttpBackend:
@@ -155,9 +174,11 @@ class HttpBackend:
         if reply.status != 200:
             return {**info, "state": "offline", "error": f"GET /models answered HTTP {reply.status}"}
         try:
-            listed = [m.get("id") for m in orjson.loads(reply.body).get("data", [])]
-        except (orjson.JSONDecodeError, AttributeError):
-            listed = []
+            listed = listed_models(reply.body)
+        except ValueError as exc:
+            return {**info, "state": "failed", "error": f"GET /models answered {exc}, not an OpenAI model list "
+                                                       '({"object": "list", "data": [{"id": ...}, ...]}): is '
+                                                       "base_url the engine's API root?"}
         return {**info, "state": "online", "upstream_models": listed}
 
     async def warm(self, model_id: str) -> None:
