@@ -10,6 +10,7 @@ import pytest
 
 from bench.fake_upstream import ENGINE_REFUSAL
 from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
+from first_jupyter.gateway.api import is_loopback_host
 from tests.conftest import Door, fake_cluster_config, scoped_headers, server_config
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -210,8 +211,17 @@ async def test_embeddings_404_where_the_engine_cannot_embed(door):
     assert "fake-embed" in message
 
 
-async def test_scoped_key_from_a_foreign_host_is_403(key_door):
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1:8888", True), ("localhost", True), ("[::1]:8888", True), ("[::ffff:127.0.0.1]", True),
+    ("127.0.0.1:evil.com", False), ("[::1", False), ("[::1]evil.com", False), ("::1", False), ("evil.com:80", False),
+    ("", False)])
+def test_the_gateways_host_guard_takes_only_a_well_formed_loopback_host(host, loopback):
+    assert is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "127.0.0.1:evil.com", "[::1", "[::1]evil.com", "::1"])
+async def test_scoped_key_from_a_foreign_host_is_403(key_door, host):
     async with aiohttp.ClientSession() as session, session.get(
-            key_door.route("models"), headers={**key_door.headers, "Host": "attacker.example"}) as resp:
+            key_door.route("models"), headers={**key_door.headers, "Host": host}) as resp:
         assert resp.status == 403
         assert json.loads(await resp.read())["error"]["code"] == "host_not_allowed"

@@ -168,15 +168,16 @@ def bearer_key_matches(header: str | None, key: bytes) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), key)
 
 
+_HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]*)?")
+"""A ``Host`` header (RFC 9110: uri-host [":" port]): a bracketed IPv6 address, or a name or IPv4 address; then
+a port of digits only."""
+
+
 def is_loopback_host(host: str) -> bool:
-    """Whether a ``Host`` header names this machine by a loopback name or address."""
-    if host.startswith("["):  # [v6] or [v6]:port
-        name = host[1:].partition("]")[0]
-    elif host.count(":") == 1:  # name:port or v4:port
-        name = host.partition(":")[0]
-    else:  # a bare name or address
-        name = host
-    return is_loopback(name)
+    """Whether a ``Host`` header names this machine by a loopback name or address; a malformed one does not
+    (``127.0.0.1:evil.com``, ``[::1``)."""
+    parsed = _HOST.fullmatch(host)
+    return parsed is not None and is_loopback(parsed.group("ip6") or parsed.group("name"))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
