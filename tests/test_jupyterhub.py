@@ -142,6 +142,24 @@ def test_another_users_hub_token_is_refused_with_the_reason(hub, ada):
     assert (posted.status_code, posted.json()["error"]["code"]) == (403, "not_your_server"), posted.text
 
 
+def test_a_browser_post_without_its_xsrf_token_is_refused_403_saying_so(hub, ada):
+    with hub.browser(ada) as browser:
+        # the server's page sends the browser through the hub's OAuth: it comes back with the server's cookies
+        page = browser.get(f"/user/{ada}/lab", follow_redirects=True)
+        assert page.status_code == 200, page.text
+        xsrf = browser.cookies.get("_xsrf", path=f"/user/{ada}/")
+        assert xsrf
+        refused = browser.post(f"/user/{ada}/first/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        # the real reason, not "Not authenticated": the hub ignored a valid cookie because its XSRF token is missing
+        assert (error["type"], error["code"]) == ("permission_error", "forbidden")
+        assert "'_xsrf' argument missing from POST" in error["message"]
+        assert "X-XSRFToken" in error["message"]
+        served = browser.post(f"/user/{ada}/first/v1/chat/completions", json=CHAT, headers={"X-XSRFToken": xsrf})
+        assert served.status_code == 200, served.text
+
+
 def scoped_key(hub: RunningHub, name: str) -> str:
     """The key the server gives its kernels, from its runtime file (what the user's other processes read)."""
     runtime = hub.home(name) / ".local" / "share" / "jupyter" / "runtime"

@@ -192,6 +192,18 @@ class FirstHandler(GatewayDoor, APIHandler):
             return exc.log_message or "this user is not allowed"
         return None
 
+    def _xsrf_refusal(self) -> str | None:
+        """Why a request that changes something and carries cookies failed the XSRF check, if it did. JupyterHub's
+        identity provider ignores a login cookie without its XSRF token and leaves no user, which would read as
+        "not authenticated" when the sender is signed in and only the token is missing."""
+        if "Cookie" not in self.request.headers or self.request.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        try:
+            self.check_xsrf_cookie()
+        except web.HTTPError as exc:
+            return exc.log_message or "cross-site request refused"
+        return None
+
     def error_for(self, status_code: int, reason: str | None) -> OpenAIError:
         """Jupyter's refusals (auth, XSRF) in words too."""
         refused = self.hub_refusal() if status_code == 403 else None
@@ -202,8 +214,10 @@ class FirstHandler(GatewayDoor, APIHandler):
                                     "Send a token of this server's owner.", type="permission_error",
                                code="not_your_server")
         if status_code == 403 and self.current_user is None:
-            return OpenAIError(401, f"Not authenticated. {_AUTH_HELP}", type="authentication_error",
-                               code="invalid_api_key")
+            reason = self._xsrf_refusal()
+            if reason is None:
+                return OpenAIError(401, f"Not authenticated. {_AUTH_HELP}", type="authentication_error",
+                                   code="invalid_api_key")
         if status_code == 403:
             return OpenAIError(403, f"Forbidden: {reason or 'cross-site request refused'}. Browser requests need "
                                     "the '_xsrf' cookie echoed in an 'X-XSRFToken' header; scripts should send "

@@ -109,15 +109,23 @@ class RunningHub:
         else:
             hold.unlink(missing_ok=True)
 
-    def log_in(self, name: str) -> str:
-        """Log ``name`` in through the hub's login form (so the authenticator gives the auth state), and return an
-        API token of theirs, made by the admin service."""
+    @contextlib.contextmanager
+    def browser(self, name: str) -> Iterator[httpx.Client]:
+        """A client with ``name`` logged in through the hub's login form (so the authenticator gives the auth state),
+        keeping its cookies as a browser does."""
         with httpx.Client(base_url=self.url, timeout=60) as browser:
             form = browser.get("/hub/login")
             xsrf = re.search(r'name="_xsrf" value="([^"]+)"', form.text)
             assert xsrf, form.text
             answer = browser.post("/hub/login", data={"username": name, "password": "pw", "_xsrf": xsrf[1]})
             assert answer.status_code == 302, answer.text
+            yield browser
+
+    def log_in(self, name: str) -> str:
+        """Log ``name`` in through the hub's login form, and return an API token of theirs, made by the admin
+        service."""
+        with self.browser(name):
+            pass
         made = self.admin("POST", f"users/{name}/tokens", json={"note": "test"})
         assert made.status_code == 201, made.text
         self.tokens[name] = made.json()["token"]
