@@ -230,10 +230,12 @@ async def test_files_over_the_limits_or_for_other_purposes_are_refused_and_leave
     assert info.value.status_code == 413
     assert "more than 5 lines" in info.value.message
     assert "max_file_lines" in info.value.message
-    with pytest.raises(openai.APIStatusError) as info:
-        await client.files.create(file=("big.jsonl", b"x" * 3000), purpose="batch")
-    assert info.value.status_code == 413
-    assert "max_file_bytes" in info.value.message
+    for size in (3000, 100_000):  # over the file's limit; then over the body's (the file's and the form's)
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.files.create(file=("big.jsonl", b"x" * size), purpose="batch")
+        assert info.value.status_code == 413
+        assert info.value.body["code"] == "file_too_large"
+        assert "max_file_bytes" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
         await client.files.create(file=("tune.jsonl", _jsonl([_line(0)])), purpose="fine-tune")
     assert "purpose=batch" in info.value.message
@@ -266,6 +268,29 @@ async def test_file_and_batch_routes_answer_errors_that_say_what_to_do(door):
     deleted = await client.files.delete(uploaded.id)
     assert deleted.deleted
     assert (await client.files.list()).data == []
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("limit=%C2%B2", "limit"), ("limit=%C2%B9", "limit"), ("limit=%C2%B3", "limit"), ("limit=%FF", "limit"),
+    ("order=%FF", "order"), ("after=%FF", "after")])
+@pytest.mark.parametrize("route", ["files", "batches"])
+async def test_a_query_value_no_number_or_text_is_400_naming_it(door, route, query, param):
+    async with aiohttp.ClientSession() as session, session.get(door.route(f"{route}?{query}"),
+                                                               headers=door.headers) as answer:
+        assert answer.status == 400
+        error = (await answer.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+
+
+@pytest.mark.parametrize(("path", "code"), [
+    ("files/a/b", "unknown_route"), ("files//content", "unknown_route"), ("batches/x/y", "unknown_route"),
+    ("files/a/cancel", "unknown_route"), ("files/..%2F..%2Fetc%2Fpasswd/content", "file_not_found")])
+async def test_paths_beside_the_batch_routes_are_404(door, path, code):
+    async with aiohttp.ClientSession() as session, session.get(door.route(path), headers=door.headers) as answer:
+        assert answer.status == 404
+        error = (await answer.json())["error"]
+    assert (error["code"], error["type"]) == (code, "invalid_request_error")  # an id is matched as sent
 
 
 @pytest.mark.concurrency(1)

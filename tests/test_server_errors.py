@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from bench.fake_upstream import ENGINE_REFUSAL
 from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
 from first_jupyter.gateway.api import is_loopback_host
-from tests.conftest import Door, fake_cluster_config, scoped_headers, server_config
+from tests.big_body import BIG, Answer, chunked, fixed, request_head, send_until_answered
+from tests.conftest import Door, fake_cluster_config, open_door, scoped_headers, server_config
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 CHAT_ROUTE = "/v1/chat/completions"
@@ -155,6 +159,40 @@ async def test_body_over_limit_is_413(door):
     assert "max_request_bytes" in message
 
 
+async def _send_big(door: Door, headers: dict[str, str], body: str) -> Answer:
+    """POST chat/completions through ``door`` announcing (``fixed``) or streaming (``chunked``) a 150 MB body,
+    stopping at the answer (on a thread: the server answers on this test's loop)."""
+    url = URL(f"{door.url}/chat/completions", encoded=True)
+    framing = {"Content-Length": str(BIG)} if body == "fixed" else {"Transfer-Encoding": "chunked"}
+    head = request_head("POST", url.raw_path, {**headers, **framing})
+    assert url.port is not None
+    return await asyncio.to_thread(send_until_answered, url.port, head, fixed(BIG) if body == "fixed" else
+                                   chunked(BIG))
+
+
+@pytest.mark.parametrize("body", ["fixed", "chunked"])
+async def test_a_body_over_the_limit_is_refused_at_the_limit_not_read_to_its_end(door, body):
+    answer = await _send_big(door, door.headers, body)
+    assert answer.status == 413
+    assert "4,096" in _assert_openai_error(json.loads(answer.body))
+    assert answer.sent < BIG
+    assert answer.headers["connection"] == "close"
+
+
+@pytest.fixture(params=["jupyter-token", "jupyter-key"])
+def jupyter_door(request: pytest.FixtureRequest, first_ext: Any, jp_auth_header: dict[str, str]) -> Door:
+    """The Jupyter server's door (the gateway's own server, for the kernels' key, is another)."""
+    return open_door(request.param, first_ext, jp_auth_header)
+
+
+async def test_an_unauthenticated_body_is_refused_from_the_head_before_it_is_read(jupyter_door):
+    answer = await _send_big(jupyter_door, {}, "fixed")
+    assert answer.status == 401
+    assert "FIRST_API_KEY" in _assert_openai_error(json.loads(answer.body))
+    assert answer.sent < BIG  # answered while the client was still sending
+    assert answer.headers["connection"] == "close"
+
+
 async def test_no_auth_is_401(door):
     code, body = await _post(door, "chat/completions", json.dumps(CHAT), headers={})
     assert code == 401
@@ -180,11 +218,13 @@ async def test_cookie_without_xsrf_is_403(jp_fetch):
     assert "X-XSRFToken" in _assert_openai_error(json.loads(response.body))
 
 
-async def test_unknown_route_is_openai_404(door):
-    async with aiohttp.ClientSession() as session, session.get(door.route("assistants"),
-                                                               headers=door.headers) as resp:
+@pytest.mark.parametrize("path", ["v1/assistants", "v1/chat/completions/x", "api/nope", "v1", "nope"])
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+async def test_unknown_route_is_openai_404(door, path, method):
+    url = URL(f"{door.url.removesuffix('/v1')}/{path}", encoded=True)  # anywhere under /first
+    async with aiohttp.ClientSession() as session, session.request(method, url, headers=door.headers) as resp:
         assert resp.status == 404
-        assert "chat/completions" in json.loads(await resp.read())["error"]["message"]
+        assert "chat/completions" in _assert_openai_error(json.loads(await resp.read()))
 
 
 async def test_wrong_method_is_405(door):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import responses
 import yaml
@@ -39,6 +40,7 @@ from first_jupyter.gateway.shared import SharedPolicy
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.server_ext.standalone import build, http_server, stop
 from first_jupyter.transport.loop_thread import LoopThread
+from tests.big_body import BIG, ask, chunked, connect, fixed, request_head, send_until_answered
 from tests.conftest import fake_cluster_config
 from tests.test_resource_server import ADA_GMAIL, GATEWAY, MISSING_GROUP, MY_GROUPS, SERVICE, introspection
 from tests.waiting import eventually
@@ -144,6 +146,36 @@ def test_tokens_are_refused_with_the_right_status_and_reason(shared):
         assert (answer.status_code, error_of(answer)["code"]) == (status, code), token
     assert "ada@gmail.com" in error_of(shared.post("/first/v1/chat/completions", CHAT, token="AT-gmail"))["message"]
     assert shared.get("/first/v1/models", token="AT-old").status_code == 401  # every route, not only inference
+
+
+def test_a_refused_request_says_it_closes_and_the_clients_next_request_is_served(shared):
+    """A refusal from the head leaves the body unread, so the connection cannot go on: the answer says so, and a
+    client (httpx, keeping connections alive) sends its next request on a new one instead of failing."""
+    port = int(shared.url.rsplit(":", 1)[1])
+    with httpx.Client(base_url=shared.url, timeout=30) as client:
+        for path in ("/first/v1/models", "/first/v1/files"):
+            with connect(port) as sock:
+                refused = ask(sock, request_head("GET", path, {"Authorization": "Bearer AT-old"}))
+            assert (refused.status, refused.error()["code"]) == (401, "inactive_token")
+            assert refused.headers["connection"] == "close"
+            assert client.get(path, headers={"Authorization": "Bearer AT-old"}).status_code == 401
+            served = client.get(path, headers={"Authorization": "Bearer AT-ada"})
+            assert served.status_code == 200, served.text
+        assert client.post("/first/v1/chat/completions", json=CHAT).status_code == 401
+        served = client.post("/first/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer AT-ada"})
+        assert served.status_code == 200, served.text
+
+
+@pytest.mark.parametrize(("path", "status", "param"), [
+    ("/first/v1/files?limit=%C2%B2", 400, "limit"), ("/first/v1/batches?limit=%C2%B9", 400, "limit"),
+    ("/first/v1/files?after=%FF", 400, "after"), ("/first/v1/files/a/b", 404, None),
+    ("/first/v1/files/..%2F..%2Fetc%2Fpasswd/content", 404, "file_id"), ("/first/api/nope", 404, None),
+    ("/v1/chat/completions", 404, None)])
+def test_bad_paths_and_queries_are_client_errors_in_the_openai_shape(shared, path, status, param):
+    answer = shared.get(path)
+    assert answer.status_code == status, answer.text
+    assert set(error_of(answer)) == {"message", "type", "param", "code"}
+    assert error_of(answer)["param"] == param
 
 
 def test_a_member_is_served_with_the_allowance_in_the_headers_and_a_model_of_another_group_is_403(shared):
@@ -271,7 +303,7 @@ def test_metrics_count_requests_tokens_refusals_and_endpoint_states(shared):
     assert "ada" not in text
 
 
-# -- two processes, one quota store ---------------------------------------------------------------------------
+# -- gateway processes ------------------------------------------------------------------------------------------
 
 
 def _start_serving(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -321,6 +353,51 @@ def two_gateways(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[list[str]
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 assert proc.wait(60) == 0
+
+
+@pytest.fixture
+def one_gateway(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[int, psutil.Process]]:
+    """One ``first serve`` process, Globus Auth's introspection stood in on loopback: its port and its process."""
+    port = free_port()
+    with fake_globus_auth(GATEWAY) as auth:
+        data = fake_cluster_config(fake_upstream)
+        data["serve"] = {**serve_section(tmp_path / "state"), "listen": {"host": "127.0.0.1", "port": port}}
+        config, log = tmp_path / "first.yaml", tmp_path / "serve.log"
+        config.write_text(yaml.safe_dump(data))
+        proc = _start_serving(config, {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth.url}, log)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}", proc, log)
+            yield port, psutil.Process(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+
+
+def test_a_body_is_refused_from_the_head_before_it_is_read_and_costs_no_memory(one_gateway):
+    """An unauthenticated client announcing 150 MB gets its 401 while it is still sending, and the gateway's memory
+    does not grow by what it sent; nor by a member's body over the request limit (only an upload takes more)."""
+    port, process = one_gateway
+    chat = "/first/v1/chat/completions"
+    first = send_until_answered(port, request_head("POST", chat, {"Content-Length": "2"}), fixed(2))
+    assert first.status == 401  # the first request's own costs (imports, buffers) are paid before measuring
+    before = process.memory_info().rss
+    for token, code in ((None, "missing_token"), ("AT-inactive-eve", "inactive_token")):
+        headers = {"Content-Length": str(BIG), **({"Authorization": f"Bearer {token}"} if token else {})}
+        refused = send_until_answered(port, request_head("POST", chat, headers), fixed(BIG))
+        assert (refused.status, refused.error()["code"]) == (401, code)
+        assert refused.sent < BIG  # answered while the client was still sending: the body was never read
+        assert refused.headers["connection"] == "close"
+    member = {"Authorization": "Bearer AT-ada"}
+    too_big = send_until_answered(port, request_head("POST", chat, {**member, "Content-Length": str(BIG)}),
+                                  fixed(BIG))
+    assert (too_big.status, too_big.error()["code"]) == (413, "request_too_large")
+    assert too_big.sent < BIG
+    grown = process.memory_info().rss - before
+    assert grown < 10 * 1024 * 1024, f"the gateway grew by {grown:,} bytes"
+    unannounced = send_until_answered(port, request_head("POST", chat, {**member, "Transfer-Encoding": "chunked"}),
+                                      chunked(BIG))
+    assert (unannounced.status, unannounced.error()["code"]) == (413, "request_too_large")  # at the limit's byte
+    assert unannounced.sent < BIG
 
 
 def test_two_gateway_processes_enforce_one_users_limit_together(two_gateways):

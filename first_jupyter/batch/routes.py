@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from first_jupyter.batch.service import Batches
 from first_jupyter.batch.upload import Upload
@@ -17,6 +18,34 @@ ROUTE = re.compile(r"^/first/v1/(files|batches)(?:/([^/]+))?(?:/(content|cancel)
 _METHODS = {("files", False, None): ("GET", "POST"), ("files", True, None): ("GET", "DELETE"),
             ("files", True, "content"): ("GET",), ("batches", False, None): ("GET", "POST"),
             ("batches", True, None): ("GET",), ("batches", True, "cancel"): ("POST",)}
+
+
+def matched(path: str) -> re.Match[str]:
+    """``path`` as a batch route, or the 404 that lists them (a door whose own pattern is wider sends anything under
+    files/ and batches/ here)."""
+    match = ROUTE.match(path)
+    if match is None:
+        raise _unknown(path)
+    return match
+
+
+def _unknown(path: str) -> OpenAIError:
+    return OpenAIError(404, f"No route {path}. Batch routes: files, files/ID, files/ID/content, batches, batches/ID "
+                            "and batches/ID/cancel under /first/v1.", code="unknown_route")
+
+
+def query_of(query: str) -> dict[str, str]:
+    """A request's query string as its parameters (the last of a repeated one), percent-decoded as UTF-8; a 400
+    naming the parameter whose value is not UTF-8 (``after=%FF``), rather than a guess at what it meant."""
+    params: dict[str, str] = {}
+    for name, raw in parse_qsl(query, encoding="latin-1"):
+        try:
+            params[name] = raw.encode("latin-1").decode()
+        except UnicodeError:
+            raise OpenAIError(400, f"The query parameter {name!r} is not percent-encoded UTF-8 text; send its value "
+                                   "URL-encoded from UTF-8 (as every HTTP client library does).", param=name,
+                              code="invalid_value") from None
+    return params
 
 
 def allowed(match: re.Match[str]) -> tuple[str, ...]:
@@ -35,8 +64,7 @@ async def answer(batches: Batches, method: str, match: re.Match[str], query: Map
     kind, item, action = match.groups()
     methods = allowed(match)
     if not methods:
-        raise OpenAIError(404, f"No route {match.group(0)}. Batch routes: files, files/ID, files/ID/content, "
-                               "batches, batches/ID and batches/ID/cancel under /first/v1.", code="unknown_route")
+        raise _unknown(match.group(0))
     if method not in methods:
         raise OpenAIError(405, f"{method} is not allowed on {match.group(0)}; use {', '.join(methods)}.",
                           code="method_not_allowed", headers={"Allow": ", ".join(methods)})

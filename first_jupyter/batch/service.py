@@ -44,7 +44,7 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 def _limit(query: Mapping[str, str], default: int, most: int) -> int:
     given = query.get("limit", str(default))
-    if not given.isdigit() or not 1 <= int(given) <= most:
+    if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= most:  # not '²', which int() refuses
         raise OpenAIError(400, f"limit must be a whole number from 1 to {most}; it is {given!r}.", param="limit")
     return int(given)
 

@@ -163,15 +163,19 @@ class Upload:
             return
         self.bytes += len(data)
         if self.bytes > self.max_bytes:
-            raise OpenAIError(413, f"The file is over {self.max_bytes:,} bytes, this gateway's limit for a batch "
-                                   "input. Split it into several files (a batch each), or raise "
-                                   "defaults.batch.max_file_bytes in the config.", code="file_too_large")
+            raise self.too_large()
         self.lines += data.count(b"\n")
         self._ends_line = data.endswith(b"\n")
         if self.lines > self.max_lines:
             raise self._too_many_lines()
         assert self._out is not None
         self._out.write(data)
+
+    def too_large(self) -> OpenAIError:
+        """The refusal of a file over the limit, whether its bytes crossed it here or its body's length said so."""
+        return OpenAIError(413, f"The file is over {self.max_bytes:,} bytes, this gateway's limit for a batch input. "
+                                "Split it into several files (a batch each), or raise defaults.batch.max_file_bytes "
+                                "in the config.", code="file_too_large")
 
     def _too_many_lines(self) -> OpenAIError:
         return OpenAIError(413, f"The file has more than {self.max_lines:,} lines, this gateway's limit for a batch "

@@ -15,11 +15,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 import orjson
 
 from first_jupyter.batch import routes as batch_routes
+from first_jupyter.batch.upload import Upload
 from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
@@ -55,6 +56,12 @@ def body_limit(max_request_bytes: int, gateway: Gateway | None) -> int:
     (the default limit without a gateway, so that a request still reaches the answer saying why)."""
     limits = gateway.config.defaults.limits if gateway is not None else Limits()
     return max_request_bytes or limits.max_request_bytes
+
+
+def unknown_route(path: str) -> OpenAIError:
+    return OpenAIError(404, f"No route {path}. This gateway serves /first/v1/models, chat/completions, completions, "
+                            "embeddings, files and batches, and /first/api/status, usage, default_model and "
+                            "models/{id}/warm.", code="unknown_route")
 
 
 def too_large(size: int, limit: int) -> OpenAIError:
@@ -221,8 +228,9 @@ class GatewayApp:
         return self.gateway.batches.upload(headers.get("content-type"))
 
     def refusal(self, refusal: HTTPRefusal) -> bytes:
-        if isinstance(refusal, BodyTooLarge):
-            return too_large(refusal.size, refusal.limit).to_bytes()
+        if isinstance(refusal, BodyTooLarge):  # an upload's limit is the file's, with its own setting
+            sink = refusal.sink
+            return (sink.too_large() if isinstance(sink, Upload) else too_large(refusal.size, refusal.limit)).to_bytes()
         err = internal_error(refusal.message) if refusal.status >= 500 else OpenAIError(refusal.status,
                                                                                          refusal.message)
         return err.to_bytes()
@@ -255,7 +263,7 @@ class GatewayApp:
             if self.gateway is None:
                 raise config_error(self.config_error_text)
             answer = await batch_routes.answer(self.gateway.batches, request.method, batch,
-                                               dict(parse_qsl(request.query)), request.body, request.upload)
+                                               batch_routes.query_of(request.query), request.body, request.upload)
             if isinstance(answer, Path):
                 await self._send_file(answer, exchange)
             else:
@@ -265,10 +273,7 @@ class GatewayApp:
         if warm is not None:
             route = {"POST": "warm"}
         if route is None:
-            raise OpenAIError(404, f"No route {request.path}. This gateway serves /first/v1/models, "
-                                   "chat/completions, completions, embeddings, files and batches, and "
-                                   "/first/api/status, usage, default_model and models/{id}/warm.",
-                              code="unknown_route")
+            raise unknown_route(request.path)
         what = route.get(request.method)
         if what is None:
             allowed = ", ".join(route)

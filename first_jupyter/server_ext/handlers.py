@@ -9,6 +9,9 @@ The gateway itself runs on its own loop (``transport.loop_thread``); these handl
 The routes are written once, as ``GatewayDoor`` classes, and built into handlers for each door by
 ``door_routes``: here on ``FirstHandler`` (Jupyter's auth), and for the shared gateway (``first serve``) on
 ``server_ext.shared_door.SharedHandler`` (Globus bearer tokens, groups, quotas).
+
+Every route takes its body as a stream (``GatewayDoor``), so that the caller is known from the head before a body
+byte is read: a refused request costs the server its head only, whatever length it announces.
 """
 
 from __future__ import annotations
@@ -43,17 +46,109 @@ if TYPE_CHECKING:
     from first_jupyter.gateway.shared import SharedCaller
     from first_jupyter.server_ext.standalone import SameLoop
 
+UNBOUNDED_BODY = 1 << 62
+"""Tornado's own bound on a body, lifted: the door counts the bytes itself, and refuses the byte that crosses its
+route's limit with a 413 in the OpenAI shape (tornado's answer is a bare 400, or a stray one after a refusal)."""
+DRAIN_BYTES = 1024 * 1024
+"""A refused request's body up to this size is read and dropped before the answer; a larger one is refused from
+the head and its connection closed. Most clients send the whole request before they read, and a connection closed
+on bytes it never read is reset, which loses the answer to some (asyncio's transports drop what they received when
+a write fails)."""
+
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
 _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
               "starts) or with a Jupyter token ('Authorization: token ...').")
 
 
+@web.stream_request_body
 class GatewayDoor(web.RequestHandler):
-    """What every door's handlers share: the gateway, the loop it runs on, JSON, OpenAI-shaped errors; and the
-    hooks where doors differ (who the caller is, whose usage and batches, who may change the default model)."""
+    """What every door's handlers share: the gateway, the loop it runs on, the body within its limit, JSON,
+    OpenAI-shaped errors; and the hooks where doors differ (who the caller is, whose usage and batches, who may
+    change the default model).
+
+    ``prepare`` runs on the request's head alone (the body is streamed): it authenticates, then sets the route's
+    limit. The route's method runs once the whole body is in, as ``body`` (or in the upload's file).
+    """
 
     open_route = False
     """Answered without the door's authentication (the callback route checks its own signatures)."""
+
+    _body_unread = True
+    """Until ``prepare`` admits the request, and again once it is refused while its body arrives: tornado then
+    closes the connection after the answer rather than read the rest, and the answer says so (``Connection:
+    close``), so that a client's next request goes on a new connection instead of failing on this one."""
+    _refusal: OpenAIError | web.HTTPError | None = None
+    """A refusal waiting for the small body it drops (``DRAIN_BYTES``)."""
+    _upload: Upload | None = None
+    _limit = 0
+    _received = 0
+    _chunks: list[bytes]
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        """From the head alone, admit the request (``_admit``) or refuse it: at once, or once a small announced
+        body has been read and dropped (``DRAIN_BYTES``)."""
+        self.request.connection.set_max_body_size(UNBOUNDED_BODY)  # type: ignore[union-attr]
+        try:
+            await self._admit()
+        except (OpenAIError, web.HTTPError) as refusal:
+            declared = self._declared_length()
+            if declared is None or not 0 < declared <= DRAIN_BYTES or \
+                    self.request.headers.get("Expect", "").lower() == "100-continue":  # it waits to be told to send
+                raise
+            self._refusal = refusal
+
+    async def _admit(self) -> None:
+        """Who sent it, then what its route takes: the body's limit, and where the body goes."""
+        await self.authenticate()
+        if not self.open_route and not self.current_user:
+            raise web.HTTPError(403)  # each door's error_for says why, and how to authenticate
+        self._upload = self.upload_sink()
+        self._limit = self._upload.limit if self._upload is not None else api.body_limit(
+            self.settings["first_max_request_bytes"], self.settings.get("first_gateway"))
+        declared = self._declared_length()
+        if declared is not None and declared > self._limit:
+            raise self.too_large(declared)
+        self._chunks = []
+        self._body_unread = False
+
+    def _declared_length(self) -> int | None:
+        declared = self.request.headers.get("Content-Length", "")
+        return int(declared) if declared.isascii() and declared.isdigit() else None
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._refusal is not None:
+            if self._received >= (self._declared_length() or 0):
+                self._refuse(self._refusal)  # all of it dropped: the client, done sending, reads the answer
+        elif self._received > self._limit:  # a chunked body, which announces no length
+            self.discard_upload()
+            self._refuse(self.too_large(self._received))
+        elif self._upload is not None:
+            self._upload.feed(chunk)
+        else:
+            self._chunks.append(chunk)
+
+    def _refuse(self, refusal: OpenAIError | web.HTTPError) -> None:
+        """Answer ``refusal`` while the body is being read, as tornado answers one raised by a handler."""
+        self._body_unread = True
+        self.log_exception(type(refusal), refusal, refusal.__traceback__)
+        status = refusal.status if isinstance(refusal, OpenAIError) else refusal.status_code
+        self.send_error(status, exc_info=(type(refusal), refusal, refusal.__traceback__))
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def too_large(self, size: int) -> OpenAIError:
+        return self._upload.too_large() if self._upload is not None else api.too_large(size, self._limit)
+
+    def discard_upload(self) -> None:
+        if self._upload is not None:
+            self._upload.discard()
+
+    def on_connection_close(self) -> None:
+        self.discard_upload()
+        super().on_connection_close()  # ends the wait for a body that will not come
 
     @property
     def gateway(self) -> Gateway:
@@ -84,11 +179,10 @@ class GatewayDoor(web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error in the OpenAI shape, those raised by the server's machinery (auth, unknown methods) too."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, OpenAIError):
-            self.send_error_body(exc)
-            return
-        reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
-        self.send_error_body(self.error_for(status_code, reason))
+        if not isinstance(exc, OpenAIError):
+            reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+            exc = self.error_for(status_code, reason)
+        self.send_error_body(exc, closing=self._body_unread)
 
     def error_for(self, status_code: int, reason: str | None) -> OpenAIError:
         """The OpenAI error for a status the server's machinery set (``reason``: its message, if any)."""
@@ -99,15 +193,26 @@ class GatewayDoor(web.RequestHandler):
             return api.internal_error(reason)
         return OpenAIError(status_code, reason or f"The request failed ({status_code}).")
 
-    def send_error_body(self, err: OpenAIError) -> None:
+    def send_error_body(self, err: OpenAIError, *, closing: bool = False) -> None:
+        """``closing``: the body is not read, so tornado will close the connection after this answer."""
         self.clear()
         self.set_status(err.status)
         for name, value in err.headers.items():
             self.set_header(name, value)
+        if closing:
+            self.set_header("Connection", "close")
         self.set_header("Content-Type", api.JSON)
         self.finish(err.to_bytes())
 
     # -- where doors differ ---------------------------------------------------------------------------------
+
+    async def authenticate(self) -> None:
+        """Who sent the request, from its head alone: sets ``current_user``, or raises the door's refusal."""
+        raise NotImplementedError
+
+    def upload_sink(self) -> Upload | None:
+        """Where this request's body goes instead of memory (an uploaded file, to disk); None to collect it."""
+        return None
 
     def caller(self) -> SharedCaller | None:
         """The request's sender, when the door serves many (the shared gateway); None in a user's own server."""
@@ -148,7 +253,7 @@ class FirstHandler(GatewayDoor, APIHandler):
         else:
             super()._log()
 
-    async def prepare(self) -> None:  # type: ignore[override]
+    async def authenticate(self) -> None:
         if api.bearer_key_matches(self.request.headers.get("Authorization"), self.settings["first_api_key"].encode()):
             if self.settings.get("first_behind_hub") and not self._from_this_host():
                 raise OpenAIError(403, "FIRST_API_KEY is honoured here only from this server's own kernels: behind "
@@ -164,7 +269,7 @@ class FirstHandler(GatewayDoor, APIHandler):
             self._scoped = True
             self.current_user = self._jupyter_current_user = SCOPED_USER
             return  # a bearer key is not a cookie: no XSRF check applies
-        await super().prepare()
+        await APIHandler.prepare(self)  # Jupyter's auth: token, cookie (with its XSRF check), the hub's
 
     def _from_this_host(self) -> bool:
         """A request from this machine's own processes (the server's kernels), not one the hub's proxy passed on:
@@ -253,7 +358,7 @@ class DefaultModelRoute(GatewayDoor):
     @web.authenticated
     async def put(self) -> None:
         self.check_default_change()
-        gateway, model = self.gateway, api.requested_model(self.request.body)
+        gateway, model = self.gateway, api.requested_model(self.body)
         self.write_json({"default_model": await self.loop_thread.call(gateway.set_default_model(model))})
 
 
@@ -263,7 +368,7 @@ class WarmRoute(GatewayDoor):
 
     @web.authenticated
     async def post(self, model: str) -> None:  # type: ignore[override]
-        gateway, body = self.gateway, self.request.body
+        gateway, body = self.gateway, self.body
         self.write_json(await self.loop_thread.call(api.warm_route(gateway, model, body, self.caller())))
 
 
@@ -285,7 +390,7 @@ class AuthRoute(GatewayDoor):
     async def post(self) -> None:
         if self.what == "whoami":
             raise web.HTTPError(405)
-        self.write_json(await self.auth_answer(self.what, self.request.body))
+        self.write_json(await self.auth_answer(self.what, self.body))
 
 
 class CallbackRoute(GatewayDoor):
@@ -299,7 +404,7 @@ class CallbackRoute(GatewayDoor):
 
     @allow_unauthenticated
     def post(self) -> None:
-        self.set_status(api.deliver_batch(self.gateway, self.request.headers.get, self.request.body))
+        self.set_status(api.deliver_batch(self.gateway, self.request.headers.get, self.body))
         self.finish()
 
 
@@ -320,16 +425,16 @@ class InferenceRoute(GatewayDoor):
         """The client went away: cancel at once so the upstream request is closed and the engine stops."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        super().on_connection_close()
 
     @web.authenticated
     async def post(self) -> None:
         self._task = asyncio.current_task()
-        gateway = self.gateway
-        limit = api.body_limit(self.settings["first_max_request_bytes"], gateway)
+        gateway, body = self.gateway, self.body
         client, caller = ClientRelay(self), self.caller()
         try:
-            outcome = await self.loop_thread.call(answer_across(gateway, self.capability, self.request.body, limit,
-                                                                client, caller))
+            outcome = await self.loop_thread.call(answer_across(gateway, self.capability, body, self._limit, client,
+                                                                caller))
         except asyncio.CancelledError:
             return  # the client left; the gateway's side has closed the upstream and recorded it
         if outcome is not None:
@@ -499,35 +604,20 @@ class BatchRoute(GatewayDoor):
     """files and batches (``batch.routes``, as on the gateway's own server). An uploaded file is streamed to disk
     as it arrives, never held; other bodies are collected within the usual limit."""
 
-    _upload: Upload | None = None
-    _chunks: list[bytes]
-    _size = 0
+    def _route_path(self) -> str:
+        """The path from /first/v1 on, as sent (percent-encoded, as the gateway's own server matches it)."""
+        return self.request.path[self.request.path.index("/first/v1/"):]
 
-    async def prepare(self) -> None:  # type: ignore[override]
-        await super().prepare()
-        self._chunks = []
-        path = self.request.path[self.request.path.index("/first/v1/"):]
-        if batch_routes.is_upload(self.request.method or "", path) and self.current_user is not None:
-            self._upload = self.batches().upload(self.request.headers.get("Content-Type"))
-        limit = self._upload.limit if self._upload is not None else api.body_limit(
-            self.settings["first_max_request_bytes"], self.settings.get("first_gateway"))
-        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+    def upload_sink(self) -> Upload | None:
+        if batch_routes.is_upload(self.request.method or "", self._route_path()):
+            return self.batches().upload(self.request.headers.get("Content-Type"))
+        return None
 
-    def data_received(self, chunk: bytes) -> None:
-        if self._upload is not None:
-            self._upload.feed(chunk)
-        else:
-            self._chunks.append(chunk)
-
-    def on_connection_close(self) -> None:
-        if self._upload is not None:
-            self._upload.discard()
-
-    async def _answer(self, path: str) -> None:
-        match = batch_routes.ROUTE.match(f"/first/v1/{path}")
-        assert match is not None  # the route's own pattern
-        query = {k: v[-1].decode() for k, v in self.request.query_arguments.items()}
-        batches, body, upload = self.batches(), b"".join(self._chunks), self._upload
+    @web.authenticated
+    async def get(self) -> None:
+        match = batch_routes.matched(self._route_path())
+        query = batch_routes.query_of(self.request.query)
+        batches, body, upload = self.batches(), self.body, self._upload
         answer = await self.loop_thread.call(batch_routes.answer(batches, self.request.method or "", match, query,
                                                                  body, upload))
         if not isinstance(answer, Path):
@@ -540,30 +630,27 @@ class BatchRoute(GatewayDoor):
                 await self.flush()  # as fast as the client takes it
         self.finish()
 
-    @web.authenticated
-    async def get(self, path: str) -> None:  # type: ignore[override]
-        await self._answer(path)
-
     post = delete = put = patch = get  # every method to the routes, which answer 405 with Allow
 
 
 class NotFoundRoute(GatewayDoor):
-    """Unknown routes under /first/v1 answer in the OpenAI shape instead of Jupyter's HTML 404."""
+    """Unknown routes under /first answer in the OpenAI shape instead of the server's HTML 404."""
 
     @web.authenticated
-    def get(self, path: str) -> None:
-        raise OpenAIError(404, f"No route /first/v1/{path}. This gateway serves models, chat/completions, "
-                               "completions, embeddings, files and batches.", code="unknown_route")
+    def get(self) -> None:
+        raise api.unknown_route(self.request.path)
 
-    post = get
+    post = delete = put = patch = get
 
 
 Routes = list[tuple[str, type[GatewayDoor], dict[str, Any]]]
 
 
-def door_routes(door: type[GatewayDoor]) -> Routes:
+def door_routes(door: type[GatewayDoor], *, everything_else: str = "/first(?:/.*)?") -> Routes:
     """The FIRST routes as handlers of ``door``, relative to the server's base URL: each route's class built on
-    the door's base, whose authentication and hooks it then has."""
+    the door's base, whose authentication and hooks it then has. Paths matching ``everything_else`` and no route
+    are answered 404 by the door too: under /first/ in Jupyter (the rest is Jupyter's), every path at the shared
+    gateway (tornado's own 404 would read an unauthenticated body first)."""
 
     def on_door(route: type[GatewayDoor]) -> type[GatewayDoor]:
         return type(route.__name__.replace("Route", "Handler"), (route, door), {})
@@ -582,8 +669,8 @@ def door_routes(door: type[GatewayDoor]) -> Routes:
         ("/first/api/login/code", auth, {"what": "login_code"}),
         ("/first/api/logout", auth, {"what": "logout"}),
         ("/first/api/callback", on_door(CallbackRoute), {}),
-        ("/first/v1/((?:files|batches)(?:/.*)?)", web.stream_request_body(on_door(BatchRoute)), {}),
-        ("/first/v1/(.*)", on_door(NotFoundRoute), {}),
+        ("/first/v1/(?:files|batches)(?:/.*)?", on_door(BatchRoute), {}),
+        (everything_else, on_door(NotFoundRoute), {}),
     ]
 
 

@@ -34,6 +34,10 @@ class SharedHandler(GatewayDoor):
 
     async def prepare(self) -> None:  # type: ignore[override]
         self._t0 = time.perf_counter()
+        await super().prepare()
+
+    async def authenticate(self) -> None:
+        """The bearer token, from the head: a missing or refused one is answered before any body is read."""
         if self.open_route:
             return
         self._caller = await self.policy.caller(self.request.headers.get("Authorization"))
@@ -122,4 +126,4 @@ class HealthHandler(SharedHandler):
 
 def shared_routes() -> Routes:
     return [("/metrics", MetricsHandler, {}), ("/healthz", HealthHandler, {}),
-            ("/first/api/usage/users", UsersUsageHandler, {}), *door_routes(SharedHandler)]
+            ("/first/api/usage/users", UsersUsageHandler, {}), *door_routes(SharedHandler, everything_else="/.*")]

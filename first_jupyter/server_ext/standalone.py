@@ -155,9 +155,9 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
 
 
 def http_server(app: Application, config: FirstConfig) -> HTTPServer:
-    """Bodies up to the largest the routes take (a batch file); each route holds its own to its limit."""
-    return HTTPServer(app, xheaders=True, max_body_size=max(config.defaults.limits.max_request_bytes,
-                                                             config.defaults.batch.max_file_bytes))
+    """Bodies up to the request limit. Each route sets its own once the caller is known from the head, before
+    the body is read (``server_ext.handlers.GatewayDoor``): only the file upload takes the larger file limit."""
+    return HTTPServer(app, xheaders=True, max_body_size=config.defaults.limits.max_request_bytes)
 
 
 async def _serve(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: str,

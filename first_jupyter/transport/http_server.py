@@ -77,10 +77,12 @@ class HTTPRefusal(Exception):
 
 
 class BodyTooLarge(HTTPRefusal):
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, sink: BodySink | None = None) -> None:
+        """``sink``: the body's, when it had one (its limit is the one crossed)."""
         super().__init__(413, f"The request body is {size:,} bytes, over the limit of {limit:,}.")
         self.size = size
         self.limit = limit
+        self.sink = sink
 
 
 class HttpApp(Protocol):
@@ -343,7 +345,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
                                    "Content-Length or chunked.")
         declared = int(headers.get("content-length", "0"))  # llhttp let only digits through
         if declared > limit:
-            raise BodyTooLarge(declared, limit)
+            raise BodyTooLarge(declared, limit, self._sink)
         if headers.get("expect", "").lower() == "100-continue" and (coding or declared) and version == "HTTP/1.1":
             self._continue = True  # sent once this request is the one being read (see _next)
             self._send_continue()
@@ -354,7 +356,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
             self._size += len(data)
             limit = self._limit()
             if self._size > limit:
-                raise BodyTooLarge(self._size, limit)
+                raise BodyTooLarge(self._size, limit, self._sink)
             if self._sink is not None:
                 self._sink.feed(data)
             else:
