@@ -12,8 +12,8 @@ import pytest
 from yarl import URL
 
 from bench.fake_upstream import ENGINE_REFUSAL
-from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
 from first_jupyter.gateway.api import is_loopback_host
+from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
 from tests.big_body import BIG, Answer, chunked, fixed, request_head, send_until_answered
 from tests.conftest import Door, fake_cluster_config, open_door, scoped_headers, server_config
 
