@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -33,6 +33,10 @@ from bench.overhead import free_port
 from bench.site_network import Tinyproxy, TlsCerts, make_tls_certs
 from first_jupyter.remote.tiny_model import build_tiny_model
 from tests.fake_amqp import FakeAmqpBroker
+from tests.waiting import eventually
+
+if TYPE_CHECKING:
+    import responses
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
@@ -81,6 +85,21 @@ def broker() -> Iterator[FakeAmqpBroker]:
     with FakeAmqpBroker() as running:
         yield running
     assert not running.running
+
+
+@pytest.fixture
+def rsps(broker: FakeAmqpBroker) -> Iterator[responses.RequestsMock]:
+    """The Globus Compute service over ``responses``; results by AMQP from the loopback broker. At the end no SDK
+    thread may be left: the gateway's close must have stopped the result thread the SDK itself leaves running.
+    (The SDKs are imported here, not with this module: most tests never need them.)"""
+    import responses
+
+    from tests.fake_compute_service import FakeComputeService
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        FakeComputeService.amqp_url(mock, broker)
+        yield mock
+        eventually(lambda: not [t for t in threading.enumerate() if type(t).__name__ == "_ResultWatcher"])
 
 
 @pytest.fixture

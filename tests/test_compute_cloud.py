@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +24,11 @@ from first_jupyter.gateway.compute_errors import describe_failure
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import call_engine
 from tests.conftest import closed_port
-from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import COMPUTE, QUEUE_PREFIX, FakeComputeService
 from tests.waiting import GUARD_S, eventually
 
 TOKEN = "AT-compute-user"
 
-
-
-@pytest.fixture
-def rsps(broker: FakeAmqpBroker) -> Iterator[responses.RequestsMock]:
-    """The service over ``responses``; results by AMQP from the loopback broker. At the end no SDK thread may be
-    left: the gateway's close must have stopped the result thread the SDK itself leaves running."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        FakeComputeService.amqp_url(mock, broker)
-        yield mock
-        eventually(lambda: not [t for t in threading.enumerate() if type(t).__name__ == "_ResultWatcher"])
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import engine_health
 from first_jupyter.remote.launcher import free_port
 from tests.conftest import jupyter_server_process, open_door, server_config
-from tests.waiting import ENGINE_GUARD_S
+from tests.waiting import ENGINE_GUARD_S, eventually_async
 
 MESSAGES = [{"role": "user", "content": "Tell me about the cluster."}]
 
@@ -151,6 +151,39 @@ async def test_a_node_that_dies_mid_stream_ends_the_stream_with_an_error_event(f
     # the task's failure ended the stream (had it gone on to the stream's idle timeout instead, the error would
     # say the node "sent nothing" for that long, with no word of the lost worker)
     assert "WorkerLost: Task failure due to loss of worker" in str(info.value)
+
+
+async def test_a_plain_request_whose_client_leaves_stops_the_engines_generation(first_ext, jp_auth_header):
+    """A plain request for a million tokens: once its client leaves, the node stops reading the engine's answer,
+    which ends the generation (``transformers serve`` stops a stream whose reader has gone), and the request
+    counts in flight until then, not a moment less."""
+    gateway, thread = first_ext.gateway, first_ext.loop_thread
+    backend = gateway.backends[0]
+    client = _client(first_ext, jp_auth_header, door="api")
+    async with client:
+        await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)  # warm
+        run_dir, port = backend.submitter.run_dir, backend.engine_port
+
+        def reading() -> bool:  # a task (a worker of the block) reads the engine's answer
+            return any(_talks_to(p, port) for p in _processes_of(run_dir))
+
+        def in_flight() -> int:
+            return gateway.router.health_of_backend(backend).in_flight
+
+        asking = asyncio.ensure_future(client.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=1_000_000, temperature=0))
+        await eventually_async(reading, "the node reads the engine's answer", ENGINE_GUARD_S)
+        assert in_flight() == 1
+        asking.cancel()  # the client leaves
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await eventually_async(lambda: not reading(), "the node goes away from the engine")
+        await eventually_async(lambda: in_flight() == 0, "the request is no longer in flight")
+        status = await thread.call(gateway.status())
+        assert status["endpoints"][0]["pending_tasks"] == 0
+        # the engine, which serves one request at a time, is free again: the million tokens were not generated
+        answer = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)
+        assert answer.choices[0].message.content is not None
 
 
 def test_leftovers_of_a_crashed_run_are_ended_and_a_live_runs_are_not(tmp_path: Path):

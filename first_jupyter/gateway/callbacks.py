@@ -6,6 +6,10 @@ signed with a key made for that task alone and sent to the node inside the task 
 waiting stream's queue as they arrive (no polling); the stream ends on the node's ``done`` or ``error`` message,
 or when nothing comes for the idle timeout; the task's own end (its future) is watched as well, so a node that
 dies ends the stream at once instead of at the idle timeout.
+
+Closing a task here is also how its node learns to stop: whatever it sends about a closed task is refused, and a
+node that is refused ends its engine's work. A plain request is opened here too, for that alone: its node sends
+only its word that it still works (``ALIVE``), and its answer comes back as the task's result.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.inference import sign
 
 ACCEPTED, REFUSED, OUT_OF_ORDER = 204, 403, 409
+ALIVE = {"alive": True}
+"""What a node sends while it computes an answer and has sent nothing else for a while: the answer, 204 or 403,
+tells it whether the answer is still wanted (``remote.leash``)."""
 CALLBACK_PATH = "/first/api/callback"
 
 
@@ -39,6 +46,9 @@ class RemoteStream:
         self.where = where
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.next_seq = 0
+        self.started = False
+        """Whether the node has said anything: its task runs, and the engine works on it until the node is told to
+        stop (its next word is refused once the stream is closed here)."""
 
     def watch(self, task: Future[Any], describe: Callable[[BaseException], str]) -> None:
         """Put the task's end in the queue too: a task that failed (its node died, its function raised) ends
@@ -107,7 +117,8 @@ class CallbackHub:
         return stream
 
     def close(self, stream: RemoteStream) -> None:
-        """The client's stream ended: later batches for this task are refused."""
+        """The client's stream or request ended: whatever the node sends about this task is refused from now on,
+        and that stops its work."""
         with self._lock:
             self._streams.pop(stream.task_id, None)
 
@@ -116,12 +127,15 @@ class CallbackHub:
         alike so as not to say which tasks exist) is refused and changes nothing for the real stream."""
         with self._lock:
             answer, message, stream = self._check(task_id, seq, signature, body)
+            alive = message == ALIVE
             if answer == ACCEPTED:
-                self.accepted += 1
-                stream.next_seq += 1
+                stream.started = True
+                if not alive:  # the node's word that it works on the task takes no place in the sequence
+                    self.accepted += 1
+                    stream.next_seq += 1
             else:
                 self.refused += 1
-        if answer == ACCEPTED:
+        if answer == ACCEPTED and not alive:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, message)
         return answer
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -310,7 +311,7 @@ class GatewayStream:
         router = self._gateway.router
         if self._upstream is not None:
             self._upstream.close()
-            router.ended(self.target)
+            self._upstream.when_done(functools.partial(router.ended, self.target))
             if self.error is not None:
                 router.failed(self.target, self.error.message)  # broke off mid-stream: keep it out if it goes on
             elif self._ttft is not None:

@@ -142,6 +142,11 @@ class UpstreamStream:
             self.on_close()
             self.on_close = None
 
+    @staticmethod
+    def when_done(callback: Callable[[], None]) -> None:
+        """At once: the engine stops as its connection closes."""
+        callback()
+
 
 class UpstreamClient:
     """Shared, lazily created connection pool for every backend of one gateway."""

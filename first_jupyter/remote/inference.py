@@ -5,7 +5,9 @@ from its own first-jupyter) and import nothing but the standard library and firs
 modules, so the node needs no more than first-jupyter itself. Each returns plain data (dicts of str, int, float)
 so that the result serializes anywhere. Streams come back to the gateway as signed batches POSTed to its callback
 route: one per ``batch_bytes`` of events or ``batch_s`` of time, whichever comes first, so a fast engine does not
-make one HTTP request per token and a slow one still shows its first token at once.
+make one HTTP request per token and a slow one still shows its first token at once. A request whose client left,
+or that ran past its deadline, is stopped on the node too (``remote.leash``): through the same route, the gateway
+refuses what a node sends about a task it has closed, and a node computing a plain answer asks it every second.
 
 Compute nodes often reach the gateway only through the site's HTTP proxy and trust the site's own CA, so the
 callback honours ``HTTP(S)_PROXY``/``NO_PROXY`` as curl reads them and the node's trust variables
@@ -15,16 +17,20 @@ gateway on the same host) always goes directly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
 import re
 import ssl
+import threading
 import time
 import urllib.parse
 from typing import Any
 
+from first_jupyter.remote.leash import ALIVE_S, Leash
+from first_jupyter.remote.plain_answer import PlainAnswer
 from first_jupyter.transport.proxies import Proxy, ProxyError, from_environment, is_loopback
 from first_jupyter.transport.tls import client_context
 
@@ -32,6 +38,8 @@ ENGINE_HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_TIMEOUT_S = 5.0
 CALLBACK_TIMEOUT_S = 30.0
+BATCH_BYTES, BATCH_S = 16384, 0.05
+"""A stream's batch goes to the gateway once it holds this many bytes of events, or has waited this long."""
 RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
 """Globus Compute refuses a task result over 10 MiB; this leaves room for the result's own envelope."""
 _FINISHED = re.compile(rb'"finish_reason":\s*"')
@@ -53,20 +61,131 @@ def _too_large(size: int) -> dict[str, Any]:
                                                          "param": None, "code": "result_too_large"}})}
 
 
-def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
-    """POST an OpenAI request to the engine on this node; its status, answer (text) and how long it took."""
+def plain_request(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S,
+                  leash: Leash | None = None) -> dict[str, Any]:
+    """POST an OpenAI request to the engine on this node as it is; its status, answer (text) and how long it took.
+    ``leash``: what may end it early (the result then says why)."""
     started = time.time()
     conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
     try:
         conn.request("POST", f"/v1/{route}", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        raw = response.read()
+        try:
+            with leash.holding(conn) if leash is not None else contextlib.nullcontext():
+                response = conn.getresponse()
+                raw = response.read()
+        except (OSError, http.client.HTTPException):
+            if leash is not None and leash.why is not None:
+                return _ended(leash, started)
+            raise
         if len(raw) > RESULT_LIMIT_BYTES:
             return {**_too_large(len(raw)), "started": started, "elapsed_s": time.time() - started}
         return {"status": response.status, "body": raw.decode("utf-8", "replace"), "started": started,
                 "elapsed_s": time.time() - started}
     finally:
         conn.close()
+
+
+def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S,
+                callback_url: str | None = None, task_id: str = "", key: str = "", deadline: float | None = None,
+                alive_s: float = ALIVE_S) -> dict[str, Any]:
+    """A plain request from the gateway: its status, answer (text) and how long it took.
+
+    It is ended early when nobody will take the answer any more (``remote.leash``): at ``deadline`` (a Unix time),
+    and, with a callback URL, when the gateway refuses the task's word, asked before the engine is and then every
+    ``alive_s`` seconds. So that ending it stops the engine's work, a completion is asked of the engine as a stream
+    and put together here (``remote.plain_answer``); embeddings, which take no time to speak of, go as they are.
+    """
+    callback = StreamCallback(callback_url, task_id, key) if callback_url else None
+    try:
+        if callback is not None and not callback.keep_alive(0):  # its client left while it waited to run
+            return {**_WITHDRAWN, "started": time.time(), "elapsed_s": 0.0}
+        leash = Leash(deadline, (lambda: callback.keep_alive(alive_s)) if callback is not None else None, alive_s)
+        if route not in STREAMED_ROUTES:
+            return plain_request(port, route, body, timeout, leash)
+        return _assembled(port, route, body, timeout, leash)
+    finally:
+        if callback is not None:
+            callback.close()
+
+
+STREAMED_ROUTES = frozenset({"chat/completions", "completions"})
+_WITHDRAWN = {"status": 499, "body": json.dumps({"error": {
+    "message": "The gateway withdrew the request (its client left, or it stopped waiting) before it was answered.",
+    "type": "api_error", "param": None, "code": "request_withdrawn"}})}
+
+
+def _ended(leash: Leash, started: float) -> dict[str, Any]:
+    """The result of a call the leash ended: nobody waits for it, but it says why for the logs."""
+    if leash.why == "withdrawn":
+        return {**_WITHDRAWN, "started": started, "elapsed_s": time.time() - started}
+    message = ("The request was not answered by its deadline (the endpoint's timeout), so the node stopped its "
+               "generation. Ask for fewer tokens (max_tokens), or raise the endpoint's timeout.")
+    return {"status": 504, "body": json.dumps({"error": {"message": message, "type": "api_error", "param": None,
+                                                         "code": "deadline_exceeded"}}),
+            "started": started, "elapsed_s": time.time() - started}
+
+
+def _assembled(port: int, route: str, body: dict[str, Any], timeout: float, leash: Leash) -> dict[str, Any]:
+    """A completion streamed from the engine and put together as its plain answer."""
+    started = time.time()
+    conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
+    answer = PlainAnswer(chat=route == "chat/completions")
+    asked = {**body, "stream": True, "stream_options": {"include_usage": True}}  # usage, as a plain answer has
+    try:
+        conn.request("POST", f"/v1/{route}", body=json.dumps(asked),
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        try:
+            with leash.holding(conn):
+                response = conn.getresponse()
+                if response.status >= 400:
+                    return {"status": response.status, "body": response.read().decode("utf-8", "replace"),
+                            "started": started, "elapsed_s": time.time() - started}
+                finished = _read_events(response, answer) or answer.finished()
+        except (OSError, http.client.HTTPException):
+            if leash.why is not None:
+                return _ended(leash, started)
+            raise
+        if answer.error is not None:
+            return {**_engine_error(answer.error), "started": started, "elapsed_s": time.time() - started}
+        if not finished:
+            if leash.why is not None:  # the stream's end was the leash's doing
+                return _ended(leash, started)
+            raise ConnectionError("the engine closed the stream before its last event")
+        raw = json.dumps(answer.body(), separators=(",", ":"))
+        if len(raw) > RESULT_LIMIT_BYTES:
+            return {**_too_large(len(raw)), "started": started, "elapsed_s": time.time() - started}
+        return {"status": response.status, "body": raw, "started": started, "elapsed_s": time.time() - started}
+    finally:
+        conn.close()
+
+
+def _read_events(response: http.client.HTTPResponse, answer: PlainAnswer) -> bool:
+    """Each server-sent event's JSON into ``answer``; whether the stream said it ended (``[DONE]``, which some
+    engines do not send)."""
+    data: list[bytes] = []
+    while line := response.readline():
+        line = line.rstrip(b"\r\n")
+        if line.startswith(b"data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            payload = b"\n".join(data)
+            data.clear()
+            if payload == b"[DONE]":
+                return True
+            try:
+                answer.add(json.loads(payload))
+            except ValueError:
+                continue  # not JSON: nothing a plain answer could hold
+    return False
+
+
+def _engine_error(error: Any) -> dict[str, Any]:
+    """An error event from the engine as the status and OpenAI error a plain answer would have had."""
+    if not isinstance(error, dict):
+        error = {"message": str(error), "type": "api_error", "param": None, "code": None}
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return {"status": status, "body": json.dumps({"error": error})}
 
 
 def _get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
@@ -108,6 +227,8 @@ STALE_CONNECTION = (ConnectionResetError, ConnectionAbortedError, BrokenPipeErro
 ``RemoteDisconnected``, a closed connection without an answer, is a ``ConnectionResetError``)."""
 ALREADY_TAKEN = 409
 """The gateway's answer to a batch whose sequence number it has already taken."""
+WITHDRAWN = 403
+"""The gateway's answer about a task it has closed (its client left, or it stopped waiting) or never had."""
 
 
 class CallbackFailed(RuntimeError):
@@ -160,6 +281,9 @@ class StreamCallback:
         self._task_id = task_id
         self._key = key
         self.seq = 0
+        self._lock = threading.Lock()
+        """One message at a time on the connection: the leash's ``keep_alive`` comes from a thread of its own."""
+        self._last_sent = time.monotonic()
 
     def _via(self) -> str:
         """Which proxy the batch went through, and where that came from, for the error (without credentials)."""
@@ -173,6 +297,35 @@ class StreamCallback:
         after each request, servers after an idle while) is met only when it is used, so a batch that finds it
         closed is sent once more on a new one. That cannot deliver it twice: the gateway takes each sequence
         number once and answers a repeat 409, which on the second try means the first got through."""
+        with self._lock:
+            status, again = self._send(message, "batch")
+            if status >= 400 and not (again and status == ALREADY_TAKEN):
+                raise CallbackFailed(f"the gateway refused the stream's batch {self.seq}: HTTP {status} from "
+                                     f"{self.where}{self._via()}")
+            self.seq += 1
+
+    def keep_alive(self, idle_s: float) -> bool:
+        """Whether the gateway still wants the task's answer: asked (``{"alive": true}``, which takes no place in
+        the sequence) when nothing else was sent for ``idle_s`` seconds; a batch on its way says enough meanwhile.
+
+        Only the gateway's refusal (403: the task is closed there) says no. A gateway that cannot be reached
+        says nothing: a plain answer still goes back as the task's result, and a stream fails on its next batch.
+        """
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            if time.monotonic() - self._last_sent < idle_s:
+                return True
+            try:
+                status, _ = self._send({"alive": True}, "word")
+            except CallbackFailed:
+                return True
+            return status != WITHDRAWN
+        finally:
+            self._lock.release()
+
+    def _send(self, message: dict[str, Any], what: str) -> tuple[int, bool]:
+        """POST ``message`` as the task's next in sequence; its status, and whether it took a second try."""
         body = json.dumps(message).encode()
         headers = {**self._headers, "Content-Type": "application/json", "X-First-Task": self._task_id,
                    "X-First-Seq": str(self.seq), "X-First-Signature": sign(self._key, self._task_id, self.seq, body)}
@@ -183,7 +336,8 @@ class StreamCallback:
                 self._conn.request("POST", self._target, body=body, headers=headers)
                 response = self._conn.getresponse()
                 response.read()
-                break
+                self._last_sent = time.monotonic()
+                return response.status, again
             except (OSError, http.client.HTTPException) as exc:
                 self._conn.close()
                 if reused and not again and isinstance(exc, STALE_CONNECTION):
@@ -191,29 +345,30 @@ class StreamCallback:
                     continue
                 hint = (" (set SSL_CERT_FILE or REQUESTS_CA_BUNDLE on the node to the CA that signed the gateway's "
                         "certificate)" if isinstance(exc, ssl.SSLCertVerificationError) else "")
-                raise CallbackFailed(f"the stream's batch {self.seq} could not reach the gateway's callback "
+                raise CallbackFailed(f"the stream's {what} {self.seq} could not reach the gateway's callback "
                                      f"{self.where}{self._via()}: {type(exc).__name__}: {exc}{hint}") from exc
-        if response.status >= 400 and not (again and response.status == ALREADY_TAKEN):
-            raise CallbackFailed(f"the gateway refused the stream's batch {self.seq}: HTTP {response.status} from "
-                                 f"{self.where}{self._via()}")
-        self.seq += 1
 
     def close(self) -> None:
         self._conn.close()
 
 
 def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str | None, task_id: str, key: str,
-                  batch_bytes: int = 16384, batch_s: float = 0.05,
-                  timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+                  batch_bytes: int = BATCH_BYTES, batch_s: float = BATCH_S, timeout: float = REQUEST_TIMEOUT_S,
+                  deadline: float | None = None, alive_s: float = ALIVE_S) -> dict[str, Any]:
     """Stream from the engine and send the events back in signed batches; a summary of what was sent.
 
     Without a callback URL (a cluster the gateway cannot be reached from) the whole stream comes back in the
     result instead, as one final chunk. A failure after the first byte is sent as an ``error`` message, so the
     gateway ends its client's stream with an error event rather than waiting for an idle timeout.
+
+    The engine stops as soon as the gateway refuses a batch (it closed the stream: its client left), or refuses
+    the word the node sends after ``alive_s`` seconds of silence (the engine may be silent long before its first
+    token); and at ``deadline`` (a Unix time), the gateway's bound on a stream that comes back whole.
     """
     started = time.time()
     engine = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
     callback = StreamCallback(callback_url, task_id, key) if callback_url else None
+    leash = Leash(deadline, (lambda: callback.keep_alive(alive_s)) if callback is not None else None, alive_s)
     pending: list[bytes] = []
     kept: list[bytes] = []
     size = sent = 0
@@ -237,17 +392,20 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
     try:
         engine.request("POST", f"/v1/{route}", body=json.dumps({**body, "stream": True}),
                        headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-        response = engine.getresponse()
-        if response.status >= 400:
-            return {"status": response.status, "body": response.read().decode("utf-8", "replace"),
-                    "elapsed_s": time.time() - started}
-        finished = False
-        while line := response.readline():
-            pending.append(line)
-            size += len(line)
-            finished = finished or line.startswith(b"data: [DONE]") or _FINISHED.search(line) is not None
-            if line == b"\n" and (size >= batch_bytes or time.monotonic() - flushed >= batch_s):
-                flush()  # only at an event's end: a batch never cuts an event in two
+        with leash.holding(engine):
+            response = engine.getresponse()
+            if response.status >= 400:
+                return {"status": response.status, "body": response.read().decode("utf-8", "replace"),
+                        "elapsed_s": time.time() - started}
+            finished = False
+            while line := response.readline():
+                pending.append(line)
+                size += len(line)
+                finished = finished or line.startswith(b"data: [DONE]") or _FINISHED.search(line) is not None
+                if line == b"\n" and (size >= batch_bytes or time.monotonic() - flushed >= batch_s):
+                    flush()  # only at an event's end: a batch never cuts an event in two
+        if not finished and leash.why is not None:
+            return _stopped(leash, callback, started)
         flush()
         if not finished:  # the connection ended (http.client reads that as a clean end) before the answer did
             raise ConnectionError("the engine closed the stream before its last event")
@@ -259,6 +417,8 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
     except _ResultTooLarge as exc:
         return {**_too_large(exc.size), "elapsed_s": time.time() - started}
     except (OSError, http.client.HTTPException) as exc:
+        if leash.why is not None:
+            return _stopped(leash, callback, started)
         if callback is not None:
             callback.post({"error": f"the engine's stream broke off on the node: {type(exc).__name__}: {exc}"})
         raise
@@ -266,3 +426,16 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
         engine.close()
         if callback is not None:
             callback.close()
+
+
+def _stopped(leash: Leash, callback: StreamCallback | None, started: float) -> dict[str, Any]:
+    """A stream the leash ended: the gateway that withdrew it hears nothing more (it would refuse it); one past
+    its deadline is told so, as the task's result."""
+    if leash.why == "withdrawn":
+        raise CallbackFailed("the gateway no longer wants the stream (its client left, or it stopped waiting); "
+                             "the engine's generation was stopped")
+    ended = _ended(leash, started)
+    if callback is not None:
+        with contextlib.suppress(CallbackFailed):
+            callback.post({"error": json.loads(ended["body"])["error"]["message"]})
+    return ended

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from first_jupyter.remote.inference import REQUEST_TIMEOUT_S, call_engine
+from first_jupyter.remote.inference import REQUEST_TIMEOUT_S, plain_request
 
 STDERR_TAIL_BYTES = 2000
 
@@ -70,7 +70,7 @@ def _answer(item: dict[str, Any], port: int, timeout: float) -> dict[str, Any]:
     route = str(item.get("url", "")).removeprefix("/v1/")
     request_id = f"first-{secrets.token_hex(12)}"
     try:
-        reply = call_engine(port, route, item["body"], timeout)
+        reply = plain_request(port, route, item["body"], timeout)
     except OSError as exc:
         return {"id": request_id, "custom_id": item["custom_id"], "response": None,
                 "error": f"the engine on port {port} did not answer: {exc}"}

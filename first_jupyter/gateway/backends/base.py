@@ -25,6 +25,11 @@ class Stream(Protocol):
     def close(self) -> None:
         ...
 
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the engine's work for this stream has ended, after ``close``: at once where
+        closing ends it (an HTTP connection), once the node has stopped where it must be told (a Compute task)."""
+        ...
+
 
 class Backend(Protocol):
     """One endpoint of one cluster: an engine, or a gateway in front of engines."""

@@ -8,6 +8,7 @@ module holds what both share: the payload limit, the wait, the stream through th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -21,7 +22,14 @@ from first_jupyter.config import ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
 from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability, OpenAIError
-from first_jupyter.remote.inference import call_engine, engine_health, stream_engine
+from first_jupyter.remote.inference import (
+    BATCH_BYTES,
+    BATCH_S,
+    REQUEST_TIMEOUT_S,
+    call_engine,
+    engine_health,
+    stream_engine,
+)
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.scheduler_view import SchedulerReader
@@ -91,15 +99,18 @@ def remote_summary(text: str) -> str:
 class RemoteAnswer:
     """A stream whose events come from a node, through the callback route or as the task's whole result."""
 
-    __slots__ = ("_chunks", "_first", "_hub", "_remote", "_task", "on_close")
+    __slots__ = ("_chunks", "_first", "_grace_s", "_hub", "_remote", "_task", "on_close")
 
     def __init__(self, hub: CallbackHub, remote: RemoteStream, task: Future[Any], chunks: AsyncIterator[bytes],
-                 first: bytes | None) -> None:
+                 first: bytes | None, grace_s: float) -> None:
+        """``grace_s``: how long after the stream is closed its node is taken to be still at work, at most
+        (a node refused stops at once; one that never says so is taken for dead after this)."""
         self._hub = hub
         self._remote = remote
         self._task = task
         self._chunks = chunks
         self._first = first
+        self._grace_s = grace_s
         self.on_close: Callable[[], None] | None = None
 
     async def pipe(self, sink: Callable[[bytes], bool]) -> None:
@@ -114,12 +125,39 @@ class RemoteAnswer:
         """Nothing is paused (see ``pipe``)."""
 
     def close(self) -> None:
-        """Refuse the node's later batches; a task not yet started is cancelled."""
+        """Refuse the node's later batches: the node that is refused stops its engine's generation."""
         self._hub.close(self._remote)
-        self._task.cancel()
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """``callback`` once the node's task has ended (the engine's work with it), on this loop."""
+        when_ended(self._task, callback, self._grace_s)
+
+
+def when_ended(task: Future[Any], callback: Callable[[], None], grace_s: float) -> None:
+    """``callback``, once, on the running loop, when ``task`` ends or ``grace_s`` seconds have passed (a task
+    whose end never comes back, its node lost, must not count as work forever)."""
+    if task.done():
+        callback()
+        return
+    loop = asyncio.get_running_loop()
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            timer.cancel()
+            callback()
+
+    def ended(_: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the gateway has stopped
+            loop.call_soon_threadsafe(fire)
+
+    timer = loop.call_later(grace_s, fire)
+    task.add_done_callback(ended)
 
 
 class ComputeBackend:
@@ -163,36 +201,66 @@ class ComputeBackend:
         return await self.submitter.submit(function, *args)
 
     async def _result(self, task: Future[Any], what: str) -> Any:
-        """A task's value within the endpoint's timeout (cancelled if the caller leaves); its failure as the
-        OpenAI error that carries the remote summary; ``what``: the timeout's words."""
+        """A task's value within the endpoint's timeout; its failure as the OpenAI error that carries the remote
+        summary; ``what``: the timeout's words. The task itself is left as it is when the wait ends early (the
+        caller leaves, the timeout): the caller decides what becomes of it."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(task), self.endpoint.timeout)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(task)), self.endpoint.timeout)
         except TimeoutError:
-            task.cancel()
             raise OpenAIError(504, f"{self.where} did not {what} within {self.endpoint.timeout:g} s (its queue or a "
                                    "cold start may be long); `%first status` shows where it stands, and the "
                                    "endpoint's timeout can be raised.", type="api_error",
                               code="upstream_timeout") from None
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        except OpenAIError:
+        except (OpenAIError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise self.submitter.describe(exc) from None
 
+    async def _withdraw(self, task: Future[Any], remote: RemoteStream, told: bool, deadline: float) -> None:
+        """Stop a request's work on its node, and return once it has stopped, so that the request counts in flight
+        (the router's load) as long as the engine works on it.
+
+        The node is refused from now on, and a node refused stops the engine at once (``remote.leash``); a task
+        that has not started is cancelled (should it start all the same, its first word is refused). ``told``:
+        the node can hear the refusal (it has the callback URL); if not, it stops only at ``deadline`` (a Unix
+        time). Either way the wait ends after the idle timeout more at the latest: a node that has not come back
+        by then is taken for lost.
+        """
+        self._hub.close(remote)
+        if told and not remote.started:
+            task.cancel()
+            return
+        if not task.done():
+            wait = (0.0 if told else max(deadline - time.time(), 0.0)) + self._idle
+            with contextlib.suppress(Exception):  # its failure, or the wait's end: either way, it is over
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(task)), wait)
+
     async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
-        task = await self._task(body, call_engine, self.engine_port, capability.route,
-                                orjson.loads(body), self.endpoint.timeout)
-        result = await self._result(task, "answer")
+        """A plain request as a task that the node can be told to stop (``_withdraw``), and that stops by itself
+        at the endpoint's timeout (its deadline), when this gateway stops waiting for it."""
+        url = self._callback_url()
+        remote = self._hub.open(self.where)
+        deadline = time.time() + self.endpoint.timeout
+        try:
+            task = await self._task(body, call_engine, self.engine_port, capability.route, orjson.loads(body),
+                                    self.endpoint.timeout, url, remote.task_id, remote.key, deadline)
+            try:
+                result = await self._result(task, "answer")
+            except BaseException:
+                await self._withdraw(task, remote, url is not None, deadline)
+                raise
+        finally:
+            self._hub.close(remote)
         return Reply(int(result["status"]), str(result["body"]).encode())
 
     async def stream(self, model_id: str, capability: Capability, body: bytes) -> RemoteAnswer:
         url = self._callback_url()
         remote = self._hub.open(self.where)
+        deadline = time.time() + self.endpoint.timeout  # kept by the node only when the stream comes back whole
         try:
-            task = await self._task(body, stream_engine, self.engine_port, capability.route,
-                                    orjson.loads(body), url, remote.task_id, remote.key)
+            task = await self._task(body, stream_engine, self.engine_port, capability.route, orjson.loads(body),
+                                    url, remote.task_id, remote.key, BATCH_BYTES, BATCH_S, REQUEST_TIMEOUT_S,
+                                    deadline if url is None else None)
         except BaseException:
             self._hub.close(remote)
             raise
@@ -201,16 +269,19 @@ class ComputeBackend:
         try:  # the first event, or the refusal that must become a real status before any byte is sent
             first = await anext(chunks, None)
         except BaseException:
-            self._hub.close(remote)
-            task.cancel()
+            await self._withdraw(task, remote, url is not None, deadline)
             raise
-        return RemoteAnswer(self._hub, remote, task, chunks, first)
+        return RemoteAnswer(self._hub, remote, task, chunks, first, self._idle)
 
     async def warm(self, model_id: str) -> None:
         """A health probe as a task: the endpoint starts a block for it (its ``worker_init`` starts the engine and
         waits until it serves), so the probe runs once the model answers, and fails with the start's reason."""
         task = await self.submitter.submit(engine_health, self.engine_port)
-        health = await self._result(task, f"start model '{model_id}'")
+        try:
+            health = await self._result(task, f"start model '{model_id}'")
+        except BaseException:
+            task.cancel()
+            raise
         if not health.get("healthy"):
             raise OpenAIError(503, f"The engine on {self.where} does not answer: {health.get('error') or health}",
                               type="api_error", code="engine_unhealthy")
