@@ -417,18 +417,23 @@ class InferenceRoute(GatewayDoor):
 
     capability: Capability
     _task: asyncio.Task[Any] | None = None
+    _gone = False
 
     def initialize(self, capability: Capability) -> None:  # type: ignore[override]
         self.capability = capability
 
     def on_connection_close(self) -> None:
-        """The client went away: cancel at once so the upstream request is closed and the engine stops."""
+        """The client went away: cancel at once so the upstream request is closed and the engine stops. It may
+        leave before the request began (while ``prepare`` authenticated it): then the request never begins."""
+        self._gone = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
         super().on_connection_close()
 
     @web.authenticated
     async def post(self) -> None:
+        if self._gone:
+            return
         self._task = asyncio.current_task()
         gateway, body = self.gateway, self.body
         client, caller = ClientRelay(self), self.caller()
