@@ -145,6 +145,7 @@ class UpstreamOptions(TypedDict, total=False):
     pace: float
     first_byte_delay: float
     fault: str
+    max_model_len: int | None
     certfile: str | os.PathLike[str] | None
     keyfile: str | os.PathLike[str] | None
     client_ca: str | os.PathLike[str] | None
@@ -354,6 +355,7 @@ class FakeUpstream:
         pace: float = 0.0,
         first_byte_delay: float = 0.0,
         fault: str = "none",
+        max_model_len: int | None = None,
         certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         client_ca: str | os.PathLike[str] | None = None,
@@ -362,7 +364,8 @@ class FakeUpstream:
 
         ``port`` 0 picks a free port.  ``chunks`` is the number of content tokens per completion,
         streamed one per SSE event ``pace`` seconds apart (0: all written at once).  ``fault`` is one
-        of ``FAULT_MODES``.  ``certfile`` (PEM chain, with its key in it or in ``keyfile``) serves https;
+        of ``FAULT_MODES``.  ``max_model_len`` is listed with each model, as vLLM lists its context
+        length.  ``certfile`` (PEM chain, with its key in it or in ``keyfile``) serves https;
         ``client_ca`` then requires a client certificate that CA signed.
         """
         model_ids = (models,) if isinstance(models, str) else tuple(models)
@@ -381,6 +384,7 @@ class FakeUpstream:
         self.pace = pace
         self.first_byte_delay = first_byte_delay
         self.fault = fault
+        self.max_model_len = max_model_len
         self.requests = 0
         self.by_route: Counter[str] = Counter()
         """Requests per path (``/v1/chat/completions``, ``/v1/models``, ...), control routes excepted."""
@@ -720,8 +724,9 @@ class FakeUpstream:
 
     def _models_body(self) -> bytes:
         """The ``/v1/models`` list of the configured models."""
+        limit = {} if self.max_model_len is None else {"max_model_len": self.max_model_len}
         data = [
-            {"id": model, "object": "model", "created": self._created, "owned_by": "fake-upstream"}
+            {"id": model, "object": "model", "created": self._created, "owned_by": "fake-upstream", **limit}
             for model in self.models
         ]
         return orjson.dumps({"object": "list", "data": data})
@@ -833,6 +838,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     parser.add_argument("--pace", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before headers")
     parser.add_argument("--fault", choices=FAULT_MODES, default="none")
+    parser.add_argument("--max-model-len", type=int, help="context length listed with each model, as vLLM does")
     parser.add_argument("--certfile", help="serve https with this PEM certificate chain (its key in it or --keyfile)")
     parser.add_argument("--keyfile", help="the certificate's private key, PEM, when not in --certfile")
     parser.add_argument("--client-ca", help="with --certfile: require a client certificate signed by this CA (PEM)")
@@ -870,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pace=args.pace,
             first_byte_delay=args.first_byte_delay,
             fault=args.fault,
+            max_model_len=args.max_model_len,
             certfile=args.certfile,
             keyfile=args.keyfile,
             client_ca=args.client_ca,

@@ -50,6 +50,10 @@ class ModelConfig(_Strict):
         default=None, description="local engines: a directory or hub id to load; defaults to id"
     )
     capabilities: list[Capability] = [Capability.chat, Capability.completions]
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="the most tokens a request may ask for (max_tokens, max_completion_tokens): "
+                                        "more is refused with a 400 before any work; default: the engine's own "
+                                        "limit where it reports one (vLLM's max_model_len)")
     build_tiny: bool = Field(
         default=False, description="local engines: if path holds no model, build the tiny offline model there"
     )

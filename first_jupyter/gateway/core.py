@@ -43,6 +43,7 @@ from first_jupyter.gateway.backends.http import HttpBackend, reach_of
 from first_jupyter.gateway.backends.local import LocalBackend
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
+from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
@@ -360,6 +361,7 @@ class Gateway:
                 for model in ep.models:
                     served.setdefault(model.id, []).append(f"{cluster_name}/{ep.name}")
         self.router = Router(self.backends, served, config.defaults.scale_out)
+        self.ceilings = TokenCeilings(config)
         self._discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
         self._discovery: asyncio.Lock | None = None
         self._starts: dict[tuple[int, str], asyncio.Task[None]] = {}
@@ -374,6 +376,7 @@ class Gateway:
     def _observe(self, endpoints: list[dict[str, Any]]) -> None:
         """Give the router each model's state at each endpoint just read: it orders candidates by them."""
         by_name = {(e["cluster"], e["endpoint"]): e for e in endpoints}
+        self.ceilings.observe(endpoints)
         for observer in self.state_observers:
             observer(endpoints)
         for model, targets in self.router.catalog.items():
@@ -792,6 +795,7 @@ class Gateway:
             return reply
 
         try:
+            self.ceilings.check(req)
             with acting_as(caller):
                 targets = await self._candidates(req.model, req.capability, conversation, caller)
                 answer = self._first_answer(req, targets, tried, ask, caller)
@@ -832,6 +836,7 @@ class Gateway:
         conversation = self._conversation(req)
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
         try:
+            self.ceilings.check(req)
             with acting_as(caller):  # (the opening task, made here, keeps it)
                 targets = await self._candidates(req.model, req.capability, conversation, caller)
                 if not self._may_wait(targets):

@@ -200,7 +200,8 @@ def _get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
 
 def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
     """Whether the engine answers (``/health``, which vLLM and ``transformers serve`` both have), and the models
-    it lists when its ``/v1/models`` answers (``transformers serve`` fails that route offline)."""
+    it lists when its ``/v1/models`` answers (``transformers serve`` fails that route offline), with the listing
+    itself (vLLM's says each model's ``max_model_len``)."""
     started = time.time()
     try:
         status, _ = _get(port, "/health", timeout)
@@ -208,13 +209,15 @@ def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any
         return {"healthy": False, "status": None, "models": [], "error": f"{type(exc).__name__}: {exc}",
                 "elapsed_s": time.time() - started}
     models: list[str] = []
+    listing: Any = None
     try:
         listed_status, body = _get(port, "/v1/models", timeout)
-        data = json.loads(body) if listed_status == 200 else {}
-        models = [m.get("id") for m in data.get("data", [])] if isinstance(data, dict) else []
+        listing = json.loads(body) if listed_status == 200 else {}
+        models = [m.get("id") for m in listing.get("data", [])] if isinstance(listing, dict) else []
     except (OSError, ValueError):
         pass  # the list is a detail; health is the answer
-    return {"healthy": status == 200, "status": status, "models": models, "elapsed_s": time.time() - started}
+    return {"healthy": status == 200, "status": status, "models": models, "listing": listing,
+            "elapsed_s": time.time() - started}
 
 
 class _ResultTooLarge(Exception):

@@ -20,6 +20,7 @@ import orjson
 
 from first_jupyter.config import ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
+from first_jupyter.gateway.ceilings import LIMITS_KEY, reported_limits
 from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.remote.inference import (
@@ -184,6 +185,8 @@ class ComputeBackend:
         self._callback_url = callback_url
         self.engine_port = engine_port or endpoint.engine_port
         self._upstream_name = upstream_name
+        self._limits: dict[str, int] = {}
+        """Each model's ``max_model_len``, as its engine reported it when last asked to start it."""
 
     def upstream_name(self, model_id: str) -> str:
         model = self._models[model_id]
@@ -285,11 +288,12 @@ class ComputeBackend:
         if not health.get("healthy"):
             raise OpenAIError(503, f"The engine on {self.where} does not answer: {health.get('error') or health}",
                               type="api_error", code="engine_unhealthy")
+        self._limits = reported_limits(health.get("listing"), {self.upstream_name(m): m for m in self._models})
 
     async def status(self) -> dict[str, Any]:
         state = await self.submitter.status()
         info = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind, "models": sorted(self._models),
-                "callback": self._callback_url() is not None, **state}
+                "callback": self._callback_url() is not None, LIMITS_KEY: self._limits, **state}
         if self._scheduler is not None:
             view = await self._scheduler.read()
             info["scheduler"] = {"jobs": self._scheduler.jobs_of(self.name), "free_nodes": view["free_nodes"],

@@ -11,6 +11,7 @@ import orjson
 
 from first_jupyter.config import ConfigError, ModelConfig, TlsConfig
 from first_jupyter.gateway.bearer import BearerTokens
+from first_jupyter.gateway.ceilings import LIMITS_KEY, reported_limits
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream, upstream_error
 from first_jupyter.protocol import Capability, OpenAIError, json_kind
 from first_jupyter.transport.http_client import Reach, Url
@@ -179,7 +180,9 @@ class HttpBackend:
             return {**info, "state": "failed", "error": f"GET /models answered {exc}, not an OpenAI model list "
                                                        '({"object": "list", "data": [{"id": ...}, ...]}): is '
                                                        "base_url the engine's API root?"}
-        return {**info, "state": "online", "upstream_models": listed}
+        public = {self.upstream_name(model_id): model_id for model_id in self._models}
+        return {**info, "state": "online", "upstream_models": listed,
+                LIMITS_KEY: reported_limits(orjson.loads(reply.body), public)}
 
     async def warm(self, model_id: str) -> None:
         """An upstream is started by whoever runs it: warming it only checks that it answers."""
