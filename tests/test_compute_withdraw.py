@@ -39,6 +39,7 @@ BODY = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_
 
 @pytest.fixture
 def engine() -> Iterator[FakeUpstream]:
+    """The node's engine, at work on each request (its answer held) until the test lets it answer."""
     with serving_in_thread(models=["fake-model"], chunks=8) as upstream:
         gate(upstream, hold=True)
         yield upstream

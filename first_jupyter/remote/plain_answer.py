@@ -86,7 +86,17 @@ class PlainAnswer:
         return bool(self._choices) and all(c.get("finish_reason") is not None for c in self._choices.values())
 
     def body(self) -> dict[str, Any]:
-        """The whole answer, as the engine's plain answer is shaped."""
+        """The whole answer, as the engine's plain answer is shaped (a plain tool call has no ``index``)."""
         top = dict(self._top)
         return {"id": top.pop("id", None), "object": "chat.completion" if self._chat else "text_completion", **top,
-                "choices": [self._choices[i] for i in sorted(self._choices)]}
+                "choices": [_plain(self._choices[i]) for i in sorted(self._choices)]}
+
+
+def _plain(choice: dict[str, Any]) -> dict[str, Any]:
+    """A choice without what only its stream needed: the place of each tool call among the events."""
+    message = choice.get("message")
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list):
+        return choice
+    plain_calls = [{k: v for k, v in c.items() if k != "index"} if isinstance(c, dict) else c for c in calls]
+    return {**choice, "message": {**message, "tool_calls": plain_calls}}
