@@ -18,6 +18,7 @@ gateway on the same host) always goes directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import http.client
@@ -27,6 +28,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from first_jupyter.remote.leash import ALIVE_S, Leash
@@ -99,7 +101,7 @@ def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = RE
     try:
         if callback is not None and not callback.keep_alive(0):  # its client left while it waited to run
             return {**_WITHDRAWN, "started": time.time(), "elapsed_s": 0.0}
-        leash = Leash(deadline, (lambda: callback.keep_alive(alive_s)) if callback is not None else None, alive_s)
+        leash = Leash(deadline, callback.asker(alive_s) if callback is not None else None, alive_s)
         if route not in STREAMED_ROUTES:
             return plain_request(port, route, body, timeout, leash)
         return _assembled(port, route, body, timeout, leash)
@@ -327,6 +329,10 @@ class StreamCallback:
         finally:
             self._lock.release()
 
+    def asker(self, idle_s: float) -> Callable[[], bool]:
+        """``keep_alive`` after ``idle_s`` seconds of silence, as a leash asks it."""
+        return functools.partial(self.keep_alive, idle_s)
+
     def _send(self, message: dict[str, Any], what: str) -> tuple[int, bool]:
         """POST ``message`` as the task's next in sequence; its status, and whether it took a second try."""
         body = json.dumps(message).encode()
@@ -371,7 +377,7 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
     started = time.time()
     engine = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
     callback = StreamCallback(callback_url, task_id, key) if callback_url else None
-    leash = Leash(deadline, (lambda: callback.keep_alive(alive_s)) if callback is not None else None, alive_s)
+    leash = Leash(deadline, callback.asker(alive_s) if callback is not None else None, alive_s)
     pending: list[bytes] = []
     kept: list[bytes] = []
     size = sent = 0
