@@ -65,8 +65,8 @@ class InProcessGateway:
 
     def __init__(self) -> None:
         from first_jupyter.config import load_config
-        from first_jupyter.gateway.api import GatewayApp
         from first_jupyter.gateway.core import Gateway
+        from first_jupyter.gateway.lean_door import GatewayApp
         from first_jupyter.gateway.service import GatewayService
         from first_jupyter.paths import default_data_dir
         from first_jupyter.transport.http_server import listening_socket

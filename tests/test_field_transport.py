@@ -22,8 +22,8 @@ import pytest
 from bench.fake_upstream import serving_in_thread
 from bench.site_network import Tinyproxy, TlsCerts
 from first_jupyter.config import ConfigError, parse_config
-from first_jupyter.gateway.api import GatewayApp
 from first_jupyter.gateway.core import Gateway
+from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.transport.http_server import listening_socket, serve
 from first_jupyter.transport.tls import TRUST_VARIABLES

@@ -10,8 +10,8 @@ import asyncio
 import socket
 
 from first_jupyter.config import Limits
-from first_jupyter.gateway.api import GatewayApp
 from first_jupyter.gateway.core import Gateway
+from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.transport.http_server import serve
 from first_jupyter.transport.loop_thread import LoopThread
 

@@ -20,7 +20,8 @@ from traitlets import Bool, Integer, Unicode
 
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
-from first_jupyter.gateway.api import GatewayApp, HostVerdicts
+from first_jupyter.gateway.api import HostVerdicts
+from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.gateway.service import GatewayService
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes

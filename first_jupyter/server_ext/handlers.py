@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from asyncio import Future
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +34,12 @@ from tornado import web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
-from first_jupyter.batch import routes as batch_routes
 from first_jupyter.batch.service import Batches
 from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
-from first_jupyter.gateway.core import Completed, Gateway
-from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.route_table import Answer, Bare, Call, Route, method_not_allowed, paths
+from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.loop_thread import LoopThread
 from first_jupyter.transport.proxies import is_loopback
 
@@ -228,9 +229,13 @@ class GatewayDoor(web.RequestHandler):
     def check_default_change(self) -> None:
         """Refuse (403) a caller who may not change the default model, which every client of the gateway uses."""
 
-    async def auth_answer(self, what: str, body: bytes) -> dict[str, Any]:
-        gateway = self.gateway
-        return await self.loop_thread.call(api.auth_route(gateway, what, body))
+    async def whoami(self) -> dict[str, Any] | None:
+        """Who is signed in, where the door knows it itself; None: the gateway's Globus sign-in says."""
+        return None
+
+    def signs_in(self) -> bool:
+        """Whether the sign-in routes are served (a user's own server signs in to Globus for its user)."""
+        return True
 
 
 class FirstHandler(GatewayDoor, APIHandler):
@@ -330,97 +335,38 @@ class FirstHandler(GatewayDoor, APIHandler):
         return super().error_for(status_code, reason)
 
 
-class ModelsRoute(GatewayDoor):
-    @web.authenticated
-    async def get(self) -> None:
-        self.write_json(await self.loop_thread.call(self.gateway.models()))
+class TableRoute(GatewayDoor):
+    """One path of the route table (``gateway.route_table``), every method it takes, on this door.
 
-
-class StatusRoute(GatewayDoor):
-    @web.authenticated
-    async def get(self) -> None:
-        self.write_json(await self.loop_thread.call(self.gateway.status()))
-
-
-class UsageRoute(GatewayDoor):
-    @web.authenticated
-    async def get(self) -> None:
-        gateway, user = self.gateway, self.usage_user()
-        self.write_json(await self.loop_thread.call(gateway.usage_summary(user)))
-
-
-class DefaultModelRoute(GatewayDoor):
-    @web.authenticated
-    def get(self) -> None:
-        """Without probing every endpoint, as status does: clients ask before each prompt that names no model."""
-        self.write_json({"default_model": self.gateway.default_model})
-
-    @web.authenticated
-    async def put(self) -> None:
-        self.check_default_change()
-        gateway, model = self.gateway, api.requested_model(self.body)
-        self.write_json({"default_model": await self.loop_thread.call(gateway.set_default_model(model))})
-
-
-
-class WarmRoute(GatewayDoor):
-    """POST models/{id}/warm: start a model ahead of need."""
-
-    @web.authenticated
-    async def post(self, model: str) -> None:  # type: ignore[override]
-        gateway, body = self.gateway, self.body
-        self.write_json(await self.loop_thread.call(api.warm_route(gateway, model, body, self.caller())))
-
-
-class AuthRoute(GatewayDoor):
-    """whoami (GET), login, login/code and logout (POST): the same answers as the gateway's own server."""
-
-    what: str
-
-    def initialize(self, what: str) -> None:  # type: ignore[override]
-        self.what = what
-
-    @web.authenticated
-    async def get(self) -> None:
-        if self.what != "whoami":
-            raise web.HTTPError(405)
-        self.write_json(await self.auth_answer(self.what, b""))
-
-    @web.authenticated
-    async def post(self) -> None:
-        if self.what == "whoami":
-            raise web.HTTPError(405)
-        self.write_json(await self.auth_answer(self.what, self.body))
-
-
-class CallbackRoute(GatewayDoor):
-    """Batches of remote streams from endpoint nodes: no Jupyter auth (a node has none), each batch signed with
-    its task's own key instead (``gateway.callbacks``)."""
-
-    open_route = True
-
-    def check_xsrf_cookie(self) -> None:
-        """Not a browser form: the signature is the check."""
-
-    @allow_unauthenticated
-    def post(self) -> None:
-        self.set_status(api.deliver_batch(self.gateway, self.request.headers.get, self.body))
-        self.finish()
-
-
-class InferenceRoute(GatewayDoor):
-    """POST chat/completions, completions and embeddings: one handler, the capability set per route.
-
-    The request runs on the gateway's loop (``answer_across``); a stream's chunks come back through a
+    The route's function runs on the gateway's loop (``answer_across``); a stream's chunks come back through a
     ``ClientRelay``. Cancelling this handler's task (the client left) cancels the request there.
     """
 
-    capability: Capability
+    routes: Mapping[str, Route]
+    _route: Route | None = None
     _task: asyncio.Task[Any] | None = None
     _gone = False
+    abandoned = False
+    """The client left before its request began: it was not begun (tornado's own flag says only when a request
+    that has begun is finished)."""
 
-    def initialize(self, capability: Capability) -> None:  # type: ignore[override]
-        self.capability = capability
+    def initialize(self, routes: Mapping[str, Route]) -> None:  # type: ignore[override]
+        self.routes = routes
+
+    def route(self) -> Route:
+        """The request's route; a 405 naming the path's methods (asked once the caller is known)."""
+        if self._route is None:
+            method = self.request.method or ""
+            route = self.routes.get(method)
+            if route is None:
+                raise method_not_allowed(method, self.request.path, self.routes)
+            self._route = route
+        return self._route
+
+    def upload_sink(self) -> Upload | None:
+        if self.route().body == "file":
+            return self.batches().upload(self.request.headers.get("Content-Type"))
+        return None
 
     def on_connection_close(self) -> None:
         """The client went away: cancel at once so the upstream request is closed and the engine stops. It may
@@ -430,50 +376,102 @@ class InferenceRoute(GatewayDoor):
             self._task.cancel()
         super().on_connection_close()
 
-    @web.authenticated
-    async def post(self) -> None:
-        if self._gone:
+    def client_left(self) -> bool:
+        """Whether the client has closed its side. Tornado notices only while it reads, and not at all while
+        ``prepare`` runs with the body already in its buffer (a client that sent it all, then left while it was
+        signed in); so the socket is asked directly: an end of stream, with nothing unread, is a client gone."""
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        if stream.closed():
+            return True
+        if type(stream) is not IOStream or stream.socket is None:  # TLS: no peeking under the record layer
+            return False
+        try:
+            return stream.socket.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    async def _serve(self, *params: str) -> None:
+        if self._gone or self.client_left():
+            self.abandoned = True
             return
         self._task = asyncio.current_task()
-        gateway, body = self.gateway, self.body
-        client, caller = ClientRelay(self), self.caller()
+        route, caller = self.route(), self.caller()
+        call = Call(self.gateway, self, params, self.request.query, self.body, self._upload, self._limit,
+                    self.request.headers.get)
+        client = ClientRelay(self, caller.headers if caller is not None else {}) if route.streams else None
         try:
-            outcome = await self.loop_thread.call(answer_across(gateway, self.capability, body, self._limit, client,
-                                                                caller))
+            answer = await self.loop_thread.call(answer_across(route, call, client))
         except asyncio.CancelledError:
             return  # the client left; the gateway's side has closed the upstream and recorded it
-        if outcome is not None:
-            for name, value in api.target_headers(outcome.target).items():
-                self.set_header(name, value)
-            for name, value in (caller.headers if caller is not None else {}).items():
+        if answer is None:  # a stream, relayed
+            assert client is not None
+            if not client.gone:
+                client.start_if_silent()
+                self.finish()
+        elif isinstance(answer, Completed):
+            for name, value in {**api.target_headers(answer.target), **(caller.headers if caller else {})}.items():
                 self.set_header(name, value)
             self.set_header("Content-Type", api.JSON)
-            self.finish(outcome.body)
-        elif not client.gone:
-            client.start_if_silent()
+            self.finish(answer.body)
+        elif isinstance(answer, Path):
+            await self._send_file(answer)
+        elif isinstance(answer, Bare):
+            self.set_status(answer.status)
             self.finish()
+        else:
+            self.write_json(answer)
+
+    async def _send_file(self, path: Path) -> None:
+        self.set_header("Content-Type", api.JSONL)
+        with path.open("rb") as f:
+            while chunk := f.read(api.FILE_CHUNK):
+                self.write(chunk)
+                await self.flush()  # as fast as the client takes it
+        self.finish()
+
+    @web.authenticated
+    async def get(self, *params: str) -> None:
+        await self._serve(*params)
+
+    post = put = delete = patch = get
 
 
-async def answer_across(gateway: Gateway, capability: Capability, body: bytes, limit: int,
-                        client: ClientRelay, caller: SharedCaller | None = None) -> Completed | None:
-    """On the gateway's loop: run the request; a whole answer is returned, a stream is relayed into ``client``.
+class OpenTableRoute(TableRoute):
+    """A path answered without the door's authentication: a node's callback batches, each signed with its task's
+    own key (``gateway.callbacks``); a node has no Jupyter login."""
+
+    open_route = True
+
+    def check_xsrf_cookie(self) -> None:
+        """Not a browser form: the signature is the check."""
+
+    @allow_unauthenticated
+    async def post(self, *params: str) -> None:
+        await self._serve(*params)
+
+
+async def answer_across(route: Route, call: Call, client: ClientRelay | None) -> Answer | None:
+    """On the gateway's loop: answer the request; a stream is relayed into ``client`` here (None is returned),
+    anything else is returned for the handler to send.
 
     The stream never leaves this coroutine, so however it ends (done, upstream error, the handler cancelling
     it) it is closed and recorded here, on the loop it belongs to.
     """
-    outcome = await api.start(gateway, capability, body, limit, caller)
-    if isinstance(outcome, Completed):
-        return outcome
-    client.open({**api.stream_headers(outcome.target), **(caller.headers if caller is not None else {})},
-                outcome.resume)
+    answer = await route.answer(call)
+    if not isinstance(answer, GatewayStream):
+        return answer
+    assert client is not None  # only a route that streams answers with a stream
+    client.open(api.stream_headers(answer.target), answer.resume)
     gone = False
     try:
-        await outcome.relay(client.write)
+        await answer.relay(client.write)
     except asyncio.CancelledError:
         gone = True
         raise
     finally:
-        outcome.close(client_gone=gone or client.gone)
+        answer.close(client_gone=gone or client.gone)
     return None
 
 
@@ -490,8 +488,10 @@ class ClientRelay:
     HIGH = 256 * 1024
     LOW = 64 * 1024
 
-    def __init__(self, handler: InferenceRoute) -> None:
+    def __init__(self, handler: TableRoute, headers: dict[str, str]) -> None:
+        """``headers``: the door's own for the answer (a shared gateway's caller's allowance)."""
         self._handler = handler
+        self._door_headers = headers
         self._loop = asyncio.get_running_loop()
         connection = handler.request.connection
         assert isinstance(connection, HTTP1Connection)  # tornado's HTTP server; no other kind serves Jupyter
@@ -510,7 +510,7 @@ class ClientRelay:
     # -- on the gateway's loop ----------------------------------------------------------------------------
 
     def open(self, headers: dict[str, str], resume: Callable[[], None]) -> None:
-        self._headers = headers
+        self._headers = {**headers, **self._door_headers}
         self._resume = resume
         self._gateway_loop = asyncio.get_running_loop()
 
@@ -605,39 +605,6 @@ class ClientRelay:
         self._handler.on_connection_close()
 
 
-class BatchRoute(GatewayDoor):
-    """files and batches (``batch.routes``, as on the gateway's own server). An uploaded file is streamed to disk
-    as it arrives, never held; other bodies are collected within the usual limit."""
-
-    def _route_path(self) -> str:
-        """The path from /first/v1 on, as sent (percent-encoded, as the gateway's own server matches it)."""
-        return self.request.path[self.request.path.index("/first/v1/"):]
-
-    def upload_sink(self) -> Upload | None:
-        if batch_routes.is_upload(self.request.method or "", self._route_path()):
-            return self.batches().upload(self.request.headers.get("Content-Type"))
-        return None
-
-    @web.authenticated
-    async def get(self) -> None:
-        match = batch_routes.matched(self._route_path())
-        query = batch_routes.query_of(self.request.query)
-        batches, body, upload = self.batches(), self.body, self._upload
-        answer = await self.loop_thread.call(batch_routes.answer(batches, self.request.method or "", match, query,
-                                                                 body, upload))
-        if not isinstance(answer, Path):
-            self.write_json(answer)
-            return
-        self.set_header("Content-Type", api.JSONL)
-        with answer.open("rb") as f:
-            while chunk := f.read(api.FILE_CHUNK):
-                self.write(chunk)
-                await self.flush()  # as fast as the client takes it
-        self.finish()
-
-    post = delete = put = patch = get  # every method to the routes, which answer 405 with Allow
-
-
 class NotFoundRoute(GatewayDoor):
     """Unknown routes under /first answer in the OpenAI shape instead of the server's HTML 404."""
 
@@ -660,21 +627,10 @@ def door_routes(door: type[GatewayDoor], *, everything_else: str = "/first(?:/.*
     def on_door(route: type[GatewayDoor]) -> type[GatewayDoor]:
         return type(route.__name__.replace("Route", "Handler"), (route, door), {})
 
-    inference = on_door(InferenceRoute)
-    auth = on_door(AuthRoute)
+    table, open_table = on_door(TableRoute), on_door(OpenTableRoute)
     return [
-        ("/first/v1/models", on_door(ModelsRoute), {}),
-        *((f"/first/v1/{cap.route}", inference, {"capability": cap}) for cap in Capability),
-        ("/first/api/status", on_door(StatusRoute), {}),
-        ("/first/api/usage", on_door(UsageRoute), {}),
-        ("/first/api/default_model", on_door(DefaultModelRoute), {}),
-        ("/first/api/models/(.+)/warm", on_door(WarmRoute), {}),
-        ("/first/api/whoami", auth, {"what": "whoami"}),
-        ("/first/api/login", auth, {"what": "login"}),
-        ("/first/api/login/code", auth, {"what": "login_code"}),
-        ("/first/api/logout", auth, {"what": "logout"}),
-        ("/first/api/callback", on_door(CallbackRoute), {}),
-        ("/first/v1/(?:files|batches)(?:/.*)?", on_door(BatchRoute), {}),
+        *((pattern + "/?", open_table if any(r.open for r in methods.values()) else table, {"routes": methods})
+          for pattern, methods in paths().items()),
         (everything_else, on_door(NotFoundRoute), {}),
     ]
 

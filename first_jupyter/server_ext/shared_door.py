@@ -81,16 +81,16 @@ class SharedHandler(GatewayDoor):
                                    "every user; name the model in your requests instead.",
                               type="permission_error", code="not_an_admin")
 
-    async def auth_answer(self, what: str, body: bytes) -> dict[str, Any]:
+    async def whoami(self) -> dict[str, Any]:
         assert self._caller is not None
-        if what != "whoami":
-            raise OpenAIError(404, "This is a shared gateway: sign in with Globus on your side (`first login`, or "
-                                   "your app's Globus login) and send the access token as a bearer token.",
-                              code="unknown_route")
         who = self._caller.identity
         return {"signed_in": True, "username": who.username, "id": who.id, "service": who.service,
                 "groups": len(who.groups), "admin": self.policy.is_admin(who),
                 "expires_at": who.expires_at}
+
+    def signs_in(self) -> bool:
+        """Callers sign in with Globus on their side and bring their tokens."""
+        return False
 
 
 class UsersUsageHandler(SharedHandler):
