@@ -7,6 +7,7 @@ model built on the fly, and the fast fake upstream stands in for remote OpenAI-c
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -413,3 +414,17 @@ def tls_upstream(tls_certs: TlsCerts) -> Iterator[Callable[..., FakeUpstream]]:
                                                          client_ca=tls_certs.ca if client_cert else None, **options))
 
         yield start
+
+
+@contextlib.contextmanager
+def without_cycle_collection() -> Iterator[None]:
+    """The cyclic garbage collector off for the block: what is still alive in it was not freed by reference counting,
+    so it lives on until a later collection (a reference cycle) rather than by chance of when one ran."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

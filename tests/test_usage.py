@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
+from tests.conftest import without_cycle_collection
 
 
 def _record(i: int, **changes: object) -> UsageRecord:
@@ -62,3 +64,25 @@ def test_a_store_from_before_users_were_recorded_gains_the_column(tmp_path: Path
     rows = store.query("SELECT request_id, user FROM usage ORDER BY id")
     store.close()
     assert rows == [("old", ""), ("req-7", "ada@uni.edu")]
+
+
+def test_queries_leave_no_connection_open(tmp_path: Path) -> None:
+    """A query closes its connection: sqlite3's own ``with`` only commits, and the connection it leaves open (its
+    file too) sits in a reference cycle until a later collection, one per usage request."""
+    path = tmp_path / "usage.sqlite3"
+    store = UsageStore(path, batch_interval=0.01)
+
+    def open_on_the_store() -> int:
+        return sum(1 for f in psutil.Process().open_files() if f.path == str(path))
+
+    try:
+        with without_cycle_collection():
+            assert store.query("SELECT COUNT(*) FROM usage") == [(0,)]
+            # the writer's descriptor, and one SQLite keeps for the next connection (closing it would drop the
+            # process's locks on the file)
+            before = open_on_the_store()
+            for _ in range(5):
+                assert store.query("SELECT COUNT(*) FROM usage") == [(0,)]
+            assert open_on_the_store() == before
+    finally:
+        store.close()

@@ -6,7 +6,9 @@ plain synchronous commit.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS preferences (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -19,8 +21,12 @@ class Preferences:
         with self._connect() as conn:
             conn.execute(_SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=10)
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one transaction, closed after it: sqlite3's own ``with`` only commits, and leaves the
+        connection (and its file) to the cyclic collector."""
+        with contextlib.closing(sqlite3.connect(self.path, timeout=10)) as conn, conn:
+            yield conn
 
     def get(self, key: str) -> str | None:
         with self._connect() as conn:

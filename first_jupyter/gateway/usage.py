@@ -7,6 +7,7 @@ thread commits them in batches; ``flush()`` makes them visible to readers (tests
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -140,7 +141,7 @@ class UsageStore:
         """Rows from the store, every record handed to ``record`` before the call included (blocking: from a
         thread on a server's loop)."""
         self.flush()
-        with sqlite3.connect(self.path) as conn:
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:  # sqlite3's own ``with`` leaves it open
             return conn.execute(sql, params).fetchall()
 
     def _write_loop(self) -> None:
