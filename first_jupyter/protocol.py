@@ -22,6 +22,8 @@ of its own: far below what it can write, far above what any request needs (a too
 MAX_MODEL_NAME = 256
 """The longest model name taken: longer than any served name (Hugging Face ids are at most 96 characters), short
 enough that a made-up name does no harm in an error message or a log line."""
+SHOWN_CHARS = 80
+"""The most of a client's value an error message quotes."""
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -121,6 +123,13 @@ def nests_deeper(value: object, limit: int) -> bool:
     return False
 
 
+def shown(value: object) -> str:
+    """A client's value as an error message quotes it: its repr, cut short, so that an answer never sends a 10 MB
+    field back to the client that sent it (and a batch's kept errors stay small)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
 def _invalid(field: str, message: str) -> OpenAIError:
     return OpenAIError(400, f"Invalid value for '{field}': {message}. Fix that field and send the request again.",
                        param=field, code="invalid_value")
@@ -133,6 +142,14 @@ def too_deep() -> OpenAIError:
                        code="nesting_too_deep")
 
 
+def check_model_name(model: str) -> None:
+    """A 400 naming the field for a model name longer than any served (``MAX_MODEL_NAME``), wherever a client names
+    one (a request, the default model, a model to warm)."""
+    if len(model) > MAX_MODEL_NAME:
+        raise _invalid("model", f"it is {len(model):,} characters long, and no model name here is longer than "
+                                f"{MAX_MODEL_NAME}; GET /first/v1/models lists them")
+
+
 def check_request(capability: Capability, data: dict[str, Any]) -> None:
     """Check a decoded request body for what the gateway reads, raising ``OpenAIError(400)`` that names the field.
     The rest is the engine's to judge."""
@@ -140,9 +157,8 @@ def check_request(capability: Capability, data: dict[str, Any]) -> None:
     if model is not None and not isinstance(model, str):
         raise _invalid("model", f"it must be a model id (a string), not {json_kind(model)}; GET /first/v1/models "
                                 "lists them")
-    if model is not None and len(model) > MAX_MODEL_NAME:
-        raise _invalid("model", f"it is {len(model):,} characters long, and no model name here is longer than "
-                                f"{MAX_MODEL_NAME}; GET /first/v1/models lists them")
+    if model is not None:
+        check_model_name(model)
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream", f"it must be true, false or null, not {json_kind(stream)}")

@@ -270,6 +270,17 @@ async def test_file_and_batch_routes_answer_errors_that_say_what_to_do(door):
     assert (await client.files.list()).data == []
 
 
+@pytest.mark.parametrize("endpoint", [[], {}, ["/v1/chat/completions"], 7, None])
+async def test_an_endpoint_that_is_no_string_is_400_naming_it(door, endpoint):
+    """Found by fuzzing: a list or an object was looked up among the endpoints, and the lookup's TypeError was a 500."""
+    uploaded = await _client(door).files.create(file=("one.jsonl", _jsonl([_line(0)])), purpose="batch")
+    asked = {"input_file_id": uploaded.id, "endpoint": endpoint, "completion_window": "24h"}
+    async with aiohttp.ClientSession() as session, session.post(door.route("batches"), json=asked,
+                                                                headers=door.headers) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "endpoint"
+
+
 @pytest.mark.parametrize(("query", "param"), [
     ("limit=%C2%B2", "limit"), ("limit=%C2%B9", "limit"), ("limit=%C2%B3", "limit"), ("limit=%FF", "limit"),
     ("order=%FF", "order"), ("after=%FF", "after")])

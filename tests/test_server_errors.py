@@ -265,3 +265,18 @@ async def test_scoped_key_from_a_foreign_host_is_403(key_door, host):
             key_door.route("models"), headers={**key_door.headers, "Host": host}) as resp:
         assert resp.status == 403
         assert json.loads(await resp.read())["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), [
+    ("POST", "v1/batches", {"input_file_id": "x" * 3000}, 400),
+    ("PUT", "api/default_model", {"model": "x" * 3000}, 400),
+    ("POST", "api/models/fake-model/warm", {"cluster": "x" * 3000}, 404)])
+async def test_an_error_quotes_a_long_field_in_a_few_words(door, method, path, body, status):
+    """Found by fuzzing: these errors quoted the field whole, answering a 10 MB field with a 10 MB error."""
+    url = URL(f"{door.url.removesuffix('/v1')}/{path}", encoded=True)  # under /first
+    async with aiohttp.ClientSession() as session, session.request(method, url, json=body,
+                                                                   headers=door.headers) as resp:
+        assert resp.status == status
+        message = _assert_openai_error(json.loads(await resp.read()), param=next(iter(body)))
+    assert len(message) < 500
+

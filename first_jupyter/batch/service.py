@@ -24,7 +24,7 @@ from first_jupyter.batch.store import FINAL_STATES, Store, StoredFile, new_id
 from first_jupyter.batch.upload import Upload
 from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.config import BatchDefaults
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.protocol import OpenAIError, shown
 
 if TYPE_CHECKING:
     from first_jupyter.caller import Caller
@@ -45,7 +45,7 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 def _limit(query: Mapping[str, str], default: int, most: int) -> int:
     given = query.get("limit", str(default))
     if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= most:  # not '²', which int() refuses
-        raise OpenAIError(400, f"limit must be a whole number from 1 to {most}; it is {given!r}.", param="limit")
+        raise OpenAIError(400, f"limit must be a whole number from 1 to {most}; it is {shown(given)}.", param="limit")
     return int(given)
 
 
@@ -53,8 +53,8 @@ def _window_s(window: Any) -> int:
     match = _WINDOW.match(window) if isinstance(window, str) else None
     seconds = int(match.group(1)) * _UNITS[match.group(2)] if match else 0
     if not 0 < seconds <= MAX_WINDOW_S:
-        raise OpenAIError(400, f"completion_window {window!r} is not a duration up to 7 days; send '24h' (OpenAI's "
-                               "value), or another such as '30m', '2h' or '3d'.", param="completion_window")
+        raise OpenAIError(400, f"completion_window {shown(window)} is not a duration up to 7 days; send '24h' "
+                               "(OpenAI's value), or another such as '30m', '2h' or '3d'.", param="completion_window")
     return seconds
 
 
@@ -97,7 +97,7 @@ class Batches:
     def files(self, query: Mapping[str, str]) -> dict[str, Any]:
         order = query.get("order", "desc")
         if order not in ("asc", "desc"):
-            raise OpenAIError(400, f"order must be 'asc' or 'desc'; it is {order!r}.", param="order")
+            raise OpenAIError(400, f"order must be 'asc' or 'desc'; it is {shown(order)}.", param="order")
         found, more = self.store.files(query.get("purpose"), query.get("after"), _limit(query, 10_000, 10_000),
                                        newest_first=order == "desc")
         return _page([f.to_json() for f in found], more)
@@ -105,7 +105,7 @@ class Batches:
     def file(self, file_id: str) -> StoredFile:
         found = self.store.file(file_id)
         if found is None:
-            raise OpenAIError(404, f"No file '{file_id}' here. GET /first/v1/files lists the files.",
+            raise OpenAIError(404, f"No file {shown(file_id)} here. GET /first/v1/files lists the files.",
                               param="file_id", code="file_not_found")
         return found
 
@@ -138,15 +138,15 @@ class Batches:
                                    "(purpose=batch) and send its id.", param="input_file_id")
         source = self.store.file(input_file_id)
         if source is None:
-            raise OpenAIError(400, f"No file '{input_file_id}' here: upload the JSONL with POST /first/v1/files "
+            raise OpenAIError(400, f"No file {shown(input_file_id)} here: upload the JSONL with POST /first/v1/files "
                                    "(purpose=batch) and send the id it answers.", param="input_file_id",
                               code="file_not_found")
         if source.purpose != "batch":
             raise OpenAIError(400, f"File '{input_file_id}' has purpose '{source.purpose}'; a batch reads a file "
                                    "uploaded with purpose=batch.", param="input_file_id")
         endpoint = asked.get("endpoint")
-        if endpoint not in ENDPOINTS:
-            raise OpenAIError(400, f"endpoint {endpoint!r} is not one a batch can call; use one of "
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:  # (a list or an object is no key)
+            raise OpenAIError(400, f"endpoint {shown(endpoint)} is not one a batch can call; use one of "
                                    f"{', '.join(ENDPOINTS)}.", param="endpoint")
         window = asked.get("completion_window", "24h")
         now = int(time.time())
@@ -169,7 +169,7 @@ class Batches:
     def batch(self, batch_id: str) -> dict[str, Any]:
         found = self.store.batch(batch_id)
         if found is None:
-            raise OpenAIError(404, f"No batch '{batch_id}' here. GET /first/v1/batches lists the batches.",
+            raise OpenAIError(404, f"No batch {shown(batch_id)} here. GET /first/v1/batches lists the batches.",
                               param="batch_id", code="batch_not_found")
         return self._live(found)
 

@@ -12,11 +12,10 @@ from typing import Any
 
 import orjson
 
-from first_jupyter.protocol import MAX_NESTING, Capability, OpenAIError, check_request, nests_deeper, too_deep
+from first_jupyter.protocol import MAX_NESTING, Capability, OpenAIError, check_request, nests_deeper, shown, too_deep
 
 MAX_REPORTED = 100
 """Errors listed in the batch; the count says how many more there were."""
-SHOWN_CHARS = 80
 ENDPOINTS = {f"/v1/{capability.route}": capability for capability in Capability}
 
 
@@ -47,12 +46,6 @@ class Checked:
             self.errors.append(error)
 
 
-def _shown(value: object) -> str:
-    """A value as the line has it, cut short: a line may hold anything, and its errors are kept and shown."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
-
-
 def check_line(item: Any, endpoint: str, served: Collection[str]) -> tuple[str, LineError | None]:
     """One parsed line's custom_id (empty when it has none) and what is wrong with it (line 0: the caller's)."""
     if not isinstance(item, dict):
@@ -65,10 +58,10 @@ def check_line(item: Any, endpoint: str, served: Collection[str]) -> tuple[str, 
         return "", LineError(0, "missing_custom_id", "custom_id must be a non-empty string: it is how each "
                                                      "result finds its request.", "custom_id")
     if item.get("method") != "POST":
-        return custom_id, LineError(0, "invalid_method", f"method is {_shown(item.get('method'))}; it must be 'POST'.",
+        return custom_id, LineError(0, "invalid_method", f"method is {shown(item.get('method'))}; it must be 'POST'.",
                                     "method")
     if item.get("url") != endpoint:
-        return custom_id, LineError(0, "mismatched_url", f"url is {_shown(item.get('url'))}, but this batch's endpoint "
+        return custom_id, LineError(0, "mismatched_url", f"url is {shown(item.get('url'))}, but this batch's endpoint "
                                                          f"is '{endpoint}': every line must use it.", "url")
     body = item.get("body")
     if not isinstance(body, dict):

@@ -50,7 +50,7 @@ from first_jupyter.gateway.router import WAITING_STATES, Router, Target, convers
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
-from first_jupyter.protocol import CLIENT_CLOSED, Capability, OpenAIError, ParsedRequest
+from first_jupyter.protocol import CLIENT_CLOSED, Capability, OpenAIError, ParsedRequest, check_model_name, shown
 
 if TYPE_CHECKING:
     from first_jupyter.batch.offload import LineUsage
@@ -600,13 +600,14 @@ class Gateway:
         """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
         the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
         Its state, where, and the expected wait."""
+        check_model_name(model)
         targets = self._allowed(model, await self.where_served(model), caller)
         capability = next(c for c in Capability if any(t.backend.supports(model, c) for t in targets))
         ordered = self._allowed(model, self.router.candidates(model, capability), caller)
         if cluster is not None:
             ordered = [t for t in ordered if t.cluster == cluster] or [t for t in targets if t.cluster == cluster]
             if not ordered:
-                raise OpenAIError(404, f"Model '{model}' is not served on cluster '{cluster}'; it is on "
+                raise OpenAIError(404, f"Model '{model}' is not served on cluster {shown(cluster)}; it is on "
                                        f"{', '.join(sorted({t.cluster for t in targets}))}.", param="cluster",
                                   code="cluster_not_found")
         target = ordered[0]
@@ -660,6 +661,7 @@ class Gateway:
         A request to the OpenAI routes must still name its model (404 otherwise): the default is the clients'
         choice to make, not something to slip into an API call that forgot a field.
         """
+        check_model_name(model)
         if model not in self.router.catalog:
             await self.refresh_catalog(eager=True)
         self.router.targets(model)  # a model served nowhere: the 404 that lists what is
