@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ from yarl import URL
 
 from bench.fake_upstream import ENGINE_REFUSAL
 from first_jupyter.gateway.api import is_loopback_host
+from first_jupyter.gateway.core import GatewayStream
 from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
+from first_jupyter.server_ext.handlers import InferenceRoute
 from tests.big_body import BIG, Answer, chunked, fixed, request_head, send_until_answered
-from tests.conftest import Door, fake_cluster_config, open_door, scoped_headers, server_config
+from tests.conftest import Door, fake_cluster_config, open_door, scoped_headers, server_config, without_cycle_collection
+from tests.waiting import eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 CHAT_ROUTE = "/v1/chat/completions"
@@ -280,3 +284,31 @@ async def test_an_error_quotes_a_long_field_in_a_few_words(door, method, path, b
         message = _assert_openai_error(json.loads(await resp.read()), param=next(iter(body)))
     assert len(message) < 500
 
+
+def _alive(kind: type) -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, kind))
+
+
+async def _answered(door: Door, body: dict[str, Any]) -> int:
+    async with aiohttp.ClientSession() as session, session.post(door.route("chat/completions"), json=body,
+                                                                headers=door.headers) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_an_inference_handler_and_its_body_go_when_it_has_answered(jupyter_door):
+    """Found by fuzzing (the server's memory did not come back): the handler kept its task, whose context
+    (Jupyter's CallContext) holds the handler, so each handler and the body it read lived on until a full collection,
+    tens of MB after a few 10 MB bodies in a server that then stood idle."""
+    with without_cycle_collection():
+        assert [await _answered(jupyter_door, body) for body in (CHAT, {**CHAT, "model": 42})] == [200, 400]
+        await eventually_async(lambda: _alive(InferenceRoute) == 0, "the handlers freed without a collection")
+
+
+async def test_a_relayed_stream_goes_when_it_has_ended(door):
+    """Found by fuzzing (the server's memory did not come back): the upstream response kept the sink it piped into,
+    which holds the stream that holds the response, so every streamed request (its body, and at Jupyter's door its
+    handler) lived on until a full collection."""
+    with without_cycle_collection():
+        assert await _answered(door, {**CHAT, "stream": True}) == 200
+        await eventually_async(lambda: _alive(GatewayStream) == 0, "the stream freed without a collection")

@@ -405,6 +405,9 @@ class TableRoute(GatewayDoor):
             answer = await self.loop_thread.call(answer_across(route, call, client))
         except asyncio.CancelledError:
             return  # the client left; the gateway's side has closed the upstream and recorded it
+        finally:
+            self._task = None  # the task's context holds this handler (Jupyter's CallContext): a cycle, and the
+            # handler with its body would outlive the request until a full collection
         if answer is None:  # a stream, relayed
             assert client is not None
             if not client.gone:

@@ -327,9 +327,12 @@ class Response:
             self._conn.resume()  # reading paused while nobody took the bytes; the sink took them all
         self._buffered = 0
         self._sink = sink
-        if self._error is None and not self._complete:
-            self._piped = self._loop.create_future()
-            await self._piped
+        try:
+            if self._error is None and not self._complete:
+                self._piped = self._loop.create_future()
+                await self._piped
+        finally:
+            self._sink = None  # it holds its consumer (a stream that holds this response): no cycle after the end
         if self._error is not None:
             raise self._error
         self.release()
