@@ -72,6 +72,12 @@ def send_until_answered(port: int, head: bytes, body: Iterable[bytes]) -> Answer
 
 def ask(sock: socket.socket, head: bytes, body: Iterable[bytes] = ()) -> Answer:
     """One request on ``sock``: ``head``, then ``body`` until the server answers or closes; the answer."""
+    return _read_answer(sock, send_until_readable(sock, head, body))
+
+
+def send_until_readable(sock: socket.socket, head: bytes, body: Iterable[bytes]) -> int:
+    """Send ``head``, then ``body`` until the server answers or closes, as a client that reads early does; the body
+    bytes sent."""
     sent = 0
     sock.sendall(head)
     for piece in body:
@@ -82,7 +88,7 @@ def ask(sock: socket.socket, head: bytes, body: Iterable[bytes] = ()) -> Answer:
         except (BrokenPipeError, ConnectionResetError):
             break  # closed while we sent: what it answered before is still to be read
         sent += len(piece)
-    return _read_answer(sock, sent)
+    return sent
 
 
 def _read_answer(sock: socket.socket, sent: int) -> Answer:

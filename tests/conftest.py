@@ -206,15 +206,20 @@ def wait_listening(port: int, server: subprocess.Popen[str], timeout: float = 18
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
-def jupyter_server_process(port: int, root: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def jupyter_server_process(port: int, root: Path, env: dict[str, str], log: Path | None = None,
+                           ) -> subprocess.Popen[str]:
     """A Jupyter server with the extension, in a process group of its own (so a test can signal all of it), on
     ``port``; ``env`` on top of this process's environment (``FIRST_CONFIG``, ``FIRST_DATA_DIR``,
-    ``JUPYTER_TOKEN``). Returns once it listens."""
-    server = subprocess.Popen([sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
-                               "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
-                               "--ServerApp.jpserver_extensions=first_jupyter=True", "--allow-root"],
-                              env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    ``JUPYTER_TOKEN``). Returns once it listens. Its log goes to ``log`` when given, else to a pipe read only if it
+    fails to start: a test that makes hundreds of requests must give a file, or the pipe fills (64 KB of log lines)
+    and the server stops in the middle of writing one."""
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+        server = subprocess.Popen([sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
+                                   "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
+                                   "--ServerApp.jpserver_extensions=first_jupyter=True", "--allow-root"],
+                                  env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=stderr, text=True)
     try:
         wait_listening(port, server)
     except BaseException:
