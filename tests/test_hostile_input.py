@@ -177,11 +177,12 @@ class Probe:
     route: str
     method: str
     target: str
-    body: bytes
+    body: Body
 
     def __repr__(self) -> str:  # a 10 MB body is shown by its size and its ends
-        body = self.body if len(self.body) <= 300 else self.body[:150] + b"..." + self.body[-150:]
-        return f"Probe({self.method} {self.target!r}, {len(self.body):,} bytes: {body!r})"
+        body = self.body.written()
+        shown = body if len(body) <= 300 else body[:150] + b"..." + body[-150:]
+        return f"Probe({self.method} {self.target!r}, {len(body):,} bytes: {shown!r})"
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,11 @@ def send(door: ServedDoor, probe: Probe) -> Reply:
     """``probe`` on a new connection, as a client that reads early does (it stops sending once answered); the
     whole answer, framed as the server framed it. A server that neither answers nor closes fails the test at the
     socket's guard; one that closes without answering, or says it closes and does not, fails it too."""
+    body = probe.body.written()
     head = request_head(probe.method, probe.target, {**door.headers, "Content-Type": "application/json",
-                                                     "Content-Length": str(len(probe.body))})
+                                                     "Content-Length": str(len(body))})
     with connect(door.port) as sock:
-        send_until_readable(sock, head, _pieces(probe.body))
+        send_until_readable(sock, head, _pieces(body))
         response = http.client.HTTPResponse(sock, method=probe.method)
         try:
             response.begin()
@@ -278,6 +280,27 @@ def encode(value: Any, ascii_only: bool) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
 
 
+@dataclass(frozen=True)
+class Body:
+    """A request body as generated, written only when it is sent: hypothesis keeps every value drawn in its recent
+    examples (thousands), so it must keep this, not the 10 MB it writes. ``cut_at`` (per mille of the written
+    length): where ``stray`` bytes go into it, or where it is cut short when there are none."""
+
+    value: Any
+    ascii_only: bool = True
+    cut_at: int | None = None
+    stray: bytes = b""
+
+    def written(self) -> bytes:
+        data = encode(self.value, self.ascii_only)
+        if self.cut_at is None:
+            return data
+        at = len(data) * self.cut_at // 1000
+        return data[:at] + self.stray + data[at:] if self.stray else data[:at]
+
+
+NO_BODY = Body(Raw(b""))
+
 MODELS = st.sampled_from(["fake-model", "fake-embed", "", "no-such-model", "m" * 300, "fake-model/../x", "ü\x00",
                           "fake-model\n", " fake-model"])
 NUMBERS = st.one_of(
@@ -322,14 +345,14 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @st.composite
-def request_bodies(draw: st.DrawFn, template: dict[str, Any]) -> bytes:
+def request_bodies(draw: st.DrawFn, template: dict[str, Any]) -> Body:
     """A body for a route whose good request is ``template``: the template with fields missing, of the wrong type
     or added; a message's content replaced; JSON that is no object; or bytes that are no JSON at all."""
     kind = draw(st.integers(0, 9))
     if kind == 0:
-        return draw(st.binary(max_size=64))
+        return Body(Raw(draw(st.binary(max_size=64))))
     if kind == 1:
-        return encode(draw(VALUES), draw(st.booleans()))
+        return Body(draw(VALUES), draw(st.booleans()))
     body: dict[str, Any] = dict(template)
     for name in draw(st.sets(st.sampled_from(sorted(template)))):
         del body[name]
@@ -340,11 +363,9 @@ def request_bodies(draw: st.DrawFn, template: dict[str, Any]) -> bytes:
         body["messages"] = [{"role": draw(st.sampled_from(["user", "system", "tool", 7])), "content": draw(hostile())}]
     if draw(st.booleans()):
         body["stream"] = draw(st.sampled_from([True, False, None, "true", 1]))
-    data = encode(body, draw(st.booleans()))
     if kind == 2:  # cut short, or a stray byte inside
-        at = draw(st.integers(0, len(data)))
-        return data[:at] if draw(st.booleans()) else data[:at] + draw(st.binary(min_size=1, max_size=3)) + data[at:]
-    return data
+        return Body(body, draw(st.booleans()), draw(st.integers(0, 1000)), draw(st.binary(max_size=3)))
+    return Body(body, draw(st.booleans()))
 
 
 SEGMENT_PIECES = st.sampled_from(["%FF", "%", "%F", "%zz", "%00", "%2F", "..", ".", "%2e%2e", "+", ";", "=", "&",
@@ -388,7 +409,7 @@ def probes(draw: st.DrawFn, file_ids: list[str], batch_ids: list[str]) -> Probe:
         model = draw(st.one_of(MODELS.map(lambda m: quote(m, safe="")), segments([]),
                                st.lists(segments(["fake-model"]), min_size=2, max_size=3).map("/".join)))
         return Probe(route, "POST", f"/first/api/models/{model}/warm",
-                     draw(st.just(b"") | request_bodies({"cluster": "remote", "wait": False})))
+                     draw(st.just(NO_BODY) | request_bodies({"cluster": "remote", "wait": False})))
     if route == "login/code":
         return Probe(route, "POST", "/first/api/login/code", draw(request_bodies({"code": "abc"})))
     if route == "batches":
@@ -402,7 +423,7 @@ def probes(draw: st.DrawFn, file_ids: list[str], batch_ids: list[str]) -> Probe:
         path += draw(st.sampled_from(["", "/", "/content", "/cancel", "//", "/x/y"]) | segments([]).map("/{}".format))
     query = draw(queries())
     method = draw(st.sampled_from(["GET", "GET", "GET", "POST", "DELETE"]))
-    body = draw(st.just(b"") | request_bodies({"after": "x"}))
+    body = draw(st.just(NO_BODY) | request_bodies({"after": "x"}))
     return Probe(route, method, path + (f"?{query}" if query or draw(st.booleans()) else ""), body)
 
 
@@ -433,19 +454,23 @@ def warm_up(file_id: str, batch_id: str) -> list[Probe]:
     """A request of each kind, small and of 10 MB, before the memory is read: the first ones' own costs (imports,
     buffers, caches) are the server's start, not what the fuzzing leaves behind."""
     chat = "/first/v1/chat/completions"
-    big = encode({**CHAT, "messages": [{"role": "user", "content": Big("x", TEN_MB)}]}, True)
-    return [Probe("chat/completions", "POST", chat, encode(CHAT, True)), Probe("chat/completions", "POST", chat, big),
-            Probe("chat/completions", "POST", chat, encode({**CHAT, "stream": True}, True)),
-            Probe("chat/completions", "POST", chat, encode({"model": Big("\x00", TEN_MB)}, True)),
-            Probe("completions", "POST", "/first/v1/completions", b'{"model": "fake-model", "prompt": "hi"}'),
-            Probe("embeddings", "POST", "/first/v1/embeddings", b'{"model": "fake-embed", "input": "hi"}'),
-            Probe("embeddings", "POST", "/first/v1/embeddings", b'{"model": "fake-embed", "input": NaN}'),
-            Probe("default_model", "PUT", "/first/api/default_model", b'{"model": "fake-model"}'),
+    big = Body({**CHAT, "messages": [{"role": "user", "content": Big("x", TEN_MB)}]})
+
+    def raw(data: bytes) -> Body:
+        return Body(Raw(data))
+
+    return [Probe("chat/completions", "POST", chat, Body(CHAT)), Probe("chat/completions", "POST", chat, big),
+            Probe("chat/completions", "POST", chat, Body({**CHAT, "stream": True})),
+            Probe("chat/completions", "POST", chat, Body({"model": Big("\x00", TEN_MB)})),
+            Probe("completions", "POST", "/first/v1/completions", raw(b'{"model": "fake-model", "prompt": "hi"}')),
+            Probe("embeddings", "POST", "/first/v1/embeddings", raw(b'{"model": "fake-embed", "input": "hi"}')),
+            Probe("embeddings", "POST", "/first/v1/embeddings", raw(b'{"model": "fake-embed", "input": NaN}')),
+            Probe("default_model", "PUT", "/first/api/default_model", raw(b'{"model": "fake-model"}')),
             Probe("default_model", "PUT", "/first/api/default_model", big),
-            Probe("warm", "POST", "/first/api/models/fake-model/warm", b""),
-            Probe("login/code", "POST", "/first/api/login/code", b'{"code": "abc"}'),
+            Probe("warm", "POST", "/first/api/models/fake-model/warm", NO_BODY),
+            Probe("login/code", "POST", "/first/api/login/code", raw(b'{"code": "abc"}')),
             Probe("batches", "POST", "/first/v1/batches", big),
-            *(Probe("files and batches", "GET", path, b"") for path in (
+            *(Probe("files and batches", "GET", path, NO_BODY) for path in (
                 "/first/v1/files", f"/first/v1/files/{file_id}", f"/first/v1/files/{file_id}/content",
                 "/first/v1/batches", f"/first/v1/batches/{batch_id}", "/first/v1/files?limit=%FF"))]
 
