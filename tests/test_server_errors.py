@@ -16,7 +16,7 @@ from bench.fake_upstream import ENGINE_REFUSAL
 from first_jupyter.gateway.api import is_loopback_host
 from first_jupyter.gateway.core import GatewayStream
 from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
-from first_jupyter.server_ext.handlers import InferenceRoute
+from first_jupyter.server_ext.handlers import TableRoute
 from tests.big_body import BIG, Answer, chunked, fixed, request_head, send_until_answered
 from tests.conftest import Door, fake_cluster_config, open_door, scoped_headers, server_config, without_cycle_collection
 from tests.waiting import eventually_async
@@ -302,7 +302,7 @@ async def test_an_inference_handler_and_its_body_go_when_it_has_answered(jupyter
     tens of MB after a few 10 MB bodies in a server that then stood idle."""
     with without_cycle_collection():
         assert [await _answered(jupyter_door, body) for body in (CHAT, {**CHAT, "model": 42})] == [200, 400]
-        await eventually_async(lambda: _alive(InferenceRoute) == 0, "the handlers freed without a collection")
+        await eventually_async(lambda: _alive(TableRoute) == 0, "the handlers freed without a collection")
 
 
 async def test_a_relayed_stream_goes_when_it_has_ended(door):
