@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -128,7 +129,11 @@ def test_models_status_use_and_usage(shell):
     cell(shell, "chat --no-stream -m fake-model", "hi")
     table, plot = cell(shell, "usage").outputs
     assert table.data["text/plain"].splitlines()[1].split()[:3] == ["fake-model", "1", "0"]
-    assert plot.data["image/svg+xml"].count("<rect") == 2  # tokens and latency, one model each
+    # one well-formed document, or JupyterLab draws nothing (the text is our own: no untrusted XML)
+    svg = ElementTree.fromstring(plot.data["image/svg+xml"])  # noqa: S314
+    assert len(svg.findall(".//{http://www.w3.org/2000/svg}rect")) == 2  # tokens and latency, one model each
+    assert [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.get("font-weight")] == [
+        "Tokens by model", "Mean latency by model"]
 
 
 def test_help_lists_every_command_and_each_ones_options(shell):

@@ -251,10 +251,11 @@ def _usage(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
                      "mean TTFT ms"],
                     [[r["model"], r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
                       _ms(r["mean_latency_ms"]), _ms(r["mean_ttft_ms"])] for r in rows])
-    tokens = show.bars_svg("Tokens by model", {r["model"]: r["prompt_tokens"] + r["completion_tokens"]
-                                               for r in rows}, "tokens")
-    latency = show.bars_svg("Mean latency by model", {r["model"]: r["mean_latency_ms"] or 0 for r in rows}, "ms")
-    show.display({"image/svg+xml": tokens + latency, "text/plain": "(plot of tokens and latency by model)"},
+    plot = show.bars_svg([
+        show.Bars("Tokens by model", {r["model"]: r["prompt_tokens"] + r["completion_tokens"] for r in rows},
+                  "tokens"),
+        show.Bars("Mean latency by model", {r["model"]: r["mean_latency_ms"] or 0 for r in rows}, "ms")])
+    show.display({"image/svg+xml": plot, "text/plain": "(plot of tokens and latency by model)"},
                  raw=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -100,18 +101,33 @@ def show_table(columns: list[str], rows: list[list[Any]], caption: str | None = 
              "text/plain": text}, raw=True)
 
 
-def bars_svg(title: str, values: dict[str, float], unit: str, width: int = 420) -> str:
-    """A horizontal bar chart as SVG text: no plotting library to import (matplotlib alone takes ~1 s)."""
+@dataclass(frozen=True)
+class Bars:
+    """One panel of a bar chart: a title, a bar per name, and the unit its values are in."""
+
+    title: str
+    values: dict[str, float]
+    unit: str
+
+
+def bars_svg(panels: list[Bars], width: int = 420) -> str:
+    """Horizontal bar charts stacked in one SVG document: no plotting library to import (matplotlib alone takes
+    ~1 s), and one root element, since an output that holds two ``<svg>`` documents is not well-formed XML and
+    JupyterLab draws nothing for it."""
     bar_h, gap, label_w = 18, 6, 140
-    top = max(values.values(), default=0) or 1
-    height = 24 + len(values) * (bar_h + gap)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             'font-family="sans-serif" font-size="12">',
-             f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>']
-    for i, (name, value) in enumerate(values.items()):
-        y = 24 + i * (bar_h + gap)
-        length = (width - label_w - 70) * value / top
-        parts += [f'<text x="0" y="{y + 13}">{escape(name[:20])}</text>',
-                  f'<rect x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" fill="#4a7ebb"/>',
-                  f'<text x="{label_w + length + 4:.1f}" y="{y + 13}">{value:,.0f} {escape(unit)}</text>']
-    return "".join(parts) + "</svg>"
+    parts: list[str] = []
+    offset = 0
+    for panel in panels:
+        top = max(panel.values.values(), default=0) or 1
+        parts += [f'<g transform="translate(0 {offset})">',
+                  f'<text x="0" y="14" font-weight="bold">{escape(panel.title)}</text>']
+        for i, (name, value) in enumerate(panel.values.items()):
+            y = 24 + i * (bar_h + gap)
+            length = (width - label_w - 70) * value / top
+            parts += [f'<text x="0" y="{y + 13}">{escape(name[:20])}</text>',
+                      f'<rect x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" fill="#4a7ebb"/>',
+                      f'<text x="{label_w + length + 4:.1f}" y="{y + 13}">{value:,.0f} {escape(panel.unit)}</text>']
+        parts.append("</g>")
+        offset += 24 + len(panel.values) * (bar_h + gap) + 16
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{max(offset - 16, 1)}" '
+            'font-family="sans-serif" font-size="12">' + "".join(parts) + "</svg>")
