@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 _CLIENT_NAMES = ("openai_client", "async_openai_client", "chat", "complete", "embed", "models", "status",
-                 "default_model", "set_default_model", "usage", "connection", "Conversation")
+                 "default_model", "set_default_model", "usage", "connection", "Conversation", "warm", "Progress")
 
 
 def load_ipython_extension(shell: InteractiveShell) -> None:

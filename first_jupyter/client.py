@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from first_jupyter.protocol import PROGRESS_HEADER, Progress
+
 if TYPE_CHECKING:
     import openai
+
+OnProgress = Callable[[Progress], None]
+"""Told each ``Progress`` of a model's start while a call waits for it (minutes, on a cluster)."""
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"
 API_KEY_ENV = "FIRST_API_KEY"
@@ -235,7 +240,9 @@ class _Exchange:
     the request upstream.
     """
 
-    def __init__(self, conn: Connection, method: str, url: str, body: Mapping[str, Any] | Payload | None) -> None:
+    def __init__(self, conn: Connection, method: str, url: str, body: Mapping[str, Any] | Payload | None,
+                 *, progress: bool = False) -> None:
+        """``progress``: ask to hear a model's start while a plain call waits for it (``protocol.PROGRESS_HEADER``)."""
         self.url = url
         self._gateway = conn.url
         parts = urllib.parse.urlsplit(url)
@@ -243,6 +250,8 @@ class _Exchange:
         self._target = parts.path + (f"?{parts.query}" if parts.query else "")
         self._method = method
         self._headers = {"Authorization": f"Bearer {conn.api_key}", "Content-Type": "application/json"}
+        if progress:
+            self._headers[PROGRESS_HEADER] = "1"
         self._body: bytes | Iterable[bytes] | None = None
         if isinstance(body, Payload):
             self._body = body.chunks
@@ -304,12 +313,18 @@ def _http_connection(parts: urllib.parse.SplitResult) -> http.client.HTTPConnect
 
 
 def _call(conn: Connection, method: str, url: str, body: Mapping[str, Any] | Payload | None = None,
-          ) -> tuple[Any, http.client.HTTPResponse]:
-    """A whole JSON exchange with ``conn``'s gateway: the decoded answer and the response (for its headers)."""
-    exchange = _Exchange(conn, method, url, body)
+          on_progress: OnProgress | None = None) -> tuple[Any, http.client.HTTPResponse]:
+    """A whole JSON exchange with ``conn``'s gateway: the decoded answer and the response (for its headers).
+    ``on_progress``: told how a model's start goes while the call waits for one (the gateway then answers with
+    progress comments and one event holding the answer)."""
+    exchange = _Exchange(conn, method, url, body, progress=on_progress is not None)
     try:
         response = exchange.send()
-        return json.loads(response.read()), response
+        if on_progress is None or not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
+            return json.loads(response.read()), response
+        for answer in _events(response, on_progress):
+            return answer, response
+        raise GatewayError("The gateway's answer ended before it came. Run the cell again.")
     finally:
         exchange.close()
 
@@ -353,11 +368,14 @@ def status() -> dict[str, Any]:
     return answer
 
 
-def warm(model: str, *, cluster: str | None = None, wait: bool = False) -> dict[str, Any]:
+def warm(model: str, *, cluster: str | None = None, wait: bool = False,
+         on_progress: OnProgress | None = None) -> dict[str, Any]:
     """Start ``model`` ahead of need, where it would be served (on ``cluster`` if named); ``wait``: return once it
-    answers. Where, its state, and the seconds it is still expected to take."""
-    answer: dict[str, Any] = _api("POST", f"models/{urllib.parse.quote(model, safe='/')}/warm",
-                                  {"cluster": cluster, "wait": wait})
+    answers, telling ``on_progress`` how the start goes meanwhile. Where, its state, and the seconds it is still
+    expected to take."""
+    conn = connection()
+    answer: dict[str, Any] = _call(conn, "POST", f"{conn.api_url}/models/{urllib.parse.quote(model, safe='/')}/warm",
+                                   {"cluster": cluster, "wait": wait}, on_progress)[0]
     return answer
 
 
@@ -493,13 +511,14 @@ def _where(result: Result, response: http.client.HTTPResponse) -> Result:
 def chat(prompt: str | Sequence[Mapping[str, Any]], *, model: str | None = None, system: str | None = None,
          temperature: float | None = None, max_tokens: int | None = None, stream: bool = False,
          conversation: Conversation | None = None, on_text: Callable[[str], None] | None = None,
-         stop: threading.Event | None = None, **extra: Any) -> Result:
+         stop: threading.Event | None = None, on_progress: OnProgress | None = None, **extra: Any) -> Result:
     """Ask a chat model; the call behind ``%%first chat`` and ``ChatWidget``.
 
     ``prompt`` is the user's text, or a whole list of messages. With ``conversation`` its earlier turns go first
     and this turn is added to it. With ``stream``, ``on_text`` gets each piece of text as it arrives, and setting
     ``stop`` (or Ctrl-C) ends the stream, even before its first token: the connection is closed, so the gateway
-    cancels the request upstream. ``extra`` fields (``top_p``, vLLM's ``top_k``...) reach the engine untouched.
+    cancels the request upstream. ``on_progress`` is told how a model's start goes while the call waits for one
+    (streamed or not). ``extra`` fields (``top_p``, vLLM's ``top_k``...) reach the engine untouched.
     """
     chosen = resolve_model(model)
     messages: list[Any] = [{"role": "system", "content": system}] if system else []
@@ -512,9 +531,10 @@ def chat(prompt: str | Sequence[Mapping[str, Any]], *, model: str | None = None,
     if stream:
         body = _body(chosen, temperature, max_tokens, extra, messages=messages, stream=True,
                      stream_options={"include_usage": True})
-        result = _chat_stream(conn, url, body, on_text, stop, started)
+        result = _chat_stream(conn, url, body, on_text, stop, started, on_progress)
     else:
-        answer, response = _call(conn, "POST", url, _body(chosen, temperature, max_tokens, extra, messages=messages))
+        answer, response = _call(conn, "POST", url, _body(chosen, temperature, max_tokens, extra, messages=messages),
+                                 on_progress)
         choice, usage = answer["choices"][0], answer.get("usage") or {}
         result = _where(Result(choice["message"].get("content") or "", chosen, None, None, usage.get("prompt_tokens"),
                                usage.get("completion_tokens"), time.perf_counter() - started, None,
@@ -548,10 +568,13 @@ def _aborted_on(stop: threading.Event | None, exchange: _Exchange) -> Iterator[N
         watcher.join()
 
 
-def _events(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
-    """The JSON events of a server-sent event stream, to ``[DONE]``; an error event raises ``GatewayError``."""
+def _events(response: http.client.HTTPResponse, on_progress: OnProgress | None = None) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream, to ``[DONE]``; an error event raises ``GatewayError``.
+    ``on_progress`` is told each progress comment of a wait for a model's start."""
     for line in response:
         if not line.startswith(b"data:"):
+            if on_progress is not None and (progress := Progress.from_comment(line.rstrip(b"\r\n"))) is not None:
+                on_progress(progress)
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
@@ -564,7 +587,7 @@ def _events(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
 
 
 def _chat_stream(conn: Connection, url: str, body: dict[str, Any], on_text: Callable[[str], None] | None,
-                 stop: threading.Event | None, started: float) -> Result:
+                 stop: threading.Event | None, started: float, on_progress: OnProgress | None) -> Result:
     result = Result("", body["model"])
     parts: list[str] = []
     exchange = _Exchange(conn, "POST", url, body)
@@ -572,7 +595,7 @@ def _chat_stream(conn: Connection, url: str, body: dict[str, Any], on_text: Call
         with _aborted_on(stop, exchange):
             response = exchange.send()
             _where(result, response)
-            for event in _events(response):
+            for event in _events(response, on_progress):
                 usage = event.get("usage")
                 if usage:
                     result.prompt_tokens = usage.get("prompt_tokens")
@@ -603,23 +626,24 @@ def _chat_stream(conn: Connection, url: str, body: dict[str, Any], on_text: Call
 
 
 def complete(prompt: str, *, model: str | None = None, temperature: float | None = None,
-             max_tokens: int | None = None, **extra: Any) -> Result:
-    """A plain text completion (``/v1/completions``)."""
+             max_tokens: int | None = None, on_progress: OnProgress | None = None, **extra: Any) -> Result:
+    """A plain text completion (``/v1/completions``); ``on_progress`` as for ``chat``."""
     chosen = resolve_model(model)
     started = time.perf_counter()
     conn = connection()
     answer, response = _call(conn, "POST", f"{conn.url}/completions",
-                             _body(chosen, temperature, max_tokens, extra, prompt=prompt))
+                             _body(chosen, temperature, max_tokens, extra, prompt=prompt), on_progress)
     choice, usage = answer["choices"][0], answer.get("usage") or {}
     return _where(Result(choice.get("text") or "", chosen, None, None, usage.get("prompt_tokens"),
                          usage.get("completion_tokens"), time.perf_counter() - started, None,
                          choice.get("finish_reason")), response)
 
 
-def embed(inputs: str | Sequence[str], *, model: str | None = None) -> list[list[float]]:
-    """One embedding vector per input text."""
+def embed(inputs: str | Sequence[str], *, model: str | None = None,
+          on_progress: OnProgress | None = None) -> list[list[float]]:
+    """One embedding vector per input text; ``on_progress`` as for ``chat``."""
     chosen = resolve_model(model)
     conn = connection()
     answer, _ = _call(conn, "POST", f"{conn.url}/embeddings",
-                      {"model": chosen, "input": inputs if isinstance(inputs, str) else list(inputs)})
+                      {"model": chosen, "input": inputs if isinstance(inputs, str) else list(inputs)}, on_progress)
     return [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]

@@ -1,4 +1,4 @@
-"""OpenAI requests and errors as every layer sees them.
+"""OpenAI requests and errors as every layer sees them, and the progress comments of a wait for a model's start.
 
 The gateway checks only what it needs itself: a JSON object, the ``model`` it routes on, ``stream`` (and, in a
 stream, the ``stream_options`` it adds to), and how deep the body nests (it must be able to write the body again).
@@ -9,6 +9,8 @@ user and their engine. An engine's own 400 reaches the client as the engine said
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -24,6 +26,64 @@ MAX_MODEL_NAME = 256
 enough that a made-up name does no harm in an error message or a log line."""
 SHOWN_CHARS = 80
 """The most of a client's value an error message quotes."""
+
+
+PROGRESS_HEADER = "x-first-progress"
+"""Sent with a request that is not streamed by a client that wants to hear how a model's start is going, should
+the request have to wait for one: it is then answered as a stream of progress comments and one ``data:`` event
+holding the whole answer (or the error), since a cold start on a cluster takes minutes. OpenAI clients never send
+it, and see nothing new."""
+PROGRESS_MARKER = b": first-progress "
+"""Starts the SSE comment line that carries a ``Progress`` as JSON (the line before it says the same in words)."""
+
+
+def duration(seconds: float) -> str:
+    """An expected wait in words: seconds, minutes, or unknown (infinite: no start timed yet)."""
+    if math.isinf(seconds):
+        return "an unknown time"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a start stands, as one progress comment carries it."""
+
+    model: str
+    cluster: str
+    endpoint: str
+    state: str
+    elapsed_s: float
+    eta_s: float | None
+    """Expected seconds left; None when unknown (no start of this model timed yet)."""
+
+    def words(self) -> str:
+        """The wait in one line, as a stream's readers, a cell's status line and a terminal show it."""
+        left = duration(math.inf if self.eta_s is None else self.eta_s)
+        return (f"waiting for model '{self.model}' on cluster '{self.cluster}' endpoint '{self.endpoint}': "
+                f"{self.state}, {self.elapsed_s:.0f} s so far, about {left} to go")
+
+    @property
+    def fraction(self) -> float | None:
+        """How far along the wait is by its estimate (0 to 1), for a progress bar; None when unknown."""
+        if self.eta_s is None:
+            return None
+        total = self.elapsed_s + self.eta_s
+        return min(1.0, self.elapsed_s / total) if total > 0 else 1.0
+
+    def comment(self) -> bytes:
+        """The SSE comment lines: one for people, one for clients, then the blank line that ends the event."""
+        return f": {self.words()}\n".encode() + PROGRESS_MARKER + orjson.dumps(asdict(self)) + b"\n\n"
+
+    @classmethod
+    def from_comment(cls, line: bytes) -> Progress | None:
+        """The progress a stream's comment line carries; None for any other line (or one this client cannot
+        read: a newer gateway's, which it skips as every SSE client skips comments)."""
+        if not line.startswith(PROGRESS_MARKER):
+            return None
+        try:
+            return cls(**orjson.loads(line[len(PROGRESS_MARKER):]))
+        except (orjson.JSONDecodeError, TypeError):
+            return None
 
 
 def bearer_token(authorization: str | None) -> str | None:

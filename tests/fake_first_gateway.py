@@ -11,6 +11,8 @@ inside a 200 stream, or an answer in a shape nobody knows.
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,6 +84,11 @@ class FakeFirstGateway:
     """A 401 message refusing the account (``GROUP_DENIAL``) for every request with the right token."""
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, path, Authorization header) of every request."""
+    held: dict[str, threading.Event] = field(default_factory=dict)
+    """model → what its requests wait for before they are answered, as FIRST holds a request while the model's job
+    queues and starts; set it to let them go."""
+    abandoned: list[str] = field(default_factory=list)
+    """The models of held requests whose client (the gateway) closed the connection while they waited."""
     url: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -164,6 +171,15 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
                     {**in_band_error("max_tokens must be at least 1", 400), "type": "BadRequestError"}
                 self._events([error, "[DONE]"])
 
+        def _released(self, release: threading.Event) -> bool:
+            """Hold the request until ``release`` is set (True), or until its client closes the connection
+            (False): a closed socket reads as readable and empty."""
+            while not release.wait(0.05):
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    return False
+            return True
+
         def _events(self, events: list[Any]) -> None:
             """A 200 stream of server-sent events, closed at the end (``StreamingHttpResponse``)."""
             self.send_response(200)
@@ -185,6 +201,11 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
                 return
             if model in state.faults:
                 self._fault(state.faults[model])
+                return
+            release = state.held.get(model)
+            if release is not None and not self._released(release):
+                with state.lock:
+                    state.abandoned.append(model)
                 return
             text = f"from {cluster}/{framework}"
             if not body.get("stream"):

@@ -15,7 +15,8 @@ import orjson
 
 from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
-from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.answers import Completed, Relayed
+from first_jupyter.gateway.core import Attempts, Gateway
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, bearer_token, parse_request
 from first_jupyter.transport.proxies import is_loopback
@@ -69,15 +70,21 @@ def stream_headers(target: Target) -> dict[str, str]:
 
 
 async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int,
-                caller: Caller | None = None) -> Completed | GatewayStream:
-    """Validate a request body and run it: the whole answer, or an open stream whose status is 200."""
+                caller: Caller | None = None, *, progress: bool = False) -> Completed | Relayed:
+    """Validate a request body and run it: the whole answer, or an open stream whose status is 200.
+    ``progress``: a plain request that must wait for a model's start tells the start's progress meanwhile."""
     if len(body) > limit:
         raise too_large(len(body), limit)
     req = parse_request(capability, body)
     if caller is not None:
         await gateway.where_served(req.model)
         caller.admit(req)
-    return await gateway.stream(req, caller) if req.stream else await gateway.complete(req, caller)
+    if req.stream:
+        return await gateway.stream(req, caller)
+    if progress:
+        tried = Attempts(heard=True)
+        return await gateway.heard(gateway.complete(req, caller, tried), tried)
+    return await gateway.complete(req, caller)
 
 
 def requested_model(body: bytes) -> str:
@@ -95,9 +102,10 @@ def requested_model(body: bytes) -> str:
 
 
 
-async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None) -> dict[str, Any]:
+async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None, *,
+                     progress: bool = False) -> dict[str, Any] | Relayed:
     """Start a model ahead of need (for ``caller``, at a shared gateway); the body may name a ``cluster`` and
-    ask to ``wait`` until it answers."""
+    ask to ``wait`` until it answers, telling the start's progress meanwhile when asked (``progress``)."""
     try:
         options = orjson.loads(body) if body.strip() else {}
     except orjson.JSONDecodeError:
@@ -107,7 +115,11 @@ async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller |
         raise OpenAIError(400, 'Send no body, or {"cluster": "<name>", "wait": true|false}: the cluster to start '
                                "the model on (default: the best), and whether to answer only once it serves.",
                           code="invalid_value")
-    return await gateway.warm(model, options.get("cluster") or None, options.get("wait", False), caller)
+    cluster, wait = options.get("cluster") or None, options.get("wait", False)
+    if progress and wait:
+        tried = Attempts(heard=True)
+        return await gateway.heard(gateway.warm(model, cluster, wait, caller, tried), tried)
+    return await gateway.warm(model, cluster, wait, caller)
 
 
 def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:

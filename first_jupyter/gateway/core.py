@@ -36,6 +36,7 @@ from first_jupyter.config import (
     SchedulerView,
     callback_url_for,
 )
+from first_jupyter.gateway.answers import Completed, Relayed, WaitingAnswer, tell_until_done
 from first_jupyter.gateway.backends.base import Backend, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
@@ -50,7 +51,16 @@ from first_jupyter.gateway.router import WAITING_STATES, Router, Target, convers
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
-from first_jupyter.protocol import CLIENT_CLOSED, Capability, OpenAIError, ParsedRequest, check_model_name, shown
+from first_jupyter.protocol import (
+    CLIENT_CLOSED,
+    Capability,
+    OpenAIError,
+    ParsedRequest,
+    Progress,
+    check_model_name,
+    duration,
+    shown,
+)
 
 if TYPE_CHECKING:
     from first_jupyter.batch.offload import LineUsage
@@ -80,12 +90,6 @@ def _model_state(endpoint: dict[str, Any], model: str) -> str:
     jobs), else the endpoint's."""
     own = endpoint.get("model_states", {}).get(model) if endpoint["state"] not in ("offline", "failed") else None
     return _MODEL_STATE.get(own or endpoint["state"], "offline")
-
-
-def _duration(seconds: float) -> str:
-    if math.isinf(seconds):
-        return "an unknown time"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _request_id() -> str:
@@ -185,12 +189,21 @@ class Attempts:
     """The endpoints a request was sent to, in order; of the last, when, and whether it had to start the model
     first (then its answer time is a start's, not the engine's)."""
 
-    __slots__ = ("sent_at", "targets", "waited")
+    __slots__ = ("must_start", "sent_at", "targets", "waited")
 
-    def __init__(self) -> None:
+    def __init__(self, *, heard: bool = False) -> None:
+        """``heard``: the client wants to hear a start's progress; ``must_start`` then resolves to the first
+        endpoint the request must wait for (made only then: a future per request costs on the lean path)."""
         self.targets: list[Target] = []
         self.sent_at = 0.0
         self.waited = False
+        self.must_start: asyncio.Future[Target] | None = \
+            asyncio.get_running_loop().create_future() if heard else None
+
+    def waits_for(self, target: Target) -> None:
+        """The request must wait for ``target`` to start its model."""
+        if self.must_start is not None and not self.must_start.done():
+            self.must_start.set_result(target)
 
     def add(self, target: Target, waited: bool) -> None:
         """``waited``: it must start the model first, or its engine was loaded when the request was sent."""
@@ -206,17 +219,7 @@ class Attempts:
         return None if self.waited else at - self.sent_at
 
 
-class Completed:
-    """A finished non-streamed answer, with where it ran."""
-
-    __slots__ = ("body", "target")
-
-    def __init__(self, body: bytes, target: Target) -> None:
-        self.body = body
-        self.target = target
-
-
-class GatewayStream:
+class GatewayStream(Relayed):
     """A relayed stream: upstream bytes out as they come, usage recorded when it is closed.
 
     For a model that must start first, the stream is returned before any endpoint answers (``opening`` runs the
@@ -277,12 +280,9 @@ class GatewayStream:
         """Progress comments (which clients skip) until an endpoint answers; False when none did (the error is
         then the stream's last event)."""
         assert self._opening is not None
-        every = self._gateway.config.defaults.cold_start.progress_every
-        while True:
-            write(self._gateway.progress_comment(self._attempts.last or self.target, self._t0))
-            done, _ = await asyncio.wait((self._opening,), timeout=every)
-            if done:
-                break
+        await tell_until_done(self._opening, self._gateway.config.defaults.cold_start.progress_every,
+                              functools.partial(self._gateway.progress_of, self._attempts, self.target, self._t0),
+                              write)
         try:
             self._upstream = self._opening.result()
         except OpenAIError as exc:
@@ -527,6 +527,7 @@ class Gateway:
             waits = self.router.state_of(target) in WAITING_STATES
             if waits:  # nothing hot answered before it
                 self._start(target)
+                tried.waits_for(target)
                 if self.config.defaults.cold_start.mode == "reject":
                     raise self._not_ready(target)
             tried.add(target, waits or self.router.health_of(target).loaded())
@@ -585,21 +586,40 @@ class Gateway:
         return OpenAIError(
             503, f"Model '{target.model_id}' is not running yet: cluster '{target.cluster}' endpoint "
                  f"'{target.endpoint}' is starting it ({self.router.state_of(target)}), expected ready in about "
-                 f"{_duration(wait)}. {how}Retry after that; `%first warm {target.model_id}` starts a model ahead "
+                 f"{duration(wait)}. {how}Retry after that; `%first warm {target.model_id}` starts a model ahead "
                  f"of need.", type="api_error", code="model_starting",
             headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
-    def progress_comment(self, target: Target, t0: float) -> bytes:
-        """An SSE comment on a start under way (clients skip comments; people reading the stream see them)."""
-        return (f": waiting for model '{target.model_id}' on cluster '{target.cluster}' endpoint "
-                f"'{target.endpoint}': {self.router.state_of(target)}, {time.perf_counter() - t0:.0f} s so far, "
-                f"about {_duration(self.router.wait_of(target))} to go\n\n").encode()
+    def progress_of(self, attempts: Attempts, first: Target, t0: float) -> Progress:
+        """Where the start a request waits for stands: at the endpoint it was last sent to (``first`` before
+        any), since ``t0``."""
+        target = attempts.last or first
+        wait = self.router.wait_of(target)
+        return Progress(target.model_id, target.cluster, target.endpoint, self.router.state_of(target),
+                        round(time.perf_counter() - t0, 1), None if math.isinf(wait) else round(wait, 1))
+
+    async def heard(self, work: Awaitable[_T], tried: Attempts) -> _T | WaitingAnswer:
+        """``work``'s answer, or, once it must wait for a model's start, an answer that tells the start's progress
+        until it comes (for a client that asked to hear it). ``tried`` must be the one ``work`` fills, made with
+        ``Attempts(heard=True)``."""
+        assert tried.must_start is not None
+        t0 = time.perf_counter()
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait((task, tried.must_start), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        return WaitingAnswer(task, tried.must_start.result(), self.config.defaults.cold_start.progress_every,
+                             functools.partial(self.progress_of, tried, tried.must_start.result(), t0))
 
     async def warm(self, model: str, cluster: str | None = None, wait: bool = False,
-                   caller: Caller | None = None) -> dict[str, Any]:
+                   caller: Caller | None = None, tried: Attempts | None = None) -> dict[str, Any]:
         """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
         the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
-        Its state, where, and the expected wait."""
+        Its state, where, and the expected wait. ``tried``: told the endpoint it waits for (``heard``)."""
         check_model_name(model)
         targets = self._allowed(model, await self.where_served(model), caller)
         capability = next(c for c in Capability if any(t.backend.supports(model, c) for t in targets))
@@ -622,6 +642,8 @@ class Gateway:
             with acting_as(caller):  # (the start's task keeps it)
                 task = self._start(target)
             if wait:
+                if tried is not None:
+                    tried.waits_for(target)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), self.config.defaults.cold_start.max_wait)
                 if self.router.state_of(target) == "offline":
@@ -782,11 +804,13 @@ class Gateway:
         if caller is not None:
             caller.recorded_all(records)
 
-    async def complete(self, req: ParsedRequest, caller: Caller | None = None) -> Completed:
-        """Serve a non-streamed request; raises ``OpenAIError`` with the status to send."""
+    async def complete(self, req: ParsedRequest, caller: Caller | None = None,
+                       tried: Attempts | None = None) -> Completed:
+        """Serve a non-streamed request; raises ``OpenAIError`` with the status to send. ``tried``: to follow
+        where it goes (``heard``)."""
         t0 = time.perf_counter()
         request_id = _request_id()
-        tried = Attempts()
+        tried = tried or Attempts()
         conversation = self._conversation(req)
 
         async def ask(target: Target) -> Reply:

@@ -18,6 +18,7 @@ import orjson
 
 from first_jupyter.batch.service import Batches
 from first_jupyter.batch.upload import Upload
+from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.api import (
     FILE_CHUNK,
     JSON,
@@ -32,7 +33,7 @@ from first_jupyter.gateway.api import (
     target_headers,
     too_large,
 )
-from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.route_table import Answer, Bare, Call, Matcher
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
@@ -148,7 +149,7 @@ class GatewayApp:
     async def _send(self, answer: Answer, exchange: Exchange) -> None:
         if isinstance(answer, Completed):
             exchange.respond(200, {"Content-Type": JSON, **target_headers(answer.target)}, answer.body)
-        elif isinstance(answer, GatewayStream):
+        elif isinstance(answer, Relayed):
             await self._relay(answer, exchange)
         elif isinstance(answer, Path):
             await self._send_file(answer, exchange)
@@ -191,7 +192,7 @@ class GatewayApp:
         exchange.end_stream()
 
     @staticmethod
-    async def _relay(stream: GatewayStream, exchange: Exchange) -> None:
+    async def _relay(stream: Relayed, exchange: Exchange) -> None:
         """Push the stream into the connection; the transport's flow control pauses the upstream when needed."""
         headers = stream_headers(stream.target)
         started = False

@@ -6,8 +6,8 @@ So a new route is one ``Route`` here plus its answering function, and both doors
 only what is theirs: who the caller is, how bytes reach the socket.
 
 A route's function runs on the gateway's loop and returns an answer for the door to send: a JSON value, a whole
-inference answer (``Completed``), an open stream (``GatewayStream``), a file to send in chunks (``Path``), or a
-bare status (``Bare``).
+inference answer (``Completed``), events (``Relayed``: a stream, or a wait told as it goes), a file to send in
+chunks (``Path``), or a bare status (``Bare``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
 from first_jupyter.gateway import api
+from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
-from first_jupyter.gateway.core import Completed, GatewayStream
-from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.protocol import PROGRESS_HEADER, Capability, OpenAIError
 
 if TYPE_CHECKING:
     from first_jupyter.batch.service import Batches
@@ -38,7 +38,7 @@ class Bare:
     status: int
 
 
-Answer = dict[str, Any] | list[Any] | Completed | GatewayStream | Path | Bare
+Answer = dict[str, Any] | list[Any] | Completed | Relayed | Path | Bare
 
 
 class Door(Protocol):
@@ -131,7 +131,8 @@ def query_of(query: str) -> dict[str, str]:
 
 def _inference(capability: Capability) -> Answering:
     async def infer(call: Call) -> Answer:
-        return await api.start(call.gateway, capability, call.body, call.limit, call.door.caller())
+        return await api.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
+                               progress=call.header(PROGRESS_HEADER) is not None)
     infer.__name__ = infer.__qualname__ = f"infer_{capability.name}"
     return infer
 
@@ -159,7 +160,8 @@ async def _set_default_model(call: Call) -> Answer:
 
 
 async def _warm(call: Call) -> Answer:
-    return await api.warm_route(call.gateway, call.params[0], call.body, call.door.caller())
+    return await api.warm_route(call.gateway, call.params[0], call.body, call.door.caller(),
+                                progress=call.header(PROGRESS_HEADER) is not None)
 
 
 async def _whoami(call: Call) -> Answer:
@@ -241,7 +243,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/first/api/usage", _usage),
     Route("GET", "/first/api/default_model", _default_model),
     Route("PUT", "/first/api/default_model", _set_default_model, body="request"),
-    Route("POST", f"/first/api/models/{_MODEL}/warm", _warm, body="request"),
+    Route("POST", f"/first/api/models/{_MODEL}/warm", _warm, body="request", streams=True),
     Route("GET", "/first/api/whoami", _whoami),
     Route("POST", "/first/api/login", _signing_in("login"), body="request"),
     Route("POST", "/first/api/login/code", _signing_in("login_code"), body="request"),

@@ -116,15 +116,25 @@ def _chat(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
         magics.conversation.reset()
     fmt = magics.pick(options, "format")
     live = show.LiveAnswer(fmt, magics.refresh_interval) if magics.pick(options, "stream") else None
+    waiting = show.StartStatus()  # emptied by the first piece of a stream, else once the call returns
+
+    def on_text(piece: str) -> None:
+        waiting.clear()
+        assert live is not None
+        live.add(piece)
+
     try:
         result = client.chat(prompt, model=options.model or magics.model or None, system=options.system,
                              temperature=magics.pick(options, "temperature"),
                              max_tokens=magics.pick(options, "max_tokens"), stream=live is not None,
-                             conversation=magics.conversation, on_text=live.add if live else None)
+                             conversation=magics.conversation, on_text=on_text if live else None,
+                             on_progress=waiting.show)
     except KeyboardInterrupt:
         if live is not None:
             live.finish(client.Result("".join(live.parts), options.model or magics.model or "", stopped=True))
         raise
+    finally:
+        waiting.clear()
     note = live.finish(result) if live is not None else show.show_answer(result, fmt)
     if note:
         print(note, file=sys.stderr)
@@ -136,9 +146,10 @@ def _chat(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
 def _complete(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
     from first_jupyter import client
 
-    result = client.complete(magics.prompt(cell), model=options.model or magics.model or None,
-                             temperature=magics.pick(options, "temperature"),
-                             max_tokens=magics.pick(options, "max_tokens"))
+    with show.StartStatus() as waiting:
+        result = client.complete(magics.prompt(cell), model=options.model or magics.model or None,
+                                 temperature=magics.pick(options, "temperature"),
+                                 max_tokens=magics.pick(options, "max_tokens"), on_progress=waiting.show)
     note = show.show_answer(result, magics.pick(options, "format"))
     if note:
         print(note, file=sys.stderr)
@@ -160,7 +171,8 @@ def _embed(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
     lines = [line.strip() for line in interpolate(cell, magics.shell.user_ns).splitlines() if line.strip()]
     if not lines:
         raise MagicUsageError("The cell has no text to embed: one input per line below the `%%first` line.")
-    vectors = client.embed(lines, model=options.model or magics.model or None)
+    with show.StartStatus() as waiting:
+        vectors = client.embed(lines, model=options.model or magics.model or None, on_progress=waiting.show)
     magics.shell.user_ns[options.name] = vectors
     print(f"{len(vectors)} embedding(s) of dimension {len(vectors[0]) if vectors else 0} in `{options.name}`.")
 
@@ -205,7 +217,9 @@ def _warm_options(parser: argparse.ArgumentParser) -> None:
 def _warm(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
     from first_jupyter import client
 
-    print(client.describe_warm(client.warm(options.model, cluster=options.cluster, wait=options.wait)))
+    with show.StartStatus() as waiting:
+        answer = client.warm(options.model, cluster=options.cluster, wait=options.wait, on_progress=waiting.show)
+    print(client.describe_warm(answer))
 
 
 def _use_options(parser: argparse.ArgumentParser) -> None:

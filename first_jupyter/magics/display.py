@@ -21,6 +21,7 @@ from first_jupyter.text_table import aligned, cells
 
 if TYPE_CHECKING:
     from first_jupyter.client import Result
+    from first_jupyter.protocol import Progress
 
 FORMATS = ("markdown", "text", "code", "json")
 _EMPTY = {"text/plain": ""}
@@ -81,6 +82,40 @@ class LiveAnswer:
         if self._display_id is not None:
             update_display(_EMPTY, raw=True, display_id=self._display_id)
         return show_answer(result, self.fmt)
+
+
+class StartStatus:
+    """A cell's status line while its call waits for a model's start: where, the state, the time so far and the
+    estimate left, with a bar; emptied once the answer comes (or the call fails or is stopped: the ``with`` block
+    ends). Each ``Progress`` updates it in place."""
+
+    def __init__(self) -> None:
+        self._display_id: str | None = None  # created with the first progress: a hot model shows nothing
+
+    def show(self, progress: Progress) -> None:
+        text = progress.words()
+        text = text[0].upper() + text[1:]
+        fraction = progress.fraction
+        bar = f'<progress value="{fraction:.3f}" max="1"></progress> ' if fraction is not None else \
+            "<progress></progress> "
+        data = {"text/html": f"<div>{bar}{escape(text)}</div>", "text/plain": f"⏳ {text}"}
+        if self._display_id is None:
+            handle = display(data, raw=True, display_id=True)
+            self._display_id = str(handle.display_id) if handle is not None else ""
+        else:
+            update_display(data, raw=True, display_id=self._display_id)
+
+    def __enter__(self) -> StartStatus:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """The wait is over: the line goes."""
+        if self._display_id is not None:
+            update_display(_EMPTY, raw=True, display_id=self._display_id)
+            self._display_id = None
 
 
 def show_answer(result: Result, fmt: str) -> str | None:

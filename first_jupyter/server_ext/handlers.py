@@ -37,7 +37,8 @@ from tornado.iostream import IOStream, StreamClosedError
 from first_jupyter.batch.service import Batches
 from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
-from first_jupyter.gateway.core import Completed, Gateway, GatewayStream
+from first_jupyter.gateway.answers import Completed, Relayed
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.route_table import Answer, Bare, Call, Route, method_not_allowed, paths
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.loop_thread import LoopThread
@@ -463,7 +464,7 @@ async def answer_across(route: Route, call: Call, client: ClientRelay | None) ->
     it) it is closed and recorded here, on the loop it belongs to.
     """
     answer = await route.answer(call)
-    if not isinstance(answer, GatewayStream):
+    if not isinstance(answer, Relayed):
         return answer
     assert client is not None  # only a route that streams answers with a stream
     client.open(api.stream_headers(answer.target), answer.resume)

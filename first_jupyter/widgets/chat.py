@@ -147,14 +147,18 @@ class ChatWidget:
     def _answer(self, turn: _Turn) -> None:
         """The background thread: stream the answer into the transcript, then report it in the status line."""
 
+        bar = self.picker.start_bar
+
         def on_text(piece: str) -> None:
+            if bar.last is not None:
+                bar.clear()  # the start is over: the answer comes
             turn.answer += piece
             if time.monotonic() - self._pushed_at >= PUSH_INTERVAL_S:
                 self._push()
 
         try:
             result = client.chat(turn.prompt, model=turn.model, stream=True, conversation=self.conversation,
-                                 on_text=on_text, stop=self._stop_event)
+                                 on_text=on_text, stop=self._stop_event, on_progress=bar.show)
         except Exception as exc:  # a widget reports, it never raises: here nothing would even show it
             turn.note = "no answer"
             self._set_status(one_line(exc), error=True)
@@ -164,6 +168,7 @@ class ChatWidget:
             turn.note = "stopped" if result.stopped else ""
             self._set_status(describe(result))
         finally:
+            bar.clear()
             self._push()
             self._set_running(False)
 

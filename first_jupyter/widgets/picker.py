@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import ipywidgets as widgets
 
 from first_jupyter import client
+from first_jupyter.widgets.start_bar import StartBar
 
 ERROR_COLOR = "var(--jp-error-color1, #d32f2f)"
 
@@ -22,7 +24,9 @@ def one_line(exc: BaseException) -> str:
 
 class ModelPicker:
     """The gateway's models in a dropdown, each labelled with its state (``tiny-chat (hot)``), so that a user sees
-    before asking which model answers now and which waits for a cold start or a batch job.
+    before asking which model answers now and which waits for a cold start or a batch job. Warm starts the chosen
+    model ahead of need, its start's progress shown under the dropdown (as is any call's wait for a start in a
+    ``ChatWidget``).
 
     It starts on the gateway's default model. With ``set_default``, a choice also becomes the default of every
     client of the gateway (the magics, the sidebar, other notebooks). ``capability`` keeps only the models that
@@ -35,12 +39,18 @@ class ModelPicker:
         self.dropdown = widgets.Dropdown(description="Model", options=[], layout=widgets.Layout(width="auto"))
         self.refresh_button = widgets.Button(description="Refresh", icon="refresh",
                                              tooltip="Read the models and their state again")
+        self.warm_button = widgets.Button(description="Warm", icon="fire",
+                                          tooltip="Start the chosen model now, so that the first prompt finds it hot")
         self.error_line = widgets.Label(style={"text_color": ERROR_COLOR})
-        self.widget = widgets.VBox([widgets.HBox([self.dropdown, self.refresh_button]), self.error_line])
+        self.start_bar = StartBar()
+        self.widget = widgets.VBox([widgets.HBox([self.dropdown, self.refresh_button, self.warm_button]),
+                                    self.start_bar.widget, self.error_line])
+        self._warming: threading.Thread | None = None
         self._default: str | None = None
         self._quiet = False
         self.dropdown.observe(self._chosen, names="value")
         self.refresh_button.on_click(lambda _button: self.refresh())
+        self.warm_button.on_click(lambda _button: self.warm())
         self.refresh()
 
     @property
@@ -79,6 +89,29 @@ class ModelPicker:
         self._default = default
         self.error_line.value = "" if ids else (
             f"The gateway serves no model that can {self.capability}; check its configuration.")
+
+    def warm(self) -> threading.Thread | None:
+        """Start the chosen model and wait for it in a thread (the kernel stays free), the bar telling how the
+        start goes; the labels are read again once it is hot. The thread, to join; None with nothing chosen."""
+        model = self.value
+        if model is None:
+            return None
+        self.warm_button.disabled = True
+        self._warming = threading.Thread(target=self._warm, args=(model,), name="first-picker-warm", daemon=True)
+        self._warming.start()
+        return self._warming
+
+    def _warm(self, model: str) -> None:
+        try:
+            client.warm(model, wait=True, on_progress=self.start_bar.show)
+        except Exception as exc:  # a widget reports, it never raises: here nothing would even show it
+            self.error_line.value = one_line(exc)
+        else:
+            self.error_line.value = ""
+        finally:
+            self.start_bar.clear()
+            self.warm_button.disabled = False
+        self.refresh()
 
     @contextlib.contextmanager
     def _quietly(self) -> Iterator[None]:
