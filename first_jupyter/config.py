@@ -49,7 +49,20 @@ class ModelConfig(_Strict):
     path: str | None = Field(
         default=None, description="local engines: a directory or hub id to load; defaults to id"
     )
-    capabilities: list[Capability] = [Capability.chat, Capability.completions]
+    capabilities: list[Capability] = Field(
+        default=[Capability.chat, Capability.completions],
+        description="what the engine serves for this model, each an API route: chat, completions, embeddings, and "
+                    "messages where the engine serves Anthropic's /v1/messages itself (vLLM does; it implies "
+                    "count_tokens, /v1/messages/count_tokens, which vLLM serves with it). A model with chat and "
+                    "without messages still answers /v1/messages: the gateway translates it to chat")
+
+    @field_validator("capabilities")
+    @classmethod
+    def _messages_count_tokens(cls, capabilities: list[Capability]) -> list[Capability]:
+        """An engine that serves Anthropic's Messages API serves its token count with it (vLLM does)."""
+        if Capability.messages in capabilities and Capability.count_tokens not in capabilities:
+            return [*capabilities, Capability.count_tokens]
+        return capabilities
     max_tokens: int | None = Field(
         default=None, ge=1, description="the most tokens a request may ask for (max_tokens, max_completion_tokens): "
                                         "more is refused with a 400 before any work; default: the engine's own "

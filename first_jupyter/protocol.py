@@ -92,12 +92,25 @@ def bearer_token(authorization: str | None) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
+def presented_token(authorization: str | None, api_key: str | None) -> str | None:
+    """The credential a request presents: its bearer token, else its ``x-api-key`` header.
+
+    Anthropic's clients send their key as ``x-api-key`` (and OpenAI's as a bearer token); both are the same
+    credential, taken by the same rules at every door, on every route, so that one key works with either SDK.
+    A bearer token wins where both are sent (Anthropic's clients send ``Authorization`` for ``auth_token``)."""
+    return bearer_token(authorization) or (api_key or "").strip() or None
+
+
 class Capability(StrEnum):
     """What a request asks an engine to do; each maps to one OpenAI route."""
 
     chat = "chat"
     completions = "completions"
     embeddings = "embeddings"
+    messages = "messages"
+    """Anthropic's Messages API: native where a model lists it (vLLM serves it), else translated to chat."""
+    count_tokens = "count_tokens"
+    """Anthropic's token count, ``/v1/messages/count_tokens``: native along with ``messages``."""
 
     @property
     def route(self) -> str:
@@ -108,7 +121,12 @@ _ROUTES = {
     Capability.chat: "chat/completions",
     Capability.completions: "completions",
     Capability.embeddings: "embeddings",
+    Capability.messages: "messages",
+    Capability.count_tokens: "messages/count_tokens",
 }
+
+ANTHROPIC = frozenset({Capability.messages, Capability.count_tokens})
+"""The routes that speak Anthropic's API: their errors take Anthropic's shape, at every door."""
 
 
 class OpenAIError(Exception):
@@ -127,6 +145,9 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.engine_body: bytes | None = None
+        """The engine's own error answer, where this error is one (``upstream.upstream_error``): a route whose API
+        the engine speaks natively may send it on as it came."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -142,10 +163,14 @@ class OpenAIError(Exception):
 class ParsedRequest:
     """A checked request: the decoded body (every field as sent) plus what the gateway reads from it."""
 
-    __slots__ = ("capability", "data", "model", "raw", "stream")
+    __slots__ = ("asked", "capability", "data", "model", "raw", "stream")
 
-    def __init__(self, capability: Capability, data: dict[str, Any], raw: bytes) -> None:
+    def __init__(self, capability: Capability, data: dict[str, Any], raw: bytes,
+                 asked: Capability | None = None) -> None:
+        """``asked``: the route the client came by, where the request is sent as another (a Messages request
+        translated to chat); its usage is accounted, and its stream's errors shaped, as the route's."""
         self.capability = capability
+        self.asked = asked or capability
         self.data = data
         self.raw = raw
         self.model: str = data.get("model") or ""  # empty: the gateway answers 404 with the known ids
@@ -222,8 +247,8 @@ def check_request(capability: Capability, data: dict[str, Any]) -> None:
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream", f"it must be true, false or null, not {json_kind(stream)}")
-    if stream and capability is Capability.embeddings:
-        raise _invalid("stream", "embeddings are not streamed; leave 'stream' out, or set it to false")
+    if stream and capability in (Capability.embeddings, Capability.count_tokens):
+        raise _invalid("stream", f"{capability.route} is not streamed; leave 'stream' out, or set it to false")
     options = data.get("stream_options")
     if stream and options is not None and not isinstance(options, dict):
         raise _invalid("stream_options", f"it must be an object such as {{\"include_usage\": true}}, not "

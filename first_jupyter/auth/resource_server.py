@@ -66,7 +66,8 @@ def group_links(groups: Iterable[str]) -> str:
 def _token_of(authorization: str | None) -> str:
     token = bearer_token(authorization)
     if token is None:
-        raise _unauthorized("Send a Globus access token for this gateway as 'Authorization: Bearer <token>'.",
+        raise _unauthorized("Send a Globus access token for this gateway as 'Authorization: Bearer <token>' (or "
+                            "'x-api-key: <token>', as Anthropic's clients send it).",
                             "missing_token")
     return token
 

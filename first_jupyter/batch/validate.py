@@ -12,11 +12,21 @@ from typing import Any
 
 import orjson
 
-from first_jupyter.protocol import MAX_NESTING, Capability, OpenAIError, check_request, nests_deeper, shown, too_deep
+from first_jupyter.protocol import (
+    ANTHROPIC,
+    MAX_NESTING,
+    Capability,
+    OpenAIError,
+    check_request,
+    nests_deeper,
+    shown,
+    too_deep,
+)
 
 MAX_REPORTED = 100
 """Errors listed in the batch; the count says how many more there were."""
-ENDPOINTS = {f"/v1/{capability.route}": capability for capability in Capability}
+ENDPOINTS = {f"/v1/{capability.route}": capability for capability in Capability if capability not in ANTHROPIC}
+"""OpenAI's batch endpoints; Anthropic's Messages have a batch API of their own, which this is not."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from first_jupyter.config import Limits
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.core import Attempts, Gateway
 from first_jupyter.gateway.router import Target
-from first_jupyter.protocol import Capability, OpenAIError, bearer_token, parse_request
+from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest, parse_request, presented_token
 from first_jupyter.transport.proxies import is_loopback
 
 JSON = "application/json"
@@ -73,9 +73,19 @@ async def start(gateway: Gateway, capability: Capability, body: bytes, limit: in
                 caller: Caller | None = None, *, progress: bool = False) -> Completed | Relayed:
     """Validate a request body and run it: the whole answer, or an open stream whose status is 200.
     ``progress``: a plain request that must wait for a model's start tells the start's progress meanwhile."""
+    return await run(gateway, parse(capability, body, limit), caller, progress=progress)
+
+
+def parse(capability: Capability, body: bytes, limit: int) -> ParsedRequest:
+    """A request body within ``limit``, decoded and checked (``protocol.parse_request``)."""
     if len(body) > limit:
         raise too_large(len(body), limit)
-    req = parse_request(capability, body)
+    return parse_request(capability, body)
+
+
+async def run(gateway: Gateway, req: ParsedRequest, caller: Caller | None = None, *,
+              progress: bool = False) -> Completed | Relayed:
+    """Run a checked request, admitted first at a shared gateway (groups, quotas)."""
     if caller is not None:
         await gateway.where_served(req.model)
         caller.admit(req)
@@ -168,9 +178,10 @@ class HostVerdicts:
         return verdict
 
 
-def bearer_key_matches(header: str | None, key: bytes) -> bool:
-    """Whether an ``Authorization`` header presents ``key`` as a bearer token (compared in constant time)."""
-    given = bearer_token(header)
+def key_matches(header: Callable[[str], str | None], key: bytes) -> bool:
+    """Whether a request presents ``key``, as a bearer token or as ``x-api-key`` (``protocol.presented_token``),
+    compared in constant time. ``header``: the request's header by lower-case name."""
+    given = presented_token(header("authorization"), header("x-api-key"))
     return given is not None and hmac.compare_digest(given.encode(), key)
 
 

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
@@ -79,6 +79,8 @@ STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Failures before the first byte that the next endpoint may not have: worth trying it."""
 FORBIDDEN = 403
+STREAM_OPTIONS = frozenset({Capability.chat, Capability.completions})
+"""The APIs whose streams take ``stream_options``, where the gateway asks the engine for usage itself."""
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)
@@ -219,6 +221,23 @@ class Attempts:
         return None if self.waited else at - self.sent_at
 
 
+class StreamShape(Protocol):
+    """What a stream's bytes become on the way to a client that speaks another API than the engine (Anthropic's
+    events from chat chunks), and how an error after the status line is written in the client's API."""
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to send for ``data`` (the engine's, as watched); empty while nothing is complete."""
+        ...
+
+    def finish(self) -> bytes:
+        """The last bytes, once the engine's stream has ended."""
+        ...
+
+    def fail(self, error: OpenAIError) -> bytes:
+        """An error event ending the stream."""
+        ...
+
+
 class GatewayStream(Relayed):
     """A relayed stream: upstream bytes out as they come, usage recorded when it is closed.
 
@@ -229,7 +248,7 @@ class GatewayStream(Relayed):
     """
 
     __slots__ = ("_attempts", "_caller", "_conversation", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream",
-                 "_watch", "error", "request_id", "target")
+                 "_watch", "error", "request_id", "shape", "target")
 
     def __init__(self, gateway: Gateway, req: ParsedRequest, target: Target, attempts: Attempts,
                  upstream: Stream | None, watch: StreamWatch, t0: float, request_id: str,
@@ -248,6 +267,12 @@ class GatewayStream(Relayed):
         self.request_id = request_id
         self._conversation = conversation
         self._opening = opening
+        self.shape: StreamShape | None = None
+        """Set by a route whose client speaks another API than the engine's stream, before it is relayed."""
+
+    def _error_event(self, error: OpenAIError) -> bytes:
+        self.error = error
+        return error.sse_event() if self.shape is None else self.shape.fail(error)
 
     async def relay(self, write: Callable[[bytes], bool]) -> None:
         """Send the stream into ``write`` chunk by chunk as the upstream delivers it; return at its end.
@@ -258,21 +283,24 @@ class GatewayStream(Relayed):
         if self._upstream is None and not await self._wait_for_start(write):
             return
         assert self._upstream is not None
-        feed = self._watch.feed
+        feed, shape = self._watch.feed, self.shape
 
         def sink(chunk: bytes) -> bool:
             if self._ttft is None:
                 self._ttft = time.perf_counter()
             out = feed(chunk)
+            if out and shape is not None:
+                out = shape.feed(out)
             return write(out) if out else True  # an empty write would end a chunked response
 
         try:
             await self._upstream.pipe(sink)
         except OpenAIError as exc:  # the status line is already sent: say it in the stream
-            self.error = exc
-            write(exc.sse_event())
+            write(self._error_event(exc))
             return
         rest = self._watch.finish()
+        if shape is not None:
+            rest = (shape.feed(rest) if rest else b"") + shape.finish()
         if rest:
             write(rest)
 
@@ -286,9 +314,8 @@ class GatewayStream(Relayed):
         try:
             self._upstream = self._opening.result()
         except OpenAIError as exc:
-            self.error = exc
             self.target = self._attempts.last or self.target
-            write(exc.sse_event())
+            write(self._error_event(exc))
             return False
         answered = self._attempts.last
         if answered is not None and answered is not self.target:
@@ -784,7 +811,7 @@ class Gateway:
             return
         record = UsageRecord(  # positional: the fields in order, cheaper than keywords per request
             time.time(), request_id, req.model, target.cluster if target else "",
-            target.endpoint if target else "", req.capability.value, req.stream, status, prompt_tokens,
+            target.endpoint if target else "", req.asked.value, req.stream, status, prompt_tokens,
             completion_tokens, (time.perf_counter() - t0) * 1000, (ttft - t0) * 1000 if ttft else None, error,
             caller.user if caller is not None else "")
         self.usage.record(record)
@@ -853,7 +880,7 @@ class Gateway:
         request_id = _request_id()
         tried = Attempts()
         options = req.data.get("stream_options")
-        ask_usage = req.capability is not Capability.embeddings and not (
+        ask_usage = req.capability in STREAM_OPTIONS and not (
             isinstance(options, dict) and options.get("include_usage"))
 
         async def open_stream(target: Target) -> Stream:

@@ -24,11 +24,11 @@ from first_jupyter.gateway.api import (
     JSON,
     JSONL,
     HostVerdicts,
-    bearer_key_matches,
     body_limit,
     config_error,
     internal_error,
     is_loopback_host,
+    key_matches,
     stream_headers,
     target_headers,
     too_large,
@@ -93,7 +93,7 @@ class GatewayApp:
     def body_sink(self, method: str, path: str, headers: dict[str, str]) -> BodySink | None:
         """An uploaded file goes to disk as it arrives; only for a holder of the key (others get no sink, so
         their body is held to the usual limit and refused)."""
-        if self.gateway is None or not bearer_key_matches(headers.get("authorization"), self.key) or \
+        if self.gateway is None or not key_matches(headers.get, self.key) or \
                 not self._hosts.allowed(headers.get("host", ""), is_loopback_host):
             return None
         try:
@@ -103,12 +103,12 @@ class GatewayApp:
         return self.gateway.batches.upload(headers.get("content-type")) if route.body == "file" else None
 
     def refusal(self, refusal: HTTPRefusal) -> bytes:
+        write = self.routes.error_body(refusal.path)
         if isinstance(refusal, BodyTooLarge):  # an upload's limit is the file's, with its own setting
             sink = refusal.sink
-            return (sink.too_large() if isinstance(sink, Upload) else too_large(refusal.size, refusal.limit)).to_bytes()
-        err = internal_error(refusal.message) if refusal.status >= 500 else OpenAIError(refusal.status,
-                                                                                         refusal.message)
-        return err.to_bytes()
+            return write(sink.too_large() if isinstance(sink, Upload) else too_large(refusal.size, refusal.limit))
+        return write(internal_error(refusal.message) if refusal.status >= 500 else OpenAIError(refusal.status,
+                                                                                                refusal.message))
 
     async def __call__(self, request: Request, exchange: Exchange) -> None:
         try:
@@ -116,13 +116,14 @@ class GatewayApp:
         except OpenAIError as err:
             log = self.log.error if err.status >= 500 else self.log.warning
             log("%s %s -> %s %s", request.method, request.path, err.status, err.code or err.type)
-            exchange.respond(err.status, {"Content-Type": JSON, **err.headers}, err.to_bytes())
+            exchange.respond(err.status, {"Content-Type": JSON, **err.headers},
+                             self.routes.error_body(request.path)(err))
 
     # -- routes -----------------------------------------------------------------------------------------------
 
     async def _answer(self, request: Request, exchange: Exchange) -> None:
         self._check_host(request)
-        authenticated = bearer_key_matches(request.headers.get("authorization"), self.key)
+        authenticated = key_matches(request.headers.get, self.key)
         try:
             route, params = self.routes.match(request.method, request.path)
         except OpenAIError:
@@ -142,8 +143,9 @@ class GatewayApp:
 
     @staticmethod
     def _not_authenticated() -> OpenAIError:
-        return OpenAIError(401, "Not authenticated. Send 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the "
-                                "Jupyter server starts; also in the gateway's runtime file).",
+        return OpenAIError(401, "Not authenticated. Send 'Authorization: Bearer $FIRST_API_KEY' or 'x-api-key: "
+                                "$FIRST_API_KEY' (set in kernels the Jupyter server starts; also in the gateway's "
+                                "runtime file).",
                            type="authentication_error", code="invalid_api_key")
 
     async def _send(self, answer: Answer, exchange: Exchange) -> None:

@@ -243,12 +243,14 @@ class StreamWatch:
         to rename it, None to keep it as it came."""
         if not isinstance(obj, dict):
             return None
-        usage = obj.get("usage")
+        message = obj.get("message")  # Anthropic's message_start: the model and first usage are the message's
+        holder = message if isinstance(message, dict) and obj.get("type") == "message_start" else obj
+        usage = holder.get("usage")
         if isinstance(usage, dict):
             self._count(usage)
             if self._strip and obj.get("choices") == []:
                 return b""
-        if not (self._renaming and self._renamed(obj)):
+        if not (self._renaming and self._renamed(holder)):
             return None
         return b"data: " + orjson.dumps(obj) + sep
 
@@ -270,22 +272,31 @@ class StreamWatch:
         return True
 
     def _count(self, usage: dict[str, Any]) -> None:
-        """Token counts from a usage object, keeping what was known where it says nothing."""
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
-        if type(prompt) is int:
+        """Token counts from a usage object, keeping what was known where it says nothing (Anthropic's
+        message_delta tells only the output tokens)."""
+        prompt, completion = token_counts(usage)
+        if prompt is not None:
             self.prompt_tokens = prompt
-        if type(completion) is int:
+        if completion is not None:
             self.completion_tokens = completion
+
+
+def token_counts(usage: Any) -> tuple[int | None, int | None]:
+    """Prompt and completion tokens of a usage object: OpenAI's (``prompt_tokens``, ``completion_tokens``) or
+    Anthropic's (``input_tokens``, ``output_tokens``), so that both APIs are accounted alike."""
+    if not isinstance(usage, dict):
+        return None, None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return (prompt if type(prompt) is int else None), (completion if type(completion) is int else None)
 
 
 def _tokens(found: bytes) -> tuple[int | None, int | None]:
     """Token counts from a matched usage object."""
     try:
-        usage = orjson.loads(found)
+        return token_counts(orjson.loads(found))
     except orjson.JSONDecodeError:
         return None, None
-    return usage.get("prompt_tokens"), usage.get("completion_tokens")
 
 
 def rename_model_in_body(body: bytes, public_model: str) -> tuple[bytes, int | None, int | None]:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
-from first_jupyter.gateway import api
+from first_jupyter.gateway import anthropic, api
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
-from first_jupyter.protocol import PROGRESS_HEADER, Capability, OpenAIError
+from first_jupyter.protocol import ANTHROPIC, PROGRESS_HEADER, Capability, OpenAIError
 
 if TYPE_CHECKING:
     from first_jupyter.batch.service import Batches
@@ -90,6 +90,8 @@ class Call:
 
 
 Answering = Callable[[Call], Awaitable[Answer]]
+ErrorBody = Callable[[OpenAIError], bytes]
+"""How a route's errors are written: OpenAI's shape, or Anthropic's on the Messages routes."""
 BodyKind = Literal["none", "request", "file"]
 
 
@@ -98,7 +100,8 @@ class Route:
     """One method on one path. ``pattern``: a regular expression of the path (from the server's root, groups for
     the parameters); ``body``: none, a request (within ``max_request_bytes``), or a file streamed to disk (within
     ``max_file_bytes``); ``streams``: whether the answer may be a stream; ``open``: answered without the door's
-    authentication (a node's callback carries its own signature)."""
+    authentication (a node's callback carries its own signature); ``error_body``: how every error answer on it is
+    written, the door's own refusals (authentication, limits) included, so that a client reads them in its API."""
 
     method: str
     pattern: str
@@ -106,6 +109,7 @@ class Route:
     body: BodyKind = "none"
     streams: bool = False
     open: bool = False
+    error_body: ErrorBody = OpenAIError.to_bytes
     compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,9 +134,13 @@ def query_of(query: str) -> dict[str, str]:
 
 
 def _inference(capability: Capability) -> Answering:
-    async def infer(call: Call) -> Answer:
-        return await api.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
-                               progress=call.header(PROGRESS_HEADER) is not None)
+    if capability in ANTHROPIC:
+        async def infer(call: Call) -> Answer:
+            return await anthropic.start(call.gateway, capability, call.body, call.limit, call.door.caller())
+    else:
+        async def infer(call: Call) -> Answer:
+            return await api.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
+                                   progress=call.header(PROGRESS_HEADER) is not None)
     infer.__name__ = infer.__qualname__ = f"infer_{capability.name}"
     return infer
 
@@ -229,7 +237,8 @@ _MODEL = "(.+)"
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/first/v1/models", _models),
-    *(Route("POST", f"/first/v1/{cap.route}", _inference(cap), body="request", streams=True) for cap in Capability),
+    *(Route("POST", f"/first/v1/{cap.route}", _inference(cap), body="request", streams=True,
+            error_body=anthropic.error_body if cap in ANTHROPIC else OpenAIError.to_bytes) for cap in Capability),
     Route("GET", "/first/v1/files", _files),
     Route("POST", "/first/v1/files", _add_file, body="file"),
     Route("GET", f"/first/v1/files/{_ID}", _file),
@@ -269,6 +278,12 @@ class Matcher:
         self._fixed = {pattern: methods for pattern, methods in self._by_path.items() if "(" not in pattern}
         self._patterns = [(methods[next(iter(methods))].compiled, methods)
                           for pattern, methods in self._by_path.items() if pattern not in self._fixed]
+
+    def error_body(self, path: str) -> ErrorBody:
+        """How errors on ``path`` are written, whatever the method: its routes' way, OpenAI's for a path that is
+        no route."""
+        methods = self._fixed.get(path.rstrip("/") or path)
+        return next(iter(methods.values())).error_body if methods else OpenAIError.to_bytes
 
     def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
         """The route and its raw (still percent-encoded) parameters; a 404 naming what is served, or a 405

@@ -70,9 +70,11 @@ def upstream_error(status: int, body: bytes, where: str, retry_after: str | None
             503: " The engine is not ready; retry shortly or check GET /first/api/status."}.get(status_out, "")
     if via is not None:
         where = f"{where} (through the proxy {via}, which may have refused the request itself)"
-    return OpenAIError(status_out, f"{where} answered HTTP {status}: {message.rstrip('.')}.{hint}",
-                       type=_ERROR_TYPES.get(status_out, "api_error"), param=param, code=code or "upstream_error",
-                       headers={"Retry-After": retry_after} if retry_after else None)
+    error = OpenAIError(status_out, f"{where} answered HTTP {status}: {message.rstrip('.')}.{hint}",
+                        type=_ERROR_TYPES.get(status_out, "api_error"), param=param, code=code or "upstream_error",
+                        headers={"Retry-After": retry_after} if retry_after else None)
+    error.engine_body = body
+    return error
 
 
 def redirected(status: int, location: str | None, where: str, url: Url) -> OpenAIError:

@@ -39,7 +39,7 @@ from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.route_table import Answer, Bare, Call, Route, method_not_allowed, paths
+from first_jupyter.gateway.route_table import Answer, Bare, Call, ErrorBody, Route, method_not_allowed, paths
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.loop_thread import LoopThread
 from first_jupyter.transport.proxies import is_loopback
@@ -59,7 +59,8 @@ a write fails)."""
 
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
 _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
-              "starts) or with a Jupyter token ('Authorization: token ...').")
+              "starts) or with a Jupyter token ('Authorization: token ...'); Anthropic's clients send either as "
+              "'x-api-key'.")
 
 
 @web.stream_request_body
@@ -204,7 +205,11 @@ class GatewayDoor(web.RequestHandler):
         if closing:
             self.set_header("Connection", "close")
         self.set_header("Content-Type", api.JSON)
-        self.finish(err.to_bytes())
+        self.finish(self.error_body()(err))
+
+    def error_body(self) -> ErrorBody:
+        """How this request's errors are written: its route's way (``Route.error_body``)."""
+        return OpenAIError.to_bytes
 
     # -- where doors differ ---------------------------------------------------------------------------------
 
@@ -260,7 +265,8 @@ class FirstHandler(GatewayDoor, APIHandler):
             super()._log()
 
     async def authenticate(self) -> None:
-        if api.bearer_key_matches(self.request.headers.get("Authorization"), self.settings["first_api_key"].encode()):
+        headers = self.request.headers
+        if api.key_matches(headers.get, self.settings["first_api_key"].encode()):
             if self.settings.get("first_behind_hub") and not self._from_this_host():
                 raise OpenAIError(403, "FIRST_API_KEY is honoured here only from this server's own kernels: behind "
                                        "JupyterHub this URL is public, and the key opens the owner's Globus "
@@ -275,6 +281,8 @@ class FirstHandler(GatewayDoor, APIHandler):
             self._scoped = True
             self.current_user = self._jupyter_current_user = SCOPED_USER
             return  # a bearer key is not a cookie: no XSRF check applies
+        if "Authorization" not in headers and headers.get("X-Api-Key"):  # Anthropic's clients' way to send a token
+            headers["Authorization"] = f"token {headers['X-Api-Key']}"
         await APIHandler.prepare(self)  # Jupyter's auth: token, cookie (with its XSRF check), the hub's
 
     def _from_this_host(self) -> bool:
@@ -353,6 +361,9 @@ class TableRoute(GatewayDoor):
 
     def initialize(self, routes: Mapping[str, Route]) -> None:  # type: ignore[override]
         self.routes = routes
+
+    def error_body(self) -> ErrorBody:
+        return next(iter(self.routes.values())).error_body  # (one path: its methods' errors are alike)
 
     def route(self) -> Route:
         """The request's route; a 405 naming the path's methods (asked once the caller is known)."""

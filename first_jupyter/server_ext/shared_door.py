@@ -17,7 +17,7 @@ from tornado import web
 
 from first_jupyter.batch.service import Batches
 from first_jupyter.gateway.shared import SharedCaller, SharedPolicy
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.protocol import OpenAIError, presented_token
 from first_jupyter.server_ext.handlers import GatewayDoor, Routes, door_routes
 
 
@@ -37,10 +37,13 @@ class SharedHandler(GatewayDoor):
         await super().prepare()
 
     async def authenticate(self) -> None:
-        """The bearer token, from the head: a missing or refused one is answered before any body is read."""
+        """The bearer token (or ``x-api-key``, Anthropic's clients' header: the same token, the same rules), from
+        the head: a missing or refused one is answered before any body is read."""
         if self.open_route:
             return
-        self._caller = await self.policy.caller(self.request.headers.get("Authorization"))
+        headers = self.request.headers
+        token = presented_token(headers.get("Authorization"), headers.get("X-Api-Key"))
+        self._caller = await self.policy.caller(f"Bearer {token}" if token else headers.get("Authorization"))
         self.current_user = self._caller.identity
 
     def on_finish(self) -> None:

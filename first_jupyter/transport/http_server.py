@@ -74,6 +74,9 @@ class HTTPRefusal(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.path = ""
+        """The request's path, where its head was read before the refusal: the app may answer in that route's
+        way."""
 
 
 class BodyTooLarge(HTTPRefusal):
@@ -295,6 +298,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
         try:
             self._parse(data)
         except HTTPRefusal as refusal:
+            refusal.path = self._started[1] if self._started is not None else ""
             self._refusal = refusal
         except HeadTooLarge:
             self._refusal = HTTPRefusal(431, f"The request head is over {MAX_HEAD_BYTES:,} bytes.")

@@ -71,8 +71,21 @@ def error_body(status: int, message: str) -> bytes:
 
 def from_openai_error(exc: OpenAIError) -> bytes:
     """An error answer in Anthropic's shape (a validation failure, no route, no capacity, the engine's refusal);
-    the door answers with ``exc.status`` and ``exc.headers`` as for any route."""
+    the door answers with ``exc.status`` and ``exc.headers`` as for any route. An engine's own error that is
+    Anthropic's shape already (vLLM's Messages API) goes on as the engine wrote it."""
+    if exc.engine_body is not None and anthropic_shaped(exc.engine_body):
+        return exc.engine_body
     return error_body(exc.status, exc.message)
+
+
+def anthropic_shaped(body: bytes) -> bool:
+    """Whether an error answer is Anthropic's ``{"type": "error", "error": {"type": ..., "message": ...}}``."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = data.get("error") if isinstance(data, dict) and data.get("type") == "error" else None
+    return isinstance(error, dict) and isinstance(error.get("type"), str) and isinstance(error.get("message"), str)
 
 
 def error_event(status: int, message: str) -> bytes:
