@@ -56,6 +56,9 @@ each inference request as vLLM does (``GET /v1/models`` still answers); ``bad-mo
 ENGINE_REFUSAL: Final = {"error": {"message": "temperature must be in [0, 2] (fake fault)", "type": "BadRequestError",
                                    "param": "temperature", "code": 400}}
 """What fault ``400`` answers: vLLM's error shape, its param and code included."""
+MESSAGES_REFUSAL: Final = {"type": "error", "error": {"type": "invalid_request_error",
+                                                      "message": "temperature must be in [0, 1] (fake fault)"}}
+"""What fault ``400`` answers on the Messages routes: Anthropic's error shape, as vLLM's Messages API writes it."""
 
 SLOW_FIRST_BYTE_DEFAULT_S: Final = 5.0
 """First-byte delay of ``slow-first-byte`` when no ``first_byte_delay`` was configured."""
@@ -67,11 +70,16 @@ _CHAT: Final = b"/v1/chat/completions"
 _COMPLETIONS: Final = b"/v1/completions"
 _EMBEDDINGS: Final = b"/v1/embeddings"
 _MODELS: Final = b"/v1/models"
+_MESSAGES: Final = b"/v1/messages"
+_COUNT_TOKENS: Final = b"/v1/messages/count_tokens"
+_ANTHROPIC_ROUTES: Final = frozenset((_MESSAGES, _COUNT_TOKENS))
 _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _CHAT: b"POST",
     _COMPLETIONS: b"POST",
     _EMBEDDINGS: b"POST",
     _MODELS: b"GET",
+    _MESSAGES: b"POST",
+    _COUNT_TOKENS: b"POST",
 }
 _GATE: Final = b"/gate"
 _CONTROL_ROUTES: Final = frozenset((b"/health", b"/stats", _GATE))
@@ -129,10 +137,16 @@ def _header(lowered_head: bytes, marker: bytes) -> bytes | None:
     return lowered_head[start : stop if stop >= 0 else len(lowered_head)].strip()
 
 
-def _sse_chunk(payload: Any) -> bytes:
-    """Frame one SSE ``data:`` event carrying ``payload`` as a single HTTP chunk."""
-    event = b"data: " + orjson.dumps(payload) + b"\n\n"
+def _sse_chunk(payload: Any, kind: str | None = None) -> bytes:
+    """Frame one SSE ``data:`` event carrying ``payload`` as a single HTTP chunk; ``kind``: its ``event:`` line
+    (Anthropic's events have one)."""
+    event = (b"event: %s\n" % kind.encode() if kind else b"") + b"data: " + orjson.dumps(payload) + b"\n\n"
     return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+def _stream_head(close: bool) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            b"transfer-encoding: chunked\r\n" + (b"connection: close\r\n" if close else b"") + b"\r\n")
 
 
 class UpstreamOptions(TypedDict, total=False):
@@ -149,6 +163,8 @@ class UpstreamOptions(TypedDict, total=False):
     certfile: str | os.PathLike[str] | None
     keyfile: str | os.PathLike[str] | None
     client_ca: str | os.PathLike[str] | None
+    messages: bool
+    calls_tools: bool
 
 
 def _server_context(certfile: str | os.PathLike[str], keyfile: str | os.PathLike[str] | None,
@@ -324,7 +340,9 @@ class FakeUpstream:
     """Fake OpenAI-compatible upstream server; see the module docstring for why it is built this way.
 
     Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON, or SSE when the body has
-    ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, plus the control-plane routes
+    ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, Anthropic's ``POST /v1/messages`` (a Message,
+    or its event stream) and ``POST /v1/messages/count_tokens`` as vLLM serves them (unless ``messages`` is off:
+    then they are 404, as on an engine without them), plus the control-plane routes
     ``GET /health``, ``GET /stats`` and ``POST /gate`` (see ``hold``).  Anything else gets a 404 in the OpenAI
     error shape.
 
@@ -360,6 +378,8 @@ class FakeUpstream:
         certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         client_ca: str | os.PathLike[str] | None = None,
+        messages: bool = True,
+        calls_tools: bool = False,
     ) -> None:
         """Configure the server; nothing is bound until ``start()``.
 
@@ -367,7 +387,10 @@ class FakeUpstream:
         streamed one per SSE event ``pace`` seconds apart (0: all written at once).  ``fault`` is one
         of ``FAULT_MODES``.  ``max_model_len`` is listed with each model, as vLLM lists its context
         length.  ``certfile`` (PEM chain, with its key in it or in ``keyfile``) serves https;
-        ``client_ca`` then requires a client certificate that CA signed.
+        ``client_ca`` then requires a client certificate that CA signed. ``messages``: serve Anthropic's
+        Messages routes natively, as vLLM does (off: 404, as ``transformers serve``). ``calls_tools``: a chat
+        request that offers tools, and does not end with a tool's result, is answered with a call of its first
+        tool (its required arguments each ``"fake"``), as a model that uses tools would answer.
         """
         model_ids = (models,) if isinstance(models, str) else tuple(models)
         if not model_ids:
@@ -386,6 +409,8 @@ class FakeUpstream:
         self.first_byte_delay = first_byte_delay
         self.fault = fault
         self.max_model_len = max_model_len
+        self.messages = messages
+        self.calls_tools = calls_tools
         self.requests = 0
         self.by_route: Counter[str] = Counter()
         """Requests per path (``/v1/chat/completions``, ``/v1/models``, ...), control routes excepted."""
@@ -514,7 +539,7 @@ class FakeUpstream:
             self._last_head = head
             self._last_body = body
         conn.begin()
-        expected_method = _ROUTE_METHODS.get(path)
+        expected_method = _ROUTE_METHODS.get(path) if self.messages or path not in _ANTHROPIC_ROUTES else None
         if expected_method is None:
             message = f"Invalid URL ({method.decode('latin-1')} {path.decode('latin-1')})"
             conn.write(_error_response(404, message, "invalid_request_error", close))
@@ -612,7 +637,8 @@ class FakeUpstream:
                 return _json_response(200, b'{"object":"list","data":null}', close)
             return self._cached(("models", close), lambda: _json_response(200, self._models_body(), close))
         if fault == "400":
-            return _json_response(400, orjson.dumps(ENGINE_REFUSAL), close)
+            refusal = MESSAGES_REFUSAL if path in _ANTHROPIC_ROUTES else ENGINE_REFUSAL
+            return _json_response(400, orjson.dumps(refusal), close)
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -622,16 +648,86 @@ class FakeUpstream:
             return _error_response(400, "you must provide a model parameter", "invalid_request_error", close)
         if path == _EMBEDDINGS:
             return self._embeddings(request, model, close)
+        if path == _COUNT_TOKENS:
+            return _json_response(200, orjson.dumps({"input_tokens": PROMPT_TOKENS}), close)
         chat = path == _CHAT
+        tool = self._tool_to_call(request) if chat and self.calls_tools else None
+        if tool is not None:
+            return self._tool_call(tool, model, request.get("stream") is True, close)
         if request.get("stream") is True:
             key = (path, model, close)
             stream = self._stream_cache.get(key)
             if stream is None:
                 if len(self._stream_cache) >= _MAX_CACHE_ENTRIES:
                     self._stream_cache.clear()
-                stream = self._stream_cache[key] = self._render_stream(chat, model, close)
+                render = self._render_message_stream if path == _MESSAGES else self._render_stream
+                stream = self._stream_cache[key] = render(chat, model, close)
             return stream
+        if path == _MESSAGES:
+            return self._cached((path, model, close), lambda: self._render_message(model, close))
         return self._cached((path, model, close), lambda: self._render_completion(chat, model, close))
+
+    @staticmethod
+    def _tool_to_call(request: dict[str, Any]) -> dict[str, Any] | None:
+        """The function a tool-using model would call now: the first tool offered, unless the conversation ends
+        with a tool's result (then the model answers in words)."""
+        tools, messages = request.get("tools"), request.get("messages")
+        if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+            return None
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if isinstance(last, dict) and last.get("role") == "tool":
+            return None
+        function = tools[0].get("function")
+        return function if isinstance(function, dict) else None
+
+    def _tool_call(self, function: dict[str, Any], model: str, stream: bool, close: bool) -> bytes | _Stream:
+        """A chat answer that calls ``function``, whole or streamed (its name, then its arguments)."""
+        schema = function.get("parameters")
+        required = schema.get("required") if isinstance(schema, dict) else None
+        arguments = orjson.dumps({name: "fake" for name in required or () if isinstance(name, str)}).decode()
+        name = function.get("name")
+        call = {"id": "call_fake", "type": "function", "function": {"name": name, "arguments": arguments}}
+        base = {"id": "chatcmpl-fake", "created": self._created, "model": model}
+        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1, "total_tokens": PROMPT_TOKENS + 1}
+        if not stream:
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            return _json_response(200, orjson.dumps({**base, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": message, "finish_reason": "tool_calls"}]}), close)
+        named = {**call, "index": 0, "function": {"name": name, "arguments": ""}}
+        deltas = [{"role": "assistant", "tool_calls": [named]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}]
+        chunk = {**base, "object": "chat.completion.chunk"}
+        events = [_sse_chunk({**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                  for delta in deltas]
+        events.append(_sse_chunk({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                                  "usage": usage}))
+        return _Stream(_stream_head(close), tuple(events), b"%x\r\n%s\r\n" % (len(_DONE_EVENT), _DONE_EVENT) +
+                       _LAST_CHUNK)
+
+    def _render_message(self, model: str, close: bool) -> bytes:
+        """A non-streamed Anthropic Message holding all tokens, as vLLM's Messages API answers."""
+        usage = {"input_tokens": PROMPT_TOKENS, "output_tokens": self.chunks}
+        payload = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": "".join(self._tokens)}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": usage}
+        return _json_response(200, orjson.dumps(payload), close)
+
+    def _render_message_stream(self, _chat: bool, model: str, close: bool) -> _Stream:
+        """Anthropic's event stream of a Message, one token per ``content_block_delta``, ended by
+        ``message_stop`` (no ``[DONE]``: Anthropic's streams have none)."""
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+                   "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 0}}
+        events = [_sse_chunk({"type": "message_start", "message": message}, "message_start"),
+                  _sse_chunk({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                             "content_block_start")]
+        events += [_sse_chunk({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": tok}},
+                              "content_block_delta") for tok in self._tokens]
+        events += [_sse_chunk({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                   _sse_chunk({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": self.chunks}}, "message_delta")]
+        return _Stream(_stream_head(close), tuple(events),
+                       _sse_chunk({"type": "message_stop"}, "message_stop") + _LAST_CHUNK)
 
     def _cached(self, key: tuple[Any, ...], render: Callable[[], bytes]) -> bytes:
         """Memoise a rendered JSON response; content is fixed, so only the key varies."""
@@ -674,10 +770,7 @@ class FakeUpstream:
 
     def _render_stream(self, chat: bool, model: str, close: bool) -> _Stream:
         """All SSE events of a streamed completion, framed as HTTP chunks, plus the head and tail."""
-        head = (
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-            b"transfer-encoding: chunked\r\n" + (b"connection: close\r\n" if close else b"") + b"\r\n"
-        )
+        head = _stream_head(close)
         base: dict[str, Any]
         choices: list[dict[str, Any]]
         last: dict[str, Any]
@@ -844,6 +937,9 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     parser.add_argument("--certfile", help="serve https with this PEM certificate chain (its key in it or --keyfile)")
     parser.add_argument("--keyfile", help="the certificate's private key, PEM, when not in --certfile")
     parser.add_argument("--client-ca", help="with --certfile: require a client certificate signed by this CA (PEM)")
+    parser.add_argument("--no-messages", dest="messages", action="store_false",
+                        help="answer /v1/messages and /v1/messages/count_tokens 404, as an engine without them")
+    parser.add_argument("--calls-tools", action="store_true", help="answer a chat offering tools with a tool call")
     return parser, parser.parse_args(argv)
 
 
@@ -880,6 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fault=args.fault,
             max_model_len=args.max_model_len,
             certfile=args.certfile,
+            messages=args.messages,
+            calls_tools=args.calls_tools,
             keyfile=args.keyfile,
             client_ca=args.client_ca,
         )
