@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import psutil
 import pytest
@@ -219,6 +220,30 @@ def test_a_user_over_the_limit_gets_429_with_retry_after_and_others_are_still_se
     refusals = [line for line in lines if line.get("status") == 429]
     assert len(refusals) == 3
     assert refusals[0]["user"] == "ada@uni.edu"
+
+
+def test_anthropics_client_signs_in_with_its_x_api_key_and_is_held_to_the_same_rules(shared):
+    """The Globus token as ``x-api-key`` (what ``anthropic.Anthropic(api_key=...)`` sends): the same checks, the
+    same quota, and every refusal in Anthropic's shape on the Messages routes."""
+    def client(token: str) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=f"{shared.url}/first", api_key=token, max_retries=0)
+
+    ask = {"model": "fake-model", "max_tokens": 16, "messages": [{"role": "user", "content": MARKER}]}
+    message = client("AT-ada").messages.create(**ask)
+    assert (message.model, message.content[0].text) == ("fake-model", "".join(f"tok{i} " for i in range(8)))
+    assert client("AT-ada").messages.count_tokens(model="fake-model", messages=ask["messages"]).input_tokens == 8
+    for token, refusal, kind in (("AT-old", anthropic.AuthenticationError, "authentication_error"),
+                                 ("AT-gmail", anthropic.PermissionDeniedError, "permission_error")):
+        with pytest.raises(refusal) as refused:
+            client(token).messages.create(**ask)
+        assert refused.value.response.json()["error"]["type"] == kind
+    with pytest.raises(anthropic.RateLimitError) as limited:  # ada's burst of 4: 2 spent above, 2 more, then refused
+        for _ in range(3):
+            client("AT-ada").messages.create(**ask)
+    assert limited.value.response.json()["error"]["type"] == "rate_limit_error"
+    assert int(limited.value.response.headers["Retry-After"]) >= 1
+    usage = shared.get("/first/api/usage").json()["data"]  # three Messages, a count (a chat probe)
+    assert [(row["model"], row["requests"], row["prompt_tokens"]) for row in usage] == [("fake-model", 4, 4 * 8)]
 
 
 def test_usage_is_per_user_and_operators_see_everyones(shared):
