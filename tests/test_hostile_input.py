@@ -230,13 +230,16 @@ def _closed_by_server(sock: socket.socket, door: ServedDoor, probe: Probe) -> No
 
 
 def check(door: ServedDoor, probe: Probe, reply: Reply) -> None:
-    """A 2xx, or a 4xx whose body is exactly the OpenAI error shape, short whatever was sent; nothing else."""
+    """A 2xx, or a 4xx whose body is exactly the OpenAI error shape (Anthropic's on its routes), short whatever was
+    sent; nothing else."""
     assert 200 <= reply.status < 300 or 400 <= reply.status < 500, (door.name, probe, reply.status, reply.body[:500])
     content_type = reply.headers.get("Content-Type", "").partition(";")[0].strip()
     if reply.status >= 400:
         error = json.loads(reply.body)
-        assert set(error) == {"error"}, (door.name, probe, reply.body[:500])
-        assert set(error["error"]) == ERROR_FIELDS, (door.name, probe, reply.body[:500])
+        anthropic = probe.route in ANTHROPIC_ROUTES
+        assert set(error) == ({"type", "error"} if anthropic else {"error"}), (door.name, probe, reply.body[:500])
+        assert set(error["error"]) == ({"type", "message"} if anthropic else ERROR_FIELDS), (door.name, probe,
+                                                                                              reply.body[:500])
         assert isinstance(error["error"]["message"], str), (door.name, probe)
         assert error["error"]["message"], (door.name, probe)
         assert content_type == "application/json", (door.name, probe, content_type)
@@ -342,6 +345,14 @@ FIELDS = st.sampled_from(["model", "stream", "stream_options", "messages", "prom
                           "max_tokens", "temperature", "code", "cluster", "wait", "input_file_id", "endpoint",
                           "completion_window", "metadata", "user", ""]) | st.text(max_size=8)
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_ASK = {"model": "fake-model", "system": "Be brief.", "stop_sequences": ["\n\n"], "messages": [
+    {"role": "user", "content": "Weather?"},
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "x"}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"},
+                                 {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}],
+    "tools": [{"name": "weather", "input_schema": {"type": "object"}}], "tool_choice": {"type": "auto"}}
+"""A Messages request with a bit of everything the translation reads (the fake's model is translated to chat)."""
+ANTHROPIC_ROUTES = {"messages": {**ANTHROPIC_ASK, "max_tokens": 16}, "messages/count_tokens": ANTHROPIC_ASK}
 
 
 @st.composite
@@ -398,7 +409,9 @@ def probes(draw: st.DrawFn, file_ids: list[str], batch_ids: list[str]) -> Probe:
     """A request to one of the JSON routes: the inference routes, default_model, warm, login/code, creating a
     batch (now and then with a real file), and the files and batches routes with generated paths and queries."""
     route = draw(st.sampled_from(["chat/completions", "completions", "embeddings", "default_model", "warm",
-                                  "login/code", "batches", "files and batches"]))
+                                  "login/code", "batches", "files and batches", *ANTHROPIC_ROUTES]))
+    if route in ANTHROPIC_ROUTES:
+        return Probe(route, "POST", f"/first/v1/{route}", draw(request_bodies(ANTHROPIC_ROUTES[route])))
     if route in ("chat/completions", "completions", "embeddings"):
         template = {"chat/completions": CHAT, "completions": {"model": "fake-model", "prompt": "hi"},
                     "embeddings": {"model": "fake-embed", "input": "hi"}}[route]

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import orjson
 
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.protocol import OpenAIError, shown
 
 DROPPED: Final = frozenset({"service_tier", "cache_control", "inference_geo", "speed", "diagnostics",
                             "workspace_id", "user_profile_id"})
@@ -80,7 +80,7 @@ def to_chat(body: dict[str, Any], *, engine_takes_top_k: bool = True) -> ChatTra
     if max_tokens is None:
         raise _missing("max_tokens", 'the most tokens to generate, e.g. "max_tokens": 1024')
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise _invalid("max_tokens", f"must be a whole number of at least 1, not {max_tokens!r}")
+        raise _invalid("max_tokens", f"must be a whole number of at least 1, not {shown(max_tokens)}")
     chat["max_tokens"] = max_tokens
     stop_sequences = body.get("stop_sequences")
     if stop_sequences is not None:
@@ -153,7 +153,7 @@ def _message(message: Any, path: str) -> list[dict[str, Any]]:
         raise _invalid(path, 'must be an object, e.g. {"role": "user", "content": "Hello"}')
     role = message.get("role")
     if role not in ("user", "assistant"):
-        raise _invalid(f"{path}.role", f"must be 'user' or 'assistant', not {role!r}; a system prompt goes in "
+        raise _invalid(f"{path}.role", f"must be 'user' or 'assistant', not {shown(role)}; a system prompt goes in "
                                        "the top-level 'system' field")
     content = message.get("content")
     if isinstance(content, str):
@@ -208,7 +208,7 @@ def _block_type(block: Any, path: str) -> str:
 
 def _text(block: Any, path: str) -> str:
     if _block_type(block, path) != "text":
-        raise _invalid(f"{path}.type", f"must be 'text' here, not {block['type']!r}")
+        raise _invalid(f"{path}.type", f"must be 'text' here, not {shown(block['type'])}")
     return _string(block, "text", path)
 
 
@@ -230,7 +230,7 @@ def _image_part(block: dict[str, Any], path: str) -> dict[str, Any]:
     elif kind == "url":
         url = _string(source, "url", where)
     else:
-        raise _invalid(f"{where}.type", f"must be 'base64' or 'url', not {kind!r}: the engine behind this gateway "
+        raise _invalid(f"{where}.type", f"must be 'base64' or 'url', not {shown(kind)}: the engine behind this gateway "
                                         "cannot read Anthropic's Files API; send the image itself")
     return {"type": "image_url", "image_url": {"url": url}}
 
@@ -290,8 +290,8 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise _invalid(path, 'must be an object {"name": "...", "description": "...", "input_schema": {...}}')
         kind = tool.get("type", "custom")
         if kind != "custom":
-            raise _invalid(f"{path}.type", f"{kind!r} is one of Anthropic's server tools, which this engine cannot "
-                                           "run; define the tool yourself with a name and an input_schema")
+            raise _invalid(f"{path}.type", f"{shown(kind)} is one of Anthropic's server tools, which this engine "
+                                           "cannot run; define the tool yourself with a name and an input_schema")
         schema = tool.get("input_schema")
         if not isinstance(schema, dict):
             raise _invalid(f"{path}.input_schema", 'must be a JSON schema object, e.g. {"type": "object", '
@@ -314,7 +314,7 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     elif kind in _TOOL_CHOICES:
         fields = {"tool_choice": _TOOL_CHOICES[kind]}
     else:
-        raise _invalid("tool_choice.type", f"must be 'auto', 'any', 'tool' or 'none', not {kind!r}")
+        raise _invalid("tool_choice.type", f"must be 'auto', 'any', 'tool' or 'none', not {shown(kind)}")
     if choice.get("disable_parallel_tool_use") is True:
         fields["parallel_tool_calls"] = False
     return fields
@@ -349,7 +349,7 @@ def _string(obj: dict[str, Any], name: str, path: str) -> str:
 def _unsupported(kind: str, path: str, where: str) -> OpenAIError:
     allowed = {"user": "text, image and tool_result", "assistant": "text, tool_use and thinking",
                "tool_result": "text and image"}[where]
-    return _invalid(f"{path}.type", f"a {kind!r} block cannot be translated for this engine; a {where} block here "
+    return _invalid(f"{path}.type", f"a {shown(kind)} block cannot be translated for this engine; a {where} block here "
                                     f"may be {allowed}")
 
 
