@@ -33,7 +33,9 @@ def upstreams() -> Iterator[dict[str, FakeUpstream]]:
         yield {"native": stack.enter_context(serving_in_thread(models=["native-model"], chunks=8)),
                "chat-only": stack.enter_context(serving_in_thread(models=["tool-model", "no-route-model"], chunks=8,
                                                                   messages=False, calls_tools=True)),
-               "refusing": stack.enter_context(serving_in_thread(models=["refusing-model"], fault="400"))}
+               "refusing": stack.enter_context(serving_in_thread(models=["refusing-model"], fault="400")),
+               "dropping": stack.enter_context(serving_in_thread(models=["dropping-model", "dropping-chat"],
+                                                                 fault="drop-mid-stream"))}
 
 
 @pytest.fixture
@@ -47,7 +49,8 @@ def jp_server_config(tiny_engine, upstreams, write_config, tmp_path: Path):
     config["clusters"]["vllm"] = {"backend": "http", "endpoints": [
         endpoint("native", [{"id": "native-model", "capabilities": messages}]),
         endpoint("chat-only", [{"id": "tool-model"}, {"id": "no-route-model", "capabilities": messages}]),
-        endpoint("refusing", [{"id": "refusing-model", "capabilities": messages}])]}
+        endpoint("refusing", [{"id": "refusing-model", "capabilities": messages}]),
+        endpoint("dropping", [{"id": "dropping-model", "capabilities": messages}, {"id": "dropping-chat"}])]}
     return server_config(write_config(config), tmp_path / "data", max_request_bytes=LIMIT)
 
 
@@ -182,6 +185,19 @@ async def test_errors_take_anthropics_shape_and_an_engines_own_comes_as_it_was(f
                                   headers={"x-api-key": key_door.api_key, "Host": "evil.example"})
     assert foreign.status_code == 403
     assert foreign.json()["error"]["type"] == "permission_error"
+
+
+@pytest.mark.parametrize("model", ["dropping-model", "dropping-chat"])
+async def test_an_engine_breaking_off_a_stream_ends_it_with_anthropics_error_event(first_ext, key_door, model):
+    """Native (the engine's events, then the gateway's) or translated: Anthropic's client reads ``event: error``
+    only (an OpenAI-shaped ``data: {"error": ...}`` it would skip as an unnamed event, and end without a word)."""
+    async with _client(key_door).messages.stream(model=model, max_tokens=16, messages=ASK) as stream:
+        with pytest.raises(anthropic.APIStatusError) as broken:
+            async for _ in stream:
+                pass
+    assert broken.value.body["type"] == "error"
+    assert broken.value.body["error"]["type"] == "api_error"
+    assert "broke off" in broken.value.body["error"]["message"]
 
 
 async def test_x_api_key_opens_every_door_as_its_key_does(first_ext, door):
