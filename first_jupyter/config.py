@@ -562,13 +562,15 @@ def embedded_default(data_dir: Path) -> FirstConfig:
     this process, serving a small model: the same path (tasks, remote functions, callback) as an HPC cluster.
 
     ``$FIRST_LOCAL_MODEL`` names a real model (a directory or a hub id already cached); without it the tiny
-    offline model is built under the data dir on first use, whose answers are random.
+    offline model is built under the data dir on first use, whose answers are random. It is asked what a
+    generative model's engine serves; the endpoint keeps what its engine has routes for (``engine_serves``).
     """
     source = os.environ.get(LOCAL_MODEL_ENV)
     model = ModelConfig(
         id=Path(source).name if source else DEFAULT_MODEL_ID,
         path=source or str(data_dir / "models" / DEFAULT_MODEL_ID),
         build_tiny=not source,
+        capabilities=[Capability.chat, Capability.completions, Capability.tokenize, Capability.detokenize],
     )
     endpoint = ComputeEndpoint(name="engine", in_process=InProcessEngine(), models=[model])
     return FirstConfig(clusters={"local": ComputeCluster(backend="globus_compute", endpoints=[endpoint])},

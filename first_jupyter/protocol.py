@@ -102,7 +102,10 @@ def presented_token(authorization: str | None, api_key: str | None) -> str | Non
 
 
 class Capability(StrEnum):
-    """What a request asks an engine to do; each maps to one OpenAI route."""
+    """What a request asks an engine to do; each maps to one route of the engine's (``path``, from the server's
+    root) and one of the gateway's (``public_path``). vLLM serves most under ``/v1``, and the ones that are its
+    own (tokenize, detokenize, pooling, classify) at its root: the gateway mirrors that under ``/first``, so a
+    client's base URL is the same for both (``{server}/first/v1`` and ``{server}/first``), as at vLLM."""
 
     chat = "chat"
     completions = "completions"
@@ -111,10 +114,38 @@ class Capability(StrEnum):
     """Anthropic's Messages API: native where a model lists it (vLLM serves it), else translated to chat."""
     count_tokens = "count_tokens"
     """Anthropic's token count, ``/v1/messages/count_tokens``: native along with ``messages``."""
+    tokenize = "tokenize"
+    detokenize = "detokenize"
+    rerank = "rerank"
+    score = "score"
+    pooling = "pooling"
+    classify = "classify"
 
     @property
     def route(self) -> str:
+        """The route's name, as errors and the usage log say it: relative to ``/v1/`` where it is under it."""
         return _ROUTES[self]
+
+    @property
+    def path(self) -> str:
+        """The engine's path, from its server's root (``/v1/chat/completions``, ``/tokenize``)."""
+        return f"/{self.route}" if self in _AT_ROOT else f"/v1/{self.route}"
+
+    @property
+    def public_path(self) -> str:
+        """The gateway's path for it: the engine's under ``/first``."""
+        return f"/first{self.path}"
+
+    @property
+    def streams(self) -> bool:
+        """Whether its answer may be a stream (``"stream": true``); the others' answers are one JSON object."""
+        return self not in _NOT_STREAMED
+
+    @property
+    def asks_usage(self) -> bool:
+        """Whether its stream reports token usage only when asked (``stream_options.include_usage``), which the
+        gateway then asks for, to account it."""
+        return self in _USAGE_ASKED
 
 
 _ROUTES = {
@@ -123,7 +154,19 @@ _ROUTES = {
     Capability.embeddings: "embeddings",
     Capability.messages: "messages",
     Capability.count_tokens: "messages/count_tokens",
+    Capability.tokenize: "tokenize",
+    Capability.detokenize: "detokenize",
+    Capability.rerank: "rerank",
+    Capability.score: "score",
+    Capability.pooling: "pooling",
+    Capability.classify: "classify",
 }
+_AT_ROOT = frozenset({Capability.tokenize, Capability.detokenize, Capability.pooling, Capability.classify})
+"""vLLM's own routes, which it serves at its root rather than under ``/v1`` (``vllm/entrypoints``)."""
+_NOT_STREAMED = frozenset({Capability.embeddings, Capability.count_tokens, Capability.tokenize,
+                           Capability.detokenize, Capability.rerank, Capability.score, Capability.pooling,
+                           Capability.classify})
+_USAGE_ASKED = frozenset({Capability.chat, Capability.completions})
 
 ANTHROPIC = frozenset({Capability.messages, Capability.count_tokens})
 """The routes that speak Anthropic's API: their errors take Anthropic's shape, at every door."""
@@ -247,10 +290,11 @@ def check_request(capability: Capability, data: dict[str, Any]) -> None:
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream", f"it must be true, false or null, not {json_kind(stream)}")
-    if stream and capability in (Capability.embeddings, Capability.count_tokens):
-        raise _invalid("stream", f"{capability.route} is not streamed; leave 'stream' out, or set it to false")
+    if stream and not capability.streams:
+        raise _invalid("stream", f"{capability.route} answers are not streamed; leave 'stream' out, or set it to "
+                                 "false")
     options = data.get("stream_options")
-    if stream and options is not None and not isinstance(options, dict):
+    if stream and capability.asks_usage and options is not None and not isinstance(options, dict):
         raise _invalid("stream_options", f"it must be an object such as {{\"include_usage\": true}}, not "
                                          f"{json_kind(options)}")
     if nests_deeper(data, MAX_NESTING):

@@ -25,8 +25,10 @@ from first_jupyter.protocol import (
 
 MAX_REPORTED = 100
 """Errors listed in the batch; the count says how many more there were."""
-ENDPOINTS = {f"/v1/{capability.route}": capability for capability in Capability if capability not in ANTHROPIC}
-"""OpenAI's batch endpoints; Anthropic's Messages have a batch API of their own, which this is not."""
+ENDPOINTS = {capability.path: capability for capability in Capability
+             if capability.path.startswith("/v1/") and capability not in ANTHROPIC}
+"""A batch's ``endpoint``: the OpenAI routes (under ``/v1``), as OpenAI's batches and ``vllm run-batch`` take;
+Anthropic's Messages have a batch API of their own, which this is not."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,10 +49,14 @@ def body_limit(max_request_bytes: int, gateway: Gateway | None) -> int:
     return max_request_bytes or limits.max_request_bytes
 
 
+_INFERENCE_PATHS = ", ".join(cap.public_path for cap in Capability)
+
+
 def unknown_route(path: str) -> OpenAIError:
-    return OpenAIError(404, f"No route {path}. This gateway serves /first/v1/models, chat/completions, completions, "
-                            "embeddings, files and batches, and /first/api/status, usage, default_model and "
+    return OpenAIError(404, f"No route {path}. This gateway serves /first/v1/models, {_INFERENCE_PATHS}, "
+                            "/first/v1/files and batches, and /first/api/status, usage, default_model and "
                             "models/{id}/warm.", code="unknown_route")
+
 
 
 def too_large(size: int, limit: int) -> OpenAIError:

@@ -123,8 +123,10 @@ class InProcessSubmitter:
         self.settings = endpoint.in_process
         self.model = endpoint.models[0]
         path = self.model.path or self.model.id
+        self.engine = choose_engine(self.settings.engine)
+        """Which engine its blocks start (it decides which routes the model has)."""
         self.served_name = served_name(EngineSpec(model=path, served_name=self.model.id, log_path=log),
-                                       choose_engine(self.settings.engine))
+                                       self.engine)
         """The name requests carry to the engine (transformers serve knows a model by its path)."""
         self.port = free_port()
         self.root = root

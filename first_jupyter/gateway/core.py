@@ -79,8 +79,6 @@ STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Failures before the first byte that the next endpoint may not have: worth trying it."""
 FORBIDDEN = 403
-STREAM_OPTIONS = frozenset({Capability.chat, Capability.completions})
-"""The APIs whose streams take ``stream_options``, where the gateway asks the engine for usage itself."""
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)
@@ -92,6 +90,24 @@ def _model_state(endpoint: dict[str, Any], model: str) -> str:
     jobs), else the endpoint's."""
     own = endpoint.get("model_states", {}).get(model) if endpoint["state"] not in ("offline", "failed") else None
     return _MODEL_STATE.get(own or endpoint["state"], "offline")
+
+
+CAPABILITIES_SCHEMA = 1
+"""The version of the capabilities object's shape: FIRST's (``GET /{cluster}/models``, ``schema_version``)."""
+
+
+def model_capabilities(kinds: list[Capability], published: dict[str, Any] | None) -> dict[str, Any]:
+    """A model's capabilities in the shape a FIRST gateway publishes them (its ``capabilities`` object, from
+    argonne-lcf/FIRST ``docs/reference/api.md``): ``api_protocols`` are the kinds of request this gateway routes
+    to the model (the names its config uses, each a route: ``Capability``), ``streaming`` whether any of them
+    streams; what the model's FIRST gateway publishes besides (``context_window_tokens``, ``input_modalities``,
+    ``tool_calling``, ``reasoning``, its own word on ``streaming``) is kept as it says it."""
+    own = {"schema_version": CAPABILITIES_SCHEMA, "api_protocols": [kind.value for kind in kinds],
+           "streaming": any(kind.streams for kind in kinds)}
+    extra = (published or {}).get("capabilities")
+    if isinstance(extra, dict):
+        own.update((key, value) for key, value in extra.items() if key not in ("schema_version", "api_protocols"))
+    return own
 
 
 def _request_id() -> str:
@@ -166,7 +182,7 @@ def _compute_backend(gateway: Gateway, cluster: str, endpoint: ComputeEndpoint, 
         local = InProcessSubmitter(endpoint, gateway.data_dir / "compute" / f"{cluster}-{endpoint.name}",
                                    gateway.data_dir / "logs" / f"engine-{cluster}-{endpoint.name}.log", where)
         return ComputeBackend(cluster, endpoint, local, gateway.callbacks, idle, gateway.own_callback_url,
-                              engine_port=local.port, upstream_name=local.served_name)
+                              engine_port=local.port, upstream_name=local.served_name, engine=local.engine)
 
     from first_jupyter.gateway.compute_cloud import CloudSubmitter
 
@@ -689,20 +705,27 @@ class Gateway:
     def _listing(self) -> dict[str, Any]:
         """Each model once, where it is served and its state there as last read (``unknown`` before the first
         reading): no endpoint is probed on this path, which clients call before every prompt."""
-        data = []
-        for model_id, targets in self.router.catalog.items():
-            caps = sorted({c.value for t in targets for c in Capability if t.backend.supports(model_id, c)})
-            served = [{"cluster": t.cluster, "endpoint": t.endpoint,
-                       "state": self.router.state_of(t)} for t in targets]
-            known = [s["state"] for s in served if s["state"] in MODEL_STATES]
-            entry = {"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
-                     "capabilities": caps, "state": min(known, key=MODEL_STATES.index, default="unknown"),
-                     "served_by": served}
-            details = next((found for t in targets if (found := t.backend.model_details(model_id))), None)
-            if details:
-                entry["details"] = details
-            data.append(entry)
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self._model_entry(model_id, targets)
+                                           for model_id, targets in self.router.catalog.items()]}
+
+    def _model_entry(self, model_id: str, targets: list[Target]) -> dict[str, Any]:
+        """One model as the listing shows it: an OpenAI Model object, with its capabilities, state and places."""
+        served = [{"cluster": t.cluster, "endpoint": t.endpoint, "state": self.router.state_of(t)} for t in targets]
+        known = [s["state"] for s in served if s["state"] in MODEL_STATES]
+        details = next((found for t in targets if (found := t.backend.model_details(model_id))), None)
+        entry = {"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
+                 "capabilities": model_capabilities(self.router.capabilities(model_id), details),
+                 "state": min(known, key=MODEL_STATES.index, default="unknown"), "served_by": served}
+        if details:
+            entry["details"] = details
+        return entry
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """One model as the listing shows it (``GET /v1/models/{id}``, the OpenAI SDK's ``models.retrieve``);
+        the 404 that lists the served models for an id served nowhere."""
+        check_model_name(model_id)
+        await self.refresh_catalog(eager=model_id not in self.router.catalog)
+        return self._model_entry(model_id, self.router.targets(model_id))
 
     async def set_default_model(self, model: str) -> str:
         """The model clients use when told none (``%%first chat``, the widgets, the sidebar); kept across restarts.
@@ -880,7 +903,7 @@ class Gateway:
         request_id = _request_id()
         tried = Attempts()
         options = req.data.get("stream_options")
-        ask_usage = req.capability in STREAM_OPTIONS and not (
+        ask_usage = req.capability.asks_usage and not (
             isinstance(options, dict) and options.get("include_usage"))
 
         async def open_stream(target: Target) -> Stream:

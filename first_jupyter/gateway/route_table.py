@@ -149,6 +149,10 @@ async def _models(call: Call) -> Answer:
     return await call.gateway.models()
 
 
+async def _model(call: Call) -> Answer:
+    return await call.gateway.model(call.params[0])
+
+
 async def _status(call: Call) -> Answer:
     return await call.gateway.status()
 
@@ -237,7 +241,8 @@ _MODEL = "(.+)"
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/first/v1/models", _models),
-    *(Route("POST", f"/first/v1/{cap.route}", _inference(cap), body="request", streams=True,
+    Route("GET", f"/first/v1/models/{_MODEL}", _model),
+    *(Route("POST", cap.public_path, _inference(cap), body="request", streams=cap.streams,
             error_body=anthropic.error_body if cap in ANTHROPIC else OpenAIError.to_bytes) for cap in Capability),
     Route("GET", "/first/v1/files", _files),
     Route("POST", "/first/v1/files", _add_file, body="file"),

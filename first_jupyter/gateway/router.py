@@ -346,11 +346,18 @@ class Router:
                                    f"(GET /first/v1/models lists them).", param="model", code="model_not_found")
         return targets
 
+    def capabilities(self, model_id: str) -> list[Capability]:
+        """What ``model_id`` can be asked here: each kind some endpoint serving it serves (its config's, or what
+        the engine or gateway in front of it reports), in ``Capability``'s order."""
+        targets = self.catalog.get(model_id, ())
+        return [c for c in Capability if any(t.backend.supports(model_id, c) for t in targets)]
+
     def _able(self, model_id: str, capability: Capability) -> list[Target]:
         able = [t for t in self.targets(model_id) if t.backend.supports(model_id, capability)]
         if able:
             return able
+        own = ", ".join(f"{c.value} ({c.public_path})" for c in self.capabilities(model_id)) or "nothing"
         served = sorted(m for m, ts in self.catalog.items() if any(t.backend.supports(m, capability) for t in ts))
         raise OpenAIError(404, f"The model '{model_id}' cannot serve {capability.route}: no endpoint serving it "
-                               f"has that route. Models that can: {', '.join(served) or 'none'}.",
-                          param="model", code="unsupported_route")
+                               f"has that route. It serves {own}. Models that can serve {capability.route}: "
+                               f"{', '.join(served) or 'none'}.", param="model", code="unsupported_route")

@@ -186,7 +186,8 @@ def _models(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None
 
     status = client.status()
     default = status["default_model"]
-    rows = [[("* " if m["id"] == default else "") + m["id"], m.get("state", ""), ", ".join(m["capabilities"]),
+    rows = [[("* " if m["id"] == default else "") + m["id"], m.get("state", ""),
+             ", ".join(m["capabilities"]["api_protocols"]),
              ", ".join(f"{s['cluster']}/{s['endpoint']}" for s in m["served_by"])] for m in status["models"]]
     show.show_table(["model", "state", "can", "served by"], rows, caption="* the default model")
 

@@ -63,14 +63,21 @@ def _too_large(size: int) -> dict[str, Any]:
                                                          "param": None, "code": "result_too_large"}})}
 
 
-def plain_request(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S,
+def engine_path(path: str) -> str:
+    """The engine's path for a request: ``path`` from the server's root (``/v1/chat/completions``, ``/tokenize``),
+    or, as gateways before the root routes sent it, a route relative to ``/v1/`` (``chat/completions``): a node
+    runs its own install of first-jupyter, which may be newer than the gateway's."""
+    return path if path.startswith("/") else f"/v1/{path}"
+
+
+def plain_request(port: int, path: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S,
                   leash: Leash | None = None) -> dict[str, Any]:
-    """POST an OpenAI request to the engine on this node as it is; its status, answer (text) and how long it took.
-    ``leash``: what may end it early (the result then says why)."""
+    """POST a request to the engine on this node as it is, at ``path`` (``engine_path``); its status, answer
+    (text) and how long it took. ``leash``: what may end it early (the result then says why)."""
     started = time.time()
     conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
     try:
-        conn.request("POST", f"/v1/{route}", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        conn.request("POST", engine_path(path), body=json.dumps(body), headers={"Content-Type": "application/json"})
         try:
             with leash.holding(conn) if leash is not None else contextlib.nullcontext():
                 response = conn.getresponse()
@@ -87,30 +94,34 @@ def plain_request(port: int, route: str, body: dict[str, Any], timeout: float = 
         conn.close()
 
 
-def call_engine(port: int, route: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S,
+def call_engine(port: int, path: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S,
                 callback_url: str | None = None, task_id: str = "", key: str = "", deadline: float | None = None,
                 alive_s: float = ALIVE_S) -> dict[str, Any]:
-    """A plain request from the gateway: its status, answer (text) and how long it took.
+    """A plain request from the gateway to any of the engine's routes (``path``, as ``engine_path`` reads it):
+    its status, answer (text) and how long it took.
 
     It is ended early when nobody will take the answer any more (``remote.leash``): at ``deadline`` (a Unix time),
     and, with a callback URL, when the gateway refuses the task's word, asked before the engine is and then every
     ``alive_s`` seconds. So that ending it stops the engine's work, a completion is asked of the engine as a stream
-    and put together here (``remote.plain_answer``); embeddings, which take no time to speak of, go as they are.
+    and put together here (``remote.plain_answer``); every other route (embeddings, tokenize, rerank...), whose
+    answers take no time to speak of, goes as it is.
     """
     callback = StreamCallback(callback_url, task_id, key) if callback_url else None
     try:
         if callback is not None and not callback.keep_alive(0):  # its client left while it waited to run
             return {**_WITHDRAWN, "started": time.time(), "elapsed_s": 0.0}
         leash = Leash(deadline, callback.asker(alive_s) if callback is not None else None, alive_s)
-        if route not in STREAMED_ROUTES:
-            return plain_request(port, route, body, timeout, leash)
-        return _assembled(port, route, body, timeout, leash)
+        path = engine_path(path)
+        if path not in STREAMED_PATHS:
+            return plain_request(port, path, body, timeout, leash)
+        return _assembled(port, path, body, timeout, leash)
     finally:
         if callback is not None:
             callback.close()
 
 
-STREAMED_ROUTES = frozenset({"chat/completions", "completions"})
+STREAMED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""The routes whose plain answers a node asks of its engine as streams (``_assembled``)."""
 _WITHDRAWN = {"status": 499, "body": json.dumps({"error": {
     "message": "The gateway withdrew the request (its client left, or it stopped waiting) before it was answered.",
     "type": "api_error", "param": None, "code": "request_withdrawn"}})}
@@ -127,14 +138,14 @@ def _ended(leash: Leash, started: float) -> dict[str, Any]:
             "started": started, "elapsed_s": time.time() - started}
 
 
-def _assembled(port: int, route: str, body: dict[str, Any], timeout: float, leash: Leash) -> dict[str, Any]:
+def _assembled(port: int, path: str, body: dict[str, Any], timeout: float, leash: Leash) -> dict[str, Any]:
     """A completion streamed from the engine and put together as its plain answer."""
     started = time.time()
     conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
-    answer = PlainAnswer(chat=route == "chat/completions")
+    answer = PlainAnswer(chat=path == "/v1/chat/completions")
     asked = {**body, "stream": True, "stream_options": {"include_usage": True}}  # usage, as a plain answer has
     try:
-        conn.request("POST", f"/v1/{route}", body=json.dumps(asked),
+        conn.request("POST", path, body=json.dumps(asked),
                      headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
         try:
             with leash.holding(conn):
@@ -361,10 +372,11 @@ class StreamCallback:
         self._conn.close()
 
 
-def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str | None, task_id: str, key: str,
+def stream_engine(port: int, path: str, body: dict[str, Any], callback_url: str | None, task_id: str, key: str,
                   batch_bytes: int = BATCH_BYTES, batch_s: float = BATCH_S, timeout: float = REQUEST_TIMEOUT_S,
                   deadline: float | None = None, alive_s: float = ALIVE_S) -> dict[str, Any]:
-    """Stream from the engine and send the events back in signed batches; a summary of what was sent.
+    """Stream from the engine (``path``, as ``engine_path`` reads it) and send the events back in signed batches;
+    a summary of what was sent.
 
     Without a callback URL (a cluster the gateway cannot be reached from) the whole stream comes back in the
     result instead, as one final chunk. A failure after the first byte is sent as an ``error`` message, so the
@@ -399,7 +411,7 @@ def stream_engine(port: int, route: str, body: dict[str, Any], callback_url: str
         flushed = time.monotonic()
 
     try:
-        engine.request("POST", f"/v1/{route}", body=json.dumps({**body, "stream": True}),
+        engine.request("POST", engine_path(path), body=json.dumps({**body, "stream": True}),
                        headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
         with leash.holding(engine):
             response = engine.getresponse()

@@ -86,6 +86,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+TRANSFORMERS_SERVES = frozenset({"chat", "completions", "responses", "transcriptions"})
+"""The kinds of request (``protocol.Capability`` values) ``transformers serve`` has a route for (its
+``cli/serving/server.py``: /v1/chat/completions, /v1/completions, /v1/responses, /v1/audio/transcriptions)."""
+
+
+def engine_serves(engine: EngineKind, capability: str) -> bool:
+    """Whether the engine has a route for a kind of request (a ``protocol.Capability`` value): vLLM has every
+    route (what its model's task allows is the config's to say), ``transformers serve`` only a few."""
+    return engine == "vllm" or capability in TRANSFORMERS_SERVES
+
+
 def served_name(spec: EngineSpec, engine: EngineKind) -> str:
     """The model name the engine answers to: vLLM takes any name; transformers serve pins the load path."""
     if engine == "vllm":

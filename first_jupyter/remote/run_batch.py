@@ -67,10 +67,9 @@ def _fill(arg: str, values: dict[str, str]) -> str:
 
 def _answer(item: dict[str, Any], port: int, timeout: float) -> dict[str, Any]:
     """One input line's output line, as ``vllm run-batch`` writes it."""
-    route = str(item.get("url", "")).removeprefix("/v1/")
     request_id = f"first-{secrets.token_hex(12)}"
     try:
-        reply = plain_request(port, route, item["body"], timeout)
+        reply = plain_request(port, str(item.get("url", "")), item["body"], timeout)
     except OSError as exc:
         return {"id": request_id, "custom_id": item["custom_id"], "response": None,
                 "error": f"the engine on port {port} did not answer: {exc}"}

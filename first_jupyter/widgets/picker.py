@@ -74,7 +74,8 @@ class ModelPicker:
         except Exception as exc:  # a widget reports, it never raises into the frontend
             self.error_line.value = one_line(exc)
             return
-        listed = [m for m in status["models"] if self.capability is None or self.capability in m["capabilities"]]
+        listed = [m for m in status["models"]
+                  if self.capability is None or self.capability in m["capabilities"]["api_protocols"]]
         ids = [m["id"] for m in listed]
         current, default = self.dropdown.value, status["default_model"]
         if current in ids and current != self._default:

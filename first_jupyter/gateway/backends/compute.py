@@ -31,6 +31,7 @@ from first_jupyter.remote.inference import (
     engine_health,
     stream_engine,
 )
+from first_jupyter.remote.launcher import EngineKind, engine_serves
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.scheduler_view import SchedulerReader
@@ -166,11 +167,14 @@ class ComputeBackend:
 
     def __init__(self, cluster: str, endpoint: ComputeEndpoint, submitter: Submitter, hub: CallbackHub,
                  idle_timeout: float, callback_url: Callable[[], str | None], engine_port: int | None = None,
-                 upstream_name: str | None = None, scheduler: SchedulerReader | None = None) -> None:
+                 upstream_name: str | None = None, scheduler: SchedulerReader | None = None,
+                 engine: EngineKind | None = None) -> None:
         """``callback_url``: where nodes POST stream batches, asked per request (a gateway learns its own URL
         once its server listens); None: streams come back whole. ``engine_port``: the engine's port on the
         node, when the submitter chose it (else the endpoint's); ``upstream_name``: the one model's name at its
-        engine, when the submitter knows it; ``scheduler``: the cluster's scheduler view, when it has one."""
+        engine, when the submitter knows it; ``scheduler``: the cluster's scheduler view, when it has one;
+        ``engine``: the engine its nodes run, when the submitter chose it (its routes bound the model's
+        capabilities); else the config's capabilities are the model's."""
         self._scheduler = scheduler
         self.cluster = cluster
         self.name = endpoint.name
@@ -185,6 +189,7 @@ class ComputeBackend:
         self._callback_url = callback_url
         self.engine_port = engine_port or endpoint.engine_port
         self._upstream_name = upstream_name
+        self._engine = engine
         self._limits: dict[str, int] = {}
         """Each model's ``max_model_len``, as its engine reported it when last asked to start it."""
 
@@ -196,7 +201,8 @@ class ComputeBackend:
         return {}
 
     def supports(self, model_id: str, capability: Capability) -> bool:
-        return capability in self._models[model_id].capabilities
+        return capability in self._models[model_id].capabilities and (
+            self._engine is None or engine_serves(self._engine, capability))
 
     async def _task(self, body: bytes, function: Callable[..., Any], *args: Any) -> Future[Any]:
         if len(body) > SUBMIT_LIMIT_BYTES:  # too large already: no need to serialize it to know
@@ -245,7 +251,7 @@ class ComputeBackend:
         remote = self._hub.open(self.where)
         deadline = time.time() + self.endpoint.timeout
         try:
-            task = await self._task(body, call_engine, self.engine_port, capability.route, orjson.loads(body),
+            task = await self._task(body, call_engine, self.engine_port, capability.path, orjson.loads(body),
                                     self.endpoint.timeout, url, remote.task_id, remote.key, deadline)
             try:
                 result = await self._result(task, "answer")
@@ -261,7 +267,7 @@ class ComputeBackend:
         remote = self._hub.open(self.where)
         deadline = time.time() + self.endpoint.timeout  # kept by the node only when the stream comes back whole
         try:
-            task = await self._task(body, stream_engine, self.engine_port, capability.route, orjson.loads(body),
+            task = await self._task(body, stream_engine, self.engine_port, capability.path, orjson.loads(body),
                                     url, remote.task_id, remote.key, BATCH_BYTES, BATCH_S, REQUEST_TIMEOUT_S,
                                     deadline if url is None else None)
         except BaseException:

@@ -30,10 +30,11 @@ _CAPABILITIES = {"chat": Capability.chat, "completion": Capability.completions,
                  "completions": Capability.completions, "embedding": Capability.embeddings,
                  "embeddings": Capability.embeddings}
 """The route names an older FIRST gateway's ``list-endpoints`` used, as our capabilities."""
-_ROUTES = {"v1/chat/completions": Capability.chat, "v1/completions": Capability.completions,
-           "v1/embeddings": Capability.embeddings}
-"""The OpenAI paths today's ``list-endpoints`` names per framework, as our capabilities (others, such as
-``/v1/responses`` or ``/v1/messages``, are not routed to a FIRST gateway)."""
+_ROUTES = {cap.path.strip("/"): cap for cap in Capability if cap.path.startswith("/v1/")}
+"""The paths today's ``list-endpoints`` names per framework (``/v1/{e}`` for each of the cluster's
+``openai_endpoints``: chat/completions, completions, embeddings, responses, messages at FIRST 329c0cd), as our
+capabilities: each is sent to ``{cluster}/{framework}`` plus that path. A path FIRST lists that no capability
+of ours has is left out; FIRST serves nothing at an engine's root (tokenize, pooling...)."""
 _JOB_STATES = {"starting": "starting", "loading": "starting", "pending": "starting",
                "disconnected": "disconnected"}
 """A running job's ``Model Status`` that does not mean it answers: FIRST's ``clusters/globus_compute.py`` says

@@ -35,6 +35,15 @@ def reach_of(key_path: str, proxy: str | None, tls: TlsConfig) -> Reach:
                                     source=f"{key_path}.tls"), source=f"{key_path}.proxy")
 
 
+def engine_url(base_url: str, capability: Capability) -> str:
+    """Where an engine whose API root is ``base_url`` (``http://host:8000/v1``) serves ``capability``: the OpenAI
+    routes under that root, and vLLM's own (``/tokenize``, ``/pooling``...) at its server's root, which is the API
+    root less its ``/v1`` (or the API root itself, for one that does not end in ``/v1``)."""
+    if capability.path.startswith("/v1/"):
+        return base_url + capability.path.removeprefix("/v1")
+    return base_url.removesuffix("/v1") + capability.path
+
+
 def listed_models(body: bytes) -> list[str]:
     """The model ids of a ``GET /models`` answer; ``ValueError`` naming what it holds instead."""
     try:
@@ -75,7 +84,7 @@ class HttpBackend:
         self._models = {m.id: m for m in models}
         self.reach = reach
         try:
-            self._urls = {cap: self.url(f"{self.base_url}/{cap.route}") for cap in Capability}
+            self._urls = {cap: self.url(engine_url(self.base_url, cap)) for cap in Capability}
         except (ProxyError, TlsSettingError) as exc:
             raise ConfigError(f"{self.where}: {exc}") from None
         self._models_url = self.url(f"{self.base_url}/models")

@@ -24,6 +24,7 @@ from first_jupyter.remote.launcher import (
     EngineSpec,
     EngineStartError,
     choose_engine,
+    engine_serves,
     ensure_tiny_model,
     log_tail,
     served_name,
@@ -66,9 +67,7 @@ class LocalBackend:
         return {}
 
     def supports(self, model_id: str, capability: Capability) -> bool:
-        if capability is Capability.embeddings and self.engine == "transformers":
-            return False  # transformers serve has no embeddings route
-        return capability in self.model.capabilities
+        return engine_serves(self.engine, capability) and capability in self.model.capabilities
 
     async def _ensure_running(self) -> HttpBackend:
         """The running engine; started if it is not, or the start under way joined (a warm-up's, another
