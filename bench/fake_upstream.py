@@ -73,6 +73,84 @@ _MODELS: Final = b"/v1/models"
 _MESSAGES: Final = b"/v1/messages"
 _COUNT_TOKENS: Final = b"/v1/messages/count_tokens"
 _ANTHROPIC_ROUTES: Final = frozenset((_MESSAGES, _COUNT_TOKENS))
+
+
+def _words(value: Any) -> list[str]:
+    """The words of a prompt, of a list of them, or of chat messages' text: the fake's tokens."""
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [word for item in value for word in _words(item.get("content") if isinstance(item, dict) else item)]
+    return []
+
+
+def _tokenize(request: dict[str, Any], model: str) -> dict[str, Any]:
+    """vLLM's ``POST /tokenize`` (``prompt``, or chat ``messages``): one token per word, numbered from 1."""
+    count = len(_words(request.get("prompt", request.get("messages"))))
+    return {"count": count, "max_model_len": 4096, "tokens": list(range(1, count + 1)), "token_strs": None}
+
+
+def _detokenize(request: dict[str, Any], model: str) -> dict[str, Any]:
+    """vLLM's ``POST /detokenize``: the text of ``tokens``, as ``_tokenize`` numbers them."""
+    tokens = request.get("tokens")
+    return {"prompt": " ".join(f"tok{t}" for t in tokens) if isinstance(tokens, list) else ""}
+
+
+def _score_of(query: Any, document: Any) -> float:
+    """A relevance in [0, 1]: the share of the document's words that the query has (fixed, so tests can order)."""
+    asked, words = set(_words(query)), _words(document)
+    return round(sum(w in asked for w in words) / len(words), 4) if words else 0.0
+
+
+def _listed(model: str, kind: str, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """vLLM's answer of a pooling route: a list of ``kind`` entries with usage."""
+    return {"id": f"{kind}-fake", "object": "list", "created": 0, "model": model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+
+def _rerank(request: dict[str, Any], model: str) -> dict[str, Any]:
+    """vLLM's ``POST /v1/rerank`` (Jina's and Cohere's shape): the documents by relevance, ``top_n`` of them."""
+    documents = request.get("documents") or []
+    results = sorted(({"index": i, "document": {"text": doc}, "relevance_score": _score_of(request.get("query"), doc)}
+                      for i, doc in enumerate(documents)), key=lambda r: -r["relevance_score"])
+    top_n = request.get("top_n") or len(results)
+    return {"id": "rerank-fake", "model": model, "usage": {"total_tokens": len(_words(documents))},
+            "results": results[:top_n]}
+
+
+def _score(request: dict[str, Any], model: str) -> dict[str, Any]:
+    """vLLM's ``POST /v1/score``: ``text_1`` against each of ``text_2``."""
+    second = request.get("text_2")
+    pairs = second if isinstance(second, list) else [second]
+    data = [{"index": i, "object": "score", "score": _score_of(request.get("text_1"), text)}
+            for i, text in enumerate(pairs)]
+    return _listed(model, "score", data, len(_words(pairs)))
+
+
+def _inputs(request: dict[str, Any]) -> list[Any]:
+    inputs = request.get("input")
+    return inputs if isinstance(inputs, list) else [inputs]
+
+
+def _pooling(request: dict[str, Any], model: str) -> dict[str, Any]:
+    """vLLM's ``POST /pooling``: the pooled hidden state of each input (the fake's embedding vector)."""
+    data = [{"index": i, "object": "pooling", "data": list(_EMBEDDING)} for i, _ in enumerate(_inputs(request))]
+    return _listed(model, "pool", data, len(data))
+
+
+def _classify(request: dict[str, Any], model: str) -> dict[str, Any]:
+    """vLLM's ``POST /classify``: each input's label and class probabilities."""
+    data = [{"index": i, "label": "positive" if "good" in _words(text) else "negative",
+             "probs": [0.1, 0.9] if "good" in _words(text) else [0.9, 0.1], "num_classes": 2}
+            for i, text in enumerate(_inputs(request))]
+    return _listed(model, "classify", data, len(data))
+
+
+_VLLM_OWN: Final[dict[bytes, Callable[[dict[str, Any], str], dict[str, Any]]]] = {
+    b"/tokenize": _tokenize, b"/detokenize": _detokenize, b"/v1/rerank": _rerank, b"/v1/score": _score,
+    b"/pooling": _pooling, b"/classify": _classify,
+}
+"""The routes vLLM serves beyond OpenAI's, answered as vLLM does (never streamed), from the request."""
 _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _CHAT: b"POST",
     _COMPLETIONS: b"POST",
@@ -80,6 +158,7 @@ _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _MODELS: b"GET",
     _MESSAGES: b"POST",
     _COUNT_TOKENS: b"POST",
+    **dict.fromkeys(_VLLM_OWN, b"POST"),
 }
 _GATE: Final = b"/gate"
 _CONTROL_ROUTES: Final = frozenset((b"/health", b"/stats", _GATE))
@@ -342,7 +421,8 @@ class FakeUpstream:
     Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON, or SSE when the body has
     ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, Anthropic's ``POST /v1/messages`` (a Message,
     or its event stream) and ``POST /v1/messages/count_tokens`` as vLLM serves them (unless ``messages`` is off:
-    then they are 404, as on an engine without them), plus the control-plane routes
+    then they are 404, as on an engine without them), vLLM's own ``POST /tokenize``, ``/detokenize``,
+    ``/v1/rerank``, ``/v1/score``, ``/pooling`` and ``/classify``, plus the control-plane routes
     ``GET /health``, ``GET /stats`` and ``POST /gate`` (see ``hold``).  Anything else gets a 404 in the OpenAI
     error shape.
 
@@ -480,6 +560,11 @@ class FakeUpstream:
             name, _, value = line.partition(b":")
             headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
         return headers
+
+    @property
+    def last_request_bytes(self) -> bytes:
+        """The last counted request's body as it came, for tests of byte-for-byte pass-through."""
+        return self._last_body
 
     @property
     def last_request_body(self) -> Any:
@@ -650,6 +735,9 @@ class FakeUpstream:
             return self._embeddings(request, model, close)
         if path == _COUNT_TOKENS:
             return _json_response(200, orjson.dumps({"input_tokens": PROMPT_TOKENS}), close)
+        own = _VLLM_OWN.get(path)
+        if own is not None:
+            return _json_response(200, orjson.dumps(own(request, model)), close)
         chat = path == _CHAT
         tool = self._tool_to_call(request) if chat and self.calls_tools else None
         if tool is not None:

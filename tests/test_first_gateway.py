@@ -74,7 +74,8 @@ async def test_the_models_are_discovered_from_list_endpoints(remote, tmp_path):
         assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])
         assert listed[QWEN]["served_by"] == [{"cluster": "alcf", "endpoint": "gateway", "state": "unknown"}]
         assert listed[QWEN]["state"] == "unknown"  # listed, not yet read (no status reading on this path)
-        assert listed[EMBED]["capabilities"] == ["chat", "completions", "embeddings"]
+        assert listed[EMBED]["capabilities"] == {"schema_version": 1, "streaming": True,
+                                                 "api_protocols": ["chat", "completions", "embeddings"]}
         assert remote.calls[0] == ("GET", "/resource_server/list-endpoints", f"Bearer {TOKEN}")
     finally:
         await gateway.close()
@@ -399,4 +400,8 @@ async def test_what_first_publishes_of_a_model_shows_in_the_model_list(remote, t
     assert listed[LLAMA]["details"] == {"display_name": "Llama 3.3 70B", "capabilities": capabilities,
                                         "rate_limit_token_per_minute": 200000}  # public keys only
     assert "details" not in listed[QWEN]  # published nothing
+    # the capabilities object: the routes the gateway sends the model to, and what FIRST published besides
+    assert listed[LLAMA]["capabilities"] == {"schema_version": 1, "api_protocols": ["chat", "completions", "embeddings"],
+                                             "streaming": True, "context_window_tokens": 131072,
+                                             "tool_calling": {"supported": True}}
     assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])
