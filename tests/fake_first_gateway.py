@@ -24,9 +24,9 @@ from tests.conftest import send_json, serving_http
 
 ROOT = "/resource_server"
 TOKEN = "AT-first-gateway"
-OPENAI_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+OPENAI_ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"]
 """What ``services.get_list_endpoints_data`` lists per framework: ``/v1/{e}`` for the cluster's openai_endpoints,
-without the framework."""
+without the framework; here every route FIRST has a view for (``views/openai.py``, ``views/anthropic.py``)."""
 GROUP_DENIAL = "Permission denied due to Globus Group restrictions."
 """``auth.check_permission``'s message, sent with a 401 (``errors.Unauthorized``) though the token is good."""
 EXPIRED = "Access token expired."

@@ -21,6 +21,7 @@ from tests.conftest import server_config
 from tests.fake_first_gateway import (
     EXPIRED,
     GROUP_DENIAL,
+    OPENAI_ENDPOINTS,
     TOKEN,
     FakeFirstGateway,
     job,
@@ -30,6 +31,8 @@ from tests.fake_first_gateway import (
 
 LLAMA, QWEN, EMBED = "meta-llama/Llama-3.3-70B-Instruct", "Qwen/QwQ-32B", "nvidia/NV-Embed-v2"
 RESOURCE_SERVER = "681c10cc-f684-4540-bcd7-0b4df3bc26ef"
+FIRST_KINDS = [cap.value for cap in Capability if cap.path in OPENAI_ENDPOINTS]
+"""What a model of the FIRST gateway stand-in can be asked: each route it lists that is a capability of ours."""
 
 
 @pytest.fixture
@@ -75,7 +78,7 @@ async def test_the_models_are_discovered_from_list_endpoints(remote, tmp_path):
         assert listed[QWEN]["served_by"] == [{"cluster": "alcf", "endpoint": "gateway", "state": "unknown"}]
         assert listed[QWEN]["state"] == "unknown"  # listed, not yet read (no status reading on this path)
         assert listed[EMBED]["capabilities"] == {"schema_version": 1, "streaming": True,
-                                                 "api_protocols": ["chat", "completions", "embeddings"]}
+                                                 "api_protocols": FIRST_KINDS}
         assert remote.calls[0] == ("GET", "/resource_server/list-endpoints", f"Bearer {TOKEN}")
     finally:
         await gateway.close()
@@ -197,13 +200,42 @@ def test_jobs_say_running_starting_disconnected_or_queued_per_framework_and_mode
         parse_jobs(["not", "a", "mapping"], "sophia")
 
 
+@pytest.mark.parametrize(("capability", "stream"), [
+    (cap, stream) for cap in map(Capability, FIRST_KINDS) for stream in (False, True) if cap.streams or not stream])
+async def test_every_route_first_lists_is_sent_to_the_framework(remote, tmp_path, capability, stream):
+    """Each kind of request FIRST serves (its views: chat, completions, embeddings, responses, messages) goes to
+    ``{cluster}/{framework}`` plus its path, streamed where it streams, with the user's token."""
+    body = {"model": QWEN, "messages": [{"role": "user", "content": "hi"}], "input": "hi", "prompt": "hi",
+            "max_tokens": 4, "stream": stream}
+    gateway = _gateway(remote, tmp_path)
+    try:
+        req = parse_request(capability, json.dumps(body).encode())
+        if stream:
+            answer = await gateway.stream(req)
+            chunks: list[bytes] = []
+            try:
+                await answer.relay(lambda chunk: chunks.append(chunk) or True)
+            finally:
+                answer.close()
+            assert b'"content": "from"' in b"".join(chunks)
+            assert b"[DONE]" in b"".join(chunks)
+        else:
+            assert b"from sophia/vllm" in (await gateway.complete(req)).body
+    finally:
+        await gateway.close()
+    assert remote.calls[-1] == ("POST", f"/resource_server/sophia/vllm{capability.path}", f"Bearer {TOKEN}")
+
+
 def test_list_endpoints_paths_are_under_the_framework_and_an_older_mapping_still_reads():
+    listed = [*OPENAI_ENDPOINTS, "/v1/something-new"]
     today = {"clusters": {"sophia": {"base_url": "/resource_server/sophia", "frameworks": {"vllm": {
-        "models": ["m"], "endpoints": ["/v1/chat/completions", "/v1/responses", "/v1/embeddings"]}}}}}
+        "models": ["m"], "endpoints": listed}}}}}
     [place] = parse_catalog(today, "https://gw", "/resource_server", None)["m"]
+    # each listed path that is a capability's, under the framework; a path no capability has is left out
     assert {cap: url.text for cap, url in place.urls.items()} == {
-        Capability.chat: "https://gw/resource_server/sophia/vllm/v1/chat/completions",
-        Capability.embeddings: "https://gw/resource_server/sophia/vllm/v1/embeddings"}
+        cap: f"https://gw/resource_server/sophia/vllm{cap.path}" for cap in Capability if cap.path in listed}
+    assert place.urls[Capability.chat].text == "https://gw/resource_server/sophia/vllm/v1/chat/completions"
+    assert place.urls[Capability.embeddings].text == "https://gw/resource_server/sophia/vllm/v1/embeddings"
     older = {"clusters": {"sophia": {"frameworks": {"vllm": {
         "models": ["m"], "endpoints": {"chat": "vllm/v1/chat/completions/"}}}}}}
     [place] = parse_catalog(older, "https://gw", "/resource_server", None)["m"]
@@ -401,7 +433,6 @@ async def test_what_first_publishes_of_a_model_shows_in_the_model_list(remote, t
                                         "rate_limit_token_per_minute": 200000}  # public keys only
     assert "details" not in listed[QWEN]  # published nothing
     # the capabilities object: the routes the gateway sends the model to, and what FIRST published besides
-    assert listed[LLAMA]["capabilities"] == {"schema_version": 1, "api_protocols": ["chat", "completions", "embeddings"],
-                                             "streaming": True, "context_window_tokens": 131072,
-                                             "tool_calling": {"supported": True}}
+    assert listed[LLAMA]["capabilities"] == {"schema_version": 1, "api_protocols": FIRST_KINDS, "streaming": True,
+                                             "context_window_tokens": 131072, "tool_calling": {"supported": True}}
     assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])
