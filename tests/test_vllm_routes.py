@@ -194,3 +194,17 @@ def test_a_node_takes_a_route_relative_to_v1_from_an_older_gateway(pool_upstream
     result = call_engine(pool_upstream.port, "embeddings", {"model": POOL_MODEL, "input": "x"})
     assert result["status"] == 200
     assert pool_upstream.by_route["/v1/embeddings"] == 1
+
+
+@pytest.mark.parametrize(("engine", "serves"), [
+    ("transformers", [Capability.chat, Capability.completions]),  # (and responses, transcriptions: its routes)
+    ("vllm", list(Capability))])
+async def test_a_model_serves_what_its_config_says_and_its_engine_has_routes_for(engine, serves):
+    """The embedded default's endpoint knows its engine: ``transformers serve`` has a few routes, vLLM all."""
+    endpoint = ComputeEndpoint(name="node", endpoint_id="00000000-0000-4000-8000-000000000000",
+                               models=[ModelConfig(id="m", capabilities=list(Capability))])
+    backend = ComputeBackend("local", endpoint, NodeHere(), CallbackHub(), 30.0, lambda: None, engine=engine)
+    try:
+        assert [c for c in Capability if backend.supports("m", c)] == serves
+    finally:
+        await backend.close()
