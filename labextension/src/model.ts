@@ -37,7 +37,8 @@ export interface PublishedDetails {
 
 export interface ModelInfo {
   id: string;
-  capabilities?: string[];
+  /** What the gateway routes to the model (`api_protocols`: chat, completions, ...), in FIRST's shape. */
+  capabilities?: PublishedCapabilities & { schema_version?: number };
   state: ModelState;
   served_by: ServedBy[];
   details?: PublishedDetails;
