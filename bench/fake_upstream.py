@@ -47,6 +47,9 @@ from typing import Any, Final, TypedDict, Unpack, cast
 
 import orjson
 
+from bench.fake_responses import PATH as _RESPONSES
+from bench.fake_responses import FakeResponses, Rendered
+
 FAULT_MODES: Final[tuple[str, ...]] = ("none", "400", "403", "429", "500", "hang", "slow-first-byte",
                                         "drop-mid-stream", "bare-lf-header", "bad-models")
 """Accepted values of the ``fault`` option and of the ``x-fake-fault`` request header. ``400``: the engine refuses
@@ -155,6 +158,7 @@ _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _CHAT: b"POST",
     _COMPLETIONS: b"POST",
     _EMBEDDINGS: b"POST",
+    _RESPONSES: b"POST",
     _MODELS: b"GET",
     _MESSAGES: b"POST",
     _COUNT_TOKENS: b"POST",
@@ -216,14 +220,19 @@ def _header(lowered_head: bytes, marker: bytes) -> bytes | None:
     return lowered_head[start : stop if stop >= 0 else len(lowered_head)].strip()
 
 
+def _http_chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP chunk of a chunked response."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def _sse_chunk(payload: Any, kind: str | None = None) -> bytes:
     """Frame one SSE ``data:`` event carrying ``payload`` as a single HTTP chunk; ``kind``: its ``event:`` line
     (Anthropic's events have one)."""
-    event = (b"event: %s\n" % kind.encode() if kind else b"") + b"data: " + orjson.dumps(payload) + b"\n\n"
-    return b"%x\r\n%s\r\n" % (len(event), event)
+    return _http_chunk((b"event: %s\n" % kind.encode() if kind else b"") + b"data: " + orjson.dumps(payload) + b"\n\n")
 
 
 def _stream_head(close: bool) -> bytes:
+    """The head of a streamed (chunked, server-sent events) response."""
     return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             b"transfer-encoding: chunked\r\n" + (b"connection: close\r\n" if close else b"") + b"\r\n")
 
@@ -422,7 +431,8 @@ class FakeUpstream:
     ``"stream": true``), ``POST /v1/embeddings``, ``GET /v1/models``, Anthropic's ``POST /v1/messages`` (a Message,
     or its event stream) and ``POST /v1/messages/count_tokens`` as vLLM serves them (unless ``messages`` is off:
     then they are 404, as on an engine without them), vLLM's own ``POST /tokenize``, ``/detokenize``,
-    ``/v1/rerank``, ``/v1/score``, ``/pooling`` and ``/classify``, plus the control-plane routes
+    ``/v1/rerank``, ``/v1/score``, ``/pooling`` and ``/classify``, the Responses API (``POST /v1/responses`` and the
+    calls on a kept response's id: ``bench.fake_responses``), plus the control-plane routes
     ``GET /health``, ``GET /stats`` and ``POST /gate`` (see ``hold``).  Anything else gets a 404 in the OpenAI
     error shape.
 
@@ -512,6 +522,9 @@ class FakeUpstream:
         self._connections: set[_Connection] = set()
         self._json_cache: dict[tuple[Any, ...], bytes] = {}
         self._stream_cache: dict[tuple[bytes, str, bool], _Stream] = {}
+        self.responses = FakeResponses(Rendered(self._tokens, PROMPT_TOKENS, self._created), _json_response,
+                                       _http_chunk)
+        """The Responses API's kept responses (``/v1/responses`` and the calls on a response's id)."""
 
     @property
     def port(self) -> int:
@@ -624,6 +637,10 @@ class FakeUpstream:
             self._last_head = head
             self._last_body = body
         conn.begin()
+        if path.startswith(_RESPONSES + b"/"):  # a call on a kept response: /v1/responses/{id}[/action]
+            conn.write(self.responses.call(method, path, head, close))
+            conn.end()
+            return
         expected_method = _ROUTE_METHODS.get(path) if self.messages or path not in _ANTHROPIC_ROUTES else None
         if expected_method is None:
             message = f"Invalid URL ({method.decode('latin-1')} {path.decode('latin-1')})"
@@ -738,6 +755,11 @@ class FakeUpstream:
         own = _VLLM_OWN.get(path)
         if own is not None:
             return _json_response(200, orjson.dumps(own(request, model)), close)
+        if path == _RESPONSES:
+            created = self.responses.create(request, model)
+            if isinstance(created, list):
+                return _Stream(_stream_head(close), tuple(created), _LAST_CHUNK)
+            return _json_response(*created, close)
         chat = path == _CHAT
         tool = self._tool_to_call(request) if chat and self.calls_tools else None
         if tool is not None:
@@ -881,7 +903,7 @@ class FakeUpstream:
         base["model"] = model
         events = [_sse_chunk({**base, "choices": [choice]}) for choice in choices]
         events.append(_sse_chunk({**base, "choices": [last], "usage": self._usage}))
-        tail = b"%x\r\n%s\r\n" % (len(_DONE_EVENT), _DONE_EVENT) + _LAST_CHUNK
+        tail = _http_chunk(_DONE_EVENT) + _LAST_CHUNK
         return _Stream(head, tuple(events), tail)
 
     def _embeddings(self, request: dict[str, Any], model: str, close: bool) -> bytes:

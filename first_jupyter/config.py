@@ -136,6 +136,10 @@ class Defaults(_Strict):
     cold_start: ColdStart = ColdStart()
     scale_out: ScaleOut = ScaleOut()
     batch: BatchDefaults = BatchDefaults()
+    max_response_ids: int = Field(
+        default=100_000, gt=0, description="response ids remembered with the endpoint that created each (for "
+                                           "GET/DELETE /v1/responses/{id} and previous_response_id); the oldest "
+                                           "are forgotten beyond it")
     sticky_conversations: bool = Field(
         default=True, description="send a conversation's turns to the endpoint that served its last one while it "
                                   "is hot and about as fast as the best (its prefix cache holds the conversation)")

@@ -120,6 +120,7 @@ class Capability(StrEnum):
     score = "score"
     pooling = "pooling"
     classify = "classify"
+    responses = "responses"
 
     @property
     def route(self) -> str:
@@ -160,6 +161,7 @@ _ROUTES = {
     Capability.score: "score",
     Capability.pooling: "pooling",
     Capability.classify: "classify",
+    Capability.responses: "responses",
 }
 _AT_ROOT = frozenset({Capability.tokenize, Capability.detokenize, Capability.pooling, Capability.classify})
 """vLLM's own routes, which it serves at its root rather than under ``/v1`` (``vllm/entrypoints``)."""

@@ -25,6 +25,7 @@ import orjson
 from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.caller import CALLER_TOKEN_MISSING
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
+from first_jupyter.gateway.relay import token_counts
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.run_batch import run_chunk
 
@@ -244,7 +245,7 @@ class Offload:
         if status == 200 and error is None and isinstance(body, dict):
             self.run.results.answered(custom_id, orjson.dumps(body))
             usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-            read.append(LineUsage(custom_id, 200, usage.get("prompt_tokens"), usage.get("completion_tokens"), None))
+            read.append(LineUsage(custom_id, 200, *token_counts(usage), None))
             return
         if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
             body = _error_body(str(error or body or "run-batch gave no answer"), status or 500)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import orjson
 
@@ -47,6 +48,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
+from first_jupyter.gateway.response_ids import ResponseIds
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
@@ -285,6 +287,12 @@ class GatewayStream(Relayed):
         self._opening = opening
         self.shape: StreamShape | None = None
         """Set by a route whose client speaks another API than the engine's stream, before it is relayed."""
+        if req.capability is Capability.responses:
+            watch.on_response_id = self._remember_response
+
+    def _remember_response(self, response_id: str) -> None:
+        """The stream's response, remembered with the endpoint answering it as soon as its first event names it."""
+        self._gateway.responses.remember(response_id, self.target, self._req.model, self._caller)
 
     def _error_event(self, error: OpenAIError) -> bytes:
         self.error = error
@@ -413,6 +421,8 @@ class Gateway:
         self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
             config.defaults.model or next(iter(served), None))
         self.usage = UsageStore(data_dir / "usage.sqlite3", self.supervisor)
+        self.responses = ResponseIds(data_dir / "responses.sqlite3", config.defaults.max_response_ids,
+                                     self.supervisor)
         self.batches = Batches(self, data_dir / "batches", config.defaults.batch)
         self._created = int(time.time())
 
@@ -502,6 +512,46 @@ class Gateway:
         """The router's candidates on the clusters the caller may use, reading discovered catalogs first when the
         model is not (yet) in them."""
         return self._allowed(model, await self._routed(model, capability, conversation), caller)
+
+    async def _targets(self, req: ParsedRequest, conversation: str | None, caller: Caller | None) -> list[Target]:
+        """A request's candidates (``_candidates``); a Responses request that continues an earlier response
+        (``previous_response_id``) goes only where that response was created: no other engine holds it."""
+        previous = req.data.get("previous_response_id") if req.capability is Capability.responses else None
+        if previous is None:
+            return await self._candidates(req.model, req.capability, conversation, caller)
+        home = await self.responses.home(previous, caller, "previous_response_id")
+        targets = await self.where_served(req.model)
+        pinned = [t for t in targets if (t.cluster, t.endpoint) == (home.cluster, home.endpoint)]
+        if not pinned:
+            raise OpenAIError(400, f"The response {shown(previous)} (previous_response_id) was created on cluster "
+                                   f"'{home.cluster}' endpoint '{home.endpoint}', which does not serve model "
+                                   f"'{req.model}'; only that endpoint holds it. Ask for a model it serves (it "
+                                   f"created the response with '{home.model}'), or leave previous_response_id "
+                                   "out and send the conversation's input in full.", param="previous_response_id",
+                              code="invalid_value")
+        return self._allowed(req.model, pinned, caller)
+
+    async def stored_response(self, response_id: str, method: str, action: str, query: str,
+                              caller: Caller | None) -> Completed:
+        """A call on a response an engine keeps (``action``: "" for the response itself, else ``cancel`` or
+        ``input_items``), sent to the endpoint that created it and answered as it answers, the model renamed;
+        a 404 when the id is unknown here or its endpoint is gone from the configuration."""
+        home = await self.responses.home(response_id, caller)
+        backend = next((b for b in self.backends if (b.cluster, b.name) == (home.cluster, home.endpoint)), None)
+        if backend is None:
+            raise OpenAIError(404, f"The response {shown(response_id)} was created on cluster '{home.cluster}' "
+                                   f"endpoint '{home.endpoint}', which is no longer in this gateway's configuration; "
+                                   "only that endpoint held it. Put the endpoint back in the configuration to reach "
+                                   "it, or create the response again.", param="response_id",
+                              code="response_endpoint_gone")
+        path = "/".join(filter(None, ("responses", quote(response_id, safe=""), action)))
+        reply = await backend.call(method, path, query, b"" if method == "POST" else None)
+        if reply.status >= 400:
+            raise upstream_error(reply.status, reply.body, f"cluster '{home.cluster}' endpoint '{home.endpoint}'",
+                                 reply.retry_after, reply.via)
+        if method == "DELETE":
+            self.responses.forget(response_id)
+        return Completed(rename_model_in_body(reply.body, home.model)[0], Target(home.model, backend))
 
     @staticmethod
     def _allowed(model: str, targets: list[Target], caller: Caller | None) -> list[Target]:
@@ -815,14 +865,20 @@ class Gateway:
     # -- requests ----------------------------------------------------------------------------------------
 
     def _body_for(self, req: ParsedRequest, target: Target, ask_usage: bool) -> bytes:
-        """The request as the engine must see it: the client's own bytes unless something must change."""
+        """The request as the engine must see it: the client's own bytes unless something must change.
+
+        A Responses request that leaves ``stream`` out is not streamed (the OpenAI API's default, and how this
+        gateway reads it), but ``transformers serve`` streams it: the engine is told ``"stream": false``."""
         upstream_name = target.backend.upstream_name(req.model)
-        if upstream_name == req.model and not ask_usage:
+        unsaid = req.capability is Capability.responses and "stream" not in req.data
+        if upstream_name == req.model and not ask_usage and not unsaid:
             return req.raw
         data = dict(req.data)
         data["model"] = upstream_name
         if ask_usage:
             data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+        if unsaid:
+            data["stream"] = False
         return orjson.dumps(data)
 
     def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
@@ -873,7 +929,7 @@ class Gateway:
         try:
             self.ceilings.check(req)
             with acting_as(caller):
-                targets = await self._candidates(req.model, req.capability, conversation, caller)
+                targets = await self._targets(req, conversation, caller)
                 answer = self._first_answer(req, targets, tried, ask, caller)
                 if not self._may_wait(targets):
                     reply = await answer
@@ -894,6 +950,8 @@ class Gateway:
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
         self.router.served(conversation, target)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
+        if req.capability is Capability.responses:
+            self.responses.remember_answer(body, target, req.model, caller)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None, caller)
         return Completed(body, target)
 
@@ -914,7 +972,7 @@ class Gateway:
         try:
             self.ceilings.check(req)
             with acting_as(caller):  # (the opening task, made here, keeps it)
-                targets = await self._candidates(req.model, req.capability, conversation, caller)
+                targets = await self._targets(req, conversation, caller)
                 if not self._may_wait(targets):
                     upstream = await self._first_answer(req, targets, tried, open_stream, caller)
                 else:
@@ -956,3 +1014,4 @@ class Gateway:
             await reader.close()
         await self.client.close()
         self.usage.close()
+        self.responses.close()

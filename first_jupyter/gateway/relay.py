@@ -12,11 +12,17 @@ Why parse rather than match bytes: engines do not agree on spacing. Python's ``j
 spelling misses the other, and a usage-only event that slips through breaks every client that reads
 ``chunk.choices[0]``. A parsed event has one spelling. Byte searches only pick the events worth parsing, and they
 err on the side of parsing: the parse decides.
+
+The Responses API's events (``response.created``, ``response.output_text.delta``, ..., ``response.completed``)
+go the same way: deltas carry neither the model nor a usage, so they cost what a chat chunk costs; the few events
+that carry the whole response (its ``id``, ``model`` and, at the end, ``usage`` with ``input_tokens`` and
+``output_tokens``) are the ones parsed, for the same reasons, and the response id is learned from the first.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -120,7 +126,7 @@ class StreamWatch:
     """
 
     __slots__ = ("_carry", "_engine", "_marker", "_passing", "_public", "_renaming", "_strip", "_tail",
-                 "completion_tokens", "prompt_tokens")
+                 "completion_tokens", "on_response_id", "prompt_tokens", "response_id")
 
     def __init__(self, public_model: str, *, rename: bool, strip_usage_event: bool) -> None:
         self._public = public_model
@@ -138,6 +144,10 @@ class StreamWatch:
         """While passing: the last bytes passed, where a separator cut between chunks begins."""
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.response_id: str | None = None
+        """A Responses API stream's response id, once an event has carried the response."""
+        self.on_response_id: Callable[[str], None] | None = None
+        """Called once with ``response_id`` as soon as it is known (the response can be asked for at once)."""
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to send on for this upstream chunk (empty while an event is still held)."""
@@ -250,9 +260,24 @@ class StreamWatch:
             self._count(usage)
             if self._strip and obj.get("choices") == []:
                 return b""
-        if not (self._renaming and self._renamed(holder)):
+        response = holder.get("response")
+        named = self._response_event(response) if isinstance(response, dict) else holder
+        if not (self._renaming and self._renamed(named)):
             return None
         return b"data: " + orjson.dumps(obj) + sep
+
+    def _response_event(self, response: dict[str, Any]) -> dict[str, Any]:
+        """A Responses API event that carries the response (created, in progress, completed, failed): its id is
+        learned from the first, its tokens counted from the last; the response is what holds the model."""
+        response_id = response.get("id")
+        if self.response_id is None and isinstance(response_id, str):
+            self.response_id = response_id
+            if self.on_response_id is not None:
+                self.on_response_id(response_id)
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            self._count(usage)
+        return response
 
     def _renamed(self, obj: dict[str, Any]) -> bool:
         """Put the public id in the event's top-level ``model`` if it is the engine's name; whether it did."""
@@ -282,8 +307,9 @@ class StreamWatch:
 
 
 def token_counts(usage: Any) -> tuple[int | None, int | None]:
-    """Prompt and completion tokens of a usage object: OpenAI's (``prompt_tokens``, ``completion_tokens``) or
-    Anthropic's (``input_tokens``, ``output_tokens``), so that both APIs are accounted alike."""
+    """Prompt and completion tokens of a usage object: chat's and completions' (``prompt_tokens``,
+    ``completion_tokens``), or Anthropic's and the Responses API's (``input_tokens``, ``output_tokens``), so that
+    every API is accounted alike."""
     if not isinstance(usage, dict):
         return None, None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))

@@ -145,6 +145,15 @@ def _inference(capability: Capability) -> Answering:
     return infer
 
 
+def _stored_response(method: str, action: str = "") -> Answering:
+    """A call on a response an engine keeps (``action``: "" for the response itself, ``cancel``,
+    ``input_items``): sent to the endpoint that created it, its query as sent."""
+    async def stored(call: Call) -> Answer:
+        return await call.gateway.stored_response(call.params[0], method, action, call.query, call.door.caller())
+    stored.__name__ = stored.__qualname__ = f"{method.lower()}_response{'_' + action if action else ''}"
+    return stored
+
+
 async def _models(call: Call) -> Answer:
     return await call.gateway.models()
 
@@ -235,7 +244,7 @@ async def _cancel_batch(call: Call) -> Answer:
 
 
 _ID = "([^/]+)"
-"""A file or batch id: one path segment."""
+"""A file, batch or response id: one path segment."""
 _MODEL = "(.+)"
 """Model ids may hold slashes (``meta-llama/Llama-3.1-8B-Instruct``): everything between is the id."""
 
@@ -244,6 +253,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"/first/v1/models/{_MODEL}", _model),
     *(Route("POST", cap.public_path, _inference(cap), body="request", streams=cap.streams,
             error_body=anthropic.error_body if cap in ANTHROPIC else OpenAIError.to_bytes) for cap in Capability),
+    Route("GET", f"/first/v1/responses/{_ID}", _stored_response("GET")),
+    Route("DELETE", f"/first/v1/responses/{_ID}", _stored_response("DELETE")),
+    Route("POST", f"/first/v1/responses/{_ID}/cancel", _stored_response("POST", "cancel")),
+    Route("GET", f"/first/v1/responses/{_ID}/input_items", _stored_response("GET", "input_items")),
     Route("GET", "/first/v1/files", _files),
     Route("POST", "/first/v1/files", _add_file, body="file"),
     Route("GET", f"/first/v1/files/{_ID}", _file),

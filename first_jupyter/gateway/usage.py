@@ -1,21 +1,20 @@
 """Durable usage accounting in SQLite, written off the request path.
 
-Every request is recorded (tokens, latency, time to first token, status), but a synchronous SQLite commit
-per request would cost more than the whole proxying. Records go onto an in-memory queue and one writer
-thread commits them in batches; ``flush()`` makes them visible to readers (tests, the usage API).
+Every request is recorded (tokens, latency, time to first token, status), through a ``QueuedWriter``: records
+go onto an in-memory queue and one writer thread commits them in batches; ``flush()`` makes them visible to
+readers (tests, the usage API).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import sqlite3
-import threading
 from pathlib import Path
 from typing import NamedTuple
 
 import orjson
 
+from first_jupyter.gateway.queued_writer import QueuedWriter
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.sqlite_wal import use_wal
 
@@ -100,8 +99,9 @@ class UsageStore:
                  json_batches: bool = True) -> None:
         """``supervisor``: where a failed commit is logged and counted (the gateway's; else one of its own)."""
         self.path = path
-        self._supervisor = supervisor or Supervisor()
         self._json_batches = json_batches
+        self._batch: bool | None = None
+        """Whether batches go in as one JSON statement: known once the writer has its connection."""
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None)
         try:  # a shared gateway's workers open it together: one of them upgrades it, the others find it done
@@ -114,28 +114,18 @@ class UsageStore:
             conn.executescript(_SCHEMA)
         finally:
             conn.close()
-        self._queue: queue.SimpleQueue[UsageRecord | threading.Event | None] = queue.SimpleQueue()
-        self._interval = batch_interval
-        self._hurry = threading.Event()  # flush and close: commit now rather than at the batch's end
-        self._thread = threading.Thread(target=self._write_loop, name="first-usage-writer", daemon=True)
-        self._thread.start()
+        self._writer = QueuedWriter(path, self._write, "usage writer", supervisor or Supervisor(),
+                                    interval=batch_interval)
 
     def record(self, rec: UsageRecord) -> None:
-        self._queue.put(rec)
+        self._writer.put(rec)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every record handed to ``record`` before this call is committed."""
-        if self._thread.is_alive():
-            done = threading.Event()
-            self._queue.put(done)
-            self._hurry.set()
-            done.wait(timeout)
+        self._writer.flush(timeout)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._hurry.set()
-            self._thread.join(timeout=10)
+        self._writer.close()
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """Rows from the store, every record handed to ``record`` before the call included (blocking: from a
@@ -144,35 +134,8 @@ class UsageStore:
         with contextlib.closing(sqlite3.connect(self.path)) as conn:  # sqlite3's own ``with`` leaves it open
             return conn.execute(sql, params).fetchall()
 
-    def _write_loop(self) -> None:
-        """Block for the first item, let a batch gather for one interval, then commit it in one transaction.
-
-        Waking once per batch rather than once per record keeps this thread off the GIL while requests run.
-        """
-        conn = sqlite3.connect(self.path)
-        # WAL with synchronous=NORMAL: a commit survives the server crashing and costs half as much CPU;
-        # only a power cut may lose the last batches, an acceptable risk for usage figures.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        batch = self._json_batches and _json_available(conn)
-        try:
-            running = True
-            while running:
-                items = [self._queue.get()]
-                if items[0] is not None:
-                    self._hurry.wait(self._interval)
-                    self._hurry.clear()
-                while True:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                rows = [item for item in items if isinstance(item, UsageRecord)]
-                if rows:
-                    with self._supervisor.guard("usage writer", f"{len(rows)} records lost"), conn:
-                        _insert(conn, rows, batch)
-                for item in items:
-                    if isinstance(item, threading.Event):
-                        item.set()
-                running = None not in items
-        finally:
-            conn.close()
+    def _write(self, conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
+        """One batch, on the writer's thread."""
+        if self._batch is None:
+            self._batch = self._json_batches and _json_available(conn)
+        _insert(conn, rows, self._batch)

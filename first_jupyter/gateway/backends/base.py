@@ -64,6 +64,12 @@ class Backend(Protocol):
         """Open a stream; raise ``OpenAIError`` before the first byte if the upstream refuses."""
         ...
 
+    async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
+        """Send ``method`` to ``path`` under the engine's API root (``responses/{id}``: a response it keeps) with
+        the query as sent, and return the whole answer (error statuses included); raise ``OpenAIError`` where this
+        kind of endpoint cannot be reached that way."""
+        ...
+
     async def status(self) -> dict[str, Any]:
         """Live state for the status API; never raises."""
         ...

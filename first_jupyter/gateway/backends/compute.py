@@ -296,6 +296,14 @@ class ComputeBackend:
                               type="api_error", code="engine_unhealthy")
         self._limits = reported_limits(health.get("listing"), {self.upstream_name(m): m for m in self._models})
 
+    async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
+        """Not yet: a node's function sends inference requests (a POST with a body) to its engine, and a call on a
+        response the engine keeps is a GET, DELETE or bodiless POST on the response's path."""
+        raise OpenAIError(501, f"{self.where} is a Globus Compute endpoint, through which this gateway cannot reach a "
+                               f"response again yet (/{path}): retrieve, delete, cancel and input_items need a "
+                               "direct (http) endpoint to the engine. Keep what responses.create answered instead.",
+                          type="api_error", code="not_implemented")
+
     async def status(self) -> dict[str, Any]:
         state = await self.submitter.status()
         info = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind, "models": sorted(self._models),

@@ -22,7 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, Va
 from first_jupyter.config import FirstGatewayEndpoint, ModelConfig
 from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.upstream import UpstreamClient, UpstreamStream, upstream_error
+from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream, upstream_error
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.transport.http_client import Reach, Url
 
@@ -246,6 +246,14 @@ class FirstGatewayBackend(HttpBackend):
         """(cluster, framework, model) → job state, from the last status read."""
         self._details: dict[str, dict[str, Any]] = {}
         """Model id → what ``{cluster}/models`` publishes of it (kept from the last reading that worked)."""
+
+    async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
+        """A FIRST gateway routes by the model in a body: a call on a response it created has none, so the response
+        cannot be found again through it."""
+        raise OpenAIError(501, f"{self.where} is a FIRST gateway, through which this gateway cannot reach a response "
+                               f"again (/{path}): retrieve, delete, cancel and input_items need a direct (http) "
+                               "endpoint to the engine that created it. Keep what responses.create answered instead.",
+                          type="api_error", code="not_implemented")
 
     def due(self, *, eager: bool = False) -> bool:
         """Time to read the catalog again: the last reading is old (``eager``: a few seconds old, for a model

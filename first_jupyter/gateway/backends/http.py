@@ -170,6 +170,15 @@ class HttpBackend:
         except OpenAIError as exc:
             raise self._judged(exc) or exc from None
 
+    async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
+        url = self.url(f"{self.base_url}/{path}" + (f"?{query}" if query else ""))
+        reply = await self._client.request(method, url, await self._head(), body, self.where,
+                                           first_byte=self.first_byte)
+        if reply.status >= 400 and (judged := self._judged(upstream_error(
+                reply.status, reply.body, self.where, reply.retry_after, reply.via))) is not None:
+            raise judged
+        return reply
+
     async def status(self) -> dict[str, Any]:
         started = time.perf_counter()
         info: dict[str, Any] = {"cluster": self.cluster, "endpoint": self.name, "kind": self.kind,

@@ -156,6 +156,20 @@ class LocalBackend:
         stream.on_close = self._end
         return stream
 
+    async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
+        """Only while its engine runs: an engine keeps its responses in memory, so a stopped one holds none, and
+        starting it again would only hear it say so."""
+        http = self._http
+        if http is None or self._proc is None or not self._proc.alive():
+            raise OpenAIError(404, f"The engine of cluster '{self.cluster}' endpoint '{self.name}' has stopped since "
+                                   f"it answered, and what it kept stopped with it: /{path} is gone. Create the "
+                                   "response again.", code="response_not_found")
+        self._begin()
+        try:
+            return await http.call(method, path, query, body)
+        finally:
+            self._end()
+
     async def stop(self) -> None:
         """Stop the engine now; the next request starts it again."""
         if self._idle_timer is not None:

@@ -1,0 +1,153 @@
+"""Where each response was created, so that what follows it reaches the engine that holds it.
+
+An engine keeps the responses it creates (vLLM and OpenAI's API with ``store``): retrieving one, deleting it,
+cancelling a background one, listing its input items, and a next turn that names it as ``previous_response_id``
+must all go to that same engine, since no other has heard of it. So the gateway remembers, for each response id
+it relayed, the cluster and endpoint that answered, the public model name (answers are renamed back to it), and
+who asked (at a shared gateway each caller reaches only their own responses).
+
+Bounded (``defaults.max_response_ids``): beyond it the oldest are forgotten, in memory and on disk. Kept in
+SQLite under the data dir like usage, written off the request path (``QueuedWriter``), so that ids outlive a
+restart and a shared gateway's processes find each other's: an id this process does not hold in memory is read
+from the file (another process's becomes readable within the writer's short batch interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import orjson
+
+from first_jupyter.gateway.queued_writer import QueuedWriter
+from first_jupyter.gateway.supervisor import Supervisor
+from first_jupyter.protocol import OpenAIError, json_kind, shown
+from first_jupyter.sqlite_wal import use_wal
+
+if TYPE_CHECKING:
+    from first_jupyter.caller import Caller
+    from first_jupyter.gateway.router import Target
+
+MAX_ID_CHARS = 256
+"""The longest response id looked up in the file: engines' ids are a prefix and a uuid; a longer one is unknown."""
+WRITE_INTERVAL_S = 0.05
+"""How long ids gather before a commit: short, so that another process of a shared gateway soon finds them."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    seq INTEGER PRIMARY KEY,
+    response_id TEXT NOT NULL UNIQUE,
+    cluster TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    user TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+"""
+_COLUMNS = "response_id, cluster, endpoint, model, user, ts"
+
+
+class ResponseHome(NamedTuple):
+    """Where one response was created, and for whom; a tuple, so it is the row the store takes."""
+
+    response_id: str
+    cluster: str
+    endpoint: str
+    model: str
+    """The public model name the client asked for (the engine's own name is renamed to it in answers)."""
+    user: str
+    """Who asked, at a shared gateway; empty in a user's own server."""
+    ts: float
+
+
+class ResponseIds:
+    """The response ids this gateway relayed, the newest ``most`` of them, with where each was created."""
+
+    def __init__(self, path: Path, most: int, supervisor: Supervisor) -> None:
+        self.path = path
+        self._most = most
+        self._homes: OrderedDict[str, ResponseHome] = OrderedDict()
+        """The newest ids, oldest first: this process's own, and those read from the file since."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            use_wal(conn)
+            conn.executescript(_SCHEMA)
+        self._writer: QueuedWriter[ResponseHome | str] = QueuedWriter(
+            path, self._write, "response ids writer", supervisor, interval=WRITE_INTERVAL_S)
+
+    def remember(self, response_id: str, target: Target, model: str, caller: Caller | None) -> None:
+        """``response_id`` was created at ``target`` for ``caller``: on the event loop, no I/O."""
+        home = ResponseHome(response_id, target.cluster, target.endpoint, model,
+                            caller.user if caller is not None else "", time.time())
+        self._hold(home)
+        self._writer.put(home)
+
+    def remember_answer(self, body: bytes, target: Target, model: str, caller: Caller | None) -> None:
+        """Remember the response a whole (non-streamed) answer holds, when it is one (an object with an id)."""
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        response_id = answer.get("id") if isinstance(answer, dict) else None
+        if isinstance(response_id, str):
+            self.remember(response_id, target, model, caller)
+
+    def forget(self, response_id: str) -> None:
+        """The engine deleted it: a later call gets this gateway's 404 rather than a trip to the engine."""
+        self._homes.pop(response_id, None)
+        self._writer.put(response_id)
+
+    async def home(self, response_id: object, caller: Caller | None, field: str = "response_id") -> ResponseHome:
+        """Where ``response_id`` was created; a 404 when it is unknown here or another caller's (the same 404:
+        whether someone else has such a response is not the caller's to learn). ``field``: the id's name in
+        the error (``previous_response_id`` in a request body)."""
+        if not isinstance(response_id, str):
+            raise OpenAIError(400, f"Invalid value for '{field}': it must be a response id (a string), not "
+                                   f"{json_kind(response_id)}.", param=field, code="invalid_value")
+        home = self._homes.get(response_id)
+        if home is None and len(response_id) <= MAX_ID_CHARS:
+            home = await asyncio.to_thread(self._read, response_id)
+            if home is not None:
+                self._hold(home)
+        if home is None or (caller is not None and home.user != caller.user):
+            raise OpenAIError(404, f"No response {shown(response_id)} is known to this gateway. It routes a response's "
+                                   f"later calls to the endpoint that created it, so it knows only the responses it "
+                                   f"relayed (the newest {self._most:,}: defaults.max_response_ids), and each caller "
+                                   "only their own. Check the id, which responses.create returned.",
+                              param=field, code="response_not_found")
+        return home
+
+    def flush(self, timeout: float = 5.0) -> None:
+        self._writer.flush(timeout)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def _hold(self, home: ResponseHome) -> None:
+        self._homes[home.response_id] = home
+        self._homes.move_to_end(home.response_id)
+        if len(self._homes) > self._most:
+            self._homes.popitem(last=False)
+
+    def _read(self, response_id: str) -> ResponseHome | None:
+        """An id from the file (another process's, or this one's before a restart), on a worker thread."""
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM responses WHERE response_id = ?",  # noqa: S608 (names)
+                               (response_id,)).fetchone()
+        return None if row is None else ResponseHome(*row)
+
+    def _write(self, conn: sqlite3.Connection, items: list[ResponseHome | str]) -> None:
+        """One batch in order, on the writer's thread: ids remembered (a home) or deleted (an id); then the
+        oldest rows beyond the bound go."""
+        for item in items:
+            if isinstance(item, str):
+                conn.execute("DELETE FROM responses WHERE response_id = ?", (item,))
+            else:
+                conn.execute(f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                             item)
+        conn.execute("DELETE FROM responses WHERE seq <= (SELECT MAX(seq) FROM responses) - ?", (self._most,))
