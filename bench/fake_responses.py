@@ -11,6 +11,7 @@ response id is put into each request's copy, so that the bench measures the gate
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
@@ -70,6 +71,9 @@ class FakeResponses:
         self._framed = framed
         self._chunk = chunk
         self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(4)
+        """Ids unique across fakes, as engines' (uuids) are: a gateway in front of two must never mistake one
+        engine's response for the other's."""
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._streams: dict[str, tuple[bytes, ...]] = {}
 
@@ -92,7 +96,7 @@ class FakeResponses:
         previous = request.get("previous_response_id")
         if previous is not None and previous not in self._kept:
             return _error(404, f"Previous response with id '{previous}' not found.", "previous_response_id")
-        response_id = f"resp_{next(self._ids):024x}"
+        response_id = f"resp_{self._prefix}{next(self._ids):016x}"
         background = request.get("background") is True
         status = "queued" if background else "completed"
         body = self._response(response_id, model, request, status, [] if background else [self._message()],

@@ -248,7 +248,7 @@ def fake_cluster_config(upstream: FakeUpstream, **defaults: Any) -> dict[str, An
                     "name": "fake",
                     "base_url": f"{upstream.url}/v1",
                     "models": [
-                        {"id": "fake-model"},
+                        {"id": "fake-model", "capabilities": ["chat", "completions", "responses"]},
                         {"id": "fake-embed", "capabilities": ["embeddings"]},
                     ],
                 }],

@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS responses (
 _COLUMNS = "response_id, cluster, endpoint, model, user, ts"
 
 
+def _storable(text: str) -> bool:
+    """Whether SQLite can take ``text`` (a lone surrogate, which a path may decode to, cannot be UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ResponseHome(NamedTuple):
     """Where one response was created, and for whom; a tuple, so it is the row the store takes."""
 
@@ -71,8 +80,9 @@ class ResponseIds:
     def __init__(self, path: Path, most: int, supervisor: Supervisor) -> None:
         self.path = path
         self._most = most
-        self._homes: OrderedDict[str, ResponseHome] = OrderedDict()
-        """The newest ids, oldest first: this process's own, and those read from the file since."""
+        self._homes: OrderedDict[str, ResponseHome | None] = OrderedDict()
+        """The newest ids, oldest first: this process's own, and those read from the file since; None for one
+        deleted here (the file may hold it until the writer's next commit, and must not be read for it)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
             use_wal(conn)
@@ -84,7 +94,7 @@ class ResponseIds:
         """``response_id`` was created at ``target`` for ``caller``: on the event loop, no I/O."""
         home = ResponseHome(response_id, target.cluster, target.endpoint, model,
                             caller.user if caller is not None else "", time.time())
-        self._hold(home)
+        self._hold(response_id, home)
         self._writer.put(home)
 
     def remember_answer(self, body: bytes, target: Target, model: str, caller: Caller | None) -> None:
@@ -99,7 +109,7 @@ class ResponseIds:
 
     def forget(self, response_id: str) -> None:
         """The engine deleted it: a later call gets this gateway's 404 rather than a trip to the engine."""
-        self._homes.pop(response_id, None)
+        self._hold(response_id, None)
         self._writer.put(response_id)
 
     async def home(self, response_id: object, caller: Caller | None, field: str = "response_id") -> ResponseHome:
@@ -109,11 +119,14 @@ class ResponseIds:
         if not isinstance(response_id, str):
             raise OpenAIError(400, f"Invalid value for '{field}': it must be a response id (a string), not "
                                    f"{json_kind(response_id)}.", param=field, code="invalid_value")
-        home = self._homes.get(response_id)
-        if home is None and len(response_id) <= MAX_ID_CHARS:
+        if response_id in self._homes:
+            home = self._homes[response_id]
+        elif len(response_id) <= MAX_ID_CHARS and _storable(response_id):
             home = await asyncio.to_thread(self._read, response_id)
             if home is not None:
-                self._hold(home)
+                self._hold(response_id, home)
+        else:
+            home = None
         if home is None or (caller is not None and home.user != caller.user):
             raise OpenAIError(404, f"No response {shown(response_id)} is known to this gateway. It routes a response's "
                                    f"later calls to the endpoint that created it, so it knows only the responses it "
@@ -128,9 +141,9 @@ class ResponseIds:
     def close(self) -> None:
         self._writer.close()
 
-    def _hold(self, home: ResponseHome) -> None:
-        self._homes[home.response_id] = home
-        self._homes.move_to_end(home.response_id)
+    def _hold(self, response_id: str, home: ResponseHome | None) -> None:
+        self._homes[response_id] = home
+        self._homes.move_to_end(response_id)
         if len(self._homes) > self._most:
             self._homes.popitem(last=False)
 
