@@ -96,6 +96,12 @@ class Settings:
         """``data:`` events a client must see: one per token, the finish/usage event, then ``[DONE]``."""
         return self.chunks + 2
 
+    @property
+    def events_per_response(self) -> int:
+        """The Responses API's events (the fake's, as OpenAI's): one delta per token, and 8 around them (created,
+        in progress, item and part added, text done, part and item done, completed with the usage)."""
+        return self.chunks + 8
+
 
 @dataclass(frozen=True, slots=True)
 class Side:
@@ -247,8 +253,9 @@ async def one_plain(side: Side, body: bytes) -> Sample:
     return Sample(seconds)
 
 
-async def one_stream(side: Side, body: bytes, expected: int) -> Sample:
-    """One streamed completion: time to the first ``data:`` event, and whether all events came and ended it.
+async def one_stream(side: Side, body: bytes, expected: int, done: bytes = DONE) -> Sample:
+    """One streamed completion: time to the first ``data:`` event, and whether all events came and ``done`` ended
+    it (a Responses stream has no ``[DONE]``: its last event is counted among the events, and ``done`` is empty).
 
     Events are counted with ``bytes.count`` over each read plus the previous read's last 4 bytes, so an event
     marker split between two reads is counted once, and the client spends next to no CPU per chunk.
@@ -267,8 +274,8 @@ async def one_stream(side: Side, body: bytes, expected: int) -> Sample:
                 ttft = time.perf_counter() - t0
             events += found
             carry = window[-4:]
-            end = (end + chunk)[-len(DONE):]
-    return Sample(ttft, events, events == expected and end == DONE)
+            end = (end + chunk)[-len(done):] if done else b""
+    return Sample(ttft, events, events == expected and end == done)
 
 
 async def run_load(one: Callable[[], Awaitable[Sample]], total: int, concurrency: int) -> list[Sample]:
@@ -403,6 +410,8 @@ def targets(figures: dict[str, Any], settings: Settings) -> list[dict[str, Any]]
     low, top = str(min(LEVELS)), str(max(LEVELS))
     streams = sum(stream[c][side]["streams"] for c in levels for side in ("direct", "gateway"))
     complete = sum(stream[c][side]["complete"] for c in levels for side in ("direct", "gateway"))
+    responses = figures["responses_stream"][top]
+    missing = sum(responses[side]["streams"] - responses[side]["complete"] for side in ("direct", "gateway"))
     service_ms = f"{settings.service * 1000:g} ms"
     rows = [
         (f"added latency p50, c={low}", plain[low]["added"]["p50_ms"], "<=", 1.0, "ms"),
@@ -413,6 +422,9 @@ def targets(figures: dict[str, Any], settings: Settings) -> list[dict[str, Any]]
         (f"server CPU per relayed chunk, c={top}", stream[top]["gateway"]["server_cpu_us_per_event"], "<=", 50.0,
          "us"),
         (f"streams with all {settings.events_per_stream} events", streams - complete, "<=", 0, "missing"),
+        (f"server CPU per relayed Responses event, c={top}", responses["gateway"]["server_cpu_us_per_event"], "<=",
+         50.0, "us"),
+        (f"Responses streams with all {settings.events_per_response} events", missing, "<=", 0, "missing"),
     ]
     return [{"name": name, "value": value, "op": op, "limit": limit, "unit": unit,
              "pass": value <= limit if op == "<=" else value >= limit}
@@ -497,6 +509,21 @@ def render(figures: dict[str, Any], settings: Settings) -> str:
         f"{request_cpu_ms:.3f} ms non-stream CPU/req) / {stream_top['events']} data events "
         f"= {stream_top['server_cpu_us_per_event_marginal']:.1f} us",
     ]
+    responses = figures["responses_stream"][top]
+    lines += [
+        "",
+        f"Responses API streams of {settings.chunks} tokens ({settings.events_per_response} events each, passed "
+        f"through: the model needs no rename), c={top}",
+    ]
+    for side in ("direct", "gateway"):
+        f = responses[side]
+        lines.append(f"  {top:>4} {side:<8} {f['ttft_p50_ms']:>7.3f} ms {f['ttft_p99_ms']:>7.3f} ms "
+                     f"{f['complete']:>5}/{f['streams']:<5} {f['server_cpu_us_per_event']:>14.1f} us "
+                     f"{f['upstream_cpu_us_per_event']:>16.1f} us")
+    lines.append(f"  server CPU per chunk, c={top}: chat {stream_top['server_cpu_us_per_event']:.1f} us, Responses "
+                 f"{responses['gateway']['server_cpu_us_per_event']:.1f} us; marginal (as above): chat "
+                 f"{stream_top['server_cpu_us_per_event_marginal']:.1f} us, Responses "
+                 f"{responses['gateway']['server_cpu_us_per_event_marginal']:.1f} us")
     lines += ["", "Added = gateway percentile minus direct percentile. CPU = process user+system time over the "
                   "rounds (plus 0.3 s settle each) divided by requests or by data events received.", "",
               "Targets"]
@@ -521,6 +548,8 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
     engine_body = json.dumps({"model": ENGINE_MODEL, "messages": PROMPT, "max_tokens": settings.chunks}).encode()
     stream_body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": settings.chunks,
                               "stream": True}).encode()
+    responses_body = json.dumps({"model": MODEL, "input": PROMPT, "max_output_tokens": settings.chunks,
+                                 "stream": True}).encode()
     json_type = {"Content-Type": "application/json"}
     async with client_session() as direct_session, client_session() as gateway_session:
         through_gateway = Side("gateway", f"{gateway['url']}/chat/completions",
@@ -540,10 +569,18 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
         def stream(side: Side) -> Callable[[], Awaitable[Sample]]:
             return lambda: one_stream(side, stream_body, settings.events_per_stream)
 
+        response_sides = [Side(side.name, side.url.replace("chat/completions", "responses"), side.headers,
+                               side.session) for side in sides]
+
+        def response_stream(side: Side) -> Callable[[], Awaitable[Sample]]:
+            return lambda: one_stream(side, responses_body, settings.events_per_response, b"")
+
         top = max(LEVELS)
         for side in sides:  # open every pooled connection both ways, fill caches, take first-call costs
             await run_load(plain(side), 10 * top, top)
             await run_load(stream(side), top, top)
+        for side in response_sides:
+            await run_load(response_stream(side), top, top)
         await run_load(plain(through_jupyter), 10 * top, top)
         for side in engine_sides:  # the gateway's pool to the second upstream too
             await run_load(engine_plain(side), 10 * top, top)
@@ -556,7 +593,8 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
                                                 "rounds": settings.rounds, "chunks": settings.chunks,
                                                 "pace_s": settings.pace, "service_ms": settings.service * 1000,
                                                 "cpus": os.cpu_count()},
-                                   "idle_cpu_ms_per_s": idle, "plain": {}, "plain_service": {}, "stream": {}}
+                                   "idle_cpu_ms_per_s": idle, "plain": {}, "plain_service": {}, "stream": {},
+                                   "responses_stream": {}}
         for level in LEVELS:
             tallies = await scenario([*sides, through_jupyter], plain, settings.requests, level, settings.rounds,
                                      fast.procs)
@@ -569,9 +607,12 @@ async def measure(fast: Upstream, engine: Upstream, gateway: dict[str, str], set
             row = {name: stream_figures(t) for name, t in tallies.items()}
             row["added"] = {k: row["gateway"][k] - row["direct"][k] for k in ("ttft_p50_ms", "ttft_p99_ms")}
             figures["stream"][str(level)] = row
-    stream_top = figures["stream"][str(top)]["gateway"]
-    stream_top["server_cpu_us_per_event_marginal"] = marginal_chunk_cpu_us(
-        stream_top, figures["plain"][str(top)]["gateway"]["server_cpu_ms_per_req"])
+        tallies = await scenario(response_sides, response_stream, settings.streams, top, settings.rounds, fast.procs)
+        figures["responses_stream"][str(top)] = {name: stream_figures(t) for name, t in tallies.items()}
+    request_cpu_ms = figures["plain"][str(top)]["gateway"]["server_cpu_ms_per_req"]
+    for kind in ("stream", "responses_stream"):
+        gateway_side = figures[kind][str(top)]["gateway"]
+        gateway_side["server_cpu_us_per_event_marginal"] = marginal_chunk_cpu_us(gateway_side, request_cpu_ms)
     figures["targets"] = targets(figures, settings)
     return figures
 
@@ -612,7 +653,8 @@ def run(settings: Settings) -> dict[str, Any]:
 
         config = tmp / "first.yaml"
         config.write_text(yaml.safe_dump({"clusters": {"bench": {"backend": "http", "endpoints": [
-            {"name": "fake", "base_url": f"{fast_url}/v1", "models": [{"id": MODEL}]},
+            {"name": "fake", "base_url": f"{fast_url}/v1",
+             "models": [{"id": MODEL, "capabilities": ["chat", "completions", "responses"]}]},
             {"name": "engine", "base_url": f"{engine_url}/v1", "models": [{"id": ENGINE_MODEL}]},
             {"name": "tls", "base_url": f"{tls_url}/v1", "tls": {"ca_bundle": str(certs.ca)},
              "models": [{"id": TLS_MODEL, "upstream_name": MODEL}]},

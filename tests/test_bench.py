@@ -27,8 +27,10 @@ def _figures(*, service_added_ms: float, saturated_req_per_s: float) -> dict[str
     service = plain_row({"direct": _tally(0.025, 0.0), "gateway": _tally(0.025 + service_added_ms / 1000, 0.2)})
     stream = {side: stream_figures(_tally(0.001, 0.1, count=4, events=SETTINGS.events_per_stream))
               for side in ("direct", "gateway")}
+    responses = {side: stream_figures(_tally(0.001, 0.1, count=4, events=SETTINGS.events_per_response))
+                 for side in ("direct", "gateway")}
     return {"plain": {"1": low, "32": top}, "plain_service": {"32": service},
-            "stream": {"1": stream, "32": stream}}
+            "stream": {"1": stream, "32": stream}, "responses_stream": {"32": responses}}
 
 
 def _verdicts(figures: dict[str, Any]) -> dict[str, bool]:
@@ -61,6 +63,8 @@ def test_a_tiny_run_measures_every_scenario_and_stops_its_processes(tmp_path: Pa
     for level in ("1", "32"):
         assert set(figures["plain"][level]) >= {"direct", "gateway", "jupyter", "added"}
         assert figures["stream"][level]["gateway"]["complete"] == figures["stream"][level]["gateway"]["streams"]
+    responses = figures["responses_stream"]["32"]["gateway"]
+    assert responses["complete"] == responses["streams"] > 0
     assert figures["plain_service"]["32"]["gateway"]["requests"] >= 64
 
 

@@ -266,6 +266,24 @@ def test_usage_is_per_user_and_operators_see_everyones(shared):
     assert shared.get("/first/api/whoami").json()["username"] == "ada@uni.edu"
 
 
+def test_responses_are_each_callers_own(shared):
+    """A response kept by an engine is reached again only by whoever created it: to another caller its id is
+    unknown, as any id that is not theirs."""
+    created = shared.post("/first/v1/responses", {"model": "fake-model", "input": MARKER})
+    assert created.status_code == 200, created.text
+    path = f"/first/v1/responses/{created.json()['id']}"
+    assert shared.get(path).json()["id"] == created.json()["id"]
+    for refused in (shared.get(path, token="AT-bob"), shared.get(path + "/input_items", token="AT-bob"),
+                    shared.post(path + "/cancel", token="AT-bob"),
+                    httpx.delete(shared.url + path, headers={"Authorization": "Bearer AT-bob"}, timeout=30),
+                    shared.post("/first/v1/responses", {"model": "fake-model", "input": "and?",
+                                                        "previous_response_id": created.json()["id"]},
+                                token="AT-bob")):
+        assert refused.status_code == 404
+        assert error_of(refused)["code"] == "response_not_found"
+    assert shared.get(path).status_code == 200  # still there for its owner
+
+
 def test_batches_and_files_are_each_users_own(shared):
     lines = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "fake-model"}}\n'
     uploaded = shared.post("/first/v1/files", files={"file": ("in.jsonl", lines)}, data={"purpose": "batch"})
