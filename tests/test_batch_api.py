@@ -255,7 +255,7 @@ async def test_file_and_batch_routes_answer_errors_that_say_what_to_do(door):
         await client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
                                     completion_window="24h")
     uploaded = await client.files.create(file=("one.jsonl", _jsonl([_line(0)])), purpose="batch")
-    for bad, param in (({"endpoint": "/v1/responses"}, "endpoint"), ({"completion_window": "1 week"},
+    for bad, param in (({"endpoint": "/v1/moderations"}, "endpoint"), ({"completion_window": "1 week"},
                                                                     "completion_window")):
         asked = {"input_file_id": uploaded.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
                  **bad}
