@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
+from first_jupyter.gateway import response_ids
 from first_jupyter.gateway.relay import StreamWatch
 from first_jupyter.gateway.response_ids import ResponseIds
 from first_jupyter.gateway.supervisor import Supervisor
@@ -211,7 +212,11 @@ class _Caller:
         self.user = user
 
 
-async def test_the_id_store_is_bounded_persisted_and_each_callers_own(tmp_path: Path):
+@pytest.mark.parametrize("json_functions", [True, False], ids=["json-batches", "row-by-row"])
+async def test_the_id_store_is_bounded_persisted_and_each_callers_own(tmp_path: Path, json_functions: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """Whether or not this SQLite has its JSON functions (one statement per batch, else row by row)."""
+    monkeypatch.setattr(response_ids, "json_available", lambda conn: json_functions)
     path = tmp_path / "responses.sqlite3"
     ids = ResponseIds(path, 3, Supervisor())
     for i in range(5):

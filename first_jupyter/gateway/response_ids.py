@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
-from first_jupyter.gateway.queued_writer import QueuedWriter
+from first_jupyter.gateway.queued_writer import QueuedWriter, json_available
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.protocol import OpenAIError, json_kind, shown
 from first_jupyter.sqlite_wal import use_wal
@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 """
 _COLUMNS = "response_id, cluster, endpoint, model, user, ts"
+_INSERT_ROW = f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"  # noqa: S608 (names)
+_INSERT_BATCH = (f"INSERT OR REPLACE INTO responses ({_COLUMNS}) SELECT "  # noqa: S608 (names)
+                 + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(6)) + " FROM json_each(?)")
+_DELETE_BATCH = "DELETE FROM responses WHERE response_id IN (SELECT value FROM json_each(?))"
+_BOUND = "DELETE FROM responses WHERE seq <= (SELECT MAX(seq) FROM responses) - ?"
 
 
 def _storable(text: str) -> bool:
@@ -87,6 +92,8 @@ class ResponseIds:
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
             use_wal(conn)
             conn.executescript(_SCHEMA)
+        self._json: bool | None = None
+        """Whether batches go in as JSON statements: known once the writer has its connection."""
         self._writer: QueuedWriter[ResponseHome | str] = QueuedWriter(
             path, self._write, "response ids writer", supervisor, interval=WRITE_INTERVAL_S)
 
@@ -155,12 +162,18 @@ class ResponseIds:
         return None if row is None else ResponseHome(*row)
 
     def _write(self, conn: sqlite3.Connection, items: list[ResponseHome | str]) -> None:
-        """One batch in order, on the writer's thread: ids remembered (a home) or deleted (an id); then the
-        oldest rows beyond the bound go."""
-        for item in items:
-            if isinstance(item, str):
-                conn.execute("DELETE FROM responses WHERE response_id = ?", (item,))
-            else:
-                conn.execute(f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
-                             item)
-        conn.execute("DELETE FROM responses WHERE seq <= (SELECT MAX(seq) FROM responses) - ?", (self._most,))
+        """One batch on the writer's thread, a statement each (``json_available``): the ids remembered (homes),
+        then those deleted (ids: an id is deleted after it was created), then the oldest rows beyond the bound."""
+        if self._json is None:
+            self._json = json_available(conn)
+        homes = [item for item in items if not isinstance(item, str)]
+        deleted = [item for item in items if isinstance(item, str)]
+        if self._json:
+            if homes:
+                conn.execute(_INSERT_BATCH, (orjson.dumps(homes, default=tuple),))
+            if deleted:
+                conn.execute(_DELETE_BATCH, (orjson.dumps(deleted),))
+        else:
+            conn.executemany(_INSERT_ROW, homes)
+            conn.executemany("DELETE FROM responses WHERE response_id = ?", [(d,) for d in deleted])
+        conn.execute(_BOUND, (self._most,))

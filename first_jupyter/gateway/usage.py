@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import orjson
 
-from first_jupyter.gateway.queued_writer import QueuedWriter
+from first_jupyter.gateway.queued_writer import QueuedWriter, json_available
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.sqlite_wal import use_wal
 
@@ -67,13 +67,7 @@ _INSERT_ROW = (f"INSERT INTO usage ({', '.join(_COLUMNS)}) "  # noqa: S608 (fiel
 _INSERT_BATCH = (f"INSERT INTO usage ({', '.join(_COLUMNS)}) "  # noqa: S608 (field names, not input)
                  f"SELECT {', '.join(f'json_extract(value, {chr(39)}$[{i}]{chr(39)})' for i in range(len(_COLUMNS)))} "
                  "FROM json_each(?)")
-"""A whole batch in one statement over one JSON array.
-
-``executemany`` steps SQLite once per row and gives up the GIL around each step; with the event loop busy,
-taking it back costs up to the interpreter's 5 ms switch interval every time, so a batch of a few hundred rows
-crawls and keeps stealing the GIL from requests in flight (measured: 2 ms per row beside a busy thread). One
-statement is one step, with the GIL released throughout.
-"""
+"""A whole batch in one statement over one JSON array (see ``json_available``)."""
 
 
 def _insert(conn: sqlite3.Connection, rows: list[UsageRecord], batch: bool) -> None:
@@ -81,15 +75,6 @@ def _insert(conn: sqlite3.Connection, rows: list[UsageRecord], batch: bool) -> N
         conn.execute(_INSERT_BATCH, (orjson.dumps(rows, default=tuple),))
     else:
         conn.executemany(_INSERT_ROW, rows)
-
-
-def _json_available(conn: sqlite3.Connection) -> bool:
-    """SQLite's JSON functions are built in from 3.38 and in most older distribution builds, but not all."""
-    try:
-        conn.execute("SELECT json_extract('[1]', '$[0]') FROM json_each('[]')")
-    except sqlite3.OperationalError:
-        return False
-    return True
 
 
 class UsageStore:
@@ -137,5 +122,5 @@ class UsageStore:
     def _write(self, conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
         """One batch, on the writer's thread."""
         if self._batch is None:
-            self._batch = self._json_batches and _json_available(conn)
+            self._batch = self._json_batches and json_available(conn)
         _insert(conn, rows, self._batch)
