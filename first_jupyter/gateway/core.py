@@ -545,7 +545,8 @@ class Gateway:
                                    "it, or create the response again.", param="response_id",
                               code="response_endpoint_gone")
         path = "/".join(filter(None, ("responses", quote(response_id, safe=""), action)))
-        reply = await backend.call(method, path, query, b"" if method == "POST" else None)
+        with acting_as(caller):  # (an endpoint that takes each caller's own Globus token at a shared gateway)
+            reply = await backend.call(method, path, query, b"" if method == "POST" else None)
         if reply.status >= 400:
             raise upstream_error(reply.status, reply.body, f"cluster '{home.cluster}' endpoint '{home.endpoint}'",
                                  reply.retry_after, reply.via)
