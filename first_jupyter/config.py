@@ -85,6 +85,10 @@ class Limits(_Strict):
     max_response_bytes: int = Field(default=64 * 1024 * 1024, gt=0,
                                     description="largest non-streamed upstream answer taken (streams are relayed "
                                                 "as they come, so they have no such limit)")
+    max_audio_bytes: int = Field(default=25 * 1024 * 1024, gt=0,
+                                 description="largest audio file taken by /v1/audio/transcriptions and translations "
+                                             "(OpenAI's and vLLM's limit); it is spooled to disk, never held in "
+                                             "memory")
     max_connections: int = Field(default=512, gt=0, description="pooled upstream connections in all")
     max_connections_per_host: int = Field(default=128, gt=0)
     max_client_connections: int = Field(default=1024, gt=0,

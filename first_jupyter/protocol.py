@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from first_jupyter.gateway.audio import SpooledForm
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 MAX_NESTING = 128
@@ -121,6 +124,8 @@ class Capability(StrEnum):
     pooling = "pooling"
     classify = "classify"
     responses = "responses"
+    transcriptions = "transcriptions"
+    translations = "translations"
 
     @property
     def route(self) -> str:
@@ -148,6 +153,11 @@ class Capability(StrEnum):
         gateway then asks for, to account it."""
         return self in _USAGE_ASKED
 
+    @property
+    def takes_form(self) -> bool:
+        """Whether its body is a ``multipart/form-data`` form (an audio file and fields) rather than JSON."""
+        return self in _FORMS
+
 
 _ROUTES = {
     Capability.chat: "chat/completions",
@@ -162,6 +172,8 @@ _ROUTES = {
     Capability.pooling: "pooling",
     Capability.classify: "classify",
     Capability.responses: "responses",
+    Capability.transcriptions: "audio/transcriptions",
+    Capability.translations: "audio/translations",
 }
 _AT_ROOT = frozenset({Capability.tokenize, Capability.detokenize, Capability.pooling, Capability.classify})
 """vLLM's own routes, which it serves at its root rather than under ``/v1`` (``vllm/entrypoints``)."""
@@ -172,6 +184,7 @@ _USAGE_ASKED = frozenset({Capability.chat, Capability.completions})
 
 ANTHROPIC = frozenset({Capability.messages, Capability.count_tokens})
 """The routes that speak Anthropic's API: their errors take Anthropic's shape, at every door."""
+_FORMS = frozenset({Capability.transcriptions, Capability.translations})
 
 
 class OpenAIError(Exception):
@@ -206,18 +219,20 @@ class OpenAIError(Exception):
 
 
 class ParsedRequest:
-    """A checked request: the decoded body (every field as sent) plus what the gateway reads from it."""
+    """A checked request: the decoded body (every field as sent) plus what the gateway reads from it. A form's
+    (audio) ``data`` are its fields, and its bytes are the spooled ``form``, not ``raw``."""
 
-    __slots__ = ("asked", "capability", "data", "model", "raw", "stream")
+    __slots__ = ("asked", "capability", "data", "form", "model", "raw", "stream")
 
     def __init__(self, capability: Capability, data: dict[str, Any], raw: bytes,
-                 asked: Capability | None = None) -> None:
+                 asked: Capability | None = None, form: SpooledForm | None = None) -> None:
         """``asked``: the route the client came by, where the request is sent as another (a Messages request
         translated to chat); its usage is accounted, and its stream's errors shaped, as the route's."""
         self.capability = capability
         self.asked = asked or capability
         self.data = data
         self.raw = raw
+        self.form = form
         self.model: str = data.get("model") or ""  # empty: the gateway answers 404 with the known ids
         self.stream: bool = data.get("stream") is True
 

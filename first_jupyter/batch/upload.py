@@ -8,19 +8,15 @@ callback on the other.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import BinaryIO
 
 from first_jupyter.protocol import OpenAIError
+from first_jupyter.transport.multipart import FormScanner, MalformedForm, boundary_of, part_filename, part_name
 
 FORM_OVERHEAD = 64 * 1024
 """Bytes a form may take beyond its file (boundaries, part heads, fields)."""
-_MAX_PART_HEAD = 16 * 1024
 _MAX_FIELD = 1024
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
-_FILENAME = re.compile(rb'\bfilename="([^"]*)"', re.IGNORECASE)
 HOW = "Send it as multipart/form-data with a 'file' part and purpose=batch (what openai's files.create does)."
 
 
@@ -47,19 +43,20 @@ class Upload:
         self._ends_line = True
         self._part: str | None = None
         self._field = b""
-        self._state = "preamble"
-        match = _BOUNDARY.search(content_type or "")
-        if not (content_type or "").lower().startswith("multipart/form-data") or match is None:
+        boundary = boundary_of(content_type)
+        if boundary is None:
             self.error = _bad(f"The body is '{content_type or 'without a Content-Type'}', not a form.")
             return
-        self._delim = b"\r\n--" + match.group(1).encode()
-        self._buf = b"\r\n"  # the first boundary opens the body: it then matches like every later one
+        self._scanner = FormScanner(boundary, self)
 
     def feed(self, data: bytes) -> None:
         if self.error is not None:
             return
         try:
-            self._feed(data)
+            self._scanner.feed(data)
+        except MalformedForm as exc:
+            self.error = _bad(str(exc))
+            self.discard()
         except OpenAIError as exc:
             self.error = exc
             self.discard()
@@ -67,7 +64,7 @@ class Upload:
     def finish(self) -> tuple[str, str]:
         """The upload complete: (purpose, filename); raises what was wrong, the partial file removed."""
         if self.error is None:
-            if self._state != "end":
+            if not self._scanner.ended:
                 self.error = _bad("The form ended before its closing boundary.")
             elif self.filename is None:
                 self.error = _bad("The form has no 'file' part.")
@@ -95,67 +92,18 @@ class Upload:
             self._out = None
         self.dest.unlink(missing_ok=True)
 
-    # -- parsing ----------------------------------------------------------------------------------------------
+    # -- the form's parts, as the scanner finds them ----------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
-        buf = self._buf + data
-        delim = self._delim
-        while True:
-            if self._state == "preamble" or self._state == "data":
-                at = buf.find(delim)
-                if at < 0:
-                    keep = len(delim) - 1  # a boundary may be split across two reads
-                    if self._state == "data" and len(buf) > keep:
-                        self._take(buf[:-keep])
-                        buf = buf[-keep:]
-                    self._buf = buf if self._state == "data" else buf[-keep:]
-                    return
-                if self._state == "data":
-                    self._take(buf[:at])
-                    self._end_part()
-                buf = buf[at + len(delim):]
-                self._state = "after"
-            if self._state == "after":
-                if len(buf) < 2:
-                    self._buf = buf
-                    return
-                if buf[:2] == b"--":
-                    self._state, self._buf = "end", b""
-                    return
-                if buf[:2] != b"\r\n":
-                    raise _bad("The form's boundary is followed by neither a part nor its end.")
-                buf = buf[2:]
-                self._state = "head"
-            if self._state == "head":
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_PART_HEAD:
-                        raise _bad("A part's head is too long.")
-                    self._buf = buf
-                    return
-                self._begin_part(buf[:end])
-                buf = buf[end + 4:]
-                self._state = "data"
-            if self._state == "end":
-                self._buf = b""
-                return
-
-    def _begin_part(self, head: bytes) -> None:
-        name = _NAME.search(head)
-        if name is None:
-            raise _bad("A part of the form has no name.")
-        self._part = name.group(1).decode(errors="replace")
+    def begin_part(self, head: bytes) -> None:
+        self._part = part_name(head)
         if self._part == "file":
             if self.filename is not None:
                 raise _bad("The form has two 'file' parts.")
-            filename = _FILENAME.search(head)
-            self.filename = Path(filename.group(1).decode(errors="replace")).name if filename else "upload.jsonl"
+            self.filename = Path(part_filename(head) or "upload.jsonl").name
             self._out = self.dest.open("wb")
         self._field = b""
 
-    def _take(self, data: bytes) -> None:
-        if not data:
-            return
+    def take(self, data: bytes) -> None:
         if self._part != "file":
             self._field += data
             if len(self._field) > _MAX_FIELD:
@@ -182,7 +130,7 @@ class Upload:
                                 "input. Split it into several files (a batch each), or raise "
                                 "defaults.batch.max_file_lines in the config.", code="file_too_large")
 
-    def _end_part(self) -> None:
+    def end_part(self) -> None:
         if self._part == "file":
             assert self._out is not None
             self._out.flush()

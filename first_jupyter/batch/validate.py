@@ -26,9 +26,10 @@ from first_jupyter.protocol import (
 MAX_REPORTED = 100
 """Errors listed in the batch; the count says how many more there were."""
 ENDPOINTS = {capability.path: capability for capability in Capability
-             if capability.path.startswith("/v1/") and capability not in ANTHROPIC}
-"""A batch's ``endpoint``: the OpenAI routes (under ``/v1``), as OpenAI's batches and ``vllm run-batch`` take;
-Anthropic's Messages have a batch API of their own, which this is not."""
+             if capability.path.startswith("/v1/") and capability not in ANTHROPIC and not capability.takes_form}
+"""A batch's ``endpoint``: the OpenAI routes (under ``/v1``), as OpenAI's batches and ``vllm run-batch`` take.
+Not Anthropic's Messages (they have a batch API of their own, which this is not), nor the audio routes (a batch's
+lines are JSON requests, and their bodies are forms)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 
 class Completed:
-    """A finished non-streamed answer, with where it ran."""
+    """A finished non-streamed answer, with where it ran; ``content_type``: the engine's, for an answer that is not
+    JSON (an audio transcript as text, SRT or WebVTT), passed on as it came."""
 
-    __slots__ = ("body", "target")
+    __slots__ = ("body", "content_type", "target")
 
-    def __init__(self, body: bytes, target: Target) -> None:
+    def __init__(self, body: bytes, target: Target, content_type: str = "application/json") -> None:
         self.body = body
         self.target = target
+        self.content_type = content_type
 
 
 class Relayed(ABC):

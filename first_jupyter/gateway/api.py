@@ -16,6 +16,8 @@ import orjson
 from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.answers import Completed, Relayed
+from first_jupyter.gateway.audio import HOW as AUDIO_HOW
+from first_jupyter.gateway.audio import AudioForm
 from first_jupyter.gateway.core import Attempts, Gateway
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest, parse_request, presented_token
@@ -99,6 +101,23 @@ async def run(gateway: Gateway, req: ParsedRequest, caller: Caller | None = None
         tried = Attempts(heard=True)
         return await gateway.heard(gateway.complete(req, caller, tried), tried)
     return await gateway.complete(req, caller)
+
+
+async def start_form(gateway: Gateway, capability: Capability, form: AudioForm | None,
+                     caller: Caller | None = None) -> Completed | Relayed:
+    """Run an audio request whose form has come whole to its spool (``gateway.audio``). The spool is closed when
+    the request ends: here for a whole answer, by the stream when it closes."""
+    if form is None:
+        raise OpenAIError(400, f"The request body is missing. {AUDIO_HOW}", code="invalid_form")
+    spooled = form.finish()
+    try:
+        answer = await run(gateway, spooled.request(capability), caller)
+    except BaseException:
+        spooled.close()
+        raise
+    if isinstance(answer, Completed):
+        spooled.close()
+    return answer
 
 
 def requested_model(body: bytes) -> str:

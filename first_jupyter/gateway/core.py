@@ -38,7 +38,7 @@ from first_jupyter.config import (
     callback_url_for,
 )
 from first_jupyter.gateway.answers import Completed, Relayed, WaitingAnswer, tell_until_done
-from first_jupyter.gateway.backends.base import Backend, Stream
+from first_jupyter.gateway.backends.base import Backend, RequestBody, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
 from first_jupyter.gateway.backends.http import HttpBackend, reach_of
@@ -361,6 +361,8 @@ class GatewayStream(Relayed):
                 self._upstream = opening.result()  # opened as the client left
                 self.target = self._attempts.last or self.target
         router = self._gateway.router
+        if self._req.form is not None:
+            self._req.form.close()  # sent, or never to be
         if self._upstream is not None:
             self._upstream.close()
             self._upstream.when_done(functools.partial(router.ended, self.target))
@@ -865,12 +867,15 @@ class Gateway:
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    def _body_for(self, req: ParsedRequest, target: Target, ask_usage: bool) -> bytes:
-        """The request as the engine must see it: the client's own bytes unless something must change.
+    def _body_for(self, req: ParsedRequest, target: Target, ask_usage: bool) -> RequestBody:
+        """The request as the engine must see it: the client's own bytes unless something must change (a form's
+        from its spool, with the engine's name for the model).
 
         A Responses request that leaves ``stream`` out is not streamed (the OpenAI API's default, and how this
         gateway reads it), but ``transformers serve`` streams it: the engine is told ``"stream": false``."""
         upstream_name = target.backend.upstream_name(req.model)
+        if req.form is not None:
+            return req.form.body(upstream_name)
         unsaid = req.capability is Capability.responses and "stream" not in req.data
         if upstream_name == req.model and not ask_usage and not unsaid:
             return req.raw
@@ -950,6 +955,9 @@ class Gateway:
         self.router.ended(target)
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
         self.router.served(conversation, target)
+        if reply.content_type is not None and "json" not in reply.content_type:  # a transcript as text, SRT, VTT
+            self.record(req, target, reply.status, t0, None, None, None, request_id, None, caller)
+            return Completed(reply.body, target, reply.content_type)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         if req.capability is Capability.responses:
             self.responses.remember_answer(body, target, req.model, caller)

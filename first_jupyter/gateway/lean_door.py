@@ -11,13 +11,12 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import orjson
 
 from first_jupyter.batch.service import Batches
-from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.api import (
     FILE_CHUNK,
@@ -34,7 +33,7 @@ from first_jupyter.gateway.api import (
     too_large,
 )
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.route_table import Answer, Bare, Call, Matcher
+from first_jupyter.gateway.route_table import Answer, Bare, Call, Matcher, Spool, body_sink
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 
@@ -91,8 +90,8 @@ class GatewayApp:
         return self.limit
 
     def body_sink(self, method: str, path: str, headers: dict[str, str]) -> BodySink | None:
-        """An uploaded file goes to disk as it arrives; only for a holder of the key (others get no sink, so
-        their body is held to the usual limit and refused)."""
+        """An uploaded file or an audio form goes to disk as it arrives; only for a holder of the key (others get no
+        sink, so their body is held to the usual limit and refused)."""
         if self.gateway is None or not key_matches(headers.get, self.key) or \
                 not self._hosts.allowed(headers.get("host", ""), is_loopback_host):
             return None
@@ -100,13 +99,14 @@ class GatewayApp:
             route, _ = self.routes.match(method, path)
         except OpenAIError:
             return None
-        return self.gateway.batches.upload(headers.get("content-type")) if route.body == "file" else None
+        return body_sink(route, self.gateway, self._door.batches, headers.get("content-type")) \
+            if self._door is not None else None
 
     def refusal(self, refusal: HTTPRefusal) -> bytes:
         write = self.routes.error_body(refusal.path)
         if isinstance(refusal, BodyTooLarge):  # an upload's limit is the file's, with its own setting
-            sink = refusal.sink
-            return write(sink.too_large() if isinstance(sink, Upload) else too_large(refusal.size, refusal.limit))
+            sink = cast(Spool | None, refusal.sink)  # (every sink here is one of the route table's)
+            return write(sink.too_large() if sink is not None else too_large(refusal.size, refusal.limit))
         return write(internal_error(refusal.message) if refusal.status >= 500 else OpenAIError(refusal.status,
                                                                                                 refusal.message))
 
@@ -136,9 +136,8 @@ class GatewayApp:
             self.on_activity()
         if self.gateway is None or self._door is None:
             raise config_error(self.config_error_text)
-        upload = request.upload if isinstance(request.upload, Upload) else None
         call = Call(self.gateway, self._door, tuple(unquote(p) for p in params), request.query, request.body,
-                    upload, self.limit, request.headers.get)
+                    cast(Spool | None, request.upload), self.limit, request.headers.get)
         await self._send(await route.answer(call), exchange)
 
     @staticmethod
@@ -150,7 +149,7 @@ class GatewayApp:
 
     async def _send(self, answer: Answer, exchange: Exchange) -> None:
         if isinstance(answer, Completed):
-            exchange.respond(200, {"Content-Type": JSON, **target_headers(answer.target)}, answer.body)
+            exchange.respond(200, {"Content-Type": answer.content_type, **target_headers(answer.target)}, answer.body)
         elif isinstance(answer, Relayed):
             await self._relay(answer, exchange)
         elif isinstance(answer, Path):

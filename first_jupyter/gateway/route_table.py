@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
+from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import anthropic, api
 from first_jupyter.gateway.answers import Completed, Relayed
+from first_jupyter.gateway.audio import AudioForm
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
 from first_jupyter.protocol import ANTHROPIC, PROGRESS_HEADER, Capability, OpenAIError
 
 if TYPE_CHECKING:
     from first_jupyter.batch.service import Batches
-    from first_jupyter.batch.upload import Upload
     from first_jupyter.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
@@ -71,6 +72,19 @@ class Door(Protocol):
         ...
 
 
+class Spool(Protocol):
+    """Where a large body goes as it arrives instead of memory (a door's body sink): an uploaded file, an audio
+    form; ``too_large``: its refusal in its own words, with its own setting."""
+
+    limit: int
+
+    def feed(self, data: bytes) -> None: ...
+
+    def discard(self) -> None: ...
+
+    def too_large(self) -> OpenAIError: ...
+
+
 @dataclass
 class Call:
     """One request as a route sees it, whichever door it came through."""
@@ -81,7 +95,8 @@ class Call:
     """The path's parameters, percent-decoded (a model id, a file or batch id)."""
     query: str
     body: bytes
-    upload: Upload | None
+    upload: Spool | None
+    """The body's sink, for a route whose body is a file or a form (``body`` is then empty)."""
     limit: int
     header: Callable[[str], str | None]
 
@@ -92,16 +107,17 @@ class Call:
 Answering = Callable[[Call], Awaitable[Answer]]
 ErrorBody = Callable[[OpenAIError], bytes]
 """How a route's errors are written: OpenAI's shape, or Anthropic's on the Messages routes."""
-BodyKind = Literal["none", "request", "file"]
+BodyKind = Literal["none", "request", "file", "form"]
 
 
 @dataclass(frozen=True)
 class Route:
     """One method on one path. ``pattern``: a regular expression of the path (from the server's root, groups for
-    the parameters); ``body``: none, a request (within ``max_request_bytes``), or a file streamed to disk (within
-    ``max_file_bytes``); ``streams``: whether the answer may be a stream; ``open``: answered without the door's
-    authentication (a node's callback carries its own signature); ``error_body``: how every error answer on it is
-    written, the door's own refusals (authentication, limits) included, so that a client reads them in its API."""
+    the parameters); ``body``: none, a request (within ``max_request_bytes``), a file streamed to disk (within
+    ``max_file_bytes``), or an audio form spooled to disk for an engine (within ``max_audio_bytes``);
+    ``streams``: whether the answer may be a stream; ``open``: answered without the door's authentication (a
+    node's callback carries its own signature); ``error_body``: how every error answer on it is written, the door's
+    own refusals (authentication, limits) included, so that a client reads them in its API."""
 
     method: str
     pattern: str
@@ -133,10 +149,24 @@ def query_of(query: str) -> dict[str, str]:
 # -- the answering functions ------------------------------------------------------------------------------------
 
 
+def body_sink(route: Route, gateway: Gateway, batches: Callable[[], Batches],
+              content_type: str | None) -> Spool | None:
+    """Where a request's body goes as it arrives, by its route's kind; None: into memory, within the limit."""
+    if route.body == "file":
+        return batches().upload(content_type)
+    if route.body == "form":
+        return AudioForm(content_type, gateway.data_dir / "audio", gateway.config.defaults.limits.max_audio_bytes)
+    return None
+
+
 def _inference(capability: Capability) -> Answering:
     if capability in ANTHROPIC:
         async def infer(call: Call) -> Answer:
             return await anthropic.start(call.gateway, capability, call.body, call.limit, call.door.caller())
+    elif capability.takes_form:
+        async def infer(call: Call) -> Answer:
+            form = call.upload if isinstance(call.upload, AudioForm) else None
+            return await api.start_form(call.gateway, capability, form, call.door.caller())
     else:
         async def infer(call: Call) -> Answer:
             return await api.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
@@ -210,7 +240,7 @@ async def _files(call: Call) -> Answer:
 
 
 async def _add_file(call: Call) -> Answer:
-    if call.upload is None:
+    if not isinstance(call.upload, Upload):
         raise OpenAIError(400, "The upload is missing: send the file as multipart/form-data.")
     return call.door.batches().add_file(call.upload)
 
@@ -251,7 +281,8 @@ _MODEL = "(.+)"
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/first/v1/models", _models),
     Route("GET", f"/first/v1/models/{_MODEL}", _model),
-    *(Route("POST", cap.public_path, _inference(cap), body="request", streams=cap.streams,
+    *(Route("POST", cap.public_path, _inference(cap),
+            body="form" if cap.takes_form else "request", streams=cap.streams,
             error_body=anthropic.error_body if cap in ANTHROPIC else OpenAIError.to_bytes) for cap in Capability),
     Route("GET", f"/first/v1/responses/{_ID}", _stored_response("GET")),
     Route("DELETE", f"/first/v1/responses/{_ID}", _stored_response("DELETE")),

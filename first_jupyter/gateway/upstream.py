@@ -16,6 +16,7 @@ import orjson
 from first_jupyter.config import Limits, Timeouts
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.http_client import (
+    Body,
     ConnectFailed,
     FirstByteTimeout,
     HTTPClientError,
@@ -41,6 +42,8 @@ class Reply:
     retry_after: str | None = None
     via: str | None = None
     """The proxy it came through (never its credentials): an error status may be the proxy's own refusal."""
+    content_type: str | None = None
+    """The answer's own Content-Type, where it said one."""
 
 
 def upstream_error(status: int, body: bytes, where: str, retry_after: str | None = None,
@@ -173,7 +176,7 @@ class UpstreamClient:
             self._pool.close()
             self._pool = None
 
-    async def _open(self, method: str, url: Url, head_lines: bytes, body: bytes | None, where: str,
+    async def _open(self, method: str, url: Url, head_lines: bytes, body: Body, where: str,
                     first_byte: float) -> Response:
         try:
             return await self.pool().request(method, url, head_lines, body, first_byte=first_byte,
@@ -197,7 +200,7 @@ class UpstreamClient:
             raise OpenAIError(502, f"{where} closed the connection without answering ({exc}). Retry, or check "
                                    f"GET /first/api/status.", type="api_error", code="upstream_disconnected") from None
 
-    async def request(self, method: str, url: Url, head_lines: bytes, body: bytes | None, where: str,
+    async def request(self, method: str, url: Url, head_lines: bytes, body: Body, where: str,
                       *, first_byte: float | None = None) -> Reply:
         """One complete exchange; error statuses are returned, not raised, so callers can pass them on."""
         resp = await self._open(method, url, head_lines, body, where, first_byte or self.timeouts.first_byte)
@@ -221,7 +224,8 @@ class UpstreamClient:
             data = b""  # a refusal whose sender hung up mid-body (a proxy that did not read ours): its status is
             #             the answer that matters
         proxy = url.origin.proxy
-        return Reply(resp.status, data, resp.headers.get("retry-after"), proxy.display if proxy else None)
+        return Reply(resp.status, data, resp.headers.get("retry-after"), proxy.display if proxy else None,
+                     resp.headers.get("content-type"))
 
     def _check_head(self, resp: Response, where: str, url: Url) -> None:
         """Statuses that are not the engine's answer: a redirect, or the proxy asking for credentials."""
@@ -236,7 +240,7 @@ class UpstreamClient:
                                    f"(http://user:password@host:port).", type="api_error",
                               code="proxy_failed")
 
-    async def stream(self, url: Url, head_lines: bytes, body: bytes, where: str, *,
+    async def stream(self, url: Url, head_lines: bytes, body: Body, where: str, *,
                      first_byte: float | None = None) -> UpstreamStream:
         """Open a streamed POST; an error status is raised here, before any byte reaches the client."""
         resp = await self._open("POST", url, head_lines, body, where, first_byte or self.timeouts.first_byte)

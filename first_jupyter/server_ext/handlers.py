@@ -35,11 +35,20 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
 from first_jupyter.batch.service import Batches
-from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import api
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.route_table import Answer, Bare, Call, ErrorBody, Route, method_not_allowed, paths
+from first_jupyter.gateway.route_table import (
+    Answer,
+    Bare,
+    Call,
+    ErrorBody,
+    Route,
+    Spool,
+    body_sink,
+    method_not_allowed,
+    paths,
+)
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.loop_thread import LoopThread
 from first_jupyter.transport.proxies import is_loopback
@@ -82,7 +91,7 @@ class GatewayDoor(web.RequestHandler):
     close``), so that a client's next request goes on a new connection instead of failing on this one."""
     _refusal: OpenAIError | web.HTTPError | None = None
     """A refusal waiting for the small body it drops (``DRAIN_BYTES``)."""
-    _upload: Upload | None = None
+    _upload: Spool | None = None
     _limit = 0
     _received = 0
     _chunks: list[bytes]
@@ -217,8 +226,9 @@ class GatewayDoor(web.RequestHandler):
         """Who sent the request, from its head alone: sets ``current_user``, or raises the door's refusal."""
         raise NotImplementedError
 
-    def upload_sink(self) -> Upload | None:
-        """Where this request's body goes instead of memory (an uploaded file, to disk); None to collect it."""
+    def upload_sink(self) -> Spool | None:
+        """Where this request's body goes instead of memory (an uploaded file or an audio form, to disk); None to
+        collect it."""
         return None
 
     def caller(self) -> SharedCaller | None:
@@ -375,10 +385,8 @@ class TableRoute(GatewayDoor):
             self._route = route
         return self._route
 
-    def upload_sink(self) -> Upload | None:
-        if self.route().body == "file":
-            return self.batches().upload(self.request.headers.get("Content-Type"))
-        return None
+    def upload_sink(self) -> Spool | None:
+        return body_sink(self.route(), self.gateway, self.batches, self.request.headers.get("Content-Type"))
 
     def on_connection_close(self) -> None:
         """The client went away: cancel at once so the upstream request is closed and the engine stops. It may
@@ -428,7 +436,7 @@ class TableRoute(GatewayDoor):
         elif isinstance(answer, Completed):
             for name, value in {**api.target_headers(answer.target), **(caller.headers if caller else {})}.items():
                 self.set_header(name, value)
-            self.set_header("Content-Type", api.JSON)
+            self.set_header("Content-Type", answer.content_type)
             self.finish(answer.body)
         elif isinstance(answer, Path):
             await self._send_file(answer)

@@ -18,9 +18,9 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, cast
+from typing import NamedTuple, Protocol, cast
 from urllib.parse import quote, urlsplit
 
 import httptools
@@ -75,6 +75,20 @@ class FirstByteTimeout(TimeoutError):
 
 class IdleTimeout(TimeoutError):
     pass
+
+
+class StreamedBody(Protocol):
+    """A request body sent from where it lies (a file on disk) instead of from memory: its length, known ahead so
+    that it goes with ``Content-Length``, and its bytes in chunks, from the start at each call (a request sent again
+    on a fresh connection sends its body again)."""
+
+    @property
+    def length(self) -> int: ...
+
+    def chunks(self) -> Iterator[bytes]: ...
+
+
+Body = bytes | StreamedBody | None
 
 
 class Origin(NamedTuple):
@@ -390,6 +404,9 @@ class _Connection(HeadCollector, asyncio.Protocol):
         self._in_interim = False
         self._to_eof = False
         """The response has neither length nor chunks: its body ends when the upstream closes."""
+        self._writing_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        """Set while a streamed body waits for the transport to take what it holds."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -427,8 +444,21 @@ class _Connection(HeadCollector, asyncio.Protocol):
             self._end(resp)
         return False
 
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._wake_drain()
         resp = self._resp
         if resp is not None and not resp._complete:
             if isinstance(exc, ssl.SSLError):  # TLS 1.3 reports a refused client certificate here, after the
@@ -484,14 +514,35 @@ class _Connection(HeadCollector, asyncio.Protocol):
 
     # -- exchange -----------------------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes | None, first_byte: float, idle: float) -> Response:
+    def send(self, head: bytes, body: Body, first_byte: float, idle: float) -> Response:
+        """Send the head, and the body when it is in memory (``send_body`` sends a streamed one)."""
         assert self.transport is not None
         self._interim, self._in_interim, self._to_eof = 0, False, False
         resp = self._resp = Response(self, first_byte, idle)
-        length = len(body) if body else 0
-        self.transport.write(head + b"Content-Length: %d\r\n\r\n" % length + (body or b""))
+        if body is None or isinstance(body, bytes):
+            length = len(body) if body else 0
+            self.transport.write(head + b"Content-Length: %d\r\n\r\n" % length + (body or b""))
+        else:
+            self.transport.write(head + b"Content-Length: %d\r\n\r\n" % body.length)
         self.used += 1
         return resp
+
+    async def send_body(self, resp: Response, body: StreamedBody) -> None:
+        """A streamed body after its head, a chunk at a time as the transport takes it: what waits in memory is
+        bounded by the transport's high-water mark, whatever the body's size. It stops early when the answer has
+        begun (an upstream that refuses the body before reading it all); the connection is then not reused. The
+        first-byte clock runs from the last byte sent, so a long upload is not taken for a silent upstream."""
+        transport = self.transport
+        assert transport is not None
+        for chunk in body.chunks():
+            if self.closed or resp._head_seen or resp._error is not None:
+                self.reusable = False
+                return
+            transport.write(chunk)
+            resp._sent = self.loop.time()
+            if self._writing_paused:
+                self._drain = self.loop.create_future()
+                await self._drain
 
     def _end(self, resp: Response) -> None:
         self._resp = None
@@ -602,7 +653,7 @@ class Pool:
         self.opened = 0
         self.closed = False
 
-    async def request(self, method: str, url: Url, head_lines: bytes, body: bytes | None, *, first_byte: float,
+    async def request(self, method: str, url: Url, head_lines: bytes, body: Body, *, first_byte: float,
                       idle: float) -> Response:
         """Send a request and wait for the response head; the body is read from the returned Response.
 
@@ -623,6 +674,8 @@ class Pool:
                 self._active.add(conn)
                 resp = conn.send(head, body, first_byte, idle)
                 try:
+                    if body is not None and not isinstance(body, bytes):
+                        await conn.send_body(resp, body)
                     await resp.wait_head()
                 except Disconnected:
                     if (reused and not resp._got_bytes and attempt == 0 and not self.closed

@@ -5,8 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from first_jupyter.gateway.audio import FormBody
 from first_jupyter.gateway.upstream import Reply
-from first_jupyter.protocol import Capability
+from first_jupyter.protocol import Capability, OpenAIError
+
+RequestBody = bytes | FormBody
+"""A request as sent to an engine: JSON bytes, or an audio form from its spool."""
+
+
+def json_only(body: RequestBody, where: str, capability: Capability) -> bytes:
+    """The JSON body of a backend that carries JSON only (a Globus Compute task); the 501 naming why for a form."""
+    if isinstance(body, bytes):
+        return body
+    raise OpenAIError(501, f"{where} cannot serve {capability.route}: a Globus Compute task carries JSON requests, "
+                           "not audio files. Serve the audio model from an http or local endpoint (its "
+                           "capabilities: [transcriptions]), or send the request to one.", type="api_error",
+                      code="unsupported_route")
 
 
 class Stream(Protocol):
@@ -56,11 +70,11 @@ class Backend(Protocol):
         context window, token limits), for ``/v1/models``; empty where it says nothing."""
         ...
 
-    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
+    async def complete(self, model_id: str, capability: Capability, body: RequestBody) -> Reply:
         """Send one request and return the whole answer (error statuses included)."""
         ...
 
-    async def stream(self, model_id: str, capability: Capability, body: bytes) -> Stream:
+    async def stream(self, model_id: str, capability: Capability, body: RequestBody) -> Stream:
         """Open a stream; raise ``OpenAIError`` before the first byte if the upstream refuses."""
         ...
 

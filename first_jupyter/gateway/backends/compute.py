@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from first_jupyter.config import ComputeEndpoint, ModelConfig
+from first_jupyter.gateway.backends.base import RequestBody, json_only
 from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
 from first_jupyter.gateway.ceilings import LIMITS_KEY, reported_limits
 from first_jupyter.gateway.upstream import Reply
@@ -244,9 +245,10 @@ class ComputeBackend:
             with contextlib.suppress(Exception):  # its failure, or the wait's end: either way, it is over
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(task)), wait)
 
-    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
+    async def complete(self, model_id: str, capability: Capability, body: RequestBody) -> Reply:
         """A plain request as a task that the node can be told to stop (``_withdraw``), and that stops by itself
         at the endpoint's timeout (its deadline), when this gateway stops waiting for it."""
+        body = json_only(body, self.where, capability)
         url = self._callback_url()
         remote = self._hub.open(self.where)
         deadline = time.time() + self.endpoint.timeout
@@ -262,7 +264,8 @@ class ComputeBackend:
             self._hub.close(remote)
         return Reply(int(result["status"]), str(result["body"]).encode())
 
-    async def stream(self, model_id: str, capability: Capability, body: bytes) -> RemoteAnswer:
+    async def stream(self, model_id: str, capability: Capability, body: RequestBody) -> RemoteAnswer:
+        body = json_only(body, self.where, capability)
         url = self._callback_url()
         remote = self._hub.open(self.where)
         deadline = time.time() + self.endpoint.timeout  # kept by the node only when the stream comes back whole

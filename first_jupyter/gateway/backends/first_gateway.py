@@ -20,6 +20,7 @@ import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from first_jupyter.config import FirstGatewayEndpoint, ModelConfig
+from first_jupyter.gateway.backends.base import RequestBody
 from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream, upstream_error
@@ -339,7 +340,7 @@ class FirstGatewayBackend(HttpBackend):
                                type="api_error", code="upstream_timeout")
         return super()._judged(error)
 
-    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: RequestBody) -> UpstreamStream:
         """Open the stream and read its first event before handing it on: a FIRST gateway reports some failures
         inside its 200 stream (``in_band_error``), and those must fail before the first byte as an error status
         would, so that the request fails over, or waits for a start, instead of relaying the error as an answer."""

@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 
 from first_jupyter.config import ConfigError, ModelConfig, TlsConfig
+from first_jupyter.gateway.audio import FormBody
+from first_jupyter.gateway.backends.base import RequestBody
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.ceilings import LIMITS_KEY, reported_limits
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream, upstream_error
@@ -27,6 +29,7 @@ policy rule: ``check_permission`` and the group checks in its resource_server_as
 Signing in again does not help there, and another endpoint may take the account."""
 
 log = logging.getLogger(__name__)
+_JSON = b"Content-Type: application/json\r\n"
 
 
 def reach_of(key_path: str, proxy: str | None, tls: TlsConfig) -> Reach:
@@ -94,8 +97,9 @@ class HttpBackend:
         self._api_key_env = api_key_env
         key = os.environ.get(api_key_env) if api_key_env else None
         self._has_key = bool(key)
-        self._head_lines = b"Content-Type: application/json\r\nAccept: */*\r\n" + (
-            f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b"")
+        self._head_lines = _JSON + self._other_lines(key)
+        self._form_lines = self._other_lines(key)
+        """A form's head lines, less its Content-Type (each form has its own boundary)."""
         self._globus = globus
 
     def url(self, text: str) -> Url:
@@ -128,13 +132,19 @@ class HttpBackend:
                                    f"{self._api_key_env}, which is not set in the Jupyter server's environment. "
                                    f"Set it and restart the server.", type="api_error", code="missing_api_key")
 
-    async def _head(self) -> bytes:
-        """The request's header lines, with the user's Globus token when this endpoint takes one."""
+    @staticmethod
+    def _other_lines(key: str | None) -> bytes:
+        return b"Accept: */*\r\n" + (f"Authorization: Bearer {key}\r\n".encode("latin-1") if key else b"")
+
+    async def _head(self, body: RequestBody | None = None) -> bytes:
+        """The request's header lines for ``body``, with the user's Globus token when this endpoint takes one."""
         self._check_key()
+        lines = self._form_lines + b"Content-Type: %b\r\n" % body.content_type.encode("latin-1") \
+            if isinstance(body, FormBody) else self._head_lines
         if self._globus is None:
-            return self._head_lines
+            return lines
         tokens, resource_server = self._globus
-        return self._head_lines + await tokens.header(resource_server)
+        return lines + await tokens.header(resource_server)
 
     def _judged(self, error: OpenAIError) -> OpenAIError | None:
         """An upstream refusal as this gateway must act on it, or None to pass it on as it is.
@@ -155,17 +165,17 @@ class HttpBackend:
         """Where a request goes: one API root for every model here."""
         return self._urls[capability]
 
-    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
-        reply = await self._client.request("POST", self._url(model_id, capability), await self._head(), body,
+    async def complete(self, model_id: str, capability: Capability, body: RequestBody) -> Reply:
+        reply = await self._client.request("POST", self._url(model_id, capability), await self._head(body), body,
                                            self.where, first_byte=self.first_byte)
         if reply.status >= 400 and (judged := self._judged(upstream_error(
                 reply.status, reply.body, self.where, reply.retry_after, reply.via))) is not None:
             raise judged
         return reply
 
-    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: RequestBody) -> UpstreamStream:
         try:
-            return await self._client.stream(self._url(model_id, capability), await self._head(), body,
+            return await self._client.stream(self._url(model_id, capability), await self._head(body), body,
                                              self.where, first_byte=self.first_byte)
         except OpenAIError as exc:
             raise self._judged(exc) or exc from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from first_jupyter.config import LocalEndpoint, ModelConfig
+from first_jupyter.gateway.backends.base import RequestBody
 from first_jupyter.gateway.backends.http import HttpBackend
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, UpstreamStream
 from first_jupyter.protocol import Capability, OpenAIError
@@ -137,7 +138,7 @@ class LocalBackend:
         self.in_flight -= 1
         self.last_used = time.monotonic()
 
-    async def complete(self, model_id: str, capability: Capability, body: bytes) -> Reply:
+    async def complete(self, model_id: str, capability: Capability, body: RequestBody) -> Reply:
         http = await self._ensure_running()
         self._begin()
         try:
@@ -145,7 +146,7 @@ class LocalBackend:
         finally:
             self._end()
 
-    async def stream(self, model_id: str, capability: Capability, body: bytes) -> UpstreamStream:
+    async def stream(self, model_id: str, capability: Capability, body: RequestBody) -> UpstreamStream:
         http = await self._ensure_running()
         self._begin()
         try:
