@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import hashlib
 import os
 import signal
 import ssl
@@ -49,6 +50,7 @@ import orjson
 
 from bench.fake_responses import PATH as _RESPONSES
 from bench.fake_responses import FakeResponses, Rendered
+from first_jupyter.transport.multipart import FormScanner, MalformedForm, boundary_of, part_filename, part_name
 
 FAULT_MODES: Final[tuple[str, ...]] = ("none", "400", "403", "429", "500", "hang", "slow-first-byte",
                                         "drop-mid-stream", "bare-lf-header", "bad-models")
@@ -154,6 +156,7 @@ _VLLM_OWN: Final[dict[bytes, Callable[[dict[str, Any], str], dict[str, Any]]]] =
     b"/pooling": _pooling, b"/classify": _classify,
 }
 """The routes vLLM serves beyond OpenAI's, answered as vLLM does (never streamed), from the request."""
+_AUDIO: Final = frozenset((b"/v1/audio/transcriptions", b"/v1/audio/translations"))
 _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _CHAT: b"POST",
     _COMPLETIONS: b"POST",
@@ -163,7 +166,11 @@ _ROUTE_METHODS: Final[dict[bytes, bytes]] = {
     _MESSAGES: b"POST",
     _COUNT_TOKENS: b"POST",
     **dict.fromkeys(_VLLM_OWN, b"POST"),
+    **dict.fromkeys(_AUDIO, b"POST"),
 }
+_TRANSCRIPT_TYPES: Final = {"text": b"text/plain; charset=utf-8", "srt": b"application/x-subrip",
+                            "vtt": b"text/vtt; charset=utf-8"}
+"""The answers to ``response_format`` other than JSON: text as it is, or subtitles (each with its own type)."""
 _GATE: Final = b"/gate"
 _CONTROL_ROUTES: Final = frozenset((b"/health", b"/stats", _GATE))
 _EMBEDDING: Final = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -206,18 +213,19 @@ def _error_response(status: int, message: str, err_type: str, close: bool, extra
     return _json_response(status, body, close, extra)
 
 
-def _header(lowered_head: bytes, marker: bytes) -> bytes | None:
+def _header(lowered_head: bytes, marker: bytes, head: bytes | None = None) -> bytes | None:
     """Value of one header, found by ``marker`` (``b"\\r\\nname:"``) in the lower-cased header block.
 
     Why not parse every header into a dict: a request only needs a handful of them, and a few
-    ``bytes.find`` calls cost far less per request than splitting all of an SDK's 15-20 headers.
+    ``bytes.find`` calls cost far less per request than splitting all of an SDK's 15-20 headers. ``head``: the
+    block as sent, to take the value from in its own case (a form's boundary).
     """
     start = lowered_head.find(marker)
     if start < 0:
         return None
     start += len(marker)
     stop = lowered_head.find(b"\r\n", start)
-    return lowered_head[start : stop if stop >= 0 else len(lowered_head)].strip()
+    return (lowered_head if head is None else head)[start : stop if stop >= 0 else len(lowered_head)].strip()
 
 
 def _http_chunk(data: bytes) -> bytes:
@@ -269,6 +277,58 @@ def _server_context(certfile: str | os.PathLike[str], keyfile: str | os.PathLike
     return context
 
 
+class _AudioIntake:
+    """An audio form (``/v1/audio/*``) read as it comes, never held whole, as an engine takes it: its length, the
+    SHA-256 and size of its file part, the file's name and type, and its fields. What it read is what the fake
+    answers with (``FakeUpstream.last_request_body``), so that a test can prove the bytes arrived intact."""
+
+    def __init__(self, content_type: bytes | None, length: int) -> None:
+        self.left = length
+        self.summary: dict[str, Any] = {"bytes": length, "file_bytes": 0, "fields": {}}
+        self._sha = hashlib.sha256()
+        self._file = False
+        self._name = ""
+        self._value = bytearray()
+        boundary = boundary_of(content_type.decode("latin-1") if content_type else None)
+        self._scanner = FormScanner(boundary, self) if boundary is not None else None
+        if boundary is None:
+            self.summary["error"] = "the body is not multipart/form-data"
+
+    def feed(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self._scanner is not None and "error" not in self.summary:
+            try:
+                self._scanner.feed(data)
+            except MalformedForm as exc:
+                self.summary["error"] = str(exc)
+
+    def result(self) -> bytes:
+        if self._scanner is not None and not self._scanner.ended and "error" not in self.summary:
+            self.summary["error"] = "the form ended before its closing boundary"
+        self.summary["file_sha256"] = self._sha.hexdigest()
+        return orjson.dumps(self.summary)
+
+    def begin_part(self, head: bytes) -> None:
+        self._name = part_name(head)
+        filename = part_filename(head)
+        self._file = filename is not None
+        if self._file:
+            content_type = _header(head.lower(), b"\r\ncontent-type:")
+            self.summary.update(file_name=filename, file_type=content_type.decode() if content_type else None)
+        self._value.clear()
+
+    def take(self, data: bytes) -> None:
+        if self._file:
+            self._sha.update(data)
+            self.summary["file_bytes"] += len(data)
+        else:
+            self._value += data
+
+    def end_part(self) -> None:
+        if not self._file:
+            self.summary["fields"][self._name] = self._value.decode(errors="replace")
+
+
 class _Stream:
     """A pre-rendered streamed response: cached once, then replayed with one write per event."""
 
@@ -294,6 +354,7 @@ class _Connection(asyncio.Protocol):
         "_busy",
         "_continue_sent",
         "_dropping",
+        "_intake",
         "_task",
         "_transport",
         "_upstream",
@@ -308,6 +369,8 @@ class _Connection(asyncio.Protocol):
         self._continue_sent = False  # "100 Continue" already sent for the request being received
         self._dropping = False  # set when we abort on purpose, so it is not mistaken for the client leaving
         self._task: asyncio.Task[None] | None = None
+        self._intake: tuple[_AudioIntake, bytes, bytes, bytes | None, bytes] | None = None
+        """An audio form being read, with its request's method, path, fault header and head."""
         self.close_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -317,9 +380,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Buffer the bytes; parse them now unless a response is still being produced."""
+        if self._intake is not None:
+            data = self._take_form(data)
         self._buf += data
-        if not self._busy:
+        if not self._busy and self._intake is None:
             self._process()
+
+    def _take_form(self, data: bytes) -> bytes:
+        """Feed an audio form its bytes as they come; at its end, answer it. What follows it is returned."""
+        assert self._intake is not None
+        intake, method, path, fault, head = self._intake
+        mine, rest = data[: intake.left], data[intake.left :]
+        intake.feed(mine)
+        if intake.left == 0:
+            self._intake = None
+            self._upstream._dispatch(self, method, path, fault, head, intake.result())
+        return rest
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop any response in progress at once, and record the disconnect if the client left."""
@@ -338,7 +414,7 @@ class _Connection(asyncio.Protocol):
         """Parse and dispatch every complete request in the buffer, stopping at an in-flight response."""
         transport = self._transport
         buf = self._buf
-        while buf and not self._busy and not transport.is_closing():
+        while buf and not self._busy and self._intake is None and not transport.is_closing():
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > _MAX_HEAD_BYTES:
@@ -360,6 +436,16 @@ class _Connection(asyncio.Protocol):
                 self._reject(400, "invalid Content-Length")
                 return
             body_end = end + 4 + length
+            path = target.partition(b"?")[0]
+            if path in _AUDIO:  # read as it comes, never held whole
+                self._set_close_after(version, lowered)
+                fault = _header(lowered, b"\r\nx-fake-fault:")
+                intake = _AudioIntake(_header(lowered, b"\r\ncontent-type:", head), length)
+                self._intake = (intake, method, path, fault, head)
+                rest = bytes(buf[end + 4 :])
+                del buf[:]
+                buf += self._take_form(rest)
+                continue
             if len(buf) < body_end:
                 # curl and some SDKs wait for this before sending a large body
                 if not self._continue_sent and _header(lowered, b"\r\nexpect:") == b"100-continue":
@@ -369,13 +455,16 @@ class _Connection(asyncio.Protocol):
             self._continue_sent = False
             body = bytes(buf[end + 4 : body_end])
             del buf[:body_end]
-            connection = _header(lowered, b"\r\nconnection:") or b""
-            if version == b"HTTP/1.1":
-                self.close_after = b"close" in connection
-            else:
-                self.close_after = b"keep-alive" not in connection
+            self._set_close_after(version, lowered)
             fault = _header(lowered, b"\r\nx-fake-fault:")
-            self._upstream._dispatch(self, method, target.partition(b"?")[0], fault, head, body)
+            self._upstream._dispatch(self, method, path, fault, head, body)
+
+    def _set_close_after(self, version: bytes, lowered: bytes) -> None:
+        connection = _header(lowered, b"\r\nconnection:") or b""
+        if version == b"HTTP/1.1":
+            self.close_after = b"close" in connection
+        else:
+            self.close_after = b"keep-alive" not in connection
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we cannot frame, then close: the rest of the byte stream is unparseable."""
@@ -741,6 +830,8 @@ class FakeUpstream:
         if fault == "400":
             refusal = MESSAGES_REFUSAL if path in _ANTHROPIC_ROUTES else ENGINE_REFUSAL
             return _json_response(400, orjson.dumps(refusal), close)
+        if path in _AUDIO:
+            return self._transcript(orjson.loads(body), close)
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -838,6 +929,32 @@ class FakeUpstream:
                                "usage": {"output_tokens": self.chunks}}, "message_delta")]
         return _Stream(_stream_head(close), tuple(events),
                        _sse_chunk({"type": "message_stop"}, "message_stop") + _LAST_CHUNK)
+
+    def _transcript(self, form: dict[str, Any], close: bool) -> bytes | _Stream:
+        """An audio route's answer, from what its form held: a transcript that tells the file's size and hash, as
+        JSON, as text or subtitles (``response_format``), or streamed as OpenAI's events (``stream``)."""
+        if "error" in form:
+            return _error_response(400, f"the form could not be read: {form['error']}", "invalid_request_error",
+                                   close)
+        fields = form["fields"]
+        if "model" not in fields:
+            return _error_response(400, "you must provide a model parameter", "invalid_request_error", close)
+        text = f"{form['file_bytes']} bytes, sha256 {form['file_sha256']}"
+        if fields.get("stream") == "true":
+            deltas = [_sse_chunk({"type": "transcript.text.delta", "delta": word}) for word in text.split(" ")]
+            done = _sse_chunk({"type": "transcript.text.done", "text": text,
+                               "usage": {"type": "tokens", "input_tokens": PROMPT_TOKENS, "output_tokens": 3,
+                                         "total_tokens": PROMPT_TOKENS + 3}})
+            return _Stream(_stream_head(close), (*deltas, done),
+                           b"%x\r\n%s\r\n" % (len(_DONE_EVENT), _DONE_EVENT) + _LAST_CHUNK)
+        kind = _TRANSCRIPT_TYPES.get(fields.get("response_format", "json"))
+        if kind is None:
+            return _json_response(200, orjson.dumps({"text": text, "usage": {"type": "duration", "seconds": 1}}),
+                                  close)
+        body = {"text": text, "srt": f"1\n00:00:00,000 --> 00:00:01,000\n{text}\n",
+                "vtt": f"WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n{text}\n"}[fields["response_format"]].encode()
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\ncontent-length: %d\r\n%b\r\n%b"
+                % (kind, len(body), b"connection: close\r\n" if close else b"", body))
 
     def _cached(self, key: tuple[Any, ...], render: Callable[[], bytes]) -> bytes:
         """Memoise a rendered JSON response; content is fixed, so only the key varies."""

@@ -95,6 +95,8 @@ class GatewayDoor(web.RequestHandler):
     _limit = 0
     _received = 0
     _chunks: list[bytes]
+    content_type = api.JSON
+    """The answer's type (``answer_as``): JSON but for a transcript as text or subtitles, or a file as JSONL."""
 
     async def prepare(self) -> None:  # type: ignore[override]
         """From the head alone, admit the request (``_admit``) or refuse it: at once, or once a small announced
@@ -175,6 +177,10 @@ class GatewayDoor(web.RequestHandler):
         gateway runs on the server's own loop)."""
         thread: LoopThread | SameLoop = self.settings["first_loop"]
         return thread
+
+    def answer_as(self, content_type: str) -> None:
+        self.content_type = content_type
+        self.set_header("Content-Type", content_type)
 
     def write_json(self, payload: Any) -> None:
         self.set_header("Content-Type", api.JSON)
@@ -258,6 +264,11 @@ class FirstHandler(GatewayDoor, APIHandler):
     """Jupyter's door: Jupyter's own auth, or the scoped key of the kernels the server starts."""
 
     _scoped = False
+
+    def finish(self, *args: Any, **kwargs: Any) -> Future[None]:
+        """Jupyter's API handlers make every answer JSON as they finish it; here it keeps its own type."""
+        kwargs.setdefault("set_content_type", self.content_type)
+        return super().finish(*args, **kwargs)
 
     def check_host(self) -> bool:
         """Jupyter's DNS-rebinding guard, remembered per Host header: Jupyter parses it on every request."""
@@ -436,7 +447,7 @@ class TableRoute(GatewayDoor):
         elif isinstance(answer, Completed):
             for name, value in {**api.target_headers(answer.target), **(caller.headers if caller else {})}.items():
                 self.set_header(name, value)
-            self.set_header("Content-Type", answer.content_type)
+            self.answer_as(answer.content_type)
             self.finish(answer.body)
         elif isinstance(answer, Path):
             await self._send_file(answer)
@@ -447,7 +458,7 @@ class TableRoute(GatewayDoor):
             self.write_json(answer)
 
     async def _send_file(self, path: Path) -> None:
-        self.set_header("Content-Type", api.JSONL)
+        self.answer_as(api.JSONL)
         with path.open("rb") as f:
             while chunk := f.read(api.FILE_CHUNK):
                 self.write(chunk)
