@@ -8,10 +8,11 @@ callback on the other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.protocol import OpenAIError, shown
 from first_jupyter.transport.multipart import FormScanner, MalformedForm, boundary_of, part_filename, part_name
 
 FORM_OVERHEAD = 64 * 1024
@@ -24,30 +25,22 @@ def _bad(message: str) -> OpenAIError:
     return OpenAIError(400, f"{message} {HOW}", code="invalid_file")
 
 
-class Upload:
-    """One ``POST /files`` body: ``feed`` its bytes in order, then ``finish``. The first problem found is kept in
-    ``error`` (the rest of the body is then read and dropped) and the partial file is removed."""
+class FormSink:
+    """A form taken as a door's body sink: its parts read as they arrive (``begin_part``, ``take``, ``end_part``,
+    each kind's own), within ``max_bytes`` of file and ``FORM_OVERHEAD`` around it. The first problem found is
+    kept in ``error`` (the rest of the body is then read and dropped) and what was written is dropped
+    (``discard``)."""
 
-    def __init__(self, content_type: str | None, dest: Path, max_bytes: int, max_lines: int) -> None:
-        self.dest = dest
+    def __init__(self, content_type: str | None, max_bytes: int, bad: Callable[[str], OpenAIError]) -> None:
         self.max_bytes = max_bytes
-        self.max_lines = max_lines
         self.limit = max_bytes + FORM_OVERHEAD
         """The most body bytes taken: the file and the form around it."""
-        self.fields: dict[str, str] = {}
-        self.filename: str | None = None
-        self.bytes = 0
-        self.lines = 0
         self.error: OpenAIError | None = None
-        self._out: BinaryIO | None = None
-        self._ends_line = True
-        self._part: str | None = None
-        self._field = b""
+        self._bad = bad
         boundary = boundary_of(content_type)
+        self._scanner = FormScanner(boundary or b"-", self)
         if boundary is None:
-            self.error = _bad(f"The body is '{content_type or 'without a Content-Type'}', not a form.")
-            return
-        self._scanner = FormScanner(boundary, self)
+            self.error = bad(f"The body is '{shown(content_type or 'without a Content-Type')}', not a form.")
 
     def feed(self, data: bytes) -> None:
         if self.error is not None:
@@ -55,18 +48,51 @@ class Upload:
         try:
             self._scanner.feed(data)
         except MalformedForm as exc:
-            self.error = _bad(str(exc))
-            self.discard()
+            self.error = self._bad(str(exc))
         except OpenAIError as exc:
             self.error = exc
+        if self.error is not None:
             self.discard()
+
+    def check_ended(self) -> None:
+        """Keep as ``error`` a form cut short of its closing boundary."""
+        if self.error is None and not self._scanner.ended:
+            self.error = self._bad("The form ended before its closing boundary.")
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def begin_part(self, head: bytes) -> None:
+        raise NotImplementedError
+
+    def take(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def end_part(self) -> None:
+        raise NotImplementedError
+
+
+class Upload(FormSink):
+    """One ``POST /files`` body: ``feed`` its bytes in order, then ``finish``; a problem removes the partial file."""
+
+    def __init__(self, content_type: str | None, dest: Path, max_bytes: int, max_lines: int) -> None:
+        self.dest = dest
+        self.max_lines = max_lines
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.bytes = 0
+        self.lines = 0
+        self._out: BinaryIO | None = None
+        self._ends_line = True
+        self._part: str | None = None
+        self._field = b""
+        super().__init__(content_type, max_bytes, _bad)
 
     def finish(self) -> tuple[str, str]:
         """The upload complete: (purpose, filename); raises what was wrong, the partial file removed."""
+        self.check_ended()
         if self.error is None:
-            if not self._scanner.ended:
-                self.error = _bad("The form ended before its closing boundary.")
-            elif self.filename is None:
+            if self.filename is None:
                 self.error = _bad("The form has no 'file' part.")
             elif self.fields.get("purpose") != "batch":
                 purpose = self.fields.get("purpose")

@@ -21,11 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from first_jupyter.batch.upload import FORM_OVERHEAD, FormSink
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest, check_model_name, shown
-from first_jupyter.transport.multipart import FormScanner, MalformedForm, boundary_of, part_filename, part_name
+from first_jupyter.transport.multipart import boundary_of, part_filename, part_name
 
-FORM_OVERHEAD = 64 * 1024
-"""Bytes a form may take beyond its file: boundaries, part heads and the fields (model, language, prompt, ...)."""
 CHUNK = 256 * 1024
 """The spool is sent in reads of this size; the upstream connection's flow control bounds what waits to go."""
 LIMIT_SETTING = "defaults.limits.max_audio_bytes"
@@ -39,18 +38,13 @@ def _bad(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, f"{message} {HOW}", param=param, code="invalid_value" if param else "invalid_form")
 
 
-class AudioForm:
-    """One audio request's body as it arrives (a door's body sink): ``feed`` its bytes in order, then ``finish``.
-    The first problem found is kept in ``error`` (the rest of the body is read and dropped)."""
+class AudioForm(FormSink):
+    """One audio request's body as it arrives (a door's body sink): ``feed`` its bytes in order, then ``finish``."""
 
     def __init__(self, content_type: str | None, spool_dir: Path, max_bytes: int) -> None:
         self.content_type = content_type or ""
-        self.max_bytes = max_bytes
-        self.limit = max_bytes + FORM_OVERHEAD
-        """The most body bytes taken: the file and the form around it."""
         self.fields: dict[str, str] = {}
         """Each field's value (the last, for a name sent twice); file parts are not fields."""
-        self.error: OpenAIError | None = None
         self._file_bytes = 0
         self._field_bytes = 0
         self._part: str | None = None
@@ -58,32 +52,16 @@ class AudioForm:
         self._value = bytearray()
         self._model_at: int | None = None
         self._spool: BinaryIO | None = None
-        boundary = boundary_of(content_type)
-        if boundary is None:
-            self.error = _bad(f"The body is '{shown(content_type or 'without a Content-Type')}', not a form.")
-            return
-        self._boundary = boundary
-        self._scanner = FormScanner(boundary, self)
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        self._spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (it outlives this call: closed by
-        #                                                       discard, or by the SpooledForm it becomes)
-
-    def feed(self, data: bytes) -> None:
-        if self.error is not None:
-            return
-        try:
-            self._scanner.feed(data)
-        except MalformedForm as exc:
-            self.error = _bad(str(exc))
-        except OpenAIError as exc:
-            self.error = exc
-        if self.error is not None:
-            self.discard()
+        super().__init__(content_type, max_bytes, _bad)
+        self._boundary = boundary_of(content_type) or b""
+        if self.error is None:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            self._spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (it outlives this call: closed by
+            #                                                       discard, or by the SpooledForm it becomes)
 
     def finish(self) -> SpooledForm:
         """The form complete and checked for what routing needs; raises what was wrong (the spool dropped)."""
-        if self.error is None and not self._scanner.ended:
-            self.error = _bad("The form ended before its closing boundary.")
+        self.check_ended()
         if self.error is None and self._model_at is None:
             self.error = _bad("The form has no 'model' field; GET /first/v1/models lists the ids.", "model")
         if self.error is None:
