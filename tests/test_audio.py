@@ -19,10 +19,15 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
+from bench.fake_upstream import serving_in_thread
+from first_jupyter.config import load_config
+from first_jupyter.gateway import Gateway, api
 from first_jupyter.gateway.audio import FORM_OVERHEAD, AudioForm
-from first_jupyter.protocol import OpenAIError
+from first_jupyter.gateway.core import Completed
+from first_jupyter.protocol import Capability, OpenAIError
 from tests.conftest import Door, fake_cluster_config, server_config
 
 MAX_AUDIO = 60 * 1024 * 1024
@@ -32,10 +37,12 @@ AUDIO = bytes(range(256)) * 4096 + b"\r\n--not-a-boundary\r\n"
 BIG = 50 * 1024 * 1024
 
 
+WHISPER = {"id": "whisper", "upstream_name": UPSTREAM_NAME, "capabilities": ["transcriptions", "translations"]}
+
+
 def _config(upstream: Any) -> dict[str, Any]:
     config = fake_cluster_config(upstream, limits={"max_audio_bytes": MAX_AUDIO})
-    config["clusters"]["remote"]["endpoints"][0]["models"].append(
-        {"id": "whisper", "upstream_name": UPSTREAM_NAME, "capabilities": ["transcriptions", "translations"]})
+    config["clusters"]["remote"]["endpoints"][0]["models"].append(WHISPER)
     return config
 
 
@@ -199,3 +206,26 @@ async def test_a_large_upload_is_never_held_in_memory(first_ext, key_door, fake_
     assert reply.status_code == 200, reply.text
     assert reply.json()["text"] == f"{BIG} bytes, sha256 {digest.hexdigest()}"
     assert peak - before < BIG // 10, f"{peak - before:,} bytes held at the peak for a {BIG:,}-byte upload"
+
+
+async def test_a_failover_sends_the_form_again_from_its_spool(fake_upstream, write_config, tmp_path):
+    """The first endpoint reads the whole form and fails (500): the next is sent the same bytes, from disk."""
+    data = tmp_path / "data"
+    body, content_type = _form(("model", b"whisper", None), ("file", AUDIO, "talk.wav"))
+    with serving_in_thread(fault="500") as broken:
+        config = {"clusters": {"remote": {"backend": "http", "endpoints": [
+            {"name": "broken", "base_url": f"{broken.url}/v1", "models": [WHISPER]},
+            {"name": "fake", "base_url": f"{fake_upstream.url}/v1", "models": [WHISPER]}]}}}
+        gateway = Gateway(load_config(write_config(config), data), data)
+        form = AudioForm(content_type, data / "audio", MAX_AUDIO)
+        form.feed(body)
+        try:
+            answer = await api.start_form(gateway, Capability.transcriptions, form)
+        finally:
+            await gateway.close()
+        tried = broken.last_request_body
+    assert isinstance(answer, Completed)
+    assert answer.target.endpoint == "fake"
+    assert orjson.loads(answer.body)["text"] == _transcript(AUDIO)
+    assert tried == fake_upstream.last_request_body
+    assert tried["file_sha256"] == hashlib.sha256(AUDIO).hexdigest()
