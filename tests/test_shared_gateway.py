@@ -8,6 +8,7 @@ gateways' globus-sdk is pointed at a loopback introspection stand-in (``bench.fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import psutil
 import pytest
 import responses
@@ -43,6 +45,7 @@ from first_jupyter.server_ext.standalone import build, http_server, stop
 from first_jupyter.transport.loop_thread import LoopThread
 from tests.big_body import BIG, ask, chunked, connect, fixed, request_head, send_until_answered
 from tests.conftest import fake_cluster_config
+from tests.test_audio import AUDIO, WHISPER
 from tests.test_resource_server import ADA_GMAIL, GATEWAY, MISSING_GROUP, MY_GROUPS, SERVICE, introspection
 from tests.waiting import eventually
 
@@ -115,6 +118,7 @@ async def serving(config: FirstConfig, state_dir: Path) -> tuple[HTTPServer, Gat
 @pytest.fixture
 def shared(tmp_path: Path, fake_upstream: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shared]:
     data = fake_cluster_config(fake_upstream)
+    data["clusters"]["remote"]["endpoints"][0]["models"].append(WHISPER)
     data["serve"] = serve_section(tmp_path / "state", clusters={"remote": {"groups": [MY_GROUPS[0]]}},
                                   models={"fake-embed": {"groups": [MISSING_GROUP]}},
                                   quotas={"per_user": {"requests_per_s": 0.001, "burst": 4},
@@ -244,6 +248,14 @@ def test_anthropics_client_signs_in_with_its_x_api_key_and_is_held_to_the_same_r
     assert int(limited.value.response.headers["Retry-After"]) >= 1
     usage = shared.get("/first/api/usage").json()["data"]  # three Messages, a count (a chat probe)
     assert [(row["model"], row["requests"], row["prompt_tokens"]) for row in usage] == [("fake-model", 4, 4 * 8)]
+
+
+def test_an_audio_form_is_served_to_a_member_within_the_allowance(shared, fake_upstream):
+    client = openai.OpenAI(base_url=f"{shared.url}/first/v1", api_key="AT-ada", max_retries=0)  # a fake token
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper", file=("talk.wav", AUDIO))
+    assert raw.parse().text == f"{len(AUDIO)} bytes, sha256 {hashlib.sha256(AUDIO).hexdigest()}"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "3"
+    assert fake_upstream.last_request_body["fields"]["model"] == WHISPER["upstream_name"]
 
 
 def test_usage_is_per_user_and_operators_see_everyones(shared):
