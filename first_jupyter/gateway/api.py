@@ -19,6 +19,7 @@ from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.audio import HOW as AUDIO_HOW
 from first_jupyter.gateway.audio import AudioForm
 from first_jupyter.gateway.core import Attempts, Gateway
+from first_jupyter.gateway.lasting_key import LastingKey
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest, parse_request, presented_token
 from first_jupyter.transport.proxies import is_loopback
@@ -201,11 +202,15 @@ class HostVerdicts:
         return verdict
 
 
-def key_matches(header: Callable[[str], str | None], key: bytes) -> bool:
-    """Whether a request presents ``key``, as a bearer token or as ``x-api-key`` (``protocol.presented_token``),
-    compared in constant time. ``header``: the request's header by lower-case name."""
+def key_matches(header: Callable[[str], str | None], key: bytes, lasting: LastingKey | None = None) -> bool:
+    """Whether a request presents ``key``, as a bearer token or as ``x-api-key`` (``protocol.presented_token``), or
+    else the ``lasting`` key when the server keeps one (compared in constant time): both scoped keys open the same
+    doors. ``header``: the request's header by lower-case name."""
     given = presented_token(header("authorization"), header("x-api-key"))
-    return given is not None and hmac.compare_digest(given.encode(), key)
+    if given is None:
+        return False
+    presented = given.encode()
+    return hmac.compare_digest(presented, key) or (lasting is not None and lasting.matches(presented))
 
 
 _HOST = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]*)?")

@@ -33,6 +33,7 @@ from first_jupyter.gateway.api import (
     too_large,
 )
 from first_jupyter.gateway.core import Gateway
+from first_jupyter.gateway.lasting_key import LastingKey
 from first_jupyter.gateway.route_table import Answer, Bare, Call, Matcher, Spool, body_sink
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
@@ -73,9 +74,11 @@ class GatewayApp:
 
     def __init__(self, gateway: Gateway | None, *, key: str, max_request_bytes: int = 0,
                  config_error_text: str | None = None, on_activity: Callable[[], None] | None = None,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, lasting: LastingKey | None = None) -> None:
         self.gateway = gateway
         self.key = key.encode()
+        self.lasting = lasting
+        """The lasting key, when the server keeps one: it opens what ``key`` opens."""
         self.limit = body_limit(max_request_bytes, gateway)
         self.config_error_text = config_error_text
         self.on_activity = on_activity
@@ -92,7 +95,7 @@ class GatewayApp:
     def body_sink(self, method: str, path: str, headers: dict[str, str]) -> BodySink | None:
         """An uploaded file or an audio form goes to disk as it arrives; only for a holder of the key (others get no
         sink, so their body is held to the usual limit and refused)."""
-        if self.gateway is None or not key_matches(headers.get, self.key) or \
+        if self.gateway is None or not key_matches(headers.get, self.key, self.lasting) or \
                 not self._hosts.allowed(headers.get("host", ""), is_loopback_host):
             return None
         try:
@@ -123,7 +126,7 @@ class GatewayApp:
 
     async def _answer(self, request: Request, exchange: Exchange) -> None:
         self._check_host(request)
-        authenticated = key_matches(request.headers.get, self.key)
+        authenticated = key_matches(request.headers.get, self.key, self.lasting)
         try:
             route, params = self.routes.match(request.method, request.path)
         except OpenAIError:

@@ -21,6 +21,7 @@ from traitlets import Bool, Integer, Unicode
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.api import HostVerdicts
+from first_jupyter.gateway.lasting_key import LastingKey, ensure, key_path
 from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.gateway.service import GatewayService
 from first_jupyter.paths import default_data_dir
@@ -97,6 +98,12 @@ class FirstExtension(ExtensionApp):
     export_kernel_env = Bool(
         True, config=True, help="Put FIRST_GATEWAY_URL and a scoped FIRST_API_KEY into the environment of "
                                 "kernels and terminals this server starts, so notebook code reaches the gateway.")
+    lasting_key = Bool(
+        False, config=True,
+        help="Also honour a scoped key that lasts across restarts, for tools outside kernels (editor plugins, "
+             "agents, jupyter-ai, scripts) configured once: kept in <data dir>/lasting-api-key, readable by its "
+             "owner only, made at the first start. It opens what FIRST_API_KEY opens and no more. `first env` "
+             "prints it as shell exports; `first key rotate` replaces it, refused at once by a running server.")
 
     def initialize_settings(self) -> None:
         data_dir = Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
@@ -110,17 +117,29 @@ class FirstExtension(ExtensionApp):
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)
         self.gateway = gateway
         self.api_key = "first-" + secrets.token_urlsafe(32)
+        self.kept_key = self._kept_key(data_dir)
         self._activity_marked = -1.0
         self._api_socket = self._bind_api_socket()
         app = GatewayApp(gateway, key=self.api_key, max_request_bytes=self.max_request_bytes,
-                         config_error_text=error, on_activity=self._mark_activity, log=self.log)
+                         config_error_text=error, on_activity=self._mark_activity, log=self.log,
+                         lasting=self.kept_key)
         self.service = GatewayService(gateway, app, self._api_socket)
         self.loop_thread = self.service.thread
         self.settings.update(first_gateway=gateway, first_config_error=error, first_api_key=self.api_key,
-                             first_max_request_bytes=self.max_request_bytes, first_host_verdicts=HostVerdicts(),
-                             first_loop=self.loop_thread,
+                             first_lasting_key=self.kept_key, first_max_request_bytes=self.max_request_bytes,
+                             first_host_verdicts=HostVerdicts(), first_loop=self.loop_thread,
                              first_behind_hub=bool(os.environ.get(HUB_PREFIX_ENV)))
         self._export_kernel_env()
+
+    def _kept_key(self, data_dir: Path) -> LastingKey | None:
+        """The lasting key, when turned on: made at the first start, then the same at every start."""
+        if not self.lasting_key:
+            return None
+        path = key_path(data_dir)
+        if ensure(path) is None:
+            self.log.error("FIRST: the lasting key in %s is not honoured: others can read it. `first key rotate` "
+                           "writes a new one, readable by you only.", path)
+        return LastingKey(path)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(routes())
@@ -179,6 +198,7 @@ class FirstExtension(ExtensionApp):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"url": self.gateway_url(), "jupyter_url": self.jupyter_gateway_url(), "api_key": self.api_key,
+                       "lasting_key_file": str(self.kept_key.path) if self.kept_key else None,
                        "pid": os.getpid()}, fh)
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:

@@ -287,7 +287,8 @@ class FirstHandler(GatewayDoor, APIHandler):
 
     async def authenticate(self) -> None:
         headers = self.request.headers
-        if api.key_matches(headers.get, self.settings["first_api_key"].encode()):
+        if api.key_matches(headers.get, self.settings["first_api_key"].encode(),
+                           self.settings.get("first_lasting_key")):
             if self.settings.get("first_behind_hub") and not self._from_this_host():
                 raise OpenAIError(403, "FIRST_API_KEY is honoured here only from this server's own kernels: behind "
                                        "JupyterHub this URL is public, and the key opens the owner's Globus "
