@@ -217,9 +217,15 @@ def get(batch_id: str | None = None, *, conn: client.Connection | None = None) -
     return found
 
 
+def listing(limit: int = 20) -> dict[str, Any]:
+    """``GET /first/v1/batches`` as the gateway answers it: a list object of the newest batches, newest first."""
+    found: dict[str, Any] = client.v1("GET", f"batches?limit={limit}")
+    return found
+
+
 def listed(limit: int = 20) -> list[dict[str, Any]]:
     """The newest batches, newest first."""
-    found: list[dict[str, Any]] = client.v1("GET", f"batches?limit={limit}")["data"]
+    found: list[dict[str, Any]] = listing(limit)["data"]
     return found
 
 

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, notebook: bool) -> None:
         action = actions.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                                     add_help=helps)
         action.add_argument("batch_id", nargs="?", metavar="ID", help=what)
+        if name == "status" and not notebook:
+            json_option(action)
         if name != "results":
             continue
         if notebook:
@@ -46,3 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, notebook: bool) -> None:
     listing = actions.add_parser("list", help="the newest batches", description="The newest batches.",
                                  add_help=helps)
     listing.add_argument("-n", "--limit", type=int, default=20, help="how many (default 20, at most 100)")
+    if not notebook:
+        json_option(listing)
+
+
+def json_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--json`` of the command line: a notebook has the calls' answers as Python values instead."""
+    parser.add_argument("--json", action="store_true",
+                        help="print the gateway's JSON answer alone on stdout (the table goes to stderr)")
+    return parser

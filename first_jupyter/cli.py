@@ -1,5 +1,6 @@
 """The ``first`` command: tools that need no running server (config check, Globus sign-in, tiny model, engine
-launch), and the running server's catalog (status, warm) and batches."""
+launch), the running server's catalog (status, models, usage, warm), batches, and its keys for tools outside
+kernels (env, key rotate). What it prints and its exit status are ``cli_output``'s; progress is ``cli_progress``'s."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from first_jupyter import __version__
+from first_jupyter.batch_options import add_arguments, json_option
+from first_jupyter.cli_output import EXIT_STATUS_HELP, Exit, failed, report, table
 from first_jupyter.config import ComputeEndpoint, ConfigError, FirstGatewayEndpoint, load_config
 from first_jupyter.paths import default_data_dir
-from first_jupyter.text_table import aligned
+from first_jupyter.shell_env import SHELLS
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -18,7 +22,7 @@ def _check(args: argparse.Namespace) -> int:
         config = load_config(args.file, default_data_dir())
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        return Exit.USAGE
     for name, cluster in config.clusters.items():
         for ep in cluster.endpoints:
             if isinstance(ep, FirstGatewayEndpoint):
@@ -37,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(args.config)
     except ConfigError as exc:
         print(f"first serve: {exc}", file=sys.stderr)
-        return 2
+        return Exit.USAGE
 
 
 def _token_manager(config_file: str | None) -> Any:
@@ -48,7 +52,9 @@ def _token_manager(config_file: str | None) -> Any:
 
 
 def _sign_in_command(args: argparse.Namespace, login: bool) -> int:
-    """``first whoami`` (exit 1 when nobody is signed in) and ``first login``; both end saying who is signed in."""
+    """``first whoami`` and ``first login``; both end saying who is signed in (exit 3 when nobody is). They read
+    the sign-in here, as the gateway on the same data dir does: ``whoami --json`` is what ``GET /first/api/whoami``
+    answers, with no server needed."""
     from first_jupyter.auth.tokens import AuthError, describe_sign_in
 
     try:
@@ -56,30 +62,50 @@ def _sign_in_command(args: argparse.Namespace, login: bool) -> int:
         who = manager.login_in_terminal() if login else manager.whoami()
     except (ConfigError, AuthError) as exc:
         print(exc, file=sys.stderr)
-        return 2
-    print(describe_sign_in(who))
-    return 0 if who["signed_in"] else 1
+        return Exit.USAGE
+    report(who, describe_sign_in(who), as_json=getattr(args, "json", False))
+    return Exit.DONE if who["signed_in"] else Exit.NO_ACCESS
 
 
 def _server_command(args: argparse.Namespace) -> int:
-    """``first status`` and ``first warm``: they ask the running server's gateway."""
+    """``first status``, ``models``, ``usage`` and ``warm``: they ask the running server's gateway."""
     from first_jupyter import client
 
     try:
         client.use_running_server()
         if args.command == "warm":
-            print(client.describe_warm(client.warm(args.model, cluster=args.cluster, wait=args.wait)))
-            return 0
-        rows = client.state_rows(client.status())
+            return _warm(args)
+        if args.command == "models":
+            listing = client.model_listing()
+            report(listing, table(client.MODEL_COLUMNS, client.model_rows(listing)), as_json=args.json)
+        elif args.command == "usage":
+            usage = client.usage_report()
+            report(usage, table(client.USAGE_COLUMNS, client.usage_rows(usage)) if usage["data"] else
+                   "No requests recorded yet.", as_json=args.json)
+        else:
+            status = client.status()
+            report(status, table(client.STATE_COLUMNS, client.state_rows(status)), as_json=args.json)
     except client.GatewayError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    print("\n".join(aligned(client.STATE_COLUMNS, rows)))
-    return 0
+        return failed(exc)
+    return Exit.DONE
+
+
+def _warm(args: argparse.Namespace) -> int:
+    """``first warm``: exit 1 (through the gateway's 503) when ``--wait`` sees the start fail."""
+    from first_jupyter import cli_progress, client
+
+    try:
+        answer = cli_progress.warm_and_wait(args.model, args.cluster) if args.wait else client.warm(
+            args.model, cluster=args.cluster)
+    except KeyboardInterrupt:
+        print("Stopped waiting; the start goes on. `first status` shows where it stands.", file=sys.stderr)
+        return 130
+    print(client.describe_warm(answer))
+    return Exit.DONE
 
 
 def _batch_command(args: argparse.Namespace) -> int:
-    """``first batch ...`` on the running server; exit 2 on an error, 1 when a waited-for batch did not complete."""
+    """``first batch ...`` on the running server; exit 1 when a waited-for batch did not complete."""
     from first_jupyter import batch_client, client
 
     try:
@@ -94,45 +120,67 @@ def _batch_command(args: argparse.Namespace) -> int:
         if args.action == "wait":
             return _wait_in_terminal(args.batch_id)
         if args.action == "list":
-            print("\n".join(aligned(batch_client.BATCH_COLUMNS,
-                                    [batch_client.batch_row(b) for b in batch_client.listed(args.limit)])))
-            return 0
+            listing = batch_client.listing(args.limit)
+            report(listing, table(batch_client.BATCH_COLUMNS, [batch_client.batch_row(b) for b in listing["data"]]),
+                   as_json=args.json)
+            return Exit.DONE
         if args.action == "results":
             _write_rows(batch_client.result_rows(args.batch_id), args.output)
-            return 0
+            return Exit.DONE
         progress = batch_client.Progress()
         progress.update(batch_client.cancel(args.batch_id) if args.action == "cancel" else
                         batch_client.get(args.batch_id))
-        print(progress.describe())
+        report(progress.batch, progress.describe(), as_json=getattr(args, "json", False))
     except client.GatewayError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    return 0
-
-
-TERMINAL_EVERY_S = 5.0
-"""Seconds between progress lines in a terminal (or a log file) while a batch runs."""
+        return failed(exc)
+    return Exit.DONE
 
 
 def _wait_in_terminal(batch_id: str | None) -> int:
-    import time
-
-    from first_jupyter import batch_client
-
-    printed = [0.0, ""]
-
-    def shown(progress: batch_client.Progress) -> None:
-        line = progress.describe()
-        if progress.ended or (line != printed[1] and time.monotonic() - float(printed[0]) >= TERMINAL_EVERY_S):
-            print(line, flush=True)
-            printed[:] = [time.monotonic(), line]
+    """Progress on stderr (a bar on a terminal) until the batch ends; its final state on stdout."""
+    from first_jupyter import batch_client, cli_progress
 
     try:
-        batch = batch_client.wait(batch_id, on_update=shown)
+        batch = cli_progress.wait_for_batch(batch_id)
     except KeyboardInterrupt:
         print("Stopped waiting; the batch goes on. `first batch cancel` stops it.", file=sys.stderr)
         return 130
-    return 0 if batch["status"] == "completed" else 1
+    progress = batch_client.Progress()
+    progress.update(batch)
+    print(progress.describe())
+    return Exit.DONE if batch["status"] == "completed" else Exit.FAILED
+
+
+def _env(args: argparse.Namespace) -> int:
+    """``first env``: exports for the running gateway, for tools started from this shell."""
+    import os
+
+    from first_jupyter import client, shell_env
+
+    try:
+        conn = client.use_running_server()
+    except client.GatewayError as exc:
+        return failed(exc)
+    key, warning = shell_env.key_for_tools(conn)
+    if warning:
+        print(warning, file=sys.stderr)
+    sys.stdout.write(shell_env.exports(shell_env.gateway_variables(conn.url, key, os.environ),
+                                       args.shell or shell_env.default_shell()))
+    return Exit.DONE
+
+
+def _key_rotate(args: argparse.Namespace) -> int:
+    """``first key rotate``: a new lasting key; a running server refuses the old one from now on."""
+    from first_jupyter import shell_env
+    from first_jupyter.lasting_key import write_new
+
+    path, warning = shell_env.rotation_target()
+    write_new(path)
+    print(f"A new lasting key is in {path}; the old one is refused from now on. `first env` prints the new "
+          "exports.", file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
+    return Exit.DONE
 
 
 def _write_rows(rows: list[dict[str, Any]], output: str | None) -> None:
@@ -158,7 +206,9 @@ def _write_rows(rows: list[dict[str, Any]], output: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="first", description="FIRST inference from Jupyter.")
+    parser = argparse.ArgumentParser(prog="first", description="FIRST inference from Jupyter.", epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("config", help="validate a config file (or the embedded default) and list models")
     check.add_argument("file", nargs="?", help="YAML file; default: $FIRST_CONFIG or the embedded default")
@@ -174,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                               ("whoami", False, "which Globus identity and token source the gateway uses")):
         command = sub.add_parser(name, help=what)
         command.add_argument("--config", help="YAML file; default: $FIRST_CONFIG or the embedded default")
+        if not login:
+            json_option(command)
         command.set_defaults(func=lambda a, login=login: _sign_in_command(a, login))
-    sub.add_parser("status", help="each model's state where it is served (asks the running server)").set_defaults(
-        func=_server_command)
+    for name, what in (("status", "each model's state where it is served"),
+                       ("models", "the models served, their state and capabilities (GET /first/v1/models)"),
+                       ("usage", "requests, tokens and latency by model")):
+        json_option(sub.add_parser(name, help=f"{what} (asks the running server)")).set_defaults(func=_server_command)
     warm = sub.add_parser("warm", help="start a model ahead of need (asks the running server)")
     warm.add_argument("model", help="model id, as `first status` lists it")
     warm.add_argument("--cluster", help="start it on this cluster (default: where it would be served)")
@@ -184,10 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     warm.set_defaults(func=_server_command)
     batch = sub.add_parser("batch", help="batches on the running server: submit, status, wait, list, cancel, "
                                           "results (see `first batch --help`)")
-    from first_jupyter.batch_options import add_arguments
 
     add_arguments(batch, notebook=False)
     batch.set_defaults(func=_batch_command)
+    env = sub.add_parser("env", help="shell exports (OPENAI_BASE_URL, OPENAI_API_KEY, ANTHROPIC_*) for tools outside "
+                                     "notebooks: eval \"$(first env)\"")
+    env.add_argument("--shell", choices=sorted(SHELLS), help="syntax (default: fish if $SHELL is fish, "
+                                                                        "else bash, which zsh shares)")
+    env.set_defaults(func=_env)
+    key = sub.add_parser("key", help="the lasting key for tools outside kernels (c.FirstExtension.lasting_key)")
+    key_sub = key.add_subparsers(dest="key_command", required=True)
+    key_sub.add_parser("rotate", help="replace it; the old key is refused at once").set_defaults(func=_key_rotate)
     endpoint = sub.add_parser("endpoint", help="Globus Compute endpoints that serve models for FIRST")
     endpoint_sub = endpoint.add_subparsers(dest="endpoint_command", required=True)
     endpoint_config = endpoint_sub.add_parser(

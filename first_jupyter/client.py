@@ -52,6 +52,12 @@ class GatewayError(Exception):
         self.code = code
 
 
+NO_GATEWAY = "gateway_not_found"
+"""``GatewayError.code`` when no running server's gateway was found (a command in a terminal)."""
+UNREACHABLE = "gateway_unreachable"
+"""``GatewayError.code`` when the gateway's address took no connection."""
+
+
 class Connection(NamedTuple):
     url: str
     """Base URL of the OpenAI routes, ending in ``/first/v1``."""
@@ -149,6 +155,26 @@ def _runtime_files() -> list[Path]:
                   reverse=True)
 
 
+def _running_servers() -> Iterator[dict[str, Any]]:
+    """What the runtime files of servers still alive say (``url`` without a trailing slash), newest first."""
+    for path in _runtime_files():
+        try:
+            info = json.loads(path.read_text())
+            os.kill(int(info["pid"]), 0)
+            yield {**info, "url": str(info["url"]).rstrip("/"), "api_key": str(info["api_key"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a server that is gone (or a file being written)
+
+
+def lasting_key_file(conn: Connection) -> Path | None:
+    """Where the server behind ``conn`` keeps its lasting key; None when it keeps none (its runtime file says)."""
+    for info in _running_servers():
+        if info["url"] == conn.url:
+            where = info.get("lasting_key_file")
+            return Path(where) if isinstance(where, str) else None
+    return None
+
+
 def use_running_server() -> Connection:
     """Use the gateway of a running Jupyter server, for commands in a terminal: the environment its terminals
     and kernels get, else the runtime file of the newest server still alive. An in-process gateway would be no
@@ -156,17 +182,12 @@ def use_running_server() -> Connection:
     global _connection
     url, key = os.environ.get(GATEWAY_URL_ENV), os.environ.get(API_KEY_ENV)
     found = Connection(url.rstrip("/"), key, "server") if url and key else None
-    for path in [] if found else _runtime_files():
-        try:
-            info = json.loads(path.read_text())
-            os.kill(int(info["pid"]), 0)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a server that is gone (or a file being written)
-        found = Connection(str(info["url"]).rstrip("/"), str(info["api_key"]), "server")
-        break
+    if found is None:
+        newest = next(_running_servers(), None)
+        found = Connection(newest["url"], newest["api_key"], "server") if newest else None
     if found is None:
         raise GatewayError("No running FIRST gateway found: start JupyterLab with the extension (the README's "
-                           "lab command), or run this from one of its terminals.")
+                           "lab command), or run this from one of its terminals.", code=NO_GATEWAY)
     with _lock:
         _connection = found
     return found
@@ -279,7 +300,7 @@ class _Exchange:
             if self._aborted.is_set():
                 raise
             raise GatewayError(f"The FIRST gateway at {self._gateway} is not reachable ({exc}). Restart the "
-                               "kernel; if it persists, restart the Jupyter server.") from None
+                               "kernel; if it persists, restart the Jupyter server.", code=UNREACHABLE) from None
         if response.status >= 400:
             error = _gateway_error(response.status, response.read())
             self.close()
@@ -397,6 +418,28 @@ def state_rows(status: Mapping[str, Any]) -> list[list[str]]:
 STATE_COLUMNS = ["model", "served by", "state there", "best state"]
 
 
+def model_rows(listing: Mapping[str, Any]) -> list[list[str]]:
+    """Each model of ``GET /first/v1/models`` for a table: its id, state, capabilities and where it is served."""
+    return [[m["id"], m.get("state", ""), ", ".join(m.get("capabilities", ())),
+             ", ".join(f"{s['cluster']}/{s['endpoint']}" for s in m.get("served_by", ()))] for m in listing["data"]]
+
+
+MODEL_COLUMNS = ["model", "state", "can", "served by"]
+
+
+def usage_rows(report: Mapping[str, Any]) -> list[list[Any]]:
+    """Each model of ``GET /first/api/usage`` for a table, latencies in milliseconds to one decimal."""
+    def ms(value: float | None) -> str:
+        return "" if value is None else f"{value:.1f}"
+
+    return [[r["model"], r["requests"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
+             ms(r["mean_latency_ms"]), ms(r["mean_ttft_ms"])] for r in report["data"]]
+
+
+USAGE_COLUMNS = ["model", "requests", "errors", "prompt tokens", "completion tokens", "mean latency ms",
+                 "mean TTFT ms"]
+
+
 def models() -> list[dict[str, Any]]:
     """Every model with its capabilities, where it is served and its state (hot, starting, cold, offline...)."""
     listed: list[dict[str, Any]] = status()["models"]
@@ -433,10 +476,22 @@ def login_finish(code: str) -> dict[str, Any]:
     return answer
 
 
+def usage_report() -> dict[str, Any]:
+    """``GET /first/api/usage`` as the gateway answers it: a list object whose ``data`` is ``usage()``."""
+    answer: dict[str, Any] = _api("GET", "usage")
+    return answer
+
+
 def usage() -> list[dict[str, Any]]:
     """Requests, errors, tokens and mean latency per model."""
-    rows: list[dict[str, Any]] = _api("GET", "usage")["data"]
+    rows: list[dict[str, Any]] = usage_report()["data"]
     return rows
+
+
+def model_listing() -> dict[str, Any]:
+    """``GET /first/v1/models`` as the gateway answers it: OpenAI's model list, each model once."""
+    answer: dict[str, Any] = v1("GET", "models")
+    return answer
 
 
 # -- inference ------------------------------------------------------------------------------------------------

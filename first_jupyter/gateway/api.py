@@ -19,8 +19,8 @@ from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.audio import HOW as AUDIO_HOW
 from first_jupyter.gateway.audio import AudioForm
 from first_jupyter.gateway.core import Attempts, Gateway
-from first_jupyter.gateway.lasting_key import LastingKey
 from first_jupyter.gateway.router import Target
+from first_jupyter.lasting_key import LastingKey
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest, parse_request, presented_token
 from first_jupyter.transport.proxies import is_loopback
 

@@ -33,8 +33,8 @@ from first_jupyter.gateway.api import (
     too_large,
 )
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.lasting_key import LastingKey
 from first_jupyter.gateway.route_table import Answer, Bare, Call, Matcher, Spool, body_sink
+from first_jupyter.lasting_key import LastingKey
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request
 

@@ -21,9 +21,9 @@ from traitlets import Bool, Integer, Unicode
 from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.api import HostVerdicts
-from first_jupyter.gateway.lasting_key import LastingKey, ensure, key_path
 from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.gateway.service import GatewayService
+from first_jupyter.lasting_key import LastingKey, ensure, key_path
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes
 from first_jupyter.transport.http_server import listening_socket
