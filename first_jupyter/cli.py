@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("launch", help="start an engine and wait for health (see `first launch --help`)",
                    add_help=False).set_defaults(func=None)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "endpoint" and rest:
-        endpoint_config.error(f"unrecognized arguments: {' '.join(rest)}")  # a mistyped option must not be dropped
+    if rest and args.command != "launch":  # a mistyped option must not be dropped (only launch passes them on)
+        (endpoint_config if args.command == "endpoint" else parser).error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "launch":
         from first_jupyter.remote.launcher import main as launch
 

@@ -35,13 +35,14 @@ def _batch_lines(stream: IO[str]) -> Callable[[batch_client.Progress], None]:
     return shown
 
 
-def wait_for_batch(batch_id: str | None, stream: IO[str] = sys.stderr) -> dict[str, Any]:
-    """Follow a batch until it ends, showing its progress on ``stream``; the final batch."""
+def wait_for_batch(batch_id: str | None, stream: IO[str] | None = None) -> dict[str, Any]:
+    """Follow a batch until it ends, showing its progress on ``stream`` (stderr); the final batch."""
+    stream = stream or sys.stderr
     if not draws_bars(stream):
         return batch_client.wait(batch_id, on_update=_batch_lines(stream))
     from tqdm import tqdm
 
-    with tqdm(total=0, unit="req", file=stream, dynamic_ncols=True) as bar:
+    with tqdm(total=None, unit="req", file=stream, dynamic_ncols=True) as bar:
         def shown(progress: batch_client.Progress) -> None:
             bar.set_description(str(progress.batch.get("id")), refresh=False)
             bar.total, bar.n = progress.total, progress.done
@@ -52,10 +53,11 @@ def wait_for_batch(batch_id: str | None, stream: IO[str] = sys.stderr) -> dict[s
         return batch_client.wait(batch_id, on_update=shown)
 
 
-def warm_and_wait(model: str, cluster: str | None, stream: IO[str] = sys.stderr) -> dict[str, Any]:
-    """Start ``model`` and wait until it answers; the gateway's last answer. On a terminal a bar shows the time
-    gone against the gateway's estimate while the gateway itself waits (``warm(wait=True)``, whose answer or
-    error, the reason a start failed, is what counts)."""
+def warm_and_wait(model: str, cluster: str | None, stream: IO[str] | None = None) -> dict[str, Any]:
+    """Start ``model`` and wait until it answers; the gateway's last answer. On a terminal (``stream``, stderr) a
+    bar shows the time gone against the gateway's estimate while the gateway itself waits (``warm(wait=True)``,
+    whose answer or error, the reason a start failed, is what counts)."""
+    stream = stream or sys.stderr
     if not draws_bars(stream):
         return client.warm(model, cluster=cluster, wait=True)
     begun = client.warm(model, cluster=cluster)  # starts it, and says where and how long it is expected to take

@@ -50,7 +50,7 @@ def no_sign_in(tmp_path: Path, monkeypatch):
 
 
 def test_whoami_says_how_to_sign_in_and_fails_when_nobody_is(no_sign_in, capsys):
-    assert main(["whoami"]) == 1
+    assert main(["whoami"]) == 3  # exit 3: not signed in
     assert "Not signed in to Globus. Sign in with `first login`" in capsys.readouterr().out
 
 
