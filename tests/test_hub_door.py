@@ -24,11 +24,15 @@ def behind_hub(request, monkeypatch) -> bool:
 
 @pytest.fixture
 def jp_server_config(behind_hub, fake_upstream, write_config, tmp_path):
-    return server_config(write_config(fake_cluster_config(fake_upstream)), tmp_path / "data")
+    return server_config(write_config(fake_cluster_config(fake_upstream)), tmp_path / "data", lasting_key=True)
 
 
-async def test_the_scoped_key_from_the_hubs_public_url_is_refused_with_a_reason(first_ext, jp_fetch, behind_hub):
-    key = {"Authorization": f"Bearer {first_ext.api_key}"}
+@pytest.mark.parametrize("which", ["per-start", "lasting"])
+async def test_the_scoped_key_from_the_hubs_public_url_is_refused_with_a_reason(first_ext, jp_fetch, behind_hub,
+                                                                               which):
+    """The lasting key (for tools outside kernels) opens no more than the kernels' key."""
+    secret = first_ext.api_key if which == "per-start" else first_ext.kept_key.path.read_text().strip()
+    key = {"Authorization": f"Bearer {secret}"}
     local = await jp_fetch("first", "v1", "models", headers=key, raise_error=False)
     assert local.code == 200  # from this machine: a kernel of the server's
     forwarded = await jp_fetch("first", "v1", "models", headers={**key, **FORWARDED}, raise_error=False)
