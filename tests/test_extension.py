@@ -58,7 +58,8 @@ class TestWithFakeUpstream:
         await first_ext._start_jupyter_server_extension(jp_serverapp)
         path = first_ext.runtime_file
         assert json.loads(path.read_text()) == {"url": first_ext.gateway_url(), "api_key": first_ext.api_key,
-                                                "jupyter_url": first_ext.jupyter_gateway_url(), "pid": os.getpid()}
+                                                "jupyter_url": first_ext.jupyter_gateway_url(), "pid": os.getpid(),
+                                                "lasting_key_file": None}  # (c.FirstExtension.lasting_key is off)
         assert path.stat().st_mode & 0o777 == 0o600
         await first_ext.stop_extension()
         assert not path.exists()
