@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -34,7 +35,7 @@ from bench.overhead import free_port
 from bench.site_network import Tinyproxy, TlsCerts, make_tls_certs
 from first_jupyter.remote.tiny_model import build_tiny_model
 from tests.fake_amqp import FakeAmqpBroker
-from tests.waiting import eventually
+from tests.waiting import ENGINE_GUARD_S, eventually
 
 if TYPE_CHECKING:
     import responses
@@ -227,6 +228,36 @@ def jupyter_server_process(port: int, root: Path, env: dict[str, str], log: Path
         server.wait()
         raise
     return server
+
+
+def runtime_file(runtime_dir: Path) -> dict[str, Any]:
+    """What the gateway's runtime file in ``runtime_dir`` says, once a server has written it: the URL and key its
+    kernels are given, and the lasting key's file."""
+    found: list[dict[str, Any]] = []
+
+    def written() -> bool:
+        for path in runtime_dir.glob("first-gateway-*.json"):
+            with contextlib.suppress(ValueError):  # (a file still being written)
+                found.append(json.loads(path.read_text()))
+        return bool(found)
+
+    eventually(written, "the gateway's runtime file", within=ENGINE_GUARD_S)
+    return found[0]
+
+
+@contextlib.contextmanager
+def server_process(root: Path, env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """``jupyter_server_process`` on a free port with ``env`` (its ``JUPYTER_RUNTIME_DIR`` holding no runtime file
+    of an earlier server), until the end of the block: what its runtime file says."""
+    runtime_dir = Path(env["JUPYTER_RUNTIME_DIR"])
+    for earlier in runtime_dir.glob("first-gateway-*.json"):
+        earlier.unlink()
+    server = jupyter_server_process(free_port(), root, env)
+    try:
+        yield runtime_file(runtime_dir)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=ENGINE_GUARD_S)
 
 
 @pytest.fixture

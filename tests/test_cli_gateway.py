@@ -12,26 +12,27 @@ import os
 import pty
 import re
 import shutil
-import signal
 import stat
 import struct
 import subprocess
 import sys
 import termios
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bench.overhead import free_port
 from first_jupyter import __version__, batch_client, cli, client
 from first_jupyter.cli_output import Exit
 from first_jupyter.lasting_key import LASTING_KEY_FILE
 from first_jupyter.shell_env import exports
-from tests.conftest import closed_port, fake_cluster_config, jupyter_server_process, server_config
-from tests.waiting import ENGINE_GUARD_S, eventually
+from tests.conftest import (
+    closed_port,
+    fake_cluster_config,
+    server_config,
+    server_process,
+)
 
 BASH = shutil.which("bash") or "/bin/bash"
 TOKEN_VARIABLES = ("FIRST_GLOBUS_TOKEN", "GLOBUS_DATA", "JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN")
@@ -230,29 +231,6 @@ async def test_env_without_a_lasting_key_says_the_key_changes_at_restart(server,
 # -- the lasting key across server starts -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _server_process(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, Any]]:
-    """A Jupyter server in a process of its own; what its runtime file says."""
-    runtime = Path(env["JUPYTER_RUNTIME_DIR"])
-    for old in runtime.glob("first-gateway-*.json"):
-        old.unlink()
-    proc = jupyter_server_process(free_port(), tmp_path, env)
-    try:
-        found: list[dict[str, Any]] = []
-
-        def written() -> bool:
-            for path in runtime.glob("first-gateway-*.json"):
-                with contextlib.suppress(ValueError):
-                    found.append(json.loads(path.read_text()))
-            return bool(found)
-
-        eventually(written, "the gateway's runtime file", within=ENGINE_GUARD_S)
-        yield found[0]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=ENGINE_GUARD_S)
-
-
 def _status(url: str, key: str) -> int:
     return httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, trust_env=False).status_code
 
@@ -267,12 +245,12 @@ def test_the_lasting_key_survives_a_restart_and_rotation_refuses_the_old_one(fak
            "JUPYTER_TOKEN": "cli-test", "JUPYTER_CONFIG_DIR": str(config_dir),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
     key_file = data / LASTING_KEY_FILE
-    with _server_process(tmp_path, env) as info:
+    with server_process(tmp_path, env) as info:
         assert info["lasting_key_file"] == str(key_file)
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         lasting, first_start_key = key_file.read_text().strip(), info["api_key"]
         assert _status(info["url"], lasting) == 200
-    with _server_process(tmp_path, env) as info:
+    with server_process(tmp_path, env) as info:
         assert info["api_key"] != first_start_key  # kernels' key is new at each start; the lasting one is not
         assert key_file.read_text().strip() == lasting
         jupyter_url = info["jupyter_url"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,11 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 import first_jupyter
-from bench.overhead import free_port
 from first_jupyter import client
 from first_jupyter.client import Conversation, GatewayError
-from tests.conftest import closed_port, fake_cluster_config, jupyter_server_process, server_config
-from tests.waiting import ENGINE_GUARD_S, eventually
+from tests.conftest import (
+    closed_port,
+    fake_cluster_config,
+    server_config,
+    server_process,
+)
+from tests.waiting import eventually
 
 HELD = 3600.0
 """A pace or first-byte delay of the fake upstream that no test outlasts: the upstream holds its answer until the
@@ -195,21 +196,8 @@ def https_server(fake_upstream, write_config, tls_certs, tmp_path) -> Iterator[d
     env = {"FIRST_CONFIG": str(write_config(fake_cluster_config(fake_upstream))),
            "FIRST_DATA_DIR": str(tmp_path / "data"), "JUPYTER_TOKEN": "https-test",
            "JUPYTER_CONFIG_DIR": str(config_dir), "JUPYTER_RUNTIME_DIR": str(runtime_dir)}
-    server = jupyter_server_process(free_port(), tmp_path, env)
-    try:
-        found: list[dict[str, str]] = []
-
-        def written() -> bool:
-            for path in runtime_dir.glob("first-gateway-*.json"):
-                with contextlib.suppress(ValueError):  # (a file still being written)
-                    found.append(json.loads(path.read_text()))
-            return bool(found)
-
-        eventually(written, "the gateway's runtime file", within=ENGINE_GUARD_S)
-        yield found[0]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=ENGINE_GUARD_S)
+    with server_process(tmp_path, env) as info:
+        yield info
 
 
 def test_a_kernel_of_an_https_server_verifies_it_with_the_sites_ca(https_server, tls_certs, monkeypatch):
