@@ -420,7 +420,7 @@ STATE_COLUMNS = ["model", "served by", "state there", "best state"]
 
 def model_rows(listing: Mapping[str, Any]) -> list[list[str]]:
     """Each model of ``GET /first/v1/models`` for a table: its id, state, capabilities and where it is served."""
-    return [[m["id"], m.get("state", ""), ", ".join(m.get("capabilities", ())),
+    return [[m["id"], m.get("state", ""), ", ".join(m.get("capabilities", {}).get("api_protocols", ())),
              ", ".join(f"{s['cluster']}/{s['endpoint']}" for s in m.get("served_by", ()))] for m in listing["data"]]
 
 
