@@ -57,9 +57,8 @@ _INFERENCE_PATHS = ", ".join(cap.public_path for cap in Capability)
 
 def unknown_route(path: str) -> OpenAIError:
     return OpenAIError(404, f"No route {path}. This gateway serves /first/v1/models, {_INFERENCE_PATHS}, "
-                            "/first/v1/files and batches, and /first/api/status, usage, default_model and "
-                            "models/{id}/warm.", code="unknown_route")
-
+                            "/first/v1/responses/{id}, /first/v1/files and batches, and /first/api/status, usage, "
+                            "default_model and models/{id}/warm.", code="unknown_route")
 
 
 def too_large(size: int, limit: int) -> OpenAIError:
