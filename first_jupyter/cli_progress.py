@@ -5,17 +5,15 @@ only the outcome."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
 from first_jupyter import batch_client, client
+from first_jupyter.protocol import Progress, duration
 
 TERMINAL_EVERY_S = 5.0
 """Seconds between progress lines where no bar is drawn, while a batch runs."""
-TICK_S = 0.5
-"""How often a warm-up's bar moves: its progress is the time gone against the gateway's estimate."""
 
 
 def draws_bars(stream: IO[str]) -> bool:
@@ -54,41 +52,24 @@ def wait_for_batch(batch_id: str | None, stream: IO[str] | None = None) -> dict[
 
 
 def warm_and_wait(model: str, cluster: str | None, stream: IO[str] | None = None) -> dict[str, Any]:
-    """Start ``model`` and wait until it answers; the gateway's last answer. On a terminal (``stream``, stderr) a
-    bar shows the time gone against the gateway's estimate while the gateway itself waits (``warm(wait=True)``,
-    whose answer or error, the reason a start failed, is what counts)."""
+    """Start ``model`` and wait until it answers; the gateway's answer (or its error: why the start failed). How
+    the start goes (the gateway's progress: state, time so far, its estimate) is shown on ``stream`` (stderr): a
+    bar filled by the estimate on a terminal, else a line per report."""
     stream = stream or sys.stderr
     if not draws_bars(stream):
-        return client.warm(model, cluster=cluster, wait=True)
-    begun = client.warm(model, cluster=cluster)  # starts it, and says where and how long it is expected to take
-    if begun["state"] == "hot":
-        return begun
-    outcome: list[Any] = []
-    done = threading.Event()
-
-    def wait() -> None:
-        try:
-            outcome.append(client.warm(model, cluster=begun["cluster"], wait=True))
-        except BaseException as exc:  # handed to the waiting thread, which raises it
-            outcome.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=wait, name="first-warm-wait", daemon=True).start()
+        return client.warm(model, cluster=cluster, wait=True,
+                           on_progress=lambda progress: print(progress.words(), file=stream, flush=True))
     from tqdm import tqdm
 
-    started = time.monotonic()
-    where = f"{model} on {begun['cluster']}/{begun['endpoint']}"
-    with tqdm(total=max(float(begun["expected_s"]), 1.0), desc=where, unit="s", file=stream, dynamic_ncols=True,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}") as bar:
-        while not done.wait(TICK_S):
-            gone = time.monotonic() - started
-            bar.total = max(bar.total, gone)  # slower than expected: the bar stays short of its end
-            bar.n = gone
-            bar.set_postfix_str("starting")
-        bar.n = bar.total = max(bar.total, time.monotonic() - started)
-        bar.set_postfix_str("done" if not isinstance(outcome[0], BaseException) else "failed")
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    answer: dict[str, Any] = outcome[0]
+    with tqdm(total=1.0, file=stream, dynamic_ncols=True, bar_format="{desc}{percentage:3.0f}%|{bar:24}|") as bar:
+        def shown(progress: Progress) -> None:
+            left = "unknown" if progress.eta_s is None else duration(progress.eta_s)
+            bar.set_description(f"{progress.model} on {progress.cluster}/{progress.endpoint} ({progress.state}, "
+                                f"{progress.elapsed_s:.0f} s so far, about {left} to go)", refresh=False)
+            bar.n = progress.fraction or 0.0  # unknown while no start of the model has been timed
+            bar.refresh()
+
+        answer = client.warm(model, cluster=cluster, wait=True, on_progress=shown)
+        bar.set_description(f"{model} on {answer['cluster']}/{answer['endpoint']} ({answer['state']})", refresh=False)
+        bar.n = 1.0
     return answer

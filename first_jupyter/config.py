@@ -578,7 +578,8 @@ def embedded_default(data_dir: Path) -> FirstConfig:
         id=Path(source).name if source else DEFAULT_MODEL_ID,
         path=source or str(data_dir / "models" / DEFAULT_MODEL_ID),
         build_tiny=not source,
-        capabilities=[Capability.chat, Capability.completions, Capability.tokenize, Capability.detokenize],
+        capabilities=[Capability.chat, Capability.completions, Capability.responses, Capability.tokenize,
+                      Capability.detokenize],
     )
     endpoint = ComputeEndpoint(name="engine", in_process=InProcessEngine(), models=[model])
     return FirstConfig(clusters={"local": ComputeCluster(backend="globus_compute", endpoints=[endpoint])},

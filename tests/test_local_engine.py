@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 
@@ -128,6 +129,18 @@ class TestEmbeddedDefault:
         assert chunks[-1].usage is not None
         assert chunks[-1].usage.completion_tokens == 3
         assert (tmp_path / "data" / "models" / "tiny-chat" / TINY_MODEL_MARKER).is_file()
+        # the other APIs a client speaks, on the same engine: Responses as the engine serves it, and Anthropic's
+        # Messages translated to chat (transformers serve has no /v1/messages)
+        response = await _client(first_ext).responses.create(model="tiny-chat", input="hi", max_output_tokens=3)
+        assert (response.model, response.status) == ("tiny-chat", "completed")
+        events = [e.type async for e in await _client(first_ext).responses.create(
+            model="tiny-chat", input="hi", max_output_tokens=3, stream=True)]
+        assert events[0] == "response.created"
+        assert events[-1] == "response.completed"
+        messages = anthropic.AsyncAnthropic(base_url=first_ext.gateway_url().removesuffix("/v1"),
+                                            api_key=first_ext.api_key, max_retries=0)
+        message = await messages.messages.create(model="tiny-chat", max_tokens=3, messages=MESSAGES)
+        assert (message.model, message.usage.output_tokens) == ("tiny-chat", 3)
 
     async def test_an_engine_that_dies_reads_as_stopped_and_the_next_request_starts_it_again(self, first_ext):
         """A killed engine (OOM, a crash) under a block that lives on: the model is no longer shown hot, and the

@@ -10,7 +10,14 @@ test sets how long the start lasts, by the events it sees, never by the clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
+import termios
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,12 +133,20 @@ async def _read_states(ext: Any) -> None:
     await ext.loop_thread.call(ext.gateway.status())
 
 
-async def test_on_progress_gets_typed_events_and_a_warm_wait_is_told_too(first_ext, remote, monkeypatch):
+@pytest.fixture
+def kernel_client(first_ext: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``first_jupyter.client`` as in a kernel of the server: its gateway and key from the environment."""
     from first_jupyter import client
 
     monkeypatch.setenv(client.GATEWAY_URL_ENV, first_ext.gateway_url())
     monkeypatch.setenv(client.API_KEY_ENV, first_ext.api_key)
     client.disconnect()
+    yield client
+    client.disconnect()
+
+
+async def test_on_progress_gets_typed_events_and_a_warm_wait_is_told_too(first_ext, remote, kernel_client):
+    client = kernel_client
     await _read_states(first_ext)
     told: list[Progress] = []
 
@@ -140,17 +155,51 @@ async def test_on_progress_gets_typed_events_and_a_warm_wait_is_told_too(first_e
         if len(told) == 2:
             remote.held[COLD].set()
 
-    try:
-        result = await asyncio.to_thread(client.chat, "hi", model=COLD, on_progress=on_progress)
-        warmed = await asyncio.to_thread(client.warm, HOT, wait=True, on_progress=on_progress)
-    finally:
-        client.disconnect()
+    result = await asyncio.to_thread(client.chat, "hi", model=COLD, on_progress=on_progress)
+    warmed = await asyncio.to_thread(client.warm, HOT, wait=True, on_progress=on_progress)
     assert result.text == "from sophia/vllm"
     assert (result.cluster, result.endpoint) == ("alcf", "gateway")
     assert len(told) >= 2
     assert all(isinstance(p, Progress) for p in told)
     assert told[0].model == COLD
     assert warmed["state"] == "hot"  # hot already: answered at once, with nothing to tell
+
+
+async def test_first_warm_wait_draws_the_start_on_a_terminal(first_ext, remote, kernel_client):
+    """``first warm MODEL --wait`` with stderr on a terminal: a bar naming where the model starts, its state and
+    time so far, redrawn with each report of the gateway's, and the model's state once it answers."""
+    from first_jupyter import cli_progress
+
+    await _read_states(first_ext)
+    reader, writer = pty.openpty()
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 columns wide
+    os.set_blocking(reader, False)
+    drawn = bytearray()
+
+    def read_terminal() -> None:
+        with contextlib.suppress(BlockingIOError):
+            drawn.extend(os.read(reader, 65536))
+        if drawn.count(b"s so far") >= 2:
+            remote.held[COLD].set()  # the job has started: FIRST answers the start's probe
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(reader, read_terminal)
+    try:
+        with os.fdopen(writer, "w") as terminal:
+            answer = await asyncio.to_thread(cli_progress.warm_and_wait, COLD, None, terminal)
+    finally:
+        loop.remove_reader(reader)
+    with contextlib.suppress(BlockingIOError, OSError):
+        while chunk := os.read(reader, 65536):
+            drawn.extend(chunk)
+    os.close(reader)
+    assert answer["state"] == "hot"
+    frames = [frame for frame in drawn.decode().split("\r") if frame.strip()]
+    told = [frame for frame in frames if "s so far" in frame]
+    assert len(told) >= 2
+    assert all(re.search(rf"{COLD} on alcf/gateway \((queued|starting), \d+ s so far, about .* to go\): +\d+%\|", frame)
+               for frame in told), told
+    assert re.search(rf"{COLD} on alcf/gateway \(hot\): 100%\|█+\|", frames[-1]), frames[-1]
 
 
 def _status_lines(messages: list[tuple[float, dict[str, Any]]]) -> list[str]:
