@@ -197,7 +197,7 @@ def test_a_node_takes_a_route_relative_to_v1_from_an_older_gateway(pool_upstream
 
 
 @pytest.mark.parametrize(("engine", "serves"), [
-    ("transformers", [Capability.chat, Capability.completions]),  # (and responses, transcriptions: its routes)
+    ("transformers", [Capability.chat, Capability.completions, Capability.responses, Capability.transcriptions]),
     ("vllm", list(Capability))])
 async def test_a_model_serves_what_its_config_says_and_its_engine_has_routes_for(engine, serves):
     """The embedded default's endpoint knows its engine: ``transformers serve`` has a few routes, vLLM all."""
