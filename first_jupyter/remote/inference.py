@@ -44,8 +44,11 @@ BATCH_BYTES, BATCH_S = 16384, 0.05
 """A stream's batch goes to the gateway once it holds this many bytes of events, or has waited this long."""
 RESULT_LIMIT_BYTES = 10 * 1024 * 1024 - 64 * 1024
 """Globus Compute refuses a task result over 10 MiB; this leaves room for the result's own envelope."""
-_FINISHED = re.compile(rb'"finish_reason":\s*"')
-"""An event that ends a choice: a stream without one (or ``[DONE]``) was cut short."""
+_FINISHED = re.compile(rb'"finish_reason":\s*"|"type":\s*"(?:response\.(?:completed|failed|incomplete)|message_stop|'
+                       rb'transcript\.text\.done)"')
+"""An event that ends an answer: a chat or completion choice's last, the Responses API's terminal event (its streams
+have no ``[DONE]``), Anthropic's ``message_stop``, a transcript's end. A stream without one (or ``[DONE]``) was cut
+short."""
 
 
 def sign(key: str, task_id: str, seq: int, body: bytes) -> str:
