@@ -18,10 +18,10 @@ from urllib.parse import quote
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from first_jupyter.default_model import TINY_MODEL_ID, choose_default_model
 from first_jupyter.protocol import Capability
 from first_jupyter.transport.proxies import NO_PROXY_SETTING, ProxyError, parse_proxy
 
-DEFAULT_MODEL_ID = "tiny-chat"
 LOCAL_MODEL_ENV = "FIRST_LOCAL_MODEL"
 CONFIG_ENV = "FIRST_CONFIG"
 
@@ -70,6 +70,12 @@ class ModelConfig(_Strict):
     build_tiny: bool = Field(
         default=False, description="local engines: if path holds no model, build the tiny offline model there"
     )
+    download: str | None = Field(
+        default=None, description="in-process engines: a Hugging Face hub repository downloaded into path once, "
+                                  "before the engine first starts (the embedded default's real model)")
+    note: str | None = Field(
+        default=None, description="what the gateway says of this model at start and in /first/api/status (why "
+                                  "the embedded default serves it)")
 
 
 class Timeouts(_Strict):
@@ -569,15 +575,21 @@ def embedded_default(data_dir: Path) -> FirstConfig:
     """The zero-configuration gateway: one cluster, ``local``, whose endpoint is the Globus Compute engine run in
     this process, serving a small model: the same path (tasks, remote functions, callback) as an HPC cluster.
 
-    ``$FIRST_LOCAL_MODEL`` names a real model (a directory or a hub id already cached); without it the tiny
-    offline model is built under the data dir on first use, whose answers are random. It is asked what a
-    generative model's engine serves; the endpoint keeps what its engine has routes for (``engine_serves``).
+    ``$FIRST_LOCAL_MODEL`` names a real model (a directory or a hub id already cached), whatever else holds;
+    without it, a small real model from the Hugging Face hub where the hub can be reached (downloaded once into the
+    data dir), else the tiny offline model built there on first use, whose answers are random
+    (``default_model.choose_default_model``). It is asked what a generative model's engine serves; the endpoint
+    keeps what its engine has routes for (``engine_serves``).
     """
     source = os.environ.get(LOCAL_MODEL_ENV)
+    if source:
+        identity: dict[str, Any] = {"id": Path(source).name, "path": source}
+    else:
+        chosen = choose_default_model(data_dir)
+        identity = {"id": chosen.id, "path": str(chosen.path), "build_tiny": chosen.id == TINY_MODEL_ID,
+                    "download": chosen.download, "note": chosen.note}
     model = ModelConfig(
-        id=Path(source).name if source else DEFAULT_MODEL_ID,
-        path=source or str(data_dir / "models" / DEFAULT_MODEL_ID),
-        build_tiny=not source,
+        **identity,
         capabilities=[Capability.chat, Capability.completions, Capability.responses, Capability.tokenize,
                       Capability.detokenize],
     )

@@ -76,6 +76,15 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(uvloop.Loop, "create_connection", guarded_create_connection)
 
 
+@pytest.fixture(autouse=True)
+def _hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hugging Face hub answers nothing: ``HF_ENDPOINT`` is a loopback port nobody listens on, so the embedded
+    default serves the tiny model (``default_model``) unless a test starts a stand-in hub (``tests/fake_hub.py``).
+    (Not ``HF_HUB_OFFLINE``: huggingface_hub reads that once, at its import, for the whole test session.)"""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -36,6 +37,7 @@ import psutil
 from first_jupyter.config import ComputeEndpoint, InProcessEngine
 from first_jupyter.endpoint_config import FAILED, READY, block_worker_init
 from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, too_large
+from first_jupyter.model_download import ModelDownload
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.launcher import EngineSpec, choose_engine, free_port, log_tail, served_name
 
@@ -48,6 +50,8 @@ node here is this machine, and a request waiting on a dead one should learn so i
 WATCH_PERIOD_S = 0.5
 SHUTDOWN_TIMEOUT_S = 15.0
 """An orderly shutdown takes well under a second; past this, what is left is ended by its run directory."""
+
+logger = logging.getLogger(__name__)
 
 
 def _run_pid(run_dir: Path) -> int | None:
@@ -147,6 +151,13 @@ class InProcessSubmitter:
         self._pending: set[Future[Any]] = set()
         self._watch: asyncio.Task[None] | None = None
         self.leftovers_ended: list[int] = []
+        if self.model.note:
+            logger.warning("FIRST %s: %s", where, self.model.note)
+        self.download = ModelDownload(self.model.download, Path(path), where) if self.model.download else None
+        """The model's files from the hub, fetched from now on (not at the first request: a new user's first
+        prompt should find them there), resumed by a request after a failure."""
+        if self.download is not None:
+            self.download.start()
 
     # -- the engine ------------------------------------------------------------------------------------------
     # The Globus Compute packages are imported on first use, not with this module: they take about 0.4 s, which
@@ -203,6 +214,8 @@ class InProcessSubmitter:
                                                 self._serializer.serialize(args), self._serializer.serialize({})])
         if len(buffer) > SUBMIT_LIMIT_BYTES:
             raise too_large(len(buffer))
+        if self.download is not None:  # before the start lock: a shutdown must not wait for a download
+            self.download.wait()
         self._restart_if_exited()
         engine = self._start()
         if self._start_failed:  # a new try after a failed start: its reason must not fail this request too
@@ -285,6 +298,14 @@ class InProcessSubmitter:
                                 "min_blocks": self.settings.min_blocks, "max_blocks": self.settings.max_blocks,
                                 "max_idletime": self.settings.max_idletime, "pending_tasks": len(self._pending),
                                 "started": self.started_at, "leftovers_ended": len(self.leftovers_ended)}
+        if self.model.note:
+            info["note"] = self.model.note
+        if self.download is not None:
+            info["download"] = self.download.status()
+            if self.download.state == "failed":  # cold, not offline: the next request resumes it
+                return {**info, "state": "stopped", "error": self.download.failure()}
+            if self.download.state != "done":
+                return {**info, "state": "starting"}
         if (self.run_dir / FAILED).is_file():
             return {**info, "state": "failed", "error": self._failure()}
         if engine is None:
