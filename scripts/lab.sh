@@ -8,11 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 if [ -z "${FIRST_CONFIG:-}" ] && [ -z "${FIRST_LOCAL_MODEL:-}" ]; then
-  model_dir=$(python -c "from first_jupyter.paths import default_data_dir; print(default_data_dir() / 'models' / 'tiny-chat')")
-  first tiny-model "$model_dir" >/dev/null
-  echo "first-jupyter: no FIRST_CONFIG or FIRST_LOCAL_MODEL set, so the embedded default serves 'tiny-chat',"
-  echo "  a tiny model built offline in $model_dir with RANDOM weights: its answers are random tokens."
-  echo "  Set FIRST_LOCAL_MODEL=/path/to/a/real/model (or FIRST_CONFIG=clusters.yaml) for real answers."
+  echo "first-jupyter: no FIRST_CONFIG or FIRST_LOCAL_MODEL set, so the embedded default serves a small model:"
+  echo "  where the Hugging Face hub answers, a real one, downloaded once into the data dir (its progress below"
+  echo "  and in the sidebar); offline (HF_HUB_OFFLINE=1, or no route), 'tiny-chat', whose RANDOM weights answer in"
+  echo "  random tokens. The server's log below says which, and why."
 fi
 extra=()
 if [ "$(id -u)" = 0 ]; then extra+=(--allow-root); fi

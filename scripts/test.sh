@@ -14,11 +14,11 @@ ruff check .
 (cd labextension && jlpm test)
 python -m pytest -p no:cacheprovider "$@"
 # The example notebooks, top to bottom in fresh kernels, as a user without a Jupyter server runs them: on the
-# embedded default (the tiny offline model) in a data dir of their own, with no server's gateway in the
+# embedded default (the tiny offline model: HF_HUB_OFFLINE) in a data dir of their own, with no server's gateway in the
 # environment. Cells marked NBVAL_CHECK_OUTPUT must reproduce their saved output; every cell must run.
 notebook_data=$(mktemp -d)
 trap 'rm -rf "$notebook_data"' EXIT
-env -u FIRST_GATEWAY_URL -u FIRST_API_KEY -u FIRST_CONFIG -u FIRST_LOCAL_MODEL FIRST_DATA_DIR="$notebook_data" \
+env -u FIRST_GATEWAY_URL -u FIRST_API_KEY -u FIRST_CONFIG -u FIRST_LOCAL_MODEL FIRST_DATA_DIR="$notebook_data" HF_HUB_OFFLINE=1 \
   python -m pytest -p no:cacheprovider --nbval-lax notebooks
 # The JupyterLab sidebar in Chromium against a real server (tests/ui/run.sh); screenshots in tests/ui/artifacts.
 bash tests/ui/run.sh

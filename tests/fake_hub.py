@@ -76,12 +76,12 @@ class FakeHub:
                     self.send_header(key, value)
                 self.end_headers()
 
-            def do_HEAD(self) -> None:  # noqa: N802 (http.server's name)
+            def do_HEAD(self) -> None:
                 name = self._file()
                 if name is not None:
                     self._headers(name, 200, len(hub.files[name]), {})
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 info = _INFO.match(self.path)
                 if info is not None:
                     if info["repo"] != hub.repo:
