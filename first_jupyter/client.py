@@ -44,12 +44,15 @@ CALL_TIMEOUT_S = 900.0
 
 
 class GatewayError(Exception):
-    """A failed call, with the gateway's own message (which names the next step) and its HTTP status."""
+    """A failed call, with the gateway's own message (which names the next step), its HTTP status, and its
+    ``Retry-After`` in seconds where it gave one (a 429 or a 503: when the cluster takes requests again)."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.retry_after = retry_after
 
 
 NO_GATEWAY = "gateway_not_found"
@@ -302,7 +305,7 @@ class _Exchange:
             raise GatewayError(f"The FIRST gateway at {self._gateway} is not reachable ({exc}). Restart the "
                                "kernel; if it persists, restart the Jupyter server.", code=UNREACHABLE) from None
         if response.status >= 400:
-            error = _gateway_error(response.status, response.read())
+            error = _gateway_error(response.status, response.read(), response.getheader("Retry-After"))
             self.close()
             raise error
         return response
@@ -375,12 +378,13 @@ def v1_lines(path: str) -> Iterator[Iterator[bytes]]:
         exchange.close()
 
 
-def _gateway_error(status: int, body: bytes) -> GatewayError:
+def _gateway_error(status: int, body: bytes, retry_after: str | None = None) -> GatewayError:
+    wait = float(retry_after) if retry_after and retry_after.strip().isdigit() else None  # (an HTTP date: none)
     try:
         error = json.loads(body)["error"]
-        return GatewayError(error["message"], status, error.get("code"))
+        return GatewayError(error["message"], status, error.get("code"), wait)
     except (ValueError, KeyError, TypeError):
-        return GatewayError(f"The gateway answered HTTP {status}.", status)
+        return GatewayError(f"The gateway answered HTTP {status}.", status, retry_after=wait)
 
 
 def status() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from first_jupyter.default_model import TINY_MODEL_ID, choose_default_model
+from first_jupyter.embedded_model import TINY_MODEL_ID, choose_default_model
 from first_jupyter.protocol import Capability
 from first_jupyter.transport.proxies import NO_PROXY_SETTING, ProxyError, parse_proxy
 
@@ -578,7 +578,7 @@ def embedded_default(data_dir: Path) -> FirstConfig:
     ``$FIRST_LOCAL_MODEL`` names a real model (a directory or a hub id already cached), whatever else holds;
     without it, a small real model from the Hugging Face hub where the hub can be reached (downloaded once into the
     data dir), else the tiny offline model built there on first use, whose answers are random
-    (``default_model.choose_default_model``). It is asked what a generative model's engine serves; the endpoint
+    (``embedded_model.choose_default_model``). It is asked what a generative model's engine serves; the endpoint
     keeps what its engine has routes for (``engine_serves``).
     """
     source = os.environ.get(LOCAL_MODEL_ENV)

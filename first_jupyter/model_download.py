@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from first_jupyter.default_model import DOWNLOADED_MARKER, ENDPOINT_ENV
+from first_jupyter.embedded_model import DOWNLOADED_MARKER, ENDPOINT_ENV
 from first_jupyter.protocol import OpenAIError
 
 ONLY_TOP_LEVEL = ["*/*"]

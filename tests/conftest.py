@@ -79,7 +79,7 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hugging Face hub answers nothing: ``HF_ENDPOINT`` is a loopback port nobody listens on, so the embedded
-    default serves the tiny model (``default_model``) unless a test starts a stand-in hub (``tests/fake_hub.py``).
+    default serves the tiny model (``embedded_model``) unless a test starts a stand-in hub (``tests/fake_hub.py``).
     (Not ``HF_HUB_OFFLINE``: huggingface_hub reads that once, at its import, for the whole test session.)"""
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

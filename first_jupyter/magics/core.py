@@ -24,15 +24,6 @@ if TYPE_CHECKING:
     from first_jupyter.client import Conversation
 
 
-_HINTS = {
-    "model_not_found": "`%first models` lists what you can use.",
-    "unsupported_route": "`%first models` lists what each model can do.",
-    "invalid_api_key": "This kernel's FIRST_API_KEY is not the server's: restart the kernel from the Jupyter server.",
-    "globus_sign_in": "Run `%first login` to sign in to Globus.",
-}
-"""The next step in notebook terms, for errors whose message speaks in HTTP terms."""
-
-
 class FirstMagics(Configurable):
     """The ``%first`` magics of one kernel; settings with ``%config FirstMagics.<name> = ...`` or config files."""
 
@@ -64,6 +55,7 @@ class FirstMagics(Configurable):
     def __call__(self, line: str, cell: str | None = None) -> None:
         """The magic: parse, run, and turn every failure into a short message."""
         from first_jupyter.client import GatewayError  # light: no openai import
+        from first_jupyter.magics.errors import explain
 
         try:
             command, options = parse(line, cell is not None)
@@ -71,8 +63,7 @@ class FirstMagics(Configurable):
         except MagicUsageError as exc:
             print(str(exc).strip(), file=sys.stderr)
         except GatewayError as exc:
-            hint = _HINTS.get(exc.code or "")
-            print(f"{str(exc).strip()}\n{hint}" if hint else str(exc).strip(), file=sys.stderr)
+            print(explain(exc), file=sys.stderr)
         except KeyboardInterrupt:
             print("Stopped. The request was cancelled.", file=sys.stderr)
 

@@ -155,8 +155,9 @@ class HttpBackend:
         if error.status != 401 or self._globus is None:
             return None
         if any(words in error.message.lower() for words in ACCOUNT_REFUSALS):
-            return OpenAIError(403, f"{error.message} This refuses your account, not your sign-in: ask the "
-                                    f"gateway's operators for access, or use another cluster.",
+            return OpenAIError(403, f"{error.message} This refuses your account, not your sign-in: it is not in "
+                                    f"the Globus group (or identity provider) that {self.where} allows. Ask its "
+                                    f"operators to add you, or use another cluster.",
                                type="permission_error", code="permission_denied")
         self._globus[0].forget(self._globus[1])
         return OpenAIError(401, error.message + SIGN_IN_AGAIN, type="authentication_error", code=error.code)

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from first_jupyter.config import load_config
-from first_jupyter.default_model import (
+from first_jupyter.embedded_model import (
     DOWNLOADED_MARKER,
     REAL_MODEL_REPO,
     TINY_MODEL_ID,
