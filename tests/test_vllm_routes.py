@@ -189,6 +189,28 @@ async def test_a_compute_node_calls_the_engines_path_for_any_route(pool_upstream
     assert (reply.status, orjson.loads(reply.body)) == (200, own.json())
 
 
+async def test_a_compute_node_reaches_a_response_its_engine_keeps(pool_upstream):
+    """Retrieve, input_items and delete of a kept response go as tasks to the node, whose engine created it."""
+    endpoint = ComputeEndpoint(name="node", endpoint_id="00000000-0000-4000-8000-000000000000",
+                               engine_port=pool_upstream.port,
+                               models=[ModelConfig(id=POOL_MODEL, capabilities=[Capability.responses])])
+    backend = ComputeBackend("hpc", endpoint, NodeHere(), CallbackHub(), 30.0, lambda: None)
+    try:
+        created = await backend.complete(POOL_MODEL, Capability.responses,
+                                         orjson.dumps({"model": POOL_MODEL, "input": "hi", "stream": False}))
+        response_id = orjson.loads(created.body)["id"]
+        kept = await backend.call("GET", f"responses/{response_id}", "", None)
+        items = await backend.call("GET", f"responses/{response_id}/input_items", "limit=1", None)
+        deleted = await backend.call("DELETE", f"responses/{response_id}", "", None)
+        gone = await backend.call("GET", f"responses/{response_id}", "", None)
+    finally:
+        await backend.close()
+    assert (kept.status, orjson.loads(kept.body)["id"]) == (200, response_id)
+    assert (items.status, len(orjson.loads(items.body)["data"])) == (200, 1)
+    assert (deleted.status, orjson.loads(deleted.body)["deleted"]) == (200, True)
+    assert gone.status == 404
+
+
 def test_a_node_takes_a_route_relative_to_v1_from_an_older_gateway(pool_upstream):
     """Gateways before the root routes sent ``chat/completions``; a node with a newer install still takes it."""
     result = call_engine(pool_upstream.port, "embeddings", {"model": POOL_MODEL, "input": "x"})

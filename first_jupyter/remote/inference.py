@@ -204,14 +204,25 @@ def _engine_error(error: Any) -> dict[str, Any]:
     return {"status": status, "body": json.dumps({"error": error})}
 
 
-def _get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
+def _exchange(port: int, method: str, path: str, timeout: float) -> tuple[int, bytes]:
+    """A request without a body to the engine on this node: its status and answer."""
     conn = http.client.HTTPConnection(ENGINE_HOST, port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def engine_route(port: int, method: str, path: str, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    """A call without a body on one of the engine's routes (``path`` with its query, as ``engine_path`` reads it):
+    a response of the Responses API that the engine keeps, retrieved, deleted, cancelled or its input items
+    listed, on the node whose engine created it. Its status and answer (text)."""
+    status, raw = _exchange(port, method, engine_path(path), timeout)
+    if len(raw) > RESULT_LIMIT_BYTES:
+        return _too_large(len(raw))
+    return {"status": status, "body": raw.decode("utf-8", "replace")}
 
 
 def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
@@ -220,14 +231,14 @@ def engine_health(port: int, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any
     itself (vLLM's says each model's ``max_model_len``)."""
     started = time.time()
     try:
-        status, _ = _get(port, "/health", timeout)
+        status, _ = _exchange(port, "GET", "/health", timeout)
     except OSError as exc:
         return {"healthy": False, "status": None, "models": [], "error": f"{type(exc).__name__}: {exc}",
                 "elapsed_s": time.time() - started}
     models: list[str] = []
     listing: Any = None
     try:
-        listed_status, body = _get(port, "/v1/models", timeout)
+        listed_status, body = _exchange(port, "GET", "/v1/models", timeout)
         listing = json.loads(body) if listed_status == 200 else {}
         models = [m.get("id") for m in listing.get("data", [])] if isinstance(listing, dict) else []
     except (OSError, ValueError):

@@ -30,6 +30,7 @@ from first_jupyter.remote.inference import (
     REQUEST_TIMEOUT_S,
     call_engine,
     engine_health,
+    engine_route,
     stream_engine,
 )
 from first_jupyter.remote.launcher import EngineKind, engine_serves
@@ -300,12 +301,16 @@ class ComputeBackend:
         self._limits = reported_limits(health.get("listing"), {self.upstream_name(m): m for m in self._models})
 
     async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
-        """Not yet: a node's function sends inference requests (a POST with a body) to its engine, and a call on a
-        response the engine keeps is a GET, DELETE or bodiless POST on the response's path."""
-        raise OpenAIError(501, f"{self.where} is a Globus Compute endpoint, through which this gateway cannot reach a "
-                               f"response again yet (/{path}): retrieve, delete, cancel and input_items need a "
-                               "direct (http) endpoint to the engine. Keep what responses.create answered instead.",
-                          type="api_error", code="not_implemented")
+        """A call on a response the engine keeps (``path`` relative to ``/v1``), as a task: the node's function
+        sends it to its engine, which created the response (these calls carry no body)."""
+        task = await self.submitter.submit(engine_route, self.engine_port, method,
+                                           path + (f"?{query}" if query else ""), self.endpoint.timeout)
+        try:
+            result = await self._result(task, "answer")
+        except BaseException:
+            task.cancel()
+            raise
+        return Reply(int(result["status"]), str(result["body"]).encode())
 
     async def status(self) -> dict[str, Any]:
         state = await self.submitter.status()
