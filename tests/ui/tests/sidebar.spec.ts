@@ -79,7 +79,7 @@ test.describe('FIRST sidebar', () => {
       await expect(tiny.locator('.first-default-mark')).toHaveText('default');
       await expect(tiny.locator('.first-warm')).toBeVisible();
       await expect(row(page, 'remote', 'fake-model').locator('.first-badge')).toHaveText('hot');
-      await expect(panel.locator('.first-cluster h3')).toHaveText(['local', 'remote', 'alcf']);
+      await expect(panel.locator('.first-cluster h3')).toHaveText(['alcf', 'local', 'remote']);
       await expect(panel.locator('.first-identity')).toHaveText('Not signed in to Globus');
       await screenshot(panel, '1-panel-cold');
 
