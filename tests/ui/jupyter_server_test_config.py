@@ -153,7 +153,8 @@ config = {
             "name": "vllm-1", "base_url": f"{fake_url}/v1", "models": [{"id": "fake-model"}]}]},
         "alcf": {"backend": "first", "endpoints": [{"name": "gateway", "base_url": first["first"]}]},
     },
-    "defaults": {"model": "tiny-chat"},
+    # a held start's status line is redrawn each second, so that the test sees it change in place
+    "defaults": {"model": "tiny-chat", "cold_start": {"progress_every": 1.0}},
     "auth": {"client_id": LoopbackGlobusAuth.CLIENT_ID, "sources": ["native"]},
 }
 (state / "first.yaml").write_text(yaml.safe_dump(config))

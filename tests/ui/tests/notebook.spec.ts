@@ -92,9 +92,13 @@ test.describe('%first cells in a notebook', () => {
     const cell = await output(page, 1);
     const status = cell.getByText(`Waiting for model '${COLD}' on cluster 'alcf' endpoint 'gateway'`);
     await expect(status).toBeVisible();
-    await expect(status).toContainText(/s so far/);
+    await expect(status).toContainText(/: (queued|starting), \d+ s so far, about .+ to go/);
     await expect(cell.locator('progress')).toBeVisible();
     await screenshot(page, 1, 'notebook-3-cold-start-waiting');
+    const first = (await status.textContent()) ?? '';
+    await expect(status).not.toHaveText(first); // the next report of the start (the time so far has grown)...
+    await expect(cell.getByText('Waiting for model')).toHaveCount(1); // ...redrawn in place, not added below
+    await expect(cell.locator('progress')).toHaveCount(1);
 
     await post(page.request, `${stateFile('first_control_url')}/release`, {}); // the job has started
     await expect(cell).toContainText('from sophia/vllm');
