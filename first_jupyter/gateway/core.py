@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import orjson
 
@@ -48,7 +48,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
-from first_jupyter.gateway.response_ids import ResponseIds
+from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
@@ -81,6 +81,7 @@ STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Failures before the first byte that the next endpoint may not have: worth trying it."""
 FORBIDDEN = 403
+NOT_FOUND, NOT_IMPLEMENTED = 404, 501
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)
@@ -289,6 +290,12 @@ class GatewayStream(Relayed):
         """Set by a route whose client speaks another API than the engine's stream, before it is relayed."""
         if req.capability is Capability.responses:
             watch.on_response_id = self._remember_response
+            watch.on_response_done = self._keep_response
+
+    def _keep_response(self, response: dict[str, Any]) -> None:
+        """The gateway's copy of the stream's response, from the event that ends it (``response_ids``)."""
+        if self._watch.response_id is not None:
+            self._gateway.responses.keep(self._watch.response_id, orjson.dumps(response), self._req.data)
 
     def _remember_response(self, response_id: str) -> None:
         """The stream's response, remembered with the endpoint answering it as soon as its first event names it."""
@@ -535,9 +542,10 @@ class Gateway:
 
     async def stored_response(self, response_id: str, method: str, action: str, query: str,
                               caller: Caller | None) -> Completed:
-        """A call on a response an engine keeps (``action``: "" for the response itself, else ``cancel`` or
-        ``input_items``), sent to the endpoint that created it and answered as it answers, the model renamed;
-        a 404 when the id is unknown here or its endpoint is gone from the configuration."""
+        """A call on a kept response (``action``: "" for the response itself, else ``cancel`` or ``input_items``),
+        sent to the endpoint that created it and answered as it answers, the model renamed, or from the gateway's
+        copy where the engine keeps none (a 404) or cannot be asked again (a 501); a 404 when the id is unknown
+        here or its endpoint is gone from the configuration."""
         home = await self.responses.home(response_id, caller)
         backend = next((b for b in self.backends if (b.cluster, b.name) == (home.cluster, home.endpoint)), None)
         if backend is None:
@@ -547,8 +555,24 @@ class Gateway:
                                    "it, or create the response again.", param="response_id",
                               code="response_endpoint_gone")
         path = "/".join(filter(None, ("responses", quote(response_id, safe=""), action)))
+        unreachable: OpenAIError | None = None
         with acting_as(caller):  # (an endpoint that takes each caller's own Globus token at a shared gateway)
-            reply = await backend.call(method, path, query, b"" if method == "POST" else None)
+            try:
+                reply: Reply | None = await backend.call(method, path, query, b"" if method == "POST" else None)
+            except OpenAIError as exc:
+                if exc.status != NOT_IMPLEMENTED:
+                    raise
+                reply, unreachable = None, exc
+        if reply is None or reply.status == NOT_FOUND:  # the engine keeps no such response: the gateway's copy
+            copy = await self.responses.copy(response_id)
+            if copy is not None:
+                if method == "DELETE":
+                    self.responses.forget(response_id)
+                return Completed(answer_from_copy(copy, method, action, dict(parse_qsl(query))),
+                                 Target(home.model, backend))
+        if reply is None:
+            assert unreachable is not None
+            raise unreachable
         if reply.status >= 400:
             raise upstream_error(reply.status, reply.body, f"cluster '{home.cluster}' endpoint '{home.endpoint}'",
                                  reply.retry_after, reply.via)
@@ -960,7 +984,7 @@ class Gateway:
             return Completed(reply.body, target, reply.content_type)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         if req.capability is Capability.responses:
-            self.responses.remember_answer(body, target, req.model, caller)
+            self.responses.remember_answer(body, target, req.model, caller, req.data)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None, caller)
         return Completed(body, target)
 
