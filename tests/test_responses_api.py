@@ -296,3 +296,21 @@ def test_the_watch_learns_the_id_counts_the_usage_and_renames_only_what_carries_
         else:
             assert [orjson.loads(o.split(b"data: ", 1)[1])["response"]["model"] for o in (out[0], out[3])] == [
                 "public", "public"]
+
+
+def test_a_next_turn_for_an_engine_that_keeps_nothing_carries_the_conversation():
+    earlier = response_ids.KeptCopy("resp_1", orjson.dumps({"id": "resp_1", "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "id": "msg_1", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Hello, "}, {"type": "output_text", "text": "Ada."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"}]}),
+        orjson.dumps("I am Ada."))
+    assert response_ids.continued_input(earlier, [{"type": "function_call_output", "call_id": "call_1",
+                                                   "output": "42"}]) == [
+        {"role": "user", "content": "I am Ada."},
+        {"role": "assistant", "content": "Hello, Ada."},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "42"}]
+    assert response_ids.continued_input(earlier._replace(input=b"null"), "and?")[-1] == {"role": "user",
+                                                                                       "content": "and?"}
+

@@ -48,7 +48,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
-from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy
+from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy, continued_input
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
@@ -522,6 +522,28 @@ class Gateway:
         model is not (yet) in them."""
         return self._allowed(model, await self._routed(model, capability, conversation), caller)
 
+    async def _continued(self, req: ParsedRequest, caller: Caller | None) -> ParsedRequest:
+        """A Responses request that continues an earlier response (``previous_response_id``) whose engine keeps
+        no responses (``transformers serve``), made whole from the gateway's copy: the earlier conversation before
+        this input, the id dropped (that engine would ignore it and answer without the conversation). Any other
+        goes as it is, to the endpoint that holds the earlier response (``_targets``)."""
+        previous = req.data.get("previous_response_id") if req.capability is Capability.responses else None
+        if previous is None:
+            return req
+        home = await self.responses.home(previous, caller, "previous_response_id")
+        backend = self._backend_of(home.cluster, home.endpoint)
+        if backend is None or backend.keeps_responses:
+            return req
+        earlier = await self.responses.copy(previous)
+        if earlier is None:
+            return req
+        data = {key: value for key, value in req.data.items() if key != "previous_response_id"}
+        data["input"] = continued_input(earlier, req.data.get("input"))
+        return ParsedRequest(req.capability, data, orjson.dumps(data), asked=req.asked)
+
+    def _backend_of(self, cluster: str, endpoint: str) -> Backend | None:
+        return next((b for b in self.backends if (b.cluster, b.name) == (cluster, endpoint)), None)
+
     async def _targets(self, req: ParsedRequest, conversation: str | None, caller: Caller | None) -> list[Target]:
         """A request's candidates (``_candidates``); a Responses request that continues an earlier response
         (``previous_response_id``) goes only where that response was created: no other engine holds it."""
@@ -547,7 +569,7 @@ class Gateway:
         copy where the engine keeps none (a 404) or cannot be asked again (a 501); a 404 when the id is unknown
         here or its endpoint is gone from the configuration."""
         home = await self.responses.home(response_id, caller)
-        backend = next((b for b in self.backends if (b.cluster, b.name) == (home.cluster, home.endpoint)), None)
+        backend = self._backend_of(home.cluster, home.endpoint)
         if backend is None:
             raise OpenAIError(404, f"The response {shown(response_id)} was created on cluster '{home.cluster}' "
                                    f"endpoint '{home.endpoint}', which is no longer in this gateway's configuration; "
@@ -944,6 +966,7 @@ class Gateway:
                        tried: Attempts | None = None) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send. ``tried``: to follow
         where it goes (``heard``)."""
+        req = await self._continued(req, caller)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = tried or Attempts()
@@ -990,6 +1013,7 @@ class Gateway:
 
     async def stream(self, req: ParsedRequest, caller: Caller | None = None) -> GatewayStream:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
+        req = await self._continued(req, caller)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = Attempts()

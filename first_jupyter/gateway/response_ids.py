@@ -272,3 +272,32 @@ def _input_items(copy: KeptCopy) -> list[dict[str, Any]]:
             items.append({"type": "message", "id": f"{copy.response_id}_in{n}", **item})
     return items
 
+
+def continued_input(earlier: KeptCopy, given: Any) -> list[Any]:
+    """The input of a next turn for an engine that keeps no responses: the earlier response's input and its output
+    (what the engine would have recalled by ``previous_response_id``), then this turn's ``given`` input. An
+    assistant message goes back as text, as a model is prompted with it; other output items (a function call)
+    as they came, since a next turn answers them."""
+    answer = orjson.loads(earlier.answer)
+    output = answer.get("output") if isinstance(answer, dict) else None
+    told: list[Any] = []
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict) or item.get("type") == "reasoning":
+            continue  # an engine's own thoughts are not part of the conversation it is sent
+        if item.get("type") == "message":
+            parts = item.get("content") if isinstance(item.get("content"), list) else []
+            told.append({"role": item.get("role", "assistant"), "content": "".join(
+                part.get("text", "") for part in parts if isinstance(part, dict))})
+        else:
+            told.append(item)
+    return [*_as_items(orjson.loads(earlier.input)), *told, *_as_items(given)]
+
+
+def _as_items(given: Any) -> list[Any]:
+    """A request's ``input`` as a list of items: a text is one user message."""
+    if given is None:
+        return []
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    return list(given) if isinstance(given, list) else [given]
+
