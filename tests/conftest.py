@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from first_jupyter.gateway.route_table import Route
 
-pytest_plugins = ("pytest_jupyter.jupyter_server",)
+pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.state_servers")
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -313,8 +313,8 @@ def test_a_batch_goes_only_as_its_owners_quota_allows_and_waits_its_turn(shared,
     told_to_wait = threading.Event()  # the quota store refused one of the batch's lines: it waits its turn
     real_admit = shared.policy.quotas.admit
 
-    def admit(user: str, model: str) -> Any:
-        allowance = real_admit(user, model)
+    async def admit(user: str, model: str) -> Any:
+        allowance = await real_admit(user, model)
         if not allowance.allowed:
             told_to_wait.set()
         return allowance
