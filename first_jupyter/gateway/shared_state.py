@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import redis.asyncio
+from typing import TYPE_CHECKING
 
 from first_jupyter.auth.resource_server import SharedVerdicts
-from first_jupyter.config import ServeConfig
+from first_jupyter.config import ConfigError, ServeConfig
 from first_jupyter.gateway.quotas import QuotaBuckets, QuotaStore
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 
 @dataclass
@@ -34,9 +36,13 @@ def open_state(serve: ServeConfig, state_dir: Path) -> SharedState:
     url = serve.state.redis
     if url is None:
         return SharedState(QuotaStore(state_dir / "quotas.sqlite3", serve.quotas), None, None)
-    from first_jupyter.auth.shared_verdicts import RedisVerdicts
-    from first_jupyter.gateway.redis_quotas import RedisQuotas
-    from first_jupyter.redis_state import connect
+    try:  # the serve extra: a gateway on one host does without
+        from first_jupyter.auth.shared_verdicts import RedisVerdicts
+        from first_jupyter.gateway.redis_quotas import RedisQuotas
+        from first_jupyter.redis_state import connect
+    except ImportError as exc:
+        raise ConfigError(f"serve.state.redis needs {exc.name}, which is not installed: pip install "
+                          "'first-jupyter[serve]'") from None
 
     client = connect(url)
     return SharedState(RedisQuotas(client, url, serve.quotas), RedisVerdicts(client, url), client)
