@@ -29,7 +29,7 @@ from typing import Final
 import psutil
 import pytest
 
-from bench.site_network import free_loopback_port
+from bench.site_network import free_loopback_port, stop_child
 
 START_GUARD_S: Final = 120.0
 """How long a server may take to start or stop before it counts as hung: a failure guard, never a pace."""
@@ -102,16 +102,8 @@ class LoopbackServer:
         return ""
 
     def stop(self) -> None:
-        """SIGTERM, by its PID, and wait for it to end (SIGKILL if it does not within the guard)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=START_GUARD_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_child(process)
 
 
 class RedisServer(LoopbackServer):

@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from first_jupyter.config import Quota, Quotas
 from first_jupyter.sqlite_wal import use_wal
@@ -55,28 +55,6 @@ class Allowance:
     headers: dict[str, str]
     """OpenAI's ``x-ratelimit-*`` headers for the tighter of the user's and the model's limits, so that clients
     written for OpenAI pace themselves; plus ``Retry-After`` when refused."""
-
-
-class QuotaBuckets(Protocol):
-    """The quotas as the shared gateway uses them, wherever the buckets are kept (one host's SQLite, Redis)."""
-
-    @property
-    def limited(self) -> bool:
-        """Whether any limit is configured, so that a gateway without quotas skips them entirely."""
-        ...
-
-    async def admit(self, user: str, model: str) -> Allowance:
-        """Take one request from the user's and the model's request buckets, or from neither (a refused request
-        charges nothing: a client retrying a refused request must not dig itself deeper). Raises a 503
-        ``OpenAIError`` when the buckets cannot be reached."""
-        ...
-
-    def spend(self, user: str, model: str, tokens: int) -> None:
-        """Take a finished request's tokens from the user's and the model's token buckets; it may land a moment
-        later (Redis), since nobody waits for it: the request has been answered."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -162,12 +140,50 @@ class QuotaRules:
         return [bucket for bucket in self.buckets(user, model) if bucket[1].code == "tok"]
 
 
-class QuotaStore:
-    """The buckets of one host, in SQLite (``QuotaBuckets``)."""
+class QuotaBuckets(ABC):
+    """The quotas as the shared gateway uses them, wherever the buckets are kept: one host's SQLite
+    (``QuotaStore``), or Redis for replicas on several hosts (``redis_quotas.RedisQuotas``)."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self._rules = QuotaRules(quotas)
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is configured, so that a gateway without quotas skips them entirely."""
+        return self._rules.limited
+
+    async def admit(self, user: str, model: str) -> Allowance:
+        """Take one request from the user's and the model's request buckets, or from neither (a refused request
+        charges nothing: a client retrying a refused request must not dig itself deeper). Raises a 503
+        ``OpenAIError`` when the buckets cannot be reached."""
+        buckets = self._rules.buckets(user, model)
+        return await self._admit(model, buckets) if buckets else ALLOWED
+
+    def spend(self, user: str, model: str, tokens: int) -> None:
+        """Take a finished request's prompt and completion tokens from the user's and the model's token buckets.
+        The buckets may go below 0: the request was admitted before its size was known, and the debt makes later
+        requests wait until the refill has paid it back. It may land a moment later (Redis): nobody waits for it,
+        the request has been answered."""
+        buckets = self._rules.token_buckets(user, model)
+        if buckets and tokens > 0:
+            self._spend(buckets, tokens)
+
+    @abstractmethod
+    async def _admit(self, model: str, buckets: list[Bucket]) -> Allowance: ...
+
+    @abstractmethod
+    def _spend(self, buckets: list[Bucket], tokens: int) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class QuotaStore(QuotaBuckets):
+    """The buckets of one host, in SQLite."""
 
     def __init__(self, path: Path, quotas: Quotas, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(quotas)
         self._clock = clock
-        self._rules = QuotaRules(quotas)
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: the module's implicit transactions would begin only at the first write, after the
         # read that the write depends on; transactions here are explicit. check_same_thread=False: the store is
@@ -182,15 +198,8 @@ class QuotaStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
 
-    @property
-    def limited(self) -> bool:
-        return self._rules.limited
-
-    async def admit(self, user: str, model: str) -> Allowance:
-        """See ``QuotaBuckets.admit``; synchronous inside, since the transaction costs less than a thread hop."""
-        buckets = self._rules.buckets(user, model)
-        if not buckets:
-            return ALLOWED
+    async def _admit(self, model: str, buckets: list[Bucket]) -> Allowance:
+        """Synchronous inside: the transaction costs less than a hop to a thread would."""
         charged = [bucket for bucket in buckets if bucket[1].code == "req"]
         now = self._clock()
         # only a transaction that may write needs the write lock; token buckets alone are just read
@@ -203,12 +212,8 @@ class QuotaStore:
                 self._write(charged, levels, now)
         return allowance(model, buckets, levels, refusing)
 
-    def spend(self, user: str, model: str, tokens: int) -> None:
-        """See ``QuotaBuckets.spend``; done at once here. The buckets may go below 0: the request was admitted
-        before its size was known, and the debt makes later requests wait until the refill has paid it back."""
-        buckets = self._rules.token_buckets(user, model)
-        if not buckets or tokens <= 0:
-            return
+    def _spend(self, buckets: list[Bucket], tokens: int) -> None:
+        """At once."""
         now = self._clock()
         with self._transaction(immediate=True):
             levels = self._levels(buckets, now)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import redis.asyncio
 
 from first_jupyter.config import Quotas
-from first_jupyter.gateway.quotas import ALLOWED, Allowance, Bucket, QuotaRules, allowance
+from first_jupyter.gateway.quotas import Allowance, Bucket, QuotaBuckets, allowance
 from first_jupyter.redis_state import UNREACHABLE, unavailable, where
 
 log = logging.getLogger(__name__)
@@ -70,28 +70,21 @@ return answer
 """
 
 
-class RedisQuotas:
-    """The buckets of every replica, in Redis (``QuotaBuckets``)."""
+class RedisQuotas(QuotaBuckets):
+    """The buckets of every replica, in Redis."""
 
     def __init__(self, client: redis.asyncio.Redis, url: str, quotas: Quotas,
                  clock: Callable[[], float] | None = None, prefix: str = PREFIX) -> None:
         """``url``: for messages only. ``clock``: None for Redis's own."""
+        super().__init__(quotas)
         self._client = client
         self._url = url
-        self._rules = QuotaRules(quotas)
         self._clock = clock
         self._prefix = prefix
         self._script = client.register_script(BUCKETS_SCRIPT)
         self._spending: set[asyncio.Task[None]] = set()
 
-    @property
-    def limited(self) -> bool:
-        return self._rules.limited
-
-    async def admit(self, user: str, model: str) -> Allowance:
-        buckets = self._rules.buckets(user, model)
-        if not buckets:
-            return ALLOWED
+    async def _admit(self, model: str, buckets: list[Bucket]) -> Allowance:
         try:
             admitted, levels = await self.take(buckets, check=True)
         except UNREACHABLE as exc:
@@ -99,12 +92,9 @@ class RedisQuotas:
         refusing = [] if admitted else [(key, limit) for key, limit in buckets if not limit.admits(levels[key])]
         return allowance(model, buckets, levels, refusing)
 
-    def spend(self, user: str, model: str, tokens: int) -> None:
+    def _spend(self, buckets: list[Bucket], tokens: int) -> None:
         """A task on the loop; tokens spent while Redis cannot be reached are forgiven (and logged)."""
-        buckets = self._rules.token_buckets(user, model)
-        if not buckets or tokens <= 0:
-            return
-        task = asyncio.get_running_loop().create_task(self._spend(buckets, tokens))
+        task = asyncio.get_running_loop().create_task(self._take_tokens(buckets, tokens))
         self._spending.add(task)
         task.add_done_callback(self._spending.discard)
 
@@ -127,7 +117,7 @@ class RedisQuotas:
         answer = await self._script(keys=[self._prefix + key for key, _ in buckets], args=args)
         return answer[0] == 1, {key: float(level) for (key, _), level in zip(buckets, answer[1:], strict=True)}
 
-    async def _spend(self, buckets: list[Bucket], tokens: int) -> None:
+    async def _take_tokens(self, buckets: list[Bucket], tokens: int) -> None:
         try:
             await self.take(buckets, check=False, tokens=tokens)
         except UNREACHABLE as exc:
