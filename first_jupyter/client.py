@@ -78,15 +78,15 @@ class InProcessGateway:
     """The gateway and its own HTTP server on a loopback port of this process, stopped at exit."""
 
     def __init__(self) -> None:
+        from first_jupyter.assembly import build_gateway
         from first_jupyter.config import load_config
-        from first_jupyter.gateway.core import Gateway
         from first_jupyter.gateway.lean_door import GatewayApp
         from first_jupyter.gateway.service import GatewayService
         from first_jupyter.paths import default_data_dir
         from first_jupyter.transport.http_server import listening_socket
 
         data_dir = default_data_dir()
-        gateway = Gateway(load_config(None, data_dir), data_dir)
+        gateway = build_gateway(load_config(None, data_dir), data_dir)
         self.api_key = "first-" + secrets.token_urlsafe(32)
         sock = listening_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/first/v1"

@@ -12,12 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-
-if TYPE_CHECKING:
-    from first_jupyter.gateway.audio import SpooledForm
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer was complete"
 MAX_NESTING = 128
@@ -219,20 +216,19 @@ class OpenAIError(Exception):
 
 
 class ParsedRequest:
-    """A checked request: the decoded body (every field as sent) plus what the gateway reads from it. A form's
-    (audio) ``data`` are its fields, and its bytes are the spooled ``form``, not ``raw``."""
+    """A checked request: the decoded body (every field as sent) plus what the gateway reads from it (an audio
+    form's is ``gateway.audio.FormRequest``)."""
 
-    __slots__ = ("asked", "capability", "data", "form", "model", "raw", "stream")
+    __slots__ = ("asked", "capability", "data", "model", "raw", "stream")
 
     def __init__(self, capability: Capability, data: dict[str, Any], raw: bytes,
-                 asked: Capability | None = None, form: SpooledForm | None = None) -> None:
+                 asked: Capability | None = None) -> None:
         """``asked``: the route the client came by, where the request is sent as another (a Messages request
         translated to chat); its usage is accounted, and its stream's errors shaped, as the route's."""
         self.capability = capability
         self.asked = asked or capability
         self.data = data
         self.raw = raw
-        self.form = form
         self.model: str = data.get("model") or ""  # empty: the gateway answers 404 with the known ids
         self.stream: bool = data.get("stream") is True
 

@@ -11,7 +11,7 @@ import pytest
 from yarl import URL
 
 from first_jupyter.config import load_config
-from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import OpenAIError
 from tests.conftest import Door, fake_cluster_config, server_config

@@ -24,9 +24,9 @@ import pytest
 
 from bench.fake_upstream import serving_in_thread
 from first_jupyter.config import load_config
-from first_jupyter.gateway import Gateway, api
+from first_jupyter.gateway import api
 from first_jupyter.gateway.audio import FORM_OVERHEAD, AudioForm
-from first_jupyter.gateway.core import Completed
+from first_jupyter.gateway.core import Completed, Gateway
 from first_jupyter.protocol import Capability, OpenAIError
 from tests.conftest import Door, fake_cluster_config, server_config
 

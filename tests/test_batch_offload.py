@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from first_jupyter.assembly import build_gateway
 from first_jupyter.batch.service import Batches
 from first_jupyter.config import ConfigError, parse_config
-from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import ParsedRequest
 from first_jupyter.remote import run_batch
@@ -96,7 +96,7 @@ def _runs(tmp_path: Path) -> list[str]:
 
 @pytest.mark.timeout(2 * ENGINE_GUARD_S)
 async def test_a_large_batch_runs_as_a_task_per_chunk_and_a_lost_node_redoes_only_its_chunk(tiny_model, tmp_path):
-    gateway = Gateway(parse_config(_config(tiny_model, tmp_path), "test"), tmp_path / "data", environ={})
+    gateway = build_gateway(parse_config(_config(tiny_model, tmp_path), "test"), tmp_path / "data", environ={})
     try:
         small = await _ended(gateway.batches, (await _submit(gateway.batches, _lines(3, "s")))["id"])  # under min_lines
         assert small["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
@@ -161,7 +161,8 @@ class _Owner:
 @pytest.mark.timeout(2 * ENGINE_GUARD_S)
 async def test_an_offloaded_batch_waits_its_owners_quota_turns_and_is_accounted_to_them(tiny_model, tmp_path):
     (tmp_path / "lost-once").touch()  # no lost node in this test
-    gateway = Gateway(parse_config(_config(tiny_model, tmp_path, parallel=1), "test"), tmp_path / "data", environ={})
+    gateway = build_gateway(parse_config(_config(tiny_model, tmp_path, parallel=1), "test"), tmp_path / "data",
+                            environ={})
     owner = _Owner()
     batches = Batches(gateway, tmp_path / "ada", gateway.config.defaults.batch, caller=owner)
     try:
@@ -188,7 +189,7 @@ async def test_a_restarted_gateway_runs_only_the_chunks_not_done(tiny_model, tmp
     hold = tmp_path / "hold-chunk-1"
     hold.touch()  # the second chunk's run waits until its gateway stops: the stop comes mid-batch on any machine
     config = parse_config(_config(tiny_model, tmp_path, parallel=1), "test")
-    first = Gateway(config, tmp_path / "data", environ={})
+    first = build_gateway(config, tmp_path / "data", environ={})
     try:
         batch = await _submit(first.batches, _lines(10))
         async with asyncio.timeout(ENGINE_GUARD_S):  # only a guard: the hold decides where the batch stands still
@@ -203,7 +204,7 @@ async def test_a_restarted_gateway_runs_only_the_chunks_not_done(tiny_model, tmp
             await asyncio.sleep(0.05)
     hold.unlink()
 
-    second = Gateway(config, tmp_path / "data", environ={})
+    second = build_gateway(config, tmp_path / "data", environ={})
     resuming = asyncio.ensure_future(second.batches.keep_running(every=0.1))
     try:
         done = await _ended(second.batches, batch["id"])

@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 
 from bench.overhead import free_port
+from first_jupyter.assembly import build_gateway
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway
 from tests.conftest import fake_cluster_config, gate, held, jupyter_server_process
 
 LINES = 400
@@ -91,7 +91,7 @@ async def test_a_gateway_stopped_mid_batch_leaves_it_to_the_next_which_cuts_a_to
     gate(fake_upstream, hold=True)  # 20 are answered, the rest wait: the stop comes mid-run on any machine
     gate(fake_upstream, release=20)
     config = parse_config({**_config(fake_upstream, 4), "auth": {"sources": ["env"]}}, "test")
-    first = Gateway(config, tmp_path / "data", environ={})
+    first = build_gateway(config, tmp_path / "data", environ={})
     upload = first.batches.upload("multipart/form-data; boundary=b")
     upload.feed(b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\n'
                 b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n' +
@@ -110,7 +110,7 @@ async def test_a_gateway_stopped_mid_batch_leaves_it_to_the_next_which_cuts_a_to
         f.write(b'{"id":"batch_req_torn","custom_id":"q99","respo')  # cut short mid-line
 
     gate(fake_upstream, open=True)
-    second = Gateway(config, tmp_path / "data", environ={})
+    second = build_gateway(config, tmp_path / "data", environ={})
     resuming = asyncio.ensure_future(second.batches.keep_running(every=0.1))
     try:
         async with asyncio.timeout(60):  # only a guard against a run that never ends

@@ -20,7 +20,7 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from tests.conftest import closed_port, gate

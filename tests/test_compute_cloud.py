@@ -18,9 +18,9 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_sdk.testing import get_response_set, load_response
 
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.backends.compute import CallWindow
 from first_jupyter.gateway.compute_errors import describe_failure
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import call_engine
 from tests.conftest import closed_port

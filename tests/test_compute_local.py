@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.compute_local import end_leftovers
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import engine_health
 from first_jupyter.remote.launcher import free_port

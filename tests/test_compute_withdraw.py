@@ -23,7 +23,7 @@ import responses
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.gateway.service import GatewayService
 from first_jupyter.protocol import CLIENT_CLOSED

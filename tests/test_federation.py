@@ -26,8 +26,9 @@ import pytest
 
 from first_jupyter import cli
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway, router
+from first_jupyter.gateway import router
 from first_jupyter.gateway.backends import http as http_backend
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from tests.conftest import Door, open_door, server_config
 

@@ -12,10 +12,10 @@ import openai
 import pytest
 
 from first_jupyter.config import ConfigError, parse_config
-from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.backends import first_gateway
 from first_jupyter.gateway.backends.first_gateway import FIRST_WAIT_S, parse_catalog, parse_jobs
 from first_jupyter.gateway.bearer import BearerTokens
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from tests.conftest import server_config
 from tests.fake_first_gateway import (

@@ -12,8 +12,8 @@ import pytest
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.config import AuthConfig, parse_config
-from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.bearer import BearerTokens
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from tests.conftest import fake_cluster_config, server_config
 

@@ -15,8 +15,9 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.config import ScaleOut, parse_config
-from first_jupyter.gateway import Gateway, router
+from first_jupyter.gateway import router
 from first_jupyter.gateway.backends import http as http_backend
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from tests.conftest import closed_port

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import Gateway, api
+from first_jupyter.gateway import api
 from first_jupyter.gateway.answers import Completed, WaitingAnswer
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import PROGRESS_MARKER, Capability, Progress
 from tests.conftest import server_config
 from tests.fake_first_gateway import TOKEN, FakeFirstGateway, job, jobs, serving_first_gateway

@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -26,6 +26,7 @@ from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.caller import CALLER_TOKEN_MISSING
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.relay import token_counts
+from first_jupyter.gateway.usage import LineUsage
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.run_batch import run_chunk
 
@@ -59,9 +60,9 @@ async def plan(run: BatchRun) -> Plan | None:
     least ``min_lines`` requests for one model (a run-batch task loads one); else None (request by request)."""
     total = run.batch["request_counts"]["total"]
     candidates: dict[int, ComputeBackend] = {
-        id(t.backend): t.backend for targets in run.gateway.router.catalog.values() for t in targets
-        if isinstance(getattr(t.backend, "endpoint", None), ComputeEndpoint)  # a Globus Compute endpoint's
-        and t.backend.endpoint.batch is not None and total >= t.backend.endpoint.batch.min_lines}
+        id(backend): backend for backend in run.gateway.backends_serving()
+        if isinstance(getattr(backend, "endpoint", None), ComputeEndpoint)  # a Globus Compute endpoint's
+        and backend.endpoint.batch is not None and total >= backend.endpoint.batch.min_lines}
     if not candidates:
         return None
     models = await asyncio.to_thread(models_in, run.store.path(run.batch["input_file_id"]))
@@ -74,16 +75,6 @@ async def plan(run: BatchRun) -> Plan | None:
         if model is not None and backend.endpoint.batch is not None and allowed:
             return Plan(backend, backend.endpoint.batch, model)
     return None
-
-
-class LineUsage(NamedTuple):
-    """What a line read back from a chunk's output is accounted with."""
-
-    custom_id: str
-    status: int
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    error: str | None
 
 
 @dataclass

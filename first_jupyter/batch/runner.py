@@ -143,10 +143,7 @@ class BatchRun:
             self._stopped.set()
 
     async def _validate(self) -> None:
-        await self.gateway.refresh_catalog()
-        capability = ENDPOINTS[self.batch["endpoint"]]
-        served = {model for model, targets in self.gateway.router.catalog.items()
-                  if any(t.backend.supports(model, capability) for t in targets)}
+        served = await self.gateway.served_models(ENDPOINTS[self.batch["endpoint"]])
         checked = await asyncio.to_thread(check_file, self.store.path(self.batch["input_file_id"]),
                                           self.batch["endpoint"], served)
         self.batch["request_counts"]["total"] = checked.total
@@ -202,9 +199,7 @@ class BatchRun:
         self.save_now_and_then(force=True)
 
     def _window_for(self, model: str) -> int:
-        targets = self.gateway.router.catalog.get(model, ())
-        capacity = sum(self.gateway.router.health_of(t).capacity for t in targets)
-        return max(min(capacity, self.settings.max_in_flight), 1)
+        return max(min(self.gateway.capacity(model), self.settings.max_in_flight), 1)
 
     async def _one(self, req: ParsedRequest, custom_id: str, window: Window) -> None:
         try:

@@ -1,5 +1,4 @@
-"""The gateway core: request validation, routing, backends, usage accounting."""
+"""The gateway core: request validation, routing, backends, usage accounting (``core.Gateway``).
 
-from first_jupyter.gateway.core import Gateway
-
-__all__ = ["Gateway"]
+It imports nothing itself: a module that needs one part of the gateway (the relay, the router) loads that part,
+not the whole gateway with its batches."""

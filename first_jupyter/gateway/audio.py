@@ -125,6 +125,17 @@ class AudioForm(FormSink):
         self._part = None
 
 
+class FormRequest(ParsedRequest):
+    """An audio request: its fields as ``data``, and its body the ``form`` spooled to disk, sent to each endpoint
+    tried from there (``raw`` is empty)."""
+
+    __slots__ = ("form",)
+
+    def __init__(self, capability: Capability, data: dict[str, Any], form: SpooledForm) -> None:
+        super().__init__(capability, data, b"")
+        self.form = form
+
+
 class SpooledForm:
     """A whole audio form on disk, its ``model`` value held apart: what each endpoint tried is sent."""
 
@@ -135,7 +146,7 @@ class SpooledForm:
         self.fields = fields
         self.size = spool.tell()
 
-    def request(self, capability: Capability) -> ParsedRequest:
+    def request(self, capability: Capability) -> FormRequest:
         """The request as the gateway routes it: its fields as ``data``, ``stream`` read as a form sends it."""
         data: dict[str, Any] = dict(self.fields)
         stream = data.get("stream")
@@ -143,7 +154,7 @@ class SpooledForm:
             if stream.lower() not in _TRUE | _FALSE:
                 raise _bad(f"Invalid value for 'stream': {shown(stream)}; send true or false.", "stream")
             data["stream"] = stream.lower() in _TRUE
-        return ParsedRequest(capability, data, b"", form=self)
+        return FormRequest(capability, data, self)
 
     def body(self, model: str) -> FormBody:
         """The form as an engine that calls the model ``model`` must see it."""

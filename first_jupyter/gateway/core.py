@@ -23,7 +23,6 @@ import orjson
 
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
-from first_jupyter.batch.service import Batches
 from first_jupyter.caller import Caller, acting_as
 from first_jupyter.config import (
     ComputeCluster,
@@ -38,6 +37,7 @@ from first_jupyter.config import (
     callback_url_for,
 )
 from first_jupyter.gateway.answers import Completed, Relayed, WaitingAnswer, tell_until_done
+from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Backend, RequestBody, Stream
 from first_jupyter.gateway.backends.compute import CallWindow, ComputeBackend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
@@ -52,7 +52,7 @@ from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy, co
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
-from first_jupyter.gateway.usage import UsageRecord, UsageStore
+from first_jupyter.gateway.usage import LineUsage, UsageRecord, UsageStore
 from first_jupyter.protocol import (
     CLIENT_CLOSED,
     Capability,
@@ -65,7 +65,7 @@ from first_jupyter.protocol import (
 )
 
 if TYPE_CHECKING:
-    from first_jupyter.batch.offload import LineUsage
+    from first_jupyter.batch.service import Batches
     from first_jupyter.gateway.compute_cloud import Credentials
     from first_jupyter.gateway.scheduler_view import SchedulerReader
 
@@ -368,7 +368,7 @@ class GatewayStream(Relayed):
                 self._upstream = opening.result()  # opened as the client left
                 self.target = self._attempts.last or self.target
         router = self._gateway.router
-        if self._req.form is not None:
+        if isinstance(self._req, FormRequest):
             self._req.form.close()  # sent, or never to be
         if self._upstream is not None:
             self._upstream.close()
@@ -387,11 +387,13 @@ class GatewayStream(Relayed):
 
 class Gateway:
     def __init__(self, config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None, *,
-                 shared: bool = False) -> None:
+                 shared: bool = False, batches: Callable[[Gateway], Batches] | None = None) -> None:
         """``environ``: where token sources read variables (default ``os.environ``; the server passes a copy
         taken before it removed the token variables from its own environment, which kernels inherit).
         ``shared``: a facility's gateway (``first serve``), whose requests each come with their ``Caller``; Compute
-        endpoints that run as the user then run as each request's sender, never as the gateway's own sign-in."""
+        endpoints that run as the user then run as each request's sender, never as the gateway's own sign-in.
+        ``batches``: makes the Batch API's service on this gateway (``assembly.build_gateway`` passes it: the
+        gateway runs batches' lines but does not build their service); None for a gateway without batches."""
         self.config = config
         self.shared = shared
         self.compute_as_callers = False
@@ -432,8 +434,16 @@ class Gateway:
         self.usage = UsageStore(data_dir / "usage.sqlite3", self.supervisor)
         self.responses = ResponseIds(data_dir / "responses.sqlite3", config.defaults.max_response_ids,
                                      self.supervisor)
-        self.batches = Batches(self, data_dir / "batches", config.defaults.batch)
+        self._batches = batches(self) if batches is not None else None
         self._created = int(time.time())
+
+    @property
+    def batches(self) -> Batches:
+        """The Batch API's service on this gateway (files and batches), as ``assembly.build_gateway`` made it."""
+        if self._batches is None:
+            raise RuntimeError("This gateway was built without batches: build it with "
+                               "first_jupyter.assembly.build_gateway.")
+        return self._batches
 
     def _observe(self, endpoints: list[dict[str, Any]]) -> None:
         """Give the router each model's state at each endpoint just read: it orders candidates by them."""
@@ -616,6 +626,20 @@ class Gateway:
                                    "/first/v1/models).", type="permission_error", param="model",
                               code="cluster_not_allowed")
         return allowed
+
+    async def served_models(self, capability: Capability) -> set[str]:
+        """The models some endpoint serves ``capability`` for, catalogs read first (a batch checks its lines)."""
+        await self.refresh_catalog()
+        return {model for model, targets in self.router.catalog.items()
+                if any(t.backend.supports(model, capability) for t in targets)}
+
+    def capacity(self, model: str) -> int:
+        """How many requests for ``model`` its endpoints take at once (0 where it is served nowhere)."""
+        return sum(self.router.health_of(t).capacity for t in self.router.catalog.get(model, ()))
+
+    def backends_serving(self) -> list[Backend]:
+        """Each endpoint that serves some model now, once."""
+        return list({id(t.backend): t.backend for targets in self.router.catalog.values() for t in targets}.values())
 
     async def where_served(self, model: str) -> list[Target]:
         """Where ``model`` is served, discovered catalogs read first when it is not in them; the 404 that lists
@@ -920,7 +944,7 @@ class Gateway:
         A Responses request that leaves ``stream`` out is not streamed (the OpenAI API's default, and how this
         gateway reads it), but ``transformers serve`` streams it: the engine is told ``"stream": false``."""
         upstream_name = target.backend.upstream_name(req.model)
-        if req.form is not None:
+        if isinstance(req, FormRequest):
             return req.form.body(upstream_name)
         unsaid = req.capability is Capability.responses and "stream" not in req.data
         if upstream_name == req.model and not ask_usage and not unsaid:
@@ -1061,7 +1085,8 @@ class Gateway:
         return False
 
     async def close(self) -> None:
-        await self.batches.close()  # first: its runs send through the rest
+        if self._batches is not None:
+            await self._batches.close()  # first: its runs send through the rest
         self.supervisor.cancel_all()
         for task in self._starts.values():
             task.cancel()

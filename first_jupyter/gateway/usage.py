@@ -41,6 +41,17 @@ CREATE INDEX IF NOT EXISTS usage_user_ts ON usage (user, ts);
 """
 
 
+class LineUsage(NamedTuple):
+    """What one batch line answered by a cluster's own run (an offloaded chunk) is accounted with."""
+
+    custom_id: str
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None
+
+
+
 class UsageRecord(NamedTuple):
     """One request's accounting; a tuple, so it is the row ``executemany`` takes, with no conversion."""
 

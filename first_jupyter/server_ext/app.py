@@ -18,9 +18,10 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Integer, Unicode
 
+from first_jupyter.assembly import build_gateway
 from first_jupyter.config import ConfigError, load_config
-from first_jupyter.gateway import Gateway
 from first_jupyter.gateway.api import HostVerdicts
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.gateway.service import GatewayService
 from first_jupyter.lasting_key import LastingKey, ensure, key_path
@@ -111,7 +112,7 @@ class FirstExtension(ExtensionApp):
         error: str | None = None
         try:
             config = load_config(self.config_file or None, data_dir)
-            gateway = Gateway(config, data_dir, environ=_take_token_variables(config.auth.token_env))
+            gateway = build_gateway(config, data_dir, environ=_take_token_variables(config.auth.token_env))
         except ConfigError as exc:
             error = str(exc)
             self.log.error("FIRST gateway disabled, its configuration is invalid:\n%s", error)

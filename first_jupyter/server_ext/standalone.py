@@ -139,12 +139,12 @@ def _supervise(workers: int, sockets: list[socket.socket]) -> bool:
 def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: str) -> tuple[Application, Gateway,
                                                                                         SharedPolicy]:
     """The tornado application of one process, its Gateway and its rules; on the running loop."""
-    from first_jupyter.gateway.core import Gateway
+    from first_jupyter.assembly import build_gateway
     from first_jupyter.gateway.metrics import GatewayMetrics
     from first_jupyter.gateway.shared import SharedPolicy
     from first_jupyter.server_ext.shared_door import shared_routes
 
-    gateway = Gateway(config, state_dir, shared=True)
+    gateway = build_gateway(config, state_dir, shared=True)
     metrics = GatewayMetrics()
     gateway.state_observers.append(metrics.endpoint_states)
     policy = SharedPolicy(settings, state_dir, secret, metrics, compute_as_callers=gateway.compute_as_callers)

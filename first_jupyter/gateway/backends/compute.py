@@ -14,12 +14,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from first_jupyter.config import ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.backends.base import RequestBody, json_only
+from first_jupyter.gateway.backends.submitter import Submitter
 from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
 from first_jupyter.gateway.ceilings import LIMITS_KEY, reported_limits
 from first_jupyter.gateway.upstream import Reply
@@ -65,26 +66,6 @@ class CallWindow:
                 return False
             self._times.append(now)
             return True
-
-
-class Submitter(Protocol):
-    """How tasks reach an endpoint's nodes."""
-
-    async def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Send ``function(*args)`` to run on a node; the future holds its return value or its failure.
-        Raises ``OpenAIError`` when the task cannot be sent (too large, not allowed)."""
-        ...
-
-    async def status(self) -> dict[str, Any]:
-        """The endpoint's live state (``state``: online, offline; its workers and tasks); never raises."""
-        ...
-
-    def describe(self, exc: BaseException) -> OpenAIError:
-        """A task's failure as the OpenAI error to answer, carrying the remote error's summary."""
-        ...
-
-    async def close(self) -> None:
-        ...
 
 
 def too_large(size: int) -> OpenAIError:
