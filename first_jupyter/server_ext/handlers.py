@@ -98,7 +98,7 @@ class GatewayDoor(web.RequestHandler):
     content_type = api.JSON
     """The answer's type (``answer_as``): JSON but for a transcript as text or subtitles, or a file as JSONL."""
 
-    async def prepare(self) -> None:  # type: ignore[override]
+    async def prepare(self) -> None:
         """From the head alone, admit the request (``_admit``) or refuse it: at once, or once a small announced
         body has been read and dropped (``DRAIN_BYTES``)."""
         self.request.connection.set_max_body_size(UNBOUNDED_BODY)  # type: ignore[union-attr]
@@ -260,7 +260,7 @@ class GatewayDoor(web.RequestHandler):
         return True
 
 
-class FirstHandler(GatewayDoor, APIHandler):
+class FirstHandler(GatewayDoor, APIHandler):  # type: ignore[misc]  # prepare: tornado calls the door's, no arguments
     """Jupyter's door: Jupyter's own auth, or the scoped key of the kernels the server starts."""
 
     _scoped = False
@@ -381,7 +381,7 @@ class TableRoute(GatewayDoor):
     """The client left before its request began: it was not begun (tornado's own flag says only when a request
     that has begun is finished)."""
 
-    def initialize(self, routes: Mapping[str, Route]) -> None:  # type: ignore[override]
+    def initialize(self, routes: Mapping[str, Route]) -> None:
         self.routes = routes
 
     def error_body(self) -> ErrorBody:
