@@ -101,7 +101,7 @@ class GatewayDoor(web.RequestHandler):
     async def prepare(self) -> None:
         """From the head alone, admit the request (``_admit``) or refuse it: at once, or once a small announced
         body has been read and dropped (``DRAIN_BYTES``)."""
-        self.request.connection.set_max_body_size(UNBOUNDED_BODY)  # type: ignore[union-attr]
+        self.request.connection.set_max_body_size(UNBOUNDED_BODY)  # type: ignore[union-attr]  # never None while handled
         try:
             await self._admit()
         except (OpenAIError, web.HTTPError) as refusal:
@@ -412,7 +412,7 @@ class TableRoute(GatewayDoor):
         """Whether the client has closed its side. Tornado notices only while it reads, and not at all while
         ``prepare`` runs with the body already in its buffer (a client that sent it all, then left while it was
         signed in); so the socket is asked directly: an end of stream, with nothing unread, is a client gone."""
-        stream = self.request.connection.stream  # type: ignore[union-attr]
+        stream = self.request.connection.stream  # type: ignore[union-attr]  # never None while handled
         if stream.closed():
             return True
         if type(stream) is not IOStream or stream.socket is None:  # TLS: no peeking under the record layer
