@@ -65,6 +65,19 @@ def tinyproxy_binary() -> str:
     return found
 
 
+def stop_child(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, by its PID, and wait for it to end (SIGKILL if it does not within the guard); nothing if it is not
+    running."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=START_GUARD_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_loopback_port() -> int:
     """A port on 127.0.0.1 that the kernel just gave out, for a program that must be told its port up front."""
     with socket.socket() as sock:
@@ -178,16 +191,8 @@ class Tinyproxy:
         return [match.group(1) for line in self.log().splitlines() if (match := _REQUEST.search(line))]
 
     def stop(self) -> None:
-        """SIGTERM, by its PID, and wait for it to end (SIGKILL if it does not within the guard)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=START_GUARD_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_child(process)
 
     def __enter__(self) -> Tinyproxy:
         return self.start()

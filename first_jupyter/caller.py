@@ -27,11 +27,11 @@ class Caller(Protocol):
     @property
     def user(self) -> str: ...
 
-    def admit(self, req: ParsedRequest) -> None:
+    async def admit(self, req: ParsedRequest) -> None:
         """Refuse before any work is done (403: the model's groups; 429: the sender's or the model's quota)."""
         ...
 
-    def wait_s(self, model: str) -> float:
+    async def wait_s(self, model: str) -> float:
         """For a batch's request or offloaded chunk: 0 when it may go now (counted against the sender's and the
         model's quotas), else the seconds before asking again. A batch waits its turn rather than failing, and
         holds no one else up: its requests go only as the quotas allow."""

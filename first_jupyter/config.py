@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from first_jupyter.embedded_model import TINY_MODEL_ID, choose_default_model
 from first_jupyter.protocol import Capability
@@ -532,6 +532,45 @@ class Listen(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+REDIS_PASSWORD_ENV = "FIRST_REDIS_PASSWORD"  # noqa: S105 (the variable's name)
+
+
+class SharedStateConfig(_Strict):
+    """Where the replicas of a shared gateway on several hosts keep what they must agree on. Unset: everything is
+    in SQLite under ``state_dir``, which holds for the processes of one host only."""
+
+    redis: str | None = Field(default=None, description="redis://host:port/db (or rediss://, unix://): quotas and "
+                                                        "the token introspection cache, shared by every replica; "
+                                                        f"its password from ${REDIS_PASSWORD_ENV}, never the file")
+    database: str | None = Field(default=None, description="PostgreSQL for usage, files and batches metadata "
+                                                           "(not supported yet)")
+    files_dir: str | None = Field(default=None, description="batch files on storage every replica mounts (not "
+                                                            "supported yet)")
+
+    @field_validator("redis")
+    @classmethod
+    def _check_redis(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected redis://host:port/db, rediss:// (TLS) or unix:///path, got '{url}'")
+        if parsed.password is not None:
+            raise ValueError(f"the URL holds a password; remove it and set ${REDIS_PASSWORD_ENV} in the gateway's "
+                             "environment instead (a config file is read by more people than a secret should be)")
+        return url
+
+    @field_validator("database", "files_dir")
+    @classmethod
+    def _not_yet(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Reserved, so that the shape of the several-host config is settled; refused until it works, rather than
+        silently keeping usage, files and batches on each replica's own disk."""
+        if value is not None:
+            raise ValueError(f"serve.state.{info.field_name} is not supported yet: usage, files and batches stay in "
+                             "each replica's state_dir; remove the key (see the README's 'Several hosts')")
+        return value
+
+
 class ServeConfig(_Strict):
     """``first serve``: one gateway for a whole facility, its users reaching it with Globus access tokens."""
 
@@ -543,6 +582,8 @@ class ServeConfig(_Strict):
     clusters: dict[Name, Access] = Field(default={}, description="groups allowed per cluster (unlisted: anyone)")
     models: dict[str, Access] = Field(default={}, description="groups allowed per model (unlisted: anyone)")
     quotas: Quotas = Quotas()
+    state: SharedStateConfig = Field(default=SharedStateConfig(), description="shared state for replicas on "
+                                                                              "several hosts (default: state_dir)")
     access_log: str = Field(default="-", description="file for the JSON access log, one line per request; '-' is "
                                                      "standard output")
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/system-packages.sh  # the site's parts the tests run for real: tinyproxy
+bash scripts/system-packages.sh  # the site's parts the tests run for real: tinyproxy, redis, postgresql, nginx
 . .venv/bin/activate
 # configurable-http-proxy for the real JupyterHub of tests/test_jupyterhub.py, pinned with its lockfile
 (cd tests/hub && jlpm install --silent)

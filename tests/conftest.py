@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -40,7 +41,9 @@ from tests.waiting import ENGINE_GUARD_S, eventually
 if TYPE_CHECKING:
     import responses
 
-pytest_plugins = ("pytest_jupyter.jupyter_server",)
+    from first_jupyter.gateway.route_table import Route
+
+pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.state_servers")
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -377,6 +380,15 @@ class Door:
     def route(self, path: str) -> URL:
         """A route's URL, kept percent-encoded (the test server's base_url has an escaped '@')."""
         return URL(f"{self.url}/{path}", encoded=True)
+
+    def at(self, path: str) -> URL:
+        """``path`` (from /first on) at this door, kept percent-encoded like ``route``."""
+        return URL(self.url.removesuffix("/first/v1") + path, encoded=True)
+
+
+def example_path(route: Route) -> str:
+    """The route's path with each parameter filled in."""
+    return re.sub(r"\([^)]*\)", "x", route.pattern)
 
 
 def open_door(name: str, ext: Any, jp_auth_header: dict[str, str]) -> Door:

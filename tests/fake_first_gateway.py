@@ -11,6 +11,7 @@ inside a 200 stream, or an answer in a shape nobody knows.
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import threading
@@ -78,8 +79,12 @@ class FakeFirstGateway:
     """GET route under the root (``list-endpoints``) → a body served in place of the real one (a changed shape)."""
     faults: dict[str, str] = field(default_factory=dict)
     """model → one of ``FAULTS``, answered to every request for it."""
-    token: str = TOKEN
-    """The access token it accepts (a hub user's, for the sidebar behind a real hub: tests/hub/serve_for_ui.py)."""
+    texts: dict[str, str] = field(default_factory=dict)
+    """model → its answer, streamed a word at a time (default: ``from {cluster}/{framework}``)."""
+    token: str | None = TOKEN
+    """The access token it accepts (a hub user's, for the sidebar behind a real hub: tests/hub/serve_for_ui.py);
+    None: it asks for none, for the browser's notebook tests (tests/ui/first_stand_in.py), where a cell's display
+    is tested and no Globus sign-in is at hand."""
     denial: str | None = None
     """A 401 message refusing the account (``GROUP_DENIAL``) for every request with the right token."""
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -126,6 +131,8 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
             auth = self.headers.get("Authorization")
             with state.lock:
                 state.calls.append((method, self.path, auth))
+            if state.token is None:
+                return True
             if auth is None:
                 self._send(401, {"detail": "Unauthorized"})
             elif auth != f"Bearer {state.token}":
@@ -207,16 +214,17 @@ def _handler(state: FakeFirstGateway) -> type[BaseHTTPRequestHandler]:
                 with state.lock:
                     state.abandoned.append(model)
                 return
-            text = f"from {cluster}/{framework}"
+            text = state.texts.get(model, f"from {cluster}/{framework}")
             if not body.get("stream"):
                 self._send(200, {"id": "c1", "object": "chat.completion", "model": model, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
                 return
+            words = re.findall(r"\s*\S+", text)  # each with the space before it: joined, the text again
             self._events([{"id": "c1", "object": "chat.completion.chunk", "model": model,
-                           "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": finish}]}
-                          for word, finish in ((text.split()[0], None), (" " + text.split()[1], "stop"))]
-                         + ["[DONE]"])
+                           "choices": [{"index": 0, "delta": {"content": word},
+                                        "finish_reason": "stop" if i == len(words) - 1 else None}]}
+                          for i, word in enumerate(words)] + ["[DONE]"])
 
     return Handler
 

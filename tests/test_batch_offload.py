@@ -138,10 +138,10 @@ class _Owner:
         self.asks = 0
         self.records: list[UsageRecord] = []
 
-    def admit(self, req: ParsedRequest) -> None:
+    async def admit(self, req: ParsedRequest) -> None:
         pass
 
-    def wait_s(self, model: str) -> float:
+    async def wait_s(self, model: str) -> float:
         self.asks += 1
         return 0.2 if self.asks % 2 else 0.0
 

@@ -133,6 +133,13 @@ class TestEmbeddedDefault:
         # Messages translated to chat (transformers serve has no /v1/messages)
         response = await _client(first_ext).responses.create(model="tiny-chat", input="hi", max_output_tokens=3)
         assert (response.model, response.status) == ("tiny-chat", "completed")
+        kept = await _client(first_ext).responses.retrieve(response.id)  # the gateway's copy: the engine keeps none
+        assert (kept.id, kept.output_text) == (response.id, response.output_text)
+        # a next turn goes with the conversation so far, which this engine would not recall by id
+        follow = await _client(first_ext).responses.create(model="tiny-chat", input="and?", max_output_tokens=2,
+                                                           previous_response_id=response.id)
+        alone = await _client(first_ext).responses.create(model="tiny-chat", input="and?", max_output_tokens=2)
+        assert follow.usage.input_tokens > alone.usage.input_tokens
         events = [e.type async for e in await _client(first_ext).responses.create(
             model="tiny-chat", input="hi", max_output_tokens=3, stream=True)]
         assert events[0] == "response.created"

@@ -87,6 +87,36 @@ async def test_the_engine_creates_responses_streamed_and_not(first_ext, key_door
     assert all(row[3] > 0 for row in rows)
 
 
+async def test_an_engine_that_keeps_no_responses_is_answered_from_the_gateways_copy(first_ext, door):
+    """``transformers serve`` keeps nothing it creates (it has no GET /v1/responses/{id}): a response it created,
+    streamed or not, is retrieved, listed and deleted from the copy the gateway kept, as OpenAI's API answers; one
+    asked with ``store: false`` is kept nowhere."""
+    client = _client(door)
+    done = await client.responses.create(model="tiny-chat", input="Say hello.", max_output_tokens=3)
+    kept = await client.responses.retrieve(done.id)
+    assert (kept.id, kept.model, kept.status, kept.output_text) == (done.id, "tiny-chat", "completed", done.output_text)
+    items = await client.responses.input_items.list(done.id)
+    assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "Say hello.")]
+    events = [e async for e in await client.responses.create(
+        model="tiny-chat", input=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
+        max_output_tokens=3, stream=True)]
+    streamed = events[-1].response
+    assert (await client.responses.retrieve(streamed.id)).output_text == streamed.output_text
+    listed = await client.responses.input_items.list(streamed.id, order="asc", limit=1)
+    assert ([i.content[0].text for i in listed.data], listed.has_more) == (["one"], True)
+    rest = await client.responses.input_items.list(streamed.id, order="asc", after=listed.last_id)
+    assert ([i.content[0].text for i in rest.data], rest.has_more) == (["two"], False)
+    with pytest.raises(openai.BadRequestError, match="background=true"):
+        await client.responses.cancel(done.id)
+    deleted = await client.responses.delete(done.id)
+    assert deleted is None  # the SDK reads no body from a delete; the next retrieve shows it is gone
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(done.id)
+    unstored = await client.responses.create(model="tiny-chat", input="Say hello.", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+
+
 async def _raw(door: Door, body: dict[str, Any], url: str | None = None) -> tuple[bytes, dict[str, str]]:
     async with aiohttp.ClientSession() as session, session.post(
             url or door.route("responses"), json=body, headers=door.headers if url is None else {}) as resp:
@@ -266,3 +296,21 @@ def test_the_watch_learns_the_id_counts_the_usage_and_renames_only_what_carries_
         else:
             assert [orjson.loads(o.split(b"data: ", 1)[1])["response"]["model"] for o in (out[0], out[3])] == [
                 "public", "public"]
+
+
+def test_a_next_turn_for_an_engine_that_keeps_nothing_carries_the_conversation():
+    earlier = response_ids.KeptCopy("resp_1", orjson.dumps({"id": "resp_1", "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "id": "msg_1", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Hello, "}, {"type": "output_text", "text": "Ada."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"}]}),
+        orjson.dumps("I am Ada."))
+    assert response_ids.continued_input(earlier, [{"type": "function_call_output", "call_id": "call_1",
+                                                   "output": "42"}]) == [
+        {"role": "user", "content": "I am Ada."},
+        {"role": "assistant", "content": "Hello, Ada."},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "42"}]
+    assert response_ids.continued_input(earlier._replace(input=b"null"), "and?")[-1] == {"role": "user",
+                                                                                       "content": "and?"}
+

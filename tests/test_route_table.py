@@ -3,31 +3,18 @@
 
 from __future__ import annotations
 
-import re
-
 import aiohttp
 import pytest
-from yarl import URL
 
 from first_jupyter.gateway.callbacks import CALLBACK_PATH
 from first_jupyter.gateway.route_table import ROUTES, Matcher, Route, paths
 from first_jupyter.server_ext.handlers import routes as jupyter_routes
-from tests.conftest import Door, fake_cluster_config, server_config
+from tests.conftest import Door, example_path, fake_cluster_config, server_config
 
 
 @pytest.fixture
 def jp_server_config(fake_upstream, write_config, tmp_path):
     return server_config(write_config(fake_cluster_config(fake_upstream)), tmp_path / "data")
-
-
-def _url(door: Door, path: str) -> URL:
-    """``path`` (from /first on) at ``door``, kept percent-encoded (the test server's base_url has an escaped '@')."""
-    return URL(door.url.removesuffix("/first/v1") + path, encoded=True)
-
-
-def _example(route: Route) -> str:
-    """The route's path with each parameter filled in."""
-    return re.sub(r"\([^)]*\)", "x", route.pattern)
 
 
 def test_jupyter_door_is_built_from_the_table() -> None:
@@ -44,7 +31,7 @@ def test_the_table_declares_each_method_and_path_once() -> None:
     assert len({(route.method, route.pattern) for route in ROUTES}) == len(ROUTES)
     matcher = Matcher()
     for route in ROUTES:
-        found, params = matcher.match(route.method, re.sub(r"\([^)]*\)", "x", route.pattern))
+        found, params = matcher.match(route.method, example_path(route))
         assert found is route
         assert params == ("x",) * route.compiled.groups
 
@@ -54,7 +41,7 @@ async def test_every_door_serves_every_route(route: Route, door: Door) -> None:
     """Each declared method and path reaches its route on each door: whatever the answer (an empty body is
     refused, an unknown id is not found), it is never the door's 'no such route' or 'method not allowed'."""
     async with aiohttp.ClientSession() as session, session.request(
-            route.method, _url(door, _example(route)), data=b"{}", headers=door.headers) as resp:
+            route.method, door.at(example_path(route)), data=b"{}", headers=door.headers) as resp:
         body = await resp.json()
     code = body.get("error", {}).get("code") if isinstance(body, dict) and isinstance(body.get("error"), dict) \
         else None
@@ -66,7 +53,7 @@ async def test_every_door_serves_every_route(route: Route, door: Door) -> None:
 @pytest.mark.parametrize("path", ["/first/v1/nothing-here", "/first/v1/tokenize", "/first/api/nothing",
                                   "/first/v1/files/a/b/c", "/first"])
 async def test_a_path_outside_the_table_is_404_on_every_door(path: str, door: Door) -> None:
-    async with aiohttp.ClientSession() as session, session.post(_url(door, path), data=b"{}",
+    async with aiohttp.ClientSession() as session, session.post(door.at(path), data=b"{}",
                                                                 headers=door.headers) as resp:
         body = await resp.json()
     assert resp.status == 404

@@ -8,6 +8,7 @@ gateways' globus-sdk is pointed at a loopback introspection stand-in (``bench.fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,8 +314,8 @@ def test_a_batch_goes_only_as_its_owners_quota_allows_and_waits_its_turn(shared,
     told_to_wait = threading.Event()  # the quota store refused one of the batch's lines: it waits its turn
     real_admit = shared.policy.quotas.admit
 
-    def admit(user: str, model: str) -> Any:
-        allowance = real_admit(user, model)
+    async def admit(user: str, model: str) -> Any:
+        allowance = await real_admit(user, model)
         if not allowance.allowed:
             told_to_wait.set()
         return allowance
@@ -380,18 +381,20 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise AssertionError(f"first serve did not answer: {log.read_text()}")
 
 
-@pytest.fixture
-def two_gateways(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[list[str], list[Path]]]:
+@contextlib.contextmanager
+def gateway_processes(tmp_path: Path, fake_upstream: Any, auth_url: str,
+                      serve: Callable[[int], dict[str, Any]], count: int = 2) -> Iterator[list[str]]:
+    """``count`` ``first serve`` processes on free loopback ports, the serve section of the n-th from ``serve(n)``
+    (its access log: ``access-n.log``), Globus Auth's introspection stood in at ``auth_url``; their URLs once
+    every one answers. They are stopped with SIGTERM and must exit cleanly."""
+    env = {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth_url}
     procs: list[subprocess.Popen[bytes]] = []
-    with fake_globus_auth(GATEWAY) as auth:
-        env = {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth.url}
-        urls, logs = [], []
-        for n in range(2):  # two services on two ports, one state dir: quotas, usage
+    urls, logs = [], []
+    try:
+        for n in range(count):
             port = free_port()
             data = fake_cluster_config(fake_upstream)
-            data["serve"] = {**serve_section(tmp_path / "state", quotas={"per_user": {"requests_per_s": 0.001,
-                                                                                      "burst": 5}}),
-                             "listen": {"host": "127.0.0.1", "port": port},
+            data["serve"] = {**serve(n), "listen": {"host": "127.0.0.1", "port": port},
                              "access_log": str(tmp_path / f"access-{n}.log")}
             data["serve"]["auth"]["allowed_domains"] = []
             config = tmp_path / f"first-{n}.yaml"
@@ -399,15 +402,24 @@ def two_gateways(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[list[str]
             logs.append(tmp_path / f"serve-{n}.log")
             procs.append(_start_serving(config, env, logs[-1]))
             urls.append(f"http://127.0.0.1:{port}")
-        try:
-            for url, proc, log in zip(urls, procs, logs, strict=True):
-                _wait_ready(url, proc, log)
-            yield urls, [tmp_path / "access-0.log", tmp_path / "access-1.log"]
-        finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                assert proc.wait(60) == 0
+        for url, proc, log in zip(urls, procs, logs, strict=True):
+            _wait_ready(url, proc, log)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            assert proc.wait(60) == 0
+
+
+@pytest.fixture
+def two_gateways(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[list[str], list[Path]]]:
+    """Two services on two ports, one state dir: quotas, usage."""
+    def serve(_n: int) -> dict[str, Any]:
+        return serve_section(tmp_path / "state", quotas={"per_user": {"requests_per_s": 0.001, "burst": 5}})
+
+    with fake_globus_auth(GATEWAY) as auth, gateway_processes(tmp_path, fake_upstream, auth.url, serve) as urls:
+        yield urls, [tmp_path / "access-0.log", tmp_path / "access-1.log"]
 
 
 @pytest.fixture

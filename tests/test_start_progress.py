@@ -202,6 +202,33 @@ async def test_first_warm_wait_draws_the_start_on_a_terminal(first_ext, remote, 
     assert re.search(rf"{COLD} on alcf/gateway \(hot\): 100%\|█+\|", frames[-1]), frames[-1]
 
 
+async def test_the_pickers_warm_button_shows_the_start_on_its_bar(first_ext, remote, kernel_client):
+    """ModelPicker's Warm: the start's progress on the bar under the dropdown (words and estimate), gone once the
+    model answers; ChatWidget shows a wait on the same bar."""
+    from first_jupyter.widgets import ModelPicker
+
+    await _read_states(first_ext)
+    picker = await asyncio.to_thread(ModelPicker)
+    picker.value = COLD
+    shown: list[str] = []
+
+    def seen(change: dict[str, Any]) -> None:
+        if change["new"]:
+            shown.append(change["new"])
+            if len(shown) == 2:
+                remote.held[COLD].set()
+
+    picker.start_bar.label.observe(seen, names="value")
+    thread = picker.warm()
+    assert thread is not None
+    await asyncio.to_thread(thread.join)
+    assert len(shown) >= 2
+    assert all(f"Waiting for model '{COLD}' on cluster 'alcf' endpoint 'gateway'" in line for line in shown)
+    assert picker.start_bar.widget.layout.display == "none"  # the start is over
+    assert picker.error_line.value == ""
+    assert not picker.warm_button.disabled
+
+
 def _status_lines(messages: list[tuple[float, dict[str, Any]]]) -> list[str]:
     return [m["content"]["data"]["text/plain"] for _, m in messages
             if m["msg_type"] in ("display_data", "update_display_data")

@@ -4,7 +4,8 @@ A facility's gateway (``first serve``) is reached with Globus access tokens issu
 is introspected once with the gateway's confidential client, and the verdict is reused by the token's hash: for at
 most ``cache_s`` (ten minutes) and never past the token's expiry when accepted, for ``failure_cache_s`` when
 refused (a client retrying a bad token in a loop must not turn into a loop of calls to Globus). Requests that
-arrive together with the same new token share one introspection.
+arrive together with the same new token share one introspection. Replicas on several hosts share the verdicts too
+(``auth.shared_verdicts``, in Redis), so a token introspected by one is not introspected again by another.
 
 The checks, in the order a user would fix them: the token is active and unexpired (401), meant for this gateway
 (audience 401, scope 403), then the session checks (403): an identity from an allowed domain, the configured
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import globus_sdk
 
@@ -51,6 +52,21 @@ class Identity:
     def token_for(self, resource_server: str) -> str | None:
         held = self.dependent.get(resource_server)
         return held[0] if held is not None and held[1] > time.time() else None
+
+
+Verdict = Identity | OpenAIError
+"""What an introspection concluded: the caller, or the 401/403 that refused them."""
+
+
+class SharedVerdicts(Protocol):
+    """Verdicts kept where every replica of the gateway finds them. Best effort: an outage of the store answers
+    None and keeps nothing, and the token is introspected as if it were not shared."""
+
+    async def get(self, key: bytes, token: str) -> tuple[float, Verdict] | None:
+        """The verdict kept for the token whose hash is ``key``, and until when it holds; None if none."""
+        ...
+
+    async def put(self, key: bytes, token: str, until: float, verdict: Verdict) -> None: ...
 
 
 def may_use(identity: Identity, groups: Iterable[str]) -> bool:
@@ -100,16 +116,19 @@ class TokenIntrospector:
     """Introspects and checks bearer tokens; blocking Globus calls run in threads, verdicts are cached."""
 
     def __init__(self, settings: ResourceServer, secret: str, *, want_groups: bool, want_compute: bool,
-                 clock: Callable[[], float] = time.time, most_cached: int = 100_000) -> None:
+                 clock: Callable[[], float] = time.time, most_cached: int = 100_000,
+                 shared: SharedVerdicts | None = None) -> None:
         """``want_groups``: some group is configured anywhere (gateway, cluster or model), so membership is read;
-        ``want_compute``: some cluster calls Globus Compute as the user, so its dependent token is kept."""
+        ``want_compute``: some cluster calls Globus Compute as the user, so its dependent token is kept;
+        ``shared``: the verdicts of the other replicas, looked up before Globus is asked."""
         self.settings = settings
         self._client = globus_sdk.ConfidentialAppAuthClient(settings.client_id, secret)
         self._want_groups = want_groups
         self._want_compute = want_compute
         self._clock = clock
         self._most = most_cached
-        self._verdicts: dict[bytes, tuple[float, Identity | OpenAIError]] = {}
+        self._shared = shared
+        self._verdicts: dict[bytes, tuple[float, Verdict]] = {}
         self._pending: dict[bytes, asyncio.Task[Identity]] = {}
         self.introspections = 0
         """How many times Globus was asked (the cache's hit rate shows in it)."""
@@ -131,17 +150,31 @@ class TokenIntrospector:
 
     async def _resolve(self, key: bytes, token: str) -> Identity:
         try:
-            identity = await asyncio.to_thread(self._verdict, token)
-        except OpenAIError as exc:
-            if exc.status in (401, 403):
-                self._keep(key, self._clock() + self.settings.failure_cache_s, exc)
-            raise
+            kept = await self._shared.get(key, token) if self._shared is not None else None
+            until, verdict = kept if kept is not None and kept[0] > self._clock() else await self._ask(key, token)
         finally:
             del self._pending[key]
-        self._keep(key, min(self._clock() + self.settings.cache_s, identity.expires_at), identity)
-        return identity
+        self._keep(key, until, verdict)
+        if isinstance(verdict, OpenAIError):
+            raise verdict.with_traceback(None)
+        return verdict
 
-    def _keep(self, key: bytes, until: float, verdict: Identity | OpenAIError) -> None:
+    async def _ask(self, key: bytes, token: str) -> tuple[float, Verdict]:
+        """Globus's verdict and until when it holds, kept for the other replicas too; an outage (503) is not a
+        verdict, so it is raised and kept nowhere."""
+        verdict: Verdict
+        try:
+            verdict = await asyncio.to_thread(self._verdict, token)
+            until = min(self._clock() + self.settings.cache_s, verdict.expires_at)
+        except OpenAIError as exc:
+            if exc.status not in (401, 403):
+                raise
+            verdict, until = exc, self._clock() + self.settings.failure_cache_s
+        if self._shared is not None:
+            await self._shared.put(key, token, until, verdict)
+        return until, verdict
+
+    def _keep(self, key: bytes, until: float, verdict: Verdict) -> None:
         if len(self._verdicts) >= self._most:  # bounded: anyone can send made-up tokens
             now = self._clock()
             self._verdicts = {k: v for k, v in self._verdicts.items() if v[0] > now}

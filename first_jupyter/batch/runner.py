@@ -251,7 +251,7 @@ class BatchRun:
         gateway; whether the batch was stopped meanwhile. A chunk's tokens are spent once its answers are read:
         the debt makes the next one wait."""
         assert self.caller is not None
-        while (wait := self.caller.wait_s(model)) > 0:
+        while (wait := await self.caller.wait_s(model)) > 0:
             if await self.pause(wait):
                 return True
         return False

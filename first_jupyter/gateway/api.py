@@ -94,7 +94,7 @@ async def run(gateway: Gateway, req: ParsedRequest, caller: Caller | None = None
     """Run a checked request, admitted first at a shared gateway (groups, quotas)."""
     if caller is not None:
         await gateway.where_served(req.model)
-        caller.admit(req)
+        await caller.admit(req)
     if req.stream:
         return await gateway.stream(req, caller)
     if progress:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import orjson
 
@@ -48,7 +48,7 @@ from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
-from first_jupyter.gateway.response_ids import ResponseIds
+from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy, continued_input
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
@@ -81,6 +81,7 @@ STATUS_MAX_INTERVAL_S = 300.0
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Failures before the first byte that the next endpoint may not have: worth trying it."""
 FORBIDDEN = 403
+NOT_FOUND, NOT_IMPLEMENTED = 404, 501
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 _REQUEST_IDS = itertools.count(1)
@@ -289,6 +290,12 @@ class GatewayStream(Relayed):
         """Set by a route whose client speaks another API than the engine's stream, before it is relayed."""
         if req.capability is Capability.responses:
             watch.on_response_id = self._remember_response
+            watch.on_response_done = self._keep_response
+
+    def _keep_response(self, response: dict[str, Any]) -> None:
+        """The gateway's copy of the stream's response, from the event that ends it (``response_ids``)."""
+        if self._watch.response_id is not None:
+            self._gateway.responses.keep(self._watch.response_id, orjson.dumps(response), self._req.data)
 
     def _remember_response(self, response_id: str) -> None:
         """The stream's response, remembered with the endpoint answering it as soon as its first event names it."""
@@ -515,6 +522,28 @@ class Gateway:
         model is not (yet) in them."""
         return self._allowed(model, await self._routed(model, capability, conversation), caller)
 
+    async def _continued(self, req: ParsedRequest, caller: Caller | None) -> ParsedRequest:
+        """A Responses request that continues an earlier response (``previous_response_id``) whose engine keeps
+        no responses (``transformers serve``), made whole from the gateway's copy: the earlier conversation before
+        this input, the id dropped (that engine would ignore it and answer without the conversation). Any other
+        goes as it is, to the endpoint that holds the earlier response (``_targets``)."""
+        previous = req.data.get("previous_response_id") if req.capability is Capability.responses else None
+        if previous is None:
+            return req
+        home = await self.responses.home(previous, caller, "previous_response_id")
+        backend = self._backend_of(home.cluster, home.endpoint)
+        if backend is None or backend.keeps_responses:
+            return req
+        earlier = await self.responses.copy(previous)
+        if earlier is None:
+            return req
+        data = {key: value for key, value in req.data.items() if key != "previous_response_id"}
+        data["input"] = continued_input(earlier, req.data.get("input"))
+        return ParsedRequest(req.capability, data, orjson.dumps(data), asked=req.asked)
+
+    def _backend_of(self, cluster: str, endpoint: str) -> Backend | None:
+        return next((b for b in self.backends if (b.cluster, b.name) == (cluster, endpoint)), None)
+
     async def _targets(self, req: ParsedRequest, conversation: str | None, caller: Caller | None) -> list[Target]:
         """A request's candidates (``_candidates``); a Responses request that continues an earlier response
         (``previous_response_id``) goes only where that response was created: no other engine holds it."""
@@ -535,11 +564,12 @@ class Gateway:
 
     async def stored_response(self, response_id: str, method: str, action: str, query: str,
                               caller: Caller | None) -> Completed:
-        """A call on a response an engine keeps (``action``: "" for the response itself, else ``cancel`` or
-        ``input_items``), sent to the endpoint that created it and answered as it answers, the model renamed;
-        a 404 when the id is unknown here or its endpoint is gone from the configuration."""
+        """A call on a kept response (``action``: "" for the response itself, else ``cancel`` or ``input_items``),
+        sent to the endpoint that created it and answered as it answers, the model renamed, or from the gateway's
+        copy where the engine keeps none (a 404) or cannot be asked again (a 501); a 404 when the id is unknown
+        here or its endpoint is gone from the configuration."""
         home = await self.responses.home(response_id, caller)
-        backend = next((b for b in self.backends if (b.cluster, b.name) == (home.cluster, home.endpoint)), None)
+        backend = self._backend_of(home.cluster, home.endpoint)
         if backend is None:
             raise OpenAIError(404, f"The response {shown(response_id)} was created on cluster '{home.cluster}' "
                                    f"endpoint '{home.endpoint}', which is no longer in this gateway's configuration; "
@@ -547,8 +577,24 @@ class Gateway:
                                    "it, or create the response again.", param="response_id",
                               code="response_endpoint_gone")
         path = "/".join(filter(None, ("responses", quote(response_id, safe=""), action)))
+        unreachable: OpenAIError | None = None
         with acting_as(caller):  # (an endpoint that takes each caller's own Globus token at a shared gateway)
-            reply = await backend.call(method, path, query, b"" if method == "POST" else None)
+            try:
+                reply: Reply | None = await backend.call(method, path, query, b"" if method == "POST" else None)
+            except OpenAIError as exc:
+                if exc.status != NOT_IMPLEMENTED:
+                    raise
+                reply, unreachable = None, exc
+        if reply is None or reply.status == NOT_FOUND:  # the engine keeps no such response: the gateway's copy
+            copy = await self.responses.copy(response_id)
+            if copy is not None:
+                if method == "DELETE":
+                    self.responses.forget(response_id)
+                return Completed(answer_from_copy(copy, method, action, dict(parse_qsl(query))),
+                                 Target(home.model, backend))
+        if reply is None:
+            assert unreachable is not None
+            raise unreachable
         if reply.status >= 400:
             raise upstream_error(reply.status, reply.body, f"cluster '{home.cluster}' endpoint '{home.endpoint}'",
                                  reply.retry_after, reply.via)
@@ -920,6 +966,7 @@ class Gateway:
                        tried: Attempts | None = None) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send. ``tried``: to follow
         where it goes (``heard``)."""
+        req = await self._continued(req, caller)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = tried or Attempts()
@@ -960,12 +1007,13 @@ class Gateway:
             return Completed(reply.body, target, reply.content_type)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         if req.capability is Capability.responses:
-            self.responses.remember_answer(body, target, req.model, caller)
+            self.responses.remember_answer(body, target, req.model, caller, req.data)
         self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None, caller)
         return Completed(body, target)
 
     async def stream(self, req: ParsedRequest, caller: Caller | None = None) -> GatewayStream:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
+        req = await self._continued(req, caller)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = Attempts()

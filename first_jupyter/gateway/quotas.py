@@ -9,6 +9,10 @@ calls are synchronous: handing them to a thread would cost more than the transac
 
 Buckets hold a level and the time it was last written, and refill lazily when next read, so nothing has to
 tick in the background. Times come from the wall clock, the one clock that all processes on a host share.
+
+That is one host's store. Replicas on several hosts keep the same buckets in Redis instead
+(``gateway.redis_quotas``); both answer the same way, through ``QuotaBuckets``, and share the rules here: which
+buckets a request is held to, when a bucket admits, and the answer's headers and words.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +58,7 @@ class Allowance:
 
 
 @dataclass(frozen=True)
-class _Limit:
+class Limit:
     """One configured limit, built once from the config, so that a request only puts its subject in the key."""
 
     code: str
@@ -65,25 +70,34 @@ class _Limit:
     """Per second."""
     words: str
 
+    @property
+    def strict(self) -> bool:
+        """Token buckets admit while strictly above ``floor``, request buckets from ``floor`` on."""
+        return self.code == "tok"
+
+    @property
+    def floor(self) -> float:
+        return 0.0 if self.strict else 1 - _SLACK
+
     def admits(self, level: float) -> bool:
         """Token buckets admit while above 0, since a request's tokens are known only after its answer; request
         buckets admit while they hold a whole request, which the request takes."""
-        return level > 0 if self.code == "tok" else level >= 1 - _SLACK
+        return level > self.floor if self.strict else level >= self.floor
 
     def wait_s(self, level: float) -> float:
         """Until the bucket holds one whole unit again: enough for a request, and strictly above 0 for tokens."""
         return (1 - level) / self.rate
 
 
-def _limits(quota: Quota) -> tuple[_Limit, ...]:
-    limits: list[_Limit] = []
+def _limits(quota: Quota) -> tuple[Limit, ...]:
+    limits: list[Limit] = []
     if quota.requests_per_s is not None:
         rate = quota.requests_per_s
-        limits.append(_Limit("req", "requests", capacity=quota.burst or max(1, math.ceil(rate)), rate=rate,
+        limits.append(Limit("req", "requests", capacity=quota.burst or max(1, math.ceil(rate)), rate=rate,
                              words=_per(rate, "request", "second")))
     if quota.tokens_per_min is not None:
         per_min = quota.tokens_per_min
-        limits.append(_Limit("tok", "tokens", capacity=per_min, rate=per_min / 60,
+        limits.append(Limit("tok", "tokens", capacity=per_min, rate=per_min / 60,
                              words=_per(per_min, "token", "minute")))
     return tuple(limits)
 
@@ -97,11 +111,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
-_Bucket = tuple[str, _Limit]
+Bucket = tuple[str, Limit]
 """A limit applied to one subject: the bucket's key (``u:req:<user>``, ``m:tok:<model>``) and its limit."""
 
+ALLOWED = Allowance(allowed=True, retry_after_s=0.0, reason="", headers={})
+"""The answer where no limit applies."""
 
-class QuotaStore:
+
+class QuotaRules:
     """Token buckets for requests and tokens, per user (all models together) and per model (all users together).
 
     A model named in ``quotas.models`` takes that entry instead of ``quotas.per_model``, as a whole: an entry
@@ -109,12 +126,64 @@ class QuotaStore:
     nothing, since such a bucket would never refill.
     """
 
-    def __init__(self, path: Path, quotas: Quotas, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(self, quotas: Quotas) -> None:
         self._per_user = _limits(quotas.per_user)
         self._per_model = _limits(quotas.per_model)
         self._models = {model: _limits(quota) for model, quota in quotas.models.items()}
-        self._limited = any((self._per_user, self._per_model, *self._models.values()))
+        self.limited = any((self._per_user, self._per_model, *self._models.values()))
+
+    def buckets(self, user: str, model: str) -> list[Bucket]:
+        return ([(f"u:{limit.code}:{user}", limit) for limit in self._per_user]
+                + [(f"m:{limit.code}:{model}", limit) for limit in self._models.get(model, self._per_model)])
+
+    def token_buckets(self, user: str, model: str) -> list[Bucket]:
+        return [bucket for bucket in self.buckets(user, model) if bucket[1].code == "tok"]
+
+
+class QuotaBuckets(ABC):
+    """The quotas as the shared gateway uses them, wherever the buckets are kept: one host's SQLite
+    (``QuotaStore``), or Redis for replicas on several hosts (``redis_quotas.RedisQuotas``)."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        self._rules = QuotaRules(quotas)
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is configured, so that a gateway without quotas skips them entirely."""
+        return self._rules.limited
+
+    async def admit(self, user: str, model: str) -> Allowance:
+        """Take one request from the user's and the model's request buckets, or from neither (a refused request
+        charges nothing: a client retrying a refused request must not dig itself deeper). Raises a 503
+        ``OpenAIError`` when the buckets cannot be reached."""
+        buckets = self._rules.buckets(user, model)
+        return await self._admit(model, buckets) if buckets else ALLOWED
+
+    def spend(self, user: str, model: str, tokens: int) -> None:
+        """Take a finished request's prompt and completion tokens from the user's and the model's token buckets.
+        The buckets may go below 0: the request was admitted before its size was known, and the debt makes later
+        requests wait until the refill has paid it back. It may land a moment later (Redis): nobody waits for it,
+        the request has been answered."""
+        buckets = self._rules.token_buckets(user, model)
+        if buckets and tokens > 0:
+            self._spend(buckets, tokens)
+
+    @abstractmethod
+    async def _admit(self, model: str, buckets: list[Bucket]) -> Allowance: ...
+
+    @abstractmethod
+    def _spend(self, buckets: list[Bucket], tokens: int) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class QuotaStore(QuotaBuckets):
+    """The buckets of one host, in SQLite."""
+
+    def __init__(self, path: Path, quotas: Quotas, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(quotas)
+        self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: the module's implicit transactions would begin only at the first write, after the
         # read that the write depends on; transactions here are explicit. check_same_thread=False: the store is
@@ -129,19 +198,8 @@ class QuotaStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
 
-    @property
-    def limited(self) -> bool:
-        """Whether any limit is configured, so that a gateway without quotas skips them entirely."""
-        return self._limited
-
-    def admit(self, user: str, model: str) -> Allowance:
-        """Take one request from the user's and the model's request buckets, or from neither.
-
-        A refused request charges nothing: a client retrying a refused request must not dig itself deeper.
-        """
-        buckets = self._buckets(user, model)
-        if not buckets:
-            return Allowance(allowed=True, retry_after_s=0.0, reason="", headers={})
+    async def _admit(self, model: str, buckets: list[Bucket]) -> Allowance:
+        """Synchronous inside: the transaction costs less than a hop to a thread would."""
         charged = [bucket for bucket in buckets if bucket[1].code == "req"]
         now = self._clock()
         # only a transaction that may write needs the write lock; token buckets alone are just read
@@ -152,17 +210,10 @@ class QuotaStore:
                 for key, _ in charged:
                     levels[key] -= 1
                 self._write(charged, levels, now)
-        return _allowance(model, buckets, levels, refusing)
+        return allowance(model, buckets, levels, refusing)
 
-    def spend(self, user: str, model: str, tokens: int) -> None:
-        """Take a finished request's prompt and completion tokens from the user's and the model's token buckets.
-
-        The buckets may go below 0: the request was admitted before its size was known, and the debt makes later
-        requests wait until the refill has paid it back.
-        """
-        buckets = [bucket for bucket in self._buckets(user, model) if bucket[1].code == "tok"]
-        if not buckets or tokens <= 0:
-            return
+    def _spend(self, buckets: list[Bucket], tokens: int) -> None:
+        """At once."""
         now = self._clock()
         with self._transaction(immediate=True):
             levels = self._levels(buckets, now)
@@ -170,12 +221,8 @@ class QuotaStore:
                 levels[key] -= tokens
             self._write(buckets, levels, now)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._db.close()
-
-    def _buckets(self, user: str, model: str) -> list[_Bucket]:
-        return ([(f"u:{limit.code}:{user}", limit) for limit in self._per_user]
-                + [(f"m:{limit.code}:{model}", limit) for limit in self._models.get(model, self._per_model)])
 
     @contextmanager
     def _transaction(self, immediate: bool) -> Iterator[None]:
@@ -187,7 +234,7 @@ class QuotaStore:
             raise
         self._db.execute("COMMIT")
 
-    def _levels(self, buckets: list[_Bucket], now: float) -> dict[str, float]:
+    def _levels(self, buckets: list[Bucket], now: float) -> dict[str, float]:
         """Each bucket's level refilled up to ``now``; a bucket never written is full."""
         placeholders = ", ".join("?" for _ in buckets)
         rows = self._db.execute(f"SELECT key, level, updated FROM buckets WHERE key IN ({placeholders})",  # noqa: S608 (placeholders, not input)
@@ -200,13 +247,14 @@ class QuotaStore:
             levels[key] = min(limit.capacity, level + max(0.0, now - updated) * limit.rate)
         return levels
 
-    def _write(self, buckets: list[_Bucket], levels: dict[str, float], now: float) -> None:
+    def _write(self, buckets: list[Bucket], levels: dict[str, float], now: float) -> None:
         self._db.executemany("INSERT OR REPLACE INTO buckets (key, level, updated) VALUES (?, ?, ?)",
                              [(key, levels[key], now) for key, _ in buckets])
 
 
-def _allowance(model: str, buckets: list[_Bucket], levels: dict[str, float], refusing: list[_Bucket]) -> Allowance:
-    tightest: dict[str, tuple[float, _Limit]] = {}
+def allowance(model: str, buckets: list[Bucket], levels: dict[str, float], refusing: list[Bucket]) -> Allowance:
+    """The answer to a request held to ``buckets``, whose levels are ``levels`` once it was admitted or not."""
+    tightest: dict[str, tuple[float, Limit]] = {}
     for key, limit in buckets:
         kept = tightest.get(limit.name)
         if kept is None or (levels[key], limit.capacity) < (kept[0], kept[1].capacity):

@@ -46,6 +46,10 @@ _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 """The usage object, whose token details (``prompt_tokens_details``, ...) may be objects one level deep."""
 
 
+RESPONSE_ENDS = frozenset(("response.completed", "response.incomplete", "response.failed"))
+"""The events that end a Responses API stream, each carrying the whole response."""
+
+
 def _first_end(data: bytes, start: int = 0) -> int:
     """The index just past the first event separator at or after ``start``; -1 when there is none."""
     first = -1
@@ -126,7 +130,7 @@ class StreamWatch:
     """
 
     __slots__ = ("_carry", "_engine", "_marker", "_passing", "_public", "_renaming", "_strip", "_tail",
-                 "completion_tokens", "on_response_id", "prompt_tokens", "response_id")
+                 "completion_tokens", "on_response_done", "on_response_id", "prompt_tokens", "response_id")
 
     def __init__(self, public_model: str, *, rename: bool, strip_usage_event: bool) -> None:
         self._public = public_model
@@ -148,6 +152,8 @@ class StreamWatch:
         """A Responses API stream's response id, once an event has carried the response."""
         self.on_response_id: Callable[[str], None] | None = None
         """Called once with ``response_id`` as soon as it is known (the response can be asked for at once)."""
+        self.on_response_done: Callable[[dict[str, Any]], None] | None = None
+        """Called with the whole response (its model renamed) from the event that ends a Responses API stream."""
 
     def feed(self, chunk: bytes) -> bytes:
         """Return the bytes to send on for this upstream chunk (empty while an event is still held)."""
@@ -262,7 +268,10 @@ class StreamWatch:
                 return b""
         response = holder.get("response")
         named = self._response_event(response) if isinstance(response, dict) else holder
-        if not (self._renaming and self._renamed(named)):
+        renamed = self._renaming and self._renamed(named)
+        if isinstance(response, dict) and self.on_response_done is not None and obj.get("type") in RESPONSE_ENDS:
+            self.on_response_done(response)
+        if not renamed:
             return None
         return b"data: " + orjson.dumps(obj) + sep
 

@@ -6,6 +6,12 @@ must all go to that same engine, since no other has heard of it. So the gateway 
 it relayed, the cluster and endpoint that answered, the public model name (answers are renamed back to it), and
 who asked (at a shared gateway each caller reaches only their own responses).
 
+Engines need not keep what they create: ``transformers serve`` keeps nothing, and vLLM keeps responses only when
+told to (``VLLM_ENABLE_RESPONSES_API_STORE``). So the gateway keeps its own copy of each response it relays whole
+(the answer, or a stream's last event) with the request's input, unless the request said ``store: false``; a call
+the engine cannot answer (404 for an id it does not keep, or an endpoint that cannot be asked again) is answered
+from that copy (``answer_from_copy``).
+
 Bounded (``defaults.max_response_ids``): beyond it the oldest are forgotten, in memory and on disk. Kept in
 SQLite under the data dir like usage, written off the request path (``QueuedWriter``), so that ids outlive a
 restart and a shared gateway's processes find each other's: an id this process does not hold in memory is read
@@ -20,7 +26,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -46,9 +52,12 @@ CREATE TABLE IF NOT EXISTS responses (
     endpoint TEXT NOT NULL,
     model TEXT NOT NULL,
     user TEXT NOT NULL,
-    ts REAL NOT NULL
+    ts REAL NOT NULL,
+    answer BLOB,
+    input BLOB
 );
 """
+_KEEP = "UPDATE responses SET answer = ?, input = ? WHERE response_id = ?"
 _COLUMNS = "response_id, cluster, endpoint, model, user, ts"
 _INSERT_ROW = f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"  # noqa: S608 (names)
 _INSERT_BATCH = (f"INSERT OR REPLACE INTO responses ({_COLUMNS}) SELECT "  # noqa: S608 (names)
@@ -79,6 +88,15 @@ class ResponseHome(NamedTuple):
     ts: float
 
 
+class KeptCopy(NamedTuple):
+    """The gateway's copy of a response: the whole response (JSON, the model renamed) and the request's input."""
+
+    response_id: str
+    answer: bytes
+    input: bytes
+    """The request's ``input`` as JSON (``null`` when it had none)."""
+
+
 class ResponseIds:
     """The response ids this gateway relayed, the newest ``most`` of them, with where each was created."""
 
@@ -94,7 +112,7 @@ class ResponseIds:
             conn.executescript(_SCHEMA)
         self._json: bool | None = None
         """Whether batches go in as JSON statements: known once the writer has its connection."""
-        self._writer: QueuedWriter[ResponseHome | str] = QueuedWriter(
+        self._writer: QueuedWriter[ResponseHome | KeptCopy | str] = QueuedWriter(
             path, self._write, "response ids writer", supervisor, interval=WRITE_INTERVAL_S)
 
     def remember(self, response_id: str, target: Target, model: str, caller: Caller | None) -> None:
@@ -104,8 +122,10 @@ class ResponseIds:
         self._hold(response_id, home)
         self._writer.put(home)
 
-    def remember_answer(self, body: bytes, target: Target, model: str, caller: Caller | None) -> None:
-        """Remember the response a whole (non-streamed) answer holds, when it is one (an object with an id)."""
+    def remember_answer(self, body: bytes, target: Target, model: str, caller: Caller | None,
+                        request: dict[str, Any]) -> None:
+        """Remember the response a whole (non-streamed) answer holds, when it is one (an object with an id), and
+        keep a copy of it (``keep``)."""
         try:
             answer = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -113,6 +133,20 @@ class ResponseIds:
         response_id = answer.get("id") if isinstance(answer, dict) else None
         if isinstance(response_id, str):
             self.remember(response_id, target, model, caller)
+            self.keep(response_id, body, request)
+
+    def keep(self, response_id: str, answer: bytes, request: dict[str, Any]) -> None:
+        """Keep the gateway's copy of a relayed response, unless its request said ``store: false``."""
+        if request.get("store", True) is not False:
+            self._writer.put(KeptCopy(response_id, answer, orjson.dumps(request.get("input"))))
+
+    async def copy(self, response_id: str) -> KeptCopy | None:
+        """The gateway's copy of a response, read from the file once the writer has committed what it holds (a
+        call may follow its response at once); None when there is none (``store: false``, or a stream that
+        never ended)."""
+        if not (len(response_id) <= MAX_ID_CHARS and _storable(response_id)):
+            return None
+        return await asyncio.to_thread(self._read_copy, response_id)
 
     def forget(self, response_id: str) -> None:
         """The engine deleted it: a later call gets this gateway's 404 rather than a trip to the engine."""
@@ -161,19 +195,109 @@ class ResponseIds:
                                (response_id,)).fetchone()
         return None if row is None else ResponseHome(*row)
 
-    def _write(self, conn: sqlite3.Connection, items: list[ResponseHome | str]) -> None:
+    def _read_copy(self, response_id: str) -> KeptCopy | None:
+        self._writer.flush()
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:
+            row = conn.execute("SELECT response_id, answer, input FROM responses WHERE response_id = ? AND answer "
+                               "IS NOT NULL", (response_id,)).fetchone()
+        return None if row is None else KeptCopy(*row)
+
+    def _write(self, conn: sqlite3.Connection, items: list[ResponseHome | KeptCopy | str]) -> None:
         """One batch on the writer's thread, a statement each (``json_available``): the ids remembered (homes),
-        then those deleted (ids: an id is deleted after it was created), then the oldest rows beyond the bound."""
+        the copies kept, then those deleted (ids: an id is deleted after it was created), then the oldest rows
+        beyond the bound."""
         if self._json is None:
             self._json = json_available(conn)
-        homes = [item for item in items if not isinstance(item, str)]
+        homes = [item for item in items if isinstance(item, ResponseHome)]
         deleted = [item for item in items if isinstance(item, str)]
+        copies = [(c.answer, c.input, c.response_id) for c in items if isinstance(c, KeptCopy)]
         if self._json:
             if homes:
                 conn.execute(_INSERT_BATCH, (orjson.dumps(homes, default=tuple),))
+            conn.executemany(_KEEP, copies)  # a few per batch: a copy comes with an answer, not with every event
             if deleted:
                 conn.execute(_DELETE_BATCH, (orjson.dumps(deleted),))
         else:
             conn.executemany(_INSERT_ROW, homes)
+            conn.executemany(_KEEP, copies)
             conn.executemany("DELETE FROM responses WHERE response_id = ?", [(d,) for d in deleted])
         conn.execute(_BOUND, (self._most,))
+
+
+INPUT_ITEMS_LIMIT = (20, 100)
+"""``input_items``' page size: its default and the most asked for (OpenAI's)."""
+
+
+def answer_from_copy(copy: KeptCopy, method: str, action: str, query: dict[str, str]) -> bytes:
+    """A call on a kept response answered from the gateway's copy, as OpenAI's API answers it: the response
+    itself, its deletion, or a page of its input items (``limit``, ``order``, ``after``); a cancel is a 400,
+    since a response the gateway holds whole has ended."""
+    if action == "cancel":
+        raise OpenAIError(400, "Only a response created with background=true can be cancelled, while it runs; this "
+                               "one had ended when it was answered.", param="response_id", code="invalid_request")
+    if action == "":
+        if method == "DELETE":
+            return orjson.dumps({"id": copy.response_id, "object": "response", "deleted": True})
+        return copy.answer
+    items = _input_items(copy)
+    if query.get("order", "desc") == "desc":
+        items.reverse()
+    after = query.get("after")
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    raw_limit = query.get("limit", str(INPUT_ITEMS_LIMIT[0]))
+    if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= INPUT_ITEMS_LIMIT[1]:
+        raise OpenAIError(400, f"The query parameter 'limit' must be a whole number from 1 to {INPUT_ITEMS_LIMIT[1]}, "
+                               f"not {shown(raw_limit)}.", param="limit", code="invalid_value")
+    page = items[:int(raw_limit)]
+    return orjson.dumps({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)})
+
+
+def _input_items(copy: KeptCopy) -> list[dict[str, Any]]:
+    """The request's input as items, oldest first: a text is one user message; items keep their own ids, and
+    those without one are given one (``{response id}_in{n}``), so that pages can go on ``after`` them."""
+    given = orjson.loads(copy.input)
+    if isinstance(given, str):
+        given = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": given}]}]
+    if not isinstance(given, list):
+        return []
+    items = []
+    for n, item in enumerate(given):
+        if isinstance(item, dict):
+            content = item.get("content")
+            if item.get("type", "message") == "message" and isinstance(content, str):
+                item = {**item, "content": [{"type": "input_text", "text": content}]}
+            items.append({"type": "message", "id": f"{copy.response_id}_in{n}", **item})
+    return items
+
+
+def continued_input(earlier: KeptCopy, given: Any) -> list[Any]:
+    """The input of a next turn for an engine that keeps no responses: the earlier response's input and its output
+    (what the engine would have recalled by ``previous_response_id``), then this turn's ``given`` input. An
+    assistant message goes back as text, as a model is prompted with it; other output items (a function call)
+    as they came, since a next turn answers them."""
+    answer = orjson.loads(earlier.answer)
+    output = answer.get("output") if isinstance(answer, dict) else None
+    told: list[Any] = []
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict) or item.get("type") == "reasoning":
+            continue  # an engine's own thoughts are not part of the conversation it is sent
+        if item.get("type") == "message":
+            parts = given if isinstance(given := item.get("content"), list) else []
+            told.append({"role": item.get("role", "assistant"), "content": "".join(
+                part.get("text", "") for part in parts if isinstance(part, dict))})
+        else:
+            told.append(item)
+    return [*_as_items(orjson.loads(earlier.input)), *told, *_as_items(given)]
+
+
+def _as_items(given: Any) -> list[Any]:
+    """A request's ``input`` as a list of items: a text is one user message."""
+    if given is None:
+        return []
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    return list(given) if isinstance(given, list) else [given]
+

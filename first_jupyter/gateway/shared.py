@@ -29,7 +29,7 @@ from first_jupyter.auth.resource_server import Identity, TokenIntrospector, grou
 from first_jupyter.batch.service import Batches
 from first_jupyter.config import ServeConfig
 from first_jupyter.gateway.metrics import GatewayMetrics
-from first_jupyter.gateway.quotas import QuotaStore
+from first_jupyter.gateway.shared_state import open_state
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
@@ -51,7 +51,8 @@ def _write_owner(root: Path, identity: Identity) -> None:
 
 
 class SharedPolicy:
-    """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk."""
+    """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk,
+    or the quotas and token verdicts in Redis for replicas on several hosts (``shared_state``)."""
 
     def __init__(self, serve: ServeConfig, state_dir: Path, secret: str, metrics: GatewayMetrics, *,
                  compute_as_callers: bool) -> None:
@@ -60,9 +61,10 @@ class SharedPolicy:
         self.serve = serve
         self.state_dir = state_dir
         want_groups = bool(serve.auth.groups or serve.clusters or serve.models)
+        self.state = open_state(serve, state_dir)
         self.introspector = TokenIntrospector(serve.auth, secret, want_groups=want_groups,
-                                              want_compute=compute_as_callers)
-        self.quotas = QuotaStore(state_dir / "quotas.sqlite3", serve.quotas)
+                                              want_compute=compute_as_callers, shared=self.state.verdicts)
+        self.quotas = self.state.quotas
         self.metrics = metrics
         self._admins = set(serve.auth.admins)
         self._batches: dict[str, Batches] = {}
@@ -171,7 +173,7 @@ class SharedPolicy:
         await asyncio.gather(*self._runs, return_exceptions=True)
         for batches in self._batches.values():
             await batches.close()
-        self.quotas.close()
+        await self.state.close()
 
 
 class SharedCaller:
@@ -191,7 +193,7 @@ class SharedCaller:
     def user(self) -> str:
         return self.identity.username
 
-    def admit(self, req: ParsedRequest) -> None:
+    async def admit(self, req: ParsedRequest) -> None:
         policy = self.policy
         groups = policy.model_groups(req.model)
         if not may_use(self.identity, groups):
@@ -200,7 +202,7 @@ class SharedCaller:
                                    f"Globus groups only. Ask to join one: {group_links(groups)}",
                               type="permission_error", param="model", code="model_not_allowed")
         if policy.quotas.limited:
-            allowance = policy.quotas.admit(self.user, req.model)
+            allowance = await policy.quotas.admit(self.user, req.model)
             self.headers = allowance.headers
             if not allowance.allowed:
                 policy.metrics.refused("rate_limited")
@@ -210,9 +212,14 @@ class SharedCaller:
         self._in_flight = req.model
         policy.metrics.request_started(req.model)
 
-    def wait_s(self, model: str) -> float:
+    async def wait_s(self, model: str) -> float:
         quotas = self.policy.quotas
-        return quotas.admit(self.user, model).retry_after_s if quotas.limited else 0.0
+        if not quotas.limited:
+            return 0.0
+        try:
+            return (await quotas.admit(self.user, model)).retry_after_s
+        except OpenAIError as exc:  # the quotas cannot be reached: a batch waits as it is told, rather than failing
+            return float(exc.headers.get("Retry-After", 1))
 
     def may_use(self, model: str, cluster: str) -> bool:
         return may_use(self.identity, self.policy.model_groups(model)) and may_use(

@@ -313,6 +313,10 @@ _loaded = threading.Lock()
 
 def load(shell: InteractiveShell) -> FirstMagics:
     """Register ``%first``/``%%first`` on ``shell`` (once) and make its settings configurable with ``%config``."""
+    # `%first batch` lives in its own module, registered here rather than imported at the top: it names
+    # FirstMagics in its types, and `%first help` lists it after the core commands
+    from first_jupyter.magics import batch  # noqa: F401
+
     with _loaded:
         for configurable in shell.configurables:
             if isinstance(configurable, FirstMagics):
@@ -322,7 +326,3 @@ def load(shell: InteractiveShell) -> FirstMagics:
         shell.configurables.append(magics)  # type: ignore[arg-type]  # see the line above
         shell.magics_manager.register_function(magics, magic_kind="line_cell", magic_name="first")
         return magics
-
-
-# `%first batch` lives in its own module; imported last, so that `%first help` lists it after the core commands
-from first_jupyter.magics import batch as _batch_commands  # noqa: E402, F401

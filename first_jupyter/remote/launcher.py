@@ -97,6 +97,13 @@ def engine_serves(engine: EngineKind, capability: str) -> bool:
     return engine == "vllm" or capability in TRANSFORMERS_SERVES
 
 
+def engine_keeps_responses(engine: EngineKind | None) -> bool:
+    """Whether the engine keeps the responses it creates, so that a next turn can name one
+    (``previous_response_id``): ``transformers serve`` keeps none; vLLM may (``VLLM_ENABLE_RESPONSES_API_STORE``),
+    and an engine not known here is taken at its word."""
+    return engine != "transformers"
+
+
 def served_name(spec: EngineSpec, engine: EngineKind) -> str:
     """The model name the engine answers to: vLLM takes any name; transformers serve pins the load path."""
     if engine == "vllm":

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from jupyter_server.auth.decorator import allow_unauthenticated
+from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from jupyter_server.auth.identity import User
+from jupyter_server.auth.utils import HTTP_METHOD_TO_AUTH_ACTION
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.prometheus.log_functions import prometheus_log_method
 from tornado import web
@@ -66,6 +67,9 @@ the head and its connection closed. Most clients send the whole request before t
 on bytes it never read is reset, which loses the answer to some (asyncio's transports drop what they received when
 a write fails)."""
 
+AUTH_RESOURCE = "first"
+"""What Jupyter's authorizer is asked about for every route of this door: reading it (GET, HEAD) or writing it
+(POST, PUT, PATCH, DELETE), as Jupyter's own services ask about ``sessions`` or ``kernels``."""
 SCOPED_USER = User(username="first-scoped-key", name="FIRST kernel key", display_name="FIRST kernel key")
 _AUTH_HELP = ("Authenticate with 'Authorization: Bearer $FIRST_API_KEY' (set in kernels the Jupyter server "
               "starts) or with a Jupyter token ('Authorization: token ...'); Anthropic's clients send either as "
@@ -114,8 +118,10 @@ class GatewayDoor(web.RequestHandler):
     async def _admit(self) -> None:
         """Who sent it, then what its route takes: the body's limit, and where the body goes."""
         await self.authenticate()
-        if not self.open_route and not self.current_user:
-            raise web.HTTPError(403)  # each door's error_for says why, and how to authenticate
+        if not self.open_route:
+            if not self.current_user:
+                raise web.HTTPError(403)  # each door's error_for says why, and how to authenticate
+            await self.authorize()
         self._upload = self.upload_sink()
         self._limit = self._upload.limit if self._upload is not None else api.body_limit(
             self.settings["first_max_request_bytes"], self.settings.get("first_gateway"))
@@ -232,6 +238,11 @@ class GatewayDoor(web.RequestHandler):
         """Who sent the request, from its head alone: sets ``current_user``, or raises the door's refusal."""
         raise NotImplementedError
 
+    async def authorize(self) -> None:
+        """Whether the authenticated caller may make this request, from its head alone (before any body byte is
+        read): raises the door's refusal if not. Here every caller the door admits may: the shared gateway's
+        policy (groups, quotas, operators) decides per route once the request runs."""
+
     def upload_sink(self) -> Spool | None:
         """Where this request's body goes instead of memory (an uploaded file or an audio form, to disk); None to
         collect it."""
@@ -261,8 +272,10 @@ class GatewayDoor(web.RequestHandler):
 
 
 class FirstHandler(GatewayDoor, APIHandler):  # type: ignore[misc]  # prepare: tornado calls the door's, no arguments
-    """Jupyter's door: Jupyter's own auth, or the scoped key of the kernels the server starts."""
+    """Jupyter's door: Jupyter's own auth, or the scoped key of the kernels the server starts; then Jupyter's
+    authorizer, about the resource ``first`` (``authorize``)."""
 
+    auth_resource = AUTH_RESOURCE
     _scoped = False
 
     def finish(self, *args: Any, **kwargs: Any) -> Future[None]:
@@ -306,6 +319,38 @@ class FirstHandler(GatewayDoor, APIHandler):  # type: ignore[misc]  # prepare: t
         if "Authorization" not in headers and headers.get("X-Api-Key"):  # Anthropic's clients' way to send a token
             headers["Authorization"] = f"token {headers['X-Api-Key']}"
         await APIHandler.prepare(self)  # Jupyter's auth: token, cookie (with its XSRF check), the hub's
+
+    async def authorize(self) -> None:
+        """Jupyter's authorizer decides whether the user may read or write ``first``: inference spends the server
+        owner's Globus identity, and a custom authorizer (JupyterHub's sharing, a read-only collaborator in
+        real-time collaboration) must be able to say who may. Asked in ``prepare``, from the head, so that a
+        refused request's body is never read (``GatewayDoor``), and refused in the route's own error shape.
+
+        The scoped key (and the lasting key, which opens what it opens) is not put to the authorizer, as before:
+        it is held by the server's own kernels and by tools of the server's owner, not by a Jupyter user. Running
+        code in a kernel is itself what the authorizer governs (``kernels``, ``terminals``), so whoever holds the
+        key has already been let in as the owner; and an authorizer has no user to judge for it (JupyterHub's
+        reads the hub user off the ``User`` it is given, which the key's ``SCOPED_USER`` is not)."""
+        if self._scoped:
+            return
+        action = HTTP_METHOD_TO_AUTH_ACTION.get(self.request.method or "", "write")
+        try:
+            await (self._may_read() if action == "read" else self._may_write())
+        except web.HTTPError:
+            who = self.current_user.username if isinstance(self.current_user, User) else "this user"
+            raise OpenAIError(403, f"Jupyter's authorizer does not let {who} {action} '{AUTH_RESOURCE}' (the FIRST "
+                                   "gateway) on this server. Ask the server's owner for access, or use your own "
+                                   "server.", type="permission_error", code="not_authorized") from None
+
+    # One decorated method per action: ``@authorized`` keeps the action it derives from the first request's
+    # method in its closure, so a single one shared by every HTTP method would judge later ones by the first's.
+    @authorized("read")  # type: ignore[misc]  # jupyter_server types authorized(action) as a method, not a decorator
+    async def _may_read(self) -> None:
+        """Returns when the authorizer lets the user read ``first`` (``@authorized`` raises a 403 otherwise)."""
+
+    @authorized("write")  # type: ignore[misc]  # as above
+    async def _may_write(self) -> None:
+        """Returns when the authorizer lets the user write ``first`` (``@authorized`` raises a 403 otherwise)."""
 
     def _from_this_host(self) -> bool:
         """A request from this machine's own processes (the server's kernels), not one the hub's proxy passed on:

@@ -65,6 +65,25 @@ export interface EndpointInfo {
   router?: { in_flight?: number; ttft_ms?: number; failures?: number; last_error?: string | null };
   /** For an endpoint in front of a FIRST gateway (`kind: first`): that gateway's clusters. */
   remote_clusters?: Record<string, RemoteCluster>;
+  /** The embedded default's model being fetched from the hub into the data dir (`model_download.py`). */
+  download?: ModelDownload;
+  /** What the gateway says of the endpoint's model (the tiny offline model served, and why). */
+  note?: string | null;
+}
+
+export interface ModelDownload {
+  repo: string;
+  state: 'waiting' | 'downloading' | 'done' | 'failed';
+  done_bytes: number;
+  total_bytes: number;
+  error?: string | null;
+}
+
+/** A model's download as the panel draws it: a bar (null while its size is unknown) and a line of words. */
+export interface DownloadView {
+  endpoint: string;
+  fraction: number | null;
+  label: string;
 }
 
 export interface TokenInfo {
@@ -130,6 +149,10 @@ export interface ClusterGroup {
   models: ClusterModel[];
   /** Why the cluster's endpoints cannot be reached, in the gateway's words (empty when they can). */
   errors: string[];
+  /** Models being downloaded for its endpoints, each with its bar. */
+  downloads: DownloadView[];
+  /** What the gateway says of its endpoints' models (`engine: the tiny offline model...`). */
+  notes: string[];
 }
 
 const RANK: Record<ModelState, number> = { hot: 0, starting: 1, queued: 2, cold: 3, offline: 4 };
@@ -183,11 +206,26 @@ export function groupByCluster(status: StatusReply, firstCluster = ''): ClusterG
       }
     }
     models.sort((a, b) => RANK[a.state] - RANK[b.state] || a.id.localeCompare(b.id));
-    const errors = status.endpoints
-      .filter(endpoint => endpoint.cluster === cluster && endpoint.error)
-      .map(endpoint => `${endpoint.endpoint}: ${endpoint.error}`);
-    return { cluster, models, errors };
+    const here = status.endpoints.filter(endpoint => endpoint.cluster === cluster);
+    const errors = here.filter(endpoint => endpoint.error).map(endpoint => `${endpoint.endpoint}: ${endpoint.error}`);
+    const downloads = here.flatMap(endpoint => endpoint.download && endpoint.download.state !== 'done'
+      ? [downloadView(endpoint.endpoint, endpoint.download)] : []);
+    const notes = here.filter(endpoint => endpoint.note).map(endpoint => `${endpoint.endpoint}: ${endpoint.note}`);
+    return { cluster, models, errors, downloads, notes };
   });
+}
+
+const MB = 1024 * 1024;
+
+/** A download in words: which model, how far (MB of MB), or why it stopped (the next request resumes it). */
+export function downloadView(endpoint: string, download: ModelDownload): DownloadView {
+  const total = download.total_bytes > 0 ? download.total_bytes : null;
+  const done = `${(download.done_bytes / MB).toFixed(0)}${total ? ` of ${(total / MB).toFixed(0)}` : ''} MB`;
+  const label = download.state === 'failed'
+    ? `Downloading ${download.repo} stopped: ${download.error ?? 'unknown error'}; the next request resumes it.`
+    : download.state === 'waiting' ? `Downloading ${download.repo}: waiting to begin.`
+      : `Downloading ${download.repo}: ${done}.`;
+  return { endpoint, fraction: total ? Math.min(1, download.done_bytes / total) : null, label };
 }
 
 /** The FIRST clusters that serve `model` behind this cluster's endpoints, each with what its status says. */

@@ -315,6 +315,17 @@ export class FirstPanel extends Widget {
       for (const error of group.errors) {
         section.append(h('div', { class: 'first-cluster-error', title: error }, firstLine(error)));
       }
+      for (const download of group.downloads) {
+        const bar = h('progress', { class: 'first-progress', max: '1',
+          'aria-label': `Download for ${group.cluster}/${download.endpoint}` });
+        if (download.fraction !== null) {
+          (bar as HTMLProgressElement).value = download.fraction;
+        }
+        section.append(h('div', { class: 'first-download' }, bar, h('span', {}, download.label)));
+      }
+      for (const note of group.notes) {
+        section.append(h('div', { class: 'first-muted', title: note }, firstLine(note)));
+      }
       if (!group.models.length) {
         section.append(h('p', { class: 'first-muted' }, 'No model is listed here.'));
       }

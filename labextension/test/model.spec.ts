@@ -6,6 +6,7 @@ import {
   bestState,
   canWarm,
   describeFailure,
+  downloadView,
   filterGroups,
   firstLine,
   groupByCluster,
@@ -81,6 +82,28 @@ describe('groupByCluster', () => {
     const [aurora, polaris] = groupByCluster(twoClusters());
     expect(aurora.errors).toEqual(['vllm: Globus Compute endpoint is offline']);
     expect(polaris.errors).toEqual([]);
+  });
+
+  it("shows a model being downloaded for an endpoint with its bar, and what the gateway notes of it", () => {
+    const status = twoClusters();
+    status.endpoints[3].download = { repo: 'HuggingFaceTB/SmolLM2-360M-Instruct', state: 'downloading',
+      done_bytes: 300 * 1024 * 1024, total_bytes: 720 * 1024 * 1024 };
+    status.endpoints[3].note = 'serving the tiny offline model: the hub cannot be reached';
+    const [aurora, polaris] = groupByCluster(status);
+    expect(aurora.downloads).toEqual([{ endpoint: 'vllm', fraction: 300 / 720,
+      label: 'Downloading HuggingFaceTB/SmolLM2-360M-Instruct: 300 of 720 MB.' }]);
+    expect(aurora.notes).toEqual(['vllm: serving the tiny offline model: the hub cannot be reached']);
+    expect([polaris.downloads, polaris.notes]).toEqual([[], []]);
+    status.endpoints[3].download = { ...status.endpoints[3].download, state: 'done' };
+    expect(groupByCluster(status)[0].downloads).toEqual([]);  // done: the bar goes
+  });
+
+  it('says a download that stopped, and one whose size is not known yet', () => {
+    expect(downloadView('engine', { repo: 'r', state: 'failed', done_bytes: 0, total_bytes: 0, error: 'cut off' }))
+      .toEqual({ endpoint: 'engine', fraction: null,
+        label: 'Downloading r stopped: cut off; the next request resumes it.' });
+    expect(downloadView('engine', { repo: 'r', state: 'waiting', done_bytes: 0, total_bytes: 0 }).label)
+      .toBe('Downloading r: waiting to begin.');
   });
 
   it('puts the default cluster from the settings first, and ignores one that does not exist', () => {

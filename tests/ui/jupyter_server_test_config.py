@@ -1,12 +1,15 @@
 """The Jupyter server the browser tests run against (started by Playwright, see playwright.config.js).
 
-Galata's test settings (no token, port 8888, a temporary root), plus a FIRST config of two clusters:
+Galata's test settings (no token, port 8888, a temporary root), plus a FIRST config of three clusters:
 - ``local``: the embedded default's path, the Globus Compute engine run in this process, whose block starts
   ``transformers serve`` on the tiny model (built on first use in a data dir of its own);
 - ``remote``: an OpenAI-compatible endpoint, the fake upstream (bench/fake_upstream.py), serving ``fake-model``,
-  whose fixed answer ("tok0 tok1 ...") tells its answers from the tiny model's.
-The fake's URL is written to ``$FIRST_UI_STATE/fake_upstream_url`` for the tests; it is stopped, by its PID,
-when the server exits.
+  whose fixed answer ("tok0 tok1 ...") tells its answers from the tiny model's;
+- ``alcf``: an existing FIRST gateway, the stand-in of tests/ui/first_stand_in.py, for the notebook tests: a
+  running model whose answer is Markdown, and a queued one whose start the test holds and then lets go.
+The fake's URL is written to ``$FIRST_UI_STATE/fake_upstream_url`` for the tests, and the URL that lets the held
+start go to ``$FIRST_UI_STATE/first_control_url``; both stand-ins are stopped, by their PIDs, when the server
+exits.
 
 Globus Auth is answered on loopback by ``LoopbackGlobusAuth`` (a thread of this server), which the real
 globus-sdk reaches through ``GLOBUS_SDK_SERVICE_URL_AUTH``: its authorize page shows the code a user would paste
@@ -43,28 +46,39 @@ state = Path(os.environ.get("FIRST_UI_STATE") or tempfile.mkdtemp(prefix="first-
 state.mkdir(parents=True, exist_ok=True)
 data = state / "data"
 
-fake = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", "0", "--models",
-                         "fake-model", "--chunks", "8"], stdout=subprocess.PIPE, text=True)
-ready = fake.stdout.readline().strip() if fake.stdout else ""
-if not ready.startswith("READY "):
-    fake.kill()
-    raise SystemExit(f"the fake upstream did not start: {ready!r}")
-fake_url = ready.removeprefix("READY ")
-(state / "fake_upstream_url").write_text(fake_url)
+
+def _started(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """A stand-in started from the repository's root, and what its ``READY`` line says once it listens; stopped,
+    by its PID, when the server exits. Its standard input is a pipe that closes when this server goes, even
+    killed, so a stand-in that watches it never outlives the test."""
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ready = process.stdout.readline().strip() if process.stdout else ""
+    if not ready.startswith("READY "):
+        process.kill()
+        raise SystemExit(f"{argv[-1]} did not start: {ready!r}")
+    atexit.register(_stop, process)
+    return process, ready.removeprefix("READY ")
 
 
-def _stop_fake() -> None:
+def _stop(process: subprocess.Popen[str]) -> None:
     """SIGTERM, then SIGKILL if it is not gone in a minute (a guard for a loaded machine, not a pace)."""
-    if fake.poll() is None:
-        os.kill(fake.pid, signal.SIGTERM)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
         try:
-            fake.wait(60)
+            process.wait(60)
         except subprocess.TimeoutExpired:
-            os.kill(fake.pid, signal.SIGKILL)
-            fake.wait()
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
 
 
-atexit.register(_stop_fake)
+_, fake_url = _started([str(ROOT / "bench" / "fake_upstream.py"), "--port", "0", "--models", "fake-model",
+                        "--chunks", "8"])
+(state / "fake_upstream_url").write_text(fake_url)
+# the FIRST cluster of the notebook tests: a model whose answer is Markdown, and one whose start is held
+_, first_urls = _started(["-m", "tests.ui.first_stand_in"])
+first = json.loads(first_urls)
+(state / "first_control_url").write_text(first["control"])
 
 
 
@@ -137,8 +151,10 @@ config = {
             "models": [{"id": "tiny-chat", "path": str(data / "models" / "tiny-chat"), "build_tiny": True}]}]},
         "remote": {"backend": "http", "endpoints": [{
             "name": "vllm-1", "base_url": f"{fake_url}/v1", "models": [{"id": "fake-model"}]}]},
+        "alcf": {"backend": "first", "endpoints": [{"name": "gateway", "base_url": first["first"]}]},
     },
-    "defaults": {"model": "tiny-chat"},
+    # a held start's status line is redrawn each second, so that the test sees it change in place
+    "defaults": {"model": "tiny-chat", "cold_start": {"progress_every": 1.0}},
     "auth": {"client_id": LoopbackGlobusAuth.CLIENT_ID, "sources": ["native"]},
 }
 (state / "first.yaml").write_text(yaml.safe_dump(config))

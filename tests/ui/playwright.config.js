@@ -1,6 +1,6 @@
-// Browser tests of the FIRST sidebar in Debian's Chromium (no downloaded browser: PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD),
-// against a Jupyter server Playwright starts with jupyter_server_test_config.py. Video and trace stay off: both
-// need an ffmpeg Playwright would download.
+// Browser tests of the FIRST sidebar and of `%first` cells' outputs in Debian's Chromium (no downloaded browser:
+// PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD), against a Jupyter server Playwright starts with jupyter_server_test_config.py.
+// Video and trace stay off: both need an ffmpeg Playwright would download.
 const path = require('path');
 const baseConfig = require('@jupyterlab/galata/lib/playwright-config');
 

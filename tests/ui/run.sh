@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The browser tests of the FIRST sidebar: JupyterLab in Debian's Chromium, driven by Playwright (galata).
+# The browser tests of the FIRST sidebar and of `%first` cells' outputs: JupyterLab in Debian's Chromium, driven by
+# Playwright (galata).
 # Installs Chromium from Debian when it is missing (Playwright's own browser download is skipped), then runs
 # every test in tests/ui/tests against a Jupyter server Playwright starts (jupyter_server_test_config.py), and
 # behind a real JupyterHub that hub.spec.ts starts (tests/hub/serve_for_ui.py; its proxy from tests/hub's lockfile).
-# Screenshots of the panel are written to tests/ui/artifacts. Expects .venv set up (scripts/setup.sh).
+# Screenshots of the panel and of the cells are written to tests/ui/artifacts. Expects .venv set up (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 export CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
@@ -21,4 +22,4 @@ state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT
 rm -rf artifacts
 FIRST_UI_STATE="$state" jlpm playwright test "$@"
-echo "tests/ui: screenshots of the panel in $(pwd)/artifacts"
+echo "tests/ui: screenshots of the panel and the cells in $(pwd)/artifacts"

@@ -56,6 +56,9 @@ class Backend(Protocol):
     seen one); 0 where this gateway starts nothing."""
     capacity: int
     """Requests it serves at once before its answers slow down (its engine batches them)."""
+    keeps_responses: bool
+    """Whether what it answers with keeps the Responses API's responses it creates (see
+    ``launcher.engine_keeps_responses``); where not, a next turn is sent with the earlier conversation in full."""
 
     def upstream_name(self, model_id: str) -> str:
         """The model name the engine expects in request bodies."""

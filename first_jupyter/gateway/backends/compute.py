@@ -33,7 +33,7 @@ from first_jupyter.remote.inference import (
     engine_route,
     stream_engine,
 )
-from first_jupyter.remote.launcher import EngineKind, engine_serves
+from first_jupyter.remote.launcher import EngineKind, engine_keeps_responses, engine_serves
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.scheduler_view import SchedulerReader
@@ -178,6 +178,7 @@ class ComputeBackend:
         ``engine``: the engine its nodes run, when the submitter chose it (its routes bound the model's
         capabilities); else the config's capabilities are the model's."""
         self._scheduler = scheduler
+        self.keeps_responses = engine_keeps_responses(engine)
         self.cluster = cluster
         self.name = endpoint.name
         self.endpoint = endpoint

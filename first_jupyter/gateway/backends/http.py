@@ -69,6 +69,8 @@ def listed_models(body: bytes) -> list[str]:
 class HttpBackend:
     kind = "http"
     start_s = 0.0
+    keeps_responses = True
+    """An engine elsewhere is taken at its word (vLLM, OpenAI's API keep them)."""
     first_byte: float | None = None
     """How long a request waits for the answer's head; None: ``defaults.timeouts.first_byte``."""
 

@@ -25,6 +25,7 @@ from first_jupyter.remote.launcher import (
     EngineSpec,
     EngineStartError,
     choose_engine,
+    engine_keeps_responses,
     engine_serves,
     ensure_tiny_model,
     log_tail,
@@ -46,6 +47,7 @@ class LocalBackend:
         self.capacity = endpoint.concurrency
         self.model: ModelConfig = endpoint.models[0]
         self.engine = choose_engine(endpoint.engine)
+        self.keeps_responses = engine_keeps_responses(self.engine)
         self.spec = EngineSpec(model=self.model.path or self.model.id, served_name=self.model.id,
                                engine=self.engine, device=endpoint.device, extra_args=tuple(endpoint.extra_args),
                                log_path=log_dir / f"engine-{cluster}-{endpoint.name}.log")

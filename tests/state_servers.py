@@ -1,0 +1,244 @@
+"""A facility's shared state and load balancer, for real, on loopback: Debian's redis-server, PostgreSQL and nginx.
+
+Each runs in the foreground on a free 127.0.0.1 port with everything it writes (data, pid, logs, temp files) in a
+throwaway directory, and is stopped by its PID at teardown. A missing binary fails the test rather than skipping
+it (``scripts/system-packages.sh`` installs them): a skipped replica test would hide that the replicas were never
+tried together.
+
+PostgreSQL refuses to run as root, and CI runs as root: there it runs as ``nobody``, in a data directory under a
+fresh ``/tmp`` directory that ``nobody`` owns (pytest's own tmp dirs are private to root). Loopback connections are
+trusted, so no password is involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import psutil
+import pytest
+
+from bench.site_network import free_loopback_port, stop_child
+
+START_GUARD_S: Final = 120.0
+"""How long a server may take to start or stop before it counts as hung: a failure guard, never a pace."""
+_POLL_S: Final = 0.01
+_START_TRIES: Final = 5
+INSTALL = "run scripts/system-packages.sh (apt-get install {package})"
+POSTGRES_USER = "nobody"
+"""Whom PostgreSQL runs as when the tests run as root."""
+
+
+def binary(name: str, package: str, also: tuple[str, ...] = ()) -> str:
+    """The executable ``name`` on ``PATH``, in ``/usr/sbin``, or at one of ``also`` (globs); a failure naming the
+    script that installs it otherwise."""
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", *(p for pattern in also for p in glob.glob(pattern))):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise AssertionError(f"{name} is not installed; " + INSTALL.format(package=package))
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def _wait_gone(pid: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(START_GUARD_S)
+
+
+class LoopbackServer:
+    """A server run in the foreground as a child process; ready once its port accepts connections."""
+
+    name = ""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"{self.name}.out"
+
+    def start(self, port: int | None = None) -> LoopbackServer:
+        """Start on ``port`` (again, after ``stop``), or on a free one: a port taken between choosing it and the
+        server binding it is retried with another."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(1 if port else _START_TRIES):
+            self.port = port or free_loopback_port()
+            with self.log_path.open("ab") as out:
+                self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                                                stderr=subprocess.STDOUT, cwd=self.directory)
+            deadline = time.monotonic() + START_GUARD_S
+            while self.process.poll() is None and not _listening(self.port):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name} did not start within {START_GUARD_S:g} s: {self.output()}")
+                time.sleep(_POLL_S)
+            if self.process.poll() is None:
+                return self
+        raise AssertionError(f"{self.name} exited with code {self.process and self.process.returncode}: "
+                             f"{self.output()}")
+
+    def output(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace").strip()
+        return ""
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        stop_child(process)
+
+
+class RedisServer(LoopbackServer):
+    """``redis-server`` keeping nothing on disk: no snapshots, no append-only file."""
+
+    name = "redis"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [binary("redis-server", "redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.directory), "--daemonize", "no"]
+
+
+class Nginx(LoopbackServer):
+    """nginx as the load balancer in front of ``upstreams`` (loopback ports), round robin, streaming both ways
+    unbuffered as a site would configure it for server-sent events; each answer names the replica that served it
+    (``X-Upstream``)."""
+
+    name = "nginx"
+
+    def __init__(self, directory: Path, upstreams: list[int]) -> None:
+        super().__init__(directory)
+        self.upstreams = upstreams
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        d = self.directory
+        servers = "".join(f"    server 127.0.0.1:{port};\n" for port in self.upstreams)
+        # as root, nginx's workers would run as nobody, who cannot reach pytest's private tmp dirs
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        temp = "".join(f"  {kind}_temp_path {d / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                         "scgi"))
+        return (f"{user}daemon off;\nworker_processes 1;\npid {d / 'nginx.pid'};\nerror_log {d / 'error.log'} info;\n"
+                "events { worker_connections 1024; }\n"
+                f"http {{\n  access_log {d / 'access.log'};\n{temp}"
+                f"  upstream replicas {{\n{servers}  }}\n"
+                f"  server {{\n    listen 127.0.0.1:{self.port};\n    client_max_body_size 0;\n"
+                "    location / {\n      proxy_pass http://replicas;\n      proxy_http_version 1.1;\n"
+                '      proxy_set_header Connection "";\n      proxy_set_header Host $host;\n'
+                "      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+                "      proxy_buffering off;\n      proxy_request_buffering off;\n      proxy_read_timeout 600s;\n"
+                "      add_header X-Upstream $upstream_addr always;\n    }\n  }\n}\n")
+
+    def command(self) -> list[str]:
+        path = self.directory / "nginx.conf"
+        path.write_text(self.config())
+        return [binary("nginx", "nginx"), "-p", str(self.directory), "-c", str(path),
+                "-e", str(self.directory / "error.log")]
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl``), as ``nobody`` when run as root; user ``first``,
+    trusted on loopback."""
+
+    user = "first"
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="first-pg-"))
+        self.data = self.directory / "data"
+        self.port = 0
+        self.pid: int | None = None
+        self._run_as = pwd.getpwnam(POSTGRES_USER) if os.geteuid() == 0 else None
+        if self._run_as is not None:
+            os.chown(self.directory, self._run_as.pw_uid, self._run_as.pw_gid)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str) -> str:
+        who = {} if self._run_as is None else {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid,
+                                               "extra_groups": []}
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=self.directory, check=False,
+                              env={**os.environ, "HOME": str(self.directory)}, timeout=START_GUARD_S, **who)
+        if done.returncode != 0:
+            raise AssertionError(f"{argv[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def start(self) -> Postgres:
+        tools = "/usr/lib/postgresql/*/bin/{}"
+        initdb = binary("initdb", "postgresql", (tools.format("initdb"),))
+        pg_ctl = binary("pg_ctl", "postgresql", (tools.format("pg_ctl"),))
+        self._run(initdb, "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-sync", "-E", "UTF8")
+        for _ in range(_START_TRIES):
+            self.port = free_loopback_port()
+            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.directory} "
+                       "-c fsync=off")
+            with contextlib.suppress(AssertionError):  # a port taken meanwhile: another
+                self._run(pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.directory / "postgres.log"),
+                          "-w", "-t", str(int(START_GUARD_S)), "start")
+                self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+                return self
+        raise AssertionError(f"PostgreSQL did not start: {(self.directory / 'postgres.log').read_text()}")
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT), by the postmaster's PID, then its directory goes."""
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+            _wait_gone(pid)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    server = Postgres()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def nginx_in_front(directory: Path, upstreams: list[int]) -> Iterator[Nginx]:
+    """nginx balancing over ``upstreams``, for as long as the block runs."""
+    server = Nginx(directory, upstreams)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
