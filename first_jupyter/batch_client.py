@@ -181,7 +181,7 @@ def submit(source: str | Path | Iterable[Any], *, model: str | None = None, endp
         with tempfile.TemporaryDirectory(prefix="first-batch-") as scratch:
             built = Path(scratch) / f"{path.stem if path else 'prompts'}.jsonl"
             fill = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
-            write_input(items, built, chosen, named, fill)  # type: ignore[arg-type]
+            write_input(items, built, chosen, named, fill)  # type: ignore[arg-type]  # no path: source is no Path
             stored = upload(built)
     body: dict[str, Any] = {"input_file_id": stored["id"], "endpoint": chosen, "completion_window": completion_window}
     if metadata:

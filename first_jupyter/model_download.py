@@ -101,12 +101,12 @@ def _bar_for(download: ModelDownload) -> type[Any]:
     and a resumed file counts what was already there) and one in files; only the first is counted. tqdm keeps
     no count when it does not draw, so the bytes are counted here, not read from the bar.
     """
-    from huggingface_hub.utils import tqdm as hub_tqdm
+    from huggingface_hub.utils.tqdm import tqdm as hub_tqdm
 
-    class Counting(hub_tqdm):  # type: ignore[misc]
+    class Counting(hub_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self.counts_bytes = kwargs.get("unit") == "B"
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # huggingface_hub's is unannotated
 
         def update(self, n: float | None = 1) -> bool | None:
             if self.counts_bytes:

@@ -254,7 +254,7 @@ def nests_deeper(value: object, limit: int) -> bool:
         depth += 1
         if depth > limit:
             return True
-        below: list[object] = []
+        below: list[dict[Any, Any] | list[Any]] = []
         for container in level:
             items = container.values() if isinstance(container, dict) else container
             kinds = set(map(type, items))

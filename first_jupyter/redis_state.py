@@ -35,10 +35,11 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 def connect(url: str) -> redis.asyncio.Redis:
     """A client for ``url``, with the password from the environment; it connects on first use."""
-    return redis.asyncio.Redis.from_url(url, password=os.environ.get(REDIS_PASSWORD_ENV) or None,
-                                        socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
-                                        retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-                                        health_check_interval=30)
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(  # from_url has no return annotation
+        url, password=os.environ.get(REDIS_PASSWORD_ENV) or None, socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=COMMAND_TIMEOUT_S, retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+        health_check_interval=30)
+    return client
 
 
 def where(url: str) -> str:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up (Python and Node packages, and the Debian packages the tests run as real parts), then run every
-# check: ruff, the sidebar's unit tests (vitest), the whole pytest suite (unit, server, kernel, engine tests), the
-# example notebooks under nbval, then the sidebar in a real browser (Debian's Chromium, installed here when missing,
-# driven by Playwright).
+# check: ruff, mypy (strict), the sidebar's unit tests (vitest), the whole pytest suite (unit, server, kernel, engine
+# tests), the example notebooks under nbval, then the sidebar in a real browser (Debian's Chromium, installed here
+# when missing, driven by Playwright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,6 +11,7 @@ bash scripts/system-packages.sh  # the site's parts the tests run for real: tiny
 # configurable-http-proxy for the real JupyterHub of tests/test_jupyterhub.py, pinned with its lockfile
 (cd tests/hub && jlpm install --silent)
 ruff check .
+mypy  # strict, over first_jupyter/ ([tool.mypy] in pyproject.toml)
 (cd labextension && jlpm test)
 python -m pytest -p no:cacheprovider "$@"
 # The example notebooks, top to bottom in fresh kernels, as a user without a Jupyter server runs them: on the

@@ -42,7 +42,7 @@ def tokens_from_auth_state(state: Any) -> dict[str, Token]:
     """
     if not isinstance(state, Mapping):
         return {}
-    by_server = state.get("tokens") if isinstance(state.get("tokens"), Mapping) else state
+    by_server = tokens if isinstance(tokens := state.get("tokens"), Mapping) else state
     found: dict[str, Token] = {}
     for server, data in by_server.items():
         if not isinstance(data, Mapping) or not isinstance(data.get("access_token"), str):

@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
 
@@ -55,14 +55,19 @@ def models_in(path: Path) -> set[str]:
         return {orjson.loads(raw)["body"]["model"] for raw in lines if raw.strip()}
 
 
+def _on_compute(backend: object) -> TypeGuard[ComputeBackend]:
+    """Whether the backend asks a Globus Compute endpoint (no other backend has a ``ComputeEndpoint``): told by
+    its endpoint, so that the compute backend's module is not imported here."""
+    return isinstance(getattr(backend, "endpoint", None), ComputeEndpoint)
+
+
 async def plan(run: BatchRun) -> Plan | None:
     """Where to offload this batch: an endpoint with ``batch`` settings that serves its model, when it has at
     least ``min_lines`` requests for one model (a run-batch task loads one); else None (request by request)."""
     total = run.batch["request_counts"]["total"]
     candidates: dict[int, ComputeBackend] = {
         id(backend): backend for backend in run.gateway.backends_serving()
-        if isinstance(getattr(backend, "endpoint", None), ComputeEndpoint)  # a Globus Compute endpoint's
-        and backend.endpoint.batch is not None and total >= backend.endpoint.batch.min_lines}
+        if _on_compute(backend) and backend.endpoint.batch is not None and total >= backend.endpoint.batch.min_lines}
     if not candidates:
         return None
     models = await asyncio.to_thread(models_in, run.store.path(run.batch["input_file_id"]))

@@ -54,7 +54,8 @@ class Results:
                     lines += 1
             counts.append(lines)
         self.completed, self.failed = counts
-        self._fds = tuple(os.open(p, os.O_WRONLY | os.O_APPEND) for p in self.paths)  # type: ignore[assignment]
+        output, errors = self.paths
+        self._fds = (os.open(output, os.O_WRONLY | os.O_APPEND), os.open(errors, os.O_WRONLY | os.O_APPEND))
         return done
 
     def answered(self, custom_id: str, body: bytes) -> None:

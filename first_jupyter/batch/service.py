@@ -207,6 +207,7 @@ class Batches:
         lock = self._lock(batch["id"])
         if lock is None:
             return  # another gateway runs it
+        held: int = lock  # what ``ended`` closes; typed here, as mypy's deferred pass over ``ended`` forgets the check
         run = BatchRun(self.gateway, self.store, batch, self.settings, self.caller)
         self.runs[batch["id"]] = run
         task = asyncio.get_running_loop().create_task(run.run())
@@ -215,7 +216,7 @@ class Batches:
         def ended(done: asyncio.Task[None]) -> None:
             self.runs.pop(batch["id"], None)
             self._tasks.pop(batch["id"], None)
-            os.close(lock)
+            os.close(held)
             if not done.cancelled() and (exc := done.exception()) is not None:
                 self.gateway.supervisor.failed("batch runs", exc, batch["id"])
                 run.fail(f"The gateway failed running this batch ({exc!r}); its log has the details.")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from first_jupyter.gateway import api
-from first_jupyter.gateway.answers import Completed
+from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.core import GatewayStream
 from first_jupyter.gateway.messages.count_tokens import from_chat, probe_body
 from first_jupyter.gateway.messages.errors import error_event, from_openai_error
@@ -37,7 +37,7 @@ error_body: Final = from_openai_error
 
 
 async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int,
-                caller: Caller | None = None) -> Completed | GatewayStream:
+                caller: Caller | None = None) -> Completed | Relayed:
     """``api.start`` for the Messages routes: the request passed through, or translated, as its model is served."""
     req = api.parse(capability, body, limit)
     native = await _served_natively(gateway, req)
@@ -53,6 +53,7 @@ async def start(gateway: Gateway, capability: Capability, body: bytes, limit: in
     if isinstance(answer, GatewayStream):
         answer.shape = TranslatedEvents(translation)
         return answer
+    assert isinstance(answer, Completed)  # no progress is asked: no wait is told as events
     return Completed(orjson.dumps(message_from_chat(_answer(answer), translation)), answer.target)
 
 

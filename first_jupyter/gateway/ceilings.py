@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from first_jupyter.config import FirstConfig, FirstGatewayEndpoint
+from first_jupyter.config import ComputeEndpoint, FirstConfig, HttpEndpoint, LocalEndpoint
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
 ASKED_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -43,8 +43,8 @@ class TokenCeilings:
         """Model → the largest configured ceiling, and the setting that says it."""
         for cluster_name, cluster in config.clusters.items():
             for e, endpoint in enumerate(cluster.endpoints):
-                if isinstance(endpoint, FirstGatewayEndpoint):
-                    continue  # its models are discovered; the gateway behind it keeps their limits
+                if not isinstance(endpoint, HttpEndpoint | LocalEndpoint | ComputeEndpoint):
+                    continue  # a FIRST gateway: its models are discovered; the gateway behind it keeps their limits
                 for m, model in enumerate(endpoint.models):
                     if model.max_tokens is not None and model.max_tokens > self._configured.get(model.id, (0, ""))[0]:
                         self._configured[model.id] = (model.max_tokens, f"clusters.{cluster_name}.endpoints[{e}]."

@@ -211,7 +211,9 @@ class CloudSubmitter:
         """The function's registered id: from config, from the identity's earlier registration, or registered
         now as that identity."""
         name = function.__name__
-        found = self._endpoint.functions.get(name) or self._ids.get((identity, name)) or self._registry.get(
+        # functions is keyed by the Literal names config allows; any other str reads as absent (None)
+        configured = self._endpoint.functions.get(name)  # type: ignore[call-overload]  # a str key: see the line above
+        found = configured or self._ids.get((identity, name)) or self._registry.get(
             self._registry_key(identity, name))
         if found is None:
             found = session.client.register_function(function, description=f"first-jupyter "
@@ -226,7 +228,8 @@ class CloudSubmitter:
             raise too_large(size)
         identity, session = self._connected()
         function_id = self._function_id(function, identity, session)
-        return session.executor.submit_to_registered_function(function_id, args=args)
+        future: Future[Any] = session.executor.submit_to_registered_function(function_id, args=args)  # SDK: untyped
+        return future
 
     async def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
         try:

@@ -83,7 +83,7 @@ def end_leftovers(root: Path) -> list[int]:
         if pid is not None and pid != os.getpid() and psutil.pid_exists(pid):
             continue  # a live gateway's run (another server on the same data dir)
         found = [p for p in psutil.process_iter() if p.pid != os.getpid() and _uses(p, str(run_dir))]
-        for group in {_group(p) for p in found} - {own_group, None}:
+        for group in {pgid for p in found if (pgid := _group(p)) is not None} - {own_group}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGTERM)
         for proc in found:

@@ -135,7 +135,7 @@ class GatewayMetrics:
     def _status_counters(self, key: tuple[str, str, int]) -> tuple[Counter, ...]:
         """The counters one request with these labels increments: the request, and the error if it is one."""
         model, cluster, status = key
-        counters = (self._requests.labels(model, cluster, str(status)),)
+        counters: tuple[Counter, ...] = (self._requests.labels(model, cluster, str(status)),)
         if status >= 400 and status != CLIENT_CLOSED:
             counters += (self._errors.labels(model, cluster, str(status)),)
         self._by_status[key] = counters

@@ -285,7 +285,7 @@ def continued_input(earlier: KeptCopy, given: Any) -> list[Any]:
         if not isinstance(item, dict) or item.get("type") == "reasoning":
             continue  # an engine's own thoughts are not part of the conversation it is sent
         if item.get("type") == "message":
-            parts = item.get("content") if isinstance(item.get("content"), list) else []
+            parts = content if isinstance(content := item.get("content"), list) else []
             told.append({"role": item.get("role", "assistant"), "content": "".join(
                 part.get("text", "") for part in parts if isinstance(part, dict))})
         else:

@@ -322,6 +322,7 @@ def load(shell: InteractiveShell) -> FirstMagics:
             if isinstance(configurable, FirstMagics):
                 return configurable
         magics = FirstMagics(shell)
-        shell.configurables.append(magics)
-        shell.register_magic_function(magics, magic_kind="line_cell", magic_name="first")
+        # IPython types configurables by its first item (the shell itself); it holds any Configurable
+        shell.configurables.append(magics)  # type: ignore[arg-type]  # see the line above
+        shell.magics_manager.register_function(magics, magic_kind="line_cell", magic_name="first")
         return magics

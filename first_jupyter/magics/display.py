@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from IPython.display import display, update_display
+from IPython.display import display as display  # the magics display through this module
+from IPython.display import update_display
 
 from first_jupyter.text_table import aligned, cells
 

@@ -95,8 +95,7 @@ class PlainAnswer:
 def _plain(choice: dict[str, Any]) -> dict[str, Any]:
     """A choice without what only its stream needed: the place of each tool call among the events."""
     message = choice.get("message")
-    calls = message.get("tool_calls") if isinstance(message, dict) else None
-    if not isinstance(calls, list):
+    if not isinstance(message, dict) or not isinstance(calls := message.get("tool_calls"), list):
         return choice
     plain_calls = [{k: v for k, v in c.items() if k != "index"} if isinstance(c, dict) else c for c in calls]
     return {**choice, "message": {**message, "tool_calls": plain_calls}}

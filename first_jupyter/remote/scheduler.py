@@ -21,7 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypedDict
 
 STATES = ("running", "starting", "queued", "held", "ending")
 """Best first: the order in which a job's state promises service for its models soonest."""
@@ -35,6 +35,20 @@ QSTAT_ARGS = ("-f", "-F", "json")
 PBSNODES_ARGS = ("-a", "-F", "json")
 SQUEUE_ARGS = ("--json",)
 SINFO_ARGS = ("--json",)
+
+
+class FreeNodes(TypedDict):
+    """What ``pbs_free_nodes`` finds: how many nodes a new block could start on now, and their names."""
+
+    free: int
+    nodes: list[str]
+
+
+class SlurmFreeNodes(FreeNodes):
+    """What ``slurm_free_nodes`` finds: also the idle nodes of each partition considered."""
+
+    partitions: dict[str, int]
+
 
 _NO_VAL = 0xFFFFFFFE
 """Slurm's NO_VAL (and INFINITE just above it): what formats before data_parser v0.0.39 print for 'unset'."""
@@ -121,6 +135,12 @@ def _repair_pbs_json(text: str) -> str:
     return _LEADING_ZERO.sub(r'\1"\2"', _ESCAPE.sub(unescape, text))
 
 
+def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``data[key]`` where it is an object; else an empty one (a field this scheduler's version leaves out)."""
+    value = data.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
 def _number(value: Any) -> float | None:
     """A plain number, a numeric string, or Slurm's ``{"set", "infinite", "number"}``; None when unset,
     infinite or NO_VAL, so 'no limit' and 'not known' never read as a real quantity."""
@@ -133,7 +153,7 @@ def _number(value: Any) -> float | None:
             value = float(value.strip())
         except ValueError:
             return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     if value != value or value >= _NO_VAL:  # NaN, or NO_VAL/INFINITE in the older formats
         return None
@@ -227,7 +247,7 @@ def summarize(jobs: Iterable[Mapping[str, Any]]) -> dict[str, str]:
 def _pbs_node_count(job: Mapping[str, Any]) -> int:
     """``Resource_List.nodect`` when PBS gives it; else the chunks of ``select`` (``2:ncpus=64+1:ngpus=4``); else
     the hosts of ``exec_host``. At least 1: every job takes a node."""
-    resources = job.get("Resource_List") if isinstance(job.get("Resource_List"), Mapping) else {}
+    resources = _mapping(job, "Resource_List")
     nodect = _number(resources.get("nodect"))
     if nodect and nodect > 0:
         return int(nodect)
@@ -283,9 +303,9 @@ def pbs_jobs(qstat_json: str | bytes | Mapping[str, Any], labels: Mapping[str, S
         state = _pbs_state(job) if label else None
         if label is None or state is None:
             continue
-        resources = job.get("Resource_List") if isinstance(job.get("Resource_List"), Mapping) else {}
-        used = job.get("resources_used") if isinstance(job.get("resources_used"), Mapping) else {}
-        estimated = job.get("estimated") if isinstance(job.get("estimated"), Mapping) else {}
+        resources = _mapping(job, "Resource_List")
+        used = _mapping(job, "resources_used")
+        estimated = _mapping(job, "estimated")
         active = state in ("running", "starting", "ending")
         started = _pbs_time(job.get("stime")) if active else None
         elapsed = _duration(used.get("walltime")) if active else None
@@ -303,7 +323,7 @@ def pbs_jobs(qstat_json: str | bytes | Mapping[str, Any], labels: Mapping[str, S
 
 
 def pbs_free_nodes(pbsnodes_json: str | bytes | Mapping[str, Any], queue: str | None = None,
-                   resources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   resources: Mapping[str, Any] | None = None) -> FreeNodes:
     """Nodes a new block could start on now, from ``pbsnodes -a -F json``: ``{"free": n, "nodes": [names]}``.
 
     Free means PBS's state is exactly ``free`` (not offline, down, resv-exclusive, provisioning...) and no job
@@ -330,7 +350,7 @@ def pbs_free_nodes(pbsnodes_json: str | bytes | Mapping[str, Any], queue: str | 
             continue
         if queue is not None and node.get("queue") not in (None, "", queue):
             continue
-        available = node.get("resources_available") if isinstance(node.get("resources_available"), Mapping) else {}
+        available = _mapping(node, "resources_available")
         if resources and any(str(available.get(key)) != str(want) for key, want in resources.items()):
             continue
         free.append(str(name))
@@ -477,7 +497,7 @@ def _slurm_node_free(states: set[str]) -> bool:
     return "IDLE" in states and not states & _SLURM_NODE_BLOCKED
 
 
-def slurm_free_nodes(sinfo_json: str | bytes | Mapping[str, Any], partition: str | None = None) -> dict[str, Any]:
+def slurm_free_nodes(sinfo_json: str | bytes | Mapping[str, Any], partition: str | None = None) -> SlurmFreeNodes:
     """Idle nodes from ``sinfo --json``: ``{"free": n, "partitions": {name: n}, "nodes": [names]}``.
 
     Idle means base state IDLE with no flag that keeps a job off it (drain, down, reserved, planned for a pending
@@ -492,9 +512,9 @@ def slurm_free_nodes(sinfo_json: str | bytes | Mapping[str, Any], partition: str
         for row in data["sinfo"]:
             if not isinstance(row, Mapping):
                 continue
-            part = row.get("partition") if isinstance(row.get("partition"), Mapping) else {}
-            node = row.get("node") if isinstance(row.get("node"), Mapping) else {}
-            nodes = row.get("nodes") if isinstance(row.get("nodes"), Mapping) else {}
+            part = _mapping(row, "partition")
+            node = _mapping(row, "node")
+            nodes = _mapping(row, "nodes")
             name = str(part.get("name") or "")
             found.setdefault(name, set())
             if not _slurm_node_free(_slurm_states(node.get("state"))):
@@ -508,7 +528,7 @@ def slurm_free_nodes(sinfo_json: str | bytes | Mapping[str, Any], partition: str
         for node in data["nodes"]:
             if not isinstance(node, Mapping):
                 continue
-            partitions = node.get("partitions") if isinstance(node.get("partitions"), list) else []
+            partitions = listed if isinstance(listed := node.get("partitions"), list) else []
             for name in partitions:
                 found.setdefault(str(name), set())
             states = _slurm_states(node.get("state")) | _slurm_states(node.get("state_flags") or [])

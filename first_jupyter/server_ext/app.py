@@ -164,10 +164,12 @@ class FirstExtension(ExtensionApp):
         now = time.monotonic()
         if now - self._activity_marked >= 1.0:
             self._activity_marked = now
+            assert self.serverapp is not None  # requests come only to a server this extension was loaded into
             self.serverapp.web_app.settings["api_last_activity"] = utcnow()
 
     def jupyter_gateway_url(self) -> str:
         """The routes on the Jupyter server itself (for browsers, Jupyter tokens, and the scoped key too)."""
+        assert self.serverapp is not None  # asked once the extension is loaded into its server
         return url_path_join(self.serverapp.connection_url, "first/v1")
 
     def gateway_url(self) -> str:

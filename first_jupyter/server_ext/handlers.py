@@ -102,10 +102,10 @@ class GatewayDoor(web.RequestHandler):
     content_type = api.JSON
     """The answer's type (``answer_as``): JSON but for a transcript as text or subtitles, or a file as JSONL."""
 
-    async def prepare(self) -> None:  # type: ignore[override]
+    async def prepare(self) -> None:
         """From the head alone, admit the request (``_admit``) or refuse it: at once, or once a small announced
         body has been read and dropped (``DRAIN_BYTES``)."""
-        self.request.connection.set_max_body_size(UNBOUNDED_BODY)  # type: ignore[union-attr]
+        self.request.connection.set_max_body_size(UNBOUNDED_BODY)  # type: ignore[union-attr]  # never None while handled
         try:
             await self._admit()
         except (OpenAIError, web.HTTPError) as refusal:
@@ -271,7 +271,7 @@ class GatewayDoor(web.RequestHandler):
         return True
 
 
-class FirstHandler(GatewayDoor, APIHandler):
+class FirstHandler(GatewayDoor, APIHandler):  # type: ignore[misc]  # prepare: tornado calls the door's, no arguments
     """Jupyter's door: Jupyter's own auth, or the scoped key of the kernels the server starts; then Jupyter's
     authorizer, about the resource ``first`` (``authorize``)."""
 
@@ -344,11 +344,11 @@ class FirstHandler(GatewayDoor, APIHandler):
 
     # One decorated method per action: ``@authorized`` keeps the action it derives from the first request's
     # method in its closure, so a single one shared by every HTTP method would judge later ones by the first's.
-    @authorized("read")
+    @authorized("read")  # type: ignore[misc]  # jupyter_server types authorized(action) as a method, not a decorator
     async def _may_read(self) -> None:
         """Returns when the authorizer lets the user read ``first`` (``@authorized`` raises a 403 otherwise)."""
 
-    @authorized("write")
+    @authorized("write")  # type: ignore[misc]  # as above
     async def _may_write(self) -> None:
         """Returns when the authorizer lets the user write ``first`` (``@authorized`` raises a 403 otherwise)."""
 
@@ -426,7 +426,7 @@ class TableRoute(GatewayDoor):
     """The client left before its request began: it was not begun (tornado's own flag says only when a request
     that has begun is finished)."""
 
-    def initialize(self, routes: Mapping[str, Route]) -> None:  # type: ignore[override]
+    def initialize(self, routes: Mapping[str, Route]) -> None:
         self.routes = routes
 
     def error_body(self) -> ErrorBody:
@@ -457,7 +457,7 @@ class TableRoute(GatewayDoor):
         """Whether the client has closed its side. Tornado notices only while it reads, and not at all while
         ``prepare`` runs with the body already in its buffer (a client that sent it all, then left while it was
         signed in); so the socket is asked directly: an end of stream, with nothing unread, is a client gone."""
-        stream = self.request.connection.stream  # type: ignore[union-attr]
+        stream = self.request.connection.stream  # type: ignore[union-attr]  # never None while handled
         if stream.closed():
             return True
         if type(stream) is not IOStream or stream.socket is None:  # TLS: no peeking under the record layer

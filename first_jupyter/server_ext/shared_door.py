@@ -32,7 +32,7 @@ class SharedHandler(GatewayDoor):
         policy: SharedPolicy = self.settings["first_shared"]
         return policy
 
-    async def prepare(self) -> None:  # type: ignore[override]
+    async def prepare(self) -> None:
         self._t0 = time.perf_counter()
         await super().prepare()
 

@@ -399,7 +399,7 @@ class _Connection(HeadCollector, asyncio.Protocol):
         self.idle_since = 0.0
         self.used = 0
         self._resp: Response | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
         self._interim = 0
         self._in_interim = False
         self._to_eof = False
@@ -584,7 +584,7 @@ class _Tunnel(HeadCollector, asyncio.Protocol):
     def __init__(self, origin: Origin, proxy: Proxy) -> None:
         self._origin = origin
         self._proxy = proxy
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -213,7 +213,7 @@ class HttpConnection(HeadCollector, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.paused = False
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser = httptools.HttpRequestParser(self)
         self._buf: list[bytes] = []
         """Bytes not fed to the parser yet: they came while a request was being answered (pipelining)."""
         self._buffered = 0

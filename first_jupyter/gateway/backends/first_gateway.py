@@ -99,7 +99,7 @@ class _Jobs(BaseModel):
     cluster_status: dict[str, Any] = {}
 
 
-_UP = TypeAdapter(dict[str, bool])
+_UP: TypeAdapter[dict[str, bool]] = TypeAdapter(dict[str, bool])
 """``GET /status`` (views/core.py ``status_check``, no authentication): public cluster → up (False: under
 maintenance)."""
 
@@ -119,7 +119,7 @@ class _ModelDetails(BaseModel):
     rate_limit_token_per_minute_per_user: int | None = None
 
 
-_DETAILS = TypeAdapter(list[_ModelDetails])
+_DETAILS: TypeAdapter[list[_ModelDetails]] = TypeAdapter(list[_ModelDetails])
 
 
 def parse_details(data: Any) -> dict[str, dict[str, Any]]:
@@ -359,6 +359,7 @@ class FirstGatewayBackend(HttpBackend):
         """A FIRST gateway starts a model for its first request, so warming is one request of one token."""
         capability = next(c for c in (Capability.chat, Capability.completions, Capability.embeddings)
                           if self.supports(model_id, c))
+        body: dict[str, object]  # the three shapes below, one type
         body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1} \
             if capability is Capability.chat else {"model": model_id, "input": "hi"} \
             if capability is Capability.embeddings else {"model": model_id, "prompt": "hi", "max_tokens": 1}

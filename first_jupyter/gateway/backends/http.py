@@ -60,8 +60,8 @@ def listed_models(body: bytes) -> list[str]:
     entries = answer["data"]
     if not isinstance(entries, list):
         raise ValueError(f"an object whose 'data' is {json_kind(entries)}")
-    ids = [entry.get("id") if isinstance(entry, dict) else None for entry in entries]
-    if not all(isinstance(model_id, str) for model_id in ids):
+    ids = [model_id for entry in entries if isinstance(entry, dict) and isinstance(model_id := entry.get("id"), str)]
+    if len(ids) != len(entries):
         raise ValueError("a 'data' list with entries that have no string 'id'")
     return ids
 

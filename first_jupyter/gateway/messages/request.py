@@ -201,9 +201,9 @@ def _assistant_turn(blocks: list[tuple[Any, str]]) -> list[dict[str, Any]]:
 
 
 def _block_type(block: Any, path: str) -> str:
-    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+    if not isinstance(block, dict) or not isinstance(kind := block.get("type"), str):
         raise _invalid(path, 'must be a content block with a "type", e.g. {"type": "text", "text": "Hello"}')
-    return block["type"]
+    return kind
 
 
 def _text(block: Any, path: str) -> str:

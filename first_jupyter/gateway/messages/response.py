@@ -84,7 +84,7 @@ def message_from_chat(answer: dict[str, Any], translation: ChatTranslation) -> d
         raise OpenAIError(502, "The engine's answer holds no choices, so there is no message to return. Retry; "
                                "if it persists, the engine is not OpenAI-compatible.", type="api_error")
     choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    message = given if isinstance(given := choice.get("message"), dict) else {}
     content: list[dict[str, Any]] = []
     text = message.get("content")
     if isinstance(text, str) and text:

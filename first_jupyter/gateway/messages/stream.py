@@ -101,7 +101,7 @@ class StreamTranslator:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # (one answer is asked for; a second choice would belong to no message)
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = given if isinstance(given := choice.get("delta"), dict) else {}
             text = delta.get("content")
             if isinstance(text, str) and text:
                 events += self._text(text)
@@ -146,15 +146,16 @@ class StreamTranslator:
     def _text(self, text: str) -> list[bytes]:
         events = []
         if self._text_block is None:
+            block = self._next_block
             events = self._open_block({"type": "text", "text": ""})
-            self._text_block = self._open
+            self._text_block = block
         return [*events, self._delta(self._text_block, {"type": "text_delta", "text": text})]
 
     def _tool_call(self, call: Any) -> list[bytes]:
         if not isinstance(call, dict):
             return []
         index = call.get("index", 0)
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = given if isinstance(given := call.get("function"), dict) else {}
         events = []
         block = self._tool_blocks.get(index)
         if block is None:
