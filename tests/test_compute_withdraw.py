@@ -22,6 +22,7 @@ import pytest
 import responses
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
+from first_jupyter.assembly import build_gateway
 from first_jupyter.config import parse_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.lean_door import GatewayApp
@@ -62,7 +63,7 @@ async def _gateway(rsps: responses.RequestsMock, broker: FakeAmqpBroker, engine:
     endpoint["timeout"] = deadline_s
     if told:
         endpoint["callback_url"] = f"http://127.0.0.1:{port}/first/api/callback"
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     running = GatewayService(gateway, GatewayApp(gateway, key=KEY), sock)
     try:
         yield gateway, port
