@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from first_jupyter.embedded_model import TINY_MODEL_ID, choose_default_model
 from first_jupyter.protocol import Capability
@@ -542,33 +542,47 @@ class SharedStateConfig(_Strict):
     redis: str | None = Field(default=None, description="redis://host:port/db (or rediss://, unix://): quotas and "
                                                         "the token introspection cache, shared by every replica; "
                                                         f"its password from ${REDIS_PASSWORD_ENV}, never the file")
-    database: str | None = Field(default=None, description="PostgreSQL for usage, files and batches metadata "
-                                                           "(not supported yet)")
+    database: str | None = Field(default=None, description="postgresql://user@host:port/db: usage records, "
+                                                           "shared by every replica; its password from the libpq "
+                                                           "variables ($PGPASSWORD, ~/.pgpass), never the file")
     files_dir: str | None = Field(default=None, description="batch files on storage every replica mounts (not "
                                                             "supported yet)")
 
     @field_validator("redis")
     @classmethod
     def _check_redis(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parsed = urlsplit(url)
-        if parsed.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"expected redis://host:port/db, rediss:// (TLS) or unix:///path, got '{url}'")
-        if parsed.password is not None:
-            raise ValueError(f"the URL holds a password; remove it and set ${REDIS_PASSWORD_ENV} in the gateway's "
-                             "environment instead (a config file is read by more people than a secret should be)")
-        return url
+        return _state_url(url, ("redis", "rediss", "unix"), "redis://host:port/db, rediss:// (TLS) or unix:///path",
+                          f"${REDIS_PASSWORD_ENV}")
 
-    @field_validator("database", "files_dir")
+    @field_validator("database")
     @classmethod
-    def _not_yet(cls, value: str | None, info: ValidationInfo) -> str | None:
+    def _check_database(cls, url: str | None) -> str | None:
+        return _state_url(url, ("postgresql", "postgres"), "postgresql://user@host:port/database",
+                          "$PGPASSWORD (or a ~/.pgpass file)")
+
+    @field_validator("files_dir")
+    @classmethod
+    def _not_yet(cls, value: str | None) -> str | None:
         """Reserved, so that the shape of the several-host config is settled; refused until it works, rather than
-        silently keeping usage, files and batches on each replica's own disk."""
+        silently keeping files and batches on each replica's own disk."""
         if value is not None:
-            raise ValueError(f"serve.state.{info.field_name} is not supported yet: usage, files and batches stay in "
-                             "each replica's state_dir; remove the key (see the README's 'Several hosts')")
+            raise ValueError("serve.state.files_dir is not supported yet: files and batches stay in each replica's "
+                             "state_dir; remove the key (see the README's 'Several hosts')")
         return value
+
+
+def _state_url(url: str | None, schemes: tuple[str, ...], expected: str, password_from: str) -> str | None:
+    """``url`` if it is one of ``schemes`` and holds no password (a config file is read by more people than a
+    secret should be: the password comes from the gateway's environment, ``password_from``)."""
+    if url is None:
+        return None
+    parsed = urlsplit(url)
+    if parsed.scheme not in schemes:
+        raise ValueError(f"expected {expected}, got '{url}'")
+    if parsed.password is not None:
+        raise ValueError(f"the URL holds a password; remove it and set {password_from} in the gateway's "
+                         "environment instead (a config file is read by more people than a secret should be)")
+    return url
 
 
 class ServeConfig(_Strict):

@@ -149,17 +149,21 @@ def test_a_placeholder_outside_a_hub_or_unknown_is_a_config_error(tmp_path):
     ({"redis": "redis://:hunter2@first-redis:6379/0"}, "the URL holds a password; remove it and set "
                                                        "$FIRST_REDIS_PASSWORD"),
     ({"redis": "first-redis:6379"}, "expected redis://host:port/db"),
-    ({"database": "postgresql://first@first-db/first"}, "serve.state.database is not supported yet"),
+    ({"database": "postgresql://first:hunter2@first-db/first"}, "the URL holds a password; remove it and set "
+                                                              "$PGPASSWORD"),
+    ({"database": "mysql://first@first-db/first"}, "expected postgresql://user@host:port/database"),
     ({"files_dir": "/shared/first/files"}, "serve.state.files_dir is not supported yet"),
 ])
-def test_shared_state_takes_a_redis_url_without_its_password_and_refuses_what_is_not_built(state, expected):
+def test_shared_state_takes_urls_without_their_passwords_and_refuses_what_is_not_built(state, expected):
     data = {**yaml.safe_load(GOOD), "serve": {"auth": {"client_id": "0ca9e1b6-5ea4-4f6e-9a0b-6c1d3e4f5a6b"},
                                               "state": state}}
     with pytest.raises(ConfigError) as info:
         parse_config(data, "first.yaml")
     assert expected in str(info.value)
     assert "hunter2" not in str(info.value)
-    data["serve"]["state"] = {"redis": "redis://first@first-redis:6379/0"}  # an ACL user, its password elsewhere
+    data["serve"]["state"] = {"redis": "redis://first@first-redis:6379/0",  # an ACL user, its password elsewhere
+                              "database": "postgresql://first@first-db/first"}
     serve = parse_config(data, "first.yaml").serve
     assert serve is not None
     assert serve.state.redis == "redis://first@first-redis:6379/0"
+    assert serve.state.database == "postgresql://first@first-db/first"
