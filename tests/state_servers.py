@@ -188,21 +188,35 @@ class Postgres:
             raise AssertionError(f"{argv[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
         return done.stdout
 
+    def _tool(self, name: str) -> str:
+        return binary(name, "postgresql", (f"/usr/lib/postgresql/*/bin/{name}",))
+
     def start(self) -> Postgres:
-        tools = "/usr/lib/postgresql/*/bin/{}"
-        initdb = binary("initdb", "postgresql", (tools.format("initdb"),))
-        pg_ctl = binary("pg_ctl", "postgresql", (tools.format("pg_ctl"),))
-        self._run(initdb, "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-sync", "-E", "UTF8")
+        self._run(self._tool("initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-sync", "-E",
+                  "UTF8")
         for _ in range(_START_TRIES):
             self.port = free_loopback_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.directory} "
-                       "-c fsync=off")
             with contextlib.suppress(AssertionError):  # a port taken meanwhile: another
-                self._run(pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.directory / "postgres.log"),
-                          "-w", "-t", str(int(START_GUARD_S)), "start")
-                self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
-                return self
+                return self._start_on_port()
         raise AssertionError(f"PostgreSQL did not start: {(self.directory / 'postgres.log').read_text()}")
+
+    def _start_on_port(self) -> Postgres:
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.directory} "
+                   "-c fsync=off")
+        self._run(self._tool("pg_ctl"), "-D", str(self.data), "-o", options, "-l",
+                  str(self.directory / "postgres.log"), "-w", "-t", str(int(START_GUARD_S)), "start")
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        return self
+
+    def pause(self) -> None:
+        """``pg_ctl stop`` (fast: open sessions are ended), keeping the data for ``resume``."""
+        self._run(self._tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", str(int(START_GUARD_S)),
+                  "stop")
+        self.pid = None
+
+    def resume(self) -> None:
+        """Start again after ``pause``, on the same port, with the same data."""
+        self._start_on_port()
 
     def stop(self) -> None:
         """A fast shutdown (SIGINT), by the postmaster's PID, then its directory goes."""

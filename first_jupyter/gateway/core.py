@@ -52,7 +52,7 @@ from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy, co
 from first_jupyter.gateway.router import WAITING_STATES, Router, Target, conversation_key
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.gateway.upstream import Reply, UpstreamClient, upstream_error
-from first_jupyter.gateway.usage import LineUsage, UsageRecord, UsageStore
+from first_jupyter.gateway.usage import PER_MODEL_KEYS, PER_USER_KEYS, LineUsage, UsageLog, UsageRecord, UsageStore
 from first_jupyter.protocol import (
     CLIENT_CLOSED,
     Capability,
@@ -387,13 +387,16 @@ class GatewayStream(Relayed):
 
 class Gateway:
     def __init__(self, config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None, *,
-                 shared: bool = False, batches: Callable[[Gateway], Batches] | None = None) -> None:
+                 shared: bool = False, batches: Callable[[Gateway], Batches] | None = None,
+                 usage: UsageLog | None = None) -> None:
         """``environ``: where token sources read variables (default ``os.environ``; the server passes a copy
         taken before it removed the token variables from its own environment, which kernels inherit).
         ``shared``: a facility's gateway (``first serve``), whose requests each come with their ``Caller``; Compute
         endpoints that run as the user then run as each request's sender, never as the gateway's own sign-in.
         ``batches``: makes the Batch API's service on this gateway (``assembly.build_gateway`` passes it: the
-        gateway runs batches' lines but does not build their service); None for a gateway without batches."""
+        gateway runs batches' lines but does not build their service); None for a gateway without batches.
+        ``usage``: where usage records go (replicas on several hosts share one in PostgreSQL); by default SQLite
+        under ``data_dir``. Either way the gateway closes it, after its batches, whose runs record usage."""
         self.config = config
         self.shared = shared
         self.compute_as_callers = False
@@ -431,7 +434,8 @@ class Gateway:
         chosen = self.preferences.get(DEFAULT_MODEL_KEY)  # the user's last choice, while it is still served
         self.default_model = chosen if chosen in served or (chosen and self._discovering) else (
             config.defaults.model or next(iter(served), None))
-        self.usage = UsageStore(data_dir / "usage.sqlite3", self.supervisor)
+        self.usage: UsageLog = usage if usage is not None else UsageStore(data_dir / "usage.sqlite3",
+                                                                          self.supervisor)
         self.responses = ResponseIds(data_dir / "responses.sqlite3", config.defaults.max_response_ids,
                                      self.supervisor)
         self._batches = batches(self) if batches is not None else None
@@ -867,30 +871,14 @@ class Gateway:
     async def usage_summary(self, user: str | None = None) -> dict[str, Any]:
         """Requests, tokens and latency per model, from the usage store (recent requests included); ``user``: that
         user's requests only (a shared gateway's users each see their own)."""
-        rows = await asyncio.to_thread(self._usage_rows, user)
-        keys = ("model", "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms",
-                "mean_ttft_ms", "last_used", "last_latency_ms")
-        return {"object": "list", "data": [dict(zip(keys, row, strict=True)) for row in rows],
+        rows = await self.usage.per_model(user)
+        return {"object": "list", "data": [dict(zip(PER_MODEL_KEYS, row, strict=True)) for row in rows],
                 **({"user": user} if user is not None else {})}
 
     async def usage_by_user(self) -> dict[str, Any]:
         """Requests and tokens per user and model: a shared gateway's accounting, for its operators."""
-        rows = await asyncio.to_thread(self.usage.query, (
-            "SELECT user, model, COUNT(*), SUM(status >= 400), COALESCE(SUM(prompt_tokens), 0), "
-            "COALESCE(SUM(completion_tokens), 0), MAX(ts) FROM usage WHERE model != '' GROUP BY user, model "
-            "ORDER BY user, model"))
-        keys = ("user", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "last_used")
-        return {"object": "list", "data": [dict(zip(keys, row, strict=True)) for row in rows]}
-
-    def _usage_rows(self, user: str | None) -> list[tuple[object, ...]]:
-        """One row per model; its last request is its newest row (rows are appended as requests end)."""
-        return self.usage.query(
-            "SELECT g.model, g.requests, g.errors, g.prompt, g.completion, g.latency, g.ttft, g.ts, last.latency_ms "
-            "FROM (SELECT model, COUNT(*) AS requests, SUM(status >= 400) AS errors, "
-            "COALESCE(SUM(prompt_tokens), 0) AS prompt, COALESCE(SUM(completion_tokens), 0) AS completion, "
-            "AVG(latency_ms) AS latency, AVG(ttft_ms) AS ttft, MAX(ts) AS ts, MAX(rowid) AS last_row "
-            "FROM usage WHERE model != '' AND (?1 IS NULL OR user = ?1) GROUP BY model) g "
-            "JOIN usage last ON last.rowid = g.last_row ORDER BY g.model", (user,))
+        rows = await self.usage.per_user()
+        return {"object": "list", "data": [dict(zip(PER_USER_KEYS, row, strict=True)) for row in rows]}
 
     async def status(self) -> dict[str, Any]:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
@@ -1095,5 +1083,5 @@ class Gateway:
         for reader in self.scheduler_readers:
             await reader.close()
         await self.client.close()
-        self.usage.close()
+        await self.usage.aclose()
         self.responses.close()

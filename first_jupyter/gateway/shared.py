@@ -29,7 +29,7 @@ from first_jupyter.auth.resource_server import Identity, TokenIntrospector, grou
 from first_jupyter.batch.service import Batches
 from first_jupyter.config import ServeConfig
 from first_jupyter.gateway.metrics import GatewayMetrics
-from first_jupyter.gateway.shared_state import open_state
+from first_jupyter.gateway.shared_state import SharedState
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
@@ -54,14 +54,15 @@ class SharedPolicy:
     """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk,
     or the quotas and token verdicts in Redis for replicas on several hosts (``shared_state``)."""
 
-    def __init__(self, serve: ServeConfig, state_dir: Path, secret: str, metrics: GatewayMetrics, *,
-                 compute_as_callers: bool) -> None:
-        """``compute_as_callers``: some Globus Compute endpoint (or login endpoint) runs tasks as each request's
+    def __init__(self, serve: ServeConfig, state_dir: Path, state: SharedState, secret: str,
+                 metrics: GatewayMetrics, *, compute_as_callers: bool) -> None:
+        """``state``: ``shared_state.open_state``'s (opened first: the gateway takes its usage store).
+        ``compute_as_callers``: some Globus Compute endpoint (or login endpoint) runs tasks as each request's
         sender, so their Compute tokens are got at introspection."""
         self.serve = serve
         self.state_dir = state_dir
         want_groups = bool(serve.auth.groups or serve.clusters or serve.models)
-        self.state = open_state(serve, state_dir)
+        self.state = state
         self.introspector = TokenIntrospector(serve.auth, secret, want_groups=want_groups,
                                               want_compute=compute_as_callers, shared=self.state.verdicts)
         self.quotas = self.state.quotas

@@ -1,13 +1,17 @@
 """Where a shared gateway keeps what its processes must agree on: one host's SQLite under the state dir (the
-default), or, for replicas on several hosts, Redis (``serve.state.redis``): the quotas' buckets and the token
-introspection verdicts. Usage, files and batches stay in each replica's state dir for now.
+default), or, for replicas on several hosts, Redis (``serve.state.redis``: the quotas' buckets and the token
+introspection verdicts) and PostgreSQL (``serve.state.database``: usage records). Files and batches stay in each
+replica's state dir for now.
+
+``health`` is what ``/healthz`` answers: each backend in use, and whether it answers now.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from first_jupyter.auth.resource_server import SharedVerdicts
 from first_jupyter.config import ConfigError, ServeConfig
@@ -16,6 +20,26 @@ from first_jupyter.gateway.quotas import QuotaBuckets, QuotaStore
 if TYPE_CHECKING:
     import redis.asyncio
 
+    from first_jupyter.gateway.pg_usage import PgUsage
+
+OK: Final = "ok"
+HEALTH_RETRY_AFTER_S: Final = 2
+"""What a load balancer or monitor is told after a 503 from ``/healthz``: Redis or PostgreSQL restarting is back
+within seconds."""
+
+
+@dataclass(frozen=True)
+class Health:
+    backends: dict[str, str]
+    """Each state backend in use (sqlite, redis, postgresql): ``ok``, or why it cannot be reached."""
+    usage_records: dict[str, int] | None
+    """With PostgreSQL: usage records waiting in this replica's memory to be written, and those dropped because
+    the wait outgrew its bound."""
+
+    @property
+    def ok(self) -> bool:
+        return all(status == OK for status in self.backends.values())
+
 
 @dataclass
 class SharedState:
@@ -23,6 +47,22 @@ class SharedState:
     verdicts: SharedVerdicts | None
     """None: each process keeps its own (one host's processes introspect a token once each)."""
     redis: redis.asyncio.Redis | None
+    usage: PgUsage | None = field(default=None)
+    """None: usage in SQLite under each gateway's own data dir. Handed to the gateway, which closes it."""
+
+    async def health(self) -> Health:
+        """Each backend in use, asked now (SQLite is local files: there while the host is)."""
+        backends = {"sqlite": OK}
+        checks: dict[str, asyncio.Task[BaseException | None]] = {}
+        if self.redis is not None:
+            checks["redis"] = asyncio.ensure_future(_redis_reachable(self.redis))
+        if self.usage is not None:
+            checks["postgresql"] = asyncio.ensure_future(self.usage.reachable())
+        for name, check in checks.items():
+            failure = await check
+            backends[name] = OK if failure is None else f"unreachable: {type(failure).__name__}"
+        usage = None if self.usage is None else {"buffered": self.usage.buffered, "dropped": self.usage.dropped}
+        return Health(backends, usage)
 
     async def close(self) -> None:
         await self.quotas.close()
@@ -30,9 +70,32 @@ class SharedState:
             await self.redis.aclose()
 
 
+async def _redis_reachable(client: redis.asyncio.Redis) -> BaseException | None:
+    from first_jupyter.redis_state import UNREACHABLE
+
+    try:
+        await client.ping()
+    except UNREACHABLE as exc:
+        return exc
+    return None
+
+
 def open_state(serve: ServeConfig, state_dir: Path) -> SharedState:
-    """The configured state; a Redis client connects on first use, so a Redis that is down does not stop the
-    gateway from starting (requests that need it are answered 503 until it is back)."""
+    """The configured state, on the running loop; a Redis client connects on first use and the database's pool in
+    the background, so a Redis or PostgreSQL that is down does not stop the gateway from starting (requests that
+    need it are answered 503 until it is back; usage records wait in memory)."""
+    state = _quotas_state(serve, state_dir)
+    if serve.state.database is not None:
+        try:  # the serve extra
+            from first_jupyter.gateway.pg_usage import PgUsage
+        except ImportError as exc:
+            raise ConfigError(f"serve.state.database needs {exc.name}, which is not installed: pip install "
+                              "'first-jupyter[serve]'") from None
+        state.usage = PgUsage(serve.state.database)
+    return state
+
+
+def _quotas_state(serve: ServeConfig, state_dir: Path) -> SharedState:
     url = serve.state.redis
     if url is None:
         return SharedState(QuotaStore(state_dir / "quotas.sqlite3", serve.quotas), None, None)

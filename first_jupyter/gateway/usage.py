@@ -2,15 +2,18 @@
 
 Every request is recorded (tokens, latency, time to first token, status), through a ``QueuedWriter``: records
 go onto an in-memory queue and one writer thread commits them in batches; ``flush()`` makes them visible to
-readers (tests, the usage API).
+readers (tests, the usage API). Replicas on several hosts keep theirs in PostgreSQL instead
+(``gateway/pg_usage.py``): both are a ``UsageLog``, and both answer the usage API with the same two queries,
+written once here for both dialects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 
@@ -51,7 +54,6 @@ class LineUsage(NamedTuple):
     error: str | None
 
 
-
 class UsageRecord(NamedTuple):
     """One request's accounting; a tuple, so it is the row ``executemany`` takes, with no conversion."""
 
@@ -79,6 +81,42 @@ _INSERT_BATCH = (f"INSERT INTO usage ({', '.join(_COLUMNS)}) "  # noqa: S608 (fi
                  f"SELECT {', '.join(f'json_extract(value, {chr(39)}$[{i}]{chr(39)})' for i in range(len(_COLUMNS)))} "
                  "FROM json_each(?)")
 """A whole batch in one statement over one JSON array (see ``json_available``)."""
+
+
+PER_MODEL = (
+    "SELECT g.model, g.requests, g.errors, g.prompt, g.completion, g.latency, g.ttft, g.ts, last.latency_ms "
+    "FROM (SELECT model, COUNT(*) AS requests, SUM({failed}) AS errors, "
+    "COALESCE(SUM(prompt_tokens), 0) AS prompt, COALESCE(SUM(completion_tokens), 0) AS completion, "
+    "AVG(latency_ms) AS latency, AVG(ttft_ms) AS ttft, MAX(ts) AS ts, MAX({row}) AS last_row "
+    "FROM usage WHERE model != '' AND ({who} IS NULL OR {user} = {who}) GROUP BY model) g "
+    "JOIN usage last ON last.{row} = g.last_row ORDER BY g.model")
+"""One row per model (``PER_MODEL_KEYS``); its last request is its newest row (rows are appended as requests
+end). A template over the dialect: ``failed`` (1 for a status >= 400), ``row`` (the row's number), ``user`` (the
+column), ``who`` (the user asked for, or NULL for all)."""
+PER_MODEL_KEYS = ("model", "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms",
+                  "mean_ttft_ms", "last_used", "last_latency_ms")
+PER_USER = ("SELECT {user}, model, COUNT(*), SUM({failed}), COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0), MAX(ts) FROM usage WHERE model != '' GROUP BY {user}, model "
+            "ORDER BY {user}, model")
+"""Requests and tokens per user and model (``PER_USER_KEYS``), the same template."""
+PER_USER_KEYS = ("user", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "last_used")
+_SQLITE = {"failed": "status >= 400", "row": "rowid", "user": "user", "who": "?1"}
+
+
+class UsageLog(Protocol):
+    """Where a gateway's usage records go, and its usage answers come from."""
+
+    def record(self, rec: UsageRecord) -> None:
+        """Keep ``rec``, off the request path (a queue put on the event loop)."""
+
+    async def per_model(self, user: str | None) -> list[tuple[object, ...]]:
+        """``PER_MODEL``'s rows, every record handed to ``record`` before the call included; ``user``: theirs."""
+
+    async def per_user(self) -> list[tuple[object, ...]]:
+        """``PER_USER``'s rows, likewise."""
+
+    async def aclose(self) -> None:
+        """Write what is still queued, then let go of the store."""
 
 
 def _insert(conn: sqlite3.Connection, rows: list[UsageRecord], batch: bool) -> None:
@@ -129,6 +167,15 @@ class UsageStore:
         self.flush()
         with contextlib.closing(sqlite3.connect(self.path)) as conn:  # sqlite3's own ``with`` leaves it open
             return conn.execute(sql, params).fetchall()
+
+    async def per_model(self, user: str | None) -> list[tuple[object, ...]]:
+        return await asyncio.to_thread(self.query, PER_MODEL.format(**_SQLITE), (user,))
+
+    async def per_user(self) -> list[tuple[object, ...]]:
+        return await asyncio.to_thread(self.query, PER_USER.format(**_SQLITE))
+
+    async def aclose(self) -> None:
+        self.close()
 
     def _write(self, conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
         """One batch, on the writer's thread."""

@@ -17,6 +17,7 @@ from tornado import web
 
 from first_jupyter.batch.service import Batches
 from first_jupyter.gateway.shared import SharedCaller, SharedPolicy
+from first_jupyter.gateway.shared_state import HEALTH_RETRY_AFTER_S
 from first_jupyter.protocol import OpenAIError, presented_token
 from first_jupyter.server_ext.handlers import GatewayDoor, Routes, door_routes
 
@@ -119,12 +120,18 @@ class MetricsHandler(SharedHandler):
 
 
 class HealthHandler(SharedHandler):
-    """GET /healthz for load balancers: this process answers."""
+    """GET /healthz for load balancers and monitors: this process answers, with each state backend it uses; 503
+    with ``Retry-After`` while Redis or the database cannot be reached, naming which."""
 
     open_route = True
 
-    def get(self) -> None:
-        self.finish(orjson.dumps({"ok": True}))
+    async def get(self) -> None:
+        health = await self.policy.state.health()
+        if not health.ok:
+            self.set_status(503)
+            self.set_header("Retry-After", str(HEALTH_RETRY_AFTER_S))
+        usage = {} if health.usage_records is None else {"usage_records": health.usage_records}
+        self.finish(orjson.dumps({"ok": health.ok, "state": health.backends, **usage}))
 
 
 def shared_routes() -> Routes:

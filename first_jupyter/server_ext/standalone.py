@@ -30,6 +30,7 @@ from first_jupyter.paths import default_data_dir
 if TYPE_CHECKING:
     from first_jupyter.gateway.core import Gateway
     from first_jupyter.gateway.shared import SharedPolicy
+    from first_jupyter.gateway.shared_state import open_state
 
 T = TypeVar("T")
 log = logging.getLogger("first_jupyter.serve")
@@ -144,10 +145,11 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
     from first_jupyter.gateway.shared import SharedPolicy
     from first_jupyter.server_ext.shared_door import shared_routes
 
-    gateway = build_gateway(config, state_dir, shared=True)
+    state = open_state(settings, state_dir)
+    gateway = build_gateway(config, state_dir, shared=True, usage=state.usage)
     metrics = GatewayMetrics()
     gateway.state_observers.append(metrics.endpoint_states)
-    policy = SharedPolicy(settings, state_dir, secret, metrics, compute_as_callers=gateway.compute_as_callers)
+    policy = SharedPolicy(settings, state_dir, state, secret, metrics, compute_as_callers=gateway.compute_as_callers)
     app = Application(shared_routes(), first_gateway=gateway, first_loop=SameLoop(), first_max_request_bytes=0,
                       first_shared=policy, log_function=lambda _handler: None)  # the access log replaces tornado's
     policy.resume_batches(gateway)
