@@ -30,7 +30,6 @@ from first_jupyter.paths import default_data_dir
 if TYPE_CHECKING:
     from first_jupyter.gateway.core import Gateway
     from first_jupyter.gateway.shared import SharedPolicy
-    from first_jupyter.gateway.shared_state import open_state
 
 T = TypeVar("T")
 log = logging.getLogger("first_jupyter.serve")
@@ -143,6 +142,7 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
     from first_jupyter.assembly import build_gateway
     from first_jupyter.gateway.metrics import GatewayMetrics
     from first_jupyter.gateway.shared import SharedPolicy
+    from first_jupyter.gateway.shared_state import open_state
     from first_jupyter.server_ext.shared_door import shared_routes
 
     state = open_state(settings, state_dir)
