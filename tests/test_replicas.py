@@ -112,11 +112,17 @@ def test_redis_going_away_is_a_503_with_retry_after_and_its_return_needs_no_rest
         assert (down.status_code, down.response.json()["error"]["code"]) == (503, "state_unavailable")
         assert down.response.headers["Retry-After"] == "2"
         assert f"Redis at 127.0.0.1:{port}" in down.message
+    for n in range(2):
+        health = replicas.replica(n, "/healthz")
+        assert (health.status_code, health.headers["Retry-After"]) == (503, "2")
+        assert health.json()["state"] == {"sqlite": "ok", "redis": "unreachable: ConnectionError",
+                                          "postgresql": "ok"}
     assert replicas.client("AT-ada").models.list().data  # what needs no Redis goes on
     replicas.redis.start(port)  # back, empty: nothing was saved
     back = [replicas.chat("AT-ada") for _ in range(2)]
     assert [a.http_response.status_code for a in back] == [200, 200]
     assert len({served_by(a) for a in back}) == 2
+    assert [replicas.replica(n, "/healthz").status_code for n in range(2)] == [200, 200]
 
 
 def test_usage_recorded_by_both_replicas_is_read_through_either(replicas: Replicas):

@@ -359,6 +359,12 @@ def test_metrics_count_requests_tokens_refusals_and_endpoint_states(shared):
     assert "ada" not in text
 
 
+def test_healthz_is_open_and_names_the_one_host_state(shared):
+    health = httpx.get(shared.url + "/healthz", timeout=10)
+    assert health.status_code == 200
+    assert health.json() == {"ok": True, "state": {"sqlite": "ok"}}
+
+
 # -- gateway processes ------------------------------------------------------------------------------------------
 
 
