@@ -52,7 +52,8 @@ def _write_owner(root: Path, identity: Identity) -> None:
 
 class SharedPolicy:
     """The rules of one shared gateway process; its state that must be shared (quotas, usage, batches) is on disk,
-    or the quotas and token verdicts in Redis for replicas on several hosts (``shared_state``)."""
+    or, for replicas on several hosts, the quotas and token verdicts in Redis and usage in PostgreSQL
+    (``shared_state``)."""
 
     def __init__(self, serve: ServeConfig, state_dir: Path, state: SharedState, secret: str,
                  metrics: GatewayMetrics, *, compute_as_callers: bool) -> None:
