@@ -126,7 +126,8 @@ class PgUsage:
         await self._pool.close()
 
     async def _read(self, query: str, params: dict[str, object]) -> list[tuple[object, ...]]:
-        await self.flush(FLUSH_S)  # this replica's recent requests; another's are written within its interval
+        if self.outage is None:  # this replica's recent requests (another's are written within its interval)
+            await self.flush(FLUSH_S)
         try:
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(query.encode(), params)
