@@ -135,7 +135,7 @@ async def test_usage_summary_gives_each_models_last_latency(fake_upstream, write
     for model, latency in rows:  # same time stamp for all: the order of arrival decides
         gateway.usage.record(UsageRecord(1.0, "r", model, "remote", "e", "chat", False, 200, 1, 2, latency, None,
                                          None, ""))
-    summary = {row["model"]: row for row in (await gateway.usage_summary())["data"]}
+    summary = {row["model"]: row for row in (await gateway.usage_summary()).json_value()["data"]}
     gateway.usage.close()
     assert {m: (r["requests"], r["last_latency_ms"], r["mean_latency_ms"]) for m, r in summary.items()} == {
         "fake-embed": (2, 25.0, 20.0), "fake-model": (3, 340.0, 1360.0 / 3)}

@@ -70,13 +70,13 @@ async def _submit(batches: Batches, content: bytes) -> dict[str, Any]:
                 b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n' + content
                 + b"\r\n--b--\r\n")
     source = batches.add_file(upload)
-    return await batches.create(json.dumps({"input_file_id": source["id"],
-                                                    "endpoint": "/v1/chat/completions"}).encode())
+    return (await batches.create(json.dumps({"input_file_id": source["id"],
+                                             "endpoint": "/v1/chat/completions"}).encode())).json_value()
 
 
 async def _ended(batches: Batches, batch_id: str) -> dict[str, Any]:
     async with asyncio.timeout(ENGINE_GUARD_S):
-        while (batch := batches.batch(batch_id))["status"] not in ("completed", "failed", "cancelled"):
+        while (batch := batches.batch(batch_id).json_value())["status"] not in ("completed", "failed", "cancelled"):
             await asyncio.sleep(0.1)
     return batch
 
@@ -121,7 +121,7 @@ async def test_a_large_batch_runs_as_a_task_per_chunk_and_a_lost_node_redoes_onl
         assert sorted((rid.split("/")[1], status, done) for rid, status, done, _ in rows) == sorted(
             (custom_id, 200, done) for custom_id, done in tokens.items())
         assert all(took > 0 for *_, took in rows)
-        by_model = {row["model"]: row for row in (await gateway.usage_summary())["data"]}
+        by_model = {row["model"]: row for row in (await gateway.usage_summary()).json_value()["data"]}
         assert by_model["tiny-chat"]["requests"] == 13  # 3 lines sent one by one, 10 offloaded
     finally:
         await gateway.close()
@@ -175,7 +175,7 @@ async def test_an_offloaded_batch_waits_its_owners_quota_turns_and_is_accounted_
                        r.prompt_tokens, r.completion_tokens) for r in owner.records) == sorted(
             (f"{batch['id']}/{custom_id}", "ada", "tiny-chat", "local", "engine", "chat", 200,
              usage["prompt_tokens"], usage["completion_tokens"]) for custom_id, usage in tokens.items())
-        mine = (await gateway.usage_summary("ada"))["data"]
+        mine = (await gateway.usage_summary("ada")).json_value()["data"]
         assert [(m["model"], m["requests"], m["completion_tokens"]) for m in mine] == [
             ("tiny-chat", 10, sum(u["completion_tokens"] for u in tokens.values()))]
     finally:
@@ -193,7 +193,7 @@ async def test_a_restarted_gateway_runs_only_the_chunks_not_done(tiny_model, tmp
     try:
         batch = await _submit(first.batches, _lines(10))
         async with asyncio.timeout(ENGINE_GUARD_S):  # only a guard: the hold decides where the batch stands still
-            while (first.batches.batch(batch["id"])["request_counts"]["completed"] < 4
+            while (first.batches.batch(batch["id"]).request_counts.completed < 4
                    or "chunk-00001.input.jsonl" not in _runs(tmp_path)):
                 await asyncio.sleep(0.05)
     finally:

@@ -97,10 +97,10 @@ async def test_a_gateway_stopped_mid_batch_leaves_it_to_the_next_which_cuts_a_to
                 b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n' +
                 _batch_file(tmp_path / "in.jsonl", 100).read_bytes() + b"\r\n--b--\r\n")
     source = first.batches.add_file(upload)
-    batch = await first.batches.create(json.dumps({"input_file_id": source["id"],
-                                                   "endpoint": "/v1/chat/completions"}).encode())
+    batch = (await first.batches.create(json.dumps({"input_file_id": source["id"],
+                                                    "endpoint": "/v1/chat/completions"}).encode())).json_value()
     async with asyncio.timeout(60):  # only a guard: the gate decides when the run stands still
-        while first.batches.batch(batch["id"])["request_counts"]["completed"] < 20 or not held(fake_upstream):
+        while first.batches.batch(batch["id"]).request_counts.completed < 20 or not held(fake_upstream):
             await asyncio.sleep(0.01)
     output_id, _ = first.batches.store.result_ids(batch["id"])
     await first.close()
@@ -114,7 +114,7 @@ async def test_a_gateway_stopped_mid_batch_leaves_it_to_the_next_which_cuts_a_to
     resuming = asyncio.ensure_future(second.batches.keep_running(every=0.1))
     try:
         async with asyncio.timeout(60):  # only a guard against a run that never ends
-            while (done := second.batches.batch(batch["id"]))["status"] != "completed":
+            while (done := second.batches.batch(batch["id"]).json_value())["status"] != "completed":
                 await asyncio.sleep(0.02)
     finally:
         resuming.cancel()

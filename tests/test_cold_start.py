@@ -181,15 +181,15 @@ async def test_warm_starts_a_model_ahead_of_need_where_it_would_be_served(quick,
         gateway.router.observe_state(target.backend, "shared", "cold")
         gateway.router.health_of(target).start_s = 60.0
     try:
-        answer = await gateway.warm("shared", cluster="beta")
+        answer = (await gateway.warm("shared", cluster="beta")).json_value()
         assert answer == {"model": "shared", "cluster": "beta", "endpoint": "engine", "state": "starting",
                           "started": True, "expected_s": 60.0}
-        answer = await gateway.warm("shared", wait=True)
+        answer = (await gateway.warm("shared", wait=True)).json_value()
         assert (answer["cluster"], answer["state"]) == ("beta", "hot")  # the start under way beats a new one
         assert gateway.router.state_of(alpha) == "cold"
-        answer = await gateway.warm("shared", cluster="alpha", wait=True)
+        answer = (await gateway.warm("shared", cluster="alpha", wait=True)).json_value()
         assert (answer["cluster"], answer["state"], answer["started"]) == ("alpha", "hot", True)
-        again = await gateway.warm("shared")
+        again = (await gateway.warm("shared")).json_value()
         assert (again["state"], again["started"]) == ("hot", False)  # hot already: nothing to start
         assert quick.requests == 2  # one model-list read per start: an upstream cannot be started
 

@@ -187,7 +187,7 @@ async def test_endpoint_status_is_read_through_the_sdk_and_reused(rsps, endpoint
                                         "outstanding_tasks": 5, "managers": 2}})
     gateway = _gateway(tmp_path, endpoint_id)
     try:
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         endpoint = status["endpoints"][0]
         assert (endpoint["state"], endpoint["workers"], endpoint["idle_workers"]) == ("running", 8, 3)
         assert (endpoint["managers"], endpoint["outstanding_tasks"]) == (2, 5)
@@ -207,7 +207,7 @@ async def test_status_never_asks_more_than_the_service_allows(rsps, tmp_path):
         "auth": {"sources": ["env"]}}
     gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
-        endpoints = (await gateway.status())["endpoints"]
+        endpoints = (await gateway.status()).json_value()["endpoints"]
         assert len(rsps.calls) <= 18
         assert sum(1 for e in endpoints if e.get("stale")) == 30 - len(rsps.calls)
         assert {e["state"] for e in endpoints if not e.get("stale")} == {"offline"}
@@ -339,7 +339,7 @@ async def _read_again(gateway: Gateway, before: dict[str, Any]) -> dict[str, Any
     old_endpoint, old_scheduler = checked(before)
     deadline = time.monotonic() + GUARD_S
     while True:
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         endpoint_at, scheduler_at = checked(status)
         if endpoint_at != old_endpoint and scheduler_at != old_scheduler:
             return status
@@ -365,7 +365,7 @@ async def test_the_scheduler_view_says_where_a_cold_endpoints_block_is(rsps, bro
     config["clusters"]["hpc"]["scheduler"] = {"kind": "pbs", "endpoint_id": LOGIN, "queue": "prod", "every": 1}
     gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         endpoint = status["endpoints"][0]
         assert status["models"][0]["state"] == "queued"
         assert [(j["job_id"], j["state"]) for j in endpoint["scheduler"]["jobs"]] == [("3000001.pbs", "queued")]

@@ -83,7 +83,7 @@ def _forge(callback_url: str, task_id: str) -> int:
 async def test_the_openai_client_is_served_by_the_in_process_globus_compute_engine(first_ext, jp_auth_header,
                                                                                    tmp_path: Path):
     gateway, thread = first_ext.gateway, first_ext.loop_thread
-    status = await thread.call(gateway.status())
+    status = (await thread.call(gateway.status())).json_value()
     assert status["models"][0]["state"] == "cold"  # nothing started before the first request
     client = _client(first_ext, jp_auth_header)
     async with client:
@@ -93,7 +93,7 @@ async def test_the_openai_client_is_served_by_the_in_process_globus_compute_engi
         assert answer.model == "tiny-chat"
         assert answer.choices[0].message.content
         assert answer.usage.completion_tokens > 0
-        endpoint = (await thread.call(gateway.status()))["endpoints"][0]
+        endpoint = (await thread.call(gateway.status())).json_value()["endpoints"][0]
         assert (endpoint["state"], endpoint["managers"]) == ("running", 1)
 
         # streamed: the events come back through the callback route, batch by batch, while the engine generates
@@ -179,7 +179,7 @@ async def test_a_plain_request_whose_client_leaves_stops_the_engines_generation(
             await asking
         await eventually_async(lambda: not reading(), "the node goes away from the engine")
         await eventually_async(lambda: in_flight() == 0, "the request is no longer in flight")
-        status = await thread.call(gateway.status())
+        status = (await thread.call(gateway.status())).json_value()
         assert status["endpoints"][0]["pending_tasks"] == 0
         # the engine, which serves one request at a time, is free again: the million tokens were not generated
         answer = await client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4)
@@ -219,7 +219,7 @@ async def test_an_engine_that_cannot_start_fails_the_request_with_its_reason(tmp
             await asyncio.wait_for(gateway.complete(parse_request(Capability.chat, body)), ENGINE_GUARD_S)
         assert (info.value.status, info.value.code) == (503, "engine_start_failed")
         assert "failed to start" in info.value.message
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         assert status["endpoints"][0]["state"] == "failed"
         assert status["models"][0]["state"] == "offline"
     finally:

@@ -188,7 +188,7 @@ async def test_with_reject_configured_a_cold_model_is_answered_503_with_when_to_
                                                          "max_tokens": 4}).encode())
     try:
         await gateway.status()  # the reading a running gateway makes in the background
-        assert (await gateway.models())["data"][0]["state"] == "cold"
+        assert (await gateway.models()).json_value()["data"][0]["state"] == "cold"
         with pytest.raises(OpenAIError) as info:
             await gateway.complete(request)
         assert (info.value.status, info.value.code) == (503, "model_starting")
@@ -197,7 +197,7 @@ async def test_with_reject_configured_a_cold_model_is_answered_503_with_when_to_
                info.value.message
 
         async def hot() -> bool:
-            return (await gateway.models())["data"][0]["state"] == "hot"
+            return (await gateway.models()).json_value()["data"][0]["state"] == "hot"
 
         await _until(hot)  # the start the refused request asked for went on
         assert (await gateway.complete(request)).target.cluster == "alpha"

@@ -118,7 +118,7 @@ async def test_verify_false_is_allowed_but_warned_at_start_and_shown_in_status(t
     with caplog.at_level(logging.WARNING):
         async with site(tmp_path, f"{upstream.url}/v1", tls={"verify": False}) as gateway:
             completed = await gateway.complete(parse_request(Capability.chat, CHAT))
-            (endpoint,) = (await gateway.status())["endpoints"]
+            (endpoint,) = (await gateway.status()).json_value()["endpoints"]
     assert any("not verified" in r.getMessage() and "tls.verify" in r.getMessage() for r in caplog.records)
     assert orjson.loads(completed.body)["object"] == "chat.completion"
     assert endpoint["tls_verify"] is False
@@ -126,7 +126,7 @@ async def test_verify_false_is_allowed_but_warned_at_start_and_shown_in_status(t
 
 async def test_a_verified_endpoint_shows_no_tls_flag(tls_certs, tls_upstream, tmp_path):
     async with site(tmp_path, f"{tls_upstream().url}/v1", tls={"ca_bundle": str(tls_certs.ca)}) as gateway:
-        (endpoint,) = (await gateway.status())["endpoints"]
+        (endpoint,) = (await gateway.status()).json_value()["endpoints"]
     assert "tls_verify" not in endpoint
     assert endpoint["state"] == "online"
 
@@ -170,7 +170,7 @@ async def test_https_goes_through_the_proxy_in_a_connect_tunnel(tinyproxy, tls_c
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     async with site(tmp_path, f"{upstream.url}/v1", tls={"ca_bundle": str(tls_certs.ca)}) as gateway:
         completed = await gateway.complete(parse_request(Capability.chat, CHAT))
-        (endpoint,) = (await gateway.status())["endpoints"]
+        (endpoint,) = (await gateway.status()).json_value()["endpoints"]
     assert orjson.loads(completed.body)["object"] == "chat.completion"
     port = upstream.url.rsplit(":", 1)[1]
     assert set(proxy.requests()) == {f"CONNECT 127.0.0.1:{port} HTTP/1.1"}  # the status reading tunnels too
@@ -265,7 +265,7 @@ async def test_a_redirect_is_a_502_that_names_the_location_and_base_url(tmp_path
         async with site(tmp_path, f"{url}/v1") as gateway:
             with pytest.raises(OpenAIError) as raised:
                 await gateway.complete(parse_request(Capability.chat, CHAT))
-            (endpoint,) = (await gateway.status())["endpoints"]
+            (endpoint,) = (await gateway.status()).json_value()["endpoints"]
     error = raised.value
     assert error.status == 502
     assert error.code == "upstream_redirect"

@@ -73,7 +73,7 @@ async def _streamed(gateway: Gateway, model: str) -> bytes:
 async def test_the_models_are_discovered_from_list_endpoints(remote, tmp_path):
     gateway = _gateway(remote, tmp_path)
     try:
-        listed = {m["id"]: m for m in (await gateway.models())["data"]}
+        listed = {m["id"]: m for m in (await gateway.models()).json_value()["data"]}
         assert sorted(listed) == sorted([LLAMA, QWEN, EMBED])
         assert listed[QWEN]["served_by"] == [{"cluster": "alcf", "endpoint": "gateway", "state": "unknown"}]
         assert listed[QWEN]["state"] == "unknown"  # listed, not yet read (no status reading on this path)
@@ -108,7 +108,7 @@ async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_r
     remote.down = {"sophia"}
     gateway = _gateway(remote, tmp_path)
     try:
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         states = {m["id"]: m["state"] for m in status["models"]}
         assert states[LLAMA] == "hot"  # running on polaris
         assert states[EMBED] == "cold"  # served by polaris, no job
@@ -126,10 +126,10 @@ async def test_status_reads_each_clusters_jobs_and_requests_go_where_the_model_r
 
         remote.jobs["sophia"] = jobs([job("sophia", "vllm", LLAMA, "starting")],
                                      [job("sophia", "vllm", QWEN, "queued")])
-        states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
+        states = {m["id"]: m["state"] for m in (await gateway.status()).json_value()["models"]}
         assert (states[LLAMA], states[QWEN]) == ("hot", "queued")
         remote.jobs["polaris"] = jobs(stopped=[job("polaris", "vllm", LLAMA, "stopped")])  # maintenance
-        states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
+        states = {m["id"]: m["state"] for m in (await gateway.status()).json_value()["models"]}
         assert (states[LLAMA], states[EMBED]) == ("starting", "cold")
     finally:
         await gateway.close()
@@ -145,9 +145,9 @@ async def test_the_catalog_follows_what_the_gateway_serves(remote, tmp_path, mon
         assert json.loads(done.body)["model"] == "new/model"
 
         remote.served["sophia"]["vllm"].remove(QWEN)
-        assert QWEN in {m["id"] for m in (await gateway.models())["data"]}  # within the refresh window
+        assert QWEN in {m["id"] for m in (await gateway.models()).json_value()["data"]}  # within the refresh window
         gateway._discovering[0].discovered_at -= 3600
-        assert QWEN not in {m["id"] for m in (await gateway.models())["data"]}
+        assert QWEN not in {m["id"] for m in (await gateway.models()).json_value()["data"]}
         with pytest.raises(OpenAIError) as info:
             await gateway.complete(_chat(QWEN))
         assert info.value.status == 404
@@ -164,7 +164,7 @@ async def test_without_a_sign_in_the_error_says_how_and_nothing_is_sent(remote, 
         assert (info.value.status, info.value.code) == (401, "globus_sign_in")
         assert "`%first login`" in info.value.message
         assert remote.calls == []
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         assert status["endpoints"][0]["state"] == "offline"
         assert status["models"] == []
     finally:
@@ -181,7 +181,7 @@ async def test_a_refused_token_is_reported_and_the_request_is_not_guessed(remote
         assert EXPIRED in info.value.message
         assert "`%first login`" in info.value.message
         assert remote.paths("POST") == []
-        assert "HTTP 401" in (await gateway.status())["endpoints"][0]["error"]
+        assert "HTTP 401" in (await gateway.status()).json_value()["endpoints"][0]["error"]
     finally:
         await gateway.close()
 
@@ -253,10 +253,10 @@ async def test_an_answer_in_an_unknown_shape_is_a_502_that_names_the_route(remot
         assert info.value.status == 502
         assert "GET /resource_server/list-endpoints" in info.value.message
         assert "clusters.sophia.frameworks.vllm.models" in info.value.message
-        assert (await gateway.models())["data"] == []  # said in the status, never a 500
+        assert (await gateway.models()).json_value()["data"] == []  # said in the status, never a 500
 
         del remote.answers["list-endpoints"]
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         jobs_read = status["endpoints"][0]["remote_clusters"]["sophia"]["jobs"]
         assert "GET /resource_server/sophia/jobs" in jobs_read
         assert "running" in jobs_read
@@ -269,7 +269,7 @@ async def test_a_disconnected_model_reads_offline_and_a_stopped_one_cold(remote,
                    "polaris": jobs(stopped=[job("polaris", "vllm", LLAMA, "stopped")])}
     gateway = _gateway(remote, tmp_path)
     try:
-        states = {m["id"]: m["state"] for m in (await gateway.status())["models"]}
+        states = {m["id"]: m["state"] for m in (await gateway.status()).json_value()["models"]}
         assert (states[QWEN], states[LLAMA]) == ("offline", "cold")
     finally:
         await gateway.close()
@@ -426,7 +426,7 @@ async def test_what_first_publishes_of_a_model_shows_in_the_model_list(remote, t
     remote.answers["polaris/models"] = {"not": "a list"}  # an answer in another shape: ignored, logged
     gateway = _gateway(remote, tmp_path)
     try:
-        listed = {m["id"]: m for m in (await gateway.models())["data"]}
+        listed = {m["id"]: m for m in (await gateway.models()).json_value()["data"]}
     finally:
         await gateway.close()
     assert listed[LLAMA]["details"] == {"display_name": "Llama 3.3 70B", "capabilities": capabilities,

@@ -33,7 +33,7 @@ def _client(ext) -> openai.AsyncOpenAI:
 
 
 async def _status(ext) -> dict:
-    return (await ext.loop_thread.call(ext.gateway.status()))["endpoints"][0]
+    return (await ext.loop_thread.call(ext.gateway.status())).json_value()["endpoints"][0]
 
 
 async def _status_once(ext, reached: Callable[[dict], bool]) -> dict:
@@ -63,7 +63,7 @@ class TestLifecycle:
             out: list[bytes] = []
             try:
                 await stream.relay(lambda chunk: out.append(chunk) or True)
-                return (await gateway.status())["endpoints"][0], b"".join(out)
+                return (await gateway.status()).json_value()["endpoints"][0], b"".join(out)
             finally:
                 stream.close()
 
@@ -120,7 +120,7 @@ class TestEmbeddedDefault:
                 "FirstExtension": {"data_dir": str(tmp_path / "data")}}
 
     async def test_builds_the_tiny_model_and_serves_it(self, first_ext, tmp_path: Path):
-        models = (await first_ext.gateway.models())["data"]
+        models = (await first_ext.gateway.models()).json_value()["data"]
         assert [m["id"] for m in models] == ["tiny-chat"]
         assert [[(s["cluster"], s["endpoint"]) for s in m["served_by"]] for m in models] == [[("local", "engine")]]
         stream = await _client(first_ext).chat.completions.create(model="tiny-chat", messages=MESSAGES,
@@ -161,7 +161,7 @@ class TestEmbeddedDefault:
         endpoint = await _status_once(first_ext, lambda endpoint: endpoint["state"] != "running")
         assert endpoint["state"] == "stopped"
         assert f"The engine (pid {pid}) exited; the next request starts it again" in endpoint["error"]
-        (model,) = (await first_ext.loop_thread.call(first_ext.gateway.status()))["models"]
+        (model,) = (await first_ext.loop_thread.call(first_ext.gateway.status())).json_value()["models"]
         assert model["state"] == "cold"
         # several at once (each cold start also sends its probe): one restart, and every request answered
         answers = await asyncio.wait_for(asyncio.gather(*(

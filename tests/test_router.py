@@ -133,7 +133,7 @@ async def test_a_cluster_that_refuses_the_user_is_left_out_and_the_model_served_
         for _ in range(3):
             assert (await gateway.complete(_request())).target.cluster == "beta"
         assert first.requests == 1  # asked once: the refusal is remembered, not paid for on every request
-        alpha = next(e for e in (await gateway.status())["endpoints"] if e["cluster"] == "alpha")
+        alpha = next(e for e in (await gateway.status()).json_value()["endpoints"] if e["cluster"] == "alpha")
         assert alpha["router"]["allowed"] is False
         assert "not in a group allowed" in alpha["router"]["last_error"]
 
@@ -187,7 +187,7 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_its_co
         assert first.requests == router.FAILURES_TO_OPEN
         await gateway.complete(_request())
         assert first.requests == router.FAILURES_TO_OPEN  # kept out: no more time lost on it
-        status = await gateway.status()
+        status = (await gateway.status()).json_value()
         alpha = next(e for e in status["endpoints"] if e["cluster"] == "alpha")
         assert alpha["router"]["circuit"] == "open"
         assert "HTTP 500" in alpha["router"]["last_error"]
@@ -257,14 +257,14 @@ async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_of
     try:
         await eventually_async(lambda: alpha.states.get("shared") == "offline")
         assert beta.states["shared"] == "hot"
-        endpoints = (await gateway.status())["endpoints"]
+        endpoints = (await gateway.status()).json_value()["endpoints"]
         assert [e["state"] for e in endpoints] == [state, "online"]  # that endpoint only, with the reason
         assert error in endpoints[0]["error"]
         await eventually_async(lambda: gateway.probe_intervals.get(id(gateway.backends[0]), 0) >= 0.4)  # backing off
         assert gateway.probe_intervals[id(gateway.backends[1])] == 0.1
         assert [t.cluster for t in gateway.router.candidates("shared", Capability.chat)] == ["beta", "alpha"]
 
-        listed = (await gateway.models())["data"][0]
+        listed = (await gateway.models()).json_value()["data"][0]
         assert [(s["cluster"], s["state"]) for s in listed["served_by"]] == [("alpha", "offline"), ("beta", "hot")]
         assert listed["state"] == "hot"  # the best of its endpoints, as last read
 

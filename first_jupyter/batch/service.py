@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from first_jupyter.api_types import BatchPage, BatchReply
 from first_jupyter.batch.runner import BatchRun
 from first_jupyter.batch.store import FINAL_STATES, Store, StoredFile, new_id
 from first_jupyter.batch.upload import Upload
@@ -123,7 +124,7 @@ class Batches:
 
     # -- batches ----------------------------------------------------------------------------------------------
 
-    async def create(self, body: bytes) -> dict[str, Any]:
+    async def create(self, body: bytes) -> BatchReply:
         try:
             asked = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -158,33 +159,36 @@ class Batches:
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": _metadata(asked.get("metadata"))}
         self.store.add_batch(batch)
-        answer = {**batch, "request_counts": dict(batch["request_counts"])}  # as created: its run changes it
+        answer = BatchReply.model_validate(batch)  # a copy as created: its run changes the batch
         self._run(batch)
         return answer
 
-    def batches(self, query: Mapping[str, str]) -> dict[str, Any]:
+    def batches(self, query: Mapping[str, str]) -> BatchPage:
         found, more = self.store.batches(query.get("after"), _limit(query, 20, 100))
-        return _page([self._live(b) for b in found], more)
+        return BatchPage.model_validate(_page([self._live(b) for b in found], more))
 
-    def batch(self, batch_id: str) -> dict[str, Any]:
+    def batch(self, batch_id: str) -> BatchReply:
+        return BatchReply.model_validate(self._found(batch_id))
+
+    def cancel(self, batch_id: str) -> BatchReply:
+        stored = self._found(batch_id)
+        if stored["status"] in FINAL_STATES:
+            if stored["status"] == "cancelled":
+                return BatchReply.model_validate(stored)
+            raise OpenAIError(409, f"Batch '{batch_id}' has {stored['status']}; only one validating or in progress "
+                                   "can be cancelled.", param="batch_id", code="batch_not_cancellable")
+        self.store.request_cancel(batch_id)
+        run = self.runs.get(batch_id)
+        # without a run here, its run (in another process, or the next to start) stops it
+        return BatchReply.model_validate(run.cancel() if run is not None else {**stored, "status": "cancelling"})
+
+    def _found(self, batch_id: str) -> dict[str, Any]:
+        """The batch as it stands (its run's copy, while it runs here); 404 for one that is not here."""
         found = self.store.batch(batch_id)
         if found is None:
             raise OpenAIError(404, f"No batch {shown(batch_id)} here. GET /first/v1/batches lists the batches.",
                               param="batch_id", code="batch_not_found")
         return self._live(found)
-
-    def cancel(self, batch_id: str) -> dict[str, Any]:
-        stored = self.batch(batch_id)
-        if stored["status"] in FINAL_STATES:
-            if stored["status"] == "cancelled":
-                return stored
-            raise OpenAIError(409, f"Batch '{batch_id}' has {stored['status']}; only one validating or in progress "
-                                   "can be cancelled.", param="batch_id", code="batch_not_cancellable")
-        self.store.request_cancel(batch_id)
-        run = self.runs.get(batch_id)
-        if run is not None:
-            return run.cancel()
-        return {**stored, "status": "cancelling"}  # its run (in another process, or the next to start) stops it
 
     def _live(self, batch: dict[str, Any]) -> dict[str, Any]:
         run = self.runs.get(batch["id"])

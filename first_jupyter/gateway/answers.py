@@ -12,8 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from first_jupyter.api_types import json_body
 from first_jupyter.protocol import OpenAIError, Progress
 
 if TYPE_CHECKING:
@@ -90,7 +89,7 @@ class WaitingAnswer(Relayed):
             self.target = answer.target
             body = answer.body
         else:
-            body = orjson.dumps(answer)
+            body = json_body(answer)
         write(b"data: " + body + b"\n\n")
 
     def resume(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from first_jupyter.api_types import SignIn
 from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.answers import Completed, Relayed
@@ -161,7 +162,7 @@ def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: b
                                      header("x-first-signature") or "", body)
 
 
-async def auth_route(gateway: Gateway, what: str, body: bytes) -> dict[str, Any]:
+async def auth_route(gateway: Gateway, what: str, body: bytes) -> SignIn | dict[str, str]:
     """Signing in from a client (the sidebar, ``%first login``): the answers carry URLs and identities, never
     tokens; the tokens stay in this server."""
     if what == "whoami":

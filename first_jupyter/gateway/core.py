@@ -20,7 +20,24 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, quote
 
 import orjson
+from pydantic import JsonValue
 
+from first_jupyter.api_types import (
+    BackgroundFailures,
+    CallbackCounts,
+    EndpointStatus,
+    ModelCapabilities,
+    ModelEntry,
+    ModelList,
+    PublishedDetails,
+    RouterHealth,
+    ServedBy,
+    SignIn,
+    StatusReply,
+    UsageRow,
+    UsageSummary,
+    WarmReply,
+)
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
 from first_jupyter.caller import Caller, acting_as
@@ -99,18 +116,19 @@ CAPABILITIES_SCHEMA = 1
 """The version of the capabilities object's shape: FIRST's (``GET /{cluster}/models``, ``schema_version``)."""
 
 
-def model_capabilities(kinds: list[Capability], published: dict[str, Any] | None) -> dict[str, Any]:
+def model_capabilities(kinds: list[Capability], published: PublishedDetails | None) -> ModelCapabilities:
     """A model's capabilities in the shape a FIRST gateway publishes them (its ``capabilities`` object, from
     argonne-lcf/FIRST ``docs/reference/api.md``): ``api_protocols`` are the kinds of request this gateway routes
     to the model (the names its config uses, each a route: ``Capability``), ``streaming`` whether any of them
     streams; what the model's FIRST gateway publishes besides (``context_window_tokens``, ``input_modalities``,
     ``tool_calling``, ``reasoning``, its own word on ``streaming``) is kept as it says it."""
-    own = {"schema_version": CAPABILITIES_SCHEMA, "api_protocols": [kind.value for kind in kinds],
-           "streaming": any(kind.streams for kind in kinds)}
-    extra = (published or {}).get("capabilities")
-    if isinstance(extra, dict):
+    own: dict[str, JsonValue] = {"schema_version": CAPABILITIES_SCHEMA,
+                                 "api_protocols": [kind.value for kind in kinds],
+                                 "streaming": any(kind.streams for kind in kinds)}
+    extra = published.capabilities if published is not None else None
+    if extra:
         own.update((key, value) for key, value in extra.items() if key not in ("schema_version", "api_protocols"))
-    return own
+    return ModelCapabilities.model_validate(own)
 
 
 def _request_id() -> str:
@@ -786,7 +804,7 @@ class Gateway:
                              functools.partial(self.progress_of, tried, tried.must_start.result(), t0))
 
     async def warm(self, model: str, cluster: str | None = None, wait: bool = False,
-                   caller: Caller | None = None, tried: Attempts | None = None) -> dict[str, Any]:
+                   caller: Caller | None = None, tried: Attempts | None = None) -> WarmReply:
         """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
         the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
         Its state, where, and the expected wait. ``tried``: told the endpoint it waits for (``heard``)."""
@@ -820,34 +838,34 @@ class Gateway:
                     raise OpenAIError(503, f"Starting model '{model}' on cluster '{target.cluster}' endpoint "
                                            f"'{target.endpoint}' failed: {self.router.health_of(target).last_error}",
                                       type="api_error", code="engine_start_failed")
-        return {"model": model, "cluster": target.cluster, "endpoint": target.endpoint,
-                "state": self.router.state_of(target), "started": started,
-                "expected_s": round(self.router.wait_of(target), 1)}
+        return WarmReply(model=model, cluster=target.cluster, endpoint=target.endpoint,
+                         state=self.router.state_of(target), started=started,
+                         expected_s=round(self.router.wait_of(target), 1))
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self) -> ModelList:
         """The OpenAI model list, each model once, with where it is served."""
         await self.refresh_catalog()
         return self._listing()
 
-    def _listing(self) -> dict[str, Any]:
+    def _listing(self) -> ModelList:
         """Each model once, where it is served and its state there as last read (``unknown`` before the first
         reading): no endpoint is probed on this path, which clients call before every prompt."""
-        return {"object": "list", "data": [self._model_entry(model_id, targets)
-                                           for model_id, targets in self.router.catalog.items()]}
+        return ModelList(object="list", data=[self._model_entry(model_id, targets)
+                                              for model_id, targets in self.router.catalog.items()])
 
-    def _model_entry(self, model_id: str, targets: list[Target]) -> dict[str, Any]:
+    def _model_entry(self, model_id: str, targets: list[Target]) -> ModelEntry:
         """One model as the listing shows it: an OpenAI Model object, with its capabilities, state and places."""
-        served = [{"cluster": t.cluster, "endpoint": t.endpoint, "state": self.router.state_of(t)} for t in targets]
-        known = [s["state"] for s in served if s["state"] in MODEL_STATES]
+        served = [ServedBy(cluster=t.cluster, endpoint=t.endpoint, state=self.router.state_of(t)) for t in targets]
+        known = [s.state for s in served if s.state in MODEL_STATES]
         details = next((found for t in targets if (found := t.backend.model_details(model_id))), None)
-        entry = {"id": model_id, "object": "model", "created": self._created, "owned_by": "first",
-                 "capabilities": model_capabilities(self.router.capabilities(model_id), details),
-                 "state": min(known, key=MODEL_STATES.index, default="unknown"), "served_by": served}
+        entry = ModelEntry(id=model_id, object="model", created=self._created, owned_by="first",
+                           capabilities=model_capabilities(self.router.capabilities(model_id), details),
+                           state=min(known, key=MODEL_STATES.index, default="unknown"), served_by=served)
         if details:
-            entry["details"] = details
+            entry.details = details
         return entry
 
-    async def model(self, model_id: str) -> dict[str, Any]:
+    async def model(self, model_id: str) -> ModelEntry:
         """One model as the listing shows it (``GET /v1/models/{id}``, the OpenAI SDK's ``models.retrieve``);
         the 404 that lists the served models for an id served nowhere."""
         check_model_name(model_id)
@@ -868,50 +886,54 @@ class Gateway:
         self.default_model = model
         return model
 
-    async def usage_summary(self, user: str | None = None) -> dict[str, Any]:
+    async def usage_summary(self, user: str | None = None) -> UsageSummary:
         """Requests, tokens and latency per model, from the usage store (recent requests included); ``user``: that
         user's requests only (a shared gateway's users each see their own)."""
         rows = await self.usage.per_model(user)
-        return {"object": "list", "data": [dict(zip(PER_MODEL_KEYS, row, strict=True)) for row in rows],
-                **({"user": user} if user is not None else {})}
+        summary = UsageSummary(object="list", data=[UsageRow.model_validate(dict(zip(PER_MODEL_KEYS, row, strict=True)))
+                                                    for row in rows])
+        if user is not None:
+            summary.user = user
+        return summary
 
     async def usage_by_user(self) -> dict[str, Any]:
         """Requests and tokens per user and model: a shared gateway's accounting, for its operators."""
         rows = await self.usage.per_user()
         return {"object": "list", "data": [dict(zip(PER_USER_KEYS, row, strict=True)) for row in rows]}
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> StatusReply:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
         await self.refresh_catalog()
-        endpoints = await self._statuses(self.backends)
-        self._observe(endpoints)
-        models = self._listing()["data"]  # just read: every state is known
-        for backend, endpoint in zip(self.backends, endpoints, strict=True):
+        readings = await self._statuses(self.backends)
+        self._observe(readings)
+        endpoints = []
+        for backend, endpoint in zip(self.backends, readings, strict=True):
             health = self.router.health_of_backend(backend)
-            endpoint["router"] = {"in_flight": health.in_flight, "ttft_ms": round(health.ttft_s * 1000, 1),
-                                  "failures": health.failures, "last_error": health.last_error,
-                                  "allowed": health.forbidden_until <= self.router.clock(),
-                                  "circuit": "open" if health.open_until > self.router.clock() else "closed",
-                                  "expected_start_s": round(health.start_s, 1)}
-        return {"default_model": self.default_model, "models": models, "endpoints": endpoints,
-                "clusters": sorted(self.config.clusters), "auth": await self.signed_in(),
-                "callbacks": {"open_streams": len(self.callbacks.tasks()), "accepted": self.callbacks.accepted,
-                              "refused": self.callbacks.refused, "url": self.own_callback_url()},
-                "background": self.supervisor.status()}
+            endpoints.append(EndpointStatus.model_validate({**endpoint, "router": RouterHealth(
+                in_flight=health.in_flight, ttft_ms=round(health.ttft_s * 1000, 1), failures=health.failures,
+                last_error=health.last_error, allowed=health.forbidden_until <= self.router.clock(),
+                circuit="open" if health.open_until > self.router.clock() else "closed",
+                expected_start_s=round(health.start_s, 1))}))
+        return StatusReply(
+            default_model=self.default_model, models=self._listing().data,  # just read: every state is known
+            endpoints=endpoints, clusters=sorted(self.config.clusters), auth=await self.signed_in(),
+            callbacks=CallbackCounts(open_streams=len(self.callbacks.tasks()), accepted=self.callbacks.accepted,
+                                     refused=self.callbacks.refused, url=self.own_callback_url()),
+            background=BackgroundFailures.model_validate(self.supervisor.status()))
 
     # -- the user's Globus identity (blocking work: sources read files, the hub, Globus Auth) ----------------
 
-    async def signed_in(self) -> dict[str, Any]:
+    async def signed_in(self) -> SignIn:
         """Who is signed in, with which source and until when; never a token."""
-        return await asyncio.to_thread(self.auth.whoami)
+        return SignIn.model_validate(await asyncio.to_thread(self.auth.whoami))
 
     async def login_start(self) -> dict[str, str]:
         return {"url": await asyncio.to_thread(self._auth_call, self.auth.login_start)}
 
-    async def login_finish(self, code: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self._auth_call, self.auth.login_finish, code)
+    async def login_finish(self, code: str) -> SignIn:
+        return SignIn.model_validate(await asyncio.to_thread(self._auth_call, self.auth.login_finish, code))
 
-    async def logout(self) -> dict[str, Any]:
+    async def logout(self) -> SignIn:
         await asyncio.to_thread(self.auth.logout)
         return await self.signed_in()
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote
 
-import orjson
-
+from first_jupyter.api_types import ApiObject, json_body
 from first_jupyter.batch.service import Batches
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.api import (
@@ -171,8 +170,8 @@ class GatewayApp:
                               code="host_not_allowed")
 
     @staticmethod
-    def _json(exchange: Exchange, payload: Any) -> None:
-        exchange.respond(200, {"Content-Type": JSON}, orjson.dumps(payload))
+    def _json(exchange: Exchange, payload: ApiObject | dict[str, Any] | list[Any]) -> None:
+        exchange.respond(200, {"Content-Type": JSON}, json_body(payload))
 
     @staticmethod
     async def _send_file(path: Path, exchange: Exchange) -> None:

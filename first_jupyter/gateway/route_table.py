@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
+from first_jupyter.api_types import ApiObject, SignIn
 from first_jupyter.batch.upload import Upload
 from first_jupyter.gateway import anthropic, api
 from first_jupyter.gateway.answers import Completed, Relayed
@@ -39,7 +40,7 @@ class Bare:
     status: int
 
 
-Answer = dict[str, Any] | list[Any] | Completed | Relayed | Path | Bare
+Answer = ApiObject | dict[str, Any] | list[Any] | Completed | Relayed | Path | Bare
 
 
 class Door(Protocol):
@@ -61,7 +62,7 @@ class Door(Protocol):
         """Refuse (403) a caller who may not change the default model, which every client of the gateway uses."""
         ...
 
-    async def whoami(self) -> dict[str, Any] | None:
+    async def whoami(self) -> SignIn | None:
         """Who is signed in, where the door knows it itself (the shared gateway: the caller's identity); None to
         ask the gateway (a user's own server: its Globus sign-in)."""
         ...

@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from jupyter_server.auth.identity import User
 from jupyter_server.auth.utils import HTTP_METHOD_TO_AUTH_ACTION
@@ -35,6 +34,7 @@ from tornado import web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
+from first_jupyter.api_types import ApiObject, SignIn, json_body
 from first_jupyter.batch.service import Batches
 from first_jupyter.gateway import api
 from first_jupyter.gateway.answers import Completed, Relayed
@@ -188,9 +188,9 @@ class GatewayDoor(web.RequestHandler):
         self.content_type = content_type
         self.set_header("Content-Type", content_type)
 
-    def write_json(self, payload: Any) -> None:
+    def write_json(self, payload: ApiObject | dict[str, Any] | list[Any]) -> None:
         self.set_header("Content-Type", api.JSON)
-        self.finish(orjson.dumps(payload))
+        self.finish(json_body(payload))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """An OpenAIError is an answer, not a crash: no traceback in the server log."""
@@ -262,7 +262,7 @@ class GatewayDoor(web.RequestHandler):
     def check_default_change(self) -> None:
         """Refuse (403) a caller who may not change the default model, which every client of the gateway uses."""
 
-    async def whoami(self) -> dict[str, Any] | None:
+    async def whoami(self) -> SignIn | None:
         """Who is signed in, where the door knows it itself; None: the gateway's Globus sign-in says."""
         return None
 

@@ -10,11 +10,11 @@ request leaves one JSON access-log line: inference requests through their usage 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import orjson
 from tornado import web
 
+from first_jupyter.api_types import SignIn
 from first_jupyter.batch.service import Batches
 from first_jupyter.gateway.shared import SharedCaller, SharedPolicy
 from first_jupyter.gateway.shared_state import HEALTH_RETRY_AFTER_S
@@ -85,12 +85,12 @@ class SharedHandler(GatewayDoor):
                                    "every user; name the model in your requests instead.",
                               type="permission_error", code="not_an_admin")
 
-    async def whoami(self) -> dict[str, Any]:
+    async def whoami(self) -> SignIn:
         assert self._caller is not None
         who = self._caller.identity
-        return {"signed_in": True, "username": who.username, "id": who.id, "service": who.service,
-                "groups": len(who.groups), "admin": self.policy.is_admin(who),
-                "expires_at": who.expires_at}
+        return SignIn.model_validate({"signed_in": True, "username": who.username, "id": who.id,
+                                      "service": who.service, "groups": len(who.groups),
+                                      "admin": self.policy.is_admin(who), "expires_at": who.expires_at})
 
     def signs_in(self) -> bool:
         """Callers sign in with Globus on their side and bring their tokens."""

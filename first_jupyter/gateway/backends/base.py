@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from first_jupyter.gateway.audio import FormBody
 from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability, OpenAIError
+
+if TYPE_CHECKING:
+    from first_jupyter.api_types import PublishedDetails
 
 RequestBody = bytes | FormBody
 """A request as sent to an engine: JSON bytes, or an audio form from its spool."""
@@ -68,9 +71,9 @@ class Backend(Protocol):
         """Whether this endpoint can serve ``capability`` for the model (its engine may lack a route)."""
         ...
 
-    def model_details(self, model_id: str) -> dict[str, Any]:
+    def model_details(self, model_id: str) -> PublishedDetails | None:
         """What the upstream says of the model beyond its id (a FIRST gateway's display name, capabilities,
-        context window, token limits), for ``/v1/models``; empty where it says nothing."""
+        context window, token limits), for ``/v1/models``; None where it says nothing."""
         ...
 
     async def complete(self, model_id: str, capability: Capability, body: RequestBody) -> Reply:

@@ -37,6 +37,7 @@ from first_jupyter.remote.inference import (
 from first_jupyter.remote.launcher import EngineKind, engine_keeps_responses, engine_serves
 
 if TYPE_CHECKING:
+    from first_jupyter.api_types import PublishedDetails
     from first_jupyter.gateway.scheduler_view import SchedulerReader
 
 SUBMIT_LIMIT_BYTES = 10 * 1000 * 1000
@@ -181,8 +182,8 @@ class ComputeBackend:
         model = self._models[model_id]
         return self._upstream_name or model.upstream_name or model.id
 
-    def model_details(self, model_id: str) -> dict[str, Any]:
-        return {}
+    def model_details(self, model_id: str) -> PublishedDetails | None:
+        return None
 
     def supports(self, model_id: str, capability: Capability) -> bool:
         return capability in self._models[model_id].capabilities and (

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from first_jupyter.api_types import PublishedDetails
 from first_jupyter.config import FirstGatewayEndpoint, ModelConfig
 from first_jupyter.gateway.backends.base import RequestBody
 from first_jupyter.gateway.backends.http import STATUS_TIMEOUT, HttpBackend
@@ -104,27 +105,22 @@ _UP: TypeAdapter[dict[str, bool]] = TypeAdapter(dict[str, bool])
 maintenance)."""
 
 
-class _ModelDetails(BaseModel):
+class _ModelDetails(PublishedDetails):
     """One entry of ``GET /{cluster}/models``: FIRST's ``BaseEndpoint.build_model_details``
     (resource_server_async/endpoints/endpoint.py, with ``MODEL_DETAILS_KEYS``; views/core.py ``get_models``):
     the id, then what the facility published of the model. Only these public keys are kept."""
 
     model_config = ConfigDict(extra="ignore")
     id: str
-    display_name: str | None = None
-    description: str | None = None
-    capabilities: dict[str, Any] | None = None
-    """``api_protocols``, ``streaming``, ``tool_calling``, ``context_window_tokens``, ``input_modalities``..."""
-    rate_limit_token_per_minute: int | None = None
-    rate_limit_token_per_minute_per_user: int | None = None
 
 
 _DETAILS: TypeAdapter[list[_ModelDetails]] = TypeAdapter(list[_ModelDetails])
 
 
-def parse_details(data: Any) -> dict[str, dict[str, Any]]:
+def parse_details(data: Any) -> dict[str, PublishedDetails]:
     """Model id → its published details (only the keys it has). Raises ``ValidationError`` for another shape."""
-    return {entry.id: entry.model_dump(exclude={"id"}, exclude_none=True) for entry in _DETAILS.validate_python(data)}
+    return {entry.id: PublishedDetails.model_validate(entry.model_dump(exclude={"id"}, exclude_none=True))
+            for entry in _DETAILS.validate_python(data)}
 
 
 def in_band_error(event: bytes, where: str) -> OpenAIError | None:
@@ -245,7 +241,7 @@ class FirstGatewayBackend(HttpBackend):
         """Why the last discovery failed; None after a success."""
         self._states: dict[tuple[str, str, str], str] = {}
         """(cluster, framework, model) → job state, from the last status read."""
-        self._details: dict[str, dict[str, Any]] = {}
+        self._details: dict[str, PublishedDetails] = {}
         """Model id → what ``{cluster}/models`` publishes of it (kept from the last reading that worked)."""
 
     async def call(self, method: str, path: str, query: str, body: bytes | None) -> Reply:
@@ -319,7 +315,7 @@ class FirstGatewayBackend(HttpBackend):
         self.discovered_at = time.monotonic()
         return sorted(catalog)
 
-    async def _cluster_details(self, cluster: str) -> dict[str, dict[str, Any]]:
+    async def _cluster_details(self, cluster: str) -> dict[str, PublishedDetails]:
         """What one remote cluster publishes of its models; nothing when it cannot be read (an older gateway
         without the route, say): the details add to the catalog, and never hold it back."""
         try:
@@ -328,8 +324,9 @@ class FirstGatewayBackend(HttpBackend):
             log.info("%s: no model details from %s/models (%s)", self.where, cluster, exc.message)
             return {}
 
-    def model_details(self, model_id: str) -> dict[str, Any]:
-        return self._details.get(model_id, {})
+    def model_details(self, model_id: str) -> PublishedDetails | None:
+        found = self._details.get(model_id)
+        return found if found is not None and found.model_fields_set else None  # (published nothing)
 
     def _judged(self, error: OpenAIError) -> OpenAIError | None:
         """As any endpoint's, and FIRST's 408 (``request_timeout``, after its own 300 s wait for the model) is a

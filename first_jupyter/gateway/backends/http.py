@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -19,6 +19,9 @@ from first_jupyter.protocol import Capability, OpenAIError, json_kind
 from first_jupyter.transport.http_client import Reach, Url
 from first_jupyter.transport.proxies import ProxyError
 from first_jupyter.transport.tls import TlsSettingError, TlsSettings
+
+if TYPE_CHECKING:
+    from first_jupyter.api_types import PublishedDetails
 
 STATUS_TIMEOUT = 5.0
 SIGN_IN_AGAIN = (" The gateway refused your Globus sign-in: run `%first login` (or `first login` in a terminal) to "
@@ -122,8 +125,8 @@ class HttpBackend:
         model = self._models[model_id]
         return model.upstream_name or model.id
 
-    def model_details(self, model_id: str) -> dict[str, Any]:
-        return {}
+    def model_details(self, model_id: str) -> PublishedDetails | None:
+        return None
 
     def supports(self, model_id: str, capability: Capability) -> bool:
         return capability in self._models[model_id].capabilities

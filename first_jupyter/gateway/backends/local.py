@@ -13,7 +13,7 @@ import contextlib
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from first_jupyter.config import LocalEndpoint, ModelConfig
 from first_jupyter.gateway.backends.base import RequestBody
@@ -32,6 +32,9 @@ from first_jupyter.remote.launcher import (
     served_name,
     start_engine,
 )
+
+if TYPE_CHECKING:
+    from first_jupyter.api_types import PublishedDetails
 
 EngineState = Literal["stopped", "starting", "running", "failed"]
 
@@ -66,8 +69,8 @@ class LocalBackend:
     def upstream_name(self, model_id: str) -> str:
         return served_name(self.spec, self.engine)
 
-    def model_details(self, model_id: str) -> dict[str, Any]:
-        return {}
+    def model_details(self, model_id: str) -> PublishedDetails | None:
+        return None
 
     def supports(self, model_id: str, capability: Capability) -> bool:
         return engine_serves(self.engine, capability) and capability in self.model.capabilities
