@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 class ApiObject(BaseModel):
     """An answer of the gateway's own routes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # (the docstrings: the schema's)
 
     def to_json(self) -> bytes:
         """The answer as the door sends it; keys the builder left out stay out."""
@@ -42,7 +42,7 @@ def json_body(answer: ApiObject | dict[str, Any] | list[Any]) -> bytes:
 class OpenObject(ApiObject):
     """An object whose other keys are the facility's or an engine's own, passed on as they came."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
 
 # -- models -----------------------------------------------------------------------------------------------------

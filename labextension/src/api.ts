@@ -6,7 +6,7 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { describeFailure } from './model';
-import type { AuthInfo, Batch, StatusReply, UsageRow } from './model';
+import type { BatchPage, BatchReply, SignIn, StatusReply, UsageRow, UsageSummary } from './model';
 
 /** A call that failed, with its message already in plain words for the panel. */
 export class GatewayCallError extends Error {}
@@ -34,11 +34,11 @@ export class GatewayApi {
   }
 
   async usage(): Promise<UsageRow[]> {
-    return (await this.call<{ data: UsageRow[] }>('read the usage', 'api/usage')).data;
+    return (await this.call<UsageSummary>('read the usage', 'api/usage')).data;
   }
 
-  async batches(limit: number): Promise<Batch[]> {
-    return (await this.call<{ data: Batch[] }>('list the batches', `v1/batches?limit=${limit}`)).data;
+  async batches(limit: number): Promise<BatchReply[]> {
+    return (await this.call<BatchPage>('list the batches', `v1/batches?limit=${limit}`)).data;
   }
 
   async setDefaultModel(model: string): Promise<string> {
@@ -53,7 +53,7 @@ export class GatewayApi {
     return this.call(`warm up ${model}`, `api/models/${encodeURIComponent(model)}/warm`, { method: 'POST', body });
   }
 
-  cancelBatch(id: string): Promise<Batch> {
+  cancelBatch(id: string): Promise<BatchReply> {
     return this.call(`cancel batch ${id}`, `v1/batches/${encodeURIComponent(id)}/cancel`, { method: 'POST' });
   }
 
@@ -61,12 +61,12 @@ export class GatewayApi {
     return (await this.call<{ url: string }>('start the Globus sign-in', 'api/login', { method: 'POST' })).url;
   }
 
-  loginFinish(code: string): Promise<AuthInfo> {
+  loginFinish(code: string): Promise<SignIn> {
     return this.call('finish the Globus sign-in', 'api/login/code',
       { method: 'POST', body: JSON.stringify({ code }) });
   }
 
-  logout(): Promise<AuthInfo> {
+  logout(): Promise<SignIn> {
     return this.call('sign out', 'api/logout', { method: 'POST' });
   }
 }

@@ -1,82 +1,42 @@
 /**
  * The panel's data logic, free of JupyterLab and the DOM so that it is unit-tested on its own: the gateway's
- * answers (`/first/api/status`, `usage`, `/first/v1/batches`) turned into what the panel shows.
+ * answers (`/first/api/status`, `usage`, `/first/v1/batches`) turned into what the panel shows. The answers' types
+ * are generated from the gateway's models (`api-types.generated.ts`, by `scripts/gen_types.py`).
  */
+
+import type {
+  BatchReply,
+  EndpointStatus,
+  ModelDownload,
+  PublishedDetails,
+  RemoteCluster,
+  ServedBy,
+  SignIn,
+  StatusReply,
+  UsageRow
+} from './api-types.generated';
+
+export type {
+  BatchPage,
+  BatchReply,
+  EndpointStatus,
+  ModelDownload,
+  ModelEntry,
+  PublishedDetails,
+  RemoteCluster,
+  ServedBy,
+  SignIn,
+  StatusReply,
+  UsageRow,
+  UsageSummary
+} from './api-types.generated';
 
 export const MODEL_STATES = ['hot', 'starting', 'queued', 'cold', 'offline'] as const;
 export type ModelState = (typeof MODEL_STATES)[number];
 
-export interface ServedBy {
-  cluster: string;
-  endpoint: string;
-  state: ModelState;
-}
-
 /** How a FIRST gateway says a model calls tools: a flag, or an object with one. */
 export interface ToolCalling {
   supported?: boolean;
-}
-
-/** The `capabilities` a FIRST gateway publishes of a model (its endpoint's config, `GET /{cluster}/models`). */
-export interface PublishedCapabilities {
-  api_protocols?: string[];
-  streaming?: boolean;
-  tool_calling?: boolean | ToolCalling;
-  context_window_tokens?: number;
-  input_modalities?: string[];
-}
-
-/** A model's `details` in the model list: what a FIRST gateway publishes of it (only its public keys). */
-export interface PublishedDetails {
-  display_name?: string;
-  description?: string;
-  capabilities?: PublishedCapabilities;
-  rate_limit_token_per_minute?: number;
-  rate_limit_token_per_minute_per_user?: number;
-}
-
-export interface ModelInfo {
-  id: string;
-  /** What the gateway routes to the model (`api_protocols`: chat, completions, ...), in FIRST's shape. */
-  capabilities?: PublishedCapabilities & { schema_version?: number };
-  state: ModelState;
-  served_by: ServedBy[];
-  details?: PublishedDetails;
-}
-
-/** One cluster of a FIRST gateway, as the status of our `first` endpoint in front of it says. */
-export interface RemoteCluster {
-  /** The models it serves. */
-  models?: string[];
-  /** `read`, or why its jobs could not be read. */
-  jobs: string;
-  /** Whether FIRST's `GET /status` says it is under maintenance; absent when that could not be read. */
-  maintenance?: boolean;
-  /** What its scheduler says (FIRST's `cluster_status`: free nodes, queued jobs...), as the facility fills it. */
-  scheduler?: Record<string, unknown>;
-}
-
-export interface EndpointInfo {
-  cluster: string;
-  endpoint: string;
-  kind?: string;
-  state: string;
-  error?: string | null;
-  router?: { in_flight?: number; ttft_ms?: number; failures?: number; last_error?: string | null };
-  /** For an endpoint in front of a FIRST gateway (`kind: first`): that gateway's clusters. */
-  remote_clusters?: Record<string, RemoteCluster>;
-  /** The embedded default's model being fetched from the hub into the data dir (`model_download.py`). */
-  download?: ModelDownload;
-  /** What the gateway says of the endpoint's model (the tiny offline model served, and why). */
-  note?: string | null;
-}
-
-export interface ModelDownload {
-  repo: string;
-  state: 'waiting' | 'downloading' | 'done' | 'failed';
-  done_bytes: number;
-  total_bytes: number;
-  error?: string | null;
 }
 
 /** A model's download as the panel draws it: a bar (null while its size is unknown) and a line of words. */
@@ -84,48 +44,6 @@ export interface DownloadView {
   endpoint: string;
   fraction: number | null;
   label: string;
-}
-
-export interface TokenInfo {
-  expires_at?: number | null;
-  expired?: boolean;
-  refreshable?: boolean;
-}
-
-export interface AuthInfo {
-  signed_in: boolean;
-  source: string | null;
-  identity: Record<string, string> | null;
-  tokens: Record<string, TokenInfo>;
-  help?: string;
-}
-
-export interface StatusReply {
-  default_model: string | null;
-  models: ModelInfo[];
-  endpoints: EndpointInfo[];
-  clusters: string[];
-  auth: AuthInfo;
-}
-
-export interface UsageRow {
-  model: string;
-  requests: number;
-  errors: number;
-  prompt_tokens: number;
-  completion_tokens: number;
-  mean_latency_ms: number | null;
-  last_latency_ms?: number | null;
-  last_used: number | null;
-}
-
-export interface Batch {
-  id: string;
-  status: string;
-  endpoint: string;
-  created_at: number;
-  request_counts?: { total?: number; completed?: number; failed?: number } | null;
-  metadata?: Record<string, string> | null;
 }
 
 /** The FIRST clusters under maintenance that serve a model; `all` when no other FIRST cluster serves it. */
@@ -230,8 +148,8 @@ export function downloadView(endpoint: string, download: ModelDownload): Downloa
 
 /** The FIRST clusters that serve `model` behind this cluster's endpoints, each with what its status says. */
 function remoteClusters(model: string, cluster: string, endpoints: ServedBy[],
-                        status: StatusReply): [string, RemoteCluster, EndpointInfo][] {
-  const found: [string, RemoteCluster, EndpointInfo][] = [];
+                        status: StatusReply): [string, RemoteCluster, EndpointStatus][] {
+  const found: [string, RemoteCluster, EndpointStatus][] = [];
   for (const where of endpoints) {
     const info = status.endpoints.find(e => e.cluster === cluster && e.endpoint === where.endpoint);
     for (const [name, remote] of Object.entries(info?.remote_clusters ?? {})) {
@@ -243,7 +161,7 @@ function remoteClusters(model: string, cluster: string, endpoints: ServedBy[],
   return found;
 }
 
-function maintenanceOf(remotes: [string, RemoteCluster, EndpointInfo][]): Maintenance | null {
+function maintenanceOf(remotes: [string, RemoteCluster, EndpointStatus][]): Maintenance | null {
   const down = remotes.filter(([, remote]) => remote.maintenance === true).map(([name]) => name);
   return down.length ? { clusters: down, all: down.length === remotes.length } : null;
 }
@@ -355,7 +273,7 @@ function flag(value: unknown): boolean | null {
  * A model's published details in words. The facility writes them, so each is shown only when it has the type
  * FIRST documents: a value of another shape is left out rather than shown wrong.
  */
-export function publishedView(details: PublishedDetails | undefined): PublishedView | null {
+export function publishedView(details: PublishedDetails | null | undefined): PublishedView | null {
   if (!details) {
     return null;
   }
@@ -457,7 +375,7 @@ export interface BatchView {
 }
 
 /** A batch as a progress row: answered (completed or failed) out of the total, and whether Cancel applies. */
-export function batchView(batch: Batch): BatchView {
+export function batchView(batch: BatchReply): BatchView {
   const counts = batch.request_counts ?? {};
   const total = counts.total ?? 0;
   const failed = counts.failed ?? 0;
@@ -518,13 +436,13 @@ const SOURCE_NAMES: Record<string, string> = {
 };
 
 /** Who is signed in, through what and until when, from the status's `auth` (as `/first/api/whoami`: never a token). */
-export function signInView(auth: AuthInfo, nowSeconds: number): SignInView {
+export function signInView(auth: SignIn, nowSeconds: number): SignInView {
   if (!auth.signed_in) {
     return { signedIn: false, who: '', source: '', expiry: '', help: auth.help ?? '' };
   }
   const identity = auth.identity ?? {};
   const who = identity.preferred_username || identity.name || identity.email || identity.sub || 'unknown identity';
-  const tokens = Object.values(auth.tokens);
+  const tokens = Object.values(auth.tokens ?? {}); // (none in a shared gateway's answer: its caller's identity)
   const expiries = tokens.map(t => t.expires_at).filter((t): t is number => typeof t === 'number');
   let expiry = '';
   if (tokens.length && tokens.every(t => t.expired && !t.refreshable)) {

@@ -17,7 +17,7 @@ import {
   modelDetails,
   signInView
 } from './model';
-import type { Batch, ClusterModel, Fact, ModelDetails, StatusReply, UsageRow } from './model';
+import type { BatchReply, ClusterModel, Fact, ModelDetails, StatusReply, UsageRow } from './model';
 
 export interface PanelOptions {
   refreshSeconds: number;
@@ -101,7 +101,7 @@ export class FirstPanel extends Widget {
   private options: PanelOptions;
   private status: StatusReply | null = null;
   private usage: UsageRow[] = [];
-  private batches: Batch[] = [];
+  private batches: BatchReply[] = [];
   private readonly expanded = new Set<string>();
   private timer: number | null = null;
   private refreshing: Promise<void> | null = null;
