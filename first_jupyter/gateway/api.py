@@ -9,11 +9,10 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
-from first_jupyter.api_types import SignIn
+from first_jupyter.api_types import SignIn, WarmReply
 from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.answers import Completed, Relayed
@@ -137,7 +136,7 @@ def requested_model(body: bytes) -> str:
 
 
 async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None, *,
-                     progress: bool = False) -> dict[str, Any] | Relayed:
+                     progress: bool = False) -> WarmReply | Relayed:
     """Start a model ahead of need (for ``caller``, at a shared gateway); the body may name a ``cluster`` and
     ask to ``wait`` until it answers, telling the start's progress meanwhile when asked (``progress``)."""
     try:

@@ -40,7 +40,9 @@ class Bare:
     status: int
 
 
-Answer = ApiObject | dict[str, Any] | list[Any] | Completed | Relayed | Path | Bare
+Whole = ApiObject | dict[str, Any] | list[Any] | Completed | Path | Bare
+"""An answer the door sends whole (a ``Relayed`` one is written as it comes)."""
+Answer = Whole | Relayed
 
 
 class Door(Protocol):

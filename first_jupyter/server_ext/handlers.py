@@ -40,12 +40,12 @@ from first_jupyter.gateway import api
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.route_table import (
-    Answer,
     Bare,
     Call,
     ErrorBody,
     Route,
     Spool,
+    Whole,
     body_sink,
     method_not_allowed,
     paths,
@@ -532,7 +532,7 @@ class OpenTableRoute(TableRoute):
         await self._serve(*params)
 
 
-async def answer_across(route: Route, call: Call, client: ClientRelay | None) -> Answer | None:
+async def answer_across(route: Route, call: Call, client: ClientRelay | None) -> Whole | None:
     """On the gateway's loop: answer the request; a stream is relayed into ``client`` here (None is returned),
     anything else is returned for the handler to send.
 
