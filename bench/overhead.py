@@ -483,7 +483,9 @@ def render(figures: dict[str, Any], settings: Settings) -> str:
     for name, label in (("http", "http upstream"), ("https", "https upstream (test CA)"),
                         ("proxy", "through tinyproxy (http)")):
         f = figures["transports"][name]
-        lines.append(f"  {label:<26} {f['server_cpu_ms_per_req']:>7.3f} ms ({f['server_cpu_ms_per_req'] / http:>4.2f}x)"
+        # a tiny run's CPU times can read zero (the clock's tick is longer than the run's work): no ratio then
+        ratio = f"{f['server_cpu_ms_per_req'] / http:>4.2f}x" if http > 0 else "  n/a"
+        lines.append(f"  {label:<26} {f['server_cpu_ms_per_req']:>7.3f} ms ({ratio})"
                      f"  p50 {f['p50_ms']:>7.3f} ms  {f['req_per_s']:>6.0f} req/s")
     lines += [
         "",
