@@ -156,7 +156,12 @@ async def test_requests_follow_the_hot_endpoint_fail_over_when_it_dies_and_wait_
         # the start it saw, learned: read unrounded from the router, since a start of about 20 s (the configured
         # guess) moves the figure by less than the status's rounding shows
         alpha = next(b for b in first_ext.gateway.backends if b.cluster == "alpha")
-        assert first_ext.gateway.router.health_of_backend(alpha).start_s != 20.0
+
+        async def learned() -> bool:
+            return first_ext.gateway.router.health_of_backend(alpha).start_s != 20.0
+
+        # the start's own task (its probe) may end after the requests it let through were answered: wait for it
+        await _until(learned)
 
         # the hot one serves, the cold one stays cold
         assert await asyncio.gather(*(_ask(client) for _ in range(3))) == ["alpha"] * 3
