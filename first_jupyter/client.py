@@ -86,11 +86,12 @@ class InProcessGateway:
         from first_jupyter.transport.http_server import listening_socket
 
         data_dir = default_data_dir()
+        log = _file_log(data_dir / "logs" / "gateway.log")  # first: building the gateway may log already
         gateway = build_gateway(load_config(None, data_dir), data_dir)
         self.api_key = "first-" + secrets.token_urlsafe(32)
         sock = listening_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/first/v1"
-        app = GatewayApp(gateway, key=self.api_key, log=_file_log(data_dir / "logs" / "gateway.log"))
+        app = GatewayApp(gateway, key=self.api_key, log=log)
         self.service: GatewayService = GatewayService(gateway, app, sock, "first-gateway-in-process")
         atexit.register(self.close)
         _close_on_sigterm(self.close)
@@ -120,15 +121,19 @@ def _close_on_sigterm(close: Callable[[], None]) -> None:
 
 def _file_log(path: Path) -> logging.Logger:
     """The in-process gateway's log, in a file: in a notebook, log lines on stderr would land in cell outputs
-    beside the one-line errors the caller already shows."""
+    beside the one-line errors the caller already shows. The package's own loggers write there too (a module's
+    warning, such as the offline model's note, would otherwise reach stderr through Python's last resort)."""
     log = logging.getLogger("first_jupyter.in_process")
     if not log.handlers:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+        package = logging.getLogger("first_jupyter")
+        if not package.handlers:
+            package.addHandler(handler)
     return log
 
 
