@@ -10,6 +10,7 @@ user and their engine. An engine's own 400 reaches the client as the engine said
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -328,3 +329,18 @@ def parse_request(capability: Capability, raw: bytes) -> ParsedRequest:
                                '{"model": "...", "messages": [...]}.', code="invalid_json")
     check_request(capability, data)
     return ParsedRequest(capability, data, raw)
+
+
+def list_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """One page of an OpenAI list (files, batches, a response's input items), its ids for the next page's ``after``."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def page_limit(query: Mapping[str, str], default: int, most: int) -> int:
+    """A list route's ``limit`` query parameter, from 1 to ``most``; a 400 naming it otherwise."""
+    given = query.get("limit", str(default))
+    if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= most:  # not '²', which int() refuses
+        raise OpenAIError(400, f"limit must be a whole number from 1 to {most}; it is {shown(given)}.", param="limit")
+    return int(given)
+

@@ -25,7 +25,7 @@ from first_jupyter.batch.store import FINAL_STATES, Store, StoredFile, new_id
 from first_jupyter.batch.upload import Upload
 from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.config import BatchDefaults
-from first_jupyter.protocol import OpenAIError, shown
+from first_jupyter.protocol import OpenAIError, list_page, page_limit, shown
 
 if TYPE_CHECKING:
     from first_jupyter.caller import Caller
@@ -36,18 +36,6 @@ _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 7 * 86400
 MAX_METADATA = 16
-
-
-def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
-
-
-def _limit(query: Mapping[str, str], default: int, most: int) -> int:
-    given = query.get("limit", str(default))
-    if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= most:  # not '²', which int() refuses
-        raise OpenAIError(400, f"limit must be a whole number from 1 to {most}; it is {shown(given)}.", param="limit")
-    return int(given)
 
 
 def _window_s(window: Any) -> int:
@@ -99,9 +87,9 @@ class Batches:
         order = query.get("order", "desc")
         if order not in ("asc", "desc"):
             raise OpenAIError(400, f"order must be 'asc' or 'desc'; it is {shown(order)}.", param="order")
-        found, more = self.store.files(query.get("purpose"), query.get("after"), _limit(query, 10_000, 10_000),
+        found, more = self.store.files(query.get("purpose"), query.get("after"), page_limit(query, 10_000, 10_000),
                                        newest_first=order == "desc")
-        return _page([f.to_json() for f in found], more)
+        return list_page([f.to_json() for f in found], more)
 
     def file(self, file_id: str) -> StoredFile:
         found = self.store.file(file_id)
@@ -164,8 +152,8 @@ class Batches:
         return answer
 
     def batches(self, query: Mapping[str, str]) -> BatchPage:
-        found, more = self.store.batches(query.get("after"), _limit(query, 20, 100))
-        return BatchPage.model_validate(_page([self._live(b) for b in found], more))
+        found, more = self.store.batches(query.get("after"), page_limit(query, 20, 100))
+        return BatchPage.model_validate(list_page([self._live(b) for b in found], more))
 
     def batch(self, batch_id: str) -> BatchReply:
         return BatchReply.model_validate(self._found(batch_id))

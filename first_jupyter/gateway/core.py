@@ -1000,7 +1000,8 @@ class Gateway:
                        tried: Attempts | None = None) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send. ``tried``: to follow
         where it goes (``heard``)."""
-        req = await self._continued(req, caller)
+        if req.capability is Capability.responses:  # (no coroutine on the path of every other request)
+            req = await self._continued(req, caller)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = tried or Attempts()
@@ -1047,7 +1048,8 @@ class Gateway:
 
     async def stream(self, req: ParsedRequest, caller: Caller | None = None) -> GatewayStream:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
-        req = await self._continued(req, caller)
+        if req.capability is Capability.responses:
+            req = await self._continued(req, caller)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = Attempts()

@@ -32,7 +32,7 @@ import orjson
 
 from first_jupyter.gateway.queued_writer import QueuedWriter, json_available
 from first_jupyter.gateway.supervisor import Supervisor
-from first_jupyter.protocol import OpenAIError, json_kind, shown
+from first_jupyter.protocol import OpenAIError, json_kind, list_page, page_limit, shown
 from first_jupyter.sqlite_wal import use_wal
 
 if TYPE_CHECKING:
@@ -246,13 +246,8 @@ def answer_from_copy(copy: KeptCopy, method: str, action: str, query: dict[str, 
     if after is not None:
         ids = [item.get("id") for item in items]
         items = items[ids.index(after) + 1:] if after in ids else []
-    raw_limit = query.get("limit", str(INPUT_ITEMS_LIMIT[0]))
-    if not raw_limit.isascii() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= INPUT_ITEMS_LIMIT[1]:
-        raise OpenAIError(400, f"The query parameter 'limit' must be a whole number from 1 to {INPUT_ITEMS_LIMIT[1]}, "
-                               f"not {shown(raw_limit)}.", param="limit", code="invalid_value")
-    page = items[:int(raw_limit)]
-    return orjson.dumps({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)})
+    page = items[:page_limit(query, *INPUT_ITEMS_LIMIT)]
+    return orjson.dumps(list_page(page, len(items) > len(page)))
 
 
 def _input_items(copy: KeptCopy) -> list[dict[str, Any]]:
