@@ -175,7 +175,7 @@ class SignIn(OpenObject):
 
 
 class CallbackCounts(ApiObject):
-    """Remote streams' batches from nodes (``gateway.callbacks``)."""
+    """Remote streams' batches from nodes (``gateway.backends.compute.callbacks``)."""
 
     open_streams: int
     accepted: int

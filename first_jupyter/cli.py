@@ -35,7 +35,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from first_jupyter.server_ext.standalone import serve
+    from first_jupyter.serve.app import serve
 
     try:
         return serve(args.config)
@@ -312,7 +312,13 @@ def _endpoint_config(args: argparse.Namespace) -> int:
     """``first endpoint config``: exit 2 on a choice that cannot work, 1 when it would replace files."""
     import shlex
 
-    from first_jupyter.endpoint_config import EndpointConfigError, EndpointSpec, compute_dir, render, write_endpoint
+    from first_jupyter.gateway.backends.compute.endpoint_config import (
+        EndpointConfigError,
+        EndpointSpec,
+        compute_dir,
+        render,
+        write_endpoint,
+    )
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "endpoint_command", "func", "output",
                                                                  "force", "engine_args", "setup",

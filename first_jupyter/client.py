@@ -78,11 +78,10 @@ class InProcessGateway:
     """The gateway and its own HTTP server on a loopback port of this process, stopped at exit."""
 
     def __init__(self) -> None:
-        from first_jupyter.assembly import build_gateway
+        from first_jupyter.api.lean_door import GatewayApp
         from first_jupyter.config import load_config
-        from first_jupyter.gateway.lean_door import GatewayApp
-        from first_jupyter.gateway.service import GatewayService
         from first_jupyter.paths import default_data_dir
+        from first_jupyter.service import GatewayService, build_gateway
         from first_jupyter.transport.http_server import listening_socket
 
         data_dir = default_data_dir()

@@ -41,7 +41,7 @@ from tests.waiting import ENGINE_GUARD_S, eventually
 if TYPE_CHECKING:
     import responses
 
-    from first_jupyter.gateway.route_table import Route
+    from first_jupyter.api.route_table import Route
 
 pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.state_servers")
 

@@ -11,9 +11,9 @@ import pytest
 from yarl import URL
 
 from first_jupyter.config import load_config
-from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.usage import UsageRecord, UsageStore
 from first_jupyter.protocol import OpenAIError
+from first_jupyter.service import build_gateway
 from tests.conftest import Door, fake_cluster_config, server_config
 from tests.waiting import eventually_async
 
@@ -129,7 +129,7 @@ async def test_a_failing_background_task_is_logged_counted_in_status_and_goes_on
 async def test_usage_summary_gives_each_models_last_latency(fake_upstream, write_config, tmp_path):
     """The sidebar's "last latency": the newest request's, not the slowest or the first (times may repeat)."""
     data = tmp_path / "data"
-    gateway = Gateway(load_config(write_config(fake_cluster_config(fake_upstream)), data), data)
+    gateway = build_gateway(load_config(write_config(fake_cluster_config(fake_upstream)), data), data)
     rows = [("fake-model", 900.0), ("fake-embed", 15.0), ("fake-model", 120.0), ("fake-model", 340.0),
             ("fake-embed", 25.0)]
     for model, latency in rows:  # same time stamp for all: the order of arrival decides
@@ -145,18 +145,18 @@ async def test_the_default_model_survives_a_restart_while_it_is_still_served(fak
                                                                               tmp_path):
     config_file = write_config(fake_cluster_config(fake_upstream))
     data = tmp_path / "data"
-    first = Gateway(load_config(config_file, data), data)
+    first = build_gateway(load_config(config_file, data), data)
     assert first.default_model == "fake-model"
     await first.set_default_model("fake-embed")
     with pytest.raises(OpenAIError, match="does not exist here"):
         await first.set_default_model("gone-model")
     await first.close()
-    second = Gateway(load_config(config_file, data), data)
+    second = build_gateway(load_config(config_file, data), data)
     await second.close()
     assert second.default_model == "fake-embed"
 
     only_chat = fake_cluster_config(fake_upstream)
     only_chat["clusters"]["remote"]["endpoints"][0]["models"] = [{"id": "fake-model"}]
-    third = Gateway(load_config(write_config(only_chat), data), data)
+    third = build_gateway(load_config(write_config(only_chat), data), data)
     await third.close()
     assert third.default_model == "fake-model"

@@ -23,11 +23,12 @@ import orjson
 import pytest
 
 from bench.fake_upstream import serving_in_thread
+from first_jupyter.api import door_kit
 from first_jupyter.config import load_config
-from first_jupyter.gateway import api
+from first_jupyter.gateway.answers import Completed
 from first_jupyter.gateway.audio import FORM_OVERHEAD, AudioForm
-from first_jupyter.gateway.core import Completed, Gateway
 from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.service import build_gateway
 from tests.conftest import Door, fake_cluster_config, server_config
 
 MAX_AUDIO = 60 * 1024 * 1024
@@ -216,11 +217,11 @@ async def test_a_failover_sends_the_form_again_from_its_spool(fake_upstream, wri
         config = {"clusters": {"remote": {"backend": "http", "endpoints": [
             {"name": "broken", "base_url": f"{broken.url}/v1", "models": [WHISPER]},
             {"name": "fake", "base_url": f"{fake_upstream.url}/v1", "models": [WHISPER]}]}}}
-        gateway = Gateway(load_config(write_config(config), data), data)
+        gateway = build_gateway(load_config(write_config(config), data), data)
         form = AudioForm(content_type, data / "audio", MAX_AUDIO)
         form.feed(body)
         try:
-            answer = await api.start_form(gateway, Capability.transcriptions, form)
+            answer = await door_kit.start_form(gateway, Capability.transcriptions, form)
         finally:
             await gateway.close()
         tried = broken.last_request_body

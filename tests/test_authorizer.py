@@ -16,7 +16,7 @@ import pytest
 from jupyter_server.auth.authorizer import Authorizer
 from yarl import URL
 
-from first_jupyter.gateway.route_table import ROUTES, Route
+from first_jupyter.api.route_table import ROUTES, Route
 from first_jupyter.protocol import OpenAIError
 from tests.big_body import BIG, fixed, request_head, send_until_answered
 from tests.conftest import Door, example_path, fake_cluster_config, open_door, server_config

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from first_jupyter.assembly import build_gateway
-from first_jupyter.batch.service import Batches
+from first_jupyter.batch.batches import Batches
 from first_jupyter.config import ConfigError, parse_config
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import ParsedRequest
 from first_jupyter.remote import run_batch
+from first_jupyter.service import build_gateway
 from tests.test_compute_local import _processes_of, in_process_config
 from tests.waiting import ENGINE_GUARD_S
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 
 from bench.overhead import free_port
-from first_jupyter.assembly import build_gateway
 from first_jupyter.config import parse_config
+from first_jupyter.service import build_gateway
 from tests.conftest import fake_cluster_config, gate, held, jupyter_server_process
 
 LINES = 400

@@ -21,8 +21,8 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from bench.site_network import Tinyproxy, TlsCerts
-from first_jupyter.gateway.backends.compute import remote_summary
-from first_jupyter.gateway.callbacks import CALLBACK_PATH, CallbackHub
+from first_jupyter.gateway.backends.compute.backend import remote_summary
+from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub
 from first_jupyter.remote.inference import CallbackFailed, StreamCallback, stream_engine
 from first_jupyter.transport.proxies import is_loopback
 from tests.conftest import closed_port, serving_http

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
-from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
+from first_jupyter.gateway.backends.compute.callbacks import CallbackHub, RemoteStream
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.inference import sign, stream_engine
 from tests.conftest import fake_cluster_config, open_door, server_config

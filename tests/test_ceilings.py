@@ -16,6 +16,7 @@ from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.config import parse_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from tests.conftest import fake_cluster_config
 from tests.fake_compute_service import FakeComputeService
 from tests.test_compute_cloud import ENDPOINT, TOKEN, _node_config
@@ -52,7 +53,7 @@ async def _refused(gateway: Gateway, request: Any) -> OpenAIError:
 async def test_a_configured_ceiling_refuses_more_and_serves_up_to_it(vllm_like, tmp_path: Path, stream):
     config = fake_cluster_config(vllm_like)
     config["clusters"]["remote"]["endpoints"][0]["models"][0]["max_tokens"] = 100
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={})
     try:
         await gateway.status()  # the engine's own report (4096) is read, and the configured ceiling still rules
         for field in ("max_tokens", "max_completion_tokens"):
@@ -78,7 +79,7 @@ async def test_a_configured_ceiling_refuses_more_and_serves_up_to_it(vllm_like, 
 
 async def test_the_engines_reported_limit_is_the_ceiling_once_a_status_reading_has_seen_it(vllm_like,
                                                                                         tmp_path: Path):
-    gateway = Gateway(parse_config(fake_cluster_config(vllm_like), "test"), tmp_path, environ={})
+    gateway = build_gateway(parse_config(fake_cluster_config(vllm_like), "test"), tmp_path, environ={})
     try:
         assert json.loads((await gateway.complete(_chat(max_tokens=10**9))).body)["choices"]  # not read yet: none
         await gateway.status()
@@ -96,7 +97,7 @@ async def test_a_compute_endpoints_engine_reports_its_limit_when_it_is_started(r
     service.install(rsps, ENDPOINT)
     config = _node_config(vllm_like.port)
     config["clusters"]["hpc"]["endpoints"][0]["models"] = [{"id": "fake-model"}]
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         await gateway.warm("fake-model", wait=True)  # the start's health probe reads the engine's model list
         await gateway.status()
@@ -109,7 +110,7 @@ async def test_a_compute_endpoints_engine_reports_its_limit_when_it_is_started(r
 
 
 async def test_without_a_ceiling_anywhere_nothing_is_refused(fake_upstream, tmp_path: Path):
-    gateway = Gateway(parse_config(fake_cluster_config(fake_upstream), "test"), tmp_path, environ={})
+    gateway = build_gateway(parse_config(fake_cluster_config(fake_upstream), "test"), tmp_path, environ={})
     try:
         await gateway.status()  # an engine that reports no limit (transformers serve)
         assert gateway.ceilings.ceiling("fake-model") is None

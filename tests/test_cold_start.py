@@ -23,6 +23,7 @@ from first_jupyter.config import parse_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.router import Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from tests.conftest import closed_port, gate
 from tests.waiting import GUARD_S
 
@@ -58,7 +59,7 @@ def _gateway(tmp_path: Path, urls: dict[str, str], concurrency: int = 64, keep_h
                 for name, url in urls.items()}
     config = {"clusters": clusters, "auth": {"sources": ["env"]},
               "defaults": {"cold_start": {"progress_every": 0.2, **cold_start}, "scale_out": {"keep_hot": keep_hot}}}
-    return Gateway(parse_config(config, "test"), tmp_path, environ={})
+    return build_gateway(parse_config(config, "test"), tmp_path, environ={})
 
 
 def _target(gateway: Gateway, cluster: str) -> Target:
@@ -137,7 +138,7 @@ async def test_with_reject_a_cold_model_is_answered_503_with_retry_after_and_sta
         assert "cluster 'alpha' endpoint 'engine' is starting it (starting), expected ready in about 90 s" in \
                error.message
         assert quick.requests == 0  # nothing was sent for the request itself
-        await gateway._starts[(id(alpha.backend), "shared")]  # the start goes on without the request
+        await gateway.starts.running[(id(alpha.backend), "shared")]  # the start goes on without the request
         assert gateway.router.state_of(alpha) == "hot"
         assert (await gateway.complete(_request())).target.cluster == "alpha"  # the retry finds it hot
     finally:

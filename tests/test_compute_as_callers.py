@@ -31,8 +31,9 @@ from first_jupyter.batch import runner
 from first_jupyter.batch.offload import plan
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, load_config, parse_config
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.shared import SharedPolicy
-from first_jupyter.server_ext.standalone import stop
+from first_jupyter.serve.app import stop
+from first_jupyter.serve.policy import SharedPolicy
+from first_jupyter.service import build_gateway
 from first_jupyter.transport.loop_thread import LoopThread
 from tests.conftest import gate, held
 from tests.fake_amqp import FakeAmqpBroker
@@ -285,7 +286,7 @@ async def test_a_batch_is_offloaded_only_to_a_cluster_its_owner_may_use(tmp_path
                       "command": ["vllm", "run-batch", "-i", "{input}", "-o", "{output}"]}}]}
 
     config = {"clusters": {"closed": cluster(POLARIS), "open": cluster(SOPHIA)}, "auth": {"sources": ["env"]}}
-    gateway = Gateway(parse_config(config, "test"), tmp_path / "data", environ={}, shared=True)
+    gateway = build_gateway(parse_config(config, "test"), tmp_path / "data", environ={}, shared=True)
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"".join(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
                                             "body": CHAT}).encode() + b"\n" for i in range(3)))

@@ -18,11 +18,12 @@ from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_sdk.testing import get_response_set, load_response
 
 from first_jupyter.config import parse_config
-from first_jupyter.gateway.backends.compute import CallWindow
-from first_jupyter.gateway.compute_errors import describe_failure
+from first_jupyter.gateway.backends.compute.backend import CallWindow
+from first_jupyter.gateway.backends.compute.errors import describe_failure
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import call_engine
+from first_jupyter.service import build_gateway
 from tests.conftest import closed_port
 from tests.fake_compute_service import COMPUTE, QUEUE_PREFIX, FakeComputeService
 from tests.waiting import GUARD_S, eventually
@@ -56,7 +57,7 @@ def _config(endpoint_id: str, **endpoint: Any) -> dict[str, Any]:
 
 def _gateway(tmp_path: Path, endpoint_id: str, environ: dict[str, str] | None = None, **endpoint: Any) -> Gateway:
     environ = {"FIRST_GLOBUS_TOKEN": TOKEN} if environ is None else environ
-    return Gateway(parse_config(_config(endpoint_id, **endpoint), "test"), tmp_path, environ=environ)
+    return build_gateway(parse_config(_config(endpoint_id, **endpoint), "test"), tmp_path, environ=environ)
 
 
 def _chat(**extra: Any) -> Any:
@@ -205,7 +206,7 @@ async def test_status_never_asks_more_than_the_service_allows(rsps, tmp_path):
     config = {"clusters": {"hpc": {"backend": "globus_compute", "endpoints": [
         {"name": f"ep{i}", "endpoint_id": ep, "models": [{"id": "llama"}]} for i, ep in enumerate(ids)]}},
         "auth": {"sources": ["env"]}}
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         endpoints = (await gateway.status()).json_value()["endpoints"]
         assert len(rsps.calls) <= 18
@@ -247,7 +248,7 @@ def _node_config(port: int) -> dict[str, Any]:
 async def test_a_request_runs_next_to_the_engine_and_its_answer_comes_back(rsps, broker, fake_upstream, tmp_path):
     service = FakeComputeService(broker)
     service.install(rsps, ENDPOINT)
-    gateway = Gateway(parse_config(_node_config(fake_upstream.port), "test"), tmp_path,
+    gateway = build_gateway(parse_config(_node_config(fake_upstream.port), "test"), tmp_path,
                       environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         done = await gateway.complete(_chat(max_tokens=8))
@@ -276,7 +277,7 @@ async def test_a_request_runs_next_to_the_engine_and_its_answer_comes_back(rsps,
 async def test_a_failure_on_the_node_is_answered_with_the_remote_errors_summary(rsps, broker, tmp_path):
     service = FakeComputeService(broker)
     service.install(rsps, ENDPOINT)
-    gateway = Gateway(parse_config(_node_config(closed_port()), "test"), tmp_path,
+    gateway = build_gateway(parse_config(_node_config(closed_port()), "test"), tmp_path,
                       environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         with pytest.raises(OpenAIError) as info:
@@ -303,7 +304,7 @@ async def test_with_amqp_port_set_results_come_back_on_that_port_not_the_service
     service.install(rsps, ENDPOINT)
     config = _node_config(fake_upstream.port)
     config["clusters"]["hpc"]["endpoints"][0]["amqp_port"] = broker.port
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         done = await gateway.complete(_chat(max_tokens=8))
         assert json.loads(done.body)["choices"][0]["message"]["content"]
@@ -363,7 +364,7 @@ async def test_the_scheduler_view_says_where_a_cold_endpoints_block_is(rsps, bro
     (tmp_path / "qstat.json").write_text(_qstat("Q", 10))
     config = _config(ENDPOINT, status_ttl=1)
     config["clusters"]["hpc"]["scheduler"] = {"kind": "pbs", "endpoint_id": LOGIN, "queue": "prod", "every": 1}
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         status = (await gateway.status()).json_value()
         endpoint = status["endpoints"][0]

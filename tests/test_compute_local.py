@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from first_jupyter.config import parse_config
-from first_jupyter.gateway.compute_local import end_leftovers
-from first_jupyter.gateway.core import Gateway
+from first_jupyter.gateway.backends.compute.local import end_leftovers
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import engine_health
 from first_jupyter.remote.launcher import free_port
+from first_jupyter.service import build_gateway
 from tests.conftest import jupyter_server_process, open_door, server_config
 from tests.waiting import ENGINE_GUARD_S, eventually_async
 
@@ -212,7 +212,7 @@ def test_leftovers_of_a_crashed_run_are_ended_and_a_live_runs_are_not(tmp_path: 
 
 async def test_an_engine_that_cannot_start_fails_the_request_with_its_reason(tmp_path: Path):
     config = parse_config(in_process_config(tmp_path / "no-such-model"), "test")
-    gateway = Gateway(config, tmp_path / "data", environ={})
+    gateway = build_gateway(config, tmp_path / "data", environ={})
     body = json.dumps({"model": "tiny-chat", "messages": MESSAGES}).encode()
     try:
         with pytest.raises(OpenAIError) as info:
@@ -292,7 +292,7 @@ def test_a_server_whose_whole_process_group_is_stopped_still_stops_its_blocks(ti
 async def test_tasks_handed_over_from_many_threads_at_once_all_run(tiny_model, tmp_path: Path):
     """A request and the start probe its cold start sends reach the engine from threads of their own; its zmq
     socket is not thread-safe, and two sends at once could block one of them for good (and every later one)."""
-    gateway = Gateway(parse_config(in_process_config(tiny_model), "test"), tmp_path / "data", environ={})
+    gateway = build_gateway(parse_config(in_process_config(tiny_model), "test"), tmp_path / "data", environ={})
     backend = gateway.backends[0]
     try:
         for _ in range(3):  # the first round starts the engine; each round hands over 48 tasks at once

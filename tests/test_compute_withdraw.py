@@ -22,12 +22,11 @@ import pytest
 import responses
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
-from first_jupyter.assembly import build_gateway
+from first_jupyter.api.lean_door import GatewayApp
 from first_jupyter.config import parse_config
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.lean_door import GatewayApp
-from first_jupyter.gateway.service import GatewayService
 from first_jupyter.protocol import CLIENT_CLOSED
+from first_jupyter.service import GatewayService, build_gateway
 from tests.conftest import gate, held
 from tests.fake_amqp import FakeAmqpBroker
 from tests.fake_compute_service import FakeComputeService

@@ -124,21 +124,21 @@ HUB_CONFIG = {"clusters": {"polaris": {"backend": "globus_compute", "endpoints":
 
 def test_a_hub_wide_callback_url_is_filled_per_server(tmp_path):
     """One FIRST_CONFIG for the whole hub: each user's server reaches its own callback route."""
-    from first_jupyter.gateway.core import Gateway
+    from first_jupyter.service import build_gateway
 
     environ = {"JUPYTERHUB_USER": "ada lovelace", "JUPYTERHUB_SERVICE_PREFIX": "/user/ada%20lovelace/",
                "JUPYTERHUB_SERVER_NAME": ""}
-    gateway = Gateway(parse_config(HUB_CONFIG, "hub.yaml"), tmp_path / "data", environ=environ)
+    gateway = build_gateway(parse_config(HUB_CONFIG, "hub.yaml"), tmp_path / "data", environ=environ)
     (backend,) = gateway.backends
     assert backend._callback_url() == ("https://hub.example.org/user/ada%20lovelace/first/api/callback"
                                        "?server=&u=ada%20lovelace")
 
 
 def test_a_placeholder_outside_a_hub_or_unknown_is_a_config_error(tmp_path):
-    from first_jupyter.gateway.core import Gateway
+    from first_jupyter.service import build_gateway
 
     with pytest.raises(ConfigError, match=r"\$JUPYTERHUB_SERVICE_PREFIX is not set"):
-        Gateway(parse_config(HUB_CONFIG, "hub.yaml"), tmp_path / "data", environ={})
+        build_gateway(parse_config(HUB_CONFIG, "hub.yaml"), tmp_path / "data", environ={})
     unknown = json.loads(json.dumps(HUB_CONFIG))
     unknown["clusters"]["polaris"]["endpoints"][0]["callback_url"] = "https://hub.example.org/{user}/cb"
     with pytest.raises(ConfigError, match=r"callback_url: Value error, unknown placeholder \{user\}"):

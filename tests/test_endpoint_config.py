@@ -30,7 +30,7 @@ from parsl.launchers import SimpleLauncher
 from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
 
 from first_jupyter.cli import main
-from first_jupyter.endpoint_config import (
+from first_jupyter.gateway.backends.compute.endpoint_config import (
     FAILED,
     READY,
     EndpointConfigError,

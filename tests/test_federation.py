@@ -28,8 +28,8 @@ from first_jupyter import cli
 from first_jupyter.config import parse_config
 from first_jupyter.gateway import router
 from first_jupyter.gateway.backends import http as http_backend
-from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from tests.conftest import Door, open_door, server_config
 
 MESSAGES = [{"role": "user", "content": "Where does this run?"}]
@@ -188,7 +188,7 @@ async def test_requests_follow_the_hot_endpoint_fail_over_when_it_dies_and_wait_
 async def test_with_reject_configured_a_cold_model_is_answered_503_with_when_to_retry(tiny_model, tmp_path):
     config = {"clusters": {"alpha": _in_process(tiny_model)},
               "defaults": {"cold_start": {"mode": "reject"}}, "auth": {"sources": ["env"]}}
-    gateway = Gateway(parse_config(config, "test"), tmp_path, environ={})
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={})
     request = parse_request(Capability.chat, json.dumps({"model": "tiny-chat", "messages": MESSAGES,
                                                          "max_tokens": 4}).encode())
     try:

@@ -21,10 +21,11 @@ import pytest
 
 from bench.fake_upstream import serving_in_thread
 from bench.site_network import Tinyproxy, TlsCerts
+from first_jupyter.api.lean_door import GatewayApp
 from first_jupyter.config import ConfigError, parse_config
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.lean_door import GatewayApp
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from first_jupyter.transport.http_server import listening_socket, serve
 from first_jupyter.transport.tls import TRUST_VARIABLES
 from tests.conftest import serving_http
@@ -48,7 +49,7 @@ def build(tmp_path: Path, base_url: str, *, limits: dict[str, Any] | None = None
     config = {"clusters": {"site": {"backend": "http", "endpoints": [{
         "name": "engine", "base_url": base_url, "models": [{"id": "fake-model"}], **endpoint}]}},
         "defaults": {"model": "fake-model", "limits": limits or {}}}
-    return Gateway(parse_config(config, "site.yaml"), tmp_path / "data", environ={})
+    return build_gateway(parse_config(config, "site.yaml"), tmp_path / "data", environ={})
 
 
 @asynccontextmanager

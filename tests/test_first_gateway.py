@@ -17,6 +17,7 @@ from first_jupyter.gateway.backends.first_gateway import FIRST_WAIT_S, parse_cat
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from tests.conftest import server_config
 from tests.fake_first_gateway import (
     EXPIRED,
@@ -52,7 +53,7 @@ def _config(remote: FakeFirstGateway, **endpoint: Any) -> dict[str, Any]:
 
 def _gateway(remote: FakeFirstGateway, tmp_path: Path, token: str | None = TOKEN, **endpoint: Any) -> Gateway:
     environ = {"FIRST_GLOBUS_TOKEN": token} if token else {}
-    return Gateway(parse_config(_config(remote, **endpoint), "test"), tmp_path, environ=environ)
+    return build_gateway(parse_config(_config(remote, **endpoint), "test"), tmp_path, environ=environ)
 
 
 def _chat(model: str, **extra: Any) -> Any:
@@ -146,7 +147,7 @@ async def test_the_catalog_follows_what_the_gateway_serves(remote, tmp_path, mon
 
         remote.served["sophia"]["vllm"].remove(QWEN)
         assert QWEN in {m["id"] for m in (await gateway.models()).json_value()["data"]}  # within the refresh window
-        gateway._discovering[0].discovered_at -= 3600
+        gateway.catalog.discovering[0].discovered_at -= 3600
         assert QWEN not in {m["id"] for m in (await gateway.models()).json_value()["data"]}
         with pytest.raises(OpenAIError) as info:
             await gateway.complete(_chat(QWEN))
@@ -249,7 +250,7 @@ async def test_an_answer_in_an_unknown_shape_is_a_502_that_names_the_route(remot
     gateway = _gateway(remote, tmp_path)
     try:
         with pytest.raises(OpenAIError) as info:
-            await gateway._discovering[0].discover()
+            await gateway.catalog.discovering[0].discover()
         assert info.value.status == 502
         assert "GET /resource_server/list-endpoints" in info.value.message
         assert "clusters.sophia.frameworks.vllm.models" in info.value.message
@@ -287,7 +288,7 @@ def _two(remote: FakeFirstGateway, second: FakeFirstGateway, tmp_path: Path) -> 
     """A gateway with ``remote`` (tried first: config order) and ``second`` as clusters ``alcf`` and ``other``."""
     config = _config(remote)
     config["clusters"]["other"] = _config(second)["clusters"]["alcf"]
-    return Gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    return build_gateway(parse_config(config, "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
 
 
 @pytest.fixture
@@ -332,7 +333,7 @@ async def test_an_expired_token_asks_for_sign_in_and_is_forgotten(remote, tmp_pa
     gateway = _gateway(remote, tmp_path)
     try:
         await gateway.models()
-        gateway._discovering[0]._globus[0]._lines[RESOURCE_SERVER] = (  # a kept line the gateway now refuses
+        gateway.catalog.discovering[0]._globus[0]._lines[RESOURCE_SERVER] = (  # a kept line the gateway now refuses
             float("inf"), b"Authorization: Bearer AT-expired\r\n")
         with pytest.raises(OpenAIError) as info:
             await gateway.complete(_chat(QWEN))
@@ -384,7 +385,7 @@ async def test_the_first_byte_wait_outlasts_firsts_own(remote, tmp_path):
     for setting, wait in (({}, FIRST_WAIT_S), ({"first_byte": 30}, 30)):
         gateway = _gateway(remote, tmp_path, **setting)
         try:
-            assert gateway._discovering[0].first_byte == wait
+            assert gateway.catalog.discovering[0].first_byte == wait
         finally:
             await gateway.close()
     assert FIRST_WAIT_S > 300  # FIRST's own wait, after which it answers 408

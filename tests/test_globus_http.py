@@ -13,8 +13,8 @@ import pytest
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.config import AuthConfig, parse_config
 from first_jupyter.gateway.bearer import BearerTokens
-from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from tests.conftest import fake_cluster_config, server_config
 
 RESOURCE_SERVER = "681c10cc-f684-4540-bcd7-0b4df3bc26ef"
@@ -44,7 +44,7 @@ async def test_the_users_token_goes_with_each_request(key_door, fake_upstream):
 
 
 async def test_without_a_sign_in_nothing_is_sent_upstream(fake_upstream, tmp_path):
-    gateway = Gateway(parse_config(_gateway_config(fake_upstream), "test"), tmp_path, environ={})
+    gateway = build_gateway(parse_config(_gateway_config(fake_upstream), "test"), tmp_path, environ={})
     try:
         with pytest.raises(OpenAIError) as info:
             await gateway.complete(parse_request(Capability.chat, json.dumps(CHAT).encode()))
@@ -56,7 +56,7 @@ async def test_without_a_sign_in_nothing_is_sent_upstream(fake_upstream, tmp_pat
 
 
 def test_sign_in_asks_for_the_endpoints_scope(fake_upstream, tmp_path):
-    gateway = Gateway(parse_config(_gateway_config(fake_upstream), "test"), tmp_path, environ={})
+    gateway = build_gateway(parse_config(_gateway_config(fake_upstream), "test"), tmp_path, environ={})
     assert gateway.auth.native.scopes[RESOURCE_SERVER] == [SCOPE]
     gateway.usage.close()
 

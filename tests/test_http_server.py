@@ -1,4 +1,5 @@
-"""The gateway's own HTTP server (``transport.http_server`` + ``gateway.api``), where kernels are pointed: HTTP's rules.
+"""The gateway's own HTTP server (``transport.http_server``, ``api.lean_door``), where kernels are pointed: HTTP's
+rules.
 
 Behaviour every door shares (errors, streaming, cancellation, the official client) is tested through each door
 with the ``door`` fixtures elsewhere; here is what this server does itself: bodies refused before they are

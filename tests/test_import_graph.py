@@ -66,7 +66,7 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom) -> Iterator[str]:
     for name in names:
         while name and name not in MODULES:
             name = name.rpartition(".")[0]
-        # importing a module runs its packages' __init__ first (``gateway.relay`` loads ``gateway``)
+        # importing a module runs its packages' __init__ first (``gateway.stream_watch`` loads ``gateway``)
         for loaded in [*_packages_of(name), name] if name else ():
             if loaded != module and not module.startswith(f"{loaded}."):
                 yield loaded
@@ -138,9 +138,9 @@ def test_at_most_one_circle_through_imports_for_type_checking_only():
 def test_the_graph_is_read_as_python_resolves_imports():
     """Relative imports, names imported from a package, and blocks under TYPE_CHECKING read as intended."""
     runtime, typing = import_graph()
-    assert f"{NAME}.gateway.core" in runtime[f"{NAME}.gateway.api"]
+    assert f"{NAME}.gateway.core" in runtime[f"{NAME}.api.door_kit"]
     assert f"{NAME}.protocol" in runtime[f"{NAME}.gateway.core"]
-    assert f"{NAME}.caller" in typing[f"{NAME}.gateway.route_table"]
-    assert f"{NAME}.gateway" in runtime[f"{NAME}.batch.offload"]  # (gateway.relay: its package runs first)
+    assert f"{NAME}.gateway.caller" in typing[f"{NAME}.api.route_table"]
+    assert f"{NAME}.gateway" in runtime[f"{NAME}.batch.offload"]  # (gateway.stream_watch: its package runs first)
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]

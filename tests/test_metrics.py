@@ -13,7 +13,8 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from first_jupyter.gateway.metrics import (
+from first_jupyter.gateway.usage import UsageRecord
+from first_jupyter.serve.metrics import (
     _MAX_MODELS,
     ENDPOINT_STATES,
     MULTIPROC_ENV,
@@ -21,7 +22,6 @@ from first_jupyter.gateway.metrics import (
     GatewayMetrics,
     reset_multiprocess_dir,
 )
-from first_jupyter.gateway.usage import UsageRecord
 
 _DEFAULTS = {"ts": 0.0, "request_id": "req", "model": "tiny-chat", "cluster": "local", "endpoint": "engine",
              "capability": "chat", "stream": False, "status": 200, "prompt_tokens": None, "completion_tokens": None,
@@ -162,7 +162,7 @@ def test_reset_removes_only_stale_metric_files(tmp_path: Path) -> None:
 
 _WORKER = """
 import json, os, sys
-from first_jupyter.gateway.metrics import GatewayMetrics
+from first_jupyter.serve.metrics import GatewayMetrics
 from first_jupyter.gateway.usage import UsageRecord
 plan = json.loads(sys.argv[1])
 metrics = GatewayMetrics()
@@ -177,7 +177,7 @@ print(os.getpid())
 
 _RENDER = """
 import json, sys
-from first_jupyter.gateway.metrics import GatewayMetrics, process_exited
+from first_jupyter.serve.metrics import GatewayMetrics, process_exited
 metrics = GatewayMetrics()
 before = metrics.render()[0].decode()
 process_exited(int(sys.argv[1]))

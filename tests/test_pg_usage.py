@@ -8,10 +8,10 @@ import asyncio
 import psycopg
 import pytest
 
-from first_jupyter.gateway.pg_usage import PgUsage
 from first_jupyter.gateway.usage import UsageRecord
-from first_jupyter.pg_state import MIGRATIONS, upgrade
 from first_jupyter.protocol import OpenAIError
+from first_jupyter.serve.pg_state import MIGRATIONS, upgrade
+from first_jupyter.serve.pg_usage import PgUsage
 from tests.state_servers import Postgres
 from tests.waiting import GUARD_S, eventually_async
 

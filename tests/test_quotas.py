@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from first_jupyter.config import Quota, Quotas
-from first_jupyter.gateway.quotas import QuotaBuckets, QuotaStore
-from first_jupyter.gateway.redis_quotas import RedisQuotas
-from first_jupyter.redis_state import connect
+from first_jupyter.serve.quotas import QuotaBuckets, QuotaStore
+from first_jupyter.serve.redis_quotas import RedisQuotas
+from first_jupyter.serve.redis_state import connect
 
 
 class FakeClock:
@@ -259,7 +259,7 @@ _HAMMER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from first_jupyter.config import Quota, Quotas
-    from first_jupyter.gateway.quotas import QuotaStore
+    from first_jupyter.serve.quotas import QuotaStore
 
     async def hammer(path: Path, attempts: int) -> int:
         quotas = Quotas(per_user=Quota(requests_per_s=1, burst=300), per_model=Quota(tokens_per_min=1_000_000))

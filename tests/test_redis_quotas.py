@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from first_jupyter.config import Quota, Quotas
-from first_jupyter.gateway.redis_quotas import PREFIX, RedisQuotas
 from first_jupyter.protocol import OpenAIError
-from first_jupyter.redis_state import connect
+from first_jupyter.serve.redis_quotas import PREFIX, RedisQuotas
+from first_jupyter.serve.redis_state import connect
 from tests.state_servers import RedisServer
 from tests.test_quotas import FakeClock
 
@@ -92,7 +92,7 @@ async def test_an_outage_is_a_503_with_retry_after_and_ends_when_redis_is_back(r
         assert down.value.headers["Retry-After"] == "2"
         assert f"Redis at 127.0.0.1:{redis_server.port}" in down.value.message
         assert "serve.state.redis" in down.value.message
-        caplog.set_level(logging.WARNING, logger="first_jupyter.gateway.redis_quotas")
+        caplog.set_level(logging.WARNING, logger="first_jupyter.serve.redis_quotas")
         store.spend("alice", "m", 10)  # forgiven, and said so
         await store.settled()
         assert "10 tokens not taken" in caplog.text

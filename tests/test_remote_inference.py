@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
-from first_jupyter.gateway.callbacks import ALIVE
+from first_jupyter.gateway.backends.compute.callbacks import ALIVE
 from first_jupyter.remote.inference import (
     CallbackFailed,
     call_engine,

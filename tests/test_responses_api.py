@@ -22,8 +22,8 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.gateway import response_ids
-from first_jupyter.gateway.relay import StreamWatch
 from first_jupyter.gateway.response_ids import ResponseIds
+from first_jupyter.gateway.stream_watch import StreamWatch
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.protocol import OpenAIError
 from tests.conftest import Door, server_config

@@ -1,4 +1,4 @@
-"""One route table, every door: each route declared in ``gateway.route_table`` is served alike by Jupyter's door
+"""One route table, every door: each route declared in ``api.route_table`` is served alike by Jupyter's door
 (tornado) and the gateway's own server, and nothing else is."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from first_jupyter.gateway.callbacks import CALLBACK_PATH
-from first_jupyter.gateway.route_table import ROUTES, Matcher, Route, paths
+from first_jupyter.api.route_table import ROUTES, Matcher, Route, paths
+from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH
 from first_jupyter.server_ext.handlers import routes as jupyter_routes
 from tests.conftest import Door, example_path, fake_cluster_config, server_config
 

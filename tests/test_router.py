@@ -20,6 +20,7 @@ from first_jupyter.gateway.backends import http as http_backend
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
 from tests.conftest import closed_port
 from tests.waiting import GUARD_S, eventually_async
 
@@ -54,7 +55,7 @@ def _config(first_url: str, second_url: str, **first: Any) -> dict[str, Any]:
 
 
 def _gateway(tmp_path: Path, first_url: str, second_url: str, **first: Any) -> Gateway:
-    return Gateway(parse_config(_config(first_url, second_url, **first), "test"), tmp_path, environ={})
+    return build_gateway(parse_config(_config(first_url, second_url, **first), "test"), tmp_path, environ={})
 
 
 def _request(stream: bool = False) -> Any:
@@ -260,8 +261,9 @@ async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_of
         endpoints = (await gateway.status()).json_value()["endpoints"]
         assert [e["state"] for e in endpoints] == [state, "online"]  # that endpoint only, with the reason
         assert error in endpoints[0]["error"]
-        await eventually_async(lambda: gateway.probe_intervals.get(id(gateway.backends[0]), 0) >= 0.4)  # backing off
-        assert gateway.probe_intervals[id(gateway.backends[1])] == 0.1
+        intervals = gateway.catalog.probe_intervals
+        await eventually_async(lambda: intervals.get(id(gateway.backends[0]), 0) >= 0.4)  # backing off
+        assert gateway.catalog.probe_intervals[id(gateway.backends[1])] == 0.1
         assert [t.cluster for t in gateway.router.candidates("shared", Capability.chat)] == ["beta", "alpha"]
 
         listed = (await gateway.models()).json_value()["data"][0]
@@ -270,7 +272,7 @@ async def test_states_are_read_in_the_background_and_an_offline_endpoint_less_of
 
         first.fault = "none"
         await eventually_async(lambda: alpha.states.get("shared") == "hot")  # still read: the readings went on
-        assert gateway.probe_intervals[id(gateway.backends[0])] == 0.1  # back to the normal pace
+        assert gateway.catalog.probe_intervals[id(gateway.backends[0])] == 0.1  # back to the normal pace
     finally:
         reading.cancel()
         await gateway.close()

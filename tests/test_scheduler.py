@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from first_jupyter.gateway.scheduler_view import job_label
+from first_jupyter.gateway.backends.compute.scheduler_view import job_label
 from first_jupyter.remote.scheduler import (
     STATES,
     expand_hostlist,

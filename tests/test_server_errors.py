@@ -13,8 +13,8 @@ import pytest
 from yarl import URL
 
 from bench.fake_upstream import ENGINE_REFUSAL
-from first_jupyter.gateway.api import is_loopback_host
-from first_jupyter.gateway.core import GatewayStream
+from first_jupyter.api.door_kit import is_loopback_host
+from first_jupyter.gateway.streamed import GatewayStream
 from first_jupyter.protocol import MAX_MODEL_NAME, MAX_NESTING
 from first_jupyter.server_ext.handlers import TableRoute
 from tests.big_body import BIG, Answer, chunked, fixed, request_head, send_until_answered

@@ -40,9 +40,9 @@ from bench.fake_globus_auth import AUTH_URL_ENV, fake_globus_auth
 from bench.overhead import free_port
 from first_jupyter.config import FirstConfig, load_config
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.shared import SharedPolicy
 from first_jupyter.gateway.usage import UsageRecord
-from first_jupyter.server_ext.standalone import build, http_server, stop
+from first_jupyter.serve.app import build, http_server, stop
+from first_jupyter.serve.policy import SharedPolicy
 from first_jupyter.transport.loop_thread import LoopThread
 from tests.big_body import BIG, ask, chunked, connect, fixed, request_head, send_until_answered
 from tests.conftest import fake_cluster_config

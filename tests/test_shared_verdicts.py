@@ -16,10 +16,10 @@ import pytest
 import responses
 
 from first_jupyter.auth.resource_server import Identity, TokenIntrospector
-from first_jupyter.auth.shared_verdicts import PREFIX, RedisVerdicts
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, ResourceServer
 from first_jupyter.protocol import OpenAIError
-from first_jupyter.redis_state import connect
+from first_jupyter.serve.redis_state import connect
+from first_jupyter.serve.redis_verdicts import PREFIX, RedisVerdicts
 from tests.state_servers import RedisServer
 from tests.test_quotas import FakeClock
 from tests.test_resource_server import GATEWAY, MY_GROUPS, Globus
@@ -108,7 +108,7 @@ async def test_what_redis_holds_is_sealed_with_the_token(redis_server: RedisServ
 
 async def test_without_redis_each_replica_introspects_for_itself_until_it_is_back(redis_server, replica, globus,
                                                                                      caplog):
-    caplog.set_level(logging.WARNING, logger="first_jupyter.auth.shared_verdicts")
+    caplog.set_level(logging.WARNING, logger="first_jupyter.serve.redis_verdicts")
     first, second = replica(now()), replica(now())
     redis_server.stop()
     await first.identify("Bearer AT-ada")

@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
+from first_jupyter.api import door_kit
 from first_jupyter.config import parse_config
-from first_jupyter.gateway import api
 from first_jupyter.gateway.answers import Completed, WaitingAnswer
-from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import PROGRESS_MARKER, Capability, Progress
+from first_jupyter.service import build_gateway
 from tests.conftest import server_config
 from tests.fake_first_gateway import TOKEN, FakeFirstGateway, job, jobs, serving_first_gateway
 from tests.test_kernel_magics import run, started_kernel
@@ -69,12 +69,12 @@ def _progress(chunks: list[bytes]) -> list[Progress]:
 
 
 async def test_a_plain_request_that_asks_hears_the_start_and_then_gets_the_whole_answer(remote, tmp_path: Path):
-    gateway = Gateway(parse_config(_config(remote), "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(_config(remote), "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         await gateway.status()  # a status reading: COLD's job is queued
-        hot = await api.start(gateway, Capability.chat, _body(HOT), 1 << 20, progress=True)
+        hot = await door_kit.start(gateway, Capability.chat, _body(HOT), 1 << 20, progress=True)
         assert isinstance(hot, Completed)  # nothing to wait for: the plain answer, with its real status
-        waiting = await api.start(gateway, Capability.chat, _body(COLD), 1 << 20, progress=True)
+        waiting = await door_kit.start(gateway, Capability.chat, _body(COLD), 1 << 20, progress=True)
         assert isinstance(waiting, WaitingAnswer)
         chunks: list[bytes] = []
 
@@ -105,10 +105,10 @@ async def test_a_plain_request_that_asks_hears_the_start_and_then_gets_the_whole
 
 async def test_a_plain_request_whose_start_fails_ends_with_the_error_event(remote, tmp_path: Path):
     remote.faults[COLD] = "maintenance"
-    gateway = Gateway(parse_config(_config(remote), "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
+    gateway = build_gateway(parse_config(_config(remote), "test"), tmp_path, environ={"FIRST_GLOBUS_TOKEN": TOKEN})
     try:
         await gateway.status()
-        waiting = await api.start(gateway, Capability.chat, _body(COLD), 1 << 20, progress=True)
+        waiting = await door_kit.start(gateway, Capability.chat, _body(COLD), 1 << 20, progress=True)
         chunks: list[bytes] = []
         try:
             await waiting.relay(lambda chunk: chunks.append(chunk) or True)

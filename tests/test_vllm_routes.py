@@ -22,8 +22,8 @@ from yarl import URL
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.config import ComputeEndpoint, ModelConfig
-from first_jupyter.gateway.backends.compute import ComputeBackend
-from first_jupyter.gateway.callbacks import CallbackHub
+from first_jupyter.gateway.backends.compute.backend import ComputeBackend
+from first_jupyter.gateway.backends.compute.callbacks import CallbackHub
 from first_jupyter.protocol import Capability, OpenAIError
 from first_jupyter.remote.inference import call_engine
 from tests.conftest import Door, server_config

@@ -5,7 +5,7 @@ is introspected once with the gateway's confidential client, and the verdict is 
 most ``cache_s`` (ten minutes) and never past the token's expiry when accepted, for ``failure_cache_s`` when
 refused (a client retrying a bad token in a loop must not turn into a loop of calls to Globus). Requests that
 arrive together with the same new token share one introspection. Replicas on several hosts share the verdicts too
-(``auth.shared_verdicts``, in Redis), so a token introspected by one is not introspected again by another.
+(``serve.redis_verdicts``, in Redis), so a token introspected by one is not introspected again by another.
 
 The checks, in the order a user would fix them: the token is active and unexpired (401), meant for this gateway
 (audience 401, scope 403), then the session checks (403): an identity from an allowed domain, the configured

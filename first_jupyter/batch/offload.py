@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import orjson
 
 from first_jupyter.batch.validate import ENDPOINTS
-from first_jupyter.caller import CALLER_TOKEN_MISSING
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
-from first_jupyter.gateway.relay import token_counts
+from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING
+from first_jupyter.gateway.stream_watch import token_counts
 from first_jupyter.gateway.usage import LineUsage
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.run_batch import run_chunk
 
 if TYPE_CHECKING:
     from first_jupyter.batch.runner import BatchRun
-    from first_jupyter.gateway.backends.compute import ComputeBackend
+    from first_jupyter.gateway.backends.compute.backend import ComputeBackend
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ import orjson
 from first_jupyter.batch.offload import Offload, plan
 from first_jupyter.batch.results import Results
 from first_jupyter.batch.validate import ENDPOINTS, MAX_REPORTED, check_file
-from first_jupyter.caller import CALLER_TOKEN_MISSING, acting_as
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, BatchDefaults
+from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING, acting_as
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
     from first_jupyter.batch.store import Store
-    from first_jupyter.caller import Caller
+    from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
 log = logging.getLogger(__name__)

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from first_jupyter.gateway import api
+from first_jupyter.api import door_kit
 from first_jupyter.gateway.answers import Completed, Relayed
-from first_jupyter.gateway.core import GatewayStream
 from first_jupyter.gateway.messages.count_tokens import from_chat, probe_body
 from first_jupyter.gateway.messages.errors import error_event, from_openai_error
 from first_jupyter.gateway.messages.request import ChatTranslation, to_chat
 from first_jupyter.gateway.messages.response import message_from_chat
 from first_jupyter.gateway.messages.stream import ChatChunkReader, StreamTranslator
+from first_jupyter.gateway.streamed import GatewayStream
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
-    from first_jupyter.caller import Caller
+    from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
 error_body: Final = from_openai_error
@@ -38,18 +38,18 @@ error_body: Final = from_openai_error
 
 async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int,
                 caller: Caller | None = None) -> Completed | Relayed:
-    """``api.start`` for the Messages routes: the request passed through, or translated, as its model is served."""
-    req = api.parse(capability, body, limit)
+    """``door_kit.start`` for the Messages routes: the request passed through, or translated, as its model is served."""
+    req = door_kit.parse(capability, body, limit)
     native = await _served_natively(gateway, req)
     if capability is Capability.count_tokens:
-        return await (api.run(gateway, req, caller) if native else _count_translated(gateway, req, caller))
+        return await (door_kit.run(gateway, req, caller) if native else _count_translated(gateway, req, caller))
     if native:
-        answer = await api.run(gateway, req, caller)
+        answer = await door_kit.run(gateway, req, caller)
         if isinstance(answer, GatewayStream):
             answer.shape = NativeEvents()
         return answer
     translation = to_chat(req.data)
-    answer = await api.run(gateway, _as_chat(req, translation.chat), caller)
+    answer = await door_kit.run(gateway, _as_chat(req, translation.chat), caller)
     if isinstance(answer, GatewayStream):
         answer.shape = TranslatedEvents(translation)
         return answer
@@ -74,7 +74,7 @@ async def _served_natively(gateway: Gateway, req: ParsedRequest) -> bool:
 async def _count_translated(gateway: Gateway, req: ParsedRequest, caller: Caller | None) -> Completed:
     """The count of an engine without the route: its prompt sent as chat, with one token to generate, whose
     usage says how many tokens the prompt is (``messages.count_tokens``)."""
-    answer = await api.run(gateway, _as_chat(req, probe_body(req.data)), caller)
+    answer = await door_kit.run(gateway, _as_chat(req, probe_body(req.data)), caller)
     assert isinstance(answer, Completed)  # the probe is never streamed
     return Completed(orjson.dumps(from_chat(_answer(answer))), answer.target)
 

@@ -18,15 +18,14 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Integer, Unicode
 
-from first_jupyter.assembly import build_gateway
+from first_jupyter.api.door_kit import HostVerdicts
+from first_jupyter.api.lean_door import GatewayApp
 from first_jupyter.config import ConfigError, load_config
-from first_jupyter.gateway.api import HostVerdicts
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.lean_door import GatewayApp
-from first_jupyter.gateway.service import GatewayService
 from first_jupyter.lasting_key import LastingKey, ensure, key_path
 from first_jupyter.paths import default_data_dir
 from first_jupyter.server_ext.handlers import routes
+from first_jupyter.service import GatewayService, build_gateway
 from first_jupyter.transport.http_server import listening_socket
 
 GATEWAY_URL_ENV = "FIRST_GATEWAY_URL"

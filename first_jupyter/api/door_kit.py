@@ -1,7 +1,7 @@
 """What every door of the gateway needs: Jupyter's handlers and the gateway's own HTTP server.
 
 The helpers (body limit, starting an inference, response headers, errors) are what any door needs so that all
-answer alike. The routes themselves are declared once, in ``gateway.route_table``.
+answer alike. The routes themselves are declared once, in ``api.route_table``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from collections.abc import Callable
 import orjson
 
 from first_jupyter.api_types import SignIn, WarmReply
-from first_jupyter.caller import Caller
 from first_jupyter.config import Limits
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.audio import HOW as AUDIO_HOW
 from first_jupyter.gateway.audio import AudioForm
-from first_jupyter.gateway.core import Attempts, Gateway
+from first_jupyter.gateway.caller import Caller
+from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.router import Target
+from first_jupyter.gateway.starts import Attempts
 from first_jupyter.lasting_key import LastingKey
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest, parse_request, presented_token
 from first_jupyter.transport.proxies import is_loopback
@@ -137,7 +138,7 @@ def requested_model(body: bytes) -> str:
 
 async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None, *,
                      progress: bool = False) -> WarmReply | Relayed:
-    """Start a model ahead of need (for ``caller``, at a shared gateway); the body may name a ``cluster`` and
+    """Start a model ahead of need (for ``gateway.caller``, at a shared gateway); the body may name a ``cluster`` and
     ask to ``wait`` until it answers, telling the start's progress meanwhile when asked (``progress``)."""
     try:
         options = orjson.loads(body) if body.strip() else {}
@@ -156,7 +157,7 @@ async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller |
 
 
 def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:
-    """A node's batch for a remote stream (``gateway.callbacks``): the status to answer, 204 when taken."""
+    """A node's batch for a remote stream (``backends.compute.callbacks``): the status to answer, 204 when taken."""
     return gateway.callbacks.deliver(header("x-first-task") or "", header("x-first-seq") or "",
                                      header("x-first-signature") or "", body)
 

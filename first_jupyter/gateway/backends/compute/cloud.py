@@ -26,10 +26,10 @@ from globus_compute_sdk.serialize import ComputeSerializer
 import first_jupyter
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.auth.tokens import AuthError
-from first_jupyter.caller import ACTING, CALLER_TOKEN_MISSING
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, ComputeEndpoint, SchedulerView
-from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, CallWindow, too_large
-from first_jupyter.gateway.compute_errors import describe_failure
+from first_jupyter.gateway.backends.compute.backend import SUBMIT_LIMIT_BYTES, CallWindow, too_large
+from first_jupyter.gateway.backends.compute.errors import describe_failure
+from first_jupyter.gateway.caller import ACTING, CALLER_TOKEN_MISSING
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.protocol import OpenAIError
 
@@ -81,7 +81,7 @@ class NoCallerYet(Exception):
 
 class Credentials:
     """Who one endpoint's calls go out as: one identity for all (the user who signed this Jupyter server in, or a
-    service identity), or, at a shared gateway, each request's own sender (``caller.ACTING``)."""
+    service identity), or, at a shared gateway, each request's own sender (``gateway.caller.ACTING``)."""
 
     def __init__(self, fixed: Callable[[], globus_sdk.authorizers.GlobusAuthorizer] | None, key: str,
                  where: str) -> None:

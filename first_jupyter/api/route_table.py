@@ -1,7 +1,7 @@
 """Every route of the gateway, declared once: method, path, what answers it, and what its body may be.
 
 Both doors are built from this table: Jupyter's tornado handlers (``server_ext.handlers``, which the shared
-gateway of ``first serve`` reuses on its own door) and the gateway's own server (``gateway.api.GatewayApp``).
+gateway of ``first serve`` reuses on its own door) and the gateway's own server (``api.door_kit.GatewayApp``).
 So a new route is one ``Route`` here plus its answering function, and both doors serve it alike; the doors keep
 only what is theirs: who the caller is, how bytes reach the socket.
 
@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
+from first_jupyter.api import door_kit
 from first_jupyter.api_types import ApiObject, SignIn
 from first_jupyter.batch.upload import Upload
-from first_jupyter.gateway import anthropic, api
+from first_jupyter.gateway import anthropic
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.audio import AudioForm
-from first_jupyter.gateway.callbacks import CALLBACK_PATH
+from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH
 from first_jupyter.protocol import ANTHROPIC, PROGRESS_HEADER, Capability, OpenAIError
 
 if TYPE_CHECKING:
-    from first_jupyter.batch.service import Batches
-    from first_jupyter.caller import Caller
+    from first_jupyter.batch.batches import Batches
+    from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
 
@@ -169,10 +170,10 @@ def _inference(capability: Capability) -> Answering:
     elif capability.takes_form:
         async def infer(call: Call) -> Answer:
             form = call.upload if isinstance(call.upload, AudioForm) else None
-            return await api.start_form(call.gateway, capability, form, call.door.caller())
+            return await door_kit.start_form(call.gateway, capability, form, call.door.caller())
     else:
         async def infer(call: Call) -> Answer:
-            return await api.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
+            return await door_kit.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
                                    progress=call.header(PROGRESS_HEADER) is not None)
     infer.__name__ = infer.__qualname__ = f"infer_{capability.name}"
     return infer
@@ -210,17 +211,17 @@ async def _default_model(call: Call) -> Answer:
 
 async def _set_default_model(call: Call) -> Answer:
     call.door.check_default_change()
-    return {"default_model": await call.gateway.set_default_model(api.requested_model(call.body))}
+    return {"default_model": await call.gateway.set_default_model(door_kit.requested_model(call.body))}
 
 
 async def _warm(call: Call) -> Answer:
-    return await api.warm_route(call.gateway, call.params[0], call.body, call.door.caller(),
+    return await door_kit.warm_route(call.gateway, call.params[0], call.body, call.door.caller(),
                                 progress=call.header(PROGRESS_HEADER) is not None)
 
 
 async def _whoami(call: Call) -> Answer:
     own = await call.door.whoami()
-    return own if own is not None else await api.auth_route(call.gateway, "whoami", b"")
+    return own if own is not None else await door_kit.auth_route(call.gateway, "whoami", b"")
 
 
 def _signing_in(what: str) -> Answering:
@@ -229,13 +230,13 @@ def _signing_in(what: str) -> Answering:
             raise OpenAIError(404, "This is a shared gateway: sign in with Globus on your side (`first login`, or "
                                    "your app's Globus login) and send the access token as a bearer token.",
                               code="unknown_route")
-        return await api.auth_route(call.gateway, what, call.body)
+        return await door_kit.auth_route(call.gateway, what, call.body)
     sign_in.__name__ = sign_in.__qualname__ = what
     return sign_in
 
 
 async def _callback(call: Call) -> Answer:
-    return Bare(api.deliver_batch(call.gateway, call.header, call.body))
+    return Bare(door_kit.deliver_batch(call.gateway, call.header, call.body))
 
 
 async def _files(call: Call) -> Answer:
@@ -349,7 +350,7 @@ class Matcher:
                     methods, params = candidate, found.groups()
                     break
         if methods is None:
-            raise api.unknown_route(path)
+            raise door_kit.unknown_route(path)
         route = methods.get(method)
         if route is None:
             raise method_not_allowed(method, path, methods)

@@ -28,7 +28,7 @@ from first_jupyter.config import BatchDefaults
 from first_jupyter.protocol import OpenAIError, list_page, page_limit, shown
 
 if TYPE_CHECKING:
-    from first_jupyter.caller import Caller
+    from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
 RESUME_EVERY_S = 15.0
@@ -59,7 +59,7 @@ def _metadata(metadata: Any) -> dict[str, str] | None:
 
 class Batches:
     def __init__(self, gateway: Gateway, root: Path, settings: BatchDefaults, caller: Caller | None = None) -> None:
-        """``caller``: whose batches these are, at a shared gateway (each user has a store of their own)."""
+        """``gateway.caller``: whose batches these are, at a shared gateway (each user has a store of their own)."""
         self.gateway = gateway
         self.settings = settings
         self.root = root

@@ -11,7 +11,7 @@ Buckets hold a level and the time it was last written, and refill lazily when ne
 tick in the background. Times come from the wall clock, the one clock that all processes on a host share.
 
 That is one host's store. Replicas on several hosts keep the same buckets in Redis instead
-(``gateway.redis_quotas``); both answer the same way, through ``QuotaBuckets``, and share the rules here: which
+(``serve.redis_quotas``); both answer the same way, through ``QuotaBuckets``, and share the rules here: which
 buckets a request is held to, when a bucket admits, and the answer's headers and words.
 """
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Final
 
 from first_jupyter.auth.resource_server import SharedVerdicts
 from first_jupyter.config import ConfigError, ServeConfig
-from first_jupyter.gateway.quotas import QuotaBuckets, QuotaStore
+from first_jupyter.serve.quotas import QuotaBuckets, QuotaStore
 
 if TYPE_CHECKING:
     import redis.asyncio
 
-    from first_jupyter.gateway.pg_usage import PgUsage
+    from first_jupyter.serve.pg_usage import PgUsage
 
 OK: Final = "ok"
 HEALTH_RETRY_AFTER_S: Final = 2
@@ -71,7 +71,7 @@ class SharedState:
 
 
 async def _redis_reachable(client: redis.asyncio.Redis) -> BaseException | None:
-    from first_jupyter.redis_state import UNREACHABLE
+    from first_jupyter.serve.redis_state import UNREACHABLE
 
     try:
         await client.ping()
@@ -87,7 +87,7 @@ def open_state(serve: ServeConfig, state_dir: Path) -> SharedState:
     state = _quotas_state(serve, state_dir)
     if serve.state.database is not None:
         try:  # the serve extra
-            from first_jupyter.gateway.pg_usage import PgUsage
+            from first_jupyter.serve.pg_usage import PgUsage
         except ImportError as exc:
             raise ConfigError(f"serve.state.database needs {exc.name}, which is not installed: pip install "
                               "'first-jupyter[serve]'") from None
@@ -100,9 +100,9 @@ def _quotas_state(serve: ServeConfig, state_dir: Path) -> SharedState:
     if url is None:
         return SharedState(QuotaStore(state_dir / "quotas.sqlite3", serve.quotas), None, None)
     try:  # the serve extra: a gateway on one host does without
-        from first_jupyter.auth.shared_verdicts import RedisVerdicts
-        from first_jupyter.gateway.redis_quotas import RedisQuotas
-        from first_jupyter.redis_state import connect
+        from first_jupyter.serve.redis_quotas import RedisQuotas
+        from first_jupyter.serve.redis_state import connect
+        from first_jupyter.serve.redis_verdicts import RedisVerdicts
     except ImportError as exc:
         raise ConfigError(f"serve.state.redis needs {exc.name}, which is not installed: pip install "
                           "'first-jupyter[serve]'") from None

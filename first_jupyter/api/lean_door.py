@@ -1,4 +1,4 @@
-"""The lean door: the route table (``gateway.route_table``) on the gateway's own HTTP server, for programs.
+"""The lean door: the route table (``api.route_table``) on the gateway's own HTTP server, for programs.
 
 Served on loopback, for holders of the key, where kernels reach it through ``FIRST_GATEWAY_URL``; it costs a third
 of the CPU per request of Jupyter's door, which serves the same routes.
@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote
 
-from first_jupyter.api_types import ApiObject, json_body
-from first_jupyter.batch.service import Batches
-from first_jupyter.gateway.answers import Completed, Relayed
-from first_jupyter.gateway.api import (
+from first_jupyter.api.door_kit import (
     FILE_CHUNK,
     JSON,
     JSONL,
@@ -31,8 +28,11 @@ from first_jupyter.gateway.api import (
     target_headers,
     too_large,
 )
+from first_jupyter.api.route_table import Answer, Bare, Call, Matcher, Spool, body_sink
+from first_jupyter.api_types import ApiObject, json_body
+from first_jupyter.batch.batches import Batches
+from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.core import Gateway
-from first_jupyter.gateway.route_table import Answer, Bare, Call, Matcher, Spool, body_sink
 from first_jupyter.lasting_key import LastingKey
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.http_server import BodySink, BodyTooLarge, Exchange, HTTPRefusal, Request

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from first_jupyter.config import SchedulerView
-from first_jupyter.gateway.backends.submitter import Submitter
+from first_jupyter.gateway.backends.compute.submitter import Submitter
 from first_jupyter.remote.scheduler import pbs_status, slurm_status, summarize
 
 ENGINE_SUFFIX = "-HighThroughputExecutor"

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from first_jupyter.auth.resource_server import Identity, TokenIntrospector, group_links, may_use
-from first_jupyter.batch.service import Batches
+from first_jupyter.batch.batches import Batches
 from first_jupyter.config import ServeConfig
-from first_jupyter.gateway.metrics import GatewayMetrics
-from first_jupyter.gateway.shared_state import SharedState
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import OpenAIError, ParsedRequest
+from first_jupyter.serve.metrics import GatewayMetrics
+from first_jupyter.serve.state import SharedState
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.core import Gateway
@@ -135,7 +135,7 @@ class SharedPolicy:
         and Globus Compute token follow their latest request (runs read them from the same caller); the groups are
         written down when they change, for runs resumed after a restart (tokens never leave the process)."""
         found = self._batches.get(identity.username)
-        if found is None:  # (an open store's owner is kept current by ``caller``)
+        if found is None:  # (an open store's owner is kept current by ``gateway.caller``)
             root = self.state_dir / "batches" / "users" / hashlib.sha256(identity.username.encode()).hexdigest()[:24]
             root.mkdir(parents=True, exist_ok=True)
             _write_owner(root, identity)

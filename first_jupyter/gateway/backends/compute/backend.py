@@ -20,8 +20,8 @@ import orjson
 
 from first_jupyter.config import ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.backends.base import RequestBody, json_only
-from first_jupyter.gateway.backends.submitter import Submitter
-from first_jupyter.gateway.callbacks import CallbackHub, RemoteStream
+from first_jupyter.gateway.backends.compute.callbacks import CallbackHub, RemoteStream
+from first_jupyter.gateway.backends.compute.submitter import Submitter
 from first_jupyter.gateway.ceilings import LIMITS_KEY, reported_limits
 from first_jupyter.gateway.upstream import Reply
 from first_jupyter.protocol import Capability, OpenAIError
@@ -38,7 +38,7 @@ from first_jupyter.remote.launcher import EngineKind, engine_keeps_responses, en
 
 if TYPE_CHECKING:
     from first_jupyter.api_types import PublishedDetails
-    from first_jupyter.gateway.scheduler_view import SchedulerReader
+    from first_jupyter.gateway.backends.compute.scheduler_view import SchedulerReader
 
 SUBMIT_LIMIT_BYTES = 10 * 1000 * 1000
 """Globus Compute refuses a task submission over 10 MB (its arguments serialized)."""

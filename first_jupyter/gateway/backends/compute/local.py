@@ -35,8 +35,8 @@ from typing import Any
 import psutil
 
 from first_jupyter.config import ComputeEndpoint, InProcessEngine
-from first_jupyter.endpoint_config import FAILED, READY, block_worker_init
-from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, too_large
+from first_jupyter.gateway.backends.compute.backend import SUBMIT_LIMIT_BYTES, too_large
+from first_jupyter.gateway.backends.compute.endpoint_config import FAILED, READY, block_worker_init
 from first_jupyter.model_download import ModelDownload
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.launcher import EngineSpec, choose_engine, free_port, log_tail, served_name
@@ -108,7 +108,7 @@ def _group(proc: psutil.Process) -> int | None:
 def worker_init(settings: InProcessEngine, model: str, served_name: str, build_tiny: bool, port: int,
                 run_dir: Path, log: Path) -> str:
     """The block's first lines: start the engine with the launcher and wait until it serves (or write why not
-    and end the block), by the same protocol as a cluster's endpoint config (``endpoint_config``)."""
+    and end the block), by the same protocol as a cluster's endpoint config (``compute.endpoint_config``)."""
     command = [sys.executable, "-m", "first_jupyter.remote.launcher", "--model", model, "--served-name",
                served_name, "--engine", settings.engine, "--port", str(port), "--device", settings.device,
                "--log", str(log), "--timeout", str(settings.start_timeout), "--foreground"]
@@ -285,7 +285,7 @@ class InProcessSubmitter:
         return said or f"The engine exited. Last lines of {self.log}:\n{log_tail(self.log)}"
 
     def describe(self, exc: BaseException) -> OpenAIError:
-        from first_jupyter.gateway.compute_errors import describe_failure
+        from first_jupyter.gateway.backends.compute.errors import describe_failure
 
         return describe_failure(exc, self.where)
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from first_jupyter.auth.resource_server import Identity, Verdict
 from first_jupyter.protocol import OpenAIError
-from first_jupyter.redis_state import UNREACHABLE, where
+from first_jupyter.serve.redis_state import UNREACHABLE, where
 
 log = logging.getLogger(__name__)
 

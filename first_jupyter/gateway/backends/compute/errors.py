@@ -10,7 +10,7 @@ import globus_sdk
 from globus_compute_sdk.errors import TaskExecutionFailed
 
 from first_jupyter.auth.tokens import AuthError
-from first_jupyter.gateway.backends.compute import SUBMIT_LIMIT_BYTES, remote_summary
+from first_jupyter.gateway.backends.compute.backend import SUBMIT_LIMIT_BYTES, remote_summary
 from first_jupyter.protocol import OpenAIError
 
 

@@ -16,9 +16,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -29,19 +28,11 @@ from first_jupyter.paths import default_data_dir
 
 if TYPE_CHECKING:
     from first_jupyter.gateway.core import Gateway
-    from first_jupyter.gateway.shared import SharedPolicy
+    from first_jupyter.serve.policy import SharedPolicy
 
-T = TypeVar("T")
 log = logging.getLogger("first_jupyter.serve")
 CLOSE_TIMEOUT_S = 10.0
 RESTART_PAUSE_S = 1.0
-
-
-class SameLoop:
-    """The shared gateway runs on tornado's own loop (nothing else shares this process): ``call`` just awaits."""
-
-    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await coro
 
 
 def prepare(path: str) -> tuple[FirstConfig, ServeConfig, Path, str]:
@@ -86,7 +77,7 @@ def serve(path: str) -> int:
     _logging(settings)
     sockets = bind_sockets(settings.listen.port, settings.listen.host)
     if settings.processes > 1:
-        from first_jupyter.gateway.metrics import share_across_processes
+        from first_jupyter.serve.metrics import share_across_processes
 
         share_across_processes(state_dir / "metrics")
         if _supervise(settings.processes, sockets):
@@ -97,7 +88,7 @@ def serve(path: str) -> int:
 
 def _supervise(workers: int, sockets: list[socket.socket]) -> bool:
     """Fork the workers and watch them; True in the parent once all have stopped, False in a worker."""
-    from first_jupyter.gateway.metrics import process_exited
+    from first_jupyter.serve.metrics import process_exited
 
     children: dict[int, int] = {}
     stopping = False
@@ -139,16 +130,17 @@ def _supervise(workers: int, sockets: list[socket.socket]) -> bool:
 def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: str) -> tuple[Application, Gateway,
                                                                                         SharedPolicy]:
     """The tornado application of one process, its Gateway and its rules; on the running loop."""
-    from first_jupyter.assembly import build_gateway
-    from first_jupyter.gateway.metrics import GatewayMetrics
-    from first_jupyter.gateway.shared import SharedPolicy
-    from first_jupyter.gateway.shared_state import open_state
-    from first_jupyter.server_ext.shared_door import shared_routes
+    from first_jupyter.api.tornado_door import SameLoop
+    from first_jupyter.serve.door import shared_routes
+    from first_jupyter.serve.metrics import GatewayMetrics
+    from first_jupyter.serve.policy import SharedPolicy
+    from first_jupyter.serve.state import open_state
+    from first_jupyter.service import build_gateway
 
     state = open_state(settings, state_dir)
     gateway = build_gateway(config, state_dir, shared=True, usage=state.usage)
     metrics = GatewayMetrics()
-    gateway.state_observers.append(metrics.endpoint_states)
+    gateway.catalog.state_observers.append(metrics.endpoint_states)
     policy = SharedPolicy(settings, state_dir, state, secret, metrics, compute_as_callers=gateway.compute_as_callers)
     app = Application(shared_routes(), first_gateway=gateway, first_loop=SameLoop(), first_max_request_bytes=0,
                       first_shared=policy, log_function=lambda _handler: None)  # the access log replaces tornado's

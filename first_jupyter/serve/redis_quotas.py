@@ -1,6 +1,6 @@
 """The quotas' token buckets in Redis, for replicas of a shared gateway on several hosts (``serve.state.redis``).
 
-The buckets and their answers are those of ``gateway.quotas`` (one host's SQLite store): the same keys, the same
+The buckets and their answers are those of ``serve.quotas`` (one host's SQLite store): the same keys, the same
 lazy refill, the same rule for when a bucket admits, the same 429, ``Retry-After`` and ``x-ratelimit-*``. What
 differs is where they live and how a change is made atomic: each admit and each spend is one Lua script that
 Redis runs alone, so two replicas can never both take a bucket's last request.
@@ -21,8 +21,8 @@ from collections.abc import Callable
 import redis.asyncio
 
 from first_jupyter.config import Quotas
-from first_jupyter.gateway.quotas import Allowance, Bucket, QuotaBuckets, allowance
-from first_jupyter.redis_state import UNREACHABLE, unavailable, where
+from first_jupyter.serve.quotas import Allowance, Bucket, QuotaBuckets, allowance
+from first_jupyter.serve.redis_state import UNREACHABLE, unavailable, where
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ while the database is down they wait there, and are written, in order, once it i
 so a long outage costs the oldest accounting rather than the gateway's memory. Requests go on meanwhile; only
 the usage answers, which must read the database, are refused with a 503.
 
-The schema is upgraded when the writer starts (``pg_state.upgrade``, under an advisory lock): at the gateway's
+The schema is upgraded when the writer starts (``serve.pg_state.upgrade``, under an advisory lock): at the gateway's
 start, or as soon as the database can be reached if it could not be then.
 """
 
@@ -25,7 +25,7 @@ from typing import Final
 from psycopg import Error as PgError
 
 from first_jupyter.gateway.usage import PER_MODEL, PER_USER, UsageRecord
-from first_jupyter.pg_state import UNREACHABLE, pool, unavailable, upgrade
+from first_jupyter.serve.pg_state import UNREACHABLE, pool, unavailable, upgrade
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from first_jupyter.gateway import relay
-from first_jupyter.gateway.relay import StreamWatch, rename_model_in_body
+from first_jupyter.gateway import stream_watch
+from first_jupyter.gateway.stream_watch import StreamWatch, rename_model_in_body
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 
 
@@ -281,7 +281,7 @@ def test_cheap_path_parses_nothing_but_the_usage_event(monkeypatch):
         parsed.append(data)
         return real(data)
 
-    monkeypatch.setattr(relay, "orjson", type("Spy", (), {"loads": staticmethod(counting), "dumps": orjson.dumps,
+    monkeypatch.setattr(stream_watch, "orjson", type("Spy", (), {"loads": staticmethod(counting), "dumps": orjson.dumps,
                                                          "JSONDecodeError": orjson.JSONDecodeError}))
     events = [{**e, "usage": None} for e in _events(PUBLIC, usage=False, content="abcdefgh")]
     stream = _sse([*events, _events(PUBLIC)[-1]], _spaced)
@@ -307,7 +307,7 @@ def test_done_passes_at_once_and_untouched():
 def test_an_event_held_past_the_bound_goes_on_unwatched(monkeypatch):
     """Memory per stream is bounded: an event still unfinished past the bound is passed as it comes, and the
     events after it are watched again."""
-    monkeypatch.setattr(relay, "_MAX_EVENT", 64)
+    monkeypatch.setattr(stream_watch, "_MAX_EVENT", 64)
     big = b"data: " + _spaced({"model": ENGINE, "choices": [{"delta": {"content": "y" * 200}}]}) + b"\n\n"
     watch = StreamWatch(PUBLIC, rename=True, strip_usage_event=True)
     assert watch.feed(big[:100]) == big[:100]

@@ -14,12 +14,12 @@ import time
 import orjson
 from tornado import web
 
+from first_jupyter.api.tornado_door import GatewayDoor, NotFoundRoute, OpenTableRoute, Routes, TableRoute, door_routes
 from first_jupyter.api_types import SignIn
-from first_jupyter.batch.service import Batches
-from first_jupyter.gateway.shared import SharedCaller, SharedPolicy
-from first_jupyter.gateway.shared_state import HEALTH_RETRY_AFTER_S
+from first_jupyter.batch.batches import Batches
 from first_jupyter.protocol import OpenAIError, presented_token
-from first_jupyter.server_ext.handlers import GatewayDoor, Routes, door_routes
+from first_jupyter.serve.policy import SharedCaller, SharedPolicy
+from first_jupyter.serve.state import HEALTH_RETRY_AFTER_S
 
 
 class SharedHandler(GatewayDoor):
@@ -134,6 +134,19 @@ class HealthHandler(SharedHandler):
         self.finish(orjson.dumps({"ok": health.ok, "state": health.backends, **usage}))
 
 
+class SharedTableHandler(TableRoute, SharedHandler):
+    """The route table's paths at the shared gateway."""
+
+
+class SharedOpenTableHandler(OpenTableRoute, SharedHandler):
+    """The paths with an open route (the callback) at the shared gateway."""
+
+
+class SharedNotFoundHandler(NotFoundRoute, SharedHandler):
+    """Every unknown path at the shared gateway."""
+
+
 def shared_routes() -> Routes:
     return [("/metrics", MetricsHandler, {}), ("/healthz", HealthHandler, {}),
-            ("/first/api/usage/users", UsersUsageHandler, {}), *door_routes(SharedHandler, everything_else="/.*")]
+            ("/first/api/usage/users", UsersUsageHandler, {}),
+            *door_routes(SharedTableHandler, SharedOpenTableHandler, SharedNotFoundHandler, everything_else="/.*")]
