@@ -16,6 +16,7 @@ import contextlib
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -120,10 +121,33 @@ class RedisServer(LoopbackServer):
                 "--save", "", "--appendonly", "no", "--dir", str(self.directory), "--daemonize", "no"]
 
 
+DEPLOY: Final = Path(__file__).resolve().parents[1] / "deploy"
+NGINX_SITE: Final = DEPLOY / "nginx" / "first.conf"
+"""The deployment example's nginx site: the replica tests run through it, so there is one nginx config, tried."""
+_REPLICA = re.compile(r"^(?P<indent>[ \t]*)server first-serve-\d+:8080(?P<options>[^;]*);\n", re.MULTILINE)
+_LISTEN = re.compile(r"^(?P<indent>[ \t]*)listen 80;$", re.MULTILINE)
+_PROXY_PASS = re.compile(r"^(?P<indent>[ \t]*)proxy_pass http://first_gateway;$", re.MULTILINE)
+
+
+def loopback_site(upstreams: list[int], port: int) -> str:
+    """``deploy/nginx/first.conf`` with its replicas at the loopback ``upstreams`` (their options kept), listening
+    on 127.0.0.1:``port``, each answer naming the replica that served it (``X-Upstream``); a failure if the file no
+    longer has the lines this replaces, rather than a test of some other config."""
+    site = NGINX_SITE.read_text()
+    replicas = list(_REPLICA.finditer(site))
+    if len(replicas) != 2 or len(_LISTEN.findall(site)) != 1 or not _PROXY_PASS.search(site):
+        raise AssertionError(f"{NGINX_SITE} no longer has two 'server first-serve-N:8080 ...;' lines, one "
+                             "'listen 80;' and 'proxy_pass http://first_gateway;': update loopback_site with it")
+    first = replicas[0]
+    loopback = "".join(f"{first['indent']}server 127.0.0.1:{p}{first['options']};\n" for p in upstreams)
+    site = _REPLICA.sub(lambda m: loopback if m.start() == first.start() else "", site)
+    site = _LISTEN.sub(lambda m: f"{m['indent']}listen 127.0.0.1:{port};", site)
+    return _PROXY_PASS.sub(lambda m: f"{m[0]}\n{m['indent']}add_header X-Upstream $upstream_addr always;", site)
+
+
 class Nginx(LoopbackServer):
-    """nginx as the load balancer in front of ``upstreams`` (loopback ports), round robin, streaming both ways
-    unbuffered as a site would configure it for server-sent events; each answer names the replica that served it
-    (``X-Upstream``)."""
+    """nginx as the load balancer in front of ``upstreams`` (loopback ports), configured by the deployment
+    example's site (``loopback_site``)."""
 
     name = "nginx"
 
@@ -136,22 +160,23 @@ class Nginx(LoopbackServer):
         return f"http://127.0.0.1:{self.port}"
 
     def config(self) -> str:
+        """A main config as Debian's ships it, cut to what runs unprivileged in the foreground, including the site
+        in its ``http`` block as Debian's ``conf.d`` does."""
         d = self.directory
-        servers = "".join(f"    server 127.0.0.1:{port};\n" for port in self.upstreams)
+        site = d / "first.conf"
+        site.write_text(loopback_site(self.upstreams, self.port))
         # as root, nginx's workers would run as nobody, who cannot reach pytest's private tmp dirs
         user = "user root;\n" if os.geteuid() == 0 else ""
         temp = "".join(f"  {kind}_temp_path {d / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                          "scgi"))
         return (f"{user}daemon off;\nworker_processes 1;\npid {d / 'nginx.pid'};\nerror_log {d / 'error.log'} info;\n"
                 "events { worker_connections 1024; }\n"
-                f"http {{\n  access_log {d / 'access.log'};\n{temp}"
-                f"  upstream replicas {{\n{servers}  }}\n"
-                f"  server {{\n    listen 127.0.0.1:{self.port};\n    client_max_body_size 0;\n"
-                "    location / {\n      proxy_pass http://replicas;\n      proxy_http_version 1.1;\n"
-                '      proxy_set_header Connection "";\n      proxy_set_header Host $host;\n'
-                "      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
-                "      proxy_buffering off;\n      proxy_request_buffering off;\n      proxy_read_timeout 600s;\n"
-                "      add_header X-Upstream $upstream_addr always;\n    }\n  }\n}\n")
+                f"http {{\n  access_log {d / 'access.log'};\n{temp}  include {site};\n}}\n")
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """``nginx -t`` on the config this server would start with."""
+        return subprocess.run([*self.command(), "-t"], capture_output=True, text=True, check=False,
+                              cwd=self.directory, timeout=START_GUARD_S)
 
     def command(self) -> list[str]:
         path = self.directory / "nginx.conf"
