@@ -145,6 +145,10 @@ def loopback_site(upstreams: list[int], port: int) -> str:
     return _PROXY_PASS.sub(lambda m: f"{m[0]}\n{m['indent']}add_header X-Upstream $upstream_addr always;", site)
 
 
+SITE_WIDE_GZIP: Final = "  gzip on;\n  gzip_types application/json text/event-stream;\n"
+"""What a site may well have in its main config: the deploy site must keep its streams out of it."""
+
+
 class Nginx(LoopbackServer):
     """nginx as the load balancer in front of ``upstreams`` (loopback ports), configured by the deployment
     example's site (``loopback_site``)."""
@@ -160,8 +164,8 @@ class Nginx(LoopbackServer):
         return f"http://127.0.0.1:{self.port}"
 
     def config(self) -> str:
-        """A main config as Debian's ships it, cut to what runs unprivileged in the foreground, including the site
-        in its ``http`` block as Debian's ``conf.d`` does."""
+        """A main config cut to what runs unprivileged in the foreground, compressing JSON and streams site-wide,
+        with the site included in its ``http`` block as Debian's ``conf.d`` is."""
         d = self.directory
         site = d / "first.conf"
         site.write_text(loopback_site(self.upstreams, self.port))
@@ -171,7 +175,7 @@ class Nginx(LoopbackServer):
                                                                          "scgi"))
         return (f"{user}daemon off;\nworker_processes 1;\npid {d / 'nginx.pid'};\nerror_log {d / 'error.log'} info;\n"
                 "events { worker_connections 1024; }\n"
-                f"http {{\n  access_log {d / 'access.log'};\n{temp}  include {site};\n}}\n")
+                f"http {{\n  access_log {d / 'access.log'};\n{temp}{SITE_WIDE_GZIP}  include {site};\n}}\n")
 
     def check(self) -> subprocess.CompletedProcess[str]:
         """``nginx -t`` on the config this server would start with."""
