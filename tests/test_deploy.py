@@ -162,7 +162,6 @@ def balanced(tmp_path: Path) -> Iterator[Balanced]:
 
 def test_the_nginx_site_passes_nginx_t_without_a_warning(tmp_path: Path):
     nginx = Nginx(tmp_path, [free_loopback_port(), free_loopback_port()])
-    nginx.directory.mkdir(exist_ok=True)
     nginx.port = free_loopback_port()
     checked = nginx.check()
     assert checked.returncode == 0, checked.stderr
