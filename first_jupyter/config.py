@@ -542,11 +542,15 @@ class SharedStateConfig(_Strict):
     redis: str | None = Field(default=None, description="redis://host:port/db (or rediss://, unix://): quotas and "
                                                         "the token introspection cache, shared by every replica; "
                                                         f"its password from ${REDIS_PASSWORD_ENV}, never the file")
-    database: str | None = Field(default=None, description="postgresql://user@host:port/db: usage records, "
-                                                           "shared by every replica; its password from the libpq "
-                                                           "variables ($PGPASSWORD, ~/.pgpass), never the file")
-    files_dir: str | None = Field(default=None, description="batch files on storage every replica mounts (not "
-                                                            "supported yet)")
+    database: str | None = Field(default=None, description="postgresql://user@host:port/db: usage records, and "
+                                                           "the files' and batches' records, shared by every "
+                                                           "replica; its password from the libpq variables "
+                                                           "($PGPASSWORD, ~/.pgpass), never the file")
+    files_dir: str | None = Field(default=None, description="a directory on storage every replica mounts: the "
+                                                            "uploaded and produced batch files (with database)")
+    batch_lease_s: float = Field(default=30.0, gt=0, le=3600, description="how long a replica's hold on a batch it "
+                                                                          "runs lasts unrenewed: another replica "
+                                                                          "resumes the batch once it lapses")
 
     @field_validator("redis")
     @classmethod
@@ -560,15 +564,17 @@ class SharedStateConfig(_Strict):
         return _state_url(url, ("postgresql", "postgres"), "postgresql://user@host:port/database",
                           "$PGPASSWORD (or a ~/.pgpass file)")
 
-    @field_validator("files_dir")
-    @classmethod
-    def _not_yet(cls, value: str | None) -> str | None:
-        """Reserved, so that the shape of the several-host config is settled; refused until it works, rather than
-        silently keeping files and batches on each replica's own disk."""
-        if value is not None:
-            raise ValueError("serve.state.files_dir is not supported yet: files and batches stay in each replica's "
-                             "state_dir; remove the key (see the README's 'Several hosts')")
-        return value
+    @model_validator(mode="after")
+    def _files_with_their_records(self) -> SharedStateConfig:
+        """Files and their records go together: records shared with each replica's files on its own disk (or the
+        reverse) would answer for files a replica cannot read."""
+        if self.database is not None and self.files_dir is None:
+            raise ValueError("serve.state.database shares the files' and batches' records, so their contents must be "
+                             "shared too: add serve.state.files_dir, a directory every replica mounts")
+        if self.files_dir is not None and self.database is None:
+            raise ValueError("serve.state.files_dir needs the files' and batches' records shared too: add "
+                             "serve.state.database (postgresql://user@host:port/database)")
+        return self
 
 
 def _state_url(url: str | None, schemes: tuple[str, ...], expected: str, password_from: str) -> str | None:

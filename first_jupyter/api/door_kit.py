@@ -138,7 +138,7 @@ def requested_model(body: bytes) -> str:
 
 async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None, *,
                      progress: bool = False) -> WarmReply | Relayed:
-    """Start a model ahead of need (for ``gateway.caller``, at a shared gateway); the body may name a ``cluster`` and
+    """Start a model ahead of need (for ``caller``, at a shared gateway); the body may name a ``cluster`` and
     ask to ``wait`` until it answers, telling the start's progress meanwhile when asked (``progress``)."""
     try:
         options = orjson.loads(body) if body.strip() else {}

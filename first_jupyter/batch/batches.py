@@ -1,15 +1,15 @@
 """The Batch API over a data dir, for both doors: files, batches, and the runs that carry them out.
 
-Runs are resumed wherever a gateway on the same data dir is up: each run holds a lock (``flock`` on a file per
-batch) for as long as it runs, so a Jupyter server and a plain IPython session sharing a data dir never run one
-batch twice, and a run whose process died (its lock gone with it) is taken up by the next gateway that looks.
+Runs are resumed wherever a gateway on the same data dir is up: each run holds a claim on its batch for as long as
+it runs (``claims``: a lock file on one host, a lease in the shared database across hosts), so a Jupyter server and
+a plain IPython session sharing a data dir, or two replicas, never run one batch twice, and a run whose process
+died is taken up by the next gateway that looks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
+import logging
 import re
 import secrets
 import time
@@ -20,22 +20,28 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from first_jupyter.api_types import BatchPage, BatchReply
+from first_jupyter.batch.claims import Claim, Claims, FileClaims
 from first_jupyter.batch.runner import BatchRun
-from first_jupyter.batch.store import FINAL_STATES, Store, StoredFile, new_id
+from first_jupyter.batch.store import FINAL_STATES, BatchStore, Store, StoredFile, new_id
 from first_jupyter.batch.upload import Upload
 from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.config import BatchDefaults
 from first_jupyter.protocol import OpenAIError, list_page, page_limit, shown
 
 if TYPE_CHECKING:
+    from first_jupyter.batch.pg_store import PgBatchState
     from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
+
+log = logging.getLogger(__name__)
 
 RESUME_EVERY_S = 15.0
 _WINDOW = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 7 * 86400
 MAX_METADATA = 16
+STATE_UNAVAILABLE = "state_unavailable"
+"""The code of the 503 a store answers while the shared database cannot be reached (``serve.pg_state.unavailable``)."""
 
 
 def _window_s(window: Any) -> int:
@@ -58,15 +64,23 @@ def _metadata(metadata: Any) -> dict[str, str] | None:
 
 
 class Batches:
-    def __init__(self, gateway: Gateway, root: Path, settings: BatchDefaults, caller: Caller | None = None) -> None:
-        """``gateway.caller``: whose batches these are, at a shared gateway (each user has a store of their own)."""
+    def __init__(self, gateway: Gateway, root: Path, settings: BatchDefaults, caller: Caller | None = None,
+                 shared: PgBatchState | None = None) -> None:
+        """``caller``: whose batches these are, at a shared gateway (each user has a store of their own).
+        ``shared``: the database that replicas on several hosts share, ``root`` then in its files dir."""
         self.gateway = gateway
         self.settings = settings
         self.root = root
         self.caller = caller
-        self.store = Store(root)
-        self._locks_dir = root / "locks"
-        self._locks_dir.mkdir(exist_ok=True)
+        self.store: BatchStore
+        self.claims: Claims
+        if shared is None:
+            self.store, self.claims = Store(root), FileClaims(root / "locks")
+        else:
+            from first_jupyter.batch.pg_store import PgLeases
+
+            assert caller is not None  # (a shared gateway's stores are each user's)
+            self.store, self.claims = shared.store(root, caller.user), PgLeases(shared)
         self.runs: dict[str, BatchRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -196,33 +210,48 @@ class Batches:
         await self.gateway.supervisor.repeat("batch resumer", resume, every)
 
     def _run(self, batch: dict[str, Any]) -> None:
-        lock = self._lock(batch["id"])
-        if lock is None:
+        claim = self.claims.claim(batch["id"])
+        if claim is None:
             return  # another gateway runs it
-        held: int = lock  # what ``ended`` closes; typed here, as mypy's deferred pass over ``ended`` forgets the check
         run = BatchRun(self.gateway, self.store, batch, self.settings, self.caller)
         self.runs[batch["id"]] = run
         task = asyncio.get_running_loop().create_task(run.run())
         self._tasks[batch["id"]] = task
+        keeper = None if claim.renew_every is None else asyncio.get_running_loop().create_task(
+            self._keep(claim, claim.renew_every, run, task))
 
         def ended(done: asyncio.Task[None]) -> None:
             self.runs.pop(batch["id"], None)
             self._tasks.pop(batch["id"], None)
-            os.close(held)
+            if keeper is not None:
+                keeper.cancel()
+            claim.release()
             if not done.cancelled() and (exc := done.exception()) is not None:
                 self.gateway.supervisor.failed("batch runs", exc, batch["id"])
+                if isinstance(exc, OpenAIError) and exc.code == STATE_UNAVAILABLE:
+                    return  # not the batch's fault: resumed, here or by another replica, once the state is back
                 run.fail(f"The gateway failed running this batch ({exc!r}); its log has the details.")
 
         task.add_done_callback(ended)
 
-    def _lock(self, batch_id: str) -> int | None:
-        fd = os.open(self._locks_dir / f"{batch_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+    async def _keep(self, claim: Claim, every: float, run: BatchRun, task: asyncio.Task[None]) -> None:
+        """Renew the run's claim while it runs, and pass on a cancel asked through another replica. A run that
+        cannot renew stops (what it wrote stays, and is resumed from): it cannot know whether another took over."""
+        batch_id = run.batch["id"]
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = claim.renew()
+                cancel = held and self.store.cancel_requested(batch_id)
+            except OpenAIError as exc:
+                log.warning("batch %s: its lease could not be renewed (%s); the run stops, to be resumed",
+                            batch_id, exc.message)
+                held = cancel = False
+            if not held:
+                task.cancel()
+                return
+            if cancel:
+                run.cancel()
 
     async def close(self) -> None:
         """Stop the runs (they resume from their files at the next start) and the store."""

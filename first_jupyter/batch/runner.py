@@ -31,7 +31,7 @@ from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING, acting_as
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
-    from first_jupyter.batch.store import Store
+    from first_jupyter.batch.store import BatchStore
     from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
@@ -71,7 +71,7 @@ class Window:
 class BatchRun:
     """Runs one stored batch to its end; resumed the same way after a restart."""
 
-    def __init__(self, gateway: Gateway, store: Store, batch: dict[str, Any], settings: BatchDefaults,
+    def __init__(self, gateway: Gateway, store: BatchStore, batch: dict[str, Any], settings: BatchDefaults,
                  caller: Caller | None = None) -> None:
         self.gateway = gateway
         self.caller = caller

@@ -1,4 +1,6 @@
-"""Files and batches that survive a restart: their metadata in SQLite, their contents as files beside it.
+"""Files and batches that survive a restart: their contents as files under a root, their metadata in SQLite beside
+them (``Store``, one host), or in the PostgreSQL database that replicas on several hosts share (``pg_store``, the
+root then on storage every replica mounts). ``BatchStore`` is what the API and the runs use of either.
 
 A batch is kept as the JSON object the API returns (OpenAI's fields, nothing of ours), so that reading one back is
 one row and the object cannot drift from what was stored; the runner's own facts (the ids its output and error
@@ -40,7 +42,23 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 FINAL_STATES = frozenset({"failed", "completed", "expired", "cancelled"})
-_NOT_FINAL = f"status NOT IN ({', '.join(repr(state) for state in sorted(FINAL_STATES))})"
+NOT_FINAL = f"status NOT IN ({', '.join(repr(state) for state in sorted(FINAL_STATES))})"
+FILE_COLUMNS = "id, purpose, filename, bytes, lines, created_at"
+
+
+def page_query(table: str, columns: str, equal: dict[str, str | None], after: str | None, newest_first: bool,
+               mark: str) -> tuple[str, list[str]]:
+    """The query of a page of ``table`` (its rows equal to ``equal``'s set values, after the one named ``after``,
+    in the order asked), its arguments but the last: the page's size plus one (``mark``: the driver's
+    placeholder), and whether more follow is whether that many come back."""
+    clauses = [f"{column} = {mark}" for column, value in equal.items() if value is not None]
+    args = [value for value in equal.values() if value is not None]
+    if after:
+        clauses.append(f"seq {'<' if newest_first else '>'} (SELECT seq FROM {table} WHERE id = {mark})")  # noqa: S608
+        args.append(after)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    return (f"SELECT {columns} FROM {table} {where} "  # noqa: S608 (names of this module, not input)
+            f"ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT {mark}"), args
 
 
 def new_id(prefix: str) -> str:
@@ -63,13 +81,73 @@ class StoredFile:
                 "status_details": None}
 
 
-class Store:
-    """One data dir's files and batches."""
+class BatchStore:
+    """One owner's files and batches: the contents under ``root``, the metadata kept by each kind of store."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files_dir = root / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        return self.files_dir / f"{file_id}.jsonl"
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def add_file(self, purpose: str, filename: str, size: int, lines: int, file_id: str | None = None) -> StoredFile:
+        """Record a file whose contents are already at ``path(file_id)``."""
+        raise NotImplementedError
+
+    def file(self, file_id: str) -> StoredFile | None:
+        raise NotImplementedError
+
+    def files(self, purpose: str | None, after: str | None, limit: int, newest_first: bool) -> tuple[
+            list[StoredFile], bool]:
+        """A page of files after the one named ``after`` (in the order asked); whether more follow."""
+        raise NotImplementedError
+
+    def delete_file(self, file_id: str) -> bool:
+        raise NotImplementedError
+
+    def in_use(self, file_id: str) -> str | None:
+        """The unfinished batch reading ``file_id``, if any: deleting it then would lose that batch's input."""
+        raise NotImplementedError
+
+    def add_batch(self, batch: dict[str, Any]) -> tuple[str, str]:
+        """Store a new batch; the ids its output and error files will have."""
+        raise NotImplementedError
+
+    def save_batch(self, batch: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def request_cancel(self, batch_id: str) -> None:
+        """Asked by any process; the one running the batch reads it (its own saves leave it alone)."""
+        raise NotImplementedError
+
+    def cancel_requested(self, batch_id: str) -> bool:
+        raise NotImplementedError
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def result_ids(self, batch_id: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """A page of batches, newest first, after the one named ``after``; whether more follow."""
+        raise NotImplementedError
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Batches left under way that no run holds now, oldest first: to resume."""
+        raise NotImplementedError
+
+
+class Store(BatchStore):
+    """One data dir's files and batches, in SQLite: the processes of one host."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
         self._db = sqlite3.connect(root / "batches.sqlite3", isolation_level=None, check_same_thread=False)
         use_wal(self._db)  # (a shared gateway's workers open a user's store together)
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -80,36 +158,20 @@ class Store:
 
     # -- files ------------------------------------------------------------------------------------------------
 
-    def path(self, file_id: str) -> Path:
-        return self.files_dir / f"{file_id}.jsonl"
-
     def add_file(self, purpose: str, filename: str, size: int, lines: int, file_id: str | None = None) -> StoredFile:
-        """Record a file whose contents are already at ``path(file_id)``."""
         record = StoredFile(file_id or new_id("file-"), purpose, filename, size, lines, int(time.time()))
         self._db.execute("INSERT OR IGNORE INTO files (id, purpose, filename, bytes, lines, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?)", (record.id, purpose, filename, size, lines, record.created_at))
         return self.file(record.id) or record
 
     def file(self, file_id: str) -> StoredFile | None:
-        row = self._db.execute("SELECT id, purpose, filename, bytes, lines, created_at FROM files WHERE id = ?",
-                               (file_id,)).fetchone()
+        row = self._db.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()  # noqa: S608
         return StoredFile(*row) if row else None
 
     def files(self, purpose: str | None, after: str | None, limit: int, newest_first: bool) -> tuple[
             list[StoredFile], bool]:
-        """A page of files after the one named ``after`` (in the order asked); whether more follow."""
-        clauses, args = [], []
-        if purpose:
-            clauses.append("purpose = ?")
-            args.append(purpose)
-        if after:
-            clauses.append("seq < (SELECT seq FROM files WHERE id = ?)" if newest_first else
-                           "seq > (SELECT seq FROM files WHERE id = ?)")
-            args.append(after)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db.execute(
-            f"SELECT id, purpose, filename, bytes, lines, created_at FROM files {where} "  # noqa: S608 (fixed text)
-            f"ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?", (*args, limit + 1)).fetchall()
+        sql, args = page_query("files", FILE_COLUMNS, {"purpose": purpose}, after, newest_first, "?")
+        rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
         return [StoredFile(*row) for row in rows[:limit]], len(rows) > limit
 
     def delete_file(self, file_id: str) -> bool:
@@ -118,8 +180,7 @@ class Store:
         return deleted
 
     def in_use(self, file_id: str) -> str | None:
-        """The unfinished batch reading ``file_id``, if any: deleting it then would lose that batch's input."""
-        for (data,) in self._db.execute(f"SELECT data FROM batches WHERE {_NOT_FINAL}"):  # noqa: S608 (fixed)
+        for (data,) in self._db.execute(f"SELECT data FROM batches WHERE {NOT_FINAL}"):  # noqa: S608 (fixed)
             batch = orjson.loads(data)
             if batch["input_file_id"] == file_id:
                 return str(batch["id"])
@@ -128,7 +189,6 @@ class Store:
     # -- batches ----------------------------------------------------------------------------------------------
 
     def add_batch(self, batch: dict[str, Any]) -> tuple[str, str]:
-        """Store a new batch; the ids its output and error files will have."""
         output_id, error_id = new_id("file-"), new_id("file-")
         self._db.execute("INSERT INTO batches (id, status, output_id, error_id, data) VALUES (?, ?, ?, ?, ?)",
                          (batch["id"], batch["status"], output_id, error_id, orjson.dumps(batch)))
@@ -139,7 +199,6 @@ class Store:
                          (batch["status"], orjson.dumps(batch), batch["id"]))
 
     def request_cancel(self, batch_id: str) -> None:
-        """Asked by any process; the one running the batch reads it (its own saves leave it alone)."""
         self._db.execute("UPDATE batches SET cancel_requested = 1 WHERE id = ?", (batch_id,))
 
     def cancel_requested(self, batch_id: str) -> bool:
@@ -155,15 +214,10 @@ class Store:
         return row[0], row[1]
 
     def batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        """A page of batches, newest first, after the one named ``after``; whether more follow."""
-        if after:
-            rows = self._db.execute("SELECT data FROM batches WHERE seq < (SELECT seq FROM batches WHERE id = ?) "
-                                    "ORDER BY seq DESC LIMIT ?", (after, limit + 1)).fetchall()
-        else:
-            rows = self._db.execute("SELECT data FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
+        sql, args = page_query("batches", "data", {}, after, True, "?")
+        rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
         return [orjson.loads(data) for (data,) in rows[:limit]], len(rows) > limit
 
     def unfinished(self) -> list[dict[str, Any]]:
-        """Batches a stopped gateway left under way, oldest first: to resume."""
         return [orjson.loads(data) for (data,) in self._db.execute(
-            f"SELECT data FROM batches WHERE {_NOT_FINAL} ORDER BY seq")]  # noqa: S608 (fixed text)
+            f"SELECT data FROM batches WHERE {NOT_FINAL} ORDER BY seq")]  # noqa: S608 (fixed text)

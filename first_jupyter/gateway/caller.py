@@ -67,7 +67,7 @@ gateway's background work."""
 
 @contextlib.contextmanager
 def acting_as(caller: Caller | None) -> Iterator[None]:
-    """Run the block for ``gateway.caller`` (no change when None: a user's own server keeps its single user)."""
+    """Run the block for ``caller`` (no change when None: a user's own server keeps its single user)."""
     if caller is None:
         yield
         return

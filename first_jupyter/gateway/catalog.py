@@ -172,7 +172,7 @@ class Catalog:
 
     @staticmethod
     def allowed(model: str, targets: list[Target], caller: Caller | None) -> list[Target]:
-        """``targets`` on the clusters ``gateway.caller`` may use (all of them for no caller); 403 when none is."""
+        """``targets`` on the clusters ``caller`` may use (all of them for no caller); 403 when none is."""
         if caller is None:
             return targets
         allowed = [t for t in targets if caller.may_use(model, t.cluster)]

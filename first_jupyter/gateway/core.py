@@ -340,7 +340,7 @@ class Gateway:
         """``call`` on each candidate in turn until one answers. A failure before the first byte that another
         endpoint may not share (unreachable, 5xx, 429, a timeout) moves on to the next; any other (the request's
         own fault, a refused sign-in) is the answer; a refusal of the user (403) moves on too, and in a user's own
-        server the router leaves that endpoint out for a while (at a shared gateway, where ``gateway.caller`` sent it,
+        server the router leaves that endpoint out for a while (at a shared gateway, where ``caller`` sent it,
         one user's refusal says nothing of the others'). ``tried`` gets each target as it is tried.
 
         Endpoints the router names are asked to start the model (the best when it must, or another ahead of a

@@ -116,7 +116,7 @@ class ResponseIds:
             path, self._write, "response ids writer", supervisor, interval=WRITE_INTERVAL_S)
 
     def remember(self, response_id: str, target: Target, model: str, caller: Caller | None) -> None:
-        """``response_id`` was created at ``target`` for ``gateway.caller``: on the event loop, no I/O."""
+        """``response_id`` was created at ``target`` for ``caller``: on the event loop, no I/O."""
         home = ResponseHome(response_id, target.cluster, target.endpoint, model,
                             caller.user if caller is not None else "", time.time())
         self._hold(response_id, home)

@@ -135,7 +135,7 @@ class Starts:
 
     async def warm(self, model: str, cluster: str | None = None, wait: bool = False,
                    caller: Caller | None = None, tried: Attempts | None = None) -> WarmReply:
-        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``gateway.caller`` (on
+        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
         the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
         Its state, where, and the expected wait. ``tried``: told the endpoint it waits for (``heard``)."""
         check_model_name(model)

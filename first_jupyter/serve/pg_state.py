@@ -13,12 +13,14 @@ same tables: the second waits, then finds the work done.
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 from urllib.parse import urlsplit
 
 from psycopg import AsyncConnection
 from psycopg import OperationalError as PgOperationalError
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from first_jupyter.protocol import OpenAIError
 
@@ -52,15 +54,66 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX usage_model_ts ON usage (model, ts);
     CREATE INDEX usage_user_ts ON usage ("user", ts)""",
+    # 2: files and batches, as batch/store.py keeps them in SQLite, per owner; a batch's run holds a lease on it
+    """CREATE TABLE batch_files (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT UNIQUE NOT NULL,
+        owner TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        lines BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX batch_files_owner_seq ON batch_files (owner, seq);
+    CREATE TABLE batches (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT UNIQUE NOT NULL,
+        owner TEXT NOT NULL,
+        status TEXT NOT NULL,
+        output_id TEXT NOT NULL,
+        error_id TEXT NOT NULL,
+        cancel_requested BOOLEAN NOT NULL DEFAULT false,
+        data TEXT NOT NULL,
+        holder TEXT,
+        lease_until TIMESTAMPTZ
+    );
+    CREATE INDEX batches_owner_seq ON batches (owner, seq);
+    CREATE INDEX batches_unfinished ON batches (seq)
+        WHERE status NOT IN ('cancelled', 'completed', 'expired', 'failed')""",
 )
 """The schema, one step per version; a released step is never edited, a change is a new step."""
+
+
+_CONNECTIONS: Final[dict[str, object]] = {"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S)}
 
 
 def pool(url: str) -> AsyncConnectionPool:
     """A pool for ``url``, not yet open (``await pool.open(wait=False)`` on the loop that will use it)."""
     return AsyncConnectionPool(url, min_size=1, max_size=4, open=False, timeout=CONNECT_TIMEOUT_S,
-                               check=AsyncConnectionPool.check_connection, name="first-state",
-                               kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S)})
+                               check=AsyncConnectionPool.check_connection, name="first-state", kwargs=_CONNECTIONS)
+
+
+def sync_pool(url: str) -> ConnectionPool:
+    """A blocking pool for ``url``, opening in the background: for callers that are not coroutines (the batch
+    store, whose SQLite twin is read and written in place)."""
+    blocking = ConnectionPool(url, min_size=1, max_size=4, open=False, timeout=CONNECT_TIMEOUT_S,
+                              check=ConnectionPool.check_connection, name="first-batches", kwargs=_CONNECTIONS)
+    blocking.open(wait=False)
+    return blocking
+
+
+def upgrade_blocking(url: str) -> int:
+    """``upgrade`` for a caller that is not a coroutine, on a connection and loop of its own (in a thread, as the
+    caller's thread may run a loop already)."""
+
+    async def once() -> int:
+        async with await AsyncConnection.connect(url, autocommit=True,
+                                                 connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
+            return await upgrade(conn)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="first-schema") as one:
+        return one.submit(asyncio.run, once()).result()
 
 
 async def upgrade(conn: AsyncConnection) -> int:

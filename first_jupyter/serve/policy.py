@@ -8,7 +8,9 @@ prompt, answer or error text (an engine's error may quote the prompt): who, what
 
 The Gateway sees only a ``SharedCaller`` (its ``Caller`` protocol); the tornado door builds one per request.
 Batches are kept per user: each user's files and batches live in a store of their own, so no user can list or
-read another's, and their runs are accounted to their owner.
+read another's, and their runs are accounted to their owner. Replicas on several hosts keep them under
+``serve.state.files_dir`` with their records in the shared database: each replica's resumer takes up the batches
+whose runner's lease lapsed (its replica died), whoever's they are.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from first_jupyter.auth.resource_server import Identity, TokenIntrospector, group_links, may_use
-from first_jupyter.batch.batches import Batches
+from first_jupyter.batch.batches import RESUME_EVERY_S, Batches
 from first_jupyter.config import ServeConfig
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import OpenAIError, ParsedRequest
@@ -71,6 +73,8 @@ class SharedPolicy:
         self._admins = set(serve.auth.admins)
         self._batches: dict[str, Batches] = {}
         self._runs: list[asyncio.Task[None]] = []
+        self._home = Path(serve.state.files_dir) if serve.state.files_dir is not None else state_dir
+        """Where each user's batch store is: the state dir, or the files dir every replica mounts."""
 
     async def caller(self, authorization: str | None) -> SharedCaller:
         try:
@@ -135,8 +139,8 @@ class SharedPolicy:
         and Globus Compute token follow their latest request (runs read them from the same caller); the groups are
         written down when they change, for runs resumed after a restart (tokens never leave the process)."""
         found = self._batches.get(identity.username)
-        if found is None:  # (an open store's owner is kept current by ``gateway.caller``)
-            root = self.state_dir / "batches" / "users" / hashlib.sha256(identity.username.encode()).hexdigest()[:24]
+        if found is None:  # (an open store's owner is kept current by ``caller``)
+            root = self._root_of(identity.username)
             root.mkdir(parents=True, exist_ok=True)
             _write_owner(root, identity)
             found = self._open_batches(gateway, root, identity)
@@ -154,19 +158,42 @@ class SharedPolicy:
                 if rs not in identity.dependent and owner.identity.token_for(rs) is not None}
         owner.identity = dataclasses.replace(identity, dependent={**kept, **identity.dependent}) if kept else identity
 
+    @property
+    def _users(self) -> Path:
+        return self._home / "batches" / "users"
+
+    def _root_of(self, username: str) -> Path:
+        return self._users / hashlib.sha256(username.encode()).hexdigest()[:24]
+
     def resume_batches(self, gateway: Gateway) -> None:
-        """At start: every user's unfinished batches run again (as their owner, with the groups last seen)."""
-        users = self.state_dir / "batches" / "users"
-        for owner in sorted(users.glob(f"*/{OWNER_FILE}")) if users.is_dir() else []:
-            data = orjson.loads(owner.read_bytes())
-            identity = Identity(data["id"], data["username"], False, math.inf, frozenset(data["groups"]))
-            if identity.username not in self._batches:
-                self._open_batches(gateway, owner.parent, identity)
+        """At start: every user's unfinished batches run again (as their owner, with the groups last seen); with
+        replicas on several hosts, from then on too, whenever a batch's runner's lease lapses."""
+        for owner in sorted(self._users.glob(f"*/{OWNER_FILE}")) if self._users.is_dir() else []:
+            self._open_owner(gateway, owner.parent)
+        shared = self.state.batches
+        if shared is not None:
+            async def adopt() -> float:
+                for username in await asyncio.to_thread(shared.orphaned_owners):
+                    if username not in self._batches:
+                        self._open_owner(gateway, self._root_of(username))
+                return shared.lease_s
+
+            self._runs.append(asyncio.get_running_loop().create_task(
+                gateway.supervisor.repeat("batch adopter", adopt, shared.lease_s)))
+
+    def _open_owner(self, gateway: Gateway, root: Path) -> None:
+        """The batch store at ``root``, as its owner last seen (``OWNER_FILE``), unless it is open already."""
+        data = orjson.loads((root / OWNER_FILE).read_bytes())
+        identity = Identity(data["id"], data["username"], False, math.inf, frozenset(data["groups"]))
+        if identity.username not in self._batches:
+            self._open_batches(gateway, root, identity)
 
     def _open_batches(self, gateway: Gateway, root: Path, identity: Identity) -> Batches:
+        shared = self.state.batches
         batches = self._batches[identity.username] = Batches(gateway, root, gateway.config.defaults.batch,
-                                                             caller=SharedCaller(self, identity))
-        self._runs.append(asyncio.get_running_loop().create_task(batches.keep_running()))
+                                                             caller=SharedCaller(self, identity), shared=shared)
+        every = RESUME_EVERY_S if shared is None else min(RESUME_EVERY_S, shared.lease_s)
+        self._runs.append(asyncio.get_running_loop().create_task(batches.keep_running(every)))
         return batches
 
     async def close(self) -> None:

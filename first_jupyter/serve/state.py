@@ -1,7 +1,7 @@
 """Where a shared gateway keeps what its processes must agree on: one host's SQLite under the state dir (the
 default), or, for replicas on several hosts, Redis (``serve.state.redis``: the quotas' buckets and the token
-introspection verdicts) and PostgreSQL (``serve.state.database``: usage records). Files and batches stay in each
-replica's state dir for now.
+introspection verdicts) and PostgreSQL (``serve.state.database``: usage records, and the files' and batches'
+records, their contents under ``serve.state.files_dir``).
 
 ``health`` is what ``/healthz`` answers: each backend in use, and whether it answers now.
 """
@@ -20,6 +20,7 @@ from first_jupyter.serve.quotas import QuotaBuckets, QuotaStore
 if TYPE_CHECKING:
     import redis.asyncio
 
+    from first_jupyter.batch.pg_store import PgBatchState
     from first_jupyter.serve.pg_usage import PgUsage
 
 OK: Final = "ok"
@@ -49,6 +50,8 @@ class SharedState:
     redis: redis.asyncio.Redis | None
     usage: PgUsage | None = field(default=None)
     """None: usage in SQLite under each gateway's own data dir. Handed to the gateway, which closes it."""
+    batches: PgBatchState | None = field(default=None)
+    """None: files and batches in SQLite under each user's batch dir in the state dir."""
 
     async def health(self) -> Health:
         """Each backend in use, asked now (SQLite is local files: there while the host is)."""
@@ -66,6 +69,8 @@ class SharedState:
 
     async def close(self) -> None:
         await self.quotas.close()
+        if self.batches is not None:
+            await asyncio.to_thread(self.batches.close)
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -87,11 +92,14 @@ def open_state(serve: ServeConfig, state_dir: Path) -> SharedState:
     state = _quotas_state(serve, state_dir)
     if serve.state.database is not None:
         try:  # the serve extra
+            from first_jupyter.batch.pg_store import PgBatchState
             from first_jupyter.serve.pg_usage import PgUsage
         except ImportError as exc:
             raise ConfigError(f"serve.state.database needs {exc.name}, which is not installed: pip install "
                               "'first-jupyter[serve]'") from None
         state.usage = PgUsage(serve.state.database)
+        assert serve.state.files_dir is not None  # (the config takes the two together)
+        state.batches = PgBatchState(serve.state.database, Path(serve.state.files_dir), serve.state.batch_lease_s)
     return state
 
 
