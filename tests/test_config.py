@@ -152,9 +152,12 @@ def test_a_placeholder_outside_a_hub_or_unknown_is_a_config_error(tmp_path):
     ({"database": "postgresql://first:hunter2@first-db/first"}, "the URL holds a password; remove it and set "
                                                               "$PGPASSWORD"),
     ({"database": "mysql://first@first-db/first"}, "expected postgresql://user@host:port/database"),
-    ({"files_dir": "/shared/first/files"}, "serve.state.files_dir is not supported yet"),
+    ({"files_dir": "/shared/first/files"}, "serve.state.files_dir needs the files' and batches' records shared too: "
+                                           "add serve.state.database"),
+    ({"database": "postgresql://first@first-db/first"}, "add serve.state.files_dir, a directory every replica "
+                                                         "mounts"),
 ])
-def test_shared_state_takes_urls_without_their_passwords_and_refuses_what_is_not_built(state, expected):
+def test_shared_state_takes_urls_without_their_passwords_and_files_with_their_records(state, expected):
     data = {**yaml.safe_load(GOOD), "serve": {"auth": {"client_id": "0ca9e1b6-5ea4-4f6e-9a0b-6c1d3e4f5a6b"},
                                               "state": state}}
     with pytest.raises(ConfigError) as info:
@@ -162,8 +165,9 @@ def test_shared_state_takes_urls_without_their_passwords_and_refuses_what_is_not
     assert expected in str(info.value)
     assert "hunter2" not in str(info.value)
     data["serve"]["state"] = {"redis": "redis://first@first-redis:6379/0",  # an ACL user, its password elsewhere
-                              "database": "postgresql://first@first-db/first"}
+                              "database": "postgresql://first@first-db/first", "files_dir": "/shared/first"}
     serve = parse_config(data, "first.yaml").serve
     assert serve is not None
     assert serve.state.redis == "redis://first@first-redis:6379/0"
     assert serve.state.database == "postgresql://first@first-db/first"
+    assert (serve.state.files_dir, serve.state.batch_lease_s) == ("/shared/first", 30.0)

@@ -1,9 +1,15 @@
 """Replicas of a shared gateway on several hosts, for real: two ``first serve`` processes, each with a state dir of
-its own, sharing one redis-server and one PostgreSQL, behind nginx; Globus introspection answered by a loopback
-stand-in through the real globus-sdk. The official openai client talks to nginx, as a user's would."""
+its own, sharing one redis-server, one PostgreSQL and one files dir, behind nginx; Globus introspection answered by
+a loopback stand-in through the real globus-sdk. The official openai client talks to nginx, as a user's would, or
+to one replica itself."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +17,19 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 
 from bench.fake_globus_auth import FakeGlobusAuth, fake_globus_auth
+from tests.conftest import gate, held
 from tests.state_servers import Nginx, Postgres, RedisServer, nginx_in_front
 from tests.test_resource_server import GATEWAY
 from tests.test_shared_gateway import CHAT, gateway_processes, serve_section
 from tests.waiting import GUARD_S, eventually
 
 BURST = 5
+LEASE_S = 2.0
+"""The batch lease in these tests: a killed replica's batch is taken over within seconds."""
 
 
 @dataclass
@@ -30,9 +40,25 @@ class Replicas:
     auth: FakeGlobusAuth
     ports: list[int]
     state_dirs: list[Path]
+    procs: list[subprocess.Popen[bytes]]
 
-    def client(self, token: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.balancer.url}/first/v1", api_key=token, max_retries=0)
+    def client(self, token: str, n: int | None = None) -> openai.OpenAI:
+        """The official client, through nginx, or to the n-th replica itself."""
+        url = self.balancer.url if n is None else f"http://127.0.0.1:{self.ports[n]}"
+        return openai.OpenAI(base_url=f"{url}/first/v1", api_key=token, max_retries=0)
+
+    def batch_holder(self, batch_id: str) -> int | None:
+        """The replica whose run holds the batch's lease now, as the shared database says; None: no run does."""
+        with psycopg.connect(self.postgres.url) as conn:
+            row = conn.execute("SELECT holder FROM batches WHERE id = %s AND lease_until > now()",
+                               (batch_id,)).fetchone()
+        pids = [proc.pid for proc in self.procs]
+        return None if row is None else pids.index(int(row[0].split(":")[1]))
+
+    def kill(self, n: int) -> None:
+        """SIGKILL the n-th replica, as a host dying would: nothing of it runs after, no lease is let go."""
+        os.kill(self.procs[n].pid, signal.SIGKILL)
+        assert self.procs[n].wait(60) == -signal.SIGKILL
 
     def chat(self, token: str) -> Any:
         """The raw answer to a chat request through nginx, or the ``openai.APIStatusError`` that refused it."""
@@ -55,18 +81,37 @@ class Replicas:
         return sum(row["requests"] for row in answer.json()["data"] if row["model"] == CHAT["model"])
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, fake_upstream: Any, redis_server: RedisServer, postgres: Postgres) -> Iterator[Replicas]:
+@contextlib.contextmanager
+def _replicas(tmp_path: Path, fake_upstream: Any, redis_server: RedisServer, postgres: Postgres,
+              quotas: dict[str, Any]) -> Iterator[Replicas]:
     state_dirs = [tmp_path / f"state-{n}" for n in range(2)]
+    procs: list[subprocess.Popen[bytes]] = []
 
     def serve(n: int) -> dict[str, Any]:
-        return serve_section(state_dirs[n], state={"redis": redis_server.url, "database": postgres.url},
-                             quotas={"per_user": {"requests_per_s": 0.001, "burst": BURST}})
+        return serve_section(state_dirs[n], quotas=quotas, state={
+            "redis": redis_server.url, "database": postgres.url, "files_dir": str(tmp_path / "shared-files"),
+            "batch_lease_s": LEASE_S})
 
-    with fake_globus_auth(GATEWAY) as auth, gateway_processes(tmp_path, fake_upstream, auth.url, serve) as urls:
+    with fake_globus_auth(GATEWAY) as auth, \
+            gateway_processes(tmp_path, fake_upstream, auth.url, serve, procs=procs) as urls:
         ports = [int(url.rsplit(":", 1)[1]) for url in urls]
         with nginx_in_front(tmp_path / "nginx", ports) as balancer:
-            yield Replicas(balancer, redis_server, postgres, auth, ports, state_dirs)
+            yield Replicas(balancer, redis_server, postgres, auth, ports, state_dirs, procs)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, fake_upstream: Any, redis_server: RedisServer, postgres: Postgres) -> Iterator[Replicas]:
+    with _replicas(tmp_path, fake_upstream, redis_server, postgres,
+                   {"per_user": {"requests_per_s": 0.001, "burst": BURST}}) as replicas:
+        yield replicas
+
+
+@pytest.fixture
+def unlimited_replicas(tmp_path: Path, fake_upstream: Any, redis_server: RedisServer,
+                       postgres: Postgres) -> Iterator[Replicas]:
+    """Replicas without quotas: a batch's lines go as fast as the upstream answers."""
+    with _replicas(tmp_path, fake_upstream, redis_server, postgres, {}) as replicas:
+        yield replicas
 
 
 def served_by(answer: Any) -> str:
@@ -161,3 +206,83 @@ def test_healthz_names_each_backend_and_a_lost_database_is_a_503_while_requests_
         health = replicas.replica(n, "/healthz").json()
         assert health["state"]["postgresql"] == "ok"
         assert health["usage_records"] == {"buffered": 0, "dropped": 0}
+
+
+# -- files and batches ---------------------------------------------------------------------------------------------
+
+def _batch_input(path: Path, count: int) -> Path:
+    path.write_bytes(b"".join(json.dumps({
+        "custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {**CHAT, "messages": [{"role": "user", "content": f"question {i}"}]}}).encode() + b"\n"
+        for i in range(count)))
+    return path
+
+
+def _ids_in(client: openai.OpenAI, batch: Any) -> list[str]:
+    """The custom_ids of a finished batch's output and error files, in order, repeats kept."""
+    ids = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id is not None:
+            ids += [json.loads(line)["custom_id"] for line in client.files.content(file_id).text.splitlines()]
+    return ids
+
+
+def test_a_file_uploaded_through_one_replica_is_read_through_the_other(replicas: Replicas, tmp_path: Path):
+    source = _batch_input(tmp_path / "in.jsonl", 3)
+    uploaded = replicas.client("AT-fay", 0).files.create(file=source.open("rb"), purpose="batch")
+    other = replicas.client("AT-fay", 1)
+    assert other.files.retrieve(uploaded.id).bytes == source.stat().st_size
+    assert other.files.content(uploaded.id).content == source.read_bytes()
+    assert [f.id for f in other.files.list()] == [uploaded.id]
+    with pytest.raises(openai.NotFoundError):  # another user's file is not theirs to read, on either replica
+        replicas.client("AT-gus", 1).files.retrieve(uploaded.id)
+    assert other.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        replicas.client("AT-fay", 0).files.retrieve(uploaded.id)
+    assert not any((state / "batches" / "users").exists() for state in replicas.state_dirs)  # in the files dir
+
+
+def test_a_batch_made_on_one_replica_is_followed_and_cancelled_on_the_other(unlimited_replicas: Replicas,
+                                                                             fake_upstream: Any, tmp_path: Path):
+    replicas, lines = unlimited_replicas, 150  # more than the 64 the endpoint takes at once: some are never sent
+    gate(fake_upstream, hold=True)  # the lines wait at the upstream: the cancel comes mid-run on any machine
+    first, other = replicas.client("AT-hal", 0), replicas.client("AT-hal", 1)
+    uploaded = first.files.create(file=_batch_input(tmp_path / "in.jsonl", lines).open("rb"), purpose="batch")
+    batch = first.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    eventually(lambda: held(fake_upstream) > 0 and other.batches.retrieve(batch.id).status == "in_progress",
+               "the batch runs, as the other replica sees")
+    runner = replicas.batch_holder(batch.id)
+    assert runner is not None
+    asked_of = replicas.client("AT-hal", 1 - runner)  # the cancel goes to the replica that does not run it
+    assert asked_of.batches.cancel(batch.id).status == "cancelling"
+    eventually(lambda: first.batches.retrieve(batch.id).status == "cancelling", "the runner took the cancel")
+    gate(fake_upstream, open=True)  # what was in flight is answered; the rest is never sent
+    eventually(lambda: other.batches.retrieve(batch.id).status == "cancelled", "the batch ends cancelled")
+    done = first.batches.retrieve(batch.id)
+    assert done.request_counts.completed + done.request_counts.failed == lines
+    assert done.request_counts.failed > 0  # the lines never sent, each with its error line
+    assert sorted(_ids_in(other, done)) == sorted(f"q{i}" for i in range(lines))
+
+
+def test_a_killed_replicas_batch_is_finished_by_the_other_with_every_line_once(unlimited_replicas: Replicas,
+                                                                                fake_upstream: Any, tmp_path: Path):
+    replicas, lines, before_the_kill = unlimited_replicas, 120, 30
+    gate(fake_upstream, hold=True)  # the first 30 are answered, the rest wait: the kill comes mid-run
+    gate(fake_upstream, release=before_the_kill)
+    through = replicas.client("AT-ivy")
+    uploaded = through.files.create(file=_batch_input(tmp_path / "in.jsonl", lines).open("rb"), purpose="batch")
+    batch = through.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+    eventually(lambda: replicas.batch_holder(batch.id) is not None and held(fake_upstream) > 0
+               and through.batches.retrieve(batch.id).request_counts.completed >= before_the_kill,
+               "the batch runs, some lines answered and the next held")
+    runner = replicas.batch_holder(batch.id)
+    assert runner is not None
+    replicas.kill(runner)
+    gate(fake_upstream, open=True)
+    survivor = replicas.client("AT-ivy", 1 - runner)
+    eventually(lambda: survivor.batches.retrieve(batch.id).status == "completed",
+               "the other replica takes the lapsed lease and finishes the batch")
+    done = survivor.batches.retrieve(batch.id)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (lines, lines, 0)
+    assert sorted(_ids_in(survivor, done)) == sorted(f"q{i}" for i in range(lines))  # each once: none lost, none twice

@@ -389,12 +389,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextlib.contextmanager
 def gateway_processes(tmp_path: Path, fake_upstream: Any, auth_url: str,
-                      serve: Callable[[int], dict[str, Any]], count: int = 2) -> Iterator[list[str]]:
+                      serve: Callable[[int], dict[str, Any]], count: int = 2,
+                      procs: list[subprocess.Popen[bytes]] | None = None) -> Iterator[list[str]]:
     """``count`` ``first serve`` processes on free loopback ports, the serve section of the n-th from ``serve(n)``
     (its access log: ``access-n.log``), Globus Auth's introspection stood in at ``auth_url``; their URLs once
-    every one answers. They are stopped with SIGTERM and must exit cleanly."""
+    every one answers. They are stopped with SIGTERM and must exit cleanly, but for those a test already waited
+    for (``procs``, when given, is filled with them: a test that kills one waits for it)."""
     env = {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth_url}
-    procs: list[subprocess.Popen[bytes]] = []
+    procs = [] if procs is None else procs
     urls, logs = [], []
     try:
         for n in range(count):
@@ -412,9 +414,10 @@ def gateway_processes(tmp_path: Path, fake_upstream: Any, auth_url: str,
             _wait_ready(url, proc, log)
         yield urls
     finally:
-        for proc in procs:
+        running = [proc for proc in procs if proc.returncode is None]
+        for proc in running:
             proc.send_signal(signal.SIGTERM)
-        for proc in procs:
+        for proc in running:
             assert proc.wait(60) == 0
 
 
