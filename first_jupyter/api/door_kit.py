@@ -156,9 +156,9 @@ async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller |
     return await gateway.warm(model, cluster, wait, caller)
 
 
-def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:
+async def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:
     """A node's batch for a remote stream (``backends.compute.callbacks``): the status to answer, 204 when taken."""
-    return gateway.callbacks.deliver(header("x-first-task") or "", header("x-first-seq") or "",
+    return await gateway.callbacks.receive(header("x-first-task") or "", header("x-first-seq") or "",
                                      header("x-first-signature") or "", body)
 
 

@@ -236,7 +236,7 @@ def _signing_in(what: str) -> Answering:
 
 
 async def _callback(call: Call) -> Answer:
-    return Bare(door_kit.deliver_batch(call.gateway, call.header, call.body))
+    return Bare(await door_kit.deliver_batch(call.gateway, call.header, call.body))
 
 
 async def _files(call: Call) -> Answer:

@@ -259,6 +259,9 @@ ALREADY_TAKEN = 409
 """The gateway's answer to a batch whose sequence number it has already taken."""
 WITHDRAWN = 403
 """The gateway's answer about a task it has closed (its client left, or it stopped waiting) or never had."""
+BUSY = 429
+"""The gateway's answer to a batch it cannot take yet (its client is behind, and replicas' shared backlog is full,
+``serve.redis_streams``), after holding it a while: the node sends it again, and so waits for its client."""
 
 
 class CallbackFailed(RuntimeError):
@@ -326,9 +329,13 @@ class StreamCallback:
         """Send one batch. A kept-alive connection that the other end has closed meanwhile (proxies close theirs
         after each request, servers after an idle while) is met only when it is used, so a batch that finds it
         closed is sent once more on a new one. That cannot deliver it twice: the gateway takes each sequence
-        number once and answers a repeat 409, which on the second try means the first got through."""
+        number once and answers a repeat 409, which on the second try means the first got through. A batch
+        answered ``BUSY`` is sent again until it is taken or refused: the gateway held it as long as it could."""
         with self._lock:
             status, again = self._send(message, "batch")
+            while status == BUSY:
+                status, resent = self._send(message, "batch")
+                again = again or resent
             if status >= 400 and not (again and status == ALREADY_TAKEN):
                 raise CallbackFailed(f"the gateway refused the stream's batch {self.seq}: HTTP {status} from "
                                      f"{self.where}{self._via()}")

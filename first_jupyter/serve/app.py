@@ -139,6 +139,7 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
 
     state = open_state(settings, state_dir)
     gateway = build_gateway(config, state_dir, shared=True, usage=state.usage)
+    gateway.callbacks.shared = state.callbacks
     metrics = GatewayMetrics()
     gateway.catalog.state_observers.append(metrics.endpoint_states)
     policy = SharedPolicy(settings, state_dir, state, secret, metrics, compute_as_callers=gateway.compute_as_callers)

@@ -1,7 +1,7 @@
 """Where a shared gateway keeps what its processes must agree on: one host's SQLite under the state dir (the
-default), or, for replicas on several hosts, Redis (``serve.state.redis``: the quotas' buckets and the token
-introspection verdicts) and PostgreSQL (``serve.state.database``: usage records, and the files' and batches'
-records, their contents under ``serve.state.files_dir``).
+default), or, for replicas on several hosts, Redis (``serve.state.redis``: the quotas' buckets, the token
+introspection verdicts and remote streams' callback batches) and PostgreSQL (``serve.state.database``: usage
+records, and the files' and batches' records, their contents under ``serve.state.files_dir``).
 
 ``health`` is what ``/healthz`` answers: each backend in use, and whether it answers now.
 """
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from first_jupyter.batch.pg_store import PgBatchState
     from first_jupyter.serve.pg_usage import PgUsage
+    from first_jupyter.serve.redis_streams import RedisCallbacks
 
 OK: Final = "ok"
 HEALTH_RETRY_AFTER_S: Final = 2
@@ -52,6 +53,9 @@ class SharedState:
     """None: usage in SQLite under each gateway's own data dir. Handed to the gateway, which closes it."""
     batches: PgBatchState | None = field(default=None)
     """None: files and batches in SQLite under each user's batch dir in the state dir."""
+    callbacks: RedisCallbacks | None = field(default=None)
+    """With Redis: remote streams' batches go through it, so a node's callback may reach any replica (handed to
+    the gateway's ``CallbackHub``)."""
 
     async def health(self) -> Health:
         """Each backend in use, asked now (SQLite is local files: there while the host is)."""
@@ -110,10 +114,12 @@ def _quotas_state(serve: ServeConfig, state_dir: Path) -> SharedState:
     try:  # the serve extra: a gateway on one host does without
         from first_jupyter.serve.redis_quotas import RedisQuotas
         from first_jupyter.serve.redis_state import connect
+        from first_jupyter.serve.redis_streams import RedisCallbacks
         from first_jupyter.serve.redis_verdicts import RedisVerdicts
     except ImportError as exc:
         raise ConfigError(f"serve.state.redis needs {exc.name}, which is not installed: pip install "
                           "'first-jupyter[serve]'") from None
 
     client = connect(url)
-    return SharedState(RedisQuotas(client, url, serve.quotas), RedisVerdicts(client, url), client)
+    return SharedState(RedisQuotas(client, url, serve.quotas), RedisVerdicts(client, url), client,
+                       callbacks=RedisCallbacks(client, url))

@@ -85,7 +85,7 @@ def remote_summary(text: str) -> str:
 class RemoteAnswer:
     """A stream whose events come from a node, through the callback route or as the task's whole result."""
 
-    __slots__ = ("_chunks", "_first", "_grace_s", "_hub", "_remote", "_task", "on_close")
+    __slots__ = ("_chunks", "_drained", "_first", "_grace_s", "_hub", "_remote", "_task", "on_close")
 
     def __init__(self, hub: CallbackHub, remote: RemoteStream, task: Future[Any], chunks: AsyncIterator[bytes],
                  first: bytes | None, grace_s: float) -> None:
@@ -97,18 +97,26 @@ class RemoteAnswer:
         self._chunks = chunks
         self._first = first
         self._grace_s = grace_s
+        self._drained = asyncio.Event()
         self.on_close: Callable[[], None] | None = None
 
     async def pipe(self, sink: Callable[[bytes], bool]) -> None:
-        """Every event into ``sink``; a node's batches are small and already paced by it, so a client that reads
-        slowly holds them in memory rather than stalling the node's callback."""
+        """Every event into ``sink``, the next taken only once a slow client has drained the last. On one host
+        the node's batches wait in the stream's queue meanwhile (small, and paced by the node); where replicas
+        share Redis they wait there, up to its bound, and then hold the node back (``redis_streams``)."""
         if self._first:
-            sink(self._first)
+            await self._put(sink, self._first)
         async for chunk in self._chunks:
-            sink(chunk)
+            await self._put(sink, chunk)
+
+    async def _put(self, sink: Callable[[bytes], bool], chunk: bytes) -> None:
+        self._drained.clear()
+        if not sink(chunk):
+            await self._drained.wait()
 
     def resume_reading(self) -> None:
-        """Nothing is paused (see ``pipe``)."""
+        """The client has drained what ``pipe`` gave it: the next event may come."""
+        self._drained.set()
 
     def close(self) -> None:
         """Refuse the node's later batches: the node that is refused stops its engine's generation."""
@@ -220,8 +228,9 @@ class ComputeBackend:
         time). Either way the wait ends after the idle timeout more at the latest: a node that has not come back
         by then is taken for lost.
         """
+        started = await self._hub.started(remote)
         self._hub.close(remote)
-        if told and not remote.started:
+        if told and not started:
             task.cancel()
             return
         if not task.done():
@@ -234,7 +243,7 @@ class ComputeBackend:
         at the endpoint's timeout (its deadline), when this gateway stops waiting for it."""
         body = json_only(body, self.where, capability)
         url = self._callback_url()
-        remote = self._hub.open(self.where)
+        remote = await self._hub.begin(self.where)
         deadline = time.time() + self.endpoint.timeout
         try:
             task = await self._task(body, call_engine, self.engine_port, capability.path, orjson.loads(body),
@@ -251,7 +260,7 @@ class ComputeBackend:
     async def stream(self, model_id: str, capability: Capability, body: RequestBody) -> RemoteAnswer:
         body = json_only(body, self.where, capability)
         url = self._callback_url()
-        remote = self._hub.open(self.where)
+        remote = await self._hub.begin(self.where)
         deadline = time.time() + self.endpoint.timeout  # kept by the node only when the stream comes back whole
         try:
             task = await self._task(body, stream_engine, self.engine_port, capability.path, orjson.loads(body),

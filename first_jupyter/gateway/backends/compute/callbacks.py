@@ -20,13 +20,16 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from first_jupyter.gateway.upstream import upstream_error
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.inference import sign
+
+if TYPE_CHECKING:
+    from first_jupyter.serve.redis_streams import RedisCallbacks
 
 ACCEPTED, REFUSED, OUT_OF_ORDER = 204, 403, 409
 ALIVE = {"alive": True}
@@ -71,7 +74,7 @@ class RemoteStream:
         timeout = first_timeout or idle_timeout
         while True:
             try:
-                message = await asyncio.wait_for(self.queue.get(), timeout)
+                message = await asyncio.wait_for(self.next_message(), timeout)
             except TimeoutError:
                 raise OpenAIError(504, f"{self.where} sent nothing for {timeout:g} s; the stream is ended. Retry; "
                                        "if it persists, check the cluster's status.",
@@ -92,11 +95,21 @@ class RemoteStream:
                 return
             yield str(message.get("data", "")).encode()
 
+    async def next_message(self) -> dict[str, Any]:
+        """The node's next message, or the task's end: here, as they were put in the queue."""
+        return await self.queue.get()
+
+    def close(self) -> None:
+        """Nothing to release here: the queue goes with the stream (a shared stream stops reading Redis)."""
+
 
 class CallbackHub:
     """The open remote streams, by task id; ``deliver`` is safe to call from any thread."""
 
     def __init__(self) -> None:
+        self.shared: RedisCallbacks | None = None
+        """Set for replicas that share Redis (``redis_streams``): streams are opened, fed and closed through it,
+        so a node's batch may reach any replica."""
         self._streams: dict[str, RemoteStream] = {}
         self._lock = threading.Lock()
         self.accepted = self.refused = 0
@@ -116,11 +129,39 @@ class CallbackHub:
             self._streams[stream.task_id] = stream
         return stream
 
+    async def begin(self, where: str = "the endpoint's node") -> RemoteStream:
+        """``open``, or through Redis where replicas share it (known to all of them before this returns)."""
+        if self.shared is None:
+            return self.open(where)
+        stream = await self.shared.open(secrets.token_urlsafe(16), secrets.token_urlsafe(32), where)
+        with self._lock:
+            self._streams[stream.task_id] = stream
+        return stream
+
     def close(self, stream: RemoteStream) -> None:
         """The client's stream or request ended: whatever the node sends about this task is refused from now on,
         and that stops its work."""
         with self._lock:
-            self._streams.pop(stream.task_id, None)
+            known = self._streams.pop(stream.task_id, None) is not None
+        stream.close()
+        if known and self.shared is not None:
+            self.shared.forget(stream.task_id)
+
+    async def started(self, stream: RemoteStream) -> bool:
+        """Whether the node has said anything about the task (to any replica, where they share Redis)."""
+        return stream.started if self.shared is None else await self.shared.started(stream.task_id)
+
+    async def receive(self, task_id: str, seq: str, signature: str, body: bytes) -> int:
+        """``deliver`` from the callback route: through Redis where replicas share it, whichever holds the
+        stream."""
+        if self.shared is None:
+            return self.deliver(task_id, seq, signature, body)
+        answer = await self.shared.deliver(task_id, seq, signature, body)
+        if answer == ACCEPTED:
+            self.accepted += 1
+        elif answer in (REFUSED, OUT_OF_ORDER):
+            self.refused += 1
+        return answer
 
     def deliver(self, task_id: str, seq: str, signature: str, body: bytes) -> int:
         """Take one batch: the HTTP status to answer. A bad signature (or an unknown task, which is answered
