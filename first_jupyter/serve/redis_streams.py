@@ -168,6 +168,10 @@ class RedisCallbacks:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def settle(self) -> None:
+        """Wait for the closed streams' keys to be deleted (before the client is closed)."""
+        await asyncio.gather(*self._closing)
+
     async def _delete(self, task_id: str) -> None:
         try:
             await self.client.delete(_hash(task_id), _batches(task_id), _room(task_id))

@@ -75,6 +75,8 @@ class SharedState:
         await self.quotas.close()
         if self.batches is not None:
             await asyncio.to_thread(self.batches.close)
+        if self.callbacks is not None:
+            await self.callbacks.settle()
         if self.redis is not None:
             await self.redis.aclose()
 
