@@ -25,9 +25,9 @@ from aiohttp import web
 from bench.fake_upstream import serving_in_thread
 from first_jupyter.gateway import redis_streams
 from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub, RemoteStream
-from first_jupyter.serve.redis_streams import MAX_BACKLOG, RedisCallbacks
-from first_jupyter.serve.redis_state import connect
 from first_jupyter.remote.inference import BUSY, sign, stream_engine
+from first_jupyter.serve.redis_state import connect
+from first_jupyter.serve.redis_streams import MAX_BACKLOG, RedisCallbacks
 from tests.state_servers import RedisServer
 from tests.waiting import GUARD_S, eventually_async
 

@@ -286,3 +286,23 @@ def test_a_killed_replicas_batch_is_finished_by_the_other_with_every_line_once(u
     done = survivor.batches.retrieve(batch.id)
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (lines, lines, 0)
     assert sorted(_ids_in(survivor, done)) == sorted(f"q{i}" for i in range(lines))  # each once: none lost, none twice
+
+
+def test_a_response_created_through_one_replica_is_reached_through_the_other(replicas: Replicas):
+    first, second = (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/first/v1", api_key="AT-fay", max_retries=0)
+                     for port in replicas.ports)
+    created = first.responses.create(model=CHAT["model"], input="Tell me about the cluster.")
+
+    def written() -> bool:  # replica 0 writes its response ids at once; the test waits for that write
+        with psycopg.connect(replicas.postgres.url) as conn:
+            return conn.execute("SELECT 1 FROM responses WHERE response_id = %s", (created.id,)).fetchone() is not None
+
+    eventually(written, "the response id is in PostgreSQL")
+    assert second.responses.retrieve(created.id).id == created.id  # replica 1 never saw it created
+    other_user = openai.OpenAI(base_url=f"http://127.0.0.1:{replicas.ports[1]}/first/v1", api_key="AT-gus",
+                               max_retries=0)
+    with pytest.raises(openai.NotFoundError):  # each caller reaches only their own, on every replica
+        other_user.responses.retrieve(created.id)
+    second.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        first.responses.retrieve(created.id)

@@ -97,30 +97,34 @@ class KeptCopy(NamedTuple):
     """The request's ``input`` as JSON (``null`` when it had none)."""
 
 
-class ResponseIds:
-    """The response ids this gateway relayed, the newest ``most`` of them, with where each was created."""
+class ResponseBook:
+    """The response ids this gateway relayed, the newest ``most`` of them, with where each was created: held in
+    memory, kept in a store of the subclass's (one host's SQLite file, or replicas' PostgreSQL)."""
 
-    def __init__(self, path: Path, most: int, supervisor: Supervisor) -> None:
-        self.path = path
+    def __init__(self, most: int) -> None:
         self._most = most
         self._homes: OrderedDict[str, ResponseHome | None] = OrderedDict()
-        """The newest ids, oldest first: this process's own, and those read from the file since; None for one
-        deleted here (the file may hold it until the writer's next commit, and must not be read for it)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-            use_wal(conn)
-            conn.executescript(_SCHEMA)
-        self._json: bool | None = None
-        """Whether batches go in as JSON statements: known once the writer has its connection."""
-        self._writer: QueuedWriter[ResponseHome | KeptCopy | str] = QueuedWriter(
-            path, self._write, "response ids writer", supervisor, interval=WRITE_INTERVAL_S)
+        """The newest ids, oldest first: this process's own, and those read from the store since; None for one
+        deleted here (the store may hold it until the writer's next commit, and must not be read for it)."""
+
+    def _store(self, item: ResponseHome | KeptCopy | str) -> None:
+        """Keep a home, a copy or a deletion (an id), off the request path."""
+        raise NotImplementedError
+
+    async def _fetch(self, response_id: str) -> ResponseHome | None:
+        """An id from the store (another process's, or this one's before a restart)."""
+        raise NotImplementedError
+
+    async def _fetch_copy(self, response_id: str) -> KeptCopy | None:
+        """A copy from the store, once what this process handed it is written."""
+        raise NotImplementedError
 
     def remember(self, response_id: str, target: Target, model: str, caller: Caller | None) -> None:
         """``response_id`` was created at ``target`` for ``caller``: on the event loop, no I/O."""
         home = ResponseHome(response_id, target.cluster, target.endpoint, model,
                             caller.user if caller is not None else "", time.time())
         self._hold(response_id, home)
-        self._writer.put(home)
+        self._store(home)
 
     def remember_answer(self, body: bytes, target: Target, model: str, caller: Caller | None,
                         request: dict[str, Any]) -> None:
@@ -138,7 +142,7 @@ class ResponseIds:
     def keep(self, response_id: str, answer: bytes, request: dict[str, Any]) -> None:
         """Keep the gateway's copy of a relayed response, unless its request said ``store: false``."""
         if request.get("store", True) is not False:
-            self._writer.put(KeptCopy(response_id, answer, orjson.dumps(request.get("input"))))
+            self._store(KeptCopy(response_id, answer, orjson.dumps(request.get("input"))))
 
     async def copy(self, response_id: str) -> KeptCopy | None:
         """The gateway's copy of a response, read from the file once the writer has committed what it holds (a
@@ -146,12 +150,12 @@ class ResponseIds:
         never ended)."""
         if not (len(response_id) <= MAX_ID_CHARS and _storable(response_id)):
             return None
-        return await asyncio.to_thread(self._read_copy, response_id)
+        return await self._fetch_copy(response_id)
 
     def forget(self, response_id: str) -> None:
         """The engine deleted it: a later call gets this gateway's 404 rather than a trip to the engine."""
         self._hold(response_id, None)
-        self._writer.put(response_id)
+        self._store(response_id)
 
     async def home(self, response_id: object, caller: Caller | None, field: str = "response_id") -> ResponseHome:
         """Where ``response_id`` was created; a 404 when it is unknown here or another caller's (the same 404:
@@ -163,7 +167,7 @@ class ResponseIds:
         if response_id in self._homes:
             home = self._homes[response_id]
         elif len(response_id) <= MAX_ID_CHARS and _storable(response_id):
-            home = await asyncio.to_thread(self._read, response_id)
+            home = await self._fetch(response_id)
             if home is not None:
                 self._hold(response_id, home)
         else:
@@ -176,17 +180,42 @@ class ResponseIds:
                               param=field, code="response_not_found")
         return home
 
-    def flush(self, timeout: float = 5.0) -> None:
-        self._writer.flush(timeout)
-
-    def close(self) -> None:
-        self._writer.close()
-
     def _hold(self, response_id: str, home: ResponseHome | None) -> None:
         self._homes[response_id] = home
         self._homes.move_to_end(response_id)
         if len(self._homes) > self._most:
             self._homes.popitem(last=False)
+
+
+class ResponseIds(ResponseBook):
+    """A ``ResponseBook`` in SQLite under the data dir (one host's processes share the file)."""
+
+    def __init__(self, path: Path, most: int, supervisor: Supervisor) -> None:
+        super().__init__(most)
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            use_wal(conn)
+            conn.executescript(_SCHEMA)
+        self._json: bool | None = None
+        """Whether batches go in as JSON statements: known once the writer has its connection."""
+        self._writer: QueuedWriter[ResponseHome | KeptCopy | str] = QueuedWriter(
+            path, self._write, "response ids writer", supervisor, interval=WRITE_INTERVAL_S)
+
+    def _store(self, item: ResponseHome | KeptCopy | str) -> None:
+        self._writer.put(item)
+
+    async def _fetch(self, response_id: str) -> ResponseHome | None:
+        return await asyncio.to_thread(self._read, response_id)
+
+    async def _fetch_copy(self, response_id: str) -> KeptCopy | None:
+        return await asyncio.to_thread(self._read_copy, response_id)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        self._writer.flush(timeout)
+
+    def close(self) -> None:
+        self._writer.close()
 
     def _read(self, response_id: str) -> ResponseHome | None:
         """An id from the file (another process's, or this one's before a restart), on a worker thread."""

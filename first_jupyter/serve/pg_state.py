@@ -81,6 +81,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX batches_owner_seq ON batches (owner, seq);
     CREATE INDEX batches_unfinished ON batches (seq)
         WHERE status NOT IN ('cancelled', 'completed', 'expired', 'failed')""",
+    # 3: where each Responses-API response was created, and the gateway's copy, as response_ids.py keeps them
+    """CREATE TABLE responses (
+        seq BIGSERIAL PRIMARY KEY,
+        response_id TEXT NOT NULL UNIQUE,
+        cluster TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        "user" TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        answer BYTEA,
+        input BYTEA
+    )""",
 )
 """The schema, one step per version; a released step is never edited, a change is a new step."""
 
