@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Final
+from typing import Final, cast
 
 from first_jupyter.gateway.response_ids import KeptCopy, ResponseBook, ResponseHome
 from first_jupyter.serve.pg_state import UNREACHABLE, pool, unavailable, upgrade
@@ -59,12 +59,12 @@ class PgResponseIds(ResponseBook):
     async def _fetch(self, response_id: str) -> ResponseHome | None:
         row = await self._select('SELECT response_id, cluster, endpoint, model, "user", ts FROM responses '
                                  "WHERE response_id = %s", response_id)
-        return None if row is None else ResponseHome(*row)
+        return None if row is None else ResponseHome(*cast(tuple[str, str, str, str, str, float], row))
 
     async def _fetch_copy(self, response_id: str) -> KeptCopy | None:
         row = await self._select("SELECT response_id, answer, input FROM responses WHERE response_id = %s AND "
                                  "answer IS NOT NULL", response_id)
-        return None if row is None else KeptCopy(str(row[0]), bytes(row[1]), bytes(row[2]))
+        return None if row is None else KeptCopy(*cast(tuple[str, bytes, bytes], row))
 
     async def _select(self, query: str, response_id: str) -> tuple[object, ...] | None:
         with contextlib.suppress(TimeoutError):  # this replica's own writes first (another's are written at once)

@@ -36,7 +36,8 @@ import hmac
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import orjson
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BACKLOG: Final = 64
 """Batches of one stream waiting in Redis for its client at most: about 1 MB (``BATCH_BYTES`` each)."""
@@ -81,6 +83,12 @@ sequence), the body, the keys' TTL, the bound. 'gone' (closed or unknown), 'orde
 _VERDICTS: Final = {b"gone": REFUSED, b"order": OUT_OF_ORDER, b"ok": ACCEPTED}
 
 
+def _awaited(call: Awaitable[T] | T) -> Awaitable[T]:
+    """redis-py types its commands for both of its clients (a value, or an awaitable); the asyncio one's are
+    awaitables."""
+    return cast(Awaitable[T], call)
+
+
 def _hash(task_id: str) -> str:
     return f"first:callback:{task_id}"
 
@@ -106,8 +114,9 @@ class RedisCallbacks:
         """A stream for a new task, known to every replica before its node can be sent it."""
         stream = SharedStream(task_id, key, asyncio.get_running_loop(), where, self)
         try:
-            await self.client.hset(_hash(stream.task_id), mapping={"key": stream.key, "next": 0, "started": 0})
-            await self.client.expire(_hash(stream.task_id), KEY_TTL_S)
+            fields = {"key": stream.key, "next": 0, "started": 0}
+            await _awaited(self.client.hset(_hash(stream.task_id), mapping=fields))
+            await _awaited(self.client.expire(_hash(stream.task_id), KEY_TTL_S))
         except UNREACHABLE as exc:
             raise unavailable(self.url, "open the stream's callback", exc) from None
         return stream
@@ -122,7 +131,7 @@ class RedisCallbacks:
             raise unavailable(self.url, "hand the batch to its stream", exc) from None
 
     async def _deliver_checked(self, task_id: str, seq: int, signature: str, body: bytes) -> int:
-        key = await self.client.hget(_hash(task_id), "key")
+        key = cast(bytes | None, await _awaited(self.client.hget(_hash(task_id), "key")))
         if key is None or not hmac.compare_digest(sign(key.decode(), task_id, seq, body), signature):
             return REFUSED
         try:
@@ -132,18 +141,19 @@ class RedisCallbacks:
         if not isinstance(message, dict):
             return REFUSED
         keys = [_hash(task_id), _batches(task_id)]
-        args = [seq, int(message == ALIVE), body, KEY_TTL_S, MAX_BACKLOG]
+        args: list[bytes | int] = [seq, int(message == ALIVE), body, KEY_TTL_S, MAX_BACKLOG]
         deadline = time.monotonic() + FULL_WAIT_S
         while (verdict := await self._deliver(keys=keys, args=args)) == b"full":
             if time.monotonic() >= deadline:
                 return BUSY
-            await self.client.blpop([_room(task_id)], timeout=WAIT_SLICE_S)  # the owner took some
+            await _awaited(self.client.blpop([_room(task_id)], timeout=WAIT_SLICE_S))  # the owner took some
         return _VERDICTS[verdict]
 
     async def started(self, task_id: str) -> bool:
         """Whether the node has said anything about the task (to any replica)."""
         try:
-            return await self.client.hget(_hash(task_id), "started") == b"1"
+            started = cast(bytes | None, await _awaited(self.client.hget(_hash(task_id), "started")))
+            return started == b"1"
         except UNREACHABLE:
             return True  # unknown: taken to run, so its end is waited for rather than cut short
 
@@ -151,13 +161,15 @@ class RedisCallbacks:
         """The batches after ``after`` (a stream id), at most ``READ_COUNT``, waiting up to ``WAIT_SLICE_S`` for
         one when ``block``; each is deleted as it is read, and a node held back by a full backlog is woken."""
         task = _batches(task_id)
-        found = await self.client.xread({task: after}, count=READ_COUNT,
-                                        block=WAIT_SLICE_S * 1000 if block else None)
+        found: list[Any] = await _awaited(self.client.xread({task: after}, count=READ_COUNT,
+                                                            block=WAIT_SLICE_S * 1000 if block else None))
         entries = [(ident.decode(), orjson.loads(fields[b"m"])) for _, batch in found for ident, fields in batch]
         if entries:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.xdel(task, *(ident for ident, _ in entries))
-                pipe.lpush(_room(task_id), 1).ltrim(_room(task_id), 0, 0).expire(_room(task_id), KEY_TTL_S)
+                pipe.lpush(_room(task_id), 1)
+                pipe.ltrim(_room(task_id), 0, 0)
+                pipe.expire(_room(task_id), KEY_TTL_S)
                 await pipe.execute()
         return entries
 
