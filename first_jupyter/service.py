@@ -30,11 +30,13 @@ from first_jupyter.config import (
 )
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.compute.backend import ComputeBackend
+from first_jupyter.gateway.backends.compute.callbacks import StreamHandOff
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
 from first_jupyter.gateway.backends.http import HttpBackend, reach_of
 from first_jupyter.gateway.backends.local import LocalBackend
 from first_jupyter.gateway.bearer import BearerTokens
 from first_jupyter.gateway.core import Backends, Gateway
+from first_jupyter.gateway.response_ids import ResponseBook
 from first_jupyter.gateway.usage import UsageLog
 from first_jupyter.transport.http_server import serve
 from first_jupyter.transport.loop_thread import LoopThread
@@ -138,10 +140,12 @@ def _backends(gateway: Gateway, environ: Mapping[str, str]) -> Backends:
 
 
 def build_gateway(config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None, *,
-                  shared: bool = False, usage: UsageLog | None = None) -> Gateway:
-    """A gateway on ``config`` with its state under ``data_dir`` (``Gateway`` says what ``environ``, ``shared``
-    and ``usage`` mean), its batches and files under ``data_dir/batches``."""
-    return Gateway(config, data_dir, environ, backends=_backends, shared=shared, usage=usage,
+                  shared: bool = False, usage: UsageLog | None = None, responses: ResponseBook | None = None,
+                  stream_hand_off: StreamHandOff | None = None) -> Gateway:
+    """A gateway on ``config`` with its state under ``data_dir`` (``Gateway`` says what ``environ``, ``shared``,
+    ``usage``, ``responses`` and ``stream_hand_off`` mean), its batches and files under ``data_dir/batches``."""
+    return Gateway(config, data_dir, environ, backends=_backends, shared=shared, usage=usage, responses=responses,
+                   stream_hand_off=stream_hand_off,
                    batches=lambda gateway: Batches(gateway, data_dir / "batches", config.defaults.batch))
 
 

@@ -43,19 +43,16 @@ SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def example_config(tmp_path: Path) -> FirstConfig:
-    """deploy/first.yaml through the real loader (from a copy: see the note on files_dir)."""
-    data = yaml.safe_load(EXAMPLE.read_text())
-    # WORKAROUND, for the merger to remove: serve.state.files_dir is still refused on this branch (the batches and
-    # files helper lifts that validator); the rest of the example is loaded as it is.
-    data["serve"]["state"].pop("files_dir")
-    copy = tmp_path / "first.yaml"
-    copy.write_text(yaml.safe_dump(data))
-    return load_config(copy, tmp_path / "data")
+    """deploy/first.yaml through the real loader."""
+    return load_config(EXAMPLE, tmp_path / "data")
 
 
-def files_dir() -> str:
-    """The example's serve.state.files_dir, read from the file (the loader refuses it on this branch)."""
-    return str(yaml.safe_load(EXAMPLE.read_text())["serve"]["state"]["files_dir"])
+def files_dir(tmp_path: Path) -> str:
+    """The example's serve.state.files_dir, as the loader reads it."""
+    config = example_config(tmp_path)
+    assert config.serve is not None
+    assert config.serve.state.files_dir is not None
+    return config.serve.state.files_dir
 
 
 def directive(text: str, name: str) -> str:
@@ -218,7 +215,7 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path):
     assert re.findall(r"^ExecStart=(.*)$", unit, re.MULTILINE) == [f"{UNIT_FIRST} serve --config /etc/first/%i.yaml"]
     assert f"Environment={DATA_DIR_ENV}=%S/first/%i\n" in unit
     assert "EnvironmentFile=/etc/first/%i.env\n" in unit
-    assert f"ReadWritePaths=-{files_dir()}\n" in unit  # the example's files_dir, on the shared mount
+    assert f"ReadWritePaths=-{files_dir(tmp_path)}\n" in unit  # the example's files_dir, on the shared mount
     here = tmp_path / "units"
     here.mkdir()
     (here / UNIT.name).write_text(unit.replace(UNIT_FIRST, str(Path(sys.executable).with_name("first"))))
@@ -251,7 +248,7 @@ def test_compose_runs_the_same_files_hosts_ports_and_variables(tmp_path: Path):
         assert gateway["configs"] == [{"source": "first", "target": CONFIG_IN_CONTAINER}]
         assert set(gateway["environment"]) == secret_names(config)
         volumes = dict(reversed(v.split(":")) for v in gateway["volumes"])
-        assert volumes[files_dir()] == "files"  # one volume for files_dir, shared by both
+        assert volumes[files_dir(tmp_path)] == "files"  # one volume for files_dir, shared by both
         mounts.append(volumes["/var/lib/first"])
     assert len(set(mounts)) == 2  # a state dir each
     database = urlsplit(state.database)

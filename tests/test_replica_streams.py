@@ -23,9 +23,9 @@ import redis
 from aiohttp import web
 
 from bench.fake_upstream import serving_in_thread
-from first_jupyter.gateway import redis_streams
 from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub, RemoteStream
 from first_jupyter.remote.inference import BUSY, sign, stream_engine
+from first_jupyter.serve import redis_streams
 from first_jupyter.serve.redis_state import connect
 from first_jupyter.serve.redis_streams import MAX_BACKLOG, RedisCallbacks
 from tests.state_servers import RedisServer

@@ -1,6 +1,7 @@
 """Files and batches for replicas on several hosts: their records in the PostgreSQL database they share
 (``serve.state.database``, schema version 2 of ``serve.pg_state``), their contents under
-``serve.state.files_dir``, which every replica mounts. Any replica answers for any file or batch; a batch is run by the replica holding its lease.
+``serve.state.files_dir``, which every replica mounts. Any replica answers for any file or batch; a batch is run
+by the replica holding its lease.
 
 The store is read and written in place, as its SQLite twin is (the API's answers and the run's saves are not
 coroutines), on a blocking pool: a query on the site's network takes a millisecond. While the database cannot be

@@ -38,13 +38,13 @@ from first_jupyter.gateway.answers import Completed, WaitingAnswer
 from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Backend, RequestBody, Stream
 from first_jupyter.gateway.backends.compute.backend import CallWindow
-from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub
+from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub, StreamHandOff
 from first_jupyter.gateway.caller import Caller, acting_as
 from first_jupyter.gateway.catalog import STATUS_PERIOD_S, Catalog
 from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.globus_sign_in import GlobusSignIn
 from first_jupyter.gateway.preferences import Preferences
-from first_jupyter.gateway.response_ids import ResponseIds, answer_from_copy, continued_input
+from first_jupyter.gateway.response_ids import ResponseBook, ResponseIds, answer_from_copy, continued_input
 from first_jupyter.gateway.router import WAITING_STATES, Target, conversation_key
 from first_jupyter.gateway.starts import Attempts, Starts
 from first_jupyter.gateway.stream_watch import StreamWatch, rename_model_in_body
@@ -106,7 +106,8 @@ class Backends:
 class Gateway:
     def __init__(self, config: FirstConfig, data_dir: Path, environ: Mapping[str, str] | None = None, *,
                  backends: Callable[[Gateway, Mapping[str, str]], Backends], shared: bool = False,
-                 batches: Callable[[Gateway], Batches] | None = None, usage: UsageLog | None = None) -> None:
+                 batches: Callable[[Gateway], Batches] | None = None, usage: UsageLog | None = None,
+                 responses: ResponseBook | None = None, stream_hand_off: StreamHandOff | None = None) -> None:
         """``environ``: where token sources read variables (default ``os.environ``; the server passes a copy
         taken before it removed the token variables from its own environment, which kernels inherit).
         ``backends``: builds the clusters' backends on this gateway's parts (``service.build_gateway`` passes it).
@@ -115,14 +116,16 @@ class Gateway:
         ``batches``: makes the Batch API's service on this gateway (``service.build_gateway`` passes it: the
         gateway runs batches' lines but does not build their service); None for a gateway without batches.
         ``usage``: where usage records go (replicas on several hosts share one in PostgreSQL); by default SQLite
-        under ``data_dir``. Either way the gateway closes it, after its batches, whose runs record usage."""
+        under ``data_dir``. Either way the gateway closes it, after its batches, whose runs record usage.
+        ``responses``: where response ids are kept (likewise: PostgreSQL for replicas, else SQLite here).
+        ``stream_hand_off``: remote streams through Redis, for replicas (``CallbackHub``)."""
         self.config = config
         self.shared = shared
         self.data_dir = data_dir
         self.supervisor = Supervisor()
         """Every background task runs under it: a failure is logged and counted, and the task goes on."""
         self.client = UpstreamClient(config.defaults.timeouts, config.defaults.limits)
-        self.callbacks = CallbackHub()
+        self.callbacks = CallbackHub(stream_hand_off)
         environ = os.environ if environ is None else environ
         self.auth = TokenManager(config.auth, data_dir, environ, extra_scopes=_endpoint_scopes(config))
         self.sign_in = GlobusSignIn(self.auth)
@@ -147,8 +150,8 @@ class Gateway:
                                                                           self.supervisor)
         self.accounting = Accounting(self.usage, self.router)
         self.record = self.accounting.record
-        self.responses = ResponseIds(data_dir / "responses.sqlite3", config.defaults.max_response_ids,
-                                     self.supervisor)
+        self.responses: ResponseBook = responses if responses is not None else ResponseIds(
+            data_dir / "responses.sqlite3", config.defaults.max_response_ids, self.supervisor)
         self._batches = batches(self) if batches is not None else None
 
     @property
@@ -311,6 +314,7 @@ class Gateway:
             if copy is not None:
                 if method == "DELETE":
                     self.responses.forget(response_id)
+                    await self.responses.settled()
                 return Completed(answer_from_copy(copy, method, action, dict(parse_qsl(query))),
                                  Target(home.model, backend))
         if reply is None:
@@ -321,6 +325,7 @@ class Gateway:
                                  reply.retry_after, reply.via)
         if method == "DELETE":
             self.responses.forget(response_id)
+            await self.responses.settled()
         return Completed(rename_model_in_body(reply.body, home.model)[0], Target(home.model, backend))
 
     def _conversation(self, req: ParsedRequest) -> str | None:
@@ -508,4 +513,4 @@ class Gateway:
             await reader.close()
         await self.client.close()
         await self.usage.aclose()
-        self.responses.close()
+        await self.responses.aclose()

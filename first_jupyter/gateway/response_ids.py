@@ -119,6 +119,15 @@ class ResponseBook:
         """A copy from the store, once what this process handed it is written."""
         raise NotImplementedError
 
+    async def aclose(self) -> None:
+        """Write what waits (within a bound), then let the store go."""
+        raise NotImplementedError
+
+    async def settled(self) -> None:
+        """Once what this process handed the store is written, where others read it at once (replicas): a
+        deletion answered here must not be found by another replica a moment later. One host's processes share
+        the store's file and this process's memory answers first, so nothing is waited for by default."""
+
     def remember(self, response_id: str, target: Target, model: str, caller: Caller | None) -> None:
         """``response_id`` was created at ``target`` for ``caller``: on the event loop, no I/O."""
         home = ResponseHome(response_id, target.cluster, target.endpoint, model,
@@ -216,6 +225,9 @@ class ResponseIds(ResponseBook):
 
     def close(self) -> None:
         self._writer.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
     def _read(self, response_id: str) -> ResponseHome | None:
         """An id from the file (another process's, or this one's before a restart), on a worker thread."""

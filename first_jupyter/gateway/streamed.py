@@ -20,7 +20,7 @@ from first_jupyter.gateway.answers import Relayed, tell_until_done
 from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Stream
 from first_jupyter.gateway.caller import Caller
-from first_jupyter.gateway.response_ids import ResponseIds
+from first_jupyter.gateway.response_ids import ResponseBook
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.gateway.starts import Attempts
 from first_jupyter.gateway.stream_watch import StreamWatch
@@ -32,7 +32,7 @@ class StreamHost(Protocol):
 
     config: FirstConfig
     router: Router
-    responses: ResponseIds
+    responses: ResponseBook
 
     def progress_of(self, attempts: Attempts, first: Target, t0: float) -> Progress: ...
 

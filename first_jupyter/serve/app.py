@@ -138,14 +138,13 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
     from first_jupyter.service import build_gateway
 
     state = open_state(settings, state_dir)
-    gateway = build_gateway(config, state_dir, shared=True, usage=state.usage)
-    gateway.callbacks.shared = state.callbacks
+    responses = None
     if settings.state.database is not None:  # response ids where every replica finds them
         from first_jupyter.serve.pg_responses import PgResponseIds
 
-        gateway.responses.close()
-        gateway.responses = PgResponseIds(  # type: ignore[assignment]  # (core.py types it as the SQLite one)
-            settings.state.database, config.defaults.max_response_ids)
+        responses = PgResponseIds(settings.state.database, config.defaults.max_response_ids)
+    gateway = build_gateway(config, state_dir, shared=True, usage=state.usage, responses=responses,
+                            stream_hand_off=state.callbacks)
     metrics = GatewayMetrics()
     gateway.catalog.state_observers.append(metrics.endpoint_states)
     policy = SharedPolicy(settings, state_dir, state, secret, metrics, compute_as_callers=gateway.compute_as_callers)
@@ -188,8 +187,4 @@ async def stop(server: HTTPServer, gateway: Gateway, policy: SharedPolicy,
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
     await policy.close()
-    from first_jupyter.serve.pg_responses import PgResponseIds
-
-    if isinstance(gateway.responses, PgResponseIds):
-        await gateway.responses.aclose()
     await gateway.close()

@@ -66,9 +66,12 @@ class PgResponseIds(ResponseBook):
                                  "answer IS NOT NULL", response_id)
         return None if row is None else KeptCopy(*cast(tuple[str, bytes, bytes], row))
 
-    async def _select(self, query: str, response_id: str) -> tuple[object, ...] | None:
-        with contextlib.suppress(TimeoutError):  # this replica's own writes first (another's are written at once)
+    async def settled(self) -> None:
+        with contextlib.suppress(TimeoutError):  # (bounded: a database that is away is a 503 on the next read)
             await asyncio.wait_for(self._idle.wait(), FLUSH_S)
+
+    async def _select(self, query: str, response_id: str) -> tuple[object, ...] | None:
+        await self.settled()  # this replica's own writes first (another's were settled before it answered)
         try:
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(query.encode(), (response_id,))

@@ -20,16 +20,13 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from first_jupyter.gateway.upstream import upstream_error
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.inference import sign
-
-if TYPE_CHECKING:
-    from first_jupyter.serve.redis_streams import RedisCallbacks
 
 ACCEPTED, REFUSED, OUT_OF_ORDER = 204, 403, 409
 ALIVE = {"alive": True}
@@ -103,13 +100,25 @@ class RemoteStream:
         """Nothing to release here: the queue goes with the stream (a shared stream stops reading Redis)."""
 
 
+class StreamHandOff(Protocol):
+    """Where replicas that share Redis open, feed and close remote streams (``serve.redis_streams``), so that a
+    node's batch may reach any replica and still come to the one holding the client."""
+
+    async def open(self, task_id: str, key: str, where: str) -> RemoteStream: ...
+
+    async def deliver(self, task_id: str, seq: str, signature: str, body: bytes) -> int: ...
+
+    async def started(self, task_id: str) -> bool: ...
+
+    def forget(self, task_id: str) -> None: ...
+
+
 class CallbackHub:
     """The open remote streams, by task id; ``deliver`` is safe to call from any thread."""
 
-    def __init__(self) -> None:
-        self.shared: RedisCallbacks | None = None
-        """Set for replicas that share Redis (``redis_streams``): streams are opened, fed and closed through it,
-        so a node's batch may reach any replica."""
+    def __init__(self, shared: StreamHandOff | None = None) -> None:
+        """``shared``: for replicas that share Redis; None on one host, where streams live in this process."""
+        self.shared = shared
         self._streams: dict[str, RemoteStream] = {}
         self._lock = threading.Lock()
         self.accepted = self.refused = 0
