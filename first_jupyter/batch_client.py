@@ -239,7 +239,7 @@ def cancel(batch_id: str | None = None, *, conn: client.Connection | None = None
 
 
 @dataclass
-class Progress:
+class BatchProgress:
     """A batch's counts and rate across readings: the rate is measured between readings while it runs (the
     batch's own times are whole seconds), and over the whole run once it has ended."""
 
@@ -299,10 +299,10 @@ def describe_errors(batch: Mapping[str, Any]) -> str:
 
 
 def wait(batch_id: str | None = None, *, every: float = 1.0,
-         on_update: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+         on_update: Callable[[BatchProgress], None] | None = None) -> dict[str, Any]:
     """Read the batch every ``every`` seconds until it ends; ``on_update`` sees each reading. The final batch."""
     chosen = latest_id(batch_id)
-    progress = Progress()
+    progress = BatchProgress()
     while True:
         progress.update(get(chosen))
         if on_update is not None:

@@ -127,7 +127,7 @@ def _batch_command(args: argparse.Namespace) -> int:
         if args.action == "results":
             _write_rows(batch_client.result_rows(args.batch_id), args.output)
             return Exit.DONE
-        progress = batch_client.Progress()
+        progress = batch_client.BatchProgress()
         progress.update(batch_client.cancel(args.batch_id) if args.action == "cancel" else
                         batch_client.get(args.batch_id))
         report(progress.batch, progress.describe(), as_json=getattr(args, "json", False))
@@ -145,7 +145,7 @@ def _wait_in_terminal(batch_id: str | None) -> int:
     except KeyboardInterrupt:
         print("Stopped waiting; the batch goes on. `first batch cancel` stops it.", file=sys.stderr)
         return 130
-    progress = batch_client.Progress()
+    progress = batch_client.BatchProgress()
     progress.update(batch)
     print(progress.describe())
     return Exit.DONE if batch["status"] == "completed" else Exit.FAILED

@@ -20,11 +20,11 @@ def draws_bars(stream: IO[str]) -> bool:
     return stream.isatty()
 
 
-def _batch_lines(stream: IO[str]) -> Callable[[batch_client.Progress], None]:
+def _batch_lines(stream: IO[str]) -> Callable[[batch_client.BatchProgress], None]:
     """A line when the batch's state changed and ``TERMINAL_EVERY_S`` have passed since the last one."""
     printed: list[Any] = [float("-inf"), ""]
 
-    def shown(progress: batch_client.Progress) -> None:
+    def shown(progress: batch_client.BatchProgress) -> None:
         line = progress.describe()
         if not progress.ended and line != printed[1] and time.monotonic() - printed[0] >= TERMINAL_EVERY_S:
             print(line, file=stream, flush=True)
@@ -41,7 +41,7 @@ def wait_for_batch(batch_id: str | None, stream: IO[str] | None = None) -> dict[
     from tqdm import tqdm
 
     with tqdm(total=None, unit="req", file=stream, dynamic_ncols=True) as bar:
-        def shown(progress: batch_client.Progress) -> None:
+        def shown(progress: batch_client.BatchProgress) -> None:
             bar.set_description(str(progress.batch.get("id")), refresh=False)
             bar.total, bar.n = progress.total, progress.done
             counts = progress.batch.get("request_counts") or {}

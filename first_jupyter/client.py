@@ -259,7 +259,7 @@ class Payload(NamedTuple):
     content_type: str
 
 
-class _Exchange:
+class _ApiCall:
     """One request to the gateway on a connection of its own, which ``abort`` ends from any thread.
 
     The stdlib's ``http.client`` rather than ``openai``: it imports in milliseconds (``openai`` takes a second,
@@ -345,7 +345,7 @@ def _call(conn: Connection, method: str, url: str, body: Mapping[str, Any] | Pay
     """A whole JSON exchange with ``conn``'s gateway: the decoded answer and the response (for its headers).
     ``on_progress``: told how a model's start goes while the call waits for one (the gateway then answers with
     progress comments and one event holding the answer)."""
-    exchange = _Exchange(conn, method, url, body, progress=on_progress is not None)
+    exchange = _ApiCall(conn, method, url, body, progress=on_progress is not None)
     try:
         response = exchange.send()
         if on_progress is None or not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
@@ -375,7 +375,7 @@ def v1(method: str, path: str, body: Mapping[str, Any] | Payload | None = None, 
 def v1_lines(path: str) -> Iterator[Iterator[bytes]]:
     """The lines of ``GET /first/v1/{path}`` as they arrive (a file's contents), the connection open meanwhile."""
     conn = connection()
-    exchange = _Exchange(conn, "GET", f"{conn.url}/{path}", None)
+    exchange = _ApiCall(conn, "GET", f"{conn.url}/{path}", None)
     try:
         yield iter(exchange.send())
     finally:
@@ -608,7 +608,7 @@ def chat(prompt: str | Sequence[Mapping[str, Any]], *, model: str | None = None,
 
 
 @contextlib.contextmanager
-def _aborted_on(stop: threading.Event | None, exchange: _Exchange) -> Iterator[None]:
+def _aborted_on(stop: threading.Event | None, exchange: _ApiCall) -> Iterator[None]:
     """Abort ``exchange`` once ``stop`` is set, from a watcher thread: the call may be blocked waiting for the
     response head (a cold start, a queued job) or for the next chunk, where no loop can look at the event."""
     if stop is None:
@@ -653,7 +653,7 @@ def _chat_stream(conn: Connection, url: str, body: dict[str, Any], on_text: Call
                  stop: threading.Event | None, started: float, on_progress: OnProgress | None) -> Result:
     result = Result("", body["model"])
     parts: list[str] = []
-    exchange = _Exchange(conn, "POST", url, body)
+    exchange = _ApiCall(conn, "POST", url, body)
     try:
         with _aborted_on(stop, exchange):
             response = exchange.send()

@@ -28,7 +28,7 @@ ONLY_TOP_LEVEL = ["*/*"]
 State = Literal["waiting", "downloading", "done", "failed"]
 
 
-class ModelDownload:
+class ModelDownloader:
     """One model's download, run at most once at a time, in a daemon thread; readable from any thread."""
 
     def __init__(self, repo: str, target: Path, where: str) -> None:
@@ -94,7 +94,7 @@ class ModelDownload:
             self._finished.set()
 
 
-def _bar_for(download: ModelDownload) -> type[Any]:
+def _bar_for(download: ModelDownloader) -> type[Any]:
     """huggingface_hub's tqdm (drawn on a terminal, quiet elsewhere), also counting the bytes into ``download``.
 
     ``snapshot_download`` makes one bar in bytes for all files (its total grows as it learns each file's size,

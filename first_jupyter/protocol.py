@@ -128,7 +128,7 @@ class Capability(StrEnum):
     @property
     def route(self) -> str:
         """The route's name, as errors and the usage log say it: relative to ``/v1/`` where it is under it."""
-        return _ROUTES[self]
+        return _ENGINE_PATHS[self]
 
     @property
     def path(self) -> str:
@@ -157,7 +157,7 @@ class Capability(StrEnum):
         return self in _FORMS
 
 
-_ROUTES = {
+_ENGINE_PATHS = {
     Capability.chat: "chat/completions",
     Capability.completions: "completions",
     Capability.embeddings: "embeddings",

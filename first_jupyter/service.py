@@ -119,7 +119,7 @@ class _BackendBuilder:
         where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
         idle = gateway.config.defaults.timeouts.idle
         if endpoint.in_process is not None:
-            from first_jupyter.gateway.backends.compute.local import InProcessSubmitter
+            from first_jupyter.gateway.backends.compute.in_process import InProcessSubmitter
 
             local = InProcessSubmitter(endpoint, gateway.data_dir / "compute" / f"{cluster}-{endpoint.name}",
                                        gateway.data_dir / "logs" / f"engine-{cluster}-{endpoint.name}.log", where)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from first_jupyter.config import parse_config
-from first_jupyter.gateway.backends.compute.local import end_leftovers
+from first_jupyter.gateway.backends.compute.in_process import end_leftovers
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.remote.inference import engine_health
 from first_jupyter.remote.launcher import free_port

@@ -18,7 +18,7 @@ from first_jupyter.embedded_model import (
     TINY_MODEL_ID,
     choose_default_model,
 )
-from first_jupyter.model_download import ModelDownload
+from first_jupyter.model_download import ModelDownloader
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.tiny_model import TINY_MODEL_MARKER, build_tiny_model
 from tests.fake_hub import FakeHub, serving_hub
@@ -90,7 +90,7 @@ def test_first_local_model_overrides_a_reachable_hub(hub: FakeHub, tmp_path: Pat
 def test_an_interrupted_download_resumes_where_it_stopped(hub: FakeHub, tmp_path: Path):
     hub.cut = WEIGHTS
     target = tmp_path / "model"
-    download = ModelDownload(REAL_MODEL_REPO, target, "cluster 'local' endpoint 'engine'")
+    download = ModelDownloader(REAL_MODEL_REPO, target, "cluster 'local' endpoint 'engine'")
     with pytest.raises(OpenAIError) as failed:
         download.wait()
     assert failed.value.status == 503
@@ -106,12 +106,12 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub: FakeHub, tmp_path
     assert (target / WEIGHTS).read_bytes() == hub.files[WEIGHTS]
     assert (target / DOWNLOADED_MARKER).is_file()
     assert download.status()["state"] == "done"
-    assert ModelDownload(REAL_MODEL_REPO, target, "here").status()["state"] == "done"  # a later start: nothing to do
+    assert ModelDownloader(REAL_MODEL_REPO, target, "here").status()["state"] == "done"  # a later start: nothing to do
 
 
 def test_a_download_under_way_reports_its_bytes(hub: FakeHub, tmp_path: Path):
     hub.held = WEIGHTS
-    download = ModelDownload(REAL_MODEL_REPO, tmp_path / "model", "here")
+    download = ModelDownloader(REAL_MODEL_REPO, tmp_path / "model", "here")
     download.start()
     eventually(lambda: download.done_bytes >= CHUNK, "the first 10 MB of the weights counted")
     status = download.status()

@@ -8,7 +8,7 @@ import pytest
 
 from first_jupyter.api.route_table import ROUTES, Matcher, Route, paths
 from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH
-from first_jupyter.server_ext.handlers import routes as jupyter_routes
+from first_jupyter.server_ext.handlers import jupyter_routes
 from tests.conftest import Door, example_path, fake_cluster_config, server_config
 
 

@@ -64,7 +64,7 @@ def _wait_for(batch_id: str | None) -> None:
 
     handle = None
 
-    def shown(progress: batch_client.Progress) -> None:
+    def shown(progress: batch_client.BatchProgress) -> None:
         nonlocal handle
         bundle = {"text/plain": progress.describe()}
         if handle is None:
@@ -85,7 +85,7 @@ def _wait(magics: FirstMagics, options: argparse.Namespace) -> None:
 def _status(magics: FirstMagics, options: argparse.Namespace) -> None:
     from first_jupyter import batch_client
 
-    progress = batch_client.Progress()
+    progress = batch_client.BatchProgress()
     progress.update(batch_client.get(options.batch_id))
     print(progress.describe())
 
@@ -93,7 +93,7 @@ def _status(magics: FirstMagics, options: argparse.Namespace) -> None:
 def _cancel(magics: FirstMagics, options: argparse.Namespace) -> None:
     from first_jupyter import batch_client
 
-    progress = batch_client.Progress()
+    progress = batch_client.BatchProgress()
     progress.update(batch_client.cancel(options.batch_id))
     print(progress.describe())
 

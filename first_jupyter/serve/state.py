@@ -31,7 +31,7 @@ within seconds."""
 
 
 @dataclass(frozen=True)
-class Health:
+class StateHealth:
     backends: dict[str, str]
     """Each state backend in use (sqlite, redis, postgresql): ``ok``, or why it cannot be reached."""
     usage_records: dict[str, int] | None
@@ -57,7 +57,7 @@ class SharedState:
     """With Redis: remote streams' batches go through it, so a node's callback may reach any replica (handed to
     the gateway's ``CallbackHub``)."""
 
-    async def health(self) -> Health:
+    async def health(self) -> StateHealth:
         """Each backend in use, asked now (SQLite is local files: there while the host is)."""
         backends = {"sqlite": OK}
         checks: dict[str, asyncio.Task[BaseException | None]] = {}
@@ -69,7 +69,7 @@ class SharedState:
             failure = await check
             backends[name] = OK if failure is None else f"unreachable: {type(failure).__name__}"
         usage = None if self.usage is None else {"buffered": self.usage.buffered, "dropped": self.usage.dropped}
-        return Health(backends, usage)
+        return StateHealth(backends, usage)
 
     async def close(self) -> None:
         await self.quotas.close()

@@ -24,7 +24,7 @@ from first_jupyter.config import ConfigError, load_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.lasting_key import LastingKey, ensure, key_path
 from first_jupyter.paths import default_data_dir
-from first_jupyter.server_ext.handlers import routes
+from first_jupyter.server_ext.handlers import jupyter_routes
 from first_jupyter.service import GatewayService, build_gateway
 from first_jupyter.transport.http_server import listening_socket
 
@@ -142,7 +142,7 @@ class FirstExtension(ExtensionApp):
         return LastingKey(path)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(routes())
+        self.handlers.extend(jupyter_routes())
 
     def _bind_api_socket(self) -> socket.socket | None:
         if self.api_port < 0:

@@ -189,6 +189,6 @@ class FirstNotFoundHandler(NotFoundRoute, FirstHandler):  # type: ignore[misc]  
     """Unknown paths under /first/ on Jupyter's door."""
 
 
-def routes() -> Routes:
+def jupyter_routes() -> Routes:
     """Jupyter's door."""
     return door_routes(FirstTableHandler, FirstOpenTableHandler, FirstNotFoundHandler)

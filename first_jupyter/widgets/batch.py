@@ -29,7 +29,7 @@ class BatchMonitor:
 
     def __init__(self, batch_id: str | None = None, *, every: float = 2.0) -> None:
         self.every = every
-        self.progress = batch_client.Progress()
+        self.progress = batch_client.BatchProgress()
         self.title = widgets.HTML()
         self.bar = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="24em"))
         self.counts = widgets.Label()

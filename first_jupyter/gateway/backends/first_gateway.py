@@ -32,7 +32,7 @@ _CAPABILITIES = {"chat": Capability.chat, "completion": Capability.completions,
                  "completions": Capability.completions, "embedding": Capability.embeddings,
                  "embeddings": Capability.embeddings}
 """The route names an older FIRST gateway's ``list-endpoints`` used, as our capabilities."""
-_ROUTES = {cap.path.strip("/"): cap for cap in Capability if cap.path.startswith("/v1/")}
+_CAPABILITY_OF_PATH = {cap.path.strip("/"): cap for cap in Capability if cap.path.startswith("/v1/")}
 """The paths today's ``list-endpoints`` names per framework (``/v1/{e}`` for each of the cluster's
 ``openai_endpoints``: chat/completions, completions, embeddings, responses, messages at FIRST 329c0cd), as our
 capabilities: each is sent to ``{cluster}/{framework}`` plus that path. A path FIRST lists that no capability
@@ -167,8 +167,8 @@ def _routes(framework: str, entry: _Framework) -> dict[Capability, str]:
     """A framework's paths under its cluster's ``base_url``, per capability."""
     if isinstance(entry.endpoints, dict):  # an older gateway: route name → path with the framework
         return {_CAPABILITIES[name]: path for name, path in entry.endpoints.items() if name in _CAPABILITIES}
-    return {_ROUTES[key]: f"{framework}/{key}" for path in entry.endpoints
-            if (key := path.strip("/")) in _ROUTES}
+    return {_CAPABILITY_OF_PATH[key]: f"{framework}/{key}" for path in entry.endpoints
+            if (key := path.strip("/")) in _CAPABILITY_OF_PATH}
 
 
 def parse_catalog(data: Any, origin: str, root: str, wanted: list[str] | None,

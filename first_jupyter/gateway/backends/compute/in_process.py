@@ -37,7 +37,7 @@ import psutil
 from first_jupyter.config import ComputeEndpoint, InProcessEngine
 from first_jupyter.gateway.backends.compute.backend import SUBMIT_LIMIT_BYTES, too_large
 from first_jupyter.gateway.backends.compute.endpoint_config import FAILED, READY, block_worker_init
-from first_jupyter.model_download import ModelDownload
+from first_jupyter.model_download import ModelDownloader
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.remote.launcher import EngineSpec, choose_engine, free_port, log_tail, served_name
 
@@ -153,7 +153,7 @@ class InProcessSubmitter:
         self.leftovers_ended: list[int] = []
         if self.model.note:
             logger.warning("FIRST %s: %s", where, self.model.note)
-        self.download = ModelDownload(self.model.download, Path(path), where) if self.model.download else None
+        self.download = ModelDownloader(self.model.download, Path(path), where) if self.model.download else None
         """The model's files from the hub, fetched from now on (not at the first request: a new user's first
         prompt should find them there), resumed by a request after a failure."""
         if self.download is not None:
