@@ -306,3 +306,21 @@ def test_a_response_created_through_one_replica_is_reached_through_the_other(rep
     second.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         first.responses.retrieve(created.id)
+
+
+def _served_in_metrics(replicas: Replicas, n: int) -> float:
+    """The chat requests answered 200 that the n-th replica's own ``/metrics`` counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(replicas.replica(n, "/metrics").text)
+    return sum(sample.value for family in families if family.name == "first_requests"
+               for sample in family.samples if sample.name == "first_requests_total"
+               and sample.labels.get("status") == "200" and sample.labels.get("model") == CHAT["model"])
+
+
+def test_each_replica_exposes_its_own_metrics_for_prometheus_to_scrape_each(replicas: Replicas):
+    answers = [replicas.chat(token) for token in ("AT-ada", "AT-bob", "AT-cy") for _ in range(2)]
+    assert [a.http_response.status_code for a in answers] == [200] * 6
+    served = [sum(served_by(a) == f"127.0.0.1:{port}" for a in answers) for port in replicas.ports]
+    assert all(served)  # nginx sent some to each
+    assert [_served_in_metrics(replicas, n) for n in range(2)] == served  # each counts its own, none the other's
