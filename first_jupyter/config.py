@@ -126,6 +126,18 @@ class ScaleOut(_Strict):
                                description="seconds over which 'peak' remembers a model's most requests in flight")
 
 
+class PrefixRouting(_Strict):
+    """Where a request's opening was sent before: an engine's prefix cache holds it there, and its first token
+    comes sooner (a long system prompt, a conversation's earlier turns, a batch's shared instructions)."""
+
+    enabled: bool = Field(default=True, description="among hot endpoints about as fast as the best, send a request "
+                                                     "where the longest part of its opening (system prompt, first "
+                                                     "messages) was last sent")
+    tolerance: float = Field(default=1.0, ge=0, description="seconds of expected time to first token within which "
+                                                            "hot endpoints are as good: the one holding the "
+                                                            "request's prefix is taken, else the least loaded")
+
+
 class BatchDefaults(_Strict):
     """Batches: how large an input may be, and how hard a run presses the endpoints."""
 
@@ -150,9 +162,7 @@ class Defaults(_Strict):
         default=100_000, gt=0, description="response ids remembered with the endpoint that created each (for "
                                            "GET/DELETE /v1/responses/{id} and previous_response_id); the oldest "
                                            "are forgotten beyond it")
-    sticky_conversations: bool = Field(
-        default=True, description="send a conversation's turns to the endpoint that served its last one while it "
-                                  "is hot and about as fast as the best (its prefix cache holds the conversation)")
+    prefix_routing: PrefixRouting = PrefixRouting()
 
 
 CONCURRENCY_DESCRIPTION = "requests one engine serves at once before answers slow down (about vLLM's " \

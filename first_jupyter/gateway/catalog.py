@@ -28,7 +28,7 @@ from first_jupyter.config import FirstConfig, FirstGatewayCluster
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
 from first_jupyter.gateway.caller import Caller
-from first_jupyter.gateway.router import Router, Target
+from first_jupyter.gateway.router import Prefix, Router, Target
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.protocol import Capability, OpenAIError, check_model_name
 
@@ -79,7 +79,8 @@ class Catalog:
             for ep in cluster.endpoints:
                 for model in ep.models:
                     self.configured.setdefault(model.id, []).append(f"{cluster_name}/{ep.name}")
-        self.router = Router(self.backends, self.configured, config.defaults.scale_out)
+        self.router = Router(self.backends, self.configured, config.defaults.scale_out,
+                             prefix_routing=config.defaults.prefix_routing)
         self.discovering = [b for b in self.backends if isinstance(b, FirstGatewayBackend)]
         self._discovery: asyncio.Lock | None = None
         self.probe_intervals: dict[int, float] = {}
@@ -164,11 +165,11 @@ class Catalog:
         if any(b.due() for b in self.discovering):
             self.supervisor.spawn("catalog readings", self.refresh())
 
-    async def candidates(self, model: str, capability: Capability, conversation: str | None = None,
+    async def candidates(self, model: str, capability: Capability, prefix: Prefix | None = None,
                           caller: Caller | None = None) -> list[Target]:
         """The router's candidates on the clusters the caller may use, reading discovered catalogs first when the
         model is not (yet) in them."""
-        return self.allowed(model, await self.routed(model, capability, conversation), caller)
+        return self.allowed(model, await self.routed(model, capability, prefix), caller)
 
     @staticmethod
     def allowed(model: str, targets: list[Target], caller: Caller | None) -> list[Target]:
@@ -207,7 +208,7 @@ class Catalog:
             await self.refresh(eager=True)
         return self.router.targets(model)
 
-    async def routed(self, model: str, capability: Capability, conversation: str | None) -> list[Target]:
+    async def routed(self, model: str, capability: Capability, prefix: Prefix | None) -> list[Target]:
         if self.discovering:
             if model in self.router.catalog:
                 self.refresh_in_background()  # a known model is served now; the reading can follow
@@ -221,7 +222,7 @@ class Catalog:
                     raise OpenAIError(404, f"The model '{model}' is not in the catalog here, and reading a FIRST "
                                            f"gateway's catalog failed: {'; '.join(f.message for f in failures)}",
                                       param="model", code="model_not_found")
-        return self.router.candidates(model, capability, conversation)
+        return self.router.candidates(model, capability, prefix)
 
     async def models(self) -> ModelList:
         """The OpenAI model list, each model once, with where it is served."""

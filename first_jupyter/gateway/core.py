@@ -45,7 +45,7 @@ from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.globus_sign_in import GlobusSignIn
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.gateway.response_ids import ResponseBook, ResponseIds, answer_from_copy, continued_input
-from first_jupyter.gateway.router import WAITING_STATES, Target, conversation_key
+from first_jupyter.gateway.router import WAITING_STATES, Prefix, Target, prefix_of
 from first_jupyter.gateway.starts import Attempts, Starts
 from first_jupyter.gateway.stream_watch import StreamWatch, rename_model_in_body
 from first_jupyter.gateway.streamed import GatewayStream
@@ -268,12 +268,12 @@ class Gateway:
         data["input"] = continued_input(earlier, req.data.get("input"))
         return ParsedRequest(req.capability, data, orjson.dumps(data), asked=req.asked)
 
-    async def _targets(self, req: ParsedRequest, conversation: str | None, caller: Caller | None) -> list[Target]:
+    async def _targets(self, req: ParsedRequest, prefix: Prefix | None, caller: Caller | None) -> list[Target]:
         """A request's candidates (``_candidates``); a Responses request that continues an earlier response
         (``previous_response_id``) goes only where that response was created: no other engine holds it."""
         previous = req.data.get("previous_response_id") if req.capability is Capability.responses else None
         if previous is None:
-            return await self.catalog.candidates(req.model, req.capability, conversation, caller)
+            return await self.catalog.candidates(req.model, req.capability, prefix, caller)
         home = await self.responses.home(previous, caller, "previous_response_id")
         targets = await self.catalog.where_served(req.model)
         pinned = [t for t in targets if (t.cluster, t.endpoint) == (home.cluster, home.endpoint)]
@@ -328,12 +328,12 @@ class Gateway:
             await self.responses.settled()
         return Completed(rename_model_in_body(reply.body, home.model)[0], Target(home.model, backend))
 
-    def _conversation(self, req: ParsedRequest) -> str | None:
-        """The request's conversation, when there is a choice of endpoint for it to stick to."""
-        if not self.config.defaults.sticky_conversations or req.capability is not Capability.chat or len(
-                self.router.catalog.get(req.model, ())) < 2:
+    def _prefix(self, req: ParsedRequest) -> Prefix | None:
+        """The request's opening (``prefix_of``), when there is a choice of endpoint for it to follow: no hashing
+        for a model served by one endpoint."""
+        if not self.config.defaults.prefix_routing.enabled or len(self.router.catalog.get(req.model, ())) < 2:
             return None
-        return conversation_key(req.model, req.data.get("messages"))
+        return prefix_of(req.model, req.data)
 
     def _may_wait(self, targets: list[Target]) -> bool:
         """Whether the request may come to an endpoint that must start the model first (the best, or one
@@ -411,7 +411,7 @@ class Gateway:
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = tried or Attempts()
-        conversation = self._conversation(req)
+        prefix = self._prefix(req)
 
         async def ask(target: Target) -> Reply:
             reply = await target.backend.complete(req.model, req.capability, self._body_for(req, target, False))
@@ -423,7 +423,7 @@ class Gateway:
         try:
             self.ceilings.check(req)
             with acting_as(caller):
-                targets = await self._targets(req, conversation, caller)
+                targets = await self._targets(req, prefix, caller)
                 answer = self._first_answer(req, targets, tried, ask, caller)
                 if not self._may_wait(targets):
                     reply = await answer
@@ -442,7 +442,6 @@ class Gateway:
         target = tried.targets[-1]
         self.router.ended(target)
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
-        self.router.served(conversation, target)
         if reply.content_type is not None and "json" not in reply.content_type:  # a transcript as text, SRT, VTT
             self.record(req, target, reply.status, t0, None, None, None, request_id, None, caller)
             return Completed(reply.body, target, reply.content_type)
@@ -466,12 +465,12 @@ class Gateway:
         async def open_stream(target: Target) -> Stream:
             return await target.backend.stream(req.model, req.capability, self._body_for(req, target, ask_usage))
 
-        conversation = self._conversation(req)
+        prefix = self._prefix(req)
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
         try:
             self.ceilings.check(req)
             with acting_as(caller):  # (the opening task, made here, keeps it)
-                targets = await self._targets(req, conversation, caller)
+                targets = await self._targets(req, prefix, caller)
                 if not self._may_wait(targets):
                     upstream = await self._first_answer(req, targets, tried, open_stream, caller)
                 else:
@@ -480,12 +479,11 @@ class Gateway:
                         upstream = opening.result()
                     else:  # the status line goes now; the wait is told in the stream
                         return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id,
-                                             conversation, opening, caller)
+                                             opening, caller)
         except OpenAIError as exc:
             self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
             raise
-        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id, conversation,
-                             caller=caller)
+        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id, caller=caller)
 
     async def _answers_soon(self, opening: asyncio.Future[Stream], best: Target) -> bool:
         """Whether a stream that may wait for a start opens (or fails, raising its error, which can still be a

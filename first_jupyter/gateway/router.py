@@ -7,23 +7,26 @@ the answers it has been giving (a moving average) scaled by its load (requests i
 engine serves at once). The router also says which endpoints to start: the best one when it must start the model
 (nothing hot ranks before it), and, ahead of need, the model's other endpoints: all of them while it is in use, or
 only as many as its recent peak load needs (``defaults.scale_out``), so a burst drains through several hot engines
-rather than waiting in one engine's queue for a start that takes minutes. A conversation may stay
-on the endpoint that served its last turn while that one is hot and not much slower (its prefix cache holds the
-conversation). An endpoint that keeps failing before its first byte is kept out for a cooldown (a circuit breaker), so
-requests stop paying its timeout; one that refuses the user (403) is left out for longer, as a cluster the user may
-not use. The gateway fails over to the next candidate on such failures, never after a byte was sent.
+rather than waiting in one engine's queue for a start that takes minutes. Among hot endpoints about as fast as the
+best (``defaults.prefix_routing.tolerance``), a request goes where the longest part of its opening (system prompt,
+first messages) was last sent: that engine's prefix cache holds it, so its first token comes sooner (a
+conversation's next turn is one case). An endpoint that keeps failing before its first byte is kept out for a
+cooldown (a circuit breaker), so requests stop paying its timeout; one that refuses the user (403) is left out for
+longer, as a cluster the user may not use. The gateway fails over to the next candidate on such failures, never
+after a byte was sent.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from first_jupyter.config import ScaleOut
+import orjson
+
+from first_jupyter.config import PrefixRouting, ScaleOut
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.protocol import Capability, OpenAIError
 
@@ -56,10 +59,17 @@ START_WEIGHT = 0.5
 """Starts are few and their length changes with the queue: the last ones count for much."""
 SCALE_OUT_AT = 0.75
 """The share of its capacity in flight at which a model's hot endpoints are too few: another one is started."""
-STICKY_SLACK_S = 1.0
-"""Hot endpoints expected to answer within this of the best are as good: the least loaded of them is taken (so
-the capacity started for a model keeps serving it, and stays hot), and a conversation stays where it was."""
-STICKY_MOST = 10_000
+PREFIX_BLOCK_BYTES = 512
+"""A request's opening is hashed in blocks of at most this many bytes of its serialized messages (a message's end
+also ends a block, so that a conversation's next turn, which repeats the earlier ones, matches them whole)."""
+PREFIX_BLOCKS = 16
+"""At most this many blocks are hashed: the opening an engine's prefix cache saves the most on, at a bounded cost
+per request whatever the prompt's length."""
+PREFIX_MOST = 50_000
+"""Block hashes remembered (the least recently routed forgotten first): about 3,000 requests' full openings."""
+PREFIX_HOLDERS = 3
+"""Endpoints remembered per block, the last one sent it first: a prefix spilled to a second endpoint under load is
+cached there too."""
 STARTING = frozenset({"starting", "queued"})
 WAITING_STATES = STARTING | {"cold"}
 """States whose endpoints must start the model before they answer: a request to them is a cold start."""
@@ -79,6 +89,10 @@ class Health:
     """When a request was last sent here: between bursts, requests go round the hot endpoints of a model by it,
     so each stays hot (an endpoint that gets nothing is released at the end of its hot window)."""
     ttft_s: float = FIRST_TTFT_S
+    prefix_routed: int = 0
+    """Requests with an opening (``prefix_of``) routed here, when the model had a choice of endpoints."""
+    prefix_hits: int = 0
+    """Of those, the ones sent here because it was last sent part of their opening (its prefix cache holds it)."""
     failures: int = 0
     """Consecutive failures before a first byte; reset by any success."""
     open_until: float = 0.0
@@ -136,23 +150,56 @@ class Demand:
         return max(self.in_flight, self.peaks[0][1] if self.peaks else 0)
 
 
-def conversation_key(model_id: str, messages: object) -> str | None:
-    """What identifies a conversation across its turns: its model and its opening (the system prompt and the
-    first user message), which every later turn repeats; None for a request that is no conversation."""
-    if not isinstance(messages, list) or len(messages) < 2:
-        return None  # a first turn has nowhere to stick to yet; nothing is lost by routing it freely
-    opening = [m.get("content") for m in messages[:2] if isinstance(m, dict)]
-    return hashlib.blake2b(repr((model_id, opening)).encode(), digest_size=16).hexdigest()
+Prefix = tuple[int, ...]
+"""A request's opening as chained block hashes: block i's hash covers blocks 0..i, so two requests share their
+first k hashes exactly when they share their first k blocks (as an engine's prefix cache keys its KV blocks)."""
+
+
+def prefix_of(model_id: str, data: Mapping[str, object]) -> Prefix | None:
+    """The opening of a request's body as chained block hashes (``PREFIX_BLOCKS`` at most, each message cut at
+    ``PREFIX_BLOCK_BYTES``): a chat's messages, a completion's prompt, a Responses request's instructions and input;
+    None when it has none. Python's own hash: these stay in this process, and it is the cheapest."""
+    parts = _opening(data)
+    if not parts:
+        return None
+    chained = hash(model_id)
+    hashes: list[int] = []
+    for part in parts:
+        raw = orjson.dumps(part)
+        for at in range(0, len(raw), PREFIX_BLOCK_BYTES):
+            chained = hash((chained, raw[at:at + PREFIX_BLOCK_BYTES]))
+            hashes.append(chained)
+            if len(hashes) == PREFIX_BLOCKS:
+                return tuple(hashes)
+    return tuple(hashes)
+
+
+def _opening(data: Mapping[str, object]) -> list[object]:
+    """What an engine reads first of the request, in order, one item per message."""
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        return messages
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    opening: list[object] = [data["instructions"]] if isinstance(data.get("instructions"), str) else []
+    given = data.get("input")
+    if isinstance(given, list):
+        return opening + given
+    return [*opening, given] if isinstance(given, str) else opening
 
 
 class Router:
     def __init__(self, backends: list[Backend], served: dict[str, list[str]],
-                 scale_out: ScaleOut | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 scale_out: ScaleOut | None = None, clock: Callable[[], float] = time.monotonic,
+                 prefix_routing: PrefixRouting | None = None) -> None:
         """``served`` maps each model id to the names (``cluster/endpoint``) of the backends that serve it;
         ``scale_out``: which endpoints to keep hot (the config's ``defaults.scale_out``); ``clock``: seconds, for
-        cooldowns, starts and peaks (a simulation passes its own)."""
+        cooldowns, starts and peaks (a simulation passes its own); ``prefix_routing``: the config's
+        ``defaults.prefix_routing``."""
         self.clock = clock
         self.scale_out = scale_out or ScaleOut()
+        self.tolerance_s = (prefix_routing or PrefixRouting()).tolerance
         self._by_peak = self.scale_out.keep_hot == "peak"
         by_name = {f"{b.cluster}/{b.name}": b for b in backends}
         self.catalog: dict[str, list[Target]] = {
@@ -160,9 +207,9 @@ class Router:
         }
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
         self.health: dict[int, Health] = {id(b): Health(b.start_s, b.capacity) for b in backends}
-        self._last_served: OrderedDict[str, Target] = OrderedDict()
+        self._holders: OrderedDict[int, tuple[Target, ...]] = OrderedDict()
+        """Block hash (``prefix_of``) → the endpoints last sent it, the latest first (``PREFIX_MOST`` hashes)."""
         self.demand: dict[str, Demand] = {}
-        """Conversation key → the endpoint that answered its last turn (the most recent ``STICKY_MOST``)."""
 
     def health_of_backend(self, backend: Backend) -> Health:
         """Kept by backend (a discovered catalog adds targets later; their health starts empty)."""
@@ -259,10 +306,12 @@ class Router:
 
     # -- the choice ------------------------------------------------------------------------------------------
 
-    def candidates(self, model_id: str, capability: Capability, conversation: str | None = None) -> list[Target]:
+    def candidates(self, model_id: str, capability: Capability, prefix: Prefix | None = None) -> list[Target]:
         """The endpoints to try for this request, best first; those with an open circuit only when nothing else
-        can serve (then the one whose cooldown ends first). ``conversation``: a key from ``conversation_key``,
-        whose last turn's endpoint comes first while it is hot and within ``STICKY_SLACK_S`` of the best."""
+        can serve (then the one whose cooldown ends first). When the best is hot, the first is taken among the hot
+        ones expected within ``tolerance_s`` of it: the one last sent the longest part of ``prefix``
+        (``prefix_of``) that is not ``loaded()``, else the least loaded; the request's prefix is then remembered
+        as sent there."""
         able = self._able(model_id, capability)
         now = self.clock()
         allowed = [t for t in able if self.health_of(t).forbidden_until <= now] or able  # none: let it say why
@@ -275,17 +324,43 @@ class Router:
         ordered = sorted(closed, key=lambda t: expected[id(t.backend)])  # stable: config order on ties
         if self.state_of(ordered[0]) in ("hot", "unknown"):  # share the load among hot ones about as good
             near = [t for t in ordered if self.state_of(t) in ("hot", "unknown") and not self.health_of(t).failures
-                    and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S] or ordered[:1]
-            lightest = min(near, key=self._share)
-            if lightest is not ordered[0]:
-                ordered.remove(lightest)
-                ordered.insert(0, lightest)
-        last = self._last_served.get(conversation) if conversation else None
-        if last is not None and last in ordered[1:] and self.state_of(last) in ("hot", "unknown") \
-                and expected[id(last.backend)] <= expected[id(ordered[0].backend)] + STICKY_SLACK_S:
-            ordered.remove(last)
-            ordered.insert(0, last)
+                    and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + self.tolerance_s] or ordered[:1]
+            holder = self._holder(prefix, near) if prefix else None
+            chosen = holder or min(near, key=self._share)
+            if chosen is not ordered[0]:
+                ordered.remove(chosen)
+                ordered.insert(0, chosen)
+            if prefix:
+                self._routed(prefix, chosen, holder is not None)
         return ordered
+
+    def _holder(self, prefix: Prefix, near: list[Target]) -> Target | None:
+        """The endpoint of ``near`` last sent the longest part of ``prefix`` with room (not ``loaded()``); the
+        least loaded of several."""
+        for block in reversed(prefix):
+            holders = self._holders.get(block)
+            if holders:
+                able = [t for t in holders if t in near and not self.health_of(t).loaded()]
+                if able:
+                    return able[0] if len(able) == 1 else min(able, key=self._share)
+        return None
+
+    def _routed(self, prefix: Prefix, target: Target, hit: bool) -> None:
+        """``prefix`` goes to ``target``: its blocks are remembered there, first among their holders."""
+        health = self.health_of(target)
+        health.prefix_routed += 1
+        health.prefix_hits += hit
+        holders = self._holders
+        for block in prefix:
+            known = holders.get(block)
+            if known is None:
+                holders[block] = (target,)
+            else:
+                if known[0] is not target:
+                    holders[block] = (target, *(t for t in known if t is not target))[:PREFIX_HOLDERS]
+                holders.move_to_end(block)
+        while len(holders) > PREFIX_MOST:
+            holders.popitem(last=False)
 
     def _share(self, target: Target) -> tuple[float, float]:
         """The load on a hot endpoint, for sharing: the part of its capacity in use, then how recently it was sent
@@ -315,15 +390,6 @@ class Router:
                                                  zip(ordered, states, strict=True) if state in ("hot", "unknown")):
             return []
         return [ordered[states.index("cold")]]
-
-    def served(self, conversation: str | None, target: Target) -> None:
-        """``target`` answered a turn of ``conversation``: its next turn may go there again."""
-        if conversation is None:
-            return
-        self._last_served[conversation] = target
-        self._last_served.move_to_end(conversation)
-        if len(self._last_served) > STICKY_MOST:
-            self._last_served.popitem(last=False)
 
     def serve(self, backend: Backend, model_ids: list[str]) -> None:
         """Make ``backend`` the server of exactly ``model_ids`` (a catalog it discovered), keeping the rest."""

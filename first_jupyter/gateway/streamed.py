@@ -67,12 +67,12 @@ class GatewayStream(Relayed):
     endpoint ends up answering.
     """
 
-    __slots__ = ("_attempts", "_caller", "_conversation", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream",
+    __slots__ = ("_attempts", "_caller", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream",
                  "_watch", "error", "request_id", "shape", "target")
 
     def __init__(self, gateway: StreamHost, req: ParsedRequest, target: Target, attempts: Attempts,
                  upstream: Stream | None, watch: StreamWatch, t0: float, request_id: str,
-                 conversation: str | None = None, opening: asyncio.Future[Stream] | None = None,
+                 opening: asyncio.Future[Stream] | None = None,
                  caller: Caller | None = None) -> None:
         self._gateway = gateway
         self._caller = caller
@@ -85,7 +85,6 @@ class GatewayStream(Relayed):
         self._ttft: float | None = None
         self.error: OpenAIError | None = None
         self.request_id = request_id
-        self._conversation = conversation
         self._opening = opening
         self.shape: StreamShape | None = None
         """Set by a route whose client speaks another API than the engine's stream, before it is relayed."""
@@ -178,7 +177,6 @@ class GatewayStream(Relayed):
                 router.failed(self.target, self.error.message)  # broke off mid-stream: keep it out if it goes on
             elif self._ttft is not None:
                 router.succeeded(self.target, self._attempts.answer_time(self._ttft))
-                router.served(self._conversation, self.target)
         status = CLIENT_CLOSED if client_gone else (self.error.status if self.error else 200)
         watch = self._watch
         self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
