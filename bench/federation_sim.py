@@ -84,7 +84,7 @@ import random
 import statistics
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +92,7 @@ from typing import Any, cast
 
 from first_jupyter.config import ScaleOut
 from first_jupyter.gateway.backends.base import Backend
-from first_jupyter.gateway.router import WAITING_STATES, Router, Target
+from first_jupyter.gateway.router import WAITING_STATES, Prefix, Router, Target, prefix_of
 from first_jupyter.protocol import Capability
 
 HOUR_S = 3600.0
@@ -128,13 +128,27 @@ BURST_SPREAD_S = 30.0
 DIURNAL = 0.7
 """Rates swing by this share around their mean over a day, peaking at ``PEAK_HOUR``."""
 PEAK_HOUR = 14.0
+BATCHES_PER_H = 0.4
+"""Batches (a file of lines sent by the gateway's batch runner), diurnal too: about ten a day."""
+BATCH_LINES = (1000, 5000)
+BATCH_IN_FLIGHT = 1024
+"""The runner's window: the model's capacity as the gateway knows it (``SLOTS`` per block up at each of its
+endpoints, one block's where none is), at most this (``defaults.batch.max_in_flight``)."""
+PREFIXES = 200
+"""System prompts per model among single requests (an application's, a notebook's), drawn by Zipf; a burst and a
+batch each have one of their own."""
+PREFIX_SAVES = 0.6
+"""The share of a request's prefill a block saves when its prefix cache holds the request's system prompt."""
+BLOCK_PREFIXES = 32
+"""System prompts a block's prefix cache holds (the least recently used evicted)."""
 PREFILL_S = (0.15, 0.6)
 """A model's time to first token on an idle block, by its size; each request's varies around it."""
 GENERATE_MEDIAN_S = 10.0
 
-POLICIES = ("router", "router_peak", "round_robin", "alcf_order")
+POLICIES = ("router", "router_peak", "router_predicted", "round_robin", "alcf_order")
 BASELINES = ("round_robin", "alcf_order")
 LABELS = {"router": "this router (keep_hot: all, the default)", "router_peak": "this router (keep_hot: peak)",
+          "router_predicted": "this router (keep_hot: predicted)",
           "round_robin": "round robin", "alcf_order": "ALCF old order"}
 
 
@@ -180,6 +194,19 @@ class Call:
     model: str
     prefill_s: float
     generate_s: float
+    prefix: int = 0
+    """Which system prompt the request opens with (a block's prefix cache holds some)."""
+    batch: int | None = None
+    """The batch (index into ``Scenario.batches``) of a batch line; ``at`` is then the batch's submission."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """A batch: its lines, sent by the runner from ``at`` on, a window of them in flight."""
+
+    at: float
+    model: str
+    lines: tuple[Call, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +224,9 @@ class Scenario:
     """Cluster → other users' share of its nodes per ``LOAD_SLOT_S``; none given: nobody else."""
     outages: dict[tuple[str, str], tuple[tuple[float, float], ...]] = field(default_factory=dict)
     """(cluster, model) → (down at, up at)."""
+    batches: tuple[BatchJob, ...] = ()
+    start_hour: float = 0.0
+    """The time of day at 0 s."""
 
 
 def _diurnal(t: float, start_hour: float) -> float:
@@ -231,16 +261,24 @@ def build_scenario(seed: int, settings: Settings) -> Scenario:
 
     rng = random.Random(f"{seed}/trace")
 
-    def call(at: float, model: str) -> Call:
+    def call(at: float, model: str, prefix: int, batch: int | None = None) -> Call:
         return Call(at, model, prefill[model] * rng.lognormvariate(0, 0.25),
-                    rng.lognormvariate(math.log(GENERATE_MEDIAN_S), 0.8))
+                    rng.lognormvariate(math.log(GENERATE_MEDIAN_S), 0.8), prefix, batch)
 
-    calls = [call(t, rng.choices(names, weights)[0]) for t in _arrivals(rng, SINGLES_PER_H, until,
-                                                                          settings.start_hour)]
-    for t in _arrivals(rng, BURSTS_PER_H, until, settings.start_hour):
+    prompts = [1 / (i + 1) for i in range(PREFIXES)]
+    calls = [call(t, rng.choices(names, weights)[0], rng.choices(range(PREFIXES), prompts)[0])
+             for t in _arrivals(rng, SINGLES_PER_H, until, settings.start_hour)]
+    for n, t in enumerate(_arrivals(rng, BURSTS_PER_H, until, settings.start_hour)):
         model = rng.choices(names, weights)[0]
-        calls += [call(t + rng.uniform(0, BURST_SPREAD_S), model) for _ in range(rng.randint(*BURST_SIZE))]
+        calls += [call(t + rng.uniform(0, BURST_SPREAD_S), model, PREFIXES + n)
+                  for _ in range(rng.randint(*BURST_SIZE))]
     calls.sort(key=lambda c: c.at)
+    rng = random.Random(f"{seed}/batches")
+    batches = []
+    for t in _arrivals(rng, BATCHES_PER_H, until, settings.start_hour):
+        model, prefix = rng.choices(names, weights)[0], -1 - len(batches)
+        batches.append(BatchJob(t, model, tuple(call(t, model, prefix, len(batches))
+                                                for _ in range(rng.randint(*BATCH_LINES)))))
 
     end = until + MAX_WAIT_S + 2 * IDLE_S  # the last requests and the blocks they leave behind
     busy = {}
@@ -261,7 +299,8 @@ def build_scenario(seed: int, settings: Settings) -> Scenario:
                 spans.append((t, t + rng.uniform(*OUTAGE_S)))
                 t = spans[-1][1]
             outages[cluster, model] = tuple(spans)
-    return Scenario(seed, CLUSTERS, served, tuple(calls), settings.warmup_h * HOUR_S, busy, outages)
+    return Scenario(seed, CLUSTERS, served, tuple(calls), settings.warmup_h * HOUR_S, busy, outages, tuple(batches),
+                    settings.start_hour)
 
 
 # -- the world: clusters, endpoints, blocks ---------------------------------------------------------------------
@@ -300,6 +339,9 @@ class Request:
     first_token_at: float | None = None
     failure: str | None = None
     failovers: int = 0
+    prefix_hit: bool = False
+    """The block that gave the first token held the request's system prompt in its prefix cache."""
+    ended_at: float | None = None
 
     @property
     def open(self) -> bool:
@@ -316,6 +358,19 @@ class Block:
     gone: bool = False
     fails: bool = False
     load_s: float = 0.0
+    prompts: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    """The system prompts its prefix cache holds, the least recently used first (``BLOCK_PREFIXES``)."""
+
+    def prefill_s(self, call: Call) -> float:
+        """The prefill of ``call`` here (less on a prefix hit, more with the slots in use), its prompt now cached."""
+        hit = call.prefix in self.prompts
+        if hit:
+            self.prompts.move_to_end(call.prefix)
+        else:
+            self.prompts[call.prefix] = None
+            if len(self.prompts) > BLOCK_PREFIXES:
+                self.prompts.popitem(last=False)
+        return call.prefill_s * (1 - PREFIX_SAVES * hit) * (1 + (self.active - 1) / SLOTS)
 
 
 class Cluster:
@@ -397,8 +452,8 @@ class Endpoint:
             block.active += 1
             block.idle_turn += 1
             self.prefilling.add(req)
-            ttft = req.call.prefill_s * (1 + (block.active - 1) / SLOTS)
-            self.clock.at(self.clock.t + ttft, self._first_token, req, req.attempt, block)
+            req.prefix_hit = req.call.prefix in block.prompts
+            self.clock.at(self.clock.t + block.prefill_s(req.call), self._first_token, req, req.attempt, block)
 
     def _scale(self) -> None:
         """Ask for a block when requests wait and none is on its way (parsl's scale-out, one block at a time)."""
@@ -465,6 +520,7 @@ class Endpoint:
         self.generating.discard(req)
         block.active -= 1
         self.world.gateway.finished(req, self)
+        self.world.ended(req)
         self._dispatch()
         self._settle(block)
 
@@ -505,6 +561,7 @@ class Endpoint:
         self.generating.clear()
         for req in broken:
             self.world.gateway.broken(req, self)
+            self.world.ended(req)
         self._fail_waiting("endpoint down")
 
     def come_up(self) -> None:
@@ -522,20 +579,22 @@ class Gateway:
         self.world = world
         self.clock = world.clock
 
-    def order(self, model: str) -> list[Endpoint]:
+    def order(self, model: str, prefix: int = 0) -> list[Endpoint]:
+        """The endpoints to try for a request to ``model`` opening with system prompt ``prefix``, in turn."""
         raise NotImplementedError
 
     def reading(self) -> None:
         """The status of every endpoint, read now."""
 
     def arrive(self, req: Request) -> None:
-        req.plan = self.order(req.call.model)
+        req.plan = self.order(req.call.model, req.call.prefix)
         self.clock.at(req.call.at + MAX_WAIT_S, self._deadline, req)
         self._send_next(req, "no candidate")
 
     def _send_next(self, req: Request, reason: str) -> None:
         if req.tried >= len(req.plan):
             req.failure = reason
+            self.world.ended(req)
             return
         endpoint = req.plan[req.tried]
         req.tried += 1
@@ -558,6 +617,7 @@ class Gateway:
                 req.endpoint.withdraw(req)
                 self.abandoned(req, req.endpoint)
             req.failure = "no first token in time"
+            self.world.ended(req)
 
     # what the policy hears of each try; only this router listens
 
@@ -605,7 +665,8 @@ class RouterGateway(Gateway):
         served = {m: [f"{c}/{m}" for c in where] for m, where in world.scenario.served.items()}
         # the router reads only cluster, name, kind, capacity, start_s and supports() of a backend
         self.router = Router(cast("list[Backend]", list(self.backends.values())), served, scale_out,
-                             clock=self.clock.now)
+                             clock=self.clock.now, day_offset_s=world.scenario.start_hour * HOUR_S)
+        self.openings: dict[tuple[str, int], Prefix | None] = {}
         self.target: dict[Endpoint, Target] = {}
         for targets in self.router.catalog.values():
             for t in targets:
@@ -617,8 +678,12 @@ class RouterGateway(Gateway):
         router then believed it had to wait for a start there, or the engine was loaded (the gateway's
         ``Attempts``)."""
 
-    def order(self, model: str) -> list[Endpoint]:
-        targets = self.router.candidates(model, Capability.chat)
+    def order(self, model: str, prefix: int = 0) -> list[Endpoint]:
+        opening = self.openings.get((model, prefix))
+        if opening is None:  # the request's messages as the gateway hashes them: its system prompt first
+            opening = self.openings[model, prefix] = prefix_of(model, {"messages": [
+                {"role": "system", "content": f"system prompt {prefix}"}]})
+        targets = self.router.candidates(model, Capability.chat, opening)
         for target in self.router.to_start(targets):  # the best when it must start; another ahead of need
             self._start(target)
         return [self.world.endpoints[t.cluster, t.model_id] for t in targets]
@@ -683,7 +748,7 @@ class RoundRobinGateway(Gateway):
         super().__init__(world)
         self.turn: dict[str, int] = {}
 
-    def order(self, model: str) -> list[Endpoint]:
+    def order(self, model: str, prefix: int = 0) -> list[Endpoint]:
         endpoints = self.world.served[model]
         turn = self.turn.get(model, 0)
         self.turn[model] = turn + 1
@@ -715,12 +780,13 @@ class AlcfGateway(Gateway):
             return 2 if self.free.get(endpoint.cluster.spec.name) else 3
         return 4
 
-    def order(self, model: str) -> list[Endpoint]:
+    def order(self, model: str, prefix: int = 0) -> list[Endpoint]:
         return sorted(self.world.served[model], key=self.rank)  # stable: config order within a rank
 
 
 GATEWAYS: dict[str, Callable[[World], Gateway]] = {
     "router": RouterGateway, "router_peak": lambda world: RouterGateway(world, ScaleOut(keep_hot="peak")),
+    "router_predicted": lambda world: RouterGateway(world, ScaleOut(keep_hot="predicted")),
     "round_robin": RoundRobinGateway, "alcf_order": AlcfGateway}
 
 
@@ -740,12 +806,27 @@ class World:
         self.node_seconds = 0.0
         self.gateway = GATEWAYS[policy](self)
         self.requests = [Request(call) for call in scenario.calls]
+        self.batches = [BatchRun(self, job) for job in scenario.batches]
+
+    def capacity(self, model: str) -> int:
+        """What the gateway knows the model's endpoints serve at once (``Gateway.capacity``): ``SLOTS`` per block
+        up at each, one block's where none is."""
+        return sum(SLOTS * max(len(ep.blocks), 1) for ep in self.served[model])
+
+    def ended(self, req: Request) -> None:
+        """``req`` is over (answered, broken, or failed): a batch line frees its slot in the runner's window."""
+        if req.ended_at is None:
+            req.ended_at = self.clock.t
+            if req.call.batch is not None:
+                self.batches[req.call.batch].line_ended()
 
     def run(self) -> list[Request]:
         last = self.scenario.calls[-1].at + MAX_WAIT_S if self.scenario.calls else 0.0
         self.clock.at(0.0, self._read, last)  # first: a request at 0 finds the states read
         for req in self.requests:
             self.clock.at(req.call.at, self.gateway.arrive, req)
+        for run in self.batches:
+            self.clock.at(run.job.at, run.pump)
         for key, spans in self.scenario.outages.items():
             for down, up in spans:
                 self.clock.at(down, self.endpoints[key].go_down)
@@ -755,8 +836,38 @@ class World:
 
     def _read(self, until: float) -> None:
         self.gateway.reading()
-        if self.clock.t + READING_S <= until:
+        if self.clock.t + READING_S <= until or any(run.done_at is None for run in self.batches):
             self.clock.at(self.clock.t + READING_S, self._read, until)
+
+
+class BatchRun:
+    """The gateway's batch runner (``batch/runner.py``) on one batch: its lines in order, at most the model's
+    capacity in flight (``BATCH_IN_FLIGHT`` at most), each sent through the policy as any request."""
+
+    def __init__(self, world: World, job: BatchJob) -> None:
+        self.world = world
+        self.job = job
+        self.left = deque(job.lines)
+        self.in_flight = 0
+        self.lines: list[Request] = []
+        self.done_at: float | None = None
+
+    def pump(self) -> None:
+        world = self.world
+        window = min(world.capacity(self.job.model), BATCH_IN_FLIGHT)
+        while self.left and self.in_flight < window:
+            call = self.left.popleft()
+            req = Request(Call(world.clock.t, call.model, call.prefill_s, call.generate_s, call.prefix, call.batch))
+            self.lines.append(req)
+            self.in_flight += 1
+            world.gateway.arrive(req)
+
+    def line_ended(self) -> None:
+        self.in_flight -= 1
+        if self.left:
+            self.world.clock.at(self.world.clock.t, self.pump)  # after the event that ended it
+        elif not self.in_flight:
+            self.done_at = self.world.clock.t
 
 
 def simulate(scenario: Scenario, policy: str) -> tuple[list[Request], World]:
@@ -774,11 +885,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def figures(requests: list[Request], world: World) -> dict[str, Any]:
-    measured = [r for r in requests if r.call.at >= world.scenario.measured_from]
+    """Times to first token are the interactive requests' (batch lines are not waited on by a person); the prefix
+    hit rate counts batch lines too; a batch's completion is from its submission to its last line's end."""
+    since = world.scenario.measured_from
+    measured = [r for r in requests if r.call.at >= since]
     served = [r for r in measured if r.first_token_at is not None]
     ttft = [r.first_token_at - r.call.at for r in served if r.first_token_at is not None]
     with_failed = ttft + [MAX_WAIT_S] * (len(measured) - len(served))
     count = len(measured)
+    runs = [run for run in world.batches if run.job.at >= since]
+    running = [(run.job.model, run.job.at, run.done_at if run.done_at is not None else math.inf) for run in runs]
+    during = [r.first_token_at - r.call.at for r in served if r.first_token_at is not None and any(
+        model == r.call.model and began <= r.call.at < done for model, began, done in running)]
+    answered = served + [line for run in runs for line in run.lines if line.first_token_at is not None]
     return {
         "requests": count,
         "served": len(served),
@@ -792,6 +911,12 @@ def figures(requests: list[Request], world: World) -> dict[str, Any]:
         "failovers": sum(r.failovers for r in measured),
         "starts": world.starts,
         "node_hours": world.node_seconds / HOUR_S,
+        "during_batches": len(during),
+        "ttft_p95_during_batches_s": percentile(during, 0.95),
+        "batches": len(runs),
+        "batch_lines_failed": sum(line.first_token_at is None for run in runs for line in run.lines),
+        "batch_completion_mean_s": statistics.fmean(done - began for _, began, done in running) if runs else math.nan,
+        "prefix_hit_rate": sum(r.prefix_hit for r in answered) / len(answered) if answered else math.nan,
     }
 
 
@@ -801,7 +926,11 @@ def run_all(seed: int, settings: Settings) -> dict[str, Any]:
     mine = policies["router"]
     ratios = {name: {"p95": policies[name]["ttft_p95_s"] / mine["ttft_p95_s"],
                      "mean": policies[name]["ttft_mean_s"] / mine["ttft_mean_s"],
-                     "node_hours": policies[name]["node_hours"] / mine["node_hours"]}
+                     "node_hours": policies[name]["node_hours"] / mine["node_hours"],
+                     "p95_during_batches": policies[name]["ttft_p95_during_batches_s"]
+                     / mine["ttft_p95_during_batches_s"],
+                     "batch_completion": policies[name]["batch_completion_mean_s"] / mine["batch_completion_mean_s"],
+                     "prefix_hit_rate": policies[name]["prefix_hit_rate"] / mine["prefix_hit_rate"]}
               for name in BASELINES}
     return {"seed": seed, "settings": {"start_hour": settings.start_hour, "warmup_h": settings.warmup_h,
                                        "hours": settings.hours},
@@ -812,18 +941,21 @@ def run_all(seed: int, settings: Settings) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     head = ("policy", "requests", "failed", "mean TTFT s", "p50 s", "p95 s", "p99 s", "p95 w/ failed s",
-            "served hot", "failovers", "starts", "node-h")
+            "served hot", "failovers", "starts", "node-h", "p95 during batches s", "batch completion min",
+            "prefix hits")
     rows = [head]
     for name, f in result["policies"].items():
         rows.append((LABELS[name], str(f["requests"]), str(f["failed"]), f"{f['ttft_mean_s']:.1f}",
                      f"{f['ttft_p50_s']:.2f}", f"{f['ttft_p95_s']:.1f}", f"{f['ttft_p99_s']:.1f}",
                      f"{f['ttft_p95_with_failed_s']:.1f}", f"{f['served_hot']:.1%}", str(f["failovers"]),
-                     str(f["starts"]), f"{f['node_hours']:.0f}"))
+                     str(f["starts"]), f"{f['node_hours']:.0f}", f"{f['ttft_p95_during_batches_s']:.1f}",
+                     f"{f['batch_completion_mean_s'] / 60:.1f}", f"{f['prefix_hit_rate']:.1%}"))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
     for name, r in result["ratios"].items():
         lines.append(f"{LABELS[name]} / this router (default): p95 x{r['p95']:.2f}, mean x{r['mean']:.2f}, "
-                     f"node-hours x{r['node_hours']:.2f}")
+                     f"node-hours x{r['node_hours']:.2f}, p95 during batches x{r['p95_during_batches']:.2f}, "
+                     f"batch completion x{r['batch_completion']:.2f}, prefix hits x{r['prefix_hit_rate']:.2f}")
     return "\n".join(lines)
 
 

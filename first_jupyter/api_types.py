@@ -116,6 +116,10 @@ class RouterHealth(ApiObject):
     """False while the endpoint refuses this gateway (403), until it is tried again."""
     circuit: Literal["open", "closed"]
     expected_start_s: float
+    prefix_routed: int
+    """Requests with an opening (system prompt, first messages) routed here while the model had a choice."""
+    prefix_hits: int
+    """Of those, the ones sent here because it was last sent part of their opening (its prefix cache holds it)."""
 
 
 class RemoteCluster(OpenObject):

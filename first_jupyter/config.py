@@ -117,13 +117,17 @@ class ScaleOut(_Strict):
     """How many of a model's endpoints the router keeps hot, beyond the one that answers: a burst of requests
     drains through every hot engine at once, while a cold one takes a queue wait and minutes of loading to help."""
 
-    keep_hot: Literal["all", "peak"] = Field(
+    keep_hot: Literal["all", "peak", "predicted"] = Field(
         default="all", description="all: every endpoint serving a model in use is kept hot (one that is cold is "
                                    "started, one at a time), so a burst finds them all ready; peak: only as many as "
                                    "the most requests the model had in flight within peak_window need (fewer "
-                                   "node-hours, slower bursts)")
+                                   "node-hours, slower bursts); predicted: as many as its forecast demand needs "
+                                   "(the requests in flight averaged over demand_window, or the same hours a day "
+                                   "earlier), the others left to idle out")
     peak_window: float = Field(default=86400.0, gt=0,
                                description="seconds over which 'peak' remembers a model's most requests in flight")
+    demand_window: float = Field(default=900.0, gt=0,
+                                 description="seconds over which 'predicted' averages a model's requests in flight")
 
 
 class PrefixRouting(_Strict):

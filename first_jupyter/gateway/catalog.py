@@ -196,6 +196,11 @@ class Catalog:
         """How many requests for ``model`` its endpoints take at once (0 where it is served nowhere)."""
         return sum(self.router.health_of(t).capacity for t in self.router.catalog.get(model, ()))
 
+    def prefix_counts(self) -> list[tuple[str, str, int, int]]:
+        """Each endpoint's (cluster, endpoint, requests routed by their opening, prefix hits), for ``/metrics``."""
+        health = self.router.health_of_backend
+        return [(b.cluster, b.name, health(b).prefix_routed, health(b).prefix_hits) for b in self.backends]
+
     def backends_serving(self) -> list[Backend]:
         """Each endpoint that serves some model now, once."""
         return list({id(t.backend): t.backend for targets in self.router.catalog.values() for t in targets}.values())
@@ -270,5 +275,6 @@ class Catalog:
                 in_flight=health.in_flight, ttft_ms=round(health.ttft_s * 1000, 1), failures=health.failures,
                 last_error=health.last_error, allowed=health.forbidden_until <= self.router.clock(),
                 circuit="open" if health.open_until > self.router.clock() else "closed",
-                expected_start_s=round(health.start_s, 1))}))
+                expected_start_s=round(health.start_s, 1), prefix_routed=health.prefix_routed,
+                prefix_hits=health.prefix_hits)}))
         return endpoints

@@ -28,6 +28,7 @@ import orjson
 
 from first_jupyter.config import PrefixRouting, ScaleOut
 from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.forecast import Forecast
 from first_jupyter.protocol import Capability, OpenAIError
 
 
@@ -192,15 +193,20 @@ def _opening(data: Mapping[str, object]) -> list[object]:
 class Router:
     def __init__(self, backends: list[Backend], served: dict[str, list[str]],
                  scale_out: ScaleOut | None = None, clock: Callable[[], float] = time.monotonic,
-                 prefix_routing: PrefixRouting | None = None) -> None:
+                 prefix_routing: PrefixRouting | None = None, day_offset_s: float | None = None) -> None:
         """``served`` maps each model id to the names (``cluster/endpoint``) of the backends that serve it;
         ``scale_out``: which endpoints to keep hot (the config's ``defaults.scale_out``); ``clock``: seconds, for
         cooldowns, starts and peaks (a simulation passes its own); ``prefix_routing``: the config's
-        ``defaults.prefix_routing``."""
+        ``defaults.prefix_routing``; ``day_offset_s``: added to ``clock`` gives the local time of day (for
+        ``keep_hot: predicted``; the wall clock's by default)."""
         self.clock = clock
         self.scale_out = scale_out or ScaleOut()
         self.tolerance_s = (prefix_routing or PrefixRouting()).tolerance
         self._by_peak = self.scale_out.keep_hot == "peak"
+        self._predicted = self.scale_out.keep_hot == "predicted"
+        self.day_offset_s = day_offset_s if day_offset_s is not None else \
+            time.time() + time.localtime().tm_gmtoff - clock()
+        self.forecasts: dict[str, Forecast] = {}
         by_name = {f"{b.cluster}/{b.name}": b for b in backends}
         self.catalog: dict[str, list[Target]] = {
             model: [Target(model, by_name[name]) for name in names] for model, names in served.items()
@@ -269,17 +275,33 @@ class Router:
             demand = self.demand[model_id] = Demand(self.scale_out.peak_window)
         return demand
 
+    def forecast_of(self, model_id: str) -> Forecast:
+        forecast = self.forecasts.get(model_id)
+        if forecast is None:
+            forecast = self.forecasts[model_id] = Forecast(self.scale_out.demand_window, self.day_offset_s)
+        return forecast
+
     def began(self, target: Target) -> None:
         health = self.health_of(target)
         health.in_flight += 1
         health.last_sent = now = self.clock()
         if self._by_peak:  # only ``keep_hot: peak`` reads a model's demand: no cost per request otherwise
             self.demand_of(target.model_id).rose(now)
+        elif self._predicted:
+            self.forecast_of(target.model_id).rose(now)
 
     def ended(self, target: Target) -> None:
         self.health_of(target).in_flight -= 1
         if self._by_peak:
             self.demand_of(target.model_id).fell()
+        elif self._predicted:
+            self.forecast_of(target.model_id).fell(self.clock())
+
+    def needed(self, target: Target, ahead_s: float) -> int:
+        """How many endpoints of ``target``'s model its forecast needs hot (``keep_hot: predicted``): one, or as
+        many as put the predicted requests in flight at ``SCALE_OUT_AT`` of one block's capacity each."""
+        predicted = self.forecast_of(target.model_id).predicted(self.clock(), ahead_s)
+        return max(1, math.ceil(predicted / (SCALE_OUT_AT * target.backend.capacity)))
 
     def succeeded(self, target: Target, ttft_s: float | None) -> None:
         """An answer began ``ttft_s`` after the request was sent there; None when that says nothing of how fast
@@ -325,6 +347,8 @@ class Router:
         if self.state_of(ordered[0]) in ("hot", "unknown"):  # share the load among hot ones about as good
             near = [t for t in ordered if self.state_of(t) in ("hot", "unknown") and not self.health_of(t).failures
                     and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + self.tolerance_s] or ordered[:1]
+            if self._predicted:  # only the best the forecast needs: the others idle out
+                near = near[:self.needed(ordered[0], 0.0)]
             holder = self._holder(prefix, near) if prefix else None
             chosen = holder or min(near, key=self._share)
             if chosen is not ordered[0]:
@@ -379,6 +403,8 @@ class Router:
             return ordered[:1]
         if len(ordered) == 1:
             return []
+        if self._predicted:
+            return self._to_start_predicted(ordered)
         by_peak = self._by_peak
         peak = self.demand_of(ordered[0].model_id).peak(self.clock()) if by_peak else 0
         if by_peak and first in ("hot", "unknown") and peak < SCALE_OUT_AT * self.health_of(ordered[0]).capacity:
@@ -390,6 +416,16 @@ class Router:
                                                  zip(ordered, states, strict=True) if state in ("hot", "unknown")):
             return []
         return [ordered[states.index("cold")]]
+
+    def _to_start_predicted(self, ordered: list[Target]) -> list[Target]:
+        """``keep_hot: predicted``: the best cold endpoint while fewer are hot or starting than the forecast needs
+        by the time a start there would answer, and no start is under way."""
+        states = [self.state_of(t) for t in ordered]
+        if "cold" not in states or "starting" in states or "queued" in states:
+            return []
+        cold = ordered[states.index("cold")]
+        up = sum(state in ("hot", "unknown") for state in states)
+        return [cold] if up < self.needed(ordered[0], self.health_of(cold).start_s) else []
 
     def serve(self, backend: Backend, model_ids: list[str]) -> None:
         """Make ``backend`` the server of exactly ``model_ids`` (a catalog it discovered), keeping the rest."""

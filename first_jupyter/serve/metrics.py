@@ -114,6 +114,13 @@ class GatewayMetrics:
         self._endpoint_state = Gauge("first_endpoint_state", "1 for the endpoint's current state, 0 for the others",
                                      ("cluster", "endpoint", "state"), multiprocess_mode="mostrecent",
                                      registry=registry)
+        # livesum: each process routes its own requests and counts them; the sum over live processes is the gateway's
+        self._prefix_routed = Gauge("first_prefix_routed", "Requests with an opening (system prompt, first messages) "
+                                    "routed to the endpoint while its model had a choice", ("cluster", "endpoint"),
+                                    multiprocess_mode="livesum", registry=registry)
+        self._prefix_hits = Gauge("first_prefix_hits", "Of first_prefix_routed, those sent there because it was last "
+                                  "sent part of their opening (its prefix cache holds it)", ("cluster", "endpoint"),
+                                  multiprocess_mode="livesum", registry=registry)
         refused = Counter("first_refused_total", "Requests refused before they reached the gateway", ("reason",),
                           registry=registry)
         # created now, so that every reason reads 0 rather than being absent until its first refusal
@@ -180,6 +187,12 @@ class GatewayMetrics:
             state = endpoint["state"] if endpoint["state"] in ENDPOINT_STATES else "unknown"
             for known, gauge in zip(ENDPOINT_STATES, gauges, strict=True):
                 gauge.set(1.0 if known == state else 0.0)
+
+    def prefix_routing(self, counts: list[tuple[str, str, int, int]]) -> None:
+        """Report each endpoint's prefix routing so far: (cluster, endpoint, requests routed, prefix hits)."""
+        for cluster, endpoint, routed, hits in counts:
+            self._prefix_routed.labels(cluster, endpoint).set(routed)
+            self._prefix_hits.labels(cluster, endpoint).set(hits)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its Content-Type; in multiprocess mode, merged from every process's files."""

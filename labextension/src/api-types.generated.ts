@@ -144,6 +144,14 @@ export interface RouterHealth {
   allowed: boolean;
   circuit: "open" | "closed";
   expected_start_s: number;
+  /**
+   * Requests with an opening (system prompt, first messages) routed here while the model had a choice.
+   */
+  prefix_routed: number;
+  /**
+   * Of those, the ones sent here because it was last sent part of their opening (its prefix cache holds it).
+   */
+  prefix_hits: number;
 }
 /**
  * One cluster of a FIRST gateway, as our endpoint in front of it reads it.
@@ -212,7 +220,7 @@ export interface TokenInfo {
   refreshable: boolean;
 }
 /**
- * Remote streams' batches from nodes (``gateway.callbacks``).
+ * Remote streams' batches from nodes (``gateway.backends.compute.callbacks``).
  *
  * This interface was referenced by `ApiAnswers`'s JSON-Schema
  * via the `definition` "CallbackCounts".
