@@ -54,11 +54,14 @@ def _first(routes: Router, body: dict[str, Any]) -> str:
 
 def test_the_opening_is_hashed_in_chained_bounded_blocks():
     one, other = prefix_of("m", _chat("Which queue?")), prefix_of("m", _chat("And the walltime?"))
-    assert one is not None and other is not None
-    assert one[0] == other[0] and one[1] != other[1]  # the same system prompt, then each its own question
+    assert one is not None
+    assert other is not None
+    assert one[0] == other[0]
+    assert one[1] != other[1]
     later = prefix_of("m", {"model": "m", "messages": [*_chat("Which queue?")["messages"],
                                                        {"role": "assistant", "content": "debug"}]})
-    assert later is not None and later[:len(one)] == one  # a next turn repeats the earlier ones whole
+    assert later is not None
+    assert later[:len(one)] == one
     assert prefix_of("other", _chat("Which queue?")) != one  # another model's cache is another
     long = "x" * (PREFIX_BLOCK_BYTES * 3)
     assert len(prefix_of("m", _chat(long)) or ()) == 1 + 4  # a message past a block is cut: 3 blocks and its end
@@ -198,7 +201,8 @@ async def test_requests_sharing_a_system_prompt_go_to_one_endpoint_while_the_oth
         assert set(others) == {"alpha", "beta"}  # requests with nothing in common take turns
         status = {e.cluster: e.router for e in await gateway.catalog.endpoint_statuses()}
         holder = status[shared[0]]
-        assert holder is not None and holder.prefix_hits == 5  # every shared request after the first
+        assert holder is not None
+        assert holder.prefix_hits == 5
         assert sum(s.prefix_routed for s in status.values() if s is not None) == 18
     finally:
         await gateway.close()

@@ -56,6 +56,11 @@ class Forecast:
         """The requests in flight to plan for until ``ahead_s`` from now: the recent average, or what this hour
         and the one ``ahead_s`` away saw the day before, whichever is more."""
         self._advance(now)
-        hour = int((now + self.day_offset_s) // HOUR_S) % 24
-        later = int((now + ahead_s + self.day_offset_s) // HOUR_S) % 24
-        return max(self.level, self.before[hour], self.before[later])
+        return max(self.level, self._day_before(now), self._day_before(now + ahead_s))
+
+    def _day_before(self, at: float) -> float:
+        """The highest average the hour of ``at`` saw a day earlier (0 when that day is not known)."""
+        day, hour = divmod(int((at + self.day_offset_s) // HOUR_S), 24)
+        if self.day[hour] == day - 1:  # not yet come round today
+            return self.today[hour]
+        return self.before[hour] if self.day[hour] == day else 0.0
