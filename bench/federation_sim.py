@@ -26,6 +26,13 @@ The model (each figure is a constant below; none was chosen by looking at which 
   night a sixth of the afternoon's), plus bursts (1.5 an hour on average, diurnal too) of 50-300 requests to one
   model within 30 s, as a batch script sends them. A request's prompt (its prefill time) and answer length are
   drawn with it.
+* Batches: about ten a day (``BATCHES_PER_H``, diurnal), 1,000-5,000 lines to one model (Zipf too), sent by the
+  gateway's runner: its lines in order, at most the model's capacity as the gateway knows it in flight (``SLOTS``
+  per block up at each of its endpoints, one block's where none is), each routed as any request.
+* Prefixes: each request opens with a system prompt, one of ``PREFIXES`` per model for single requests (Zipf), one
+  of its own per burst and per batch. A block's prefix cache holds the last ``BLOCK_PREFIXES``; a hit saves
+  ``PREFIX_SAVES`` of the request's prefill. This router is given the request's opening as the gateway hashes it
+  (``prefix_of``); the baselines ignore it.
 * A client gives up after ``MAX_WAIT_S`` without a first token: the request failed. So does one that every
   candidate refused.
 * Readings: every 30 s the gateway reads each endpoint's state (hot, starting, queued, cold, offline) and each
@@ -36,14 +43,16 @@ The model (each figure is a constant below; none was chosen by looking at which 
 
 The policies, each a gateway around the same endpoints:
 
-* this router, twice: with the config's default ``defaults.scale_out`` (``keep_hot: all``) and with
-  ``keep_hot: peak``, each as ``first_jupyter.gateway.core`` (``_first_answer``, ``_start``, ``_observe``,
-  ``GatewayStream.close``) drives it. On arrival, ``Router.candidates()`` best first (among hot endpoints within
-  ``STICKY_SLACK_S`` of the best, the least loaded for its capacity), and each endpoint ``Router.to_start()`` names
-  is asked to start the model: the best when its last known state needs a start (``WAITING_STATES``), or, ahead
-  of need while no start is under way for the model, the best cold one: always (``all``), or when the most
-  requests the model had in flight within ``peak_window`` reach ``SCALE_OUT_AT`` of its hot endpoints' capacity
-  (``peak``). A start is one at a time per endpoint (a start under way is joined):
+* this router, three times: with the config's default ``defaults.scale_out`` (``keep_hot: all``), with
+  ``keep_hot: peak`` and with ``keep_hot: predicted``, each as ``first_jupyter.gateway.core`` (``_first_answer``,
+  ``_start``, ``_observe``, ``GatewayStream.close``) drives it. On arrival, ``Router.candidates()`` best first
+  (among hot endpoints within ``defaults.prefix_routing.tolerance`` of the best, the one last sent the request's
+  system prompt, else the least loaded for its capacity), and each endpoint ``Router.to_start()`` names is asked
+  to start the model: the best when its last known state needs a start (``WAITING_STATES``), or, ahead of need
+  while no start is under way for the model, the best cold one: always (``all``), when the most requests the
+  model had in flight within ``peak_window`` reach ``SCALE_OUT_AT`` of its hot endpoints' capacity (``peak``), or
+  when fewer are up than its forecast needs (``predicted``, whose idle requests go only to those it needs). A
+  start is one at a time per endpoint (a start under way is joined):
   ``start_asked()`` when asked (the endpoint's ``warm``), ``start_ended()`` with its length (or its failure) when
   it answers. The request is sent to the best at once; on a failure before the first byte it goes to the next
   candidate, which is asked to start the model too if its state needs it (and the request waits there).
@@ -66,7 +75,10 @@ a policy cannot look fast by failing the slow ones), the share of requests serve
 had a block up when the request was sent there), failed requests, failovers, starts (blocks asked) and node-hours
 (blocks on nodes, loading included, over the whole run).
 
-Not modelled: walltime limits of blocks, preemption, prefix caches and conversations, the network between
+Also, for the interactive requests to a model while a batch on it runs, their p95; each batch's completion (from
+its submission to its last line's end, mean); and the prefix hit rate (batch lines included).
+
+Not modelled: walltime limits of blocks, preemption, conversations' growing prefixes, the network between
 gateway and endpoint (tens of ms, nothing next to the figures compared), and a gateway shared by other users.
 
 Run ``python bench/federation_sim.py`` (a day after a 6 h warm-up, about 9 s) or ``--quick`` (2 h, about a
