@@ -20,6 +20,7 @@ from first_jupyter.gateway.forecast import HOUR_S, Forecast
 from first_jupyter.gateway.router import PREFIX_BLOCK_BYTES, PREFIX_BLOCKS, SCALE_OUT_AT, Router, prefix_of
 from first_jupyter.protocol import Capability, parse_request
 from first_jupyter.service import build_gateway
+from tests.test_router import _Backend as RouterTestBackend
 
 SYSTEM = {"role": "system", "content": "You answer questions about the ALCF queues, briefly."}
 
@@ -28,16 +29,8 @@ def _chat(*contents: str, system: dict[str, str] = SYSTEM) -> dict[str, Any]:
     return {"model": "m", "messages": [system, *({"role": "user", "content": c} for c in contents)]}
 
 
-class _Backend:
-    kind = "test"
-    start_s = 600.0
-    capacity = 8
-
-    def __init__(self, name: str) -> None:
-        self.cluster, self.name = name, name
-
-    def supports(self, model_id: str, capability: Capability) -> bool:
-        return True
+class _Backend(RouterTestBackend):
+    capacity = 8  # loaded at six in flight
 
 
 def _router(names: str = "ab", **kwargs: Any) -> tuple[Router, dict[str, _Backend], list[float]]:
