@@ -286,7 +286,7 @@ def build_scenario(seed: int, settings: Settings) -> Scenario:
                   for _ in range(rng.randint(*BURST_SIZE))]
     calls.sort(key=lambda c: c.at)
     rng = random.Random(f"{seed}/batches")
-    batches = []
+    batches: list[BatchJob] = []
     for t in _arrivals(rng, BATCHES_PER_H, until, settings.start_hour):
         model, prefix = rng.choices(names, weights)[0], -1 - len(batches)
         batches.append(BatchJob(t, model, tuple(call(t, model, prefix, len(batches))
