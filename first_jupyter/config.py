@@ -168,6 +168,16 @@ class Defaults(_Strict):
                                            "are forgotten beyond it")
     prefix_routing: PrefixRouting = PrefixRouting()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced(cls, data: Any) -> Any:
+        """A config written for an earlier version names what replaced its setting, rather than only "extra"."""
+        if isinstance(data, dict) and "sticky_conversations" in data:
+            raise ValueError("defaults.sticky_conversations was replaced by defaults.prefix_routing (a conversation "
+                             "sticking to its endpoint is one case of routing by a request's opening): write "
+                             "'prefix_routing: {enabled: false}' to turn it off, or remove the key")
+        return data
+
 
 CONCURRENCY_DESCRIPTION = "requests one engine serves at once before answers slow down (about vLLM's " \
                           "max_num_seqs for short prompts): the router spreads load past it"

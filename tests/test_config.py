@@ -171,3 +171,8 @@ def test_shared_state_takes_urls_without_their_passwords_and_files_with_their_re
     assert serve.state.redis == "redis://first@first-redis:6379/0"
     assert serve.state.database == "postgresql://first@first-db/first"
     assert (serve.state.files_dir, serve.state.batch_lease_s) == ("/shared/first", 30.0)
+
+
+def test_a_setting_an_earlier_version_had_names_what_replaced_it():
+    with pytest.raises(ConfigError, match=r"sticky_conversations was replaced by defaults.prefix_routing"):
+        parse_config({"defaults": {"sticky_conversations": False}, "clusters": {}}, "old.yaml")
