@@ -22,6 +22,7 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, serving_in_thread
 from first_jupyter.gateway import response_ids
+from first_jupyter.gateway.caller import acting_as
 from first_jupyter.gateway.response_ids import ResponseIds
 from first_jupyter.gateway.stream_watch import StreamWatch
 from first_jupyter.gateway.supervisor import Supervisor
@@ -250,18 +251,20 @@ async def test_the_id_store_is_bounded_persisted_and_each_callers_own(tmp_path: 
     path = tmp_path / "responses.sqlite3"
     ids = ResponseIds(path, 3, Supervisor())
     for i in range(5):
-        ids.remember(f"resp_{i}", _Target("c", f"e{i}"), "m", _Caller("ada") if i else None)  # type: ignore[arg-type]
+        with acting_as(_Caller("ada") if i else None):  # type: ignore[arg-type]
+            ids.remember(f"resp_{i}", _Target("c", f"e{i}"), "m")  # type: ignore[arg-type]
     ids.forget("resp_3")
     ids.close()
     again = ResponseIds(path, 3, Supervisor())  # a restart, or another process
     try:
-        assert (await again.home("resp_4", None)).endpoint == "e4"
-        assert (await again.home("resp_4", _Caller("ada"))).user == "ada"  # type: ignore[arg-type]
+        assert (await again.home("resp_4")).endpoint == "e4"
+        with acting_as(_Caller("ada")):  # type: ignore[arg-type]
+            assert (await again.home("resp_4")).user == "ada"
         for refused, caller in (("resp_4", _Caller("bob")), ("resp_3", None), ("resp_1", None)):
-            with pytest.raises(OpenAIError) as unknown:
-                await again.home(refused, caller)  # type: ignore[arg-type]
+            with pytest.raises(OpenAIError) as unknown, acting_as(caller):  # type: ignore[arg-type]
+                await again.home(refused)
             assert unknown.value.status == 404
-        assert (await again.home("resp_2", None)).endpoint == "e2"  # the newest 3, less the one deleted
+        assert (await again.home("resp_2")).endpoint == "e2"  # the newest 3, less the one deleted
     finally:
         again.close()
     with sqlite3.connect(path) as conn:

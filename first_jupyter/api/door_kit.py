@@ -17,7 +17,7 @@ from first_jupyter.config import Limits
 from first_jupyter.gateway.answers import Completed, Relayed
 from first_jupyter.gateway.audio import HOW as AUDIO_HOW
 from first_jupyter.gateway.audio import AudioForm
-from first_jupyter.gateway.caller import Caller
+from first_jupyter.gateway.caller import current
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.router import Target
 from first_jupyter.gateway.starts import Attempts
@@ -76,11 +76,11 @@ def stream_headers(target: Target) -> dict[str, str]:
     return {**STREAM_HEADERS, **target_headers(target)}
 
 
-async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int,
-                caller: Caller | None = None, *, progress: bool = False) -> Completed | Relayed:
+async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int, *,
+                progress: bool = False) -> Completed | Relayed:
     """Validate a request body and run it: the whole answer, or an open stream whose status is 200.
     ``progress``: a plain request that must wait for a model's start tells the start's progress meanwhile."""
-    return await run(gateway, parse(capability, body, limit), caller, progress=progress)
+    return await run(gateway, parse(capability, body, limit), progress=progress)
 
 
 def parse(capability: Capability, body: bytes, limit: int) -> ParsedRequest:
@@ -90,29 +90,28 @@ def parse(capability: Capability, body: bytes, limit: int) -> ParsedRequest:
     return parse_request(capability, body)
 
 
-async def run(gateway: Gateway, req: ParsedRequest, caller: Caller | None = None, *,
-              progress: bool = False) -> Completed | Relayed:
-    """Run a checked request, admitted first at a shared gateway (groups, quotas)."""
+async def run(gateway: Gateway, req: ParsedRequest, *, progress: bool = False) -> Completed | Relayed:
+    """Run a checked request, admitted first at a shared gateway (the caller's groups and quotas)."""
+    caller = current()
     if caller is not None:
         await gateway.where_served(req.model)
         await caller.admit(req)
     if req.stream:
-        return await gateway.stream(req, caller)
+        return await gateway.stream(req)
     if progress:
         tried = Attempts(heard=True)
-        return await gateway.heard(gateway.complete(req, caller, tried), tried)
-    return await gateway.complete(req, caller)
+        return await gateway.heard(gateway.complete(req, tried), tried)
+    return await gateway.complete(req)
 
 
-async def start_form(gateway: Gateway, capability: Capability, form: AudioForm | None,
-                     caller: Caller | None = None) -> Completed | Relayed:
+async def start_form(gateway: Gateway, capability: Capability, form: AudioForm | None) -> Completed | Relayed:
     """Run an audio request whose form has come whole to its spool (``gateway.audio``). The spool is closed when
     the request ends: here for a whole answer, by the stream when it closes."""
     if form is None:
         raise OpenAIError(400, f"The request body is missing. {AUDIO_HOW}", code="invalid_form")
     spooled = form.finish()
     try:
-        answer = await run(gateway, spooled.request(capability), caller)
+        answer = await run(gateway, spooled.request(capability))
     except BaseException:
         spooled.close()
         raise
@@ -136,9 +135,8 @@ def requested_model(body: bytes) -> str:
 
 
 
-async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller | None = None, *,
-                     progress: bool = False) -> WarmReply | Relayed:
-    """Start a model ahead of need (for ``caller``, at a shared gateway); the body may name a ``cluster`` and
+async def warm_route(gateway: Gateway, model: str, body: bytes, *, progress: bool = False) -> WarmReply | Relayed:
+    """Start a model ahead of need (for the caller, at a shared gateway); the body may name a ``cluster`` and
     ask to ``wait`` until it answers, telling the start's progress meanwhile when asked (``progress``)."""
     try:
         options = orjson.loads(body) if body.strip() else {}
@@ -152,8 +150,8 @@ async def warm_route(gateway: Gateway, model: str, body: bytes, caller: Caller |
     cluster, wait = options.get("cluster") or None, options.get("wait", False)
     if progress and wait:
         tried = Attempts(heard=True)
-        return await gateway.heard(gateway.warm(model, cluster, wait, caller, tried), tried)
-    return await gateway.warm(model, cluster, wait, caller)
+        return await gateway.heard(gateway.warm(model, cluster, wait, tried), tried)
+    return await gateway.warm(model, cluster, wait)
 
 
 async def deliver_batch(gateway: Gateway, header: Callable[[str], str | None], body: bytes) -> int:

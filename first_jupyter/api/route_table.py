@@ -5,7 +5,9 @@ gateway of ``first serve`` reuses on its own door) and the gateway's own server 
 So a new route is one ``Route`` here plus its answering function, and both doors serve it alike; the doors keep
 only what is theirs: who the caller is, how bytes reach the socket.
 
-A route's function runs on the gateway's loop and returns an answer for the door to send: a JSON value, a whole
+A route's function runs on the gateway's loop, acting as the request's sender where the door has one (the door
+enters ``gateway.caller.acting_as`` with its ``caller()`` around it, and everything below reads the caller from
+there), and returns an answer for the door to send: a JSON value, a whole
 inference answer (``Completed``), events (``Relayed``: a stream, or a wait told as it goes), a file to send in
 chunks (``Path``), or a bare status (``Bare``).
 """
@@ -50,7 +52,8 @@ class Door(Protocol):
     """What a route asks of the door it came through; the doors differ only here."""
 
     def caller(self) -> Caller | None:
-        """The request's sender, where a door serves many (the shared gateway); None in a user's own server."""
+        """The request's sender, where a door serves many (the shared gateway); None in a user's own server.
+        Asked once, by the door itself, which runs the route acting as them (``gateway.caller.acting_as``)."""
         ...
 
     def usage_user(self) -> str | None:
@@ -166,15 +169,15 @@ def body_sink(route: Route, gateway: Gateway, batches: Callable[[], Batches],
 def _inference(capability: Capability) -> Answering:
     if capability in ANTHROPIC:
         async def infer(call: Call) -> Answer:
-            return await anthropic.start(call.gateway, capability, call.body, call.limit, call.door.caller())
+            return await anthropic.start(call.gateway, capability, call.body, call.limit)
     elif capability.takes_form:
         async def infer(call: Call) -> Answer:
             form = call.upload if isinstance(call.upload, AudioForm) else None
-            return await door_kit.start_form(call.gateway, capability, form, call.door.caller())
+            return await door_kit.start_form(call.gateway, capability, form)
     else:
         async def infer(call: Call) -> Answer:
-            return await door_kit.start(call.gateway, capability, call.body, call.limit, call.door.caller(),
-                                   progress=call.header(PROGRESS_HEADER) is not None)
+            return await door_kit.start(call.gateway, capability, call.body, call.limit,
+                                        progress=call.header(PROGRESS_HEADER) is not None)
     infer.__name__ = infer.__qualname__ = f"infer_{capability.name}"
     return infer
 
@@ -183,7 +186,7 @@ def _stored_response(method: str, action: str = "") -> Answering:
     """A call on a response an engine keeps (``action``: "" for the response itself, ``cancel``,
     ``input_items``): sent to the endpoint that created it, its query as sent."""
     async def stored(call: Call) -> Answer:
-        return await call.gateway.stored_response(call.params[0], method, action, call.query, call.door.caller())
+        return await call.gateway.stored_response(call.params[0], method, action, call.query)
     stored.__name__ = stored.__qualname__ = f"{method.lower()}_response{'_' + action if action else ''}"
     return stored
 
@@ -215,8 +218,8 @@ async def _set_default_model(call: Call) -> Answer:
 
 
 async def _warm(call: Call) -> Answer:
-    return await door_kit.warm_route(call.gateway, call.params[0], call.body, call.door.caller(),
-                                progress=call.header(PROGRESS_HEADER) is not None)
+    return await door_kit.warm_route(call.gateway, call.params[0], call.body,
+                                     progress=call.header(PROGRESS_HEADER) is not None)
 
 
 async def _whoami(call: Call) -> Answer:

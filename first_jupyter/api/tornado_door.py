@@ -44,6 +44,7 @@ from first_jupyter.api.route_table import (
 from first_jupyter.api_types import ApiObject, SignIn, json_body
 from first_jupyter.batch.batches import Batches
 from first_jupyter.gateway.answers import Completed, Relayed
+from first_jupyter.gateway.caller import acting_as
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.transport.loop_thread import LoopThread
@@ -334,7 +335,7 @@ class TableRoute(GatewayDoor):
                     self.request.headers.get)
         client = ClientRelay(self, caller.headers if caller is not None else {}) if route.streams else None
         try:
-            answer = await self.loop_thread.call(answer_across(route, call, client))
+            answer = await self.loop_thread.call(answer_across(route, call, client, caller))
         except asyncio.CancelledError:
             return  # the client left; the gateway's side has closed the upstream and recorded it
         finally:
@@ -387,26 +388,30 @@ class OpenTableRoute(TableRoute):
         await self._serve(*params)
 
 
-async def answer_across(route: Route, call: Call, client: ClientRelay | None) -> Whole | None:
-    """On the gateway's loop: answer the request; a stream is relayed into ``client`` here (None is returned),
-    anything else is returned for the handler to send.
+async def answer_across(route: Route, call: Call, client: ClientRelay | None,
+                        caller: SharedCaller | None) -> Whole | None:
+    """On the gateway's loop: answer the request as ``caller`` (the door's); a stream is relayed into ``client``
+    here (None is returned), anything else is returned for the handler to send.
 
-    The stream never leaves this coroutine, so however it ends (done, upstream error, the handler cancelling
-    it) it is closed and recorded here, on the loop it belongs to.
+    The caller is entered here, inside the coroutine handed to the gateway's loop, not around the hand-over: a
+    ``LoopThread`` runs it as a task of another thread's loop, which must not depend on what context that
+    thread's call carried over. The stream never leaves this coroutine, so however it ends (done, upstream
+    error, the handler cancelling it) it is closed and recorded here, on the loop it belongs to.
     """
-    answer = await route.answer(call)
-    if not isinstance(answer, Relayed):
-        return answer
-    assert client is not None  # only a route that streams answers with a stream
-    client.open(door_kit.stream_headers(answer.target), answer.resume)
-    gone = False
-    try:
-        await answer.relay(client.write)
-    except asyncio.CancelledError:
-        gone = True
-        raise
-    finally:
-        answer.close(client_gone=gone or client.gone)
+    with acting_as(caller):
+        answer = await route.answer(call)
+        if not isinstance(answer, Relayed):
+            return answer
+        assert client is not None  # only a route that streams answers with a stream
+        client.open(door_kit.stream_headers(answer.target), answer.resume)
+        gone = False
+        try:
+            await answer.relay(client.write)
+        except asyncio.CancelledError:
+            gone = True
+            raise
+        finally:
+            answer.close(client_gone=gone or client.gone)
     return None
 
 

@@ -254,7 +254,7 @@ class Offload:
     def _account(self, read: list[LineUsage], took_ms: float) -> None:
         if read:
             self.run.gateway.record_offloaded(self.run.batch["id"], self.model.id, self.backend,
-                                              ENDPOINTS[self.run.batch["endpoint"]], took_ms, read, self.run.caller)
+                                              ENDPOINTS[self.run.batch["endpoint"]], took_ms, read)
 
 
 def _took_ms(chunk: Chunk) -> float:

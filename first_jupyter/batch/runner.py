@@ -112,7 +112,7 @@ class BatchRun:
     # -- the run ----------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        with acting_as(self.caller):  # its tasks go to Globus Compute as its owner, where a cluster runs as users
+        with acting_as(self.caller):  # all below acts for its owner: groups, quotas, usage, Globus Compute as them
             await self._run()
 
     async def _run(self) -> None:
@@ -209,7 +209,7 @@ class BatchRun:
                     self.results.not_run(custom_id, *self.stopped_why())
                     return
                 try:
-                    done = await self.gateway.complete(req, self.caller)
+                    done = await self.gateway.complete(req)
                 except OpenAIError as exc:
                     if exc.code == CALLER_TOKEN_MISSING:  # spends no attempt: sent again once the owner is back
                         if await self.await_owner():

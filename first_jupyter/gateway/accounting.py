@@ -2,7 +2,7 @@
 read back from those records.
 
 Records go to the usage log (SQLite under the data dir, or PostgreSQL shared by a facility's replicas), written
-off the request path; a caller at a shared gateway is told of each, for its quotas.
+off the request path; a caller at a shared gateway (``caller.current``) is told of each, for its quotas.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from first_jupyter.api_types import UsageRow, UsageSummary
 from first_jupyter.gateway.backends.base import Backend
-from first_jupyter.gateway.caller import Caller
+from first_jupyter.gateway.caller import current
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.gateway.usage import PER_MODEL_KEYS, PER_USER_KEYS, LineUsage, UsageLog, UsageRecord
 from first_jupyter.protocol import Capability, ParsedRequest
@@ -27,11 +27,12 @@ class Accounting:
 
     def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
                prompt_tokens: int | None, completion_tokens: int | None, request_id: str,
-               error: str | None, caller: Caller | None = None) -> None:
-        """Account one request. A model served nowhere leaves no row: its name is whatever a client sent, and
-        the usage store (and ``/first/api/usage``, the quotas) would keep and show it."""
+               error: str | None) -> None:
+        """Account one request, for the caller it is served for. A model served nowhere leaves no row: its name is
+        whatever a client sent, and the usage store (and ``/first/api/usage``, the quotas) would keep and show it."""
         if req.model not in self._router.catalog:
             return
+        caller = current()
         record = UsageRecord(  # positional: the fields in order, cheaper than keywords per request
             time.time(), request_id, req.model, target.cluster if target else "",
             target.endpoint if target else "", req.asked.value, req.stream, status, prompt_tokens,
@@ -42,9 +43,10 @@ class Accounting:
             caller.recorded(record)
 
     def record_offloaded(self, batch_id: str, model: str, backend: Backend, capability: Capability,
-                         latency_ms: float, lines: Sequence[LineUsage], caller: Caller | None) -> None:
+                         latency_ms: float, lines: Sequence[LineUsage]) -> None:
         """Batch lines answered by a run-batch task on a cluster's nodes, accounted as requests this gateway sent
-        would be: the owner's usage and quotas count a batch whichever way it ran."""
+        would be: the owner's usage and quotas count a batch whichever way it ran (its run acts as the owner)."""
+        caller = current()
         now, user = time.time(), caller.user if caller is not None else ""
         records = [UsageRecord(now, f"{batch_id}/{line.custom_id}", model, backend.cluster, backend.name,
                                capability.value, False, line.status, line.prompt_tokens, line.completion_tokens,

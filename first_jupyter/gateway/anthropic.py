@@ -29,27 +29,25 @@ from first_jupyter.gateway.streamed import GatewayStream
 from first_jupyter.protocol import Capability, OpenAIError, ParsedRequest
 
 if TYPE_CHECKING:
-    from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.core import Gateway
 
 error_body: Final = from_openai_error
 """How the doors write an error on these routes: Anthropic's shape, an engine's own Anthropic error as it came."""
 
 
-async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int,
-                caller: Caller | None = None) -> Completed | Relayed:
+async def start(gateway: Gateway, capability: Capability, body: bytes, limit: int) -> Completed | Relayed:
     """``door_kit.start`` for the Messages routes: the request passed through, or translated, as its model is served."""
     req = door_kit.parse(capability, body, limit)
     native = await _served_natively(gateway, req)
     if capability is Capability.count_tokens:
-        return await (door_kit.run(gateway, req, caller) if native else _count_translated(gateway, req, caller))
+        return await (door_kit.run(gateway, req) if native else _count_translated(gateway, req))
     if native:
-        answer = await door_kit.run(gateway, req, caller)
+        answer = await door_kit.run(gateway, req)
         if isinstance(answer, GatewayStream):
             answer.shape = NativeEvents()
         return answer
     translation = to_chat(req.data)
-    answer = await door_kit.run(gateway, _as_chat(req, translation.chat), caller)
+    answer = await door_kit.run(gateway, _as_chat(req, translation.chat))
     if isinstance(answer, GatewayStream):
         answer.shape = TranslatedEvents(translation)
         return answer
@@ -71,10 +69,10 @@ async def _served_natively(gateway: Gateway, req: ParsedRequest) -> bool:
     return False
 
 
-async def _count_translated(gateway: Gateway, req: ParsedRequest, caller: Caller | None) -> Completed:
+async def _count_translated(gateway: Gateway, req: ParsedRequest) -> Completed:
     """The count of an engine without the route: its prompt sent as chat, with one token to generate, whose
     usage says how many tokens the prompt is (``messages.count_tokens``)."""
-    answer = await door_kit.run(gateway, _as_chat(req, probe_body(req.data)), caller)
+    answer = await door_kit.run(gateway, _as_chat(req, probe_body(req.data)))
     assert isinstance(answer, Completed)  # the probe is never streamed
     return Completed(orjson.dumps(from_chat(_answer(answer))), answer.target)
 

@@ -1,18 +1,31 @@
 """Whom a request is for, at a shared gateway (``first serve``), and whose credentials its Globus Compute tasks
 carry there.
 
-A cluster that calls Globus Compute as the user (``identity: user``) must send each task with its sender's own
-Compute token, or every user's work would run as whoever signed the gateway in. The token is several layers
-below the request (router, backend, submitter, the SDK's threads), so the request's caller travels in a context
-variable: set where the Gateway takes a request, and inherited by the tasks and threads started for it (a model
-start, ``asyncio.to_thread``).
+The caller travels one way only: in a context variable, read with ``current()``. A cluster that calls Globus
+Compute as the user (``identity: user``) must send each task with its sender's own Compute token, or every user's
+work would run as whoever signed the gateway in; that token is needed several layers below the request (router,
+backend, submitter, the SDK's threads), where no argument reaches. A context variable reaches them all, and is
+inherited by the tasks and threads started for the request (a model start, ``asyncio.to_thread``), so the same
+variable serves the layers above too (groups, quotas, accounting, whose responses), rather than a second,
+explicit path that could disagree with it.
+
+Where it is set (``acting_as``), once per unit of work, by whoever knows the caller:
+
+- the tornado door (``api.tornado_door.answer_across``), from its ``caller()`` hook, around the whole request on
+  the gateway's loop: inside the coroutine handed to that loop, since the gateway runs on a loop of its own in a
+  user's Jupyter server (``transport.loop_thread``), and at ``first serve`` on tornado's (``SameLoop``);
+- the batch runner (``batch.runner.BatchRun.run``), for the batch's owner, around the whole run.
+
+What outlives the request's context captures the caller when it is made: a model start's task inherits it, and a
+relayed stream (``streamed.GatewayStream``) keeps it and acts as it again for what it does from callbacks (the
+response id it learns, its record when closed). Everywhere else None: a user's own Jupyter server, and the
+gateway's background work.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -60,19 +73,31 @@ CALLER_TOKEN_MISSING = "compute_token_missing"  # noqa: S105 (an error code)
 """The error code of a task that must go as its caller when the gateway holds no Compute token for them (a batch
 waits for its owner's next request then)."""
 
-ACTING: ContextVar[Caller | None] = ContextVar("first_acting_caller", default=None)
-"""The caller whose request (or batch) the current code serves; None in a user's own Jupyter server and in the
-gateway's background work."""
+_ACTING: ContextVar[Caller | None] = ContextVar("first_acting_caller", default=None)
+"""Read with ``current``, set with ``acting_as``: nothing else touches it."""
 
 
-@contextlib.contextmanager
-def acting_as(caller: Caller | None) -> Iterator[None]:
-    """Run the block for ``caller`` (no change when None: a user's own server keeps its single user)."""
-    if caller is None:
-        yield
-        return
-    token = ACTING.set(caller)
-    try:
-        yield
-    finally:
-        ACTING.reset(token)
+def current() -> Caller | None:
+    """The caller whose request (or batch) the current code serves; None in a user's own Jupyter server and in
+    the gateway's background work."""
+    return _ACTING.get()
+
+
+class acting_as:  # (lower case: used as a function, ``with acting_as(caller):``)
+    """Run the block for ``caller`` (no change when None: a user's own server keeps its single user). A class
+    rather than a generator: it is entered once per request."""
+
+    __slots__ = ("_caller", "_token")
+
+    def __init__(self, caller: Caller | None) -> None:
+        self._caller = caller
+        self._token: Token[Caller | None] | None = None
+
+    def __enter__(self) -> None:
+        if self._caller is not None:
+            self._token = _ACTING.set(self._caller)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _ACTING.reset(self._token)
+            self._token = None

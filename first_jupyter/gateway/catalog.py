@@ -27,7 +27,7 @@ from first_jupyter.api_types import (
 from first_jupyter.config import FirstConfig, FirstGatewayCluster
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.backends.first_gateway import FirstGatewayBackend
-from first_jupyter.gateway.caller import Caller
+from first_jupyter.gateway.caller import current
 from first_jupyter.gateway.router import Prefix, Router, Target
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.protocol import Capability, OpenAIError, check_model_name
@@ -165,15 +165,16 @@ class Catalog:
         if any(b.due() for b in self.discovering):
             self.supervisor.spawn("catalog readings", self.refresh())
 
-    async def candidates(self, model: str, capability: Capability, prefix: Prefix | None = None,
-                          caller: Caller | None = None) -> list[Target]:
+    async def candidates(self, model: str, capability: Capability, prefix: Prefix | None = None) -> list[Target]:
         """The router's candidates on the clusters the caller may use, reading discovered catalogs first when the
         model is not (yet) in them."""
-        return self.allowed(model, await self.routed(model, capability, prefix), caller)
+        return self.allowed(model, await self.routed(model, capability, prefix))
 
     @staticmethod
-    def allowed(model: str, targets: list[Target], caller: Caller | None) -> list[Target]:
-        """``targets`` on the clusters ``caller`` may use (all of them for no caller); 403 when none is."""
+    def allowed(model: str, targets: list[Target]) -> list[Target]:
+        """``targets`` on the clusters the caller (``caller.current``) may use (all of them for no caller); 403
+        when none is."""
+        caller = current()
         if caller is None:
             return targets
         allowed = [t for t in targets if caller.may_use(model, t.cluster)]

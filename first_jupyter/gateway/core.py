@@ -39,7 +39,7 @@ from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Backend, RequestBody, Stream
 from first_jupyter.gateway.backends.compute.backend import CallWindow
 from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub, StreamHandOff
-from first_jupyter.gateway.caller import Caller, acting_as
+from first_jupyter.gateway.caller import current
 from first_jupyter.gateway.catalog import STATUS_PERIOD_S, Catalog
 from first_jupyter.gateway.ceilings import TokenCeilings
 from first_jupyter.gateway.globus_sign_in import GlobusSignIn
@@ -111,7 +111,7 @@ class Gateway:
         """``environ``: where token sources read variables (default ``os.environ``; the server passes a copy
         taken before it removed the token variables from its own environment, which kernels inherit).
         ``backends``: builds the clusters' backends on this gateway's parts (``service.build_gateway`` passes it).
-        ``shared``: a facility's gateway (``first serve``), whose requests each come with their ``Caller``; Compute
+        ``shared``: a facility's gateway (``first serve``), whose requests each act as their ``Caller``; Compute
         endpoints that run as the user then run as each request's sender, never as the gateway's own sign-in.
         ``batches``: makes the Batch API's service on this gateway (``service.build_gateway`` passes it: the
         gateway runs batches' lines but does not build their service); None for a gateway without batches.
@@ -192,8 +192,8 @@ class Gateway:
         return await self.catalog.where_served(model)
 
     async def warm(self, model: str, cluster: str | None = None, wait: bool = False,
-                   caller: Caller | None = None, tried: Attempts | None = None) -> WarmReply:
-        return await self.starts.warm(model, cluster, wait, caller, tried)
+                   tried: Attempts | None = None) -> WarmReply:
+        return await self.starts.warm(model, cluster, wait, tried)
 
     async def heard(self, work: Awaitable[_T], tried: Attempts) -> _T | WaitingAnswer:
         return await self.starts.heard(work, tried)
@@ -208,8 +208,8 @@ class Gateway:
         return await self.accounting.usage_by_user()
 
     def record_offloaded(self, batch_id: str, model: str, backend: Backend, capability: Capability,
-                         latency_ms: float, lines: Sequence[LineUsage], caller: Caller | None) -> None:
-        self.accounting.record_offloaded(batch_id, model, backend, capability, latency_ms, lines, caller)
+                         latency_ms: float, lines: Sequence[LineUsage]) -> None:
+        self.accounting.record_offloaded(batch_id, model, backend, capability, latency_ms, lines)
 
     async def signed_in(self) -> SignIn:
         return await self.sign_in.signed_in()
@@ -249,7 +249,7 @@ class Gateway:
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    async def _continued(self, req: ParsedRequest, caller: Caller | None) -> ParsedRequest:
+    async def _continued(self, req: ParsedRequest) -> ParsedRequest:
         """A Responses request that continues an earlier response (``previous_response_id``) whose engine keeps
         no responses (``transformers serve``), made whole from the gateway's copy: the earlier conversation before
         this input, the id dropped (that engine would ignore it and answer without the conversation). Any other
@@ -257,7 +257,7 @@ class Gateway:
         previous = req.data.get("previous_response_id") if req.capability is Capability.responses else None
         if previous is None:
             return req
-        home = await self.responses.home(previous, caller, "previous_response_id")
+        home = await self.responses.home(previous, "previous_response_id")
         backend = self.catalog.backend_of(home.cluster, home.endpoint)
         if backend is None or backend.keeps_responses:
             return req
@@ -268,13 +268,13 @@ class Gateway:
         data["input"] = continued_input(earlier, req.data.get("input"))
         return ParsedRequest(req.capability, data, orjson.dumps(data), asked=req.asked)
 
-    async def _targets(self, req: ParsedRequest, prefix: Prefix | None, caller: Caller | None) -> list[Target]:
+    async def _targets(self, req: ParsedRequest, prefix: Prefix | None) -> list[Target]:
         """A request's candidates (``_candidates``); a Responses request that continues an earlier response
         (``previous_response_id``) goes only where that response was created: no other engine holds it."""
         previous = req.data.get("previous_response_id") if req.capability is Capability.responses else None
         if previous is None:
-            return await self.catalog.candidates(req.model, req.capability, prefix, caller)
-        home = await self.responses.home(previous, caller, "previous_response_id")
+            return await self.catalog.candidates(req.model, req.capability, prefix)
+        home = await self.responses.home(previous, "previous_response_id")
         targets = await self.catalog.where_served(req.model)
         pinned = [t for t in targets if (t.cluster, t.endpoint) == (home.cluster, home.endpoint)]
         if not pinned:
@@ -284,15 +284,14 @@ class Gateway:
                                    f"created the response with '{home.model}'), or leave previous_response_id "
                                    "out and send the conversation's input in full.", param="previous_response_id",
                               code="invalid_value")
-        return self.catalog.allowed(req.model, pinned, caller)
+        return self.catalog.allowed(req.model, pinned)
 
-    async def stored_response(self, response_id: str, method: str, action: str, query: str,
-                              caller: Caller | None) -> Completed:
+    async def stored_response(self, response_id: str, method: str, action: str, query: str) -> Completed:
         """A call on a kept response (``action``: "" for the response itself, else ``cancel`` or ``input_items``),
         sent to the endpoint that created it and answered as it answers, the model renamed, or from the gateway's
         copy where the engine keeps none (a 404) or cannot be asked again (a 501); a 404 when the id is unknown
         here or its endpoint is gone from the configuration."""
-        home = await self.responses.home(response_id, caller)
+        home = await self.responses.home(response_id)
         backend = self.catalog.backend_of(home.cluster, home.endpoint)
         if backend is None:
             raise OpenAIError(404, f"The response {shown(response_id)} was created on cluster '{home.cluster}' "
@@ -302,13 +301,12 @@ class Gateway:
                               code="response_endpoint_gone")
         path = "/".join(filter(None, ("responses", quote(response_id, safe=""), action)))
         unreachable: OpenAIError | None = None
-        with acting_as(caller):  # (an endpoint that takes each caller's own Globus token at a shared gateway)
-            try:
-                reply: Reply | None = await backend.call(method, path, query, b"" if method == "POST" else None)
-            except OpenAIError as exc:
-                if exc.status != NOT_IMPLEMENTED:
-                    raise
-                reply, unreachable = None, exc
+        try:
+            reply: Reply | None = await backend.call(method, path, query, b"" if method == "POST" else None)
+        except OpenAIError as exc:
+            if exc.status != NOT_IMPLEMENTED:
+                raise
+            reply, unreachable = None, exc
         if reply is None or reply.status == NOT_FOUND:  # the engine keeps no such response: the gateway's copy
             copy = await self.responses.copy(response_id)
             if copy is not None:
@@ -341,11 +339,11 @@ class Gateway:
         return any(self.router.state_of(t) in WAITING_STATES for t in targets)
 
     async def _first_answer(self, req: ParsedRequest, targets: list[Target], tried: Attempts,
-                            call: Callable[[Target], Awaitable[_T]], caller: Caller | None) -> _T:
+                            call: Callable[[Target], Awaitable[_T]]) -> _T:
         """``call`` on each candidate in turn until one answers. A failure before the first byte that another
         endpoint may not share (unreachable, 5xx, 429, a timeout) moves on to the next; any other (the request's
         own fault, a refused sign-in) is the answer; a refusal of the user (403) moves on too, and in a user's own
-        server the router leaves that endpoint out for a while (at a shared gateway, where ``caller`` sent it,
+        server the router leaves that endpoint out for a while (at a shared gateway, where a caller sent it,
         one user's refusal says nothing of the others'). ``tried`` gets each target as it is tried.
 
         Endpoints the router names are asked to start the model (the best when it must, or another ahead of a
@@ -366,7 +364,7 @@ class Gateway:
             except OpenAIError as exc:
                 self.router.ended(target)
                 if exc.status == FORBIDDEN:  # this user may not use that cluster; another may serve the model
-                    if caller is None:
+                    if current() is None:
                         self.router.forbid(target, exc.message)
                 elif exc.status in FAILOVER_STATUSES:
                     self.router.failed(target, exc.message)
@@ -402,12 +400,11 @@ class Gateway:
             data["stream"] = False
         return orjson.dumps(data)
 
-    async def complete(self, req: ParsedRequest, caller: Caller | None = None,
-                       tried: Attempts | None = None) -> Completed:
+    async def complete(self, req: ParsedRequest, tried: Attempts | None = None) -> Completed:
         """Serve a non-streamed request; raises ``OpenAIError`` with the status to send. ``tried``: to follow
         where it goes (``heard``)."""
         if req.capability is Capability.responses:  # (no coroutine on the path of every other request)
-            req = await self._continued(req, caller)
+            req = await self._continued(req)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = tried or Attempts()
@@ -422,39 +419,38 @@ class Gateway:
 
         try:
             self.ceilings.check(req)
-            with acting_as(caller):
-                targets = await self._targets(req, prefix, caller)
-                answer = self._first_answer(req, targets, tried, ask, caller)
-                if not self._may_wait(targets):
-                    reply = await answer
-                else:
-                    limit = self.config.defaults.cold_start.max_wait
-                    try:
-                        reply = await asyncio.wait_for(answer, limit)
-                    except TimeoutError:
-                        raise self.starts.not_ready(tried.last or targets[0], waited=limit) from None
+            targets = await self._targets(req, prefix)
+            answer = self._first_answer(req, targets, tried, ask)
+            if not self._may_wait(targets):
+                reply = await answer
+            else:
+                limit = self.config.defaults.cold_start.max_wait
+                try:
+                    reply = await asyncio.wait_for(answer, limit)
+                except TimeoutError:
+                    raise self.starts.not_ready(tried.last or targets[0], waited=limit) from None
         except OpenAIError as exc:
-            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
+            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message)
             raise
         except asyncio.CancelledError:  # the client left; the upstream request is already closed
-            self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None, caller)
+            self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None)
             raise
         target = tried.targets[-1]
         self.router.ended(target)
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
         if reply.content_type is not None and "json" not in reply.content_type:  # a transcript as text, SRT, VTT
-            self.record(req, target, reply.status, t0, None, None, None, request_id, None, caller)
+            self.record(req, target, reply.status, t0, None, None, None, request_id, None)
             return Completed(reply.body, target, reply.content_type)
         body, prompt_tokens, completion_tokens = rename_model_in_body(reply.body, req.model)
         if req.capability is Capability.responses:
-            self.responses.remember_answer(body, target, req.model, caller, req.data)
-        self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None, caller)
+            self.responses.remember_answer(body, target, req.model, req.data)
+        self.record(req, target, reply.status, t0, None, prompt_tokens, completion_tokens, request_id, None)
         return Completed(body, target)
 
-    async def stream(self, req: ParsedRequest, caller: Caller | None = None) -> GatewayStream:
+    async def stream(self, req: ParsedRequest) -> GatewayStream:
         """Open a stream; errors before the first byte raise ``OpenAIError`` so a real status can be sent."""
         if req.capability is Capability.responses:
-            req = await self._continued(req, caller)
+            req = await self._continued(req)
         t0 = time.perf_counter()
         request_id = _request_id()
         tried = Attempts()
@@ -469,21 +465,20 @@ class Gateway:
         watch = StreamWatch(req.model, rename=True, strip_usage_event=ask_usage)
         try:
             self.ceilings.check(req)
-            with acting_as(caller):  # (the opening task, made here, keeps it)
-                targets = await self._targets(req, prefix, caller)
-                if not self._may_wait(targets):
-                    upstream = await self._first_answer(req, targets, tried, open_stream, caller)
-                else:
-                    opening = asyncio.ensure_future(self._first_answer(req, targets, tried, open_stream, caller))
-                    if await self._answers_soon(opening, targets[0]):
-                        upstream = opening.result()
-                    else:  # the status line goes now; the wait is told in the stream
-                        return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id,
-                                             opening, caller)
+            targets = await self._targets(req, prefix)
+            if not self._may_wait(targets):
+                upstream = await self._first_answer(req, targets, tried, open_stream)
+            else:  # (the opening task keeps the caller: made in the request's context)
+                opening = asyncio.ensure_future(self._first_answer(req, targets, tried, open_stream))
+                if await self._answers_soon(opening, targets[0]):
+                    upstream = opening.result()
+                else:  # the status line goes now; the wait is told in the stream
+                    return GatewayStream(self, req, targets[0], tried, None, watch, t0, request_id,
+                                         opening)
         except OpenAIError as exc:
-            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message, caller)
+            self.record(req, tried.last, exc.status, t0, None, None, None, request_id, exc.message)
             raise
-        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id, caller=caller)
+        return GatewayStream(self, req, tried.targets[-1], tried, upstream, watch, t0, request_id)
 
     async def _answers_soon(self, opening: asyncio.Future[Stream], best: Target) -> bool:
         """Whether a stream that may wait for a start opens (or fails, raising its error, which can still be a

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
+from first_jupyter.gateway.caller import current
 from first_jupyter.gateway.queued_writer import QueuedWriter, json_available
 from first_jupyter.gateway.supervisor import Supervisor
 from first_jupyter.protocol import OpenAIError, json_kind, list_page, page_limit, shown
 from first_jupyter.sqlite_wal import use_wal
 
 if TYPE_CHECKING:
-    from first_jupyter.gateway.caller import Caller
     from first_jupyter.gateway.router import Target
 
 MAX_ID_CHARS = 256
@@ -128,15 +128,16 @@ class ResponseBook:
         deletion answered here must not be found by another replica a moment later. One host's processes share
         the store's file and this process's memory answers first, so nothing is waited for by default."""
 
-    def remember(self, response_id: str, target: Target, model: str, caller: Caller | None) -> None:
-        """``response_id`` was created at ``target`` for ``caller``: on the event loop, no I/O."""
+    def remember(self, response_id: str, target: Target, model: str) -> None:
+        """``response_id`` was created at ``target`` for the caller (``caller.current``): on the event loop, no
+        I/O."""
+        caller = current()
         home = ResponseHome(response_id, target.cluster, target.endpoint, model,
                             caller.user if caller is not None else "", time.time())
         self._hold(response_id, home)
         self._store(home)
 
-    def remember_answer(self, body: bytes, target: Target, model: str, caller: Caller | None,
-                        request: dict[str, Any]) -> None:
+    def remember_answer(self, body: bytes, target: Target, model: str, request: dict[str, Any]) -> None:
         """Remember the response a whole (non-streamed) answer holds, when it is one (an object with an id), and
         keep a copy of it (``keep``)."""
         try:
@@ -145,7 +146,7 @@ class ResponseBook:
             return
         response_id = answer.get("id") if isinstance(answer, dict) else None
         if isinstance(response_id, str):
-            self.remember(response_id, target, model, caller)
+            self.remember(response_id, target, model)
             self.keep(response_id, body, request)
 
     def keep(self, response_id: str, answer: bytes, request: dict[str, Any]) -> None:
@@ -166,10 +167,10 @@ class ResponseBook:
         self._hold(response_id, None)
         self._store(response_id)
 
-    async def home(self, response_id: object, caller: Caller | None, field: str = "response_id") -> ResponseHome:
-        """Where ``response_id`` was created; a 404 when it is unknown here or another caller's (the same 404:
-        whether someone else has such a response is not the caller's to learn). ``field``: the id's name in
-        the error (``previous_response_id`` in a request body)."""
+    async def home(self, response_id: object, field: str = "response_id") -> ResponseHome:
+        """Where ``response_id`` was created; a 404 when it is unknown here or not the current caller's
+        (``caller.current``; the same 404: whether someone else has such a response is not the caller's to learn).
+        ``field``: the id's name in the error (``previous_response_id`` in a request body)."""
         if not isinstance(response_id, str):
             raise OpenAIError(400, f"Invalid value for '{field}': it must be a response id (a string), not "
                                    f"{json_kind(response_id)}.", param=field, code="invalid_value")
@@ -181,6 +182,7 @@ class ResponseBook:
                 self._hold(response_id, home)
         else:
             home = None
+        caller = current()
         if home is None or (caller is not None and home.user != caller.user):
             raise OpenAIError(404, f"No response {shown(response_id)} is known to this gateway. It routes a response's "
                                    f"later calls to the endpoint that created it, so it knows only the responses it "

@@ -18,7 +18,6 @@ from typing import TypeVar
 from first_jupyter.api_types import WarmReply
 from first_jupyter.config import ColdStart
 from first_jupyter.gateway.answers import WaitingAnswer
-from first_jupyter.gateway.caller import Caller, acting_as
 from first_jupyter.gateway.catalog import Catalog
 from first_jupyter.gateway.router import Target
 from first_jupyter.gateway.supervisor import Supervisor
@@ -134,14 +133,15 @@ class Starts:
                              functools.partial(self.progress_of, tried, tried.must_start.result(), t0))
 
     async def warm(self, model: str, cluster: str | None = None, wait: bool = False,
-                   caller: Caller | None = None, tried: Attempts | None = None) -> WarmReply:
-        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for ``caller`` (on
-        the clusters they may use, as them); ``wait``: return once it answers (at most ``cold_start.max_wait``).
-        Its state, where, and the expected wait. ``tried``: told the endpoint it waits for (``heard``)."""
+                   tried: Attempts | None = None) -> WarmReply:
+        """Start ``model`` where it would be served (on ``cluster`` if given) ahead of need, for the caller (on
+        the clusters they may use, as them: the start's task keeps the request's context); ``wait``: return once
+        it answers (at most ``cold_start.max_wait``). Its state, where, and the expected wait. ``tried``: told the
+        endpoint it waits for (``heard``)."""
         check_model_name(model)
-        targets = self.catalog.allowed(model, await self.catalog.where_served(model), caller)
+        targets = self.catalog.allowed(model, await self.catalog.where_served(model))
         capability = next(c for c in Capability if any(t.backend.supports(model, c) for t in targets))
-        ordered = self.catalog.allowed(model, self.router.candidates(model, capability), caller)
+        ordered = self.catalog.allowed(model, self.router.candidates(model, capability))
         if cluster is not None:
             ordered = [t for t in ordered if t.cluster == cluster] or [t for t in targets if t.cluster == cluster]
             if not ordered:
@@ -157,8 +157,7 @@ class Starts:
                                    "endpoint.", type="api_error", code="endpoint_offline")
         started = state != "hot"
         if started:
-            with acting_as(caller):  # (the start's task keeps it)
-                task = self.start(target)
+            task = self.start(target)
             if wait:
                 if tried is not None:
                     tried.waits_for(target)

@@ -19,7 +19,7 @@ from first_jupyter.config import FirstConfig
 from first_jupyter.gateway.answers import Relayed, tell_until_done
 from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Stream
-from first_jupyter.gateway.caller import Caller
+from first_jupyter.gateway.caller import acting_as, current
 from first_jupyter.gateway.response_ids import ResponseBook
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.gateway.starts import Attempts
@@ -38,7 +38,7 @@ class StreamHost(Protocol):
 
     def record(self, req: ParsedRequest, target: Target | None, status: int, t0: float, ttft: float | None,
                prompt_tokens: int | None, completion_tokens: int | None, request_id: str,
-               error: str | None, caller: Caller | None = None) -> None: ...
+               error: str | None) -> None: ...
 
 
 class StreamShape(Protocol):
@@ -65,6 +65,9 @@ class GatewayStream(Relayed):
     request): its status line goes out with a progress comment at once, and more every few seconds until the
     answer begins. Its headers then name the endpoint that was asked to start; a comment says so if another
     endpoint ends up answering.
+
+    It keeps the caller it was opened for (``caller.current`` then) and acts as them again for what it does from
+    callbacks, outside the request's context: the response id its first event names, its record when closed.
     """
 
     __slots__ = ("_attempts", "_caller", "_gateway", "_opening", "_req", "_t0", "_ttft", "_upstream",
@@ -72,10 +75,9 @@ class GatewayStream(Relayed):
 
     def __init__(self, gateway: StreamHost, req: ParsedRequest, target: Target, attempts: Attempts,
                  upstream: Stream | None, watch: StreamWatch, t0: float, request_id: str,
-                 opening: asyncio.Future[Stream] | None = None,
-                 caller: Caller | None = None) -> None:
+                 opening: asyncio.Future[Stream] | None = None) -> None:
         self._gateway = gateway
-        self._caller = caller
+        self._caller = current()
         self._req = req
         self._attempts = attempts
         self.target = target
@@ -99,7 +101,8 @@ class GatewayStream(Relayed):
 
     def _remember_response(self, response_id: str) -> None:
         """The stream's response, remembered with the endpoint answering it as soon as its first event names it."""
-        self._gateway.responses.remember(response_id, self.target, self._req.model, self._caller)
+        with acting_as(self._caller):
+            self._gateway.responses.remember(response_id, self.target, self._req.model)
 
     def _error_event(self, error: OpenAIError) -> bytes:
         self.error = error
@@ -179,6 +182,6 @@ class GatewayStream(Relayed):
                 router.succeeded(self.target, self._attempts.answer_time(self._ttft))
         status = CLIENT_CLOSED if client_gone else (self.error.status if self.error else 200)
         watch = self._watch
-        self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
-                             watch.completion_tokens, self.request_id,
-                             self.error.message if self.error else None, self._caller)
+        with acting_as(self._caller):
+            self._gateway.record(self._req, self.target, status, self._t0, self._ttft, watch.prompt_tokens,
+                                 watch.completion_tokens, self.request_id, self.error.message if self.error else None)

@@ -29,7 +29,8 @@ from first_jupyter.auth.tokens import AuthError
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, ComputeEndpoint, SchedulerView
 from first_jupyter.gateway.backends.compute.backend import SUBMIT_LIMIT_BYTES, CallWindow, too_large
 from first_jupyter.gateway.backends.compute.errors import describe_failure
-from first_jupyter.gateway.caller import ACTING, CALLER_TOKEN_MISSING
+from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING
+from first_jupyter.gateway.caller import current as current_caller
 from first_jupyter.gateway.preferences import Preferences
 from first_jupyter.protocol import OpenAIError
 
@@ -81,7 +82,7 @@ class NoCallerYet(Exception):
 
 class Credentials:
     """Who one endpoint's calls go out as: one identity for all (the user who signed this Jupyter server in, or a
-    service identity), or, at a shared gateway, each request's own sender (``gateway.caller.ACTING``)."""
+    service identity), or, at a shared gateway, each request's own sender (``gateway.caller.current``)."""
 
     def __init__(self, fixed: Callable[[], globus_sdk.authorizers.GlobusAuthorizer] | None, key: str,
                  where: str) -> None:
@@ -102,7 +103,7 @@ class Credentials:
         when the caller's token is missing."""
         if self.fixed is not None:
             return self.key, None
-        caller = ACTING.get()
+        caller = current_caller()
         if caller is None:
             raise NoCallerYet
         token = caller.token_for(COMPUTE_RESOURCE_SERVER)
