@@ -50,6 +50,7 @@ class _OwnServer:
         self._gateway = gateway
 
     def caller(self) -> None:
+        """One user: no caller, so none is entered for its routes (``gateway.caller``)."""
         return None
 
     def usage_user(self) -> None:

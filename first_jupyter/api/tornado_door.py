@@ -335,7 +335,7 @@ class TableRoute(GatewayDoor):
                     self.request.headers.get)
         client = ClientRelay(self, caller.headers if caller is not None else {}) if route.streams else None
         try:
-            answer = await self.loop_thread.call(answer_across(route, call, client, caller))
+            answer = await self.loop_thread.call(answer_across(route, call, client))
         except asyncio.CancelledError:
             return  # the client left; the gateway's side has closed the upstream and recorded it
         finally:
@@ -388,17 +388,16 @@ class OpenTableRoute(TableRoute):
         await self._serve(*params)
 
 
-async def answer_across(route: Route, call: Call, client: ClientRelay | None,
-                        caller: SharedCaller | None) -> Whole | None:
-    """On the gateway's loop: answer the request as ``caller`` (the door's); a stream is relayed into ``client``
-    here (None is returned), anything else is returned for the handler to send.
+async def answer_across(route: Route, call: Call, client: ClientRelay | None) -> Whole | None:
+    """On the gateway's loop: answer the request as the door's caller (``Door.caller``); a stream is relayed into
+    ``client`` here (None is returned), anything else is returned for the handler to send.
 
     The caller is entered here, inside the coroutine handed to the gateway's loop, not around the hand-over: a
     ``LoopThread`` runs it as a task of another thread's loop, which must not depend on what context that
     thread's call carried over. The stream never leaves this coroutine, so however it ends (done, upstream
     error, the handler cancelling it) it is closed and recorded here, on the loop it belongs to.
     """
-    with acting_as(caller):
+    with acting_as(call.door.caller()):
         answer = await route.answer(call)
         if not isinstance(answer, Relayed):
             return answer
