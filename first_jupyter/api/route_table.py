@@ -7,9 +7,9 @@ only what is theirs: who the caller is, how bytes reach the socket.
 
 A route's function runs on the gateway's loop, acting as the request's sender where the door has one (the door
 enters ``gateway.caller.acting_as`` with its ``caller()`` around it, and everything below reads the caller from
-there), and returns an answer for the door to send: a JSON value, a whole
-inference answer (``Completed``), events (``Relayed``: a stream, or a wait told as it goes), a file to send in
-chunks (``Path``), or a bare status (``Bare``).
+there), and returns an answer for the door to send: a JSON value, a whole inference answer (``Completed``),
+events (``Relayed``: a stream, or a wait told as it goes), a file to send in chunks (``Path``), or a bare status
+(``Bare``).
 """
 
 from __future__ import annotations

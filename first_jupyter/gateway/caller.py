@@ -19,7 +19,7 @@ Where it is set (``acting_as``), once per unit of work, by whoever knows the cal
 What outlives the request's context captures the caller when it is made: a model start's task inherits it, and a
 relayed stream (``streamed.GatewayStream``) keeps it and acts as it again for what it does from callbacks (the
 response id it learns, its record when closed). Everywhere else None: a user's own Jupyter server, and the
-gateway's background work.
+work the gateway starts of itself (status readings, resumed batches before their run enters their owner).
 """
 
 from __future__ import annotations
