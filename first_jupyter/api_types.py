@@ -122,6 +122,22 @@ class RouterHealth(ApiObject):
     """Of those, the ones sent here because it was last sent part of their opening (its prefix cache holds it)."""
 
 
+class AdmissionStatus(ApiObject):
+    """An endpoint's slots: who holds them, who waits for them, and the batch concurrency the controller chose."""
+
+    capacity: int
+    in_flight_interactive: int
+    in_flight_batch: int
+    queued_interactive: int
+    queued_batch: int
+    batch_concurrency: int
+    """The batch lines it may have in flight now: the AIMD window, less the slots kept for interactive traffic."""
+    batch_held: bool
+    """Batch lines wait because interactive traffic holds the batch concurrency below the capacity."""
+    engine_waiting: int | None = None
+    """Requests waiting in the engine's own queue, where it reports it (vLLM's ``vllm:num_requests_waiting``)."""
+
+
 class RemoteCluster(OpenObject):
     """One cluster of a FIRST gateway, as our endpoint in front of it reads it."""
 
@@ -154,6 +170,8 @@ class EndpointStatus(OpenObject):
     """The endpoint's own word (``running``, ``stopped``, ``offline``...), not a model state."""
     error: str | None = None
     router: RouterHealth | None = None
+    admission: AdmissionStatus | None = None
+    """Its slots per class (``gateway.admission``)."""
     remote_clusters: dict[str, RemoteCluster] = {}
     """For an endpoint in front of a FIRST gateway (``kind: first``): that gateway's clusters."""
     download: ModelDownload | None = None
@@ -271,6 +289,8 @@ class BatchReply(OpenObject):
     expires_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
+    paused_for_interactive: bool | None = None
+    """While it runs here: its lines wait because interactive traffic holds its model's batch concurrency down."""
 
 
 class BatchPage(ApiObject):

@@ -153,6 +153,35 @@ class BatchDefaults(_Strict):
     max_attempts: int = Field(default=5, ge=1, description="tries of a request that fails transiently (429, "
                                                            "5xx, a timeout), with backoff, before its error is "
                                                            "its result")
+    interactive_ttft_target: float = Field(
+        default=2.0, gt=0, description="seconds: the time to first token interactive requests should keep while "
+                                       "batches run. An endpoint's batch concurrency is halved when an interactive "
+                                       "request misses it (or waits a quarter of it for a slot, or the engine "
+                                       "reports requests waiting), and grows back step by step while none does")
+
+
+class Admission(_Strict):
+    """Who gets an endpoint's slots (its concurrency times the blocks up): interactive requests first, batches
+    (their lines and offloaded chunks) in what is left, and within each class the users in weighted fair order;
+    a request that finds no slot waits in its endpoint's queue, which is bounded."""
+
+    max_queued: int = Field(default=5000, gt=0, description="requests of one class waiting for one endpoint's "
+                                                            "slots; past it a 429 with Retry-After")
+    max_queued_per_user: int = Field(default=1000, gt=0, description="requests of one user and class waiting for "
+                                                                     "one endpoint's slots; past it a 429 with "
+                                                                     "Retry-After, so one user's burst cannot "
+                                                                     "fill the queue for the others")
+    weights: dict[str, float] = Field(
+        default={}, description="user name -> weight (default 1): within a class, a user of weight 2 is served "
+                                "twice as often as one of weight 1 while both have requests waiting")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = sorted(user for user, weight in weights.items() if not weight > 0)
+        if bad:
+            raise ValueError(f"weights must be > 0 (the users {', '.join(bad)} are not)")
+        return weights
 
 
 class Defaults(_Strict):
@@ -162,6 +191,7 @@ class Defaults(_Strict):
     cold_start: ColdStart = ColdStart()
     scale_out: ScaleOut = ScaleOut()
     batch: BatchDefaults = BatchDefaults()
+    admission: Admission = Admission()
     max_response_ids: int = Field(
         default=100_000, gt=0, description="response ids remembered with the endpoint that created each (for "
                                            "GET/DELETE /v1/responses/{id} and previous_response_id); the oldest "

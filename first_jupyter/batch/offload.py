@@ -25,6 +25,7 @@ import orjson
 from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING
+from first_jupyter.gateway.router import Target
 from first_jupyter.gateway.stream_watch import token_counts
 from first_jupyter.gateway.usage import LineUsage
 from first_jupyter.protocol import OpenAIError
@@ -144,6 +145,7 @@ class Offload:
         self.model = chosen.model
         self.folder = Path(chosen.settings.shared_path).expanduser() / run.batch["id"]
         self._slots = asyncio.Semaphore(chosen.settings.parallel)
+        run.models.add(chosen.model.id)
 
     async def run_all(self, done: set[int]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -193,16 +195,21 @@ class Offload:
         served_name = self.backend.upstream_name(self.model.id)
         values = {"{input}": str(chunk.input), "{port}": str(self.backend.engine_port),
                   "{model}": self.model.path or served_name, "{served_name}": served_name}
-        task = await self.backend.submitter.submit(run_chunk, self.settings.command, values, str(chunk.output),
-                                                   self.settings.chunk_timeout)
+        admission, target = self.run.gateway.admission, Target(self.model.id, self.backend)
+        await admission.began(target)  # a batch slot of its endpoint while it runs, as a batch line takes
         try:
-            await asyncio.wait_for(asyncio.wrap_future(task), self.settings.chunk_timeout + TIMEOUT_SLACK_S)
-        except TimeoutError:
-            task.cancel()
-            raise TimeoutError(f"no result within {self.settings.chunk_timeout:g} s") from None
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
+            task = await self.backend.submitter.submit(run_chunk, self.settings.command, values, str(chunk.output),
+                                                       self.settings.chunk_timeout)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(task), self.settings.chunk_timeout + TIMEOUT_SLACK_S)
+            except TimeoutError:
+                task.cancel()
+                raise TimeoutError(f"no result within {self.settings.chunk_timeout:g} s") from None
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+        finally:
+            admission.ended(target)
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, OpenAIError):

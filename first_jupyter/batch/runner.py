@@ -27,6 +27,7 @@ from first_jupyter.batch.offload import Offload, plan
 from first_jupyter.batch.results import Results
 from first_jupyter.batch.validate import ENDPOINTS, MAX_REPORTED, check_file
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, BatchDefaults
+from first_jupyter.gateway.admission import as_batch
 from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING, acting_as
 from first_jupyter.protocol import OpenAIError, ParsedRequest
 
@@ -85,6 +86,8 @@ class BatchRun:
             batch["id"]) else None
         self._stopped = asyncio.Event()
         self._saved_at = 0.0
+        self.models: set[str] = set()
+        """The models its lines were sent to so far (whose endpoints' slots it waits for)."""
 
     # -- what the API asks -----------------------------------------------------------------------------------
 
@@ -107,12 +110,17 @@ class BatchRun:
         counts = dict(self.batch["request_counts"])
         if self.batch["status"] in ("in_progress", "cancelling", "finalizing"):
             counts["completed"], counts["failed"] = self.results.completed, self.results.failed
-        return {**self.batch, "request_counts": counts}
+        if self.batch["status"] != "in_progress":
+            return {**self.batch, "request_counts": counts}
+        held = any(self.gateway.admission.held(model) for model in self.models)
+        return {**self.batch, "request_counts": counts, "paused_for_interactive": held}
 
     # -- the run ----------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        with acting_as(self.caller):  # all below acts for its owner: groups, quotas, usage, Globus Compute as them
+        # its tasks go to Globus Compute as its owner, where a cluster runs as users; its lines and chunks take the
+        # slots interactive traffic leaves (``gateway.admission``)
+        with acting_as(self.caller), as_batch():
             await self._run()
 
     async def _run(self) -> None:
@@ -179,6 +187,7 @@ class BatchRun:
                     continue
                 body = item["body"]
                 model = body["model"]
+                self.models.add(model)
                 await window.take(model)
                 if self.stop is not None:  # stopped while waiting for the slot: not sent
                     window.give(model)

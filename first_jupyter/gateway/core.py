@@ -34,6 +34,7 @@ from first_jupyter.api_types import (
 from first_jupyter.auth.manager import TokenManager
 from first_jupyter.config import FirstConfig, FirstGatewayEndpoint, HttpEndpoint
 from first_jupyter.gateway.accounting import Accounting
+from first_jupyter.gateway.admission import Admission
 from first_jupyter.gateway.answers import Completed, WaitingAnswer
 from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Backend, RequestBody, Stream
@@ -139,6 +140,9 @@ class Gateway:
         self.compute_as_callers = built.compute_as_callers
         self.catalog = Catalog(config, self.backends, self.supervisor)
         self.router = self.catalog.router
+        self.admission = Admission(self.router, config.defaults.admission,
+                                   config.defaults.batch.interactive_ttft_target)
+        """Each endpoint's slots: interactive first, batch lines in what is left, users in fair order."""
         self.ceilings = TokenCeilings(config)
         self.catalog.state_observers.append(self.ceilings.observe)
         self.starts = Starts(self.catalog, self.supervisor, config.defaults.cold_start)
@@ -240,6 +244,8 @@ class Gateway:
     async def status(self) -> StatusReply:
         """Clusters, endpoints with their live state, and each model with the best state among its endpoints."""
         endpoints = await self.catalog.endpoint_statuses()
+        for backend, endpoint in zip(self.catalog.backends, endpoints, strict=True):
+            endpoint.admission = self.admission.status(backend)
         return StatusReply(
             default_model=self.default_model, models=self.catalog.listing().data,  # just read: every state known
             endpoints=endpoints, clusters=sorted(self.config.clusters), auth=await self.signed_in(),
@@ -357,12 +363,12 @@ class Gateway:
                 tried.waits_for(target)
                 if self.config.defaults.cold_start.mode == "reject":
                     raise self.starts.not_ready(target)
+            await self.admission.began(target)  # a slot of the endpoint (it tells the router)
             tried.add(target, waits or self.router.health_of(target).loaded())
-            self.router.began(target)
             try:
                 return await call(target)
             except OpenAIError as exc:
-                self.router.ended(target)
+                self.admission.ended(target)
                 if exc.status == FORBIDDEN:  # this user may not use that cluster; another may serve the model
                     if current() is None:
                         self.router.forbid(target, exc.message)
@@ -376,7 +382,7 @@ class Gateway:
                                       f"the last: {exc.message}"
                     raise
             except BaseException:
-                self.router.ended(target)
+                self.admission.ended(target)
                 raise
         raise AssertionError("the router gave no candidate")  # candidates() raises its 404 instead
 
@@ -436,7 +442,7 @@ class Gateway:
             self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None)
             raise
         target = tried.targets[-1]
-        self.router.ended(target)
+        self.admission.ended(target)
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
         if reply.content_type is not None and "json" not in reply.content_type:  # a transcript as text, SRT, VTT
             self.record(req, target, reply.status, t0, None, None, None, request_id, None)

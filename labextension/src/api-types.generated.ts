@@ -115,6 +115,10 @@ export interface EndpointStatus {
   error?: string | null;
   router?: RouterHealth | null;
   /**
+   * Its slots per class (``gateway.admission``).
+   */
+  admission?: AdmissionStatus | null;
+  /**
    * For an endpoint in front of a FIRST gateway (``kind: first``): that gateway's clusters.
    */
   remote_clusters?: {
@@ -152,6 +156,31 @@ export interface RouterHealth {
    * Of those, the ones sent here because it was last sent part of their opening (its prefix cache holds it).
    */
   prefix_hits: number;
+}
+/**
+ * An endpoint's slots: who holds them, who waits for them, and the batch concurrency the controller chose.
+ *
+ * This interface was referenced by `ApiAnswers`'s JSON-Schema
+ * via the `definition` "AdmissionStatus".
+ */
+export interface AdmissionStatus {
+  capacity: number;
+  in_flight_interactive: number;
+  in_flight_batch: number;
+  queued_interactive: number;
+  queued_batch: number;
+  /**
+   * The batch lines it may have in flight now: the AIMD window, less the slots kept for interactive traffic.
+   */
+  batch_concurrency: number;
+  /**
+   * Batch lines wait because interactive traffic holds the batch concurrency below the capacity.
+   */
+  batch_held: boolean;
+  /**
+   * Requests waiting in the engine's own queue, where it reports it (vLLM's ``vllm:num_requests_waiting``).
+   */
+  engine_waiting?: number | null;
 }
 /**
  * One cluster of a FIRST gateway, as our endpoint in front of it reads it.
@@ -325,6 +354,10 @@ export interface BatchReply {
   metadata: {
     [k: string]: string;
   } | null;
+  /**
+   * While it runs here: its lines wait because interactive traffic holds its model's batch concurrency down.
+   */
+  paused_for_interactive?: boolean | null;
   [k: string]: unknown;
 }
 /**

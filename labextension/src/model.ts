@@ -372,6 +372,8 @@ export interface BatchView {
   fraction: number | null;
   label: string;
   cancellable: boolean;
+  /** Its lines wait: interactive traffic holds its model's batch concurrency down (``gateway.admission``). */
+  paused: boolean;
 }
 
 /** A batch as a progress row: answered (completed or failed) out of the total, and whether Cancel applies. */
@@ -382,9 +384,11 @@ export function batchView(batch: BatchReply): BatchView {
   const done = (counts.completed ?? 0) + failed;
   const fraction = total > 0 ? Math.min(1, done / total) : null;
   const failures = failed ? `, ${failed} failed` : '';
-  const label = total > 0 ? `${done}/${total} (${Math.floor((fraction ?? 0) * 100)}%)${failures}` : batch.status;
+  const paused = batch.status === 'in_progress' && batch.paused_for_interactive === true;
+  const progress = total > 0 ? `${done}/${total} (${Math.floor((fraction ?? 0) * 100)}%)${failures}` : batch.status;
+  const label = paused ? `${progress}, paused for interactive traffic` : progress;
   return { id: batch.id, status: batch.status, done, failed, total, fraction, label,
-    cancellable: ACTIVE.has(batch.status) };
+    cancellable: ACTIVE.has(batch.status), paused };
 }
 
 /**

@@ -401,7 +401,9 @@ export class FirstPanel extends Widget {
         (bar as HTMLProgressElement).value = view.fraction;
       }
       this.batchList.append(h('div', { class: 'first-batch', 'data-batch': view.id, 'data-status': view.status },
-        h('div', { class: 'first-batch-head' }, h('code', {}, view.id), h('span', {}, view.status)),
+        h('div', { class: 'first-batch-head' }, h('code', {}, view.id), h('span', {}, view.status),
+          view.paused && h('span', { class: 'first-badge first-paused', title: 'Its lines wait while interactive '
+            + 'requests use its model\'s endpoints; it speeds up again when they are done.' }, 'paused')),
         bar,
         h('div', { class: 'first-batch-foot' }, h('span', { class: 'first-batch-label' }, view.label),
           view.cancellable && button('Cancel', `Cancel ${view.id}: requests not yet sent are not run`,

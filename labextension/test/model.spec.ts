@@ -273,6 +273,15 @@ describe('batchView', () => {
     }
     expect(batchView(batch('completed', { total: 2, completed: 2 })).label).toBe('2/2 (100%)');
   });
+
+  it('says a running batch held down by interactive traffic is paused for it', () => {
+    const held = batchView({ ...batch('in_progress', { total: 10, completed: 4 }), paused_for_interactive: true });
+    expect([held.paused, held.label]).toEqual([true, '4/10 (40%), paused for interactive traffic']);
+    const running = batchView({ ...batch('in_progress', { total: 10, completed: 4 }), paused_for_interactive: false });
+    expect([running.paused, running.label]).toEqual([false, '4/10 (40%)']);
+    const done = batchView({ ...batch('completed', { total: 10, completed: 10 }), paused_for_interactive: true });
+    expect(done.paused).toBe(false);
+  });
 });
 
 describe('signInView', () => {

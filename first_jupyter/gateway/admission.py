@@ -1,0 +1,325 @@
+"""Who gets an endpoint's slots: interactive requests first, batches in what is left, users in weighted fair order.
+
+An endpoint serves ``capacity`` requests at once (its concurrency times the blocks up, as the router knows it).
+Without this, a batch of 100,000 lines fills every slot and each chat waits behind thousands of lines in the
+engine's queue. Here every request takes a slot of its endpoint before it is sent (``began``) and gives it back when
+its answer ends (``ended``); a request that finds none waits in the endpoint's queue for its class:
+
+- **Interactive first.** A freed slot goes to a waiting interactive request before any batch line.
+- **Headroom.** Batch lines never take the slots that interactive traffic recently needed: the most interactive
+  requests in flight or waiting at once within ``HEADROOM_WINDOW_S`` are kept free, so a chat finds a slot at once
+  instead of waiting for a batch line to end. With no interactive traffic for that long, a batch has every slot.
+- **AIMD.** Batch concurrency is also steered, as TCP steers a window: halved (at most once per ``PERIOD_S``) when
+  an interactive request misses ``defaults.batch.interactive_ttft_target`` (its first token after the engine took
+  it), waits a quarter of it for a slot, or the engine reports requests waiting in its own queue (vLLM's
+  ``vllm:num_requests_waiting``); and grown by ``capacity / ADD_STEPS`` per ``PERIOD_S`` while none of that
+  happens, back to full.
+- **Fairness.** Within a class, users are served in weighted fair order (start-time fair queueing: each request is
+  tagged with its user's virtual finish time, and the smallest tag goes first), so one user's burst of 500
+  requests does not delay another user's single chat behind it. ``defaults.admission.weights`` weighs users.
+- **Bounded.** A queue holds at most ``max_queued`` requests per class and ``max_queued_per_user`` per user; past
+  it a 429 with ``Retry-After``.
+
+The class of a request is the ``PRIORITY`` context variable (the batch runner sets ``batch``; everything else is
+interactive), and its user is the acting caller's (``gateway.caller.ACTING``), so no signature carries either. All
+logic runs on an injectable clock and sleeps nowhere: a unit test or a simulation drives it on virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from first_jupyter.api_types import AdmissionStatus
+from first_jupyter.config import Admission as AdmissionSettings
+from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.caller import ACTING
+from first_jupyter.gateway.router import Demand, Router, Target
+from first_jupyter.protocol import OpenAIError
+
+
+class Priority(StrEnum):
+    interactive = "interactive"
+    batch = "batch"
+
+
+PRIORITY: ContextVar[Priority] = ContextVar("first_priority", default=Priority.interactive)
+"""The class of the request the current code sends: interactive unless a batch's run set it."""
+
+PERIOD_S = 1.0
+"""How often batch concurrency may be cut, and the unit of its growth."""
+ADD_STEPS = 8
+"""Growth per period: this share of the capacity, so a batch halved to nothing is back to full in about this many
+periods once interactive traffic is gone."""
+QUEUE_SHARE = 0.25
+"""An interactive request that waited this share of the TTFT target for a slot counts as a miss: the engine's own
+time comes on top of the wait."""
+HEADROOM_WINDOW_S = 60.0
+"""How long the most interactive requests seen at once keeps its slots free of batch lines."""
+DRAIN_WEIGHT = 0.1
+"""Weight of each freed slot in the moving average of the time between two (for ``Retry-After``)."""
+ANONYMOUS = ""
+"""The user of requests with no caller (a user's own Jupyter server serves one person)."""
+
+
+@contextlib.contextmanager
+def as_batch() -> Iterator[None]:
+    """Send the block's requests as batch lines: they take only the slots interactive traffic leaves."""
+    token = PRIORITY.set(Priority.batch)
+    try:
+        yield
+    finally:
+        PRIORITY.reset(token)
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    finish: float
+    seq: int
+    start: float = field(compare=False)
+    user: str = field(compare=False)
+    since: float = field(compare=False)
+    granted: asyncio.Future[None] = field(compare=False)
+
+
+@dataclass(slots=True)
+class FairQueue:
+    """One class's requests waiting for an endpoint's slots, per user, served in weighted fair order."""
+
+    vtime: float = 0.0
+    """The start tag of the request served last: a user who arrives now starts from it, not from zero, so an
+    idle user earns no credit to burst with later."""
+    finish: dict[str, float] = field(default_factory=dict)
+    """Each waiting user's last finish tag."""
+    per_user: dict[str, int] = field(default_factory=dict)
+    heap: list[_Waiter] = field(default_factory=list)
+    length: int = 0
+    seq: Iterator[int] = field(default_factory=itertools.count)
+
+    def push(self, user: str, weight: float, since: float, granted: asyncio.Future[None]) -> None:
+        start = max(self.vtime, self.finish.get(user, 0.0))
+        finish = self.finish[user] = start + 1 / weight
+        heapq.heappush(self.heap, _Waiter(finish, next(self.seq), start, user, since, granted))
+        self.per_user[user] = self.per_user.get(user, 0) + 1
+        self.length += 1
+
+    def pop(self) -> _Waiter | None:
+        """The next request to serve (its tag the smallest); None when none waits."""
+        while self.heap:
+            waiter = heapq.heappop(self.heap)
+            if waiter.granted.done():  # withdrawn while it waited (``withdraw`` counted it out)
+                continue
+            self.vtime = waiter.start
+            self._count_out(waiter.user)
+            return waiter
+        return None
+
+    def withdraw(self, user: str) -> None:
+        """A waiting request of ``user`` left (cancelled); its entry is skipped when it comes up."""
+        self._count_out(user)
+
+    def _count_out(self, user: str) -> None:
+        self.length -= 1
+        left = self.per_user[user] - 1
+        if left:
+            self.per_user[user] = left
+        else:  # no request of the user waits: its tags start afresh from the queue's virtual time
+            del self.per_user[user]
+            self.finish.pop(user, None)
+
+
+@dataclass(slots=True)
+class Gate:
+    """One endpoint's slots, its queues and its batch concurrency."""
+
+    backend: Backend
+    capacity: Callable[[], int]
+    in_flight: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(Priority, 0))
+    queues: dict[Priority, FairQueue] = field(default_factory=lambda: {p: FairQueue() for p in Priority})
+    interactive: Demand = field(default_factory=lambda: Demand(HEADROOM_WINDOW_S))
+    """Interactive requests in flight or waiting, and their recent peak: the headroom kept from batch lines."""
+    window: float = math.inf
+    """The AIMD batch concurrency, before the headroom; infinite until the first cut (full)."""
+    cut_at: float = -math.inf
+    raised_at: float = -math.inf
+    drain_s: float = 1.0
+    """The time between two slots freed, on average: how fast the queue drains (for ``Retry-After``)."""
+    released_at: float = 0.0
+    engine_waiting: int | None = None
+    """Requests waiting in the engine's own queue, where it reports it."""
+
+    def batch_limit(self, now: float) -> int:
+        """The batch lines this endpoint may have in flight now: the AIMD window, less the headroom; at least one,
+        so a batch always moves (and its answers keep the controller evaluated)."""
+        capacity = self.capacity()
+        if self.window < capacity and now - self.raised_at >= PERIOD_S:
+            periods = math.floor((now - self.raised_at) / PERIOD_S)
+            self.window = min(self.window + periods * max(capacity / ADD_STEPS, 1.0), capacity)
+            self.raised_at += periods * PERIOD_S
+        window = min(self.window, capacity)
+        return max(1, min(math.floor(window), capacity - self.interactive.peak(now)))
+
+    def miss(self, now: float) -> None:
+        """Interactive traffic suffers: halve the batch window (once per period)."""
+        if now - self.cut_at < PERIOD_S:
+            return
+        self.window = max(min(self.window, self.capacity()) / 2, 1.0)
+        self.cut_at = self.raised_at = now
+
+
+class Admission:
+    """Every endpoint's slots, queues and batch concurrency (see the module)."""
+
+    def __init__(self, router: Router, settings: AdmissionSettings, ttft_target: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``ttft_target``: ``defaults.batch.interactive_ttft_target``; ``clock``: seconds (a test or simulation
+        passes its own)."""
+        self.router = router
+        self.settings = settings
+        self.ttft_target = ttft_target
+        self.clock = clock
+        self._gates: dict[int, Gate] = {}
+
+    def gate(self, backend: Backend) -> Gate:
+        gate = self._gates.get(id(backend))
+        if gate is None:
+            health = self.router.health_of_backend(backend)
+            gate = self._gates[id(backend)] = Gate(backend, lambda: health.capacity)
+        return gate
+
+    # -- one request -----------------------------------------------------------------------------------------
+
+    async def began(self, target: Target) -> None:
+        """Take a slot of ``target`` for the current request (its class and user from the context), waiting in the
+        endpoint's queue when none is free; a 429 when that queue is full. The router is told once it has one."""
+        gate = self.gate(target.backend)
+        priority = PRIORITY.get()
+        caller = ACTING.get()
+        user = caller.user if caller is not None else ANONYMOUS
+        now = self.clock()
+        queue = gate.queues[priority]
+        if priority is Priority.interactive:
+            gate.interactive.rose(now)
+        if not queue.length and self._may_take(gate, priority, now):
+            self._take(gate, priority, target)
+            return
+        self._check_room(gate, queue, priority, user, target)
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.push(user, self.settings.weights.get(user, 1.0), now, granted)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # the slot came as the request left: hand it on
+                self._free(gate, priority)
+            else:
+                granted.cancel()
+                queue.withdraw(user)
+                if priority is Priority.interactive:
+                    gate.interactive.fell()
+            raise
+        self.router.began(target)  # (the slot was counted as it was granted)
+
+    def ended(self, target: Target, priority: Priority | None = None) -> None:
+        """The request's answer ended (or it failed): its slot goes to the next in line. ``priority``: the class it
+        was sent in, where this runs outside its context (a stream's end); else the context's."""
+        self._release(self.gate(target.backend), priority or PRIORITY.get(), target)
+
+    def first_token(self, target: Target, seconds: float) -> None:
+        """An interactive answer's first token came ``seconds`` after the engine took the request."""
+        if seconds > self.ttft_target:
+            self.gate(target.backend).miss(self.clock())
+
+    def engine_reports(self, backend: Backend, waiting: int) -> None:
+        """The engine says ``waiting`` requests wait in its own queue (vLLM's ``vllm:num_requests_waiting``):
+        while interactive traffic is about, batch lines back off, as they are the ones that can wait."""
+        gate = self.gate(backend)
+        gate.engine_waiting = waiting
+        now = self.clock()
+        if waiting > 0 and gate.interactive.peak(now) > 0:
+            gate.miss(now)
+
+    # -- slots -----------------------------------------------------------------------------------------------
+
+    def _may_take(self, gate: Gate, priority: Priority, now: float) -> bool:
+        if sum(gate.in_flight.values()) >= gate.capacity():
+            return False
+        return priority is Priority.interactive or gate.in_flight[Priority.batch] < gate.batch_limit(now)
+
+    def _take(self, gate: Gate, priority: Priority, target: Target) -> None:
+        gate.in_flight[priority] += 1
+        self.router.began(target)
+
+    def _release(self, gate: Gate, priority: Priority, target: Target) -> None:
+        self.router.ended(target)
+        now = self.clock()
+        gate.drain_s += DRAIN_WEIGHT * (min(now - gate.released_at, PERIOD_S * ADD_STEPS) - gate.drain_s)
+        gate.released_at = now
+        self._free(gate, priority)
+
+    def _free(self, gate: Gate, priority: Priority) -> None:
+        gate.in_flight[priority] -= 1
+        if priority is Priority.interactive:
+            gate.interactive.fell()
+        self._hand_on(gate)
+
+    def _hand_on(self, gate: Gate) -> None:
+        """Free slots to the waiting, interactive first; a slot is counted taken as it is granted (the waiter's
+        task runs later), so two releases never give one slot twice."""
+        now = self.clock()
+        for priority in Priority:  # (interactive first: the enum's order)
+            queue = gate.queues[priority]
+            while queue.length and self._may_take(gate, priority, now):
+                waiter = queue.pop()
+                assert waiter is not None
+                if priority is Priority.interactive and now - waiter.since >= QUEUE_SHARE * self.ttft_target:
+                    gate.miss(now)
+                gate.in_flight[priority] += 1
+                waiter.granted.set_result(None)
+
+    def _check_room(self, gate: Gate, queue: FairQueue, priority: Priority, user: str, target: Target) -> None:
+        settings = self.settings
+        if queue.length < settings.max_queued and queue.per_user.get(user, 0) < settings.max_queued_per_user:
+            return
+        if priority is Priority.interactive:
+            gate.interactive.fell()
+        mine = queue.length < settings.max_queued  # (else everyone's queue is full)
+        waiting, setting = (queue.per_user.get(user, 0), "max_queued_per_user") if mine else (
+            queue.length, "max_queued")
+        retry = max(1, math.ceil(queue.length * gate.drain_s))
+        raise OpenAIError(429, f"{waiting} {priority} requests {'of yours ' if mine else ''}for model "
+                               f"'{target.model_id}' already wait for a slot of cluster '{target.cluster}' endpoint "
+                               f"'{target.endpoint}' (defaults.admission.{setting}). Retry after {retry} s, or send "
+                               "fewer requests at once; a batch (POST /v1/batches) queues any number of them.",
+                          type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
+
+    # -- what is shown ---------------------------------------------------------------------------------------
+
+    def status(self, backend: Backend) -> AdmissionStatus:
+        """``/first/api/status``'s view of an endpoint's slots."""
+        gate = self.gate(backend)
+        now = self.clock()
+        limit = gate.batch_limit(now)
+        return AdmissionStatus(
+            capacity=gate.capacity(), in_flight_interactive=gate.in_flight[Priority.interactive],
+            in_flight_batch=gate.in_flight[Priority.batch], queued_interactive=gate.queues[Priority.interactive].length,
+            queued_batch=gate.queues[Priority.batch].length, batch_concurrency=limit,
+            batch_held=self._held(gate, limit), engine_waiting=gate.engine_waiting)
+
+    def held(self, model: str) -> bool:
+        """Whether batch lines for ``model`` wait because interactive traffic holds its endpoints' batch
+        concurrency down (the sidebar says the batch is paused for it)."""
+        now = self.clock()
+        gates = [self.gate(t.backend) for t in self.router.catalog.get(model, ())]
+        return any(self._held(gate, gate.batch_limit(now)) for gate in gates)
+
+    @staticmethod
+    def _held(gate: Gate, limit: int) -> bool:
+        return bool(gate.queues[Priority.batch].length) and limit < gate.capacity()

@@ -1,0 +1,233 @@
+"""Admission on a virtual clock: interactive requests first, the batch concurrency's AIMD (ramp-up, back-off on a
+TTFT miss, recovery), users in weighted fair order, and a bounded queue that answers 429 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from first_jupyter.config import Admission as AdmissionSettings
+from first_jupyter.gateway import admission as admission_module
+from first_jupyter.gateway.admission import PERIOD_S, QUEUE_SHARE, Admission, Priority, as_batch
+from first_jupyter.gateway.backends.base import Backend
+from first_jupyter.gateway.caller import ACTING, Caller
+from first_jupyter.gateway.router import Router, Target
+from first_jupyter.protocol import Capability, OpenAIError
+
+TARGET_S = 2.0
+CAPACITY = 8
+
+
+class _Backend:
+    kind = "test"
+    start_s = 600.0
+    cluster = name = "alpha"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+
+    def supports(self, model_id: str, capability: Capability) -> bool:
+        return True
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _setup(capacity: int = CAPACITY, **settings: object) -> tuple[Admission, Target, _Clock]:
+    backend = cast(Backend, _Backend(capacity))
+    clock = _Clock()
+    routes = Router([backend], {"m": ["alpha/alpha"]}, clock=clock)
+    gate = Admission(routes, AdmissionSettings.model_validate(settings), TARGET_S, clock)
+    return gate, routes.catalog["m"][0], clock
+
+
+async def _enter(gate: Admission, target: Target, user: str = "", priority: Priority = Priority.interactive) -> str:
+    """One request of ``user`` taking a slot; its user, once it has one."""
+    ACTING.set(cast(Caller, SimpleNamespace(user=user)))
+    if priority is Priority.batch:
+        with as_batch():
+            await gate.began(target)
+    else:
+        await gate.began(target)
+    return user
+
+
+def _start(gate: Admission, target: Target, user: str = "", priority: Priority = Priority.interactive,
+           ) -> asyncio.Task[str]:
+    return asyncio.create_task(_enter(gate, target, user, priority))
+
+
+async def _next_granted(tasks: set[asyncio.Task[str]]) -> str:
+    """The one request among ``tasks`` that got the slot just freed."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1
+    task = done.pop()
+    tasks.discard(task)
+    return task.result()
+
+
+async def _fill(gate: Admission, target: Target, count: int, priority: Priority) -> None:
+    for _ in range(count):
+        await _start(gate, target, priority=priority)
+
+
+async def test_a_freed_slot_goes_to_a_waiting_interactive_request_before_any_batch_line():
+    gate, target, _ = _setup()
+    await _fill(gate, target, CAPACITY, Priority.batch)  # no interactive traffic yet: the batch has every slot
+    assert gate.status(target.backend).in_flight_batch == CAPACITY
+    line = _start(gate, target, "batch-owner", Priority.batch)
+    chat = _start(gate, target, "scientist")
+    await asyncio.sleep(0)
+    status = gate.status(target.backend)
+    assert (status.queued_batch, status.queued_interactive) == (1, 1)
+    with as_batch():
+        gate.ended(target)
+    assert await _next_granted({line, chat}) == "scientist"
+    assert not line.done()
+    line.cancel()
+    await asyncio.gather(line, return_exceptions=True)
+    assert gate.status(target.backend).queued_batch == 0
+
+
+async def test_batch_lines_leave_the_recent_interactive_peak_free_until_it_ages_out():
+    gate, target, clock = _setup()
+    await _fill(gate, target, 3, Priority.interactive)  # a peak of 3 interactive requests at once
+    for _ in range(3):
+        gate.ended(target)
+    assert gate.status(target.backend).batch_concurrency == CAPACITY - 3
+    clock.now += admission_module.HEADROOM_WINDOW_S + 1
+    assert gate.status(target.backend).batch_concurrency == CAPACITY
+
+
+async def test_a_ttft_miss_halves_the_batch_concurrency_once_per_period_then_it_ramps_back_to_full():
+    gate, target, clock = _setup()
+    assert gate.status(target.backend).batch_concurrency == CAPACITY
+    gate.first_token(target, TARGET_S / 2)  # within the target: nothing changes
+    assert gate.status(target.backend).batch_concurrency == CAPACITY
+    gate.first_token(target, TARGET_S * 2)
+    assert gate.status(target.backend).batch_concurrency == CAPACITY // 2
+    gate.first_token(target, TARGET_S * 2)  # within the same period: one cut
+    assert gate.status(target.backend).batch_concurrency == CAPACITY // 2
+    clock.now += PERIOD_S
+    gate.first_token(target, TARGET_S * 2)  # still missing a period later: cut again
+    assert gate.status(target.backend).batch_concurrency == CAPACITY // 4
+    chosen = []
+    for _ in range(8):  # no more misses: additive increase, capacity / ADD_STEPS a period, up to full
+        clock.now += PERIOD_S
+        chosen.append(gate.status(target.backend).batch_concurrency)
+    step = CAPACITY // admission_module.ADD_STEPS
+    assert chosen == [min(CAPACITY // 4 + step * (i + 1), CAPACITY) for i in range(8)]
+    assert chosen[-1] == CAPACITY
+
+
+async def test_the_cut_holds_batch_lines_back_while_interactive_ones_still_get_every_slot():
+    gate, target, _ = _setup()
+    gate.first_token(target, TARGET_S * 2)
+    gate.first_token(target, TARGET_S * 2)
+    await _fill(gate, target, CAPACITY // 2, Priority.batch)
+    held = _start(gate, target, "owner", Priority.batch)
+    await asyncio.sleep(0)
+    assert gate.status(target.backend).batch_held
+    assert gate.held("m")
+    await _fill(gate, target, CAPACITY // 2, Priority.interactive)  # the rest of the slots, at once
+    assert gate.router.health_of(target).in_flight == CAPACITY
+    held.cancel()
+    await asyncio.gather(held, return_exceptions=True)
+    assert not gate.held("m")
+
+
+async def test_an_interactive_request_that_waits_for_a_slot_counts_as_a_miss():
+    gate, target, clock = _setup()
+    await _fill(gate, target, CAPACITY, Priority.batch)
+    chat = _start(gate, target, "scientist")
+    await asyncio.sleep(0)
+    clock.now += QUEUE_SHARE * TARGET_S
+    with as_batch():
+        gate.ended(target)
+    await chat
+    assert gate.status(target.backend).batch_concurrency == CAPACITY // 2  # the cut (the peak of 1 leaves more)
+
+
+async def test_an_engine_queue_cuts_the_batch_only_while_interactive_traffic_is_about():
+    gate, target, clock = _setup()
+    gate.engine_reports(target.backend, 12)
+    status = gate.status(target.backend)
+    assert (status.batch_concurrency, status.engine_waiting) == (CAPACITY, 12)
+    await _start(gate, target)
+    gate.ended(target)
+    clock.now += PERIOD_S
+    gate.engine_reports(target.backend, 12)
+    assert gate.status(target.backend).batch_concurrency == CAPACITY // 2
+
+
+async def test_users_are_served_in_weighted_fair_order():
+    gate, target, _ = _setup(capacity=1, weights={"heavy": 2.0})
+    await _start(gate, target, "holder")
+    waiting = {_start(gate, target, "burst") for _ in range(5)}
+    await asyncio.sleep(0)
+    waiting.add(_start(gate, target, "single"))
+    await asyncio.sleep(0)
+    served = []
+    while waiting:
+        gate.ended(target)
+        served.append(await _next_granted(waiting))
+    assert served == ["burst", "single", "burst", "burst", "burst", "burst"]
+
+    heavy = {_start(gate, target, "heavy") for _ in range(4)}
+    await asyncio.sleep(0)
+    light = {_start(gate, target, "light") for _ in range(4)}
+    await asyncio.sleep(0)
+    waiting = heavy | light
+    served = []
+    while waiting:
+        gate.ended(target)
+        served.append(await _next_granted(waiting))
+    assert served == ["heavy", "heavy", "light", "heavy", "heavy", "light", "light", "light"]
+
+
+async def test_a_full_queue_answers_429_with_retry_after_and_another_user_still_queues():
+    gate, target, _ = _setup(capacity=1, max_queued=3, max_queued_per_user=2)
+    await _start(gate, target, "holder")
+    burst = [_start(gate, target, "burst") for _ in range(3)]
+    await asyncio.sleep(0)
+    refused = burst[2]
+    with pytest.raises(OpenAIError) as raised:
+        await refused
+    error = raised.value
+    assert (error.status, error.code, error.type) == (429, "queue_full", "rate_limit_error")
+    assert int(error.headers["Retry-After"]) >= 1
+    assert "max_queued_per_user" in error.message
+    assert "Retry after" in error.message
+    other = _start(gate, target, "other")
+    await asyncio.sleep(0)
+    assert gate.status(target.backend).queued_interactive == 3
+    with pytest.raises(OpenAIError) as everyone:
+        await _start(gate, target, "late")
+    assert "defaults.admission.max_queued)" in everyone.value.message
+    for task in (*burst[:2], other):
+        task.cancel()
+    await asyncio.gather(*burst[:2], other, return_exceptions=True)
+    assert gate.status(target.backend).queued_interactive == 0
+
+
+async def test_a_request_cancelled_while_it_waits_takes_no_slot():
+    gate, target, _ = _setup(capacity=1)
+    await _start(gate, target, "holder")
+    gone = _start(gate, target, "gone")
+    stays = _start(gate, target, "stays")
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    gate.ended(target)
+    assert await stays == "stays"
+    status = gate.status(target.backend)
+    assert (status.in_flight_interactive, status.queued_interactive) == (1, 0)
+    assert gate.router.health_of(target).in_flight == 1
