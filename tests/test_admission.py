@@ -18,6 +18,8 @@ from first_jupyter.gateway.router import Router, Target
 from first_jupyter.protocol import Capability, OpenAIError
 
 TARGET_S = 2.0
+HOLDER = (Priority.interactive, "holder")
+"""The interactive requests that fill or hold slots in these tests are this user's."""
 CAPACITY = 8
 
 
@@ -49,7 +51,8 @@ def _setup(capacity: int = CAPACITY, **settings: object) -> tuple[Admission, Tar
     return gate, routes.catalog["m"][0], clock
 
 
-async def _enter(gate: Admission, target: Target, user: str = "", priority: Priority = Priority.interactive) -> str:
+async def _enter(gate: Admission, target: Target, user: str = HOLDER[1], priority: Priority = Priority.interactive,
+                 ) -> str:
     """One request of ``user`` taking a slot; its user, once it has one."""
     ACTING.set(cast(Caller, SimpleNamespace(user=user)))
     if priority is Priority.batch:
@@ -60,7 +63,7 @@ async def _enter(gate: Admission, target: Target, user: str = "", priority: Prio
     return user
 
 
-def _start(gate: Admission, target: Target, user: str = "", priority: Priority = Priority.interactive,
+def _start(gate: Admission, target: Target, user: str = HOLDER[1], priority: Priority = Priority.interactive,
            ) -> asyncio.Task[str]:
     return asyncio.create_task(_enter(gate, target, user, priority))
 
@@ -72,6 +75,17 @@ async def _next_granted(tasks: set[asyncio.Task[str]]) -> str:
     task = done.pop()
     tasks.discard(task)
     return task.result()
+
+
+async def _served_in_turn(gate: Admission, target: Target, waiting: set[asyncio.Task[str]], holding: str,
+                          ) -> list[str]:
+    """The users of ``waiting`` in the order they get the one slot, each giving it back for the next."""
+    served = []
+    while waiting:
+        gate.ended(target, (Priority.interactive, holding))
+        holding = await _next_granted(waiting)
+        served.append(holding)
+    return served
 
 
 async def _fill(gate: Admission, target: Target, count: int, priority: Priority) -> None:
@@ -88,8 +102,7 @@ async def test_a_freed_slot_goes_to_a_waiting_interactive_request_before_any_bat
     await asyncio.sleep(0)
     status = gate.status(target.backend)
     assert (status.queued_batch, status.queued_interactive) == (1, 1)
-    with as_batch():
-        gate.ended(target)
+    gate.ended(target, (Priority.batch, ""))
     assert await _next_granted({line, chat}) == "scientist"
     assert not line.done()
     line.cancel()
@@ -101,7 +114,7 @@ async def test_batch_lines_leave_the_recent_interactive_peak_free_until_it_ages_
     gate, target, clock = _setup()
     await _fill(gate, target, 3, Priority.interactive)  # a peak of 3 interactive requests at once
     for _ in range(3):
-        gate.ended(target)
+        gate.ended(target, HOLDER)
     assert gate.status(target.backend).batch_concurrency == CAPACITY - 3
     clock.now += admission_module.HEADROOM_WINDOW_S + 1
     assert gate.status(target.backend).batch_concurrency == CAPACITY
@@ -150,8 +163,7 @@ async def test_an_interactive_request_that_waits_for_a_slot_counts_as_a_miss():
     chat = _start(gate, target, "scientist")
     await asyncio.sleep(0)
     clock.now += QUEUE_SHARE * TARGET_S
-    with as_batch():
-        gate.ended(target)
+    gate.ended(target, (Priority.batch, ""))
     await chat
     assert gate.status(target.backend).batch_concurrency == CAPACITY // 2  # the cut (the peak of 1 leaves more)
 
@@ -162,7 +174,7 @@ async def test_an_engine_queue_cuts_the_batch_only_while_interactive_traffic_is_
     status = gate.status(target.backend)
     assert (status.batch_concurrency, status.engine_waiting) == (CAPACITY, 12)
     await _start(gate, target)
-    gate.ended(target)
+    gate.ended(target, HOLDER)
     clock.now += PERIOD_S
     gate.engine_reports(target.backend, 12)
     assert gate.status(target.backend).batch_concurrency == CAPACITY // 2
@@ -175,22 +187,15 @@ async def test_users_are_served_in_weighted_fair_order():
     await asyncio.sleep(0)
     waiting.add(_start(gate, target, "single"))
     await asyncio.sleep(0)
-    served = []
-    while waiting:
-        gate.ended(target)
-        served.append(await _next_granted(waiting))
-    assert served == ["burst", "single", "burst", "burst", "burst", "burst"]
+    assert await _served_in_turn(gate, target, waiting, "holder") == ["burst", "single", "burst", "burst", "burst",
+                                                                      "burst"]
 
     heavy = {_start(gate, target, "heavy") for _ in range(4)}
     await asyncio.sleep(0)
     light = {_start(gate, target, "light") for _ in range(4)}
     await asyncio.sleep(0)
-    waiting = heavy | light
-    served = []
-    while waiting:
-        gate.ended(target)
-        served.append(await _next_granted(waiting))
-    assert served == ["heavy", "heavy", "light", "heavy", "heavy", "light", "light", "light"]
+    assert await _served_in_turn(gate, target, heavy | light, "burst") == ["heavy", "heavy", "light", "heavy", "heavy",
+                                                                           "light", "light", "light"]
 
 
 async def test_a_full_queue_answers_429_with_retry_after_and_another_user_still_queues():
@@ -226,8 +231,26 @@ async def test_a_request_cancelled_while_it_waits_takes_no_slot():
     await asyncio.sleep(0)
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)
-    gate.ended(target)
+    gate.ended(target, HOLDER)
     assert await stays == "stays"
     status = gate.status(target.backend)
     assert (status.in_flight_interactive, status.queued_interactive) == (1, 0)
     assert gate.router.health_of(target).in_flight == 1
+
+
+async def test_a_user_with_many_requests_leaves_a_slot_for_the_others_while_they_are_about():
+    gate, target, clock = _setup()
+    reserve = CAPACITY // admission_module.RESERVE_SHARE
+    await _fill(gate, target, CAPACITY, Priority.interactive)  # alone: every slot
+    for _ in range(CAPACITY):
+        gate.ended(target, HOLDER)
+    await _start(gate, target, "single")  # another user now
+    gate.ended(target, (Priority.interactive, "single"))
+    burst = [_start(gate, target, "burst") for _ in range(CAPACITY)]
+    await asyncio.sleep(0)
+    status = gate.status(target.backend)
+    assert (status.in_flight_interactive, status.queued_interactive) == (CAPACITY - reserve, reserve)
+    assert await _start(gate, target, "single") == "single"  # at once: the slot kept free
+    clock.now += admission_module.HEADROOM_WINDOW_S + 1  # the others gone quiet: the burst may take the rest
+    gate.ended(target, (Priority.interactive, "single"))
+    assert await asyncio.gather(*burst) == ["burst"] * CAPACITY

@@ -230,3 +230,22 @@ def test_processes_add_up(tmp_path: Path) -> None:
 
     assert _value(before, "first_requests_in_flight", model="tiny-chat") == 3
     assert _value(after, "first_requests_in_flight", model="tiny-chat") == 1  # the first process exited
+
+
+async def test_admission_is_read_at_each_scrape() -> None:
+    """Each endpoint's slots per class and the batch concurrency chosen, as the admission holds them when scraped."""
+    from tests.test_admission import CAPACITY, HOLDER, TARGET_S, _setup, _start
+
+    gate, target, _ = _setup()
+    metrics = GatewayMetrics()
+    metrics.refreshers.append(lambda: metrics.admission(gate.report([target.backend])))
+    await _start(gate, target)
+    gate.first_token(target, TARGET_S * 2)
+    got = _render(metrics)
+    where = {"cluster": "alpha", "endpoint": "alpha"}
+    assert _value(got, "first_admission_requests", **where, **{"class": "interactive", "state": "in_flight"}) == 1
+    assert _value(got, "first_admission_requests", **where, **{"class": "batch", "state": "queued"}) == 0
+    assert _value(got, "first_batch_concurrency", **where) == CAPACITY // 2
+    gate.ended(target, HOLDER)
+    assert _value(_render(metrics), "first_admission_requests", **where,
+                  **{"class": "interactive", "state": "in_flight"}) == 0

@@ -33,6 +33,7 @@ import heapq
 import itertools
 import math
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ class Priority(StrEnum):
 PRIORITY: ContextVar[Priority] = ContextVar("first_priority", default=Priority.interactive)
 """The class of the request the current code sends: interactive unless a batch's run set it."""
 
+Holder = tuple[Priority, str]
+"""Whose slot: its class and its user."""
+
 PERIOD_S = 1.0
 """How often batch concurrency may be cut, and the unit of its growth."""
 ADD_STEPS = 8
@@ -63,6 +67,9 @@ QUEUE_SHARE = 0.25
 """An interactive request that waited this share of the TTFT target for a slot counts as a miss: the engine's own
 time comes on top of the wait."""
 HEADROOM_WINDOW_S = 60.0
+RESERVE_SHARE = 8
+"""While several users send interactive requests to an endpoint, none holds more than all but this share of its
+slots: a request of another finds one free at once, instead of waiting for one of a burst's requests to end."""
 """How long the most interactive requests seen at once keeps its slots free of batch lines."""
 DRAIN_WEIGHT = 0.1
 """Weight of each freed slot in the moving average of the time between two (for ``Retry-After``)."""
@@ -80,50 +87,79 @@ def as_batch() -> Iterator[None]:
         PRIORITY.reset(token)
 
 
-@dataclass(order=True, slots=True)
+@dataclass(slots=True)
 class _Waiter:
     finish: float
     seq: int
-    start: float = field(compare=False)
-    user: str = field(compare=False)
-    since: float = field(compare=False)
-    granted: asyncio.Future[None] = field(compare=False)
+    """Its arrival's order, which breaks ties of tags."""
+    start: float
+    user: str
+    since: float
+    granted: asyncio.Future[None]
 
 
 @dataclass(slots=True)
 class FairQueue:
-    """One class's requests waiting for an endpoint's slots, per user, served in weighted fair order."""
+    """One class's requests waiting for an endpoint's slots: a line per user, the users in weighted fair order."""
 
     vtime: float = 0.0
     """The start tag of the request served last: a user who arrives now starts from it, not from zero, so an
     idle user earns no credit to burst with later."""
+    lines: dict[str, deque[_Waiter]] = field(default_factory=dict)
     finish: dict[str, float] = field(default_factory=dict)
     """Each waiting user's last finish tag."""
     per_user: dict[str, int] = field(default_factory=dict)
-    heap: list[_Waiter] = field(default_factory=list)
+    """Each user's requests waiting (those withdrawn not counted)."""
+    heap: list[tuple[float, int, str]] = field(default_factory=list)
+    """Each user with a line, once, by the finish tag of its first request."""
     length: int = 0
     seq: Iterator[int] = field(default_factory=itertools.count)
 
     def push(self, user: str, weight: float, since: float, granted: asyncio.Future[None]) -> None:
         start = max(self.vtime, self.finish.get(user, 0.0))
         finish = self.finish[user] = start + 1 / weight
-        heapq.heappush(self.heap, _Waiter(finish, next(self.seq), start, user, since, granted))
+        waiter = _Waiter(finish, next(self.seq), start, user, since, granted)
+        line = self.lines.get(user)
+        if line is None:
+            line = self.lines[user] = deque()
+            heapq.heappush(self.heap, (finish, waiter.seq, user))
+        line.append(waiter)
         self.per_user[user] = self.per_user.get(user, 0) + 1
         self.length += 1
 
-    def pop(self) -> _Waiter | None:
-        """The next request to serve (its tag the smallest); None when none waits."""
-        while self.heap:
-            waiter = heapq.heappop(self.heap)
-            if waiter.granted.done():  # withdrawn while it waited (``withdraw`` counted it out)
-                continue
-            self.vtime = waiter.start
-            self._count_out(waiter.user)
-            return waiter
-        return None
+    def pop(self, eligible: Callable[[str], bool]) -> _Waiter | None:
+        """The next request to serve: the smallest tag among the users ``eligible`` says may take a slot now;
+        None when none waits."""
+        passed: list[tuple[float, int, str]] = []
+        found = None
+        while self.heap and found is None:
+            entry = heapq.heappop(self.heap)
+            user = entry[2]
+            line = self.lines[user]
+            while line and line[0].granted.done():  # withdrawn while it waited (``withdraw`` counted it out)
+                line.popleft()
+            if not line:
+                del self.lines[user]
+                self.finish.pop(user, None)
+            elif line[0].seq != entry[1]:  # its first request left: placed again by the next one's tag
+                heapq.heappush(self.heap, (line[0].finish, line[0].seq, user))
+            elif not eligible(user):
+                passed.append(entry)
+            else:
+                found = line.popleft()
+                if line:
+                    heapq.heappush(self.heap, (line[0].finish, line[0].seq, user))
+                else:
+                    del self.lines[user]
+        for entry in passed:
+            heapq.heappush(self.heap, entry)
+        if found is not None:
+            self.vtime = found.start
+            self._count_out(found.user)
+        return found
 
     def withdraw(self, user: str) -> None:
-        """A waiting request of ``user`` left (cancelled); its entry is skipped when it comes up."""
+        """A waiting request of ``user`` left (cancelled); its entry is dropped when it comes up."""
         self._count_out(user)
 
     def _count_out(self, user: str) -> None:
@@ -133,7 +169,8 @@ class FairQueue:
             self.per_user[user] = left
         else:  # no request of the user waits: its tags start afresh from the queue's virtual time
             del self.per_user[user]
-            self.finish.pop(user, None)
+            if user not in self.lines:
+                self.finish.pop(user, None)
 
 
 @dataclass(slots=True)
@@ -155,6 +192,20 @@ class Gate:
     released_at: float = 0.0
     engine_waiting: int | None = None
     """Requests waiting in the engine's own queue, where it reports it."""
+    holding: dict[str, int] = field(default_factory=dict)
+    """Interactive slots each user holds."""
+    seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    """Users of interactive requests here within ``HEADROOM_WINDOW_S``, by when they last sent one."""
+
+    def may_hold_more(self, user: str, now: float) -> bool:
+        """Whether ``user`` may take another interactive slot: any while no other user was seen here within the
+        window, else all but ``capacity / RESERVE_SHARE`` of them, kept for the others' next requests."""
+        capacity = self.capacity()
+        if self.holding.get(user, 0) < max(capacity - max(capacity // RESERVE_SHARE, 1), 1):
+            return True
+        while self.seen and next(iter(self.seen.values())) < now - HEADROOM_WINDOW_S:
+            self.seen.popitem(last=False)
+        return len(self.seen) <= 1 and (not self.seen or user in self.seen)
 
     def batch_limit(self, now: float) -> int:
         """The batch lines this endpoint may have in flight now: the AIMD window, less the headroom; at least one,
@@ -197,28 +248,31 @@ class Admission:
 
     # -- one request -----------------------------------------------------------------------------------------
 
-    async def began(self, target: Target) -> None:
+    async def began(self, target: Target) -> Holder:
         """Take a slot of ``target`` for the current request (its class and user from the context), waiting in the
-        endpoint's queue when none is free; a 429 when that queue is full. The router is told once it has one."""
+        endpoint's queue when none is free to it; a 429 when that queue is full. The router is told once it has
+        one. Returns whose slot it is, for ``ended``."""
         gate = self.gate(target.backend)
-        priority = PRIORITY.get()
-        caller = ACTING.get()
-        user = caller.user if caller is not None else ANONYMOUS
+        priority, user = holder = self.holder()
         now = self.clock()
         queue = gate.queues[priority]
         if priority is Priority.interactive:
             gate.interactive.rose(now)
-        if not queue.length and self._may_take(gate, priority, now):
-            self._take(gate, priority, target)
-            return
+            gate.seen[user] = now
+            gate.seen.move_to_end(user)
+        if not queue.length and self._may_take(gate, holder, now):
+            self._count_in(gate, holder)
+            self.router.began(target)
+            return holder
         self._check_room(gate, queue, priority, user, target)
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue.push(user, self.settings.weights.get(user, 1.0), now, granted)
+        self._hand_on(gate)  # (a slot kept from a user who holds many may be free to this one)
         try:
             await granted
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():  # the slot came as the request left: hand it on
-                self._free(gate, priority)
+                self._free(gate, holder)
             else:
                 granted.cancel()
                 queue.withdraw(user)
@@ -226,11 +280,26 @@ class Admission:
                     gate.interactive.fell()
             raise
         self.router.began(target)  # (the slot was counted as it was granted)
+        return holder
 
-    def ended(self, target: Target, priority: Priority | None = None) -> None:
-        """The request's answer ended (or it failed): its slot goes to the next in line. ``priority``: the class it
-        was sent in, where this runs outside its context (a stream's end); else the context's."""
-        self._release(self.gate(target.backend), priority or PRIORITY.get(), target)
+    @staticmethod
+    def holder() -> Holder:
+        """The current request's class and user, from the context: what ``ended`` needs where it runs outside it
+        (a stream's end)."""
+        caller = ACTING.get()
+        return PRIORITY.get(), caller.user if caller is not None else ANONYMOUS
+
+    def ended(self, target: Target, holder: Holder | None) -> None:
+        """The request's answer ended (or it failed): its slot (``began``'s answer) goes to the next in line.
+        None: it never took one, and nothing is given back."""
+        if holder is None:
+            return
+        self.router.ended(target)
+        gate = self.gate(target.backend)
+        now = self.clock()
+        gate.drain_s += DRAIN_WEIGHT * (min(now - gate.released_at, PERIOD_S * ADD_STEPS) - gate.drain_s)
+        gate.released_at = now
+        self._free(gate, holder)
 
     def first_token(self, target: Target, seconds: float) -> None:
         """An interactive answer's first token came ``seconds`` after the engine took the request."""
@@ -248,40 +317,51 @@ class Admission:
 
     # -- slots -----------------------------------------------------------------------------------------------
 
-    def _may_take(self, gate: Gate, priority: Priority, now: float) -> bool:
+    def _may_take(self, gate: Gate, holder: Holder, now: float) -> bool:
         if sum(gate.in_flight.values()) >= gate.capacity():
             return False
-        return priority is Priority.interactive or gate.in_flight[Priority.batch] < gate.batch_limit(now)
+        priority, user = holder
+        if priority is Priority.interactive:
+            return gate.may_hold_more(user, now)
+        return gate.in_flight[Priority.batch] < gate.batch_limit(now)
 
-    def _take(self, gate: Gate, priority: Priority, target: Target) -> None:
+    @staticmethod
+    def _count_in(gate: Gate, holder: Holder) -> None:
+        priority, user = holder
         gate.in_flight[priority] += 1
-        self.router.began(target)
+        if priority is Priority.interactive:
+            gate.holding[user] = gate.holding.get(user, 0) + 1
 
-    def _release(self, gate: Gate, priority: Priority, target: Target) -> None:
-        self.router.ended(target)
-        now = self.clock()
-        gate.drain_s += DRAIN_WEIGHT * (min(now - gate.released_at, PERIOD_S * ADD_STEPS) - gate.drain_s)
-        gate.released_at = now
-        self._free(gate, priority)
-
-    def _free(self, gate: Gate, priority: Priority) -> None:
+    def _free(self, gate: Gate, holder: Holder) -> None:
+        priority, user = holder
         gate.in_flight[priority] -= 1
         if priority is Priority.interactive:
             gate.interactive.fell()
+            left = gate.holding[user] - 1
+            if left:
+                gate.holding[user] = left
+            else:
+                del gate.holding[user]
         self._hand_on(gate)
 
     def _hand_on(self, gate: Gate) -> None:
         """Free slots to the waiting, interactive first; a slot is counted taken as it is granted (the waiter's
         task runs later), so two releases never give one slot twice."""
         now = self.clock()
+        capacity = gate.capacity()
         for priority in Priority:  # (interactive first: the enum's order)
             queue = gate.queues[priority]
-            while queue.length and self._may_take(gate, priority, now):
-                waiter = queue.pop()
-                assert waiter is not None
+
+            def eligible(user: str, priority: Priority = priority) -> bool:
+                return self._may_take(gate, (priority, user), now)
+
+            while queue.length and sum(gate.in_flight.values()) < capacity:
+                waiter = queue.pop(eligible)
+                if waiter is None:
+                    break
                 if priority is Priority.interactive and now - waiter.since >= QUEUE_SHARE * self.ttft_target:
                     gate.miss(now)
-                gate.in_flight[priority] += 1
+                self._count_in(gate, (priority, waiter.user))
                 waiter.granted.set_result(None)
 
     def _check_room(self, gate: Gate, queue: FairQueue, priority: Priority, user: str, target: Target) -> None:
@@ -312,6 +392,10 @@ class Admission:
             in_flight_batch=gate.in_flight[Priority.batch], queued_interactive=gate.queues[Priority.interactive].length,
             queued_batch=gate.queues[Priority.batch].length, batch_concurrency=limit,
             batch_held=self._held(gate, limit), engine_waiting=gate.engine_waiting)
+
+    def report(self, backends: list[Backend]) -> list[tuple[str, str, AdmissionStatus]]:
+        """``/metrics``' view: each endpoint's cluster, name and slots."""
+        return [(backend.cluster, backend.name, self.status(backend)) for backend in backends]
 
     def held(self, model: str) -> bool:
         """Whether batch lines for ``model`` wait because interactive traffic holds its endpoints' batch

@@ -363,12 +363,12 @@ class Gateway:
                 tried.waits_for(target)
                 if self.config.defaults.cold_start.mode == "reject":
                     raise self.starts.not_ready(target)
-            await self.admission.began(target)  # a slot of the endpoint (it tells the router)
+            tried.holder = await self.admission.began(target)  # a slot of the endpoint (it tells the router)
             tried.add(target, waits or self.router.health_of(target).loaded())
             try:
                 return await call(target)
             except OpenAIError as exc:
-                self.admission.ended(target)
+                self.admission.ended(target, tried.holder)
                 if exc.status == FORBIDDEN:  # this user may not use that cluster; another may serve the model
                     if current() is None:
                         self.router.forbid(target, exc.message)
@@ -382,7 +382,7 @@ class Gateway:
                                       f"the last: {exc.message}"
                     raise
             except BaseException:
-                self.admission.ended(target)
+                self.admission.ended(target, tried.holder)
                 raise
         raise AssertionError("the router gave no candidate")  # candidates() raises its 404 instead
 
@@ -442,7 +442,7 @@ class Gateway:
             self.record(req, tried.last, CLIENT_CLOSED, t0, None, None, None, request_id, None)
             raise
         target = tried.targets[-1]
-        self.admission.ended(target)
+        self.admission.ended(target, tried.holder)
         self.router.succeeded(target, tried.answer_time(time.perf_counter()))
         if reply.content_type is not None and "json" not in reply.content_type:  # a transcript as text, SRT, VTT
             self.record(req, target, reply.status, t0, None, None, None, request_id, None)

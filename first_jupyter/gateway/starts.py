@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from first_jupyter.api_types import WarmReply
 from first_jupyter.config import ColdStart
+from first_jupyter.gateway.admission import Holder
 from first_jupyter.gateway.answers import WaitingAnswer
 from first_jupyter.gateway.catalog import Catalog
 from first_jupyter.gateway.router import Target
@@ -31,12 +32,14 @@ class Attempts:
     """The endpoints a request was sent to, in order; of the last, when, and whether it had to start the model
     first (then its answer time is a start's, not the engine's)."""
 
-    __slots__ = ("must_start", "sent_at", "targets", "waited")
+    __slots__ = ("holder", "must_start", "sent_at", "targets", "waited")
 
     def __init__(self, *, heard: bool = False) -> None:
         """``heard``: the client wants to hear a start's progress; ``must_start`` then resolves to the first
         endpoint the request must wait for (made only then: a future per request costs on the lean path)."""
         self.targets: list[Target] = []
+        self.holder: Holder | None = None
+        """Whose slot of the last target it holds (``admission``): given back as that, whatever the context."""
         self.sent_at = 0.0
         self.waited = False
         self.must_start: asyncio.Future[Target] | None = \

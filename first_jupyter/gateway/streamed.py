@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from first_jupyter.config import FirstConfig
-from first_jupyter.gateway.admission import PRIORITY, Admission, Priority
+from first_jupyter.gateway.admission import Admission, Priority
 from first_jupyter.gateway.answers import Relayed, tell_until_done
 from first_jupyter.gateway.audio import FormRequest
 from first_jupyter.gateway.backends.base import Stream
@@ -72,7 +72,7 @@ class GatewayStream(Relayed):
     callbacks, outside the request's context: the response id its first event names, its record when closed.
     """
 
-    __slots__ = ("_attempts", "_caller", "_gateway", "_opened_at", "_opening", "_priority", "_req",
+    __slots__ = ("_attempts", "_caller", "_gateway", "_opened_at", "_opening", "_req",
                  "_t0", "_ttft", "_upstream", "_watch", "error", "request_id", "shape", "target")
 
     def __init__(self, gateway: StreamHost, req: ParsedRequest, target: Target, attempts: Attempts,
@@ -92,7 +92,6 @@ class GatewayStream(Relayed):
         self._opening = opening
         self.shape: StreamShape | None = None
         """Set by a route whose client speaks another API than the engine's stream, before it is relayed."""
-        self._priority = PRIORITY.get()
         self._opened_at = gateway.admission.clock()
         """When the engine took the request (its answer's head came): its first token is timed from here."""
         if req.capability is Capability.responses:
@@ -127,7 +126,8 @@ class GatewayStream(Relayed):
         def sink(chunk: bytes) -> bool:
             if self._ttft is None:
                 self._ttft = time.perf_counter()
-                if self._opening is None and self._priority is Priority.interactive:  # (not after a start)
+                holder = self._attempts.holder
+                if self._opening is None and holder is not None and holder[0] is Priority.interactive:  # (no start)
                     admission = self._gateway.admission
                     admission.first_token(self.target, admission.clock() - self._opened_at)
             out = feed(chunk)
@@ -183,7 +183,8 @@ class GatewayStream(Relayed):
             self._req.form.close()  # sent, or never to be
         if self._upstream is not None:
             self._upstream.close()
-            self._upstream.when_done(functools.partial(self._gateway.admission.ended, self.target, self._priority))
+            self._upstream.when_done(functools.partial(self._gateway.admission.ended, self.target,
+                                                       self._attempts.holder))
             if self.error is not None:
                 router.failed(self.target, self.error.message)  # broke off mid-stream: keep it out if it goes on
             elif self._ttft is not None:

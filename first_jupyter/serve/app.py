@@ -148,6 +148,7 @@ def build(config: FirstConfig, settings: ServeConfig, state_dir: Path, secret: s
     metrics = GatewayMetrics()
     gateway.catalog.state_observers.append(metrics.endpoint_states)
     gateway.catalog.state_observers.append(lambda _readings: metrics.prefix_routing(gateway.catalog.prefix_counts()))
+    metrics.refreshers.append(lambda: metrics.admission(gateway.admission.report(gateway.catalog.backends)))
     policy = SharedPolicy(settings, state_dir, state, secret, metrics, compute_as_callers=gateway.compute_as_callers)
     app = Application(shared_routes(), first_gateway=gateway, first_loop=SameLoop(), first_max_request_bytes=0,
                       first_shared=policy, log_function=lambda _handler: None)  # the access log replaces tornado's

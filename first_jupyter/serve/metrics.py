@@ -24,6 +24,7 @@ configuration or HTTP; the requesting user never becomes a label, as every new u
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ from prometheus_client import (
     values,
 )
 
+from first_jupyter.api_types import AdmissionStatus
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import CLIENT_CLOSED
 
@@ -121,6 +123,17 @@ class GatewayMetrics:
         self._prefix_hits = Gauge("first_prefix_hits", "Of first_prefix_routed, those sent there because it was last "
                                   "sent part of their opening (its prefix cache holds it)", ("cluster", "endpoint"),
                                   multiprocess_mode="livesum", registry=registry)
+        # livesum: each process has its own slots and queues (``gateway.admission``); the endpoint's are their sum
+        self._slots = Gauge("first_admission_requests", "Requests holding (state=in_flight) or waiting for "
+                            "(state=queued) an endpoint's slots, by class (interactive, batch)",
+                            ("cluster", "endpoint", "class", "state"), multiprocess_mode="livesum", registry=registry)
+        self._batch_concurrency = Gauge("first_batch_concurrency", "Batch requests an endpoint may have in flight, "
+                                        "as the admission controller chose it (AIMD on interactive time to first "
+                                        "token, less the slots kept for interactive traffic)",
+                                        ("cluster", "endpoint"), multiprocess_mode="livesum", registry=registry)
+        self.refreshers: list[Callable[[], None]] = []
+        """Called before each scrape is rendered: values read from their owner then rather than kept up to date
+        on every request (``app.make_app`` adds the admission's)."""
         refused = Counter("first_refused_total", "Requests refused before they reached the gateway", ("reason",),
                           registry=registry)
         # created now, so that every reason reads 0 rather than being absent until its first refusal
@@ -194,8 +207,20 @@ class GatewayMetrics:
             self._prefix_routed.labels(cluster, endpoint).set(routed)
             self._prefix_hits.labels(cluster, endpoint).set(hits)
 
+    def admission(self, endpoints: list[tuple[str, str, AdmissionStatus]]) -> None:
+        """Each endpoint's slots per class, and the batch concurrency chosen (cluster, endpoint, status)."""
+        for cluster, endpoint, status in endpoints:
+            for priority, in_flight, queued in (("interactive", status.in_flight_interactive,
+                                                 status.queued_interactive),
+                                                ("batch", status.in_flight_batch, status.queued_batch)):
+                self._slots.labels(cluster, endpoint, priority, "in_flight").set(in_flight)
+                self._slots.labels(cluster, endpoint, priority, "queued").set(queued)
+            self._batch_concurrency.labels(cluster, endpoint).set(status.batch_concurrency)
+
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its Content-Type; in multiprocess mode, merged from every process's files."""
+        for refresh in self.refreshers:
+            refresh()
         return generate_latest(self._exposed), CONTENT_TYPE_LATEST
 
 
