@@ -70,6 +70,10 @@ cache-aware routing go here too (they are the router's, and this bench only coun
 _T = TypeVar("_T")
 
 
+class BenchError(RuntimeError):
+    """The bench could not measure what it says: a figure would be a lie."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     engines: int = 2
@@ -77,8 +81,8 @@ class Settings:
     batch_lines: int = 20_000
     rate: float = 2.0
     baseline_s: float = 120.0
-    batch_alone_s: float = 60.0
-    mixed_s: float = 120.0
+    batch_alone_s: float = 40.0
+    mixed_s: float = 90.0
     burst: int = 500
     singles: int = 5
     chat_prefixes: int = 4
@@ -291,6 +295,9 @@ class Bench:
             await asyncio.wait((work,), timeout=POLL_S)
             polls += 1
             paused += bool(self.gw.batches.batch(batch_id).paused_for_interactive)
+        if self.gw.batches.batch(batch_id).status != "in_progress":
+            raise BenchError(f"the batch ended before {self.loop.time() - start:.0f} s of measuring: give it more "
+                             "lines (--lines) or the phases less time")
         return (self.completed(batch_id) - done0) / (self.loop.time() - start), work.result(), paused / max(polls, 1)
 
     async def stop_batch(self, batch_id: str) -> None:

@@ -133,7 +133,8 @@ class AdmissionStatus(ApiObject):
     batch_concurrency: int
     """The batch lines it may have in flight now: the AIMD window, less the slots kept for interactive traffic."""
     batch_held: bool
-    """Batch lines wait because interactive traffic holds the batch concurrency below the capacity."""
+    """Batch lines wait because interactive requests missed their target and the controller cut the batch
+    concurrency (the sidebar shows the batch as paused for interactive traffic)."""
     engine_waiting: int | None = None
     """Requests waiting in the engine's own queue, where it reports it (vLLM's ``vllm:num_requests_waiting``)."""
 

@@ -196,7 +196,7 @@ class Offload:
         values = {"{input}": str(chunk.input), "{port}": str(self.backend.engine_port),
                   "{model}": self.model.path or served_name, "{served_name}": served_name}
         admission, target = self.run.gateway.admission, Target(self.model.id, self.backend)
-        await admission.began(target)  # a batch slot of its endpoint while it runs, as a batch line takes
+        holder = await admission.began(target)  # a batch slot of its endpoint while it runs, as a batch line takes
         try:
             task = await self.backend.submitter.submit(run_chunk, self.settings.command, values, str(chunk.output),
                                                        self.settings.chunk_timeout)
@@ -209,7 +209,7 @@ class Offload:
                 task.cancel()
                 raise
         finally:
-            admission.ended(target)
+            admission.ended(target, holder)
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, OpenAIError):

@@ -211,12 +211,21 @@ class Gate:
         """The batch lines this endpoint may have in flight now: the AIMD window, less the headroom; at least one,
         so a batch always moves (and its answers keep the controller evaluated)."""
         capacity = self.capacity()
+        return max(1, min(math.floor(self.grown(now)), capacity - self.interactive.peak(now)))
+
+    def grown(self, now: float) -> float:
+        """The AIMD window, grown by the periods passed without a miss since it last grew (at most the capacity)."""
+        capacity = self.capacity()
         if self.window < capacity and now - self.raised_at >= PERIOD_S:
             periods = math.floor((now - self.raised_at) / PERIOD_S)
             self.window = min(self.window + periods * max(capacity / ADD_STEPS, 1.0), capacity)
             self.raised_at += periods * PERIOD_S
-        window = min(self.window, capacity)
-        return max(1, min(math.floor(window), capacity - self.interactive.peak(now)))
+        return min(self.window, capacity)
+
+    def held(self, now: float) -> bool:
+        """Batch lines wait while a cut is in effect (interactive requests missed their target): not merely the
+        headroom kept for interactive traffic, which costs a batch a few slots, not its pace."""
+        return bool(self.queues[Priority.batch].length) and self.grown(now) < self.capacity()
 
     def miss(self, now: float) -> None:
         """Interactive traffic suffers: halve the batch window (once per period)."""
@@ -391,7 +400,7 @@ class Admission:
             capacity=gate.capacity(), in_flight_interactive=gate.in_flight[Priority.interactive],
             in_flight_batch=gate.in_flight[Priority.batch], queued_interactive=gate.queues[Priority.interactive].length,
             queued_batch=gate.queues[Priority.batch].length, batch_concurrency=limit,
-            batch_held=self._held(gate, limit), engine_waiting=gate.engine_waiting)
+            batch_held=gate.held(now), engine_waiting=gate.engine_waiting)
 
     def report(self, backends: list[Backend]) -> list[tuple[str, str, AdmissionStatus]]:
         """``/metrics``' view: each endpoint's cluster, name and slots."""
@@ -401,9 +410,4 @@ class Admission:
         """Whether batch lines for ``model`` wait because interactive traffic holds its endpoints' batch
         concurrency down (the sidebar says the batch is paused for it)."""
         now = self.clock()
-        gates = [self.gate(t.backend) for t in self.router.catalog.get(model, ())]
-        return any(self._held(gate, gate.batch_limit(now)) for gate in gates)
-
-    @staticmethod
-    def _held(gate: Gate, limit: int) -> bool:
-        return bool(gate.queues[Priority.batch].length) and limit < gate.capacity()
+        return any(self.gate(t.backend).held(now) for t in self.router.catalog.get(model, ()))
