@@ -4,18 +4,24 @@ TTFT miss, recovery), users in weighted fair order, and a bounded queue that ans
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+import orjson
 import pytest
 
+from bench.fake_upstream import FakeUpstream
 from first_jupyter.config import Admission as AdmissionSettings
+from first_jupyter.config import parse_config
 from first_jupyter.gateway import admission as admission_module
 from first_jupyter.gateway.admission import PERIOD_S, QUEUE_SHARE, Admission, Priority, as_batch
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.caller import ACTING, Caller
 from first_jupyter.gateway.router import Router, Target
-from first_jupyter.protocol import Capability, OpenAIError
+from first_jupyter.protocol import Capability, OpenAIError, parse_request
+from first_jupyter.service import build_gateway
+from tests.waiting import eventually_async
 
 TARGET_S = 2.0
 HOLDER = (Priority.interactive, "holder")
@@ -254,3 +260,46 @@ async def test_a_user_with_many_requests_leaves_a_slot_for_the_others_while_they
     clock.now += admission_module.HEADROOM_WINDOW_S + 1  # the others gone quiet: the burst may take the rest
     gate.ended(target, (Priority.interactive, "single"))
     assert await asyncio.gather(*burst) == ["burst"] * CAPACITY
+
+
+async def test_through_the_gateway_batch_lines_take_batch_slots_and_a_chat_gets_the_next_one(tmp_path: Path):
+    """The wiring: a batch's lines take batch slots of the endpoint (its concurrency: 2) through the real runner, a
+    chat that finds them all taken waits and gets the next slot freed before the batch's next line, and
+    ``/first/api/status`` tells it all per endpoint."""
+    upstream = FakeUpstream(models=["m"])
+    port = await upstream.start()
+    config = {"clusters": {"alpha": {"backend": "http", "endpoints": [{
+        "name": "one", "base_url": f"http://127.0.0.1:{port}/v1", "concurrency": 2, "models": [{"id": "m"}]}]}},
+        "auth": {"sources": ["env"]}}
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={})
+    backend = gateway.catalog.backends[0]
+    try:
+        upstream.hold()
+        store = gateway.batches.store
+        lines = b"".join(orjson.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                       "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}})
+                         + b"\n" for i in range(4))
+        store.path("file-in").write_bytes(lines)
+        store.add_file("batch", "in.jsonl", len(lines), 4, "file-in")
+        batch = await gateway.batches.create(orjson.dumps({"input_file_id": "file-in", "completion_window": "24h",
+                                                           "endpoint": "/v1/chat/completions"}))
+        await eventually_async(lambda: upstream.held == 2, "two batch lines at the engine")
+        chat = asyncio.create_task(gateway.complete(parse_request(Capability.chat, orjson.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hello"}]}))))
+        await eventually_async(lambda: gateway.admission.status(backend).queued_interactive == 1, "the chat waits")
+        assert gateway.batches.batch(batch.id).paused_for_interactive is False  # no miss yet: only waiting
+        upstream.release(1)  # a batch line ends: its slot goes to the chat, the batch's next line waits
+        await eventually_async(lambda: gateway.admission.status(backend).queued_batch == 1, "the next line waits")
+        status = next(e for e in (await gateway.status()).endpoints if e.endpoint == "one").admission
+        assert status is not None
+        assert (status.capacity, status.in_flight_batch, status.in_flight_interactive, status.queued_batch,
+                status.queued_interactive) == (2, 1, 1, 1, 0)
+        upstream.release()
+        assert (await chat).target.endpoint == "one"
+        await eventually_async(lambda: gateway.batches.batch(batch.id).status == "completed", "the batch done")
+        assert gateway.batches.batch(batch.id).request_counts.completed == 4
+        final = gateway.admission.status(backend)
+        assert (final.in_flight_batch, final.in_flight_interactive, final.queued_batch) == (0, 0, 0)
+    finally:
+        await gateway.close()
+        await upstream.stop()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench import batch, overhead
+from bench import batch, mixed_load, overhead
 from bench.overhead import Settings, Tally, plain_row, stream_figures, targets
 
 SETTINGS = Settings(requests=100, streams=4, rounds=1, chunks=4, pace=0.0, service=0.02)
@@ -81,3 +81,37 @@ def test_a_tiny_batch_bench_runs_both_ways_and_its_figures_add_up(tmp_path: Path
     assert figures["small_batch"]["peak_rss_mb"] > 50  # a Jupyter server's, read from the kernel
     assert rc == (0 if figures["ratio"] >= batch.MIN_RATIO and figures["rss_growth_mb"] < batch.MAX_RSS_GROWTH_MB
                   else 1)
+
+
+def test_a_tiny_mixed_load_run_goes_through_every_phase_and_its_verdict_is_its_goals(tmp_path: Path):
+    """The mixed-load bench on virtual time (``--quick``): every phase measured from one run, each figure from
+    requests that went through the gateway to the fake engines, and the exit status the goals' verdict."""
+    out = tmp_path / "mixed.json"
+    rc = mixed_load.main(["--quick", "--json", str(out)])
+    written = json.loads(out.read_text())
+    figures, settings = written["figures"], written["settings"]
+    assert figures["no_batch"]["n"] > 0
+    assert figures["with_batch"]["n"] > 0
+    assert figures["single_unloaded"]["n"] == figures["single_during_burst"]["n"] == settings["singles"]
+    assert figures["batch_alone"]["lines_per_s"] > 0
+    assert figures["with_batch"]["batch_lines_per_s"] > 0
+    assert 0 < figures["no_batch"]["prefix_hit_rate"] <= 1
+    assert set(figures["affinity"]) == {"default", "affinity_off"}
+    assert [a["capacity"] for a in figures["batch_admission"]] == [settings["slots"]] * settings["engines"]
+    assert written["goals"] == mixed_load.goals(figures)
+    assert rc == (0 if all(g["pass"] for g in written["goals"]) else 1)
+
+
+def _mixed(*, p95_ms: float, lines_per_s: float, burst_p95_ms: float) -> dict[str, Any]:
+    """Figures of a mixed-load run: 100 ms p95 and 100 lines/s without interference, the rest as given."""
+    return {"no_batch": {"p50_ms": 80.0, "p95_ms": 100.0}, "batch_alone": {"lines_per_s": 100.0},
+            "with_batch": {"p50_ms": 80.0, "p95_ms": p95_ms, "batch_lines_per_s": lines_per_s},
+            "single_unloaded": {"p50_ms": 100.0}, "single_during_burst": {"p95_ms": burst_p95_ms}}
+
+
+def test_the_mixed_load_goals_judge_what_they_say():
+    verdicts = lambda figures: [g["pass"] for g in mixed_load.goals(figures)]  # noqa: E731
+    assert verdicts(_mixed(p95_ms=125.0, lines_per_s=80.0, burst_p95_ms=150.0)) == [True, True, True]
+    assert verdicts(_mixed(p95_ms=126.0, lines_per_s=80.0, burst_p95_ms=150.0)) == [False, True, True]
+    assert verdicts(_mixed(p95_ms=100.0, lines_per_s=79.0, burst_p95_ms=150.0)) == [True, False, True]
+    assert verdicts(_mixed(p95_ms=100.0, lines_per_s=100.0, burst_p95_ms=151.0)) == [True, True, False]
