@@ -277,6 +277,10 @@ class HttpEndpoint(_Upstream):
     base_url: str = Field(pattern=r"^https?://", description="ends with the API root, e.g. http://host:8000/v1")
     concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION)
     models: list[ModelConfig] = Field(min_length=1)
+    engine_metrics: bool = Field(
+        default=False, description="a vLLM engine: read its /metrics (beside the API root) with each status "
+                                   "reading; requests waiting in its own queue (vllm:num_requests_waiting) then cut "
+                                   "the batch concurrency while interactive traffic is about")
 
 
 class FirstGatewayEndpoint(_Upstream):

@@ -65,7 +65,7 @@ class _BackendBuilder:
                 backends.extend(HttpBackend(
                     cluster_name, ep.name, ep.base_url, ep.models, client, api_key_env=ep.api_key_env,
                     globus=(tokens, ep.globus_resource_server) if ep.globus_resource_server else None,
-                    capacity=ep.concurrency,
+                    capacity=ep.concurrency, engine_metrics=ep.engine_metrics,
                     reach=reach_of(f"clusters.{cluster_name}.endpoints[{i}]", ep.proxy, ep.tls))
                     for i, ep in enumerate(cluster.endpoints))
             elif isinstance(cluster, LocalCluster):

@@ -11,6 +11,7 @@ from typing import cast
 import orjson
 import pytest
 
+from bench.fake_engine import EngineSettings, FakeEngine
 from bench.fake_upstream import FakeUpstream
 from first_jupyter.config import Admission as AdmissionSettings
 from first_jupyter.config import parse_config
@@ -303,3 +304,30 @@ async def test_through_the_gateway_batch_lines_take_batch_slots_and_a_chat_gets_
     finally:
         await gateway.close()
         await upstream.stop()
+
+
+async def test_an_engine_queue_read_from_vllm_metrics_cuts_the_batch_concurrency(tmp_path: Path):
+    """``engine_metrics: true``: each status reading also reads the engine's ``/metrics``; requests waiting in its
+    own queue (``vllm:num_requests_waiting``) while chats are about halve the batch concurrency."""
+    engine = FakeEngine("m", EngineSettings(slots=1, decode_s_per_token=3600.0))  # answers that last the test
+    port = await engine.start()
+    config = {"clusters": {"alpha": {"backend": "http", "endpoints": [{
+        "name": "one", "base_url": f"http://127.0.0.1:{port}/v1", "concurrency": 8, "engine_metrics": True,
+        "models": [{"id": "m"}]}]}}, "auth": {"sources": ["env"]}}
+    gateway = build_gateway(parse_config(config, "test"), tmp_path, environ={})
+    body = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "system", "content": "be brief"},
+                                                                    {"role": "user", "content": "hi"}]})
+    streams = []
+    try:
+        for _ in range(2):
+            streams.append(await gateway.stream(parse_request(Capability.chat, body)))
+        await eventually_async(lambda: engine.waiting == 1, "one chat waits in the engine's queue")
+        admission = next(e for e in (await gateway.status()).endpoints if e.endpoint == "one").admission
+        assert admission is not None
+        assert (admission.engine_waiting, admission.in_flight_interactive) == (1, 2)
+        assert admission.batch_concurrency == 8 // 2  # cut; the headroom alone would leave 8 - 2
+    finally:
+        for stream in streams:
+            stream.close(client_gone=True)
+        await gateway.close()
+        await engine.stop()

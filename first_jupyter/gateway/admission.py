@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from first_jupyter.api_types import AdmissionStatus
 from first_jupyter.config import Admission as AdmissionSettings
@@ -74,6 +75,8 @@ slots: a request of another finds one free at once, instead of waiting for one o
 DRAIN_WEIGHT = 0.1
 """Weight of each freed slot in the moving average of the time between two (for ``Retry-After``)."""
 ANONYMOUS = ""
+ENGINE_WAITING_KEY = "engine_waiting"
+"""The key of an endpoint's status reading that counts the requests waiting in its engine's own queue."""
 """The user of requests with no caller (a user's own Jupyter server serves one person)."""
 
 
@@ -323,6 +326,15 @@ class Admission:
         now = self.clock()
         if waiting > 0 and gate.interactive.peak(now) > 0:
             gate.miss(now)
+
+    def observe(self, backends: list[Backend], readings: list[dict[str, Any]]) -> None:
+        """Status readings (``catalog.state_observers``): each engine's own queue, where one reports it."""
+        by_name = {(b.cluster, b.name): b for b in backends}
+        for reading in readings:
+            waiting = reading.get(ENGINE_WAITING_KEY)
+            backend = by_name.get((str(reading.get("cluster")), str(reading.get("endpoint"))))
+            if isinstance(waiting, int) and backend is not None:
+                self.engine_reports(backend, waiting)
 
     # -- slots -----------------------------------------------------------------------------------------------
 

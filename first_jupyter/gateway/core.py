@@ -143,6 +143,7 @@ class Gateway:
         self.admission = Admission(self.router, config.defaults.admission,
                                    config.defaults.batch.interactive_ttft_target)
         """Each endpoint's slots: interactive first, batch lines in what is left, users in fair order."""
+        self.catalog.state_observers.append(lambda readings: self.admission.observe(self.backends, readings))
         self.ceilings = TokenCeilings(config)
         self.catalog.state_observers.append(self.ceilings.observe)
         self.starts = Starts(self.catalog, self.supervisor, config.defaults.cold_start)

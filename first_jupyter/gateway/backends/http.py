@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from first_jupyter.config import ConfigError, ModelConfig, TlsConfig
+from first_jupyter.gateway.admission import ENGINE_WAITING_KEY
 from first_jupyter.gateway.audio import FormBody
 from first_jupyter.gateway.backends.base import RequestBody
 from first_jupyter.gateway.bearer import BearerTokens
@@ -30,6 +31,8 @@ ACCOUNT_REFUSALS = ("permission denied", "not a member of", "not part of", "coul
 """Words of a FIRST gateway's 401s that refuse the user's account (a Globus group, identity-provider domain or
 policy rule: ``check_permission`` and the group checks in its resource_server_async/auth.py), not the token.
 Signing in again does not help there, and another endpoint may take the account."""
+WAITING_METRIC = "vllm:num_requests_waiting"
+"""vLLM's gauge of the requests its scheduler holds back (the engine's own queue)."""
 
 log = logging.getLogger(__name__)
 _JSON = b"Content-Type: application/json\r\n"
@@ -79,10 +82,11 @@ class HttpBackend:
 
     def __init__(self, cluster: str, name: str, base_url: str, models: list[ModelConfig], client: UpstreamClient,
                  *, api_key_env: str | None = None, globus: tuple[BearerTokens, str] | None = None,
-                 capacity: int = 64, reach: Reach | None = None) -> None:
+                 capacity: int = 64, reach: Reach | None = None, engine_metrics: bool = False) -> None:
         """``globus``: send the user's token for this resource server (from these bearer tokens) with each
         request, as a FIRST gateway wants it. ``reach``: the endpoint's proxy and TLS settings; None for an
-        engine of this gateway's own on loopback, which is always reached directly."""
+        engine of this gateway's own on loopback, which is always reached directly. ``engine_metrics``: read the
+        engine's queue from vLLM's ``/metrics`` with each status reading."""
         self.cluster = cluster
         self.name = name
         self.capacity = capacity
@@ -96,6 +100,7 @@ class HttpBackend:
         except (ProxyError, TlsSettingError) as exc:
             raise ConfigError(f"{self.where}: {exc}") from None
         self._models_url = self.url(f"{self.base_url}/models")
+        self._metrics_url = self.url(f"{self.base_url.removesuffix('/v1')}/metrics") if engine_metrics else None
         if reach is not None and not reach.tls.verify:
             log.warning("%s: TLS certificates are not verified (%s.verify is false): anyone on the path can read "
                         "and change its traffic", self.where, reach.tls.source)
@@ -215,8 +220,27 @@ class HttpBackend:
                                                        '({"object": "list", "data": [{"id": ...}, ...]}): is '
                                                        "base_url the engine's API root?"}
         public = {self.upstream_name(model_id): model_id for model_id in self._models}
+        if self._metrics_url is not None:
+            info[ENGINE_WAITING_KEY] = await self._engine_waiting(self._metrics_url)
         return {**info, "state": "online", "upstream_models": listed,
                 LIMITS_KEY: reported_limits(orjson.loads(reply.body), public)}
+
+    async def _engine_waiting(self, url: Url) -> int | None:
+        """Requests waiting in the engine's own queue, from its Prometheus text (vLLM's
+        ``vllm:num_requests_waiting``, summed over its models); None when it does not say."""
+        try:
+            reply = await self._client.request("GET", url, await self._head(), None, self.where,
+                                               first_byte=STATUS_TIMEOUT)
+        except OpenAIError:
+            return None
+        if reply.status != 200:
+            return None
+        values = [line.rsplit(" ", 1)[-1] for line in reply.body.decode("utf-8", "replace").splitlines()
+                  if line.startswith(WAITING_METRIC)]
+        try:
+            return round(sum(float(value) for value in values)) if values else None
+        except ValueError:
+            return None
 
     async def warm(self, model_id: str) -> None:
         """An upstream is started by whoever runs it: warming it only checks that it answers."""
