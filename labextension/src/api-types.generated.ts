@@ -174,7 +174,8 @@ export interface AdmissionStatus {
    */
   batch_concurrency: number;
   /**
-   * Batch lines wait because interactive traffic holds the batch concurrency below the capacity.
+   * Batch lines wait because interactive requests missed their target and the controller cut the batch
+   * concurrency (the sidebar shows the batch as paused for interactive traffic).
    */
   batch_held: boolean;
   /**
