@@ -206,9 +206,16 @@ class Gate:
         capacity = self.capacity()
         if self.holding.get(user, 0) < max(capacity - max(capacity // RESERVE_SHARE, 1), 1):
             return True
+        self.saw(None, now)
+        return len(self.seen) <= 1 and (not self.seen or user in self.seen)
+
+    def saw(self, user: str | None, now: float) -> None:
+        """``user`` sent an interactive request now (None: no one); those quiet for the window are forgotten."""
+        if user is not None:
+            self.seen[user] = now
+            self.seen.move_to_end(user)
         while self.seen and next(iter(self.seen.values())) < now - HEADROOM_WINDOW_S:
             self.seen.popitem(last=False)
-        return len(self.seen) <= 1 and (not self.seen or user in self.seen)
 
     def batch_limit(self, now: float) -> int:
         """The batch lines this endpoint may have in flight now: the AIMD window, less the headroom; at least one,
@@ -270,8 +277,7 @@ class Admission:
         queue = gate.queues[priority]
         if priority is Priority.interactive:
             gate.interactive.rose(now)
-            gate.seen[user] = now
-            gate.seen.move_to_end(user)
+            gate.saw(user, now)
         if not queue.length and self._may_take(gate, holder, now):
             self._count_in(gate, holder)
             self.router.began(target)
