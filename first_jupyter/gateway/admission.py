@@ -16,7 +16,9 @@ its answer ends (``ended``); a request that finds none waits in the endpoint's q
   happens, back to full.
 - **Fairness.** Within a class, users are served in weighted fair order (start-time fair queueing: each request is
   tagged with its user's virtual finish time, and the smallest tag goes first), so one user's burst of 500
-  requests does not delay another user's single chat behind it. ``defaults.admission.weights`` weighs users.
+  requests does not delay another user's single chat behind it. ``defaults.admission.weights`` weighs users. And
+  while several users send to an endpoint, none holds more than all but ``1 / RESERVE_SHARE`` of its slots, so
+  another's chat finds one free rather than waiting for one of the burst's answers to end.
 - **Bounded.** A queue holds at most ``max_queued`` requests per class and ``max_queued_per_user`` per user; past
   it a 429 with ``Retry-After``.
 
@@ -68,16 +70,17 @@ QUEUE_SHARE = 0.25
 """An interactive request that waited this share of the TTFT target for a slot counts as a miss: the engine's own
 time comes on top of the wait."""
 HEADROOM_WINDOW_S = 60.0
+"""How long the most interactive requests seen at once keeps its slots free of batch lines (and how long a user
+counts as about, for ``RESERVE_SHARE``)."""
 RESERVE_SHARE = 8
 """While several users send interactive requests to an endpoint, none holds more than all but this share of its
 slots: a request of another finds one free at once, instead of waiting for one of a burst's requests to end."""
-"""How long the most interactive requests seen at once keeps its slots free of batch lines."""
 DRAIN_WEIGHT = 0.1
 """Weight of each freed slot in the moving average of the time between two (for ``Retry-After``)."""
 ANONYMOUS = ""
+"""The user of requests with no caller (a user's own Jupyter server serves one person)."""
 ENGINE_WAITING_KEY = "engine_waiting"
 """The key of an endpoint's status reading that counts the requests waiting in its engine's own queue."""
-"""The user of requests with no caller (a user's own Jupyter server serves one person)."""
 
 
 @contextlib.contextmanager
