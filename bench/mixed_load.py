@@ -19,8 +19,9 @@ scheduling's alone: the gateway's own CPU costs nothing here (``bench/overhead.p
 busy cores gives the same figures as on an idle machine. A thread's work (SQLite, file reads) freezes the clock
 until it is done.
 
-Run ``python bench/mixed_load.py`` (a few minutes: 20,000 lines through the gateway), ``--quick`` for a small run;
-``--json PATH`` also writes the figures. The exit status is 0 when every goal holds.
+Run ``python bench/mixed_load.py`` (seconds of CPU: 20,000 lines through the gateway), ``--quick`` for a small
+run (engines of 8 slots, where a few chats are a large share: not sized to meet the goals); ``--json PATH`` also
+writes the figures. The exit status is 0 when every goal holds.
 """
 
 from __future__ import annotations
@@ -416,13 +417,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run (seconds)")
     parser.add_argument("--lines", type=int, help="batch lines (default 20,000)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--batch-prefixes", type=int, help="system prompts among the batch's lines (default 8)")
+    parser.add_argument("--cache-prefixes", type=int, help="prefixes each engine's cache holds (default 16): "
+                                                           "fewer than the prefixes in use makes routing matter")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     if args.lines:
         settings = replace(settings, batch_lines=args.lines)
-    if args.seed is not None:
-        settings = replace(settings, seed=args.seed)
+    for name in ("seed", "batch_prefixes", "cache_prefixes"):
+        if getattr(args, name) is not None:
+            settings = replace(settings, **{name: getattr(args, name)})
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         figures = runner.run(run(settings))
     print(report(settings, figures))
