@@ -64,7 +64,7 @@ LINE_WORDS = 40
 CHAT_TOKENS = 64
 LINE_TOKENS = 32
 
-PREFIX_AFFINITY_OFF: dict[str, Any] = {"sticky_conversations": False}
+PREFIX_AFFINITY_OFF: dict[str, Any] = {"prefix_routing": {"enabled": False}}
 """The ``defaults`` that turn every prefix affinity of the router off, for the comparison run: the settings of
 cache-aware routing go here too (they are the router's, and this bench only counts what the engines see)."""
 

@@ -23,7 +23,7 @@ its answer ends (``ended``); a request that finds none waits in the endpoint's q
   it a 429 with ``Retry-After``.
 
 The class of a request is the ``PRIORITY`` context variable (the batch runner sets ``batch``; everything else is
-interactive), and its user is the acting caller's (``gateway.caller.ACTING``), so no signature carries either. All
+interactive), and its user is the acting caller's (``gateway.caller.current``), so no signature carries either. All
 logic runs on an injectable clock and sleeps nowhere: a unit test or a simulation drives it on virtual time.
 """
 
@@ -45,7 +45,7 @@ from typing import Any
 from first_jupyter.api_types import AdmissionStatus
 from first_jupyter.config import Admission as AdmissionSettings
 from first_jupyter.gateway.backends.base import Backend
-from first_jupyter.gateway.caller import ACTING
+from first_jupyter.gateway.caller import current
 from first_jupyter.gateway.router import Demand, Router, Target
 from first_jupyter.protocol import OpenAIError
 
@@ -307,7 +307,7 @@ class Admission:
     def holder() -> Holder:
         """The current request's class and user, from the context: what ``ended`` needs where it runs outside it
         (a stream's end)."""
-        caller = ACTING.get()
+        caller = current()
         return PRIORITY.get(), caller.user if caller is not None else ANONYMOUS
 
     def ended(self, target: Target, holder: Holder | None) -> None:
