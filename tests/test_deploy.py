@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 from bench.site_network import free_loopback_port
+from bench.state_servers import DEPLOY, NGINX_SITE, START_GUARD_S, Nginx, binary, nginx_in_front
 from first_jupyter.config import REDIS_PASSWORD_ENV, FirstConfig, load_config
 from first_jupyter.paths import DATA_DIR_ENV
 from tests.conftest import send_json, serving_http
-from tests.state_servers import DEPLOY, NGINX_SITE, START_GUARD_S, Nginx, binary, nginx_in_front
 from tests.waiting import GUARD_S
 
 EXAMPLE = DEPLOY / "first.yaml"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.state_servers import Postgres
 from first_jupyter.batch.pg_store import PgBatchState, PgLeases
-from tests.state_servers import Postgres
 
 
 @pytest.fixture

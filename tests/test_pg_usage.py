@@ -8,11 +8,11 @@ import asyncio
 import psycopg
 import pytest
 
+from bench.state_servers import Postgres
 from first_jupyter.gateway.usage import UsageRecord
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.serve.pg_state import MIGRATIONS, upgrade
 from first_jupyter.serve.pg_usage import PgUsage
-from tests.state_servers import Postgres
 from tests.waiting import GUARD_S, eventually_async
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from bench.state_servers import RedisServer
 from first_jupyter.config import Quota, Quotas
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.serve.redis_quotas import PREFIX, RedisQuotas
 from first_jupyter.serve.redis_state import connect
-from tests.state_servers import RedisServer
 from tests.test_quotas import FakeClock
 
 NOW = FakeClock().now

@@ -23,12 +23,12 @@ import redis
 from aiohttp import web
 
 from bench.fake_upstream import serving_in_thread
+from bench.state_servers import RedisServer
 from first_jupyter.gateway.backends.compute.callbacks import CALLBACK_PATH, CallbackHub, RemoteStream
 from first_jupyter.remote.inference import BUSY, sign, stream_engine
 from first_jupyter.serve import redis_streams
 from first_jupyter.serve.redis_state import connect
 from first_jupyter.serve.redis_streams import MAX_BACKLOG, RedisCallbacks
-from tests.state_servers import RedisServer
 from tests.waiting import GUARD_S, eventually_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}

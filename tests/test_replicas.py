@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from bench.fake_globus_auth import FakeGlobusAuth, fake_globus_auth
+from bench.state_servers import Nginx, Postgres, RedisServer, nginx_in_front
 from tests.conftest import gate, held
-from tests.state_servers import Nginx, Postgres, RedisServer, nginx_in_front
 from tests.test_resource_server import GATEWAY
 from tests.test_shared_gateway import CHAT, gateway_processes, serve_section
 from tests.waiting import GUARD_S, eventually

@@ -16,7 +16,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -38,6 +37,7 @@ from tornado.netutil import bind_sockets
 
 from bench.fake_globus_auth import AUTH_URL_ENV, fake_globus_auth
 from bench.overhead import free_port
+from bench.serve_processes import SECRET_ENV, serve_processes, start_serving, wait_ready
 from first_jupyter.config import FirstConfig, load_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.gateway.usage import UsageRecord
@@ -50,7 +50,6 @@ from tests.test_audio import AUDIO, WHISPER
 from tests.test_resource_server import ADA_GMAIL, GATEWAY, MISSING_GROUP, MY_GROUPS, SERVICE, introspection
 from tests.waiting import eventually
 
-SECRET_ENV = "FIRST_GATEWAY_CLIENT_SECRET"
 MARKER = "zebra-quokka-secret-prompt"
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": MARKER}]}
 JSON = {"Content-Type": "application/json"}
@@ -368,57 +367,20 @@ def test_healthz_is_open_and_names_the_one_host_state(shared):
 # -- gateway processes ------------------------------------------------------------------------------------------
 
 
-def _start_serving(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "first_jupyter.cli", "serve", "--config", str(config)], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 180  # only a guard: a process starting on a loaded machine can take a while
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"first serve exited: {log.read_text()}")
-        try:
-            if httpx.get(url + "/healthz", timeout=10).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"first serve did not answer: {log.read_text()}")
-
-
 @contextlib.contextmanager
 def gateway_processes(tmp_path: Path, fake_upstream: Any, auth_url: str,
                       serve: Callable[[int], dict[str, Any]], count: int = 2,
                       procs: list[subprocess.Popen[bytes]] | None = None) -> Iterator[list[str]]:
-    """``count`` ``first serve`` processes on free loopback ports, the serve section of the n-th from ``serve(n)``
-    (its access log: ``access-n.log``), Globus Auth's introspection stood in at ``auth_url``; their URLs once
-    every one answers. They are stopped with SIGTERM and must exit cleanly, but for those a test already waited
-    for (``procs``, when given, is filled with them: a test that kills one waits for it)."""
-    env = {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth_url}
-    procs = [] if procs is None else procs
-    urls, logs = [], []
-    try:
-        for n in range(count):
-            port = free_port()
-            data = fake_cluster_config(fake_upstream)
-            data["serve"] = {**serve(n), "listen": {"host": "127.0.0.1", "port": port},
-                             "access_log": str(tmp_path / f"access-{n}.log")}
-            data["serve"]["auth"]["allowed_domains"] = []
-            config = tmp_path / f"first-{n}.yaml"
-            config.write_text(yaml.safe_dump(data))
-            logs.append(tmp_path / f"serve-{n}.log")
-            procs.append(_start_serving(config, env, logs[-1]))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url, proc, log in zip(urls, procs, logs, strict=True):
-            _wait_ready(url, proc, log)
+    """``serve_processes`` in front of the fake upstream, the serve section of the n-th from ``serve(n)``, any
+    identity domain allowed (the stand-in's users are all at uni.edu)."""
+    def config(n: int) -> dict[str, Any]:
+        data = fake_cluster_config(fake_upstream)
+        data["serve"] = serve(n)
+        data["serve"]["auth"]["allowed_domains"] = []
+        return data
+
+    with serve_processes(tmp_path, config, auth_url, count, procs) as urls:
         yield urls
-    finally:
-        running = [proc for proc in procs if proc.returncode is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
-        for proc in running:
-            assert proc.wait(60) == 0
 
 
 @pytest.fixture
@@ -440,9 +402,9 @@ def one_gateway(tmp_path: Path, fake_upstream: Any) -> Iterator[tuple[int, psuti
         data["serve"] = {**serve_section(tmp_path / "state"), "listen": {"host": "127.0.0.1", "port": port}}
         config, log = tmp_path / "first.yaml", tmp_path / "serve.log"
         config.write_text(yaml.safe_dump(data))
-        proc = _start_serving(config, {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth.url}, log)
+        proc = start_serving(config, {**os.environ, SECRET_ENV: "gateway-secret", AUTH_URL_ENV: auth.url}, log)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}", proc, log)
+            wait_ready(f"http://127.0.0.1:{port}", proc, log)
             yield port, psutil.Process(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import responses
 
+from bench.state_servers import RedisServer
 from first_jupyter.auth.resource_server import Identity, TokenIntrospector
 from first_jupyter.config import COMPUTE_RESOURCE_SERVER, ResourceServer
 from first_jupyter.protocol import OpenAIError
 from first_jupyter.serve.redis_state import connect
 from first_jupyter.serve.redis_verdicts import PREFIX, RedisVerdicts
-from tests.state_servers import RedisServer
 from tests.test_quotas import FakeClock
 from tests.test_resource_server import GATEWAY, MY_GROUPS, Globus
 

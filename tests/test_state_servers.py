@@ -13,7 +13,7 @@ import psutil
 import pytest
 import redis
 
-from tests.state_servers import Postgres, RedisServer, nginx_in_front
+from bench.state_servers import Postgres, RedisServer, nginx_in_front
 
 
 def test_redis_answers_keeps_nothing_on_disk_and_is_gone_once_stopped(redis_server: RedisServer):
