@@ -194,11 +194,12 @@ class Nginx(LoopbackServer):
 
 class Postgres:
     """A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl``), as ``nobody`` when run as root; user ``first``,
-    trusted on loopback."""
+    trusted on loopback. ``settings``: server settings more (the replica bench preloads pg_stat_statements)."""
 
     user = "first"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = settings or {}
         self.directory = Path(tempfile.mkdtemp(prefix="first-pg-"))
         self.data = self.directory / "data"
         self.port = 0
@@ -234,7 +235,7 @@ class Postgres:
 
     def _start_on_port(self) -> Postgres:
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.directory} "
-                   "-c fsync=off")
+                   "-c fsync=off" + "".join(f" -c {name}={value}" for name, value in self.settings.items()))
         self._run(self._tool("pg_ctl"), "-D", str(self.data), "-o", options, "-l",
                   str(self.directory / "postgres.log"), "-w", "-t", str(int(START_GUARD_S)), "start")
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])

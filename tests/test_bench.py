@@ -1,14 +1,16 @@
-"""The overhead bench: its targets judge what they say, and a tiny run goes end to end (figures not judged)."""
+"""The benches: the overhead bench's targets judge what they say, and a tiny run of each goes end to end (figures
+not judged, but for what must hold on any machine: the replica bench loses and doubles no batch line)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import batch, mixed_load, overhead
+from bench import batch, mixed_load, overhead, replicas
 from bench.overhead import Settings, Tally, plain_row, stream_figures, targets
 
 SETTINGS = Settings(requests=100, streams=4, rounds=1, chunks=4, pace=0.0, service=0.02)
@@ -115,3 +117,31 @@ def test_the_mixed_load_goals_judge_what_they_say():
     assert verdicts(_mixed(p95_ms=126.0, lines_per_s=80.0, burst_p95_ms=150.0)) == [False, True, True]
     assert verdicts(_mixed(p95_ms=100.0, lines_per_s=79.0, burst_p95_ms=150.0)) == [True, False, True]
     assert verdicts(_mixed(p95_ms=100.0, lines_per_s=100.0, burst_p95_ms=151.0)) == [True, True, False]
+
+
+@pytest.mark.timeout(600)  # only a guard against a hang: the quick run takes about a minute here
+def test_a_quick_replica_bench_kills_a_replica_and_loses_or_doubles_no_batch_line(capsys: pytest.CaptureFixture[str]):
+    """Two replicas, Redis, PostgreSQL and nginx for real, a handful of streams and a 10-line batch across the kill:
+    the printed figures parse, the killed replica's streams (and only they) fail, the batch is whole."""
+    rc = replicas.main(["--quick"])
+    out = capsys.readouterr().out
+    figures = {m["name"]: m["value"] for m in re.finditer(r"^(?P<name>[^:\n]+): (?P<value>.*)$", out, re.MULTILINE)}
+    assert figures["batch lines lost"] == "0"
+    assert figures["batch lines doubled"] == "0"
+    streams = replicas.QUICK.streams
+    open_at_kill = re.fullmatch(r"(\d+) of (\d+) \((\d+) on the killed replica, (\d+) on the survivor\)",
+                                figures["streams open at the kill"])
+    assert open_at_kill is not None
+    opened, total, on_killed, on_survivor = map(int, open_at_kill.groups())
+    assert (opened, total, on_killed + on_survivor) == (streams, streams, streams)
+    assert on_killed > 0
+    assert figures["streams completed on the survivor"] == f"{on_survivor} of {on_survivor}"
+    assert figures["streams failed"] == f"{on_killed} ({on_killed} on the killed replica, 0 on the survivor)"
+    assert figures["streams after the kill"] == f"{streams // 2} of {streams // 2} completed"
+    for phase in ("before", "after"):
+        assert re.fullmatch(r"p50 \d+\.\d ms, p99 \d+\.\d ms", figures[f"time to first token {phase} the kill"])
+    for backend in ("Redis round trips per request", "PostgreSQL round trips (statements) per request"):
+        assert re.match(r"-?\d+\.\d\d \(over \d+ streams", figures[backend])
+    assert float(figures["Redis round trips per request"].split()[0]) > 0  # the quota buckets are in Redis
+    assert out.rstrip().endswith("PASS")
+    assert rc == 0
