@@ -32,9 +32,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -157,28 +158,84 @@ def start_streams(session: aiohttp.ClientSession, url: str, count: int,
 
 # -- the round trips a request costs -------------------------------------------------------------------------------
 
+class RedisWatch:
+    """Counts the commands the replicas send Redis, through MONITOR. ``INFO commandstats`` counts a script's own
+    commands too (the quota script's HMGET, HSET, PEXPIRE and TIME), which run inside Redis and are no round trip;
+    MONITOR shows them as the script's (``lua``). Each reading sends a marker (``ECHO``) and takes the count at the
+    moment the watch sees it, so that no command still on its way is left out or counted twice."""
+
+    MARK: Final = "first-bench-mark-"
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._sent = 0
+        self._marks = 0
+        self._seen: dict[str, int] = {}
+        self._changed = threading.Condition()
+        self._watching = redis.Redis.from_url(url).monitor()
+        self._watching.__enter__()  # MONITOR sent and acknowledged: every command from now on is seen
+        self._thread = threading.Thread(target=self._watch, name="redis-monitor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        for entry in self._watching.listen():
+            command = str(entry["command"])
+            if command.upper().startswith(f"ECHO {self.MARK.upper()}"):
+                with self._changed:
+                    self._seen[command.split()[-1]] = self._sent
+                    self._changed.notify_all()
+                if command.endswith("stop"):
+                    return
+            elif entry["client_type"] != "lua" and not command.upper().startswith("INFO"):
+                self._sent += 1
+
+    def sent(self, name: str = "") -> int:
+        """Commands sent by the replicas so far."""
+        self._marks += 1
+        mark = f"{self.MARK}{name or self._marks}"
+        self._client.echo(mark)
+        with self._changed:
+            if not self._changed.wait_for(lambda: mark in self._seen, GUARD_S):
+                raise BenchError(f"Redis's MONITOR never showed {mark}")
+            return self._seen[mark]
+
+    def close(self) -> None:
+        self.sent("stop")
+        self._thread.join(GUARD_S)
+        self._watching.__exit__(None, None, None)
+
+
 @dataclass(frozen=True)
 class Reading:
     at: float
-    redis_calls: int
-    pg_statements: int
+    redis_sent: int
+    redis_commands: Counter[str]
+    pg_statements: Counter[str]
     usage_rows: int
 
 
-_STATEMENTS = ("SELECT coalesce(sum(s.calls), 0), coalesce(sum(s.rows) FILTER (WHERE s.query LIKE 'INSERT INTO "
-               "usage %'), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = "
-               "'postgres'")
+_STATEMENTS = ("SELECT s.query, s.calls, s.rows FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+               "WHERE d.datname = 'postgres'")
+_USAGE_INSERT = "INSERT INTO usage "
+_SHOWN_WORDS = 3
+"""A statement is named by its first words in the figures: its kind and its table."""
 
 
-def read_counts(redis_url: str, monitor_url: str) -> Reading:
-    """Redis commands served (``INFO`` itself left out: it is this reading's), and statements run and usage rows
-    written in the replicas' database, read from another database so that the reading is not counted."""
+def read_counts(watch: RedisWatch, redis_url: str, monitor_url: str) -> Reading:
+    """Redis commands sent by the replicas and run in all (``INFO`` itself left out: it is this reading's), and
+    statements run and usage rows written in the replicas' database, read from another database so that the
+    reading is not counted."""
+    sent = watch.sent()
     stats = redis.Redis.from_url(redis_url).info("commandstats")
-    calls = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+    commands = Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
+                        if k not in ("cmdstat_info", "cmdstat_echo")})  # the bench's own
+    statements: Counter[str] = Counter()
+    usage_rows = 0
     with psycopg.connect(monitor_url, autocommit=True) as conn:
-        row = conn.execute(_STATEMENTS).fetchone()
-    assert row is not None
-    return Reading(time.monotonic(), calls, int(row[0]), int(row[1]))
+        for query, calls, rows in conn.execute(_STATEMENTS):
+            statements[" ".join(query.split()[:_SHOWN_WORDS])] += calls
+            usage_rows += rows if query.startswith(_USAGE_INSERT) else 0
+    return Reading(time.monotonic(), sent, commands, statements, usage_rows)
 
 
 @dataclass(frozen=True)
@@ -188,17 +245,25 @@ class RoundTrips:
     pg_per_request: float
     redis_idle_per_s: float
     pg_idle_per_s: float
+    redis_commands: dict[str, float]
+    """Each Redis command's calls per request, scripts' own included, gross (the quiet window's not taken off)."""
+    pg_statements: dict[str, float]
+    """The same for PostgreSQL's statements, by their first words."""
 
 
 def per_request(idle: tuple[Reading, Reading], busy: tuple[Reading, Reading], requests: int) -> RoundTrips:
     """What ``requests`` cost between the ``busy`` readings, less the idle rate over the same time."""
     quiet_s = idle[1].at - idle[0].at
-    redis_idle = (idle[1].redis_calls - idle[0].redis_calls) / quiet_s
-    pg_idle = (idle[1].pg_statements - idle[0].pg_statements) / quiet_s
+    redis_idle = (idle[1].redis_sent - idle[0].redis_sent) / quiet_s
+    pg_idle = (idle[1].pg_statements.total() - idle[0].pg_statements.total()) / quiet_s
     busy_s = busy[1].at - busy[0].at
-    redis_net = busy[1].redis_calls - busy[0].redis_calls - redis_idle * busy_s
-    pg_net = busy[1].pg_statements - busy[0].pg_statements - pg_idle * busy_s
-    return RoundTrips(requests, redis_net / requests, pg_net / requests, redis_idle, pg_idle)
+    redis_net = busy[1].redis_sent - busy[0].redis_sent - redis_idle * busy_s
+    pg_net = busy[1].pg_statements.total() - busy[0].pg_statements.total() - pg_idle * busy_s
+    commands = busy[1].redis_commands - busy[0].redis_commands
+    statements = busy[1].pg_statements - busy[0].pg_statements
+    return RoundTrips(requests, redis_net / requests, pg_net / requests, redis_idle, pg_idle,
+                      {name: calls / requests for name, calls in commands.most_common()},
+                      {name: calls / requests for name, calls in statements.most_common()})
 
 
 # -- the parts -----------------------------------------------------------------------------------------------------
@@ -279,7 +344,7 @@ def running_parts(work: Path, settings: Settings) -> Iterator[Parts]:
 
 # -- the run -------------------------------------------------------------------------------------------------------
 
-async def eventually(check: Any, what: str) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
     """Wait until ``await check()`` is true, keeping the loop (and the streams on it) going."""
     deadline = time.monotonic() + GUARD_S
     while not await check():
@@ -290,22 +355,32 @@ async def eventually(check: Any, what: str) -> None:
 
 async def round_trips(parts: Parts, session: aiohttp.ClientSession, url: str, settings: Settings) -> RoundTrips:
     """One round of streams, start to end and its usage written, between readings; a quiet window first."""
-    idle_start = await asyncio.to_thread(read_counts, parts.redis.url, parts.monitor_url)
+    watch = await asyncio.to_thread(RedisWatch, parts.redis.url)
+    try:
+        return await _round_trips(parts, watch, session, url, settings)
+    finally:
+        await asyncio.to_thread(watch.close)
+
+
+async def _round_trips(parts: Parts, watch: RedisWatch, session: aiohttp.ClientSession, url: str,
+                       settings: Settings) -> RoundTrips:
+    readings: list[Reading] = []
+
+    async def usage_written(rows: int) -> bool:
+        readings.append(await asyncio.to_thread(read_counts, watch, parts.redis.url, parts.monitor_url))
+        return readings[-1].usage_rows >= rows
+
+    await eventually(lambda: usage_written(len(parts.ports) * USERS), "the warm-up's usage is written")
+    idle_start = readings[-1]
     await asyncio.sleep(QUIET_S)  # what the replicas do with no request
-    idle_end = await asyncio.to_thread(read_counts, parts.redis.url, parts.monitor_url)
+    idle_end = await asyncio.to_thread(read_counts, watch, parts.redis.url, parts.monitor_url)
     count = min(settings.streams, 200)
     streams, done = start_streams(session, url, count, settings.chunks)
     await done
     failed = [s.error for s in streams.items if not s.complete]
     if failed:
         raise BenchError(f"{len(failed)} of the round trips' {count} streams failed: {failed[:3]}")
-    readings = [idle_end]
-
-    async def usage_written() -> bool:
-        readings.append(await asyncio.to_thread(read_counts, parts.redis.url, parts.monitor_url))
-        return readings[-1].usage_rows - idle_end.usage_rows >= count
-
-    await eventually(usage_written, "the replicas write the round's usage records")
+    await eventually(lambda: usage_written(idle_end.usage_rows + count), "the round's usage is written")
     return per_request((idle_start, idle_end), (idle_end, readings[-1]), count)
 
 
@@ -438,10 +513,14 @@ def report(f: Figures) -> bool:
     print(f"time to first token before the kill: p50 {before50:.1f} ms, p99 {before99:.1f} ms")
     print(f"time to first token after the kill: p50 {after50:.1f} ms, p99 {after99:.1f} ms")
     t = f.trips
-    print(f"Redis round trips per request: {t.redis_per_request:.2f} (over {t.requests} streams; idle "
-          f"{t.redis_idle_per_s:.1f} per s taken off)")
-    print(f"PostgreSQL round trips (statements) per request: {t.pg_per_request:.2f} (over {t.requests} streams; idle "
-          f"{t.pg_idle_per_s:.1f} per s taken off)")
+    print(f"Redis round trips per request: {t.redis_per_request:.2f} (commands the replicas sent, over "
+          f"{t.requests} streams; the quiet window's {t.redis_idle_per_s:.1f} per s taken off)")
+    commands = ", ".join(f"{name} {n:.2f}" for name, n in t.redis_commands.items())
+    print(f"Redis commands run per request, the scripts' own included: {commands}")
+    print(f"PostgreSQL statements per request: {t.pg_per_request:.2f} (over {t.requests} streams; the quiet "
+          f"window's {t.pg_idle_per_s:.1f} per s taken off)")
+    statements = ", ".join(f"{name} {n:.2f}" for name, n in t.pg_statements.items())
+    print(f"PostgreSQL statements run per request, the quiet window's rate kept: {statements}")
     for error in [x.error for x in failed_survivor + [x for x in f.after.items if not x.complete]][:5]:
         print(f"error: {error}")
     passed = (f.open_at_kill == s.streams and len(on_killed) > 0 and len(failed_killed) == len(on_killed)

@@ -140,8 +140,8 @@ def test_a_quick_replica_bench_kills_a_replica_and_loses_or_doubles_no_batch_lin
     assert figures["streams after the kill"] == f"{streams // 2} of {streams // 2} completed"
     for phase in ("before", "after"):
         assert re.fullmatch(r"p50 \d+\.\d ms, p99 \d+\.\d ms", figures[f"time to first token {phase} the kill"])
-    for backend in ("Redis round trips per request", "PostgreSQL round trips (statements) per request"):
-        assert re.match(r"-?\d+\.\d\d \(over \d+ streams", figures[backend])
+    for backend in ("Redis round trips per request", "PostgreSQL statements per request"):
+        assert re.match(r"-?\d+\.\d\d \(", figures[backend])
     assert float(figures["Redis round trips per request"].split()[0]) > 0  # the quota buckets are in Redis
     assert out.rstrip().endswith("PASS")
     assert rc == 0

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("first_jupyter.serve")
 CLOSE_TIMEOUT_S = 10.0
 RESTART_PAUSE_S = 1.0
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for the gateway before it accepts them (capped by ``net.core.somaxconn``). A load
+balancer opens hundreds at once when many streams start together; at tornado's default of 128 the rest overflow
+the queue and their connections wait for a SYN retried a second later (``bench/replicas.py`` saw p99 time to
+first token go past 1 s that way)."""
 
 
 def prepare(path: str) -> tuple[FirstConfig, ServeConfig, Path, str]:
@@ -75,7 +80,7 @@ def serve(path: str) -> int:
     """Run until SIGTERM or SIGINT; the exit status."""
     config, settings, state_dir, secret = prepare(path)
     _logging(settings)
-    sockets = bind_sockets(settings.listen.port, settings.listen.host)
+    sockets = bind_sockets(settings.listen.port, settings.listen.host, backlog=LISTEN_BACKLOG)
     if settings.processes > 1:
         from first_jupyter.serve.metrics import share_across_processes
 
