@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fake_globus_auth import fake_globus_auth
 from bench.overhead import BenchError, percentiles, ready_line, started, wait_for
-from bench.serve_processes import serve_processes
+from bench.serve_processes import batch_holder, serve_processes
 from bench.shared_load import CLIENT_ID, USERS, raise_fd_limit
 from bench.state_servers import Nginx, Postgres, RedisServer, nginx_in_front
 
@@ -289,12 +289,7 @@ class Parts:
         return state
 
     def batch_holder(self, batch_id: str) -> int | None:
-        """The replica holding the batch's lease now, as the shared database says."""
-        with psycopg.connect(self.postgres.url) as conn:
-            row = conn.execute("SELECT holder FROM batches WHERE id = %s AND lease_until > now()",
-                               (batch_id,)).fetchone()
-        pids = [proc.pid for proc in self.procs]
-        return None if row is None else pids.index(int(row[0].split(":")[1]))
+        return batch_holder(self.postgres.url, self.procs, batch_id)
 
 
 def replica_config(work: Path, upstream: str, redis_url: str, database: str, n: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import httpx
+import psycopg
 import yaml
 
 from bench.fake_globus_auth import AUTH_URL_ENV
@@ -48,6 +49,15 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"first serve did not answer: {log.read_text()}")
+
+
+def batch_holder(database: str, procs: list[subprocess.Popen[bytes]], batch_id: str) -> int | None:
+    """Which of ``procs`` holds the batch's lease now, as the shared ``database`` says (a holder is ``host:pid``);
+    None: no run does."""
+    with psycopg.connect(database) as conn:
+        row = conn.execute("SELECT holder FROM batches WHERE id = %s AND lease_until > now()", (batch_id,)).fetchone()
+    pids = [proc.pid for proc in procs]
+    return None if row is None else pids.index(int(row[0].split(":")[1]))
 
 
 @contextlib.contextmanager

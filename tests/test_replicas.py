@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from bench.fake_globus_auth import FakeGlobusAuth, fake_globus_auth
+from bench.serve_processes import batch_holder
 from bench.state_servers import Nginx, Postgres, RedisServer, nginx_in_front
 from tests.conftest import gate, held
 from tests.test_resource_server import GATEWAY
@@ -49,11 +50,7 @@ class Replicas:
 
     def batch_holder(self, batch_id: str) -> int | None:
         """The replica whose run holds the batch's lease now, as the shared database says; None: no run does."""
-        with psycopg.connect(self.postgres.url) as conn:
-            row = conn.execute("SELECT holder FROM batches WHERE id = %s AND lease_until > now()",
-                               (batch_id,)).fetchone()
-        pids = [proc.pid for proc in self.procs]
-        return None if row is None else pids.index(int(row[0].split(":")[1]))
+        return batch_holder(self.postgres.url, self.procs, batch_id)
 
     def kill(self, n: int) -> None:
         """SIGKILL the n-th replica, as a host dying would: nothing of it runs after, no lease is let go."""
