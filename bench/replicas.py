@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
 import httpx
@@ -230,7 +230,7 @@ def read_counts(watch: RedisWatch, redis_url: str, monitor_url: str) -> Reading:
     statements run and usage rows written in the replicas' database, read from another database so that the
     reading is not counted."""
     sent = watch.sent()
-    stats = redis.Redis.from_url(redis_url).info("commandstats")
+    stats = cast(dict[str, dict[str, Any]], redis.Redis.from_url(redis_url).info("commandstats"))
     commands = Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
                         if k not in ("cmdstat_info", "cmdstat_echo")})  # the bench's own
     statements: Counter[str] = Counter()
