@@ -18,7 +18,7 @@ from first_jupyter.config import parse_config
 from first_jupyter.gateway import admission as admission_module
 from first_jupyter.gateway.admission import PERIOD_S, QUEUE_SHARE, Admission, Priority, as_batch
 from first_jupyter.gateway.backends.base import Backend
-from first_jupyter.gateway.caller import ACTING, Caller
+from first_jupyter.gateway.caller import Caller, acting_as
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.service import build_gateway
@@ -61,12 +61,12 @@ def _setup(capacity: int = CAPACITY, **settings: object) -> tuple[Admission, Tar
 async def _enter(gate: Admission, target: Target, user: str = HOLDER[1], priority: Priority = Priority.interactive,
                  ) -> str:
     """One request of ``user`` taking a slot; its user, once it has one."""
-    ACTING.set(cast(Caller, SimpleNamespace(user=user)))
-    if priority is Priority.batch:
-        with as_batch():
+    with acting_as(cast(Caller, SimpleNamespace(user=user))):
+        if priority is Priority.batch:
+            with as_batch():
+                await gate.began(target)
+        else:
             await gate.began(target)
-    else:
-        await gate.began(target)
     return user
 
 
