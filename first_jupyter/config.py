@@ -128,6 +128,11 @@ class ScaleOut(_Strict):
                                description="seconds over which 'peak' remembers a model's most requests in flight")
     demand_window: float = Field(default=900.0, gt=0,
                                  description="seconds over which 'predicted' averages a model's requests in flight")
+    burst_hours: int = Field(default=3, ge=1,
+                             description="'predicted' also keeps hot what a model's burst needs once its hourly peak "
+                                         "of requests in flight came back in this many of the hours around now (the "
+                                         "last 8, and the 8 ahead a day earlier); fewer: more node-hours, faster "
+                                         "bursts")
 
 
 class PrefixRouting(_Strict):

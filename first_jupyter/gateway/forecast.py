@@ -6,6 +6,11 @@ lasts: the forecast follows the requests in flight averaged over ``demand_window
 moves it; a batch or an afternoon's steady use does), and remembers each hour's highest average, so that the hour
 about to begin is expected to be as busy as it was a day earlier and endpoints start ahead of it. When both fall,
 the endpoints beyond the need get no more requests and release their blocks after their ``max_idletime``.
+
+A burst (a script's few hundred requests within a minute) is over long before a start it triggers answers, so only
+capacity hot before it comes helps. The forecast also keeps the most requests in flight at once in each of the
+last 24 hours: a peak that came back in several hours around this time of day (``burst``: the last hours, and the
+hours ahead a day earlier) is expected again, and planned for.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from dataclasses import dataclass, field
 
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
+BURST_SPAN_H = 8
+"""The hours whose peaks foretell the next: the last ones, and as many ahead a day earlier (bursts follow the
+working day: yesterday's afternoon says more of this afternoon than last night does)."""
 
 
 @dataclass(slots=True)
@@ -32,6 +40,10 @@ class Forecast:
     before: list[float] = field(default_factory=lambda: [0.0] * 24)
     day: list[int] = field(default_factory=lambda: [-2] * 24)
     """The day each hour of ``today`` was last written in."""
+    peaks: list[int] = field(default_factory=lambda: [0] * 24)
+    """The most requests in flight at once in each of the last 24 hours, by ``peak_hour`` (a ring)."""
+    peak_hour: list[int] = field(default_factory=lambda: [-48] * 24)
+    """The hour (since the clock's midnight) each of ``peaks`` belongs to."""
 
     def _advance(self, now: float) -> None:
         if now > self.at:
@@ -47,6 +59,11 @@ class Forecast:
     def rose(self, now: float) -> None:
         self._advance(now)
         self.in_flight += 1
+        hour = self._hour(now)
+        ring = hour % 24
+        if self.peak_hour[ring] != hour:  # the ring comes round: the hour 24 h ago gives way
+            self.peak_hour[ring], self.peaks[ring] = hour, 0
+        self.peaks[ring] = max(self.peaks[ring], self.in_flight)
 
     def fell(self, now: float) -> None:
         self._advance(now)
@@ -64,3 +81,17 @@ class Forecast:
         if self.day[hour] == day - 1:  # not yet come round today
             return self.today[hour]
         return self.before[hour] if self.day[hour] == day else 0.0
+
+    def burst(self, now: float, hours: int) -> int:
+        """The requests in flight at once to be ready for: the ``hours``-th highest hourly peak among the last
+        ``BURST_SPAN_H`` hours and the ``BURST_SPAN_H`` ahead a day earlier (0 while fewer hours had any). A burst
+        seen once is chance; one that came back in ``hours`` of those hours is this model's habit at this time of
+        day."""
+        hour = self._hour(now)
+        around = sorted((peak for peak, at in zip(self.peaks, self.peak_hour, strict=True)
+                         if hour - BURST_SPAN_H < at <= hour or hour - 24 < at <= hour - 24 + BURST_SPAN_H),
+                        reverse=True)
+        return around[hours - 1] if len(around) >= hours else 0
+
+    def _hour(self, at: float) -> int:
+        return int((at + self.day_offset_s) // HOUR_S)

@@ -60,6 +60,11 @@ START_WEIGHT = 0.5
 """Starts are few and their length changes with the queue: the last ones count for much."""
 SCALE_OUT_AT = 0.75
 """The share of its capacity in flight at which a model's hot endpoints are too few: another one is started."""
+BURST_TURNS = 3
+"""A burst's requests come within about half a minute and most answers take seconds: each of a hot endpoint's
+slots serves several of them while it lasts. ``keep_hot: predicted`` plans a burst's peak in flight at this many
+times an endpoint's capacity each (the last of it waits for a slot), not at ``SCALE_OUT_AT``: an endpoint per 24
+requests of a burst would keep most of the facility hot for minutes a day."""
 PREFIX_BLOCK_BYTES = 512
 """A request's opening is hashed in blocks of at most this many bytes of its serialized messages (a message's end
 also ends a block, so that a conversation's next turn, which repeats the earlier ones, matches them whole)."""
@@ -299,9 +304,12 @@ class Router:
 
     def needed(self, target: Target, ahead_s: float) -> int:
         """How many endpoints of ``target``'s model its forecast needs hot (``keep_hot: predicted``): one, or as
-        many as put the predicted requests in flight at ``SCALE_OUT_AT`` of one block's capacity each."""
-        predicted = self.forecast_of(target.model_id).predicted(self.clock(), ahead_s)
-        return max(1, math.ceil(predicted / (SCALE_OUT_AT * target.backend.capacity)))
+        many as put the predicted requests in flight at ``SCALE_OUT_AT`` of one block's capacity each, or the
+        burst it expects (``Forecast.burst``) at ``BURST_TURNS`` times that capacity each, whichever is more."""
+        forecast, now, capacity = self.forecast_of(target.model_id), self.clock(), target.backend.capacity
+        steady = forecast.predicted(now, ahead_s) / (SCALE_OUT_AT * capacity)
+        burst = forecast.burst(now, self.scale_out.burst_hours) / (BURST_TURNS * capacity)
+        return max(1, math.ceil(max(steady, burst)))
 
     def succeeded(self, target: Target, ttft_s: float | None) -> None:
         """An answer began ``ttft_s`` after the request was sent there; None when that says nothing of how fast
@@ -347,8 +355,9 @@ class Router:
         if self.state_of(ordered[0]) in ("hot", "unknown"):  # share the load among hot ones about as good
             near = [t for t in ordered if self.state_of(t) in ("hot", "unknown") and not self.health_of(t).failures
                     and expected[id(t.backend)] <= expected[id(ordered[0].backend)] + self.tolerance_s] or ordered[:1]
-            if self._predicted:  # only the best the forecast needs: the others idle out
-                near = near[:self.needed(ordered[0], 0.0)]
+            if self._predicted:  # only the best the forecast needs, the others left to idle out; but a burst
+                kept = near[:self.needed(ordered[0], 0.0)]  # that loads those drains through every hot one
+                near = kept if any(not self.health_of(t).loaded() for t in kept) else near
             holder = self._holder(prefix, near) if prefix else None
             chosen = holder or min(near, key=self._share)
             if chosen is not ordered[0]:
