@@ -18,6 +18,7 @@ from first_jupyter.config import ScaleOut, parse_config
 from first_jupyter.gateway import router
 from first_jupyter.gateway.backends import http as http_backend
 from first_jupyter.gateway.core import Gateway
+from first_jupyter.gateway.forecast import HOUR_S, Forecast
 from first_jupyter.gateway.router import Router, Target
 from first_jupyter.protocol import Capability, OpenAIError, parse_request
 from first_jupyter.service import build_gateway
@@ -373,3 +374,84 @@ def test_keep_hot_peak_starts_another_endpoint_for_the_peak_seen_within_its_wind
     everything.observe_state(a, "m", "hot")
     everything.observe_state(b, "m", "cold")
     assert names(everything) == ["b"]
+
+
+def _burst(routes: Router, target: Target, size: int) -> None:
+    """``size`` requests in flight at once at ``target``, then all answered."""
+    for _ in range(size):
+        routes.began(target)
+    for _ in range(size):
+        routes.ended(target)
+
+
+def test_the_burst_forecast_takes_a_peak_that_came_back_around_this_time_of_day():
+    """``Forecast.burst``: a peak seen in ``hours`` of the hours around now (the last ``BURST_SPAN_H``, and those
+    ahead a day earlier) is expected; one seen once is chance; an hour 24 h old gives way to the same hour today."""
+    forecast = Forecast(window_s=900.0, day_offset_s=0.0)
+    for hour, size in ((9, 200), (10, 150), (11, 120)):  # a morning of bursts, from 9:00
+        for _ in range(size):
+            forecast.rose(hour * HOUR_S + 60)
+        for _ in range(size):
+            forecast.fell(hour * HOUR_S + 90)
+    assert forecast.burst(12 * HOUR_S, 3) == 120  # the third highest of three hours
+    assert forecast.burst(12 * HOUR_S, 2) == 150
+    assert forecast.burst(12 * HOUR_S, 4) == 0  # fewer hours had any
+    assert forecast.burst(20 * HOUR_S, 1) == 0  # the evening: the morning is more than 8 h ago...
+    assert forecast.burst(26 * HOUR_S, 2) == 150  # ...but at 2:00 the next day, 9:00 and 10:00 are 8 h ahead, a
+    assert forecast.burst(26 * HOUR_S, 3) == 0  # day earlier (11:00 not yet)
+    assert forecast.burst(27 * HOUR_S, 3) == 120
+    forecast.rose(34 * HOUR_S + 60)  # 10:00 the next day: one request, the day before's 10:00 given way
+    forecast.fell(34 * HOUR_S + 90)
+    assert forecast.burst(34 * HOUR_S + 120, 1) == 120  # 11:00 the day before is ahead (9:00 is 25 h ago)
+    assert forecast.burst(34 * HOUR_S + 120, 2) == 1
+    assert forecast.burst(34 * HOUR_S + 120, 3) == 0
+
+
+def test_keep_hot_predicted_keeps_another_endpoint_hot_for_a_models_habitual_bursts():
+    """``keep_hot: predicted``: bursts of three times an endpoint's capacity in three hours of the morning make two
+    endpoints needed (``BURST_TURNS``); a single burst does not; the next morning, before the bursts come back, the
+    day before's have the second one started ahead of them."""
+    a, b = _Backend("a"), _Backend("b")
+    now = [9 * HOUR_S]
+    routes = Router([a, b], {"m": ["a/a", "b/b"]}, ScaleOut(keep_hot="predicted"), clock=lambda: now[0],  # type: ignore[list-item]
+                    day_offset_s=0.0)
+    hot, cold = routes.catalog["m"]
+    routes.observe_state(a, "m", "hot")
+    routes.observe_state(b, "m", "cold")
+    to_start = lambda: routes.to_start(routes.candidates("m", Capability.chat))  # noqa: E731
+    size = 2 * router.BURST_TURNS * a.capacity  # two endpoints' worth of a burst
+    _burst(routes, hot, size)
+    now[0] += 3000.0
+    assert to_start() == []  # once: chance
+    for _ in range(2):
+        now[0] += HOUR_S
+        _burst(routes, hot, size)
+    assert routes.needed(hot, 0.0) == 2
+    assert to_start() == [cold]
+    now[0] = 20 * HOUR_S  # the evening: the morning's bursts are more than 8 h ago
+    assert routes.needed(hot, 0.0) == 1
+    assert to_start() == []
+    now[0] = 32 * HOUR_S  # 8:00 the next day: yesterday's bursts are ahead
+    assert to_start() == [cold]
+
+
+
+def test_keep_hot_predicted_drains_a_burst_through_a_hot_endpoint_it_does_not_need():
+    """Requests go only to the endpoints the forecast needs (the others idle out), the best first; but once those
+    are loaded (``SCALE_OUT_AT``), a burst is not left queueing at them while another hot one, a little slower
+    when idle, gets nothing."""
+    a, b = _Backend("a"), _Backend("b")
+    routes = Router([a, b], {"m": ["a/a", "b/b"]}, ScaleOut(keep_hot="predicted"), clock=lambda: 1000.0,  # type: ignore[list-item]
+                    day_offset_s=0.0)
+    fast, slower = routes.catalog["m"]
+    for backend in (a, b):
+        routes.observe_state(backend, "m", "hot")
+    routes.health_of(fast).ttft_s, routes.health_of(slower).ttft_s = 0.2, 0.5  # "a" stays the best when loaded
+    sent = []
+    for _ in range(a.capacity):
+        target = routes.candidates("m", Capability.chat)[0]
+        routes.began(target)
+        sent.append(target.backend.name)
+    loaded = math.ceil(router.SCALE_OUT_AT * a.capacity)
+    assert sent[:loaded] == ["a"] * loaded  # one needed: "b" is left to idle out
+    assert "b" in sent[loaded:]  # "a" loaded: "b" drains the rest of the burst with it
