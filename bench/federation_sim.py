@@ -51,8 +51,9 @@ The policies, each a gateway around the same endpoints:
   to start the model: the best when its last known state needs a start (``WAITING_STATES``), or, ahead of need
   while no start is under way for the model, the best cold one: always (``all``), when the most requests the
   model had in flight within ``peak_window`` reach ``SCALE_OUT_AT`` of its hot endpoints' capacity (``peak``), or
-  when fewer are up than its forecast needs (``predicted``, whose idle requests go only to those it needs). A
-  start is one at a time per endpoint (a start under way is joined):
+  when fewer are up than its forecast needs (``predicted``: for its steady load, or for the bursts it has had
+  around this time of day; its requests go only to those it needs until they are loaded). A start is one at a
+  time per endpoint (a start under way is joined):
   ``start_asked()`` when asked (the endpoint's ``warm``), ``start_ended()`` with its length (or its failure) when
   it answers. The request is sent to the best at once; on a failure before the first byte it goes to the next
   candidate, which is asked to start the model too if its state needs it (and the request waits there).
