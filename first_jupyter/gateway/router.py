@@ -63,8 +63,8 @@ SCALE_OUT_AT = 0.75
 BURST_TURNS = 3
 """A burst's requests come within about half a minute and most answers take seconds: each of a hot endpoint's
 slots serves several of them while it lasts. ``keep_hot: predicted`` plans a burst's peak in flight at this many
-times an endpoint's capacity each (the last of it waits for a slot), not at ``SCALE_OUT_AT``: an endpoint per 24
-requests of a burst would keep most of the facility hot for minutes a day."""
+times an endpoint's capacity each (the last of it waits for a slot), not at ``SCALE_OUT_AT``: an endpoint per
+three quarters of its capacity in a burst would keep most of the facility hot for minutes a day."""
 PREFIX_BLOCK_BYTES = 512
 """A request's opening is hashed in blocks of at most this many bytes of its serialized messages (a message's end
 also ends a block, so that a conversation's next turn, which repeats the earlier ones, matches them whole)."""
