@@ -141,7 +141,8 @@ class PrefixRouting(_Strict):
 
     enabled: bool = Field(default=True, description="among hot endpoints about as fast as the best, send a request "
                                                      "where the longest part of its opening (system prompt, first "
-                                                     "messages) was last sent")
+                                                     "messages) was last sent; and send a batch's lines that share "
+                                                     "an opening together")
     tolerance: float = Field(default=1.0, ge=0, description="seconds of expected time to first token within which "
                                                             "hot endpoints are as good: the one holding the "
                                                             "request's prefix is taken, else the least loaded")

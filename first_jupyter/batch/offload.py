@@ -1,6 +1,7 @@
 """A batch run as run-batch tasks on a cluster's nodes, one per chunk of lines, instead of request by request.
 
-Chunk k holds the input's requests k·chunk_lines to (k+1)·chunk_lines - 1, so a chunk is the same after a restart.
+Chunk k holds the input's requests k·chunk_lines to (k+1)·chunk_lines - 1, so a chunk is the same after a restart
+(within it, lines sharing an opening are written together).
 Its pending lines (those the batch's result files do not hold yet) go to ``<shared_path>/<batch>/chunk-k.input
 .jsonl``, with each model's engine name; a Globus Compute task runs the endpoint's command on them there
 (``first_jupyter.remote.run_batch.run_chunk``); its output, renamed into place only when whole, is read back
@@ -16,12 +17,14 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
 
+from first_jupyter.batch.grouping import Line, grouping
 from first_jupyter.batch.validate import ENDPOINTS
 from first_jupyter.config import BatchOffload, ComputeEndpoint, ModelConfig
 from first_jupyter.gateway.caller import CALLER_TOKEN_MISSING
@@ -92,11 +95,14 @@ class Chunk:
     output: Path
 
 
-def _split(source: Path, folder: Path, size: int, done: set[int], engine_names: dict[str, str]) -> list[Chunk]:
+def _split(source: Path, folder: Path, size: int, done: set[int], engine_names: dict[str, str],
+           key: Callable[[Line], Hashable]) -> list[Chunk]:
     """Each chunk with lines still to do; its input written (atomically: a task from before a restart may be
-    reading the previous one) unless its output is already there."""
+    reading the previous one) unless its output is already there; lines of equal ``key`` together."""
     chunks: list[Chunk] = []
-    current: list[bytes] = []
+    current: dict[Hashable, list[bytes]] = {}
+    """The chunk's pending lines by opening (``grouping``): written a group after another, so that the engine's
+    prefix cache serves each group's lines (the chunk's lines stay the same: k·chunk_lines onwards)."""
     pending: set[str] = set()
     index = 0
     seen = 0
@@ -107,7 +113,7 @@ def _split(source: Path, folder: Path, size: int, done: set[int], engine_names: 
                           folder / f"chunk-{index:05d}.output.jsonl")
             if not chunk.output.exists():
                 fresh = chunk.input.with_name(chunk.input.name + ".new")
-                fresh.write_bytes(b"".join(current))
+                fresh.write_bytes(b"".join(b"".join(group) for group in current.values()))
                 os.replace(fresh, chunk.input)
             chunks.append(chunk)
         current.clear()
@@ -124,8 +130,9 @@ def _split(source: Path, folder: Path, size: int, done: set[int], engine_names: 
             item = orjson.loads(raw)
             if hash(item["custom_id"]) in done:
                 continue
+            group = current.setdefault(key(item), [])
             item["body"]["model"] = engine_names[item["body"]["model"]]
-            current.append(orjson.dumps(item) + b"\n")
+            group.append(orjson.dumps(item) + b"\n")
             pending.add(item["custom_id"])
     close()
     return chunks
@@ -151,7 +158,8 @@ class Offload:
         self.folder.mkdir(parents=True, exist_ok=True)
         names = {self.model.id: self.backend.upstream_name(self.model.id)}
         chunks = await asyncio.to_thread(_split, self.run.store.path(self.run.batch["input_file_id"]), self.folder,
-                                         self.settings.chunk_lines, done, names)
+                                         self.settings.chunk_lines, done, names,
+                                         grouping(self.run.gateway.config.defaults.prefix_routing.enabled))
         await asyncio.gather(*(self._chunk(chunk) for chunk in chunks))
         self.run.save_now_and_then(force=True)
         await asyncio.to_thread(shutil.rmtree, self.folder, True)

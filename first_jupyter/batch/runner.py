@@ -6,7 +6,9 @@ its endpoints serve at once (their ``concurrency`` times the blocks up, as the r
 ``defaults.batch.max_in_flight``), read again as each slot is taken. A transient failure (429, 5xx, a timeout) is
 retried with backoff, honouring ``Retry-After``; any other failure is the line's result. A large batch for an
 endpoint that declares ``batch`` settings runs on its nodes instead, a run-batch task per chunk (``offload``).
-What is done is what the result files hold (``results``), so a run resumed after a crash sends only the rest.
+Lines sharing an opening are sent together, as far as a bounded look-ahead allows (``grouping``), so that an
+engine's prefix cache serves them. What is done is what the result files hold (``results``), so a run resumed after
+a crash sends only the rest, whatever order its lines went in.
 Cancel and expiry stop new work; requests in flight finish; the lines never sent get an error line each, so the
 output and error files together hold every custom_id exactly once.
 """
@@ -18,11 +20,12 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from first_jupyter.batch.grouping import LOOKAHEAD_WINDOWS, grouped, grouping
 from first_jupyter.batch.offload import Offload, plan
 from first_jupyter.batch.results import Results
 from first_jupyter.batch.validate import ENDPOINTS, MAX_REPORTED, check_file
@@ -47,6 +50,15 @@ SAVE_EVERY_S = 1.0
 """How often the counts are written to the store while a batch runs (the API reads them from there)."""
 STOPS = {"cancelling": ("batch_cancelled", "The batch was cancelled before this request was sent."),
          "expired": ("batch_expired", "This request could not be executed before the completion window expired.")}
+
+
+def _pending(lines: Iterable[bytes], done: set[int]) -> Iterator[dict[str, Any]]:
+    """The input's requests the result files do not hold yet, in file order."""
+    for raw in lines:
+        if raw.strip():
+            item = orjson.loads(raw)
+            if hash(item["custom_id"]) not in done:
+                yield item
 
 
 class Window:
@@ -175,13 +187,10 @@ class BatchRun:
         capability = ENDPOINTS[self.batch["endpoint"]]
         tasks: set[asyncio.Task[None]] = set()
         with self.store.path(self.batch["input_file_id"]).open("rb") as lines:
-            for raw in lines:
-                if not raw.strip():
-                    continue
-                item = orjson.loads(raw)
+            depth = LOOKAHEAD_WINDOWS * self.settings.max_in_flight
+            key = grouping(self.gateway.config.defaults.prefix_routing.enabled)
+            for item in grouped(_pending(lines, done), key, depth):
                 custom_id = item["custom_id"]
-                if hash(custom_id) in done:
-                    continue
                 if self.stop is not None:
                     self.results.not_run(custom_id, *STOPS[self.stop])
                     continue

@@ -161,10 +161,11 @@ Prefix = tuple[int, ...]
 first k hashes exactly when they share their first k blocks (as an engine's prefix cache keys its KV blocks)."""
 
 
-def prefix_of(model_id: str, data: Mapping[str, object]) -> Prefix | None:
-    """The opening of a request's body as chained block hashes (``PREFIX_BLOCKS`` at most, each message cut at
+def prefix_of(model_id: str, data: Mapping[str, object], most: int = PREFIX_BLOCKS) -> Prefix | None:
+    """The opening of a request's body as chained block hashes (``most`` at most, each message cut at
     ``PREFIX_BLOCK_BYTES``): a chat's messages, a completion's prompt, a Responses request's instructions and input;
-    None when it has none. Python's own hash: these stay in this process, and it is the cheapest."""
+    None when it has none. Python's own hash: these stay in this process, and it is the cheapest. (A batch groups
+    its lines by their first block alone: ``most=1``.)"""
     parts = _opening(data)
     if not parts:
         return None
@@ -175,7 +176,7 @@ def prefix_of(model_id: str, data: Mapping[str, object]) -> Prefix | None:
         for at in range(0, len(raw), PREFIX_BLOCK_BYTES):
             chained = hash((chained, raw[at:at + PREFIX_BLOCK_BYTES]))
             hashes.append(chained)
-            if len(hashes) == PREFIX_BLOCKS:
+            if len(hashes) == most:
                 return tuple(hashes)
     return tuple(hashes)
 
