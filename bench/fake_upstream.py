@@ -593,6 +593,9 @@ class FakeUpstream:
         self.requests = 0
         self.by_route: Counter[str] = Counter()
         """Requests per path (``/v1/chat/completions``, ``/v1/models``, ...), control routes excepted."""
+        self.on_request: Callable[[str, bytes], None] | None = None
+        """Called with each counted request's path and body as it arrives, on the server's loop: a test on that loop
+        records what this engine was sent, and waits on what it awaits."""
         self.active = 0
         self.disconnects: deque[float] = deque(maxlen=_MAX_DISCONNECTS)
         self._passes: int | None = None  # None: the gate is open; else how many more requests may go through
@@ -722,6 +725,8 @@ class FakeUpstream:
             return
         self.requests += 1
         self.by_route[path.decode("latin-1")] += 1
+        if self.on_request is not None:
+            self.on_request(path.decode("latin-1"), body)
         if path != _MODELS:  # the gateway's status readings, at any moment, must not hide the request under test
             self._last_head = head
             self._last_body = body
@@ -781,10 +786,14 @@ class FakeUpstream:
 
     async def _answer_after_gate(self, conn: _Connection, path: bytes, body: bytes, close: bool,
                                  fault: str) -> None:
-        """Wait at the closed gate for a pass, then answer as if the request had just come."""
-        waiting = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiting)
-        await waiting  # (cancelled with the task when the client goes away)
+        """Wait at the closed gate for a pass, then answer as if the request had just come. The gate may have
+        opened, or been given passes, between the request's coming and this task's start: then it goes on."""
+        if self._passes == 0:
+            waiting = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiting)
+            await waiting  # (cancelled with the task when the client goes away)
+        elif self._passes is not None:
+            self._passes -= 1
         pending = self._answer(conn, path, body, close, fault)
         if pending is not None:
             await pending

@@ -202,12 +202,23 @@ class Batches:
         """Resume what a stopped gateway left unfinished, now and whenever another's run stops."""
 
         async def resume() -> float:
-            for batch in self.store.unfinished():
-                if batch["id"] not in self.runs:
-                    self._run(batch)
+            self.resume()
             return every
 
         await self.gateway.supervisor.repeat("batch resumer", resume, every)
+
+    def resume(self) -> None:
+        """Run the batches left under way that no run holds (a stopped gateway's): each from its result files."""
+        for batch in self.store.unfinished():
+            if batch["id"] not in self.runs:
+                self._run(batch)
+
+    async def ended(self, batch_id: str) -> None:
+        """Until the batch's run here ends (at once when none runs here): what one who started or resumed it
+        waits on, instead of polling its state."""
+        task = self._tasks.get(batch_id)
+        if task is not None:
+            await asyncio.wait((task,))
 
     def _run(self, batch: dict[str, Any]) -> None:
         claim = self.claims.claim(batch["id"])

@@ -186,31 +186,32 @@ class BatchRun:
         window = Window(self._window_for)
         capability = ENDPOINTS[self.batch["endpoint"]]
         tasks: set[asyncio.Task[None]] = set()
-        with self.store.path(self.batch["input_file_id"]).open("rb") as lines:
-            depth = LOOKAHEAD_WINDOWS * self.settings.max_in_flight
-            key = grouping(self.gateway.config.defaults.prefix_routing.enabled)
-            for item in grouped(_pending(lines, done), key, depth):
-                custom_id = item["custom_id"]
-                if self.stop is not None:
-                    self.results.not_run(custom_id, *STOPS[self.stop])
-                    continue
-                body = item["body"]
-                model = body["model"]
-                self.models.add(model)
-                await window.take(model)
-                if self.stop is not None:  # stopped while waiting for the slot: not sent
-                    window.give(model)
-                    self.results.not_run(custom_id, *STOPS[self.stop])
-                    continue
-                task = asyncio.create_task(self._one(ParsedRequest(capability, body, orjson.dumps(body)), custom_id,
-                                                     window))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                self.save_now_and_then()
-        try:
+        try:  # the gateway stopping (here, or while the reader waits for a slot): what is in flight is dropped,
+            # and sent again on resuming
+            with self.store.path(self.batch["input_file_id"]).open("rb") as lines:
+                depth = LOOKAHEAD_WINDOWS * self.settings.max_in_flight
+                key = grouping(self.gateway.config.defaults.prefix_routing.enabled)
+                for item in grouped(_pending(lines, done), key, depth):
+                    custom_id = item["custom_id"]
+                    if self.stop is not None:
+                        self.results.not_run(custom_id, *STOPS[self.stop])
+                        continue
+                    body = item["body"]
+                    model = body["model"]
+                    self.models.add(model)
+                    await window.take(model)
+                    if self.stop is not None:  # stopped while waiting for the slot: not sent
+                        window.give(model)
+                        self.results.not_run(custom_id, *STOPS[self.stop])
+                        continue
+                    task = asyncio.create_task(self._one(ParsedRequest(capability, body, orjson.dumps(body)),
+                                                         custom_id, window))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    self.save_now_and_then()
             while tasks:
                 await asyncio.wait(list(tasks))
-        finally:  # the gateway stopping: what is in flight is dropped, and sent again on resuming
+        finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
