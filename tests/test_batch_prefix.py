@@ -1,7 +1,8 @@
 """Batch lines sharing an opening are issued together, within a bounded look-ahead (``batch.grouping``), so the
 router keeps each group on the endpoint whose prefix cache holds it; whatever order they went in, a run resumed
 after a stop sends exactly the lines its result files lack. The grouping alone, then a batch through a gateway
-over two fake upstreams on the test's loop (what each was sent, recorded as it arrives)."""
+over two fake upstreams on the test's loop (what each was sent, recorded as it arrives), then an offloaded chunk's
+input."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 import orjson
 
 from bench.fake_upstream import FakeUpstream
-from first_jupyter.batch.grouping import grouped
+from first_jupyter.batch.grouping import alone, grouped, opening
+from first_jupyter.batch.offload import _split
 from first_jupyter.config import parse_config
 from first_jupyter.gateway.core import Gateway
 from first_jupyter.service import build_gateway
@@ -198,3 +200,20 @@ async def _resumed(engines: Engines, tmp_path: Path) -> None:
         assert sent_before == 3 + WINDOW
     finally:
         await resumed.close()
+
+
+def test_an_offloaded_chunk_holds_the_same_lines_a_prompt_after_the_other(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(_line(i)) + b"\n" for i in range(LINES)))
+    done = {hash("line-2")}  # answered before a restart: not in its chunk's input again
+    chunks = _split(source, tmp_path, 10, done, {"shared": "engine-name"}, opening)
+    assert [chunk.index for chunk in chunks] == [0, 1, 2]
+    assert chunks[0].pending == {f"line-{i}" for i in range(10)} - {"line-2"}  # a chunk's lines: k*10 onwards
+    written = [orjson.loads(raw) for raw in chunks[0].input.read_bytes().splitlines()]
+    assert [line["custom_id"] for line in written] == ["line-0", "line-4", "line-6", "line-8", "line-1", "line-3",
+                                                       "line-5", "line-7", "line-9"]
+    assert {line["body"]["model"] for line in written} == {"engine-name"}
+    (tmp_path / "plain").mkdir()
+    in_file_order = _split(source, tmp_path / "plain", 10, set(), {"shared": "engine-name"}, alone)
+    assert [orjson.loads(raw)["custom_id"] for raw in in_file_order[2].input.read_bytes().splitlines()] == [
+        f"line-{i}" for i in range(20, LINES)]
