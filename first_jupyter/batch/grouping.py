@@ -44,7 +44,8 @@ def opening(item: Line) -> Hashable:
 def alone(item: Line) -> Hashable:
     """Each line a group of its own: file order (``defaults.prefix_routing.enabled`` off turns every prefix
     affinity off, a batch's grouping too)."""
-    return item["custom_id"]
+    custom_id: str = item["custom_id"]
+    return custom_id
 
 
 def grouping(enabled: bool) -> Callable[[Line], Hashable]:
@@ -80,7 +81,7 @@ def grouped(items: Iterable[_T], key: Callable[[_T], Hashable], depth: int) -> I
             del groups[current]
 
 
-def _issued(groups: dict[Hashable, deque[tuple[int, object]]], number: int, line_key: Hashable) -> bool:
+def _issued(groups: dict[Hashable, deque[tuple[int, _T]]], number: int, line_key: Hashable) -> bool:
     """Whether the line read as ``number`` was issued: its group issues in the order read, so it was unless it is
     still at or behind the group's head."""
     group = groups.get(line_key)
