@@ -18,7 +18,7 @@ _CLIENT_NAMES = ("openai_client", "async_openai_client", "chat", "complete", "em
 
 def load_ipython_extension(shell: InteractiveShell) -> None:
     """``%load_ext first_jupyter``: registers ``%first``/``%%first``; the gateway is reached on first use."""
-    from first_jupyter.magics.core import load
+    from first_jupyter.magics.extension import load
 
     load(shell)
 

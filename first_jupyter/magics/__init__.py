@@ -1,1 +1,2 @@
-"""The ``%first`` / ``%%first`` magics (``%load_ext first_jupyter``); commands live in ``core``."""
+"""The ``%first`` / ``%%first`` magics (``%load_ext first_jupyter``): the extension's entry is ``extension.load``;
+the commands live in ``core`` and ``batch``."""

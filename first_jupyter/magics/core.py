@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from typing import TYPE_CHECKING, Any
 
 from traitlets import Bool, Enum, Float, Integer, Unicode
@@ -306,23 +305,3 @@ def _help(magics: FirstMagics, options: argparse.Namespace, cell: str) -> None:
     lines = [f"{heads[c.name]:<{width}}{c.summary}" for c in COMMANDS.values()]
     print("\n".join([*lines, "", "`{name}` in a prompt is replaced by that variable; `{{` and `}}` give braces.",
                      "Settings: `%config FirstMagics` lists them (model, format, temperature, history_turns...)."]))
-
-
-_loaded = threading.Lock()
-
-
-def load(shell: InteractiveShell) -> FirstMagics:
-    """Register ``%first``/``%%first`` on ``shell`` (once) and make its settings configurable with ``%config``."""
-    # `%first batch` lives in its own module, registered here rather than imported at the top: it names
-    # FirstMagics in its types, and `%first help` lists it after the core commands
-    from first_jupyter.magics import batch  # noqa: F401
-
-    with _loaded:
-        for configurable in shell.configurables:
-            if isinstance(configurable, FirstMagics):
-                return configurable
-        magics = FirstMagics(shell)
-        # IPython types configurables by its first item (the shell itself); it holds any Configurable
-        shell.configurables.append(magics)  # type: ignore[arg-type]  # see the line above
-        shell.magics_manager.register_function(magics, magic_kind="line_cell", magic_name="first")
-        return magics
