@@ -17,6 +17,8 @@ import logging
 from collections import deque
 from typing import Final, cast
 
+from psycopg import AsyncConnection
+
 from first_jupyter.gateway.response_ids import KeptCopy, ResponseBook, ResponseHome
 from first_jupyter.serve.pg_state import UNREACHABLE, pool, unavailable, upgrade
 
@@ -103,8 +105,8 @@ class PgResponseIds(ResponseBook):
                 self._idle.set()
 
     @staticmethod
-    async def _write(conn: object, item: ResponseHome | KeptCopy | str) -> None:
-        execute = conn.execute  # type: ignore[attr-defined]
+    async def _write(conn: AsyncConnection, item: ResponseHome | KeptCopy | str) -> None:
+        execute = conn.execute
         if isinstance(item, ResponseHome):
             await execute(_HOME, tuple(item))
         elif isinstance(item, KeptCopy):
