@@ -32,7 +32,6 @@ a replica that died expire after ``KEY_TTL_S`` without a batch.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections import deque
@@ -41,8 +40,15 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import orjson
 
-from first_jupyter.gateway.backends.compute.callbacks import ACCEPTED, ALIVE, OUT_OF_ORDER, REFUSED, RemoteStream
-from first_jupyter.remote.inference import BUSY, sign
+from first_jupyter.gateway.backends.compute.callbacks import (
+    ACCEPTED,
+    ALIVE,
+    OUT_OF_ORDER,
+    REFUSED,
+    RemoteStream,
+    signed_message,
+)
+from first_jupyter.remote.inference import BUSY
 from first_jupyter.serve.redis_state import UNREACHABLE, unavailable
 
 if TYPE_CHECKING:
@@ -132,13 +138,8 @@ class RedisCallbacks:
 
     async def _deliver_checked(self, task_id: str, seq: int, signature: str, body: bytes) -> int:
         key = cast(bytes | None, await _awaited(self.client.hget(_hash(task_id), "key")))
-        if key is None or not hmac.compare_digest(sign(key.decode(), task_id, seq, body), signature):
-            return REFUSED
-        try:
-            message = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return REFUSED
-        if not isinstance(message, dict):
+        message = None if key is None else signed_message(key.decode(), task_id, seq, signature, body)
+        if message is None:
             return REFUSED
         keys = [_hash(task_id), _batches(task_id)]
         args: list[bytes | int] = [seq, int(message == ALIVE), body, KEY_TTL_S, MAX_BACKLOG]

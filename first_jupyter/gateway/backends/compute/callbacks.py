@@ -193,12 +193,21 @@ class CallbackHub:
         stream = self._streams.get(task_id)
         if stream is None or not seq.isdigit():
             return REFUSED, None, None
-        if not hmac.compare_digest(sign(stream.key, task_id, int(seq), body), signature):
+        message = signed_message(stream.key, task_id, int(seq), signature, body)
+        if message is None:
             return REFUSED, None, None
         if int(seq) != stream.next_seq:
             return OUT_OF_ORDER, None, None
-        try:
-            message = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return REFUSED, None, None
-        return (ACCEPTED, message, stream) if isinstance(message, dict) else (REFUSED, None, None)
+        return ACCEPTED, message, stream
+
+
+def signed_message(key: str, task_id: str, seq: int, signature: str, body: bytes) -> dict[str, Any] | None:
+    """A node's batch as its message, when it is signed with the task's key and is a JSON object; None for any
+    other (refused, whichever replica received it: ``serve.redis_streams`` checks batches with it too)."""
+    if not hmac.compare_digest(sign(key, task_id, seq, body), signature):
+        return None
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return message if isinstance(message, dict) else None
