@@ -452,6 +452,11 @@ class ComputeEndpoint(_Strict):
     expected_start: float | None = Field(default=None, gt=0, description=START_S_DESCRIPTION + " (default: 600 "
                                                                           "for a cluster's, 60 in process)")
     concurrency: int = Field(default=64, ge=1, description=CONCURRENCY_DESCRIPTION + " (per block)")
+    max_blocks: int | None = Field(
+        default=None, ge=1, description="the blocks the endpoint's own config lets it scale out to (its "
+                                        "max_blocks; default 1). The endpoint adds a block only for requests it sees "
+                                        "waiting, so while it has fewer up, one block's concurrency more is sent to it "
+                                        "than its blocks up serve. An in_process endpoint has its own max_blocks")
     batch: BatchOffload | None = Field(default=None, description="run large batches of these models on the nodes "
                                                                  "as run-batch tasks, a chunk each")
     models: list[ModelConfig] = Field(min_length=1)
@@ -462,6 +467,13 @@ class ComputeEndpoint(_Strict):
             return self.expected_start
         return 60.0 if self.in_process is not None else 600.0
 
+    @property
+    def scale_out_blocks(self) -> int:
+        """The blocks the endpoint may scale out to: its in-process engine's, else as configured (1 unsaid)."""
+        if self.in_process is not None:
+            return self.in_process.max_blocks
+        return self.max_blocks or 1
+
     @model_validator(mode="after")
     def _one_endpoint(self) -> ComputeEndpoint:
         if (self.endpoint_id is None) == (self.in_process is None):
@@ -469,6 +481,9 @@ class ComputeEndpoint(_Strict):
                              "one of them")
         if self.in_process is not None and len(self.models) != 1:
             raise ValueError("an in_process endpoint serves one model (its engine is started for it)")
+        if self.in_process is not None and self.max_blocks is not None:
+            raise ValueError(f"max_blocks is for an endpoint_id's endpoint; an in_process endpoint scales by its own: "
+                             f"move it to in_process.max_blocks ({self.max_blocks})")
         return self
 
 

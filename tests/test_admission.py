@@ -35,8 +35,9 @@ class _Backend:
     start_s = 600.0
     cluster = name = "alpha"
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_blocks: int) -> None:
         self.capacity = capacity
+        self.max_blocks = max_blocks
 
     def supports(self, model_id: str, capability: Capability) -> bool:
         return True
@@ -50,8 +51,8 @@ class _Clock:
         return self.now
 
 
-def _setup(capacity: int = CAPACITY, **settings: object) -> tuple[Admission, Target, _Clock]:
-    backend = cast(Backend, _Backend(capacity))
+def _setup(capacity: int = CAPACITY, max_blocks: int = 1, **settings: object) -> tuple[Admission, Target, _Clock]:
+    backend = cast(Backend, _Backend(capacity, max_blocks))
     clock = _Clock()
     routes = Router([backend], {"m": ["alpha/alpha"]}, clock=clock)
     gate = Admission(routes, AdmissionSettings.model_validate(settings), TARGET_S, clock)
@@ -261,6 +262,39 @@ async def test_a_user_with_many_requests_leaves_a_slot_for_the_others_while_they
     clock.now += admission_module.HEADROOM_WINDOW_S + 1  # the others gone quiet: the burst may take the rest
     gate.ended(target, (Priority.interactive, "single"))
     assert await asyncio.gather(*burst) == ["burst"] * CAPACITY
+
+
+async def test_an_endpoint_that_may_scale_out_is_sent_one_block_more_than_it_has_up():
+    """A Globus Compute endpoint adds a block only for tasks it sees waiting: held back at the gateway, they
+    would never make it grow."""
+    gate, target, _ = _setup(capacity=2, max_blocks=3)
+    await _fill(gate, target, 4, Priority.interactive)  # 2 for its block, 2 waiting there: it scales out for them
+    fifth = _start(gate, target, "fifth")
+    await asyncio.sleep(0)
+    status = gate.status(target.backend)
+    assert (status.capacity, status.in_flight_interactive, status.queued_interactive) == (4, 4, 1)
+    gate.router.observe_blocks(target.backend, 2)  # (the catalog's order: the router, then the observers)
+    gate.observe([target.backend], [])
+    assert await fifth == "fifth"  # the block came: room for one block's more again, the waiting one goes
+    assert gate.status(target.backend).capacity == 6
+    gate.router.observe_blocks(target.backend, 3)  # every block it may have is up: no more than they serve
+    assert gate.status(target.backend).capacity == 6
+    await _fill(gate, target, 1, Priority.interactive)
+    last = _start(gate, target, "last")
+    await asyncio.sleep(0)
+    assert gate.status(target.backend).queued_interactive == 1
+    last.cancel()
+    await asyncio.gather(last, return_exceptions=True)
+
+
+async def test_an_endpoint_that_cannot_scale_out_is_sent_what_its_blocks_serve():
+    gate, target, _ = _setup(capacity=2)
+    await _fill(gate, target, 2, Priority.interactive)
+    third = _start(gate, target, "third")
+    await asyncio.sleep(0)
+    assert gate.status(target.backend).queued_interactive == 1
+    gate.ended(target, HOLDER)
+    assert await third == "third"
 
 
 async def test_through_the_gateway_batch_lines_take_batch_slots_and_a_chat_gets_the_next_one(tmp_path: Path):

@@ -176,3 +176,29 @@ def test_shared_state_takes_urls_without_their_passwords_and_files_with_their_re
 def test_a_setting_an_earlier_version_had_names_what_replaced_it():
     with pytest.raises(ConfigError, match=r"sticky_conversations was replaced by defaults.prefix_routing"):
         parse_config({"defaults": {"sticky_conversations": False}, "clusters": {}}, "old.yaml")
+
+
+def test_an_endpoints_scale_out_reaches_the_router_from_its_own_config(tmp_path):
+    """The router lets one block's worth more through to an endpoint that may still add one (its max_blocks);
+    an in-process endpoint's comes from its engine's settings, and saying it twice is refused."""
+    from first_jupyter.service import build_gateway
+
+    grows = json.loads(json.dumps(HUB_CONFIG))
+    endpoint = grows["clusters"]["polaris"]["endpoints"][0]
+    del endpoint["callback_url"]
+    endpoint.update(max_blocks=3, concurrency=8)
+    gateway = build_gateway(parse_config(grows, "hub.yaml"), tmp_path / "data", environ={})
+    (backend,) = gateway.backends
+    health = gateway.router.health_of_backend(backend)
+    assert (backend.max_blocks, health.admissible()) == (3, 16)
+    gateway.router.observe_blocks(backend, 3)
+    assert health.admissible() == 24
+    del endpoint["max_blocks"]
+    (backend,) = build_gateway(parse_config(grows, "hub.yaml"), tmp_path / "data2", environ={}).backends
+    assert backend.max_blocks == 1
+    in_process = {"clusters": {"local": {"backend": "globus_compute", "endpoints": [{
+        "name": "engine", "in_process": {"max_blocks": 2}, "max_blocks": 2, "models": [{"id": "m"}]}]}}}
+    with pytest.raises(ConfigError, match=r"move it to in_process.max_blocks \(2\)"):
+        parse_config(in_process, "first.yaml")
+    del in_process["clusters"]["local"]["endpoints"][0]["max_blocks"]
+    assert parse_config(in_process, "first.yaml").clusters["local"].endpoints[0].scale_out_blocks == 2

@@ -211,6 +211,7 @@ class _Backend:
     kind = "test"
     start_s = 600.0
     capacity = 64
+    max_blocks = 1
 
     def __init__(self, name: str) -> None:
         self.cluster, self.name = name, name

@@ -1,6 +1,8 @@
 """Who gets an endpoint's slots: interactive requests first, batches in what is left, users in weighted fair order.
 
-An endpoint serves ``capacity`` requests at once (its concurrency times the blocks up, as the router knows it).
+An endpoint serves ``capacity`` requests at once (its concurrency times the blocks up, as the router knows it, and
+one block's more while it may still scale out: ``Health.admissible``, for a Globus Compute endpoint grows only for
+tasks it sees waiting).
 Without this, a batch of 100,000 lines fills every slot and each chat waits behind thousands of lines in the
 engine's queue. Here every request takes a slot of its endpoint before it is sent (``began``) and gives it back when
 its answer ends (``ended``); a request that finds none waits in the endpoint's queue for its class:
@@ -265,7 +267,7 @@ class Admission:
         gate = self._gates.get(id(backend))
         if gate is None:
             health = self.router.health_of_backend(backend)
-            gate = self._gates[id(backend)] = Gate(backend, lambda: health.capacity)
+            gate = self._gates[id(backend)] = Gate(backend, health.admissible)
         return gate
 
     # -- one request -----------------------------------------------------------------------------------------
@@ -337,13 +339,17 @@ class Admission:
             gate.miss(now)
 
     def observe(self, backends: list[Backend], readings: list[dict[str, Any]]) -> None:
-        """Status readings (``catalog.state_observers``): each engine's own queue, where one reports it."""
+        """Status readings (``catalog.state_observers``, after the router counted the blocks up): each engine's
+        own queue, where one reports it; and the slots of blocks that came up go to those waiting at once."""
         by_name = {(b.cluster, b.name): b for b in backends}
         for reading in readings:
             waiting = reading.get(ENGINE_WAITING_KEY)
             backend = by_name.get((str(reading.get("cluster")), str(reading.get("endpoint"))))
             if isinstance(waiting, int) and backend is not None:
                 self.engine_reports(backend, waiting)
+        for gate in self._gates.values():
+            if any(queue.length for queue in gate.queues.values()):
+                self._hand_on(gate)
 
     # -- slots -----------------------------------------------------------------------------------------------
 

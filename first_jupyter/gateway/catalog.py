@@ -90,11 +90,9 @@ class Catalog:
         self._created = int(time.time())
 
     def observe(self, endpoints: list[dict[str, Any]]) -> None:
-        """Give the router each model's state at each endpoint just read (it orders candidates by them), and
-        the observers each reading."""
+        """Give the router each model's state at each endpoint just read (it orders candidates by them) and the
+        blocks up, then the observers each reading (they see the router's view of it)."""
         by_name = {(e["cluster"], e["endpoint"]): e for e in endpoints}
-        for observer in self.state_observers:
-            observer(endpoints)
         for model, targets in self.router.catalog.items():
             for target in targets:
                 endpoint = by_name.get((target.cluster, target.endpoint))
@@ -104,6 +102,8 @@ class Catalog:
             blocks = by_name.get((backend.cluster, backend.name), {}).get("managers")
             if isinstance(blocks, int):  # blocks connected, each with its engine
                 self.router.observe_blocks(backend, blocks)
+        for observer in self.state_observers:
+            observer(endpoints)
 
     async def keep_states_fresh(self, period: float = STATUS_PERIOD_S) -> None:
         """Read every endpoint's status in the background, so the router's states are never older than

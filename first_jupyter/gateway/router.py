@@ -90,6 +90,10 @@ class Health:
     capacity: int
     """Requests it serves at once before answers slow down (vLLM batches them): its engine's, times the blocks
     it has up when a status reading says so."""
+    max_blocks: int = 1
+    """The blocks its endpoint may scale out to (``Backend.max_blocks``)."""
+    blocks: int = 1
+    """The blocks the last status reading counted up (at least one: a cold endpoint starts one)."""
     in_flight: int = 0
     last_sent: float = -math.inf
     """When a request was last sent here: between bursts, requests go round the hot endpoints of a model by it,
@@ -129,6 +133,12 @@ class Health:
 
     def loaded(self) -> bool:
         return self.in_flight >= SCALE_OUT_AT * self.capacity
+
+    def admissible(self) -> int:
+        """The requests to send it at once: its capacity, and one block's more while its endpoint may add one.
+        A Globus Compute endpoint scales out only for tasks it sees waiting: held back at the gateway, no
+        request would ever make it grow, however many wait."""
+        return self.capacity + (self.capacity // self.blocks if self.blocks < self.max_blocks else 0)
 
 
 @dataclass(slots=True)
@@ -218,7 +228,7 @@ class Router:
             model: [Target(model, by_name[name]) for name in names] for model, names in served.items()
         }
         self._known = ", ".join(sorted(self.catalog)) or "(none configured)"
-        self.health: dict[int, Health] = {id(b): Health(b.start_s, b.capacity) for b in backends}
+        self.health: dict[int, Health] = {id(b): Health(b.start_s, b.capacity, b.max_blocks) for b in backends}
         self._holders: OrderedDict[int, tuple[Target, ...]] = OrderedDict()
         """Block hash (``prefix_of``) → the endpoints last sent it, the latest first (``PREFIX_MOST`` hashes)."""
         self.demand: dict[str, Demand] = {}
@@ -227,7 +237,7 @@ class Router:
         """Kept by backend (a discovered catalog adds targets later; their health starts empty)."""
         health = self.health.get(id(backend))
         if health is None:
-            health = self.health[id(backend)] = Health(backend.start_s, backend.capacity)
+            health = self.health[id(backend)] = Health(backend.start_s, backend.capacity, backend.max_blocks)
         return health
 
     def health_of(self, target: Target) -> Health:
@@ -237,7 +247,9 @@ class Router:
 
     def observe_blocks(self, backend: Backend, blocks: int) -> None:
         """A status reading counted the endpoint's blocks (engines) up: its capacity is theirs together."""
-        self.health_of_backend(backend).capacity = backend.capacity * max(blocks, 1)
+        health = self.health_of_backend(backend)
+        health.blocks = max(blocks, 1)
+        health.capacity = backend.capacity * health.blocks
 
     def observe_state(self, backend: Backend, model_id: str, state: str) -> None:
         health = self.health_of_backend(backend)

@@ -59,6 +59,9 @@ class Backend(Protocol):
     seen one); 0 where this gateway starts nothing."""
     capacity: int
     """Requests it serves at once before its answers slow down (its engine batches them)."""
+    max_blocks: int
+    """The blocks (engines) its endpoint may scale out to; 1 where it cannot. An endpoint's scaling adds a block
+    only for requests it sees waiting, so the gateway lets one block's worth more through while it can grow."""
     keeps_responses: bool
     """Whether what it answers with keeps the Responses API's responses it creates (see
     ``launcher.engine_keeps_responses``); where not, a next turn is sent with the earlier conversation in full."""

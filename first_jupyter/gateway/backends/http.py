@@ -77,6 +77,7 @@ class HttpBackend:
     start_s = 0.0
     keeps_responses = True
     """An engine elsewhere is taken at its word (vLLM, OpenAI's API keep them)."""
+    max_blocks = 1
     first_byte: float | None = None
     """How long a request waits for the answer's head; None: ``defaults.timeouts.first_byte``."""
 

@@ -41,6 +41,7 @@ EngineState = Literal["stopped", "starting", "running", "failed"]
 
 class LocalBackend:
     kind = "local"
+    max_blocks = 1
 
     def __init__(self, cluster: str, endpoint: LocalEndpoint, client: UpstreamClient, log_dir: Path) -> None:
         self.cluster = cluster

@@ -174,6 +174,7 @@ class ComputeBackend:
         self.endpoint = endpoint
         self.start_s = endpoint.start_s
         self.capacity = endpoint.concurrency  # per block; status readings say how many blocks are up
+        self.max_blocks = endpoint.scale_out_blocks
         self.where = f"cluster '{cluster}' endpoint '{endpoint.name}'"
         self.submitter = submitter
         self._models: dict[str, ModelConfig] = {m.id: m for m in endpoint.models}
