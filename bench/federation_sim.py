@@ -83,8 +83,9 @@ Not modelled: walltime limits of blocks, preemption, conversations' growing pref
 gateway and endpoint (tens of ms, nothing next to the figures compared), and a gateway shared by other users.
 
 Run ``python bench/federation_sim.py`` (a day after a 6 h warm-up, about 9 s) or ``--quick`` (2 h, about a
-second); ``--seed N``; ``--json PATH`` also writes the figures. The exit status is 0 when this router's p95 time
-to first token, with the default config, is below both baselines', 1 when not.
+second); ``--seed N``; ``--json PATH`` also writes the figures; ``--scale-out JSON`` (repeatable) adds this router
+with other ``defaults.scale_out`` settings, to see what p95 each buys with how many node-hours. The exit status is
+0 when this router's p95 time to first token, with the default config, is below both baselines', 1 when not.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+from pydantic import ValidationError
 
 from first_jupyter.config import ScaleOut
 from first_jupyter.gateway.backends.base import Backend
@@ -662,6 +665,8 @@ class SimBackend:
     capacity: int
     """Requests one block's engine serves at once: ``SLOTS`` (the config's ``concurrency``, per block); the router
     multiplies it by the blocks a status reading counts."""
+    max_blocks: int
+    """The cluster's ``max_blocks``."""
     kind: str = "globus_compute"
     start_s: float = PRIOR_START_S
 
@@ -674,7 +679,8 @@ class RouterGateway(Gateway):
 
     def __init__(self, world: World, scale_out: ScaleOut | None = None) -> None:
         super().__init__(world)
-        self.backends = {ep: SimBackend(ep.cluster.spec.name, ep.model, SLOTS) for ep in world.endpoints.values()}
+        self.backends = {ep: SimBackend(ep.cluster.spec.name, ep.model, SLOTS,
+                                            ep.cluster.spec.max_blocks) for ep in world.endpoints.values()}
         served = {m: [f"{c}/{m}" for c in where] for m, where in world.scenario.served.items()}
         # the router reads only cluster, name, kind, capacity, start_s and supports() of a backend
         self.router = Router(cast("list[Backend]", list(self.backends.values())), served, scale_out,
@@ -806,7 +812,8 @@ GATEWAYS: dict[str, Callable[[World], Gateway]] = {
 class World:
     """One policy's run over a scenario."""
 
-    def __init__(self, scenario: Scenario, policy: str) -> None:
+    def __init__(self, scenario: Scenario, policy: str, scale_out: ScaleOut | None = None) -> None:
+        """``scale_out``: this router with these settings (``--scale-out``) instead of ``policy``."""
         self.scenario = scenario
         self.clock = Clock()
         self.clusters = {c.name: Cluster(c, scenario.busy.get(c.name, ())) for c in scenario.clusters}
@@ -817,7 +824,7 @@ class World:
         self.served = {m: [self.endpoints[c, m] for c in where] for m, where in scenario.served.items()}
         self.starts = 0
         self.node_seconds = 0.0
-        self.gateway = GATEWAYS[policy](self)
+        self.gateway = GATEWAYS[policy](self) if scale_out is None else RouterGateway(self, scale_out)
         self.requests = [Request(call) for call in scenario.calls]
         self.batches = [BatchRun(self, job) for job in scenario.batches]
 
@@ -883,8 +890,8 @@ class BatchRun:
             self.done_at = self.world.clock.t
 
 
-def simulate(scenario: Scenario, policy: str) -> tuple[list[Request], World]:
-    world = World(scenario, policy)
+def simulate(scenario: Scenario, policy: str, scale_out: ScaleOut | None = None) -> tuple[list[Request], World]:
+    world = World(scenario, policy, scale_out)
     return world.run(), world
 
 
@@ -933,9 +940,20 @@ def figures(requests: list[Request], world: World) -> dict[str, Any]:
     }
 
 
-def run_all(seed: int, settings: Settings) -> dict[str, Any]:
+def scale_out_label(scale_out: ScaleOut) -> str:
+    said = ", ".join(f"{key}: {value}" for key, value in scale_out.model_dump(exclude_unset=True).items())
+    return f"this router ({said or 'the default'})"
+
+
+def run_all(seed: int, settings: Settings, more: Sequence[ScaleOut] = ()) -> dict[str, Any]:
+    """Every policy, and this router once more with each of ``more``'s settings."""
     scenario = build_scenario(seed, settings)
     policies = {name: figures(*simulate(scenario, name)) for name in POLICIES}
+    labels = dict(LABELS)
+    for n, scale_out in enumerate(more, 1):
+        policies[f"router_{n}"] = figures(*simulate(scenario, "router", scale_out))
+        labels[f"router_{n}"] = scale_out_label(scale_out)
+    alcf = policies["alcf_order"]["node_hours"]
     mine = policies["router"]
     ratios = {name: {"p95": policies[name]["ttft_p95_s"] / mine["ttft_p95_s"],
                      "mean": policies[name]["ttft_mean_s"] / mine["ttft_mean_s"],
@@ -949,7 +967,8 @@ def run_all(seed: int, settings: Settings) -> dict[str, Any]:
                                        "hours": settings.hours},
             "trace": {"requests": len(scenario.calls), "models": len(scenario.served),
                       "endpoints": sum(len(w) for w in scenario.served.values())},
-            "policies": policies, "ratios": ratios}
+            "policies": policies, "ratios": ratios, "labels": labels,
+            "node_hours_of_alcf": {name: f["node_hours"] / alcf for name, f in policies.items()}}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -958,7 +977,7 @@ def table(result: dict[str, Any]) -> str:
             "prefix hits")
     rows = [head]
     for name, f in result["policies"].items():
-        rows.append((LABELS[name], str(f["requests"]), str(f["failed"]), f"{f['ttft_mean_s']:.1f}",
+        rows.append((result["labels"][name], str(f["requests"]), str(f["failed"]), f"{f['ttft_mean_s']:.1f}",
                      f"{f['ttft_p50_s']:.2f}", f"{f['ttft_p95_s']:.1f}", f"{f['ttft_p99_s']:.1f}",
                      f"{f['ttft_p95_with_failed_s']:.1f}", f"{f['served_hot']:.1%}", str(f["failovers"]),
                      str(f["starts"]), f"{f['node_hours']:.0f}", f"{f['ttft_p95_during_batches_s']:.1f}",
@@ -969,6 +988,9 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{LABELS[name]} / this router (default): p95 x{r['p95']:.2f}, mean x{r['mean']:.2f}, "
                      f"node-hours x{r['node_hours']:.2f}, p95 during batches x{r['p95_during_batches']:.2f}, "
                      f"batch completion x{r['batch_completion']:.2f}, prefix hits x{r['prefix_hit_rate']:.2f}")
+    lines.append("node-hours against ALCF's old order's, with p95 time to first token: " + "; ".join(
+        f"{result['labels'][name]} x{share:.2f} at {result['policies'][name]['ttft_p95_s']:.1f} s"
+        for name, share in result["node_hours_of_alcf"].items() if name.startswith("router")))
     return "\n".join(lines)
 
 
@@ -977,15 +999,28 @@ def router_ahead(result: dict[str, Any]) -> bool:
     return all(r["p95"] > 1 for r in result["ratios"].values())
 
 
+def _scale_out(text: str) -> ScaleOut:
+    try:
+        return ScaleOut.model_validate_json(text)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise argparse.ArgumentTypeError(f"{text!r} is not defaults.scale_out settings: {where + ': ' if where else ''}"
+                                         f"{error['msg']} (JSON, e.g. {{\"keep_hot\": \"peak\"}})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="2 h after a 1 h warm-up instead of a day after 6 h")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--scale-out", type=_scale_out, action="append", default=[],
+                        metavar="JSON", help='this router once more with these defaults.scale_out settings, e.g. '
+                                             '\'{"keep_hot": "peak", "peak_window": 14400}\' (repeatable)')
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     began = time.perf_counter()
-    result = run_all(args.seed, settings)
+    result = run_all(args.seed, settings, args.scale_out)
     result["wall_s"] = time.perf_counter() - began
     trace = result["trace"]
     print(f"{trace['requests']} requests to {trace['models']} models on {trace['endpoints']} endpoints of "
