@@ -80,7 +80,10 @@ Also, for the interactive requests to a model while a batch on it runs, their p9
 its submission to its last line's end, mean); and the prefix hit rate (batch lines included).
 
 Not modelled: walltime limits of blocks, preemption, conversations' growing prefixes, the network between
-gateway and endpoint (tens of ms, nothing next to the figures compared), and a gateway shared by other users.
+gateway and endpoint (tens of ms, nothing next to the figures compared), a gateway shared by other users, and the
+gateway's admission (interactive requests first, users in fair order; ``gateway/admission.py``, measured by
+``bench/mixed_load.py``): here an endpoint queues what it is sent in order. Its scale-out is the same: admission
+sends an endpoint that may still add a block one block's worth more than its blocks serve (``Health.admissible``).
 
 Run ``python bench/federation_sim.py`` (a day after a 6 h warm-up, about 9 s) or ``--quick`` (2 h, about a
 second); ``--seed N``; ``--json PATH`` also writes the figures; ``--scale-out JSON`` (repeatable) adds this router
