@@ -73,6 +73,28 @@ def test_quick_run_figures_are_complete_and_consistent(tmp_path, monkeypatch):
     assert rc == (0 if all(r["p95"] > 1 for r in result["ratios"].values()) else 1)
 
 
+def test_a_router_with_other_scale_out_settings_is_one_more_row_and_its_node_hours_are_set_against_alcfs(
+        tmp_path, capsys):
+    """``--scale-out``: the same settings as a listed policy give that policy's figures, under their own label."""
+    out = tmp_path / "figures.json"
+    sim.main(["--quick", "--json", str(out), "--scale-out", '{"keep_hot": "peak"}',
+              "--scale-out", '{"keep_hot": "predicted", "burst_hours": 1}'])
+    result = json.loads(out.read_text())
+    assert result["policies"]["router_1"] == result["policies"]["router_peak"]
+    assert result["labels"]["router_1"] == "this router (keep_hot: peak)"
+    assert result["labels"]["router_2"] == "this router (keep_hot: predicted, burst_hours: 1)"
+    alcf = result["policies"]["alcf_order"]["node_hours"]
+    for name, share in result["node_hours_of_alcf"].items():
+        assert share == pytest.approx(result["policies"][name]["node_hours"] / alcf)
+    printed = capsys.readouterr().out
+    assert "| this router (keep_hot: predicted, burst_hours: 1) |" in printed
+    assert f"this router (keep_hot: peak) x{result['node_hours_of_alcf']['router_1']:.2f} at " in printed
+    with pytest.raises(SystemExit):
+        sim.main(["--quick", "--scale-out", '{"keep_hot": "sometimes"}'])
+    assert "is not defaults.scale_out settings: keep_hot: Input should be 'all', 'peak' or 'predicted'" in \
+        capsys.readouterr().err
+
+
 ROUTERS = ("router", "router_peak")
 """The policies that keep a model's other endpoints hot for its bursts (``predicted`` does for lasting demand)."""
 
