@@ -55,12 +55,19 @@ The policies, each a gateway around the same endpoints:
   around this time of day; its requests go only to those it needs until they are loaded). A start is one at a
   time per endpoint (a start under way is joined):
   ``start_asked()`` when asked (the endpoint's ``warm``), ``start_ended()`` with its length (or its failure) when
-  it answers. The request is sent to the best at once; on a failure before the first byte it goes to the next
-  candidate, which is asked to start the model too if its state needs it (and the request waits there).
-  ``began``/``ended`` around each try; ``failed`` on a failure before the first byte or a stream broken by an
-  outage; at a stream's end ``succeeded`` with its time to first token from when it was sent to that endpoint, or
-  None when the router believed it had to wait for a start there or the endpoint was ``loaded()`` when it was sent
-  (the gateway's ``Attempts``: a slot's wait is the load term's to count, not the answer time's). Each backend's
+  it answers. The request goes to the best; on a failure before the first byte to the next candidate, which is
+  asked to start the model too if its state needs it (and the request waits there). Before each try it takes a
+  slot of that endpoint from the real ``Admission`` (``Admission.enter``, on the simulation's clock): its
+  ``Health.admissible()``, ``SLOTS`` per block up and one block's more while the endpoint may still add one (so
+  its own scale-out sees requests waiting, as here), interactive requests first, batch lines in what the AIMD
+  window and the interactive headroom leave, users in weighted fair order (a burst is one script's, a batch its
+  owner's, a single request its notebook's, known by its system prompt); a request without a slot waits at the
+  gateway, counted in its model's demand (``Router.waiting``); an interactive first token that waited for no
+  start is ``first_token()``. The router's ``began``/``ended`` come through it around each try; ``failed`` on a
+  failure before the first byte or a stream broken by an outage; at a stream's end ``succeeded`` with its time to
+  first token from when it was sent to that endpoint, or None when the router believed it had to wait for a start
+  there or the endpoint was ``loaded()`` when it was sent (the gateway's ``Attempts``: a slot's wait is the load
+  term's to count, not the answer time's). Each backend's
   ``capacity`` is ``SLOTS``, one block's (the config's ``concurrency``, per block); every reading also gives
   ``observe_blocks()`` the blocks each endpoint has up and serving (what a Globus Compute endpoint status counts
   as its managers), so the load term divides by what the endpoint serves at once now.
@@ -80,10 +87,8 @@ Also, for the interactive requests to a model while a batch on it runs, their p9
 its submission to its last line's end, mean); and the prefix hit rate (batch lines included).
 
 Not modelled: walltime limits of blocks, preemption, conversations' growing prefixes, the network between
-gateway and endpoint (tens of ms, nothing next to the figures compared), a gateway shared by other users, and the
-gateway's admission (interactive requests first, users in fair order; ``gateway/admission.py``, measured by
-``bench/mixed_load.py``): here an endpoint queues what it is sent in order. Its scale-out is the same: admission
-sends an endpoint that may still add a block one block's worth more than its blocks serve (``Health.admissible``).
+gateway and endpoint (tens of ms, nothing next to the figures compared), and a gateway shared by other users.
+The baselines have no admission: each endpoint queues what it is sent, in order.
 
 Run ``python bench/federation_sim.py`` (a day after a 6 h warm-up, about 9 s) or ``--quick`` (2 h, about a
 second); ``--seed N``; ``--json PATH`` also writes the figures; ``--scale-out JSON`` (repeatable) adds this router
@@ -109,10 +114,12 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from first_jupyter.config import ScaleOut
+from first_jupyter.config import Admission as AdmissionSettings
+from first_jupyter.config import BatchDefaults, ScaleOut
+from first_jupyter.gateway.admission import Admission, Holder, Priority
 from first_jupyter.gateway.backends.base import Backend
 from first_jupyter.gateway.router import WAITING_STATES, Prefix, Router, Target, prefix_of
-from first_jupyter.protocol import Capability
+from first_jupyter.protocol import Capability, OpenAIError
 
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
@@ -619,6 +626,13 @@ class Gateway:
         req.tried += 1
         req.attempt += 1
         req.endpoint = endpoint
+        self.admit(req, endpoint)
+
+    def admit(self, req: Request, endpoint: Endpoint) -> None:
+        """``req`` is for ``endpoint`` now: sent at once, unless the policy holds it for a slot first."""
+        self.send(req, endpoint)
+
+    def send(self, req: Request, endpoint: Endpoint) -> None:
         req.hot_at_send = bool(endpoint.blocks) and not endpoint.down
         self.sending(req, endpoint)
         endpoint.submit(req)
@@ -659,6 +673,33 @@ class Gateway:
         """The client gave up while ``req`` was at ``endpoint``."""
 
 
+def user_of(call: Call) -> str:
+    """Whose request ``call`` is, for the admission's fair order: a batch's owner, a burst's script, or the
+    notebook (or application) of a single request, known by its system prompt."""
+    if call.batch is not None:
+        return f"batch-{call.batch}"
+    return f"script-{call.prefix}" if call.prefix >= PREFIXES else f"notebook-{call.prefix}"
+
+
+class SimGrant:
+    """How a request waiting for a slot hears it has one (``admission.Grant``): on virtual time, not a loop."""
+
+    def __init__(self, granted: Callable[[], None]) -> None:
+        self._granted = granted
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: None, /) -> None:
+        self._done = True
+        self._granted()
+
+    def cancel(self) -> bool:
+        self._done = True
+        return True
+
+
 @dataclass(slots=True)
 class SimBackend:
     """What the router reads of a backend; the calls a real one answers are the simulation's to make."""
@@ -695,6 +736,14 @@ class RouterGateway(Gateway):
                 self.target[world.endpoints[t.cluster, t.model_id]] = t
         self.starting: set[Endpoint] = set()
         """Where this gateway asked a start that has not answered yet (one at a time per endpoint)."""
+        self.admission = Admission(self.router, AdmissionSettings(), BatchDefaults().interactive_ttft_target,
+                                   clock=self.clock.now)
+        self.slots: dict[Request, Holder] = {}
+        """Requests holding a slot of the endpoint they were sent to (``Admission.began``), by whose slot it is."""
+        self.queued: dict[Request, tuple[Holder, SimGrant]] = {}
+        """Requests waiting at the gateway for a slot of their endpoint."""
+        self.sent_cold: set[Request] = set()
+        """Requests sent where the router believed the model had to start (the gateway's stream's opening)."""
         self.sent: dict[Request, tuple[float, bool]] = {}
         """Request → when it was last sent, and whether its answer time says nothing of the engine's speed: the
         router then believed it had to wait for a start there, or the engine was loaded (the gateway's
@@ -732,35 +781,87 @@ class RouterGateway(Gateway):
         for ep, backend in self.backends.items():
             self.router.observe_blocks(backend, len(ep.blocks))
 
+    def admit(self, req: Request, endpoint: Endpoint) -> None:
+        # the gateway's ``_first_answer``: a failover to one that must start the model starts it (the best was
+        # started in order()), then the request takes a slot there (``Admission.began``) before it is sent
+        target = self.target[endpoint]
+        waits = self.router.state_of(target) in WAITING_STATES
+        if waits:
+            self._start(target)
+        holder = (Priority.batch if req.call.batch is not None else Priority.interactive, user_of(req.call))
+        grant = SimGrant(lambda: self.clock.at(self.clock.t, self._granted, req, endpoint, req.attempt))
+        try:
+            taken = self.admission.enter(target, holder, grant)
+        except OpenAIError as exc:  # its queue is full: the client has the 429
+            req.failure = exc.message
+            self.world.ended(req)
+            return
+        if taken:
+            self.slots[req] = holder
+            self.send(req, endpoint)
+        else:
+            self.queued[req] = (holder, grant)
+
+    def _granted(self, req: Request, endpoint: Endpoint, attempt: int) -> None:
+        """A slot freed for ``req`` (counted taken as it was granted): it is sent, or, gone meanwhile, gives the
+        slot back."""
+        holder, _ = self.queued.pop(req)
+        target = self.target[endpoint]
+        self.router.began(target, waited=True)
+        self.slots[req] = holder
+        if req.open and req.attempt == attempt:
+            self.send(req, endpoint)
+        else:
+            self._release(req, endpoint)
+
+    def _release(self, req: Request, endpoint: Endpoint) -> None:
+        """``req`` is over at ``endpoint``: its slot goes to the next in line, or it leaves the queue."""
+        target = self.target[endpoint]
+        holder = self.slots.pop(req, None)
+        if holder is not None:
+            self.admission.ended(target, holder)
+        elif req in self.queued and not self.queued[req][1].done():
+            holder, grant = self.queued.pop(req)
+            self.admission.withdraw(target, holder, grant)
+
     def sending(self, req: Request, endpoint: Endpoint) -> None:
         target = self.target[endpoint]
         waits = self.router.state_of(target) in WAITING_STATES
-        if waits:  # a failover to one that must start the model: start it (the best was started in order())
-            self._start(target)
         self.sent[req] = (self.clock.t, waits or self.router.health_of(target).loaded())  # before it counts
-        self.router.began(target)
+        if waits:
+            self.sent_cold.add(req)
+
+    def first_token(self, req: Request, endpoint: Endpoint) -> None:
+        super().first_token(req, endpoint)
+        if req.call.batch is None and req not in self.sent_cold:
+            # the gateway's stream: an interactive first token that waited for no start steers batch concurrency
+            self.admission.first_token(self.target[endpoint], self.clock.t - self.sent[req][0])
 
     def finished(self, req: Request, endpoint: Endpoint) -> None:
         # a stream's end (the gateway's ``GatewayStream.close``): its time to first token from when it was sent
         # there, none when it waited for a start or was sent into a loaded engine
         sent_at, waited = self.sent.pop(req)
+        self.sent_cold.discard(req)
         assert req.first_token_at is not None
-        self.router.ended(self.target[endpoint])
+        self._release(req, endpoint)
         self.router.succeeded(self.target[endpoint], None if waited else req.first_token_at - sent_at)
 
     def broken(self, req: Request, endpoint: Endpoint) -> None:
         self.sent.pop(req, None)
-        self.router.ended(self.target[endpoint])
+        self.sent_cold.discard(req)
+        self._release(req, endpoint)
         self.router.failed(self.target[endpoint], "stream broken")
 
     def failed_at(self, req: Request, endpoint: Endpoint, reason: str) -> None:
         self.sent.pop(req, None)
-        self.router.ended(self.target[endpoint])
+        self.sent_cold.discard(req)
+        self._release(req, endpoint)
         self.router.failed(self.target[endpoint], reason)
 
     def abandoned(self, req: Request, endpoint: Endpoint) -> None:
         self.sent.pop(req, None)
-        self.router.ended(self.target[endpoint])
+        self.sent_cold.discard(req)
+        self._release(req, endpoint)
 
 
 class RoundRobinGateway(Gateway):

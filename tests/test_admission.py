@@ -14,7 +14,7 @@ import pytest
 from bench.fake_engine import EngineSettings, FakeEngine
 from bench.fake_upstream import FakeUpstream
 from first_jupyter.config import Admission as AdmissionSettings
-from first_jupyter.config import parse_config
+from first_jupyter.config import ScaleOut, parse_config
 from first_jupyter.gateway import admission as admission_module
 from first_jupyter.gateway.admission import PERIOD_S, QUEUE_SHARE, Admission, Priority, as_batch
 from first_jupyter.gateway.backends.base import Backend
@@ -285,6 +285,33 @@ async def test_an_endpoint_that_may_scale_out_is_sent_one_block_more_than_it_has
     assert gate.status(target.backend).queued_interactive == 1
     last.cancel()
     await asyncio.gather(last, return_exceptions=True)
+
+
+@pytest.mark.parametrize("keep_hot", ["peak", "predicted"])
+async def test_requests_waiting_for_a_slot_count_in_their_models_demand(keep_hot: str):
+    """``keep_hot: peak`` and ``predicted`` size a model's endpoints by what it is asked: a burst held at the
+    gateway for slots is demand all the same, until each request ends or gives up."""
+    clock = _Clock()
+    routes = Router([cast(Backend, _Backend(2, 1))], {"m": ["alpha/alpha"]}, ScaleOut(keep_hot=keep_hot),
+                    clock=clock)
+    gate = Admission(routes, AdmissionSettings(), TARGET_S, clock)
+    target = routes.catalog["m"][0]
+    asked = routes.demand_of("m") if keep_hot == "peak" else routes.forecast_of("m")
+    await _fill(gate, target, 2, Priority.interactive)
+    waiting = [_start(gate, target, f"user-{n}") for n in range(3)]
+    await asyncio.sleep(0)
+    assert (asked.in_flight, routes.health_of(target).in_flight) == (5, 2)
+    waiting[0].cancel()  # gone while it waited
+    await asyncio.gather(waiting[0], return_exceptions=True)
+    assert asked.in_flight == 4
+    gate.ended(target, HOLDER)  # one answered: its slot to the next, which is still demand
+    assert await waiting[1] == "user-1"
+    assert (asked.in_flight, routes.health_of(target).in_flight) == (3, 2)
+    gate.ended(target, HOLDER)
+    assert await waiting[2] == "user-2"
+    gate.ended(target, (Priority.interactive, "user-1"))
+    gate.ended(target, (Priority.interactive, "user-2"))
+    assert (asked.in_flight, routes.health_of(target).in_flight) == (0, 0)
 
 
 async def test_an_endpoint_that_cannot_scale_out_is_sent_what_its_blocks_serve():

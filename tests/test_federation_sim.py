@@ -109,6 +109,10 @@ def test_every_request_ends_once_and_the_router_sees_each_try_end(policy):
     assert all(f.in_flight == 0 for f in world.gateway.router.forecasts.values())
     assert all(run.done_at is not None and not run.in_flight for run in world.batches)  # every batch ran out
     assert not world.gateway.sent  # every try answered
+    assert not world.gateway.slots  # every slot given back
+    assert not world.gateway.queued  # nothing left waiting for one
+    assert all(sum(g.in_flight.values()) == 0 and not any(q.length for q in g.queues.values())
+               for g in world.gateway.admission._gates.values())
     assert not world.gateway.starting  # every start answered
     assert world.clock.t > requests[-1].call.at + sim.MAX_WAIT_S  # ran until the last one could end
     assert all(c.held == 0 for c in world.clusters.values())  # every block given back
@@ -379,6 +383,21 @@ def test_a_batch_keeps_the_models_capacity_in_flight_and_ends_when_its_last_line
     assert all(line.first_token_at is not None for line in run.lines)
     assert run.done_at == max(line.ended_at for line in run.lines if line.ended_at is not None)
     assert sum(line.prefix_hit for line in run.lines) == lines - 1  # one system prompt: cached after the first
+
+
+def test_this_routers_gateway_keeps_a_slot_from_a_batch_for_the_chats_it_has_seen():
+    """Admission as the gateway runs it: a chat waits for the first slot a batch's line frees (every one was the
+    batch's), and from then on the batch leaves one free, so the next chat has a slot at once."""
+    scenario = _scenario([1200.0, 1210.0], ("a",), batches=(_batch(0.0, 60 * sim.SLOTS),))
+    requests, world = sim.simulate(scenario, "router")
+    first, second = requests
+    assert world.batches[0].done_at is not None
+    assert world.batches[0].done_at > second.call.at  # beside the batch
+    busiest = 0.3 * (1 + (sim.SLOTS - 1) / sim.SLOTS)  # a prefill with every other slot in use
+    assert _ttft(first) > 1.01 * busiest  # it waited for a slot
+    assert _ttft(second) == pytest.approx(busiest)  # it did not
+    requests, _ = sim.simulate(scenario, "alcf_order")  # without admission the batch refills every freed slot
+    assert _ttft(requests[1]) > 1.01 * busiest
 
 
 def test_a_blocks_prefix_cache_makes_a_repeated_prompt_cheaper_and_forgets_the_least_recent():

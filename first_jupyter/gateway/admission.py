@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from first_jupyter.api_types import AdmissionStatus
 from first_jupyter.config import Admission as AdmissionSettings
@@ -95,6 +95,22 @@ def as_batch() -> Iterator[None]:
         PRIORITY.reset(token)
 
 
+class Grant(Protocol):
+    """How a waiting request hears that it has a slot: an asyncio future on the gateway's loop, or whatever a
+    simulation on virtual time passes (``enter``)."""
+
+    def done(self) -> bool:
+        """Granted, or given up (then ``cancel`` was called)."""
+        ...
+
+    def set_result(self, result: None, /) -> None:
+        """The slot is the request's (already counted taken)."""
+        ...
+
+    def cancel(self) -> bool:
+        ...
+
+
 @dataclass(slots=True)
 class _Waiter:
     finish: float
@@ -103,7 +119,7 @@ class _Waiter:
     start: float
     user: str
     since: float
-    granted: asyncio.Future[None]
+    granted: Grant
 
 
 @dataclass(slots=True)
@@ -123,7 +139,7 @@ class FairQueue:
     length: int = 0
     seq: Iterator[int] = field(default_factory=itertools.count)
 
-    def push(self, user: str, weight: float, since: float, granted: asyncio.Future[None]) -> None:
+    def push(self, user: str, weight: float, since: float, granted: Grant) -> None:
         start = max(self.vtime, self.finish.get(user, 0.0))
         finish = self.finish[user] = start + 1 / weight
         waiter = _Waiter(finish, next(self.seq), start, user, since, granted)
@@ -276,8 +292,29 @@ class Admission:
         """Take a slot of ``target`` for the current request (its class and user from the context), waiting in the
         endpoint's queue when none is free to it; a 429 when that queue is full. The router is told once it has
         one. Returns whose slot it is, for ``ended``."""
+        holder = self.holder()
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.enter(target, holder, granted):
+            return holder
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # the slot came as the request left: hand it on
+                self._free(self.gate(target.backend), holder)
+                self.router.left(target.model_id)
+            else:
+                self.withdraw(target, holder, granted)
+            raise
+        self.router.began(target, waited=True)  # (the slot was counted as it was granted)
+        return holder
+
+    def enter(self, target: Target, holder: Holder, granted: Grant) -> bool:
+        """``began`` without waiting: True when ``holder`` took a slot of ``target`` now (the router is told);
+        else it waits in the endpoint's queue, and ``granted`` is set once a slot is its own (maybe before this
+        returns), after which its sender tells the router (``router.began(target, waited=True)``); a 429 when that
+        queue is full. The router counts a waiting request in its model's demand from the start."""
         gate = self.gate(target.backend)
-        priority, user = holder = self.holder()
+        priority, user = holder
         now = self.clock()
         queue = gate.queues[priority]
         if priority is Priority.interactive:
@@ -286,24 +323,22 @@ class Admission:
         if not queue.length and self._may_take(gate, holder, now):
             self._count_in(gate, holder)
             self.router.began(target)
-            return holder
+            return True
         self._check_room(gate, queue, priority, user, target)
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.router.waiting(target.model_id)
         queue.push(user, self.settings.weights.get(user, 1.0), now, granted)
         self._hand_on(gate)  # (a slot kept from a user who holds many may be free to this one)
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():  # the slot came as the request left: hand it on
-                self._free(gate, holder)
-            else:
-                granted.cancel()
-                queue.withdraw(user)
-                if priority is Priority.interactive:
-                    gate.interactive.fell()
-            raise
-        self.router.began(target)  # (the slot was counted as it was granted)
-        return holder
+        return False
+
+    def withdraw(self, target: Target, holder: Holder, granted: Grant) -> None:
+        """A request waiting for a slot (``enter``) left before it had one."""
+        granted.cancel()
+        self.router.left(target.model_id)
+        priority, user = holder
+        gate = self.gate(target.backend)
+        gate.queues[priority].withdraw(user)
+        if priority is Priority.interactive:
+            gate.interactive.fell()
 
     @staticmethod
     def holder() -> Holder:

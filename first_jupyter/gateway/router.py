@@ -299,21 +299,33 @@ class Router:
             forecast = self.forecasts[model_id] = Forecast(self.scale_out.demand_window, self.day_offset_s)
         return forecast
 
-    def began(self, target: Target) -> None:
+    def began(self, target: Target, waited: bool = False) -> None:
+        """A request was sent to ``target``; ``waited``: it was counted in its model's demand as it began to wait
+        for a slot there (``waiting``)."""
         health = self.health_of(target)
         health.in_flight += 1
-        health.last_sent = now = self.clock()
+        health.last_sent = self.clock()
+        if not waited:
+            self.waiting(target.model_id)
+
+    def waiting(self, model_id: str) -> None:
+        """A request for ``model_id`` waits at the gateway for a slot (admission): demand all the same, for what a
+        model needs hot is what it is asked, not what its slots let through."""
         if self._by_peak:  # only ``keep_hot: peak`` reads a model's demand: no cost per request otherwise
-            self.demand_of(target.model_id).rose(now)
+            self.demand_of(model_id).rose(self.clock())
         elif self._predicted:
-            self.forecast_of(target.model_id).rose(now)
+            self.forecast_of(model_id).rose(self.clock())
+
+    def left(self, model_id: str) -> None:
+        """A request for ``model_id`` is over: answered or failed (``ended``), or gone while it waited."""
+        if self._by_peak:
+            self.demand_of(model_id).fell()
+        elif self._predicted:
+            self.forecast_of(model_id).fell(self.clock())
 
     def ended(self, target: Target) -> None:
         self.health_of(target).in_flight -= 1
-        if self._by_peak:
-            self.demand_of(target.model_id).fell()
-        elif self._predicted:
-            self.forecast_of(target.model_id).fell(self.clock())
+        self.left(target.model_id)
 
     def needed(self, target: Target, ahead_s: float) -> int:
         """How many endpoints of ``target``'s model its forecast needs hot (``keep_hot: predicted``): one, or as
